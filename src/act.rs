@@ -1,0 +1,1000 @@
+//! The access control table (X.1363 10.1): preferences compiled into an
+//! immutable snapshot that answers the three questions the gateway asks on
+//! its hot path:
+//!
+//! * `ingress`   — may this client publish this topic now? (collection)
+//! * `subscribe` — may this client hold this subscription? (purpose limitation)
+//! * `deliver`   — may this message reach this client, and in which view? (sharing)
+//!
+//! Each answer is a permit or a [`Deny`] with its reason. Decisions are pure
+//! functions of the snapshot, the principal, the topic and the time, so they are
+//! tested with literal tables. A preference change compiles a new snapshot and
+//! swaps it into [`ActHandle`]; readers never take a lock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
+use chrono::{DateTime, Datelike, Utc};
+use chrono_tz::Tz;
+use thiserror::Error;
+
+use crate::acl::{Access, Acl};
+use crate::model::{Directory, Kind, MaskMethod, PayloadFormat, ProviderRole, Window};
+use crate::topic::{self, Resolved, Template};
+
+/// Who a session is, as established at CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Device { id: String, user: String },
+    Provider { id: String },
+    Anonymous,
+}
+
+impl Principal {
+    pub fn role(&self) -> &'static str {
+        match self {
+            Principal::Device { .. } => "device",
+            Principal::Provider { .. } => "provider",
+            Principal::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// Why the ACT said no. `as_str` is the metrics label: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum Deny {
+    #[error("topic is in the personal-data space but matches no template and kind")]
+    UnknownTopic,
+    #[error("no such user")]
+    UnknownUser,
+    #[error("device publishes under another user or device id")]
+    Misattributed,
+    #[error("only devices publish personal data")]
+    NotADevice,
+    #[error("only application providers receive personal data")]
+    NotAProvider,
+    #[error("the user has not consented to collection of this kind")]
+    NoCollectConsent,
+    #[error("outside the user's collection windows")]
+    OutsideWindow,
+    #[error("the user has not consented to sharing this kind with this provider")]
+    NoShareConsent,
+    #[error("the sharing consent has expired")]
+    Expired,
+    #[error("no purpose of this provider asks for a kind this filter can match")]
+    PurposeLimited,
+    #[error("the ACL does not allow this topic")]
+    Acl,
+    #[error("invalid topic or filter")]
+    Invalid,
+}
+
+impl Deny {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Deny::UnknownTopic => "unknown_topic",
+            Deny::UnknownUser => "unknown_user",
+            Deny::Misattributed => "misattributed",
+            Deny::NotADevice => "not_a_device",
+            Deny::NotAProvider => "not_a_provider",
+            Deny::NoCollectConsent => "no_collect_consent",
+            Deny::OutsideWindow => "outside_window",
+            Deny::NoShareConsent => "no_share_consent",
+            Deny::Expired => "expired",
+            Deny::PurposeLimited => "purpose_limited",
+            Deny::Acl => "acl",
+            Deny::Invalid => "invalid",
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum CompileError {
+    #[error("template: {0}")]
+    Template(#[from] topic::TemplateError),
+    #[error("kind {0:?} is declared twice")]
+    DuplicateKind(String),
+    #[error("{what} {id:?} is declared twice")]
+    Duplicate { what: &'static str, id: String },
+    #[error("user {user:?}: unknown time zone {tz:?}")]
+    TimeZone { user: String, tz: String },
+    #[error("device {device:?} belongs to unknown user {user:?}")]
+    DeviceUser { device: String, user: String },
+    #[error("provider {provider:?} purpose {purpose:?} names unknown kind {kind:?}")]
+    PurposeKind {
+        provider: String,
+        purpose: String,
+        kind: String,
+    },
+    #[error("preferences for unknown user {0:?}")]
+    PrefUser(String),
+    #[error("preferences of {user:?} name unknown kind {kind:?}")]
+    PrefKind { user: String, kind: String },
+    #[error("preferences of {user:?} name unknown provider {provider:?}")]
+    PrefProvider { user: String, provider: String },
+    #[error(
+        "preferences of {user:?}: provider {provider:?} has no purpose {purpose:?} asking for {kind:?}"
+    )]
+    PurposeLimitation {
+        user: String,
+        provider: String,
+        purpose: String,
+        kind: String,
+    },
+    #[error("preferences of {user:?}: kind {kind:?} is shared twice with {provider:?}")]
+    DuplicateShare {
+        user: String,
+        provider: String,
+        kind: String,
+    },
+    #[error("preferences of {user:?}: kind {kind:?} has no field {field:?} to mask")]
+    MaskField {
+        user: String,
+        kind: String,
+        field: String,
+    },
+    #[error("preferences of {user:?}: kind {kind:?} is opaque and can only be shared whole")]
+    MaskOpaque { user: String, kind: String },
+}
+
+/// What a provider sees of one kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum View {
+    Deliver,
+    /// Field path → method, sorted by path.
+    Mask(Vec<(String, MaskMethod)>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ShareRule {
+    pub purpose: String,
+    pub view: Arc<View>,
+    pub expires: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug)]
+struct UserRules {
+    tz: Tz,
+    /// Indexed by kind id. `None`: no consent; `Some([])`: at any time.
+    collect: Vec<Option<Vec<Window>>>,
+    /// (provider, kind id) → rule.
+    share: HashMap<(String, u16), ShareRule>,
+}
+
+#[derive(Debug)]
+struct ProviderRules {
+    role: ProviderRole,
+    /// Kind ids some purpose of this provider asks for.
+    requested: Vec<u16>,
+}
+
+/// What ingress lets through.
+#[derive(Debug)]
+pub enum Ingress<'a> {
+    Personal {
+        kind: &'a Kind,
+        resolved: Resolved<'a>,
+    },
+    Plain,
+}
+
+/// What delivery lets through.
+#[derive(Debug)]
+pub enum Delivery<'a> {
+    Personal {
+        kind: &'a Kind,
+        resolved: Resolved<'a>,
+        rule: &'a ShareRule,
+    },
+    Plain,
+}
+
+#[derive(Debug)]
+pub struct Act {
+    pub version: u64,
+    templates: Vec<Template>,
+    kinds: Vec<Kind>,
+    kind_ids: HashMap<String, u16>,
+    users: HashMap<String, UserRules>,
+    devices: HashMap<String, String>,
+    providers: HashMap<String, ProviderRules>,
+    acl: Acl,
+}
+
+enum Class<'t> {
+    Personal(Resolved<'t>, u16),
+    UnknownPersonal,
+    Plain,
+}
+
+// === impl Act ===
+
+impl Act {
+    pub fn compile(
+        version: u64,
+        templates: &[String],
+        kinds: &[Kind],
+        dir: &Directory,
+        acl: Acl,
+    ) -> Result<Act, CompileError> {
+        let templates = templates
+            .iter()
+            .map(|t| Template::parse(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut kind_ids = HashMap::new();
+        for (i, k) in kinds.iter().enumerate() {
+            if kind_ids.insert(k.name.clone(), i as u16).is_some() {
+                return Err(CompileError::DuplicateKind(k.name.clone()));
+            }
+        }
+
+        let mut users = HashMap::new();
+        for u in &dir.users {
+            let tz: Tz = u.time_zone.parse().map_err(|_| CompileError::TimeZone {
+                user: u.id.clone(),
+                tz: u.time_zone.clone(),
+            })?;
+            let rules = UserRules {
+                tz,
+                collect: vec![None; kinds.len()],
+                share: HashMap::new(),
+            };
+            if users.insert(u.id.clone(), rules).is_some() {
+                return Err(CompileError::Duplicate {
+                    what: "user",
+                    id: u.id.clone(),
+                });
+            }
+        }
+
+        let mut devices = HashMap::new();
+        for d in &dir.devices {
+            if !users.contains_key(&d.user) {
+                return Err(CompileError::DeviceUser {
+                    device: d.id.clone(),
+                    user: d.user.clone(),
+                });
+            }
+            if devices.insert(d.id.clone(), d.user.clone()).is_some() {
+                return Err(CompileError::Duplicate {
+                    what: "device",
+                    id: d.id.clone(),
+                });
+            }
+        }
+
+        let mut providers = HashMap::new();
+        for p in &dir.providers {
+            let mut requested = Vec::new();
+            for purpose in &p.purposes {
+                for k in &purpose.kinds {
+                    let id = *kind_ids.get(k).ok_or_else(|| CompileError::PurposeKind {
+                        provider: p.id.clone(),
+                        purpose: purpose.id.clone(),
+                        kind: k.clone(),
+                    })?;
+                    if !requested.contains(&id) {
+                        requested.push(id);
+                    }
+                }
+            }
+            let rules = ProviderRules {
+                role: p.role,
+                requested,
+            };
+            if providers.insert(p.id.clone(), rules).is_some() {
+                return Err(CompileError::Duplicate {
+                    what: "provider",
+                    id: p.id.clone(),
+                });
+            }
+        }
+
+        for prefs in &dir.preferences {
+            let user = &prefs.user;
+            let rules = users
+                .get_mut(user)
+                .ok_or_else(|| CompileError::PrefUser(user.clone()))?;
+            for grant in &prefs.collect {
+                let id = *kind_ids
+                    .get(&grant.kind)
+                    .ok_or_else(|| CompileError::PrefKind {
+                        user: user.clone(),
+                        kind: grant.kind.clone(),
+                    })?;
+                rules.collect[id as usize] = Some(grant.windows.clone());
+            }
+            for grant in &prefs.share {
+                let id = *kind_ids
+                    .get(&grant.kind)
+                    .ok_or_else(|| CompileError::PrefKind {
+                        user: user.clone(),
+                        kind: grant.kind.clone(),
+                    })?;
+                let kind = &kinds[id as usize];
+                let provider = dir
+                    .providers
+                    .iter()
+                    .find(|p| p.id == grant.provider)
+                    .ok_or_else(|| CompileError::PrefProvider {
+                        user: user.clone(),
+                        provider: grant.provider.clone(),
+                    })?;
+                let asked = provider
+                    .purposes
+                    .iter()
+                    .any(|p| p.id == grant.purpose && p.kinds.contains(&grant.kind));
+                if !asked {
+                    return Err(CompileError::PurposeLimitation {
+                        user: user.clone(),
+                        provider: grant.provider.clone(),
+                        purpose: grant.purpose.clone(),
+                        kind: grant.kind.clone(),
+                    });
+                }
+                let view = if grant.mask.is_empty() {
+                    View::Deliver
+                } else {
+                    if kind.format == PayloadFormat::Opaque {
+                        return Err(CompileError::MaskOpaque {
+                            user: user.clone(),
+                            kind: kind.name.clone(),
+                        });
+                    }
+                    for field in grant.mask.keys() {
+                        if !kind.fields.contains(field) {
+                            return Err(CompileError::MaskField {
+                                user: user.clone(),
+                                kind: kind.name.clone(),
+                                field: field.clone(),
+                            });
+                        }
+                    }
+                    View::Mask(
+                        grant
+                            .mask
+                            .iter()
+                            .map(|(f, m)| (f.clone(), m.clone()))
+                            .collect(),
+                    )
+                };
+                let rule = ShareRule {
+                    purpose: grant.purpose.clone(),
+                    view: Arc::new(view),
+                    expires: grant.expires,
+                };
+                if rules
+                    .share
+                    .insert((grant.provider.clone(), id), rule)
+                    .is_some()
+                {
+                    return Err(CompileError::DuplicateShare {
+                        user: user.clone(),
+                        provider: grant.provider.clone(),
+                        kind: grant.kind.clone(),
+                    });
+                }
+            }
+        }
+
+        Ok(Act {
+            version,
+            templates,
+            kinds: kinds.to_vec(),
+            kind_ids,
+            users,
+            devices,
+            providers,
+            acl,
+        })
+    }
+
+    pub fn kind(&self, name: &str) -> Option<&Kind> {
+        self.kind_ids.get(name).map(|&i| &self.kinds[i as usize])
+    }
+
+    /// The user a device is bound to.
+    pub fn device_user(&self, device: &str) -> Option<&str> {
+        self.devices.get(device).map(String::as_str)
+    }
+
+    pub fn is_provider(&self, id: &str) -> bool {
+        self.providers.contains_key(id)
+    }
+
+    /// The (user, device, kind) of a personal-data topic with a known kind.
+    pub fn resolve<'t>(&self, topic: &'t str) -> Option<Resolved<'t>> {
+        match self.classify(topic) {
+            Class::Personal(r, _) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn classify<'t>(&self, topic: &'t str) -> Class<'t> {
+        let mut claimed = false;
+        for t in &self.templates {
+            if !t.claims(topic) {
+                continue;
+            }
+            claimed = true;
+            if let Some(r) = t.resolve(topic) {
+                if let Some(&id) = self.kind_ids.get(r.kind) {
+                    return Class::Personal(r, id);
+                }
+            }
+        }
+        if claimed {
+            Class::UnknownPersonal
+        } else {
+            Class::Plain
+        }
+    }
+
+    /// Collection: may `who` publish `topic` at `now`?
+    pub fn ingress<'a>(
+        &'a self,
+        who: &Principal,
+        topic: &'a str,
+        now: DateTime<Utc>,
+    ) -> Result<Ingress<'a>, Deny> {
+        if !topic::valid_topic_name(topic) {
+            return Err(Deny::Invalid);
+        }
+        match self.classify(topic) {
+            Class::Plain => {
+                if self.acl.allows(who, topic, Access::Write) {
+                    Ok(Ingress::Plain)
+                } else {
+                    Err(Deny::Acl)
+                }
+            }
+            Class::UnknownPersonal => Err(Deny::UnknownTopic),
+            Class::Personal(r, kind_id) => {
+                let kind = &self.kinds[kind_id as usize];
+                match who {
+                    // The binding in force, not the one seen at CONNECT.
+                    Principal::Device { id, .. } => {
+                        if id != r.device
+                            || self.devices.get(id).map(String::as_str) != Some(r.user)
+                        {
+                            return Err(Deny::Misattributed);
+                        }
+                    }
+                    // The data service provider's own processing publishes
+                    // derived kinds (X.1363 10.1); nobody else may publish
+                    // into the personal-data space.
+                    Principal::Provider { id } => {
+                        let is_data = self
+                            .providers
+                            .get(id)
+                            .is_some_and(|p| p.role == ProviderRole::Data);
+                        if !(is_data && kind.derived) {
+                            return Err(Deny::NotADevice);
+                        }
+                    }
+                    Principal::Anonymous => return Err(Deny::NotADevice),
+                }
+                let rules = self.users.get(r.user).ok_or(Deny::UnknownUser)?;
+                let windows = rules.collect[kind_id as usize]
+                    .as_ref()
+                    .ok_or(Deny::NoCollectConsent)?;
+                if !windows.is_empty() && !in_windows(windows, rules.tz, now) {
+                    return Err(Deny::OutsideWindow);
+                }
+                Ok(Ingress::Personal { kind, resolved: r })
+            }
+        }
+    }
+
+    /// Subscriptions are a coarse gate (purpose limitation); each delivery is
+    /// still decided on its own by [`Act::deliver`].
+    pub fn subscribe(&self, who: &Principal, filter: &str) -> Result<(), Deny> {
+        let filter = topic::strip_shared(filter).ok_or(Deny::Invalid)?;
+        if !topic::valid_filter(filter) {
+            return Err(Deny::Invalid);
+        }
+        if self.acl.may_subscribe(who, filter) {
+            return Ok(());
+        }
+        let requested = match who {
+            Principal::Provider { id } => self.providers.get(id).map(|p| &p.requested),
+            _ => None,
+        };
+        if let Some(requested) = requested {
+            let any = self.templates.iter().any(|t| {
+                requested
+                    .iter()
+                    .any(|&k| t.filter_may_match(filter, &self.kinds[k as usize].name))
+            });
+            if any {
+                return Ok(());
+            }
+            if self
+                .templates
+                .iter()
+                .any(|t| t.filter_overlaps_space(filter))
+            {
+                return Err(Deny::PurposeLimited);
+            }
+        }
+        Err(Deny::Acl)
+    }
+
+    /// Sharing: may a message on `topic` reach `who` at `now`, and how?
+    pub fn deliver<'a>(
+        &'a self,
+        who: &Principal,
+        topic: &'a str,
+        now: DateTime<Utc>,
+    ) -> Result<Delivery<'a>, Deny> {
+        match self.classify(topic) {
+            Class::Plain => {
+                if self.acl.allows(who, topic, Access::Read) {
+                    Ok(Delivery::Plain)
+                } else {
+                    Err(Deny::Acl)
+                }
+            }
+            Class::UnknownPersonal => Err(Deny::UnknownTopic),
+            Class::Personal(r, kind_id) => {
+                let Principal::Provider { id } = who else {
+                    return Err(Deny::NotAProvider);
+                };
+                let rules = self.users.get(r.user).ok_or(Deny::UnknownUser)?;
+                // A device whose binding was removed no longer speaks for its user.
+                if self.devices.get(r.device).map(String::as_str) != Some(r.user) {
+                    return Err(Deny::Misattributed);
+                }
+                let rule = rules
+                    .share
+                    .get(&(id.clone(), kind_id))
+                    .ok_or(Deny::NoShareConsent)?;
+                if rule.expires.is_some_and(|e| e <= now) {
+                    return Err(Deny::Expired);
+                }
+                Ok(Delivery::Personal {
+                    kind: &self.kinds[kind_id as usize],
+                    resolved: r,
+                    rule,
+                })
+            }
+        }
+    }
+}
+
+fn in_windows(windows: &[Window], tz: Tz, now: DateTime<Utc>) -> bool {
+    let local = now.with_timezone(&tz);
+    let (day, time) = (local.weekday(), local.time());
+    windows.iter().any(|w| {
+        if w.from < w.to {
+            w.days.contains(&day) && w.from <= time && time < w.to
+        } else {
+            // Wraps midnight: the evening belongs to the listed day, the
+            // early morning to the day after it.
+            (w.days.contains(&day) && time >= w.from)
+                || (w.days.contains(&day.pred()) && time < w.to)
+        }
+    })
+}
+
+/// The ACT in force. One atomic load per decision; a change is a new
+/// snapshot, visible to the next decision.
+pub struct ActHandle {
+    current: ArcSwap<Act>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl ActHandle {
+    pub fn new(act: Act) -> Self {
+        let (changed, _) = tokio::sync::watch::channel(act.version);
+        Self {
+            current: ArcSwap::from_pointee(act),
+            changed,
+        }
+    }
+
+    pub fn load(&self) -> Guard<Arc<Act>> {
+        self.current.load()
+    }
+
+    pub fn store(&self, act: Act) {
+        let v = act.version;
+        self.current.store(Arc::new(act));
+        metrics::gauge!("consentry_act_version").set(v as f64);
+        self.changed.send_replace(v);
+    }
+
+    /// Sessions watch this to re-check what they hold.
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::{AclRule, Clients};
+    use crate::model::*;
+    use chrono::{NaiveTime, TimeZone, Weekday};
+
+    fn kinds() -> Vec<Kind> {
+        let k = |name: &str, category, fields: &[&str]| Kind {
+            name: name.into(),
+            category,
+            sensitive: category == PiiCategory::Health,
+            format: PayloadFormat::Json,
+            fields: fields.iter().map(|s| s.to_string()).collect(),
+            undeclared: Undeclared::Strip,
+            derived: false,
+        };
+        vec![
+            k("heart_rate", PiiCategory::Health, &["bpm"]),
+            k("location", PiiCategory::Behavioral, &["lat", "lon"]),
+            k("steps", PiiCategory::Behavioral, &["count"]),
+        ]
+    }
+
+    fn provider(id: &str, purpose: &str, kinds: &[&str]) -> Provider {
+        Provider {
+            id: id.into(),
+            name: id.into(),
+            role: ProviderRole::Application,
+            password_hash: None,
+            cert_sha256: None,
+            controller: Contact::default(),
+            jurisdiction: None,
+            privacy_policy: None,
+            purposes: vec![Purpose {
+                id: purpose.into(),
+                statement: "s".into(),
+                category: PurposeCategory::PersonalizedExperience,
+                kinds: kinds.iter().map(|s| s.to_string()).collect(),
+                core: true,
+                retention_days: 365,
+                termination: String::new(),
+            }],
+        }
+    }
+
+    fn dir(prefs: Vec<Preferences>) -> Directory {
+        Directory {
+            users: vec![
+                User {
+                    id: "alice".into(),
+                    time_zone: "Europe/Paris".into(),
+                    jurisdiction: None,
+                },
+                User {
+                    id: "bob".into(),
+                    time_zone: "UTC".into(),
+                    jurisdiction: None,
+                },
+            ],
+            devices: vec![
+                Device {
+                    id: "alice-watch".into(),
+                    user: "alice".into(),
+                    password_hash: None,
+                    cert_sha256: None,
+                },
+                Device {
+                    id: "bob-phone".into(),
+                    user: "bob".into(),
+                    password_hash: None,
+                    cert_sha256: None,
+                },
+            ],
+            providers: vec![
+                provider("fitcoach", "coaching", &["heart_rate", "steps", "location"]),
+                provider("insureco", "pricing", &["heart_rate", "steps"]),
+            ],
+            preferences: prefs,
+        }
+    }
+
+    fn alice_prefs() -> Preferences {
+        let mut mask = std::collections::BTreeMap::new();
+        mask.insert("lat".into(), MaskMethod::Generalize { decimals: 2 });
+        mask.insert("lon".into(), MaskMethod::Generalize { decimals: 2 });
+        Preferences {
+            user: "alice".into(),
+            version: 1,
+            collect: ["heart_rate", "location", "steps"]
+                .iter()
+                .map(|k| CollectGrant {
+                    kind: k.to_string(),
+                    windows: vec![],
+                })
+                .collect(),
+            share: vec![
+                ShareGrant {
+                    provider: "fitcoach".into(),
+                    purpose: "coaching".into(),
+                    kind: "heart_rate".into(),
+                    mask: Default::default(),
+                    expires: None,
+                },
+                ShareGrant {
+                    provider: "fitcoach".into(),
+                    purpose: "coaching".into(),
+                    kind: "location".into(),
+                    mask,
+                    expires: None,
+                },
+            ],
+        }
+    }
+
+    fn act(prefs: Vec<Preferences>, acl: Acl) -> Act {
+        Act::compile(
+            1,
+            &["pii/{user}/{device}/{kind}".to_string()],
+            &kinds(),
+            &dir(prefs),
+            acl,
+        )
+        .unwrap()
+    }
+
+    fn dev(id: &str, user: &str) -> Principal {
+        Principal::Device {
+            id: id.into(),
+            user: user.into(),
+        }
+    }
+
+    fn prov(id: &str) -> Principal {
+        Principal::Provider { id: id.into() }
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 23, 10, 0, 0).unwrap() // a Monday
+    }
+
+    #[test]
+    fn ingress_table() {
+        let a = act(vec![alice_prefs()], Acl::deny_all());
+        let alice = dev("alice-watch", "alice");
+        let cases: &[(&Principal, &str, Result<(), Deny>)] = &[
+            (&alice, "pii/alice/alice-watch/heart_rate", Ok(())),
+            (&alice, "pii/alice/alice-watch/location", Ok(())),
+            (
+                &alice,
+                "pii/bob/alice-watch/heart_rate",
+                Err(Deny::Misattributed),
+            ),
+            (
+                &alice,
+                "pii/alice/bob-phone/heart_rate",
+                Err(Deny::Misattributed),
+            ),
+            (
+                &alice,
+                "pii/alice/alice-watch/mood",
+                Err(Deny::UnknownTopic),
+            ),
+            (&alice, "pii/alice/alice-watch", Err(Deny::UnknownTopic)),
+            (&alice, "status/alice-watch", Err(Deny::Acl)),
+            (&alice, "pii/alice/alice-watch/+", Err(Deny::Invalid)),
+            (
+                &prov("fitcoach"),
+                "pii/alice/alice-watch/steps",
+                Err(Deny::NotADevice),
+            ),
+            (
+                &Principal::Anonymous,
+                "pii/alice/alice-watch/steps",
+                Err(Deny::NotADevice),
+            ),
+        ];
+        for (who, topic, want) in cases {
+            let got = a.ingress(who, topic, now()).map(|_| ());
+            assert_eq!(&got, want, "{who:?} {topic}");
+        }
+        let bob = dev("bob-phone", "bob");
+        assert_eq!(
+            a.ingress(&bob, "pii/bob/bob-phone/location", now())
+                .map(|_| ()),
+            Err(Deny::NoCollectConsent)
+        );
+    }
+
+    #[test]
+    fn collection_windows_in_user_time_zone() {
+        let mut prefs = alice_prefs();
+        let weekdays = vec![
+            Weekday::Mon,
+            Weekday::Tue,
+            Weekday::Wed,
+            Weekday::Thu,
+            Weekday::Fri,
+        ];
+        prefs.collect[0].windows = vec![Window {
+            days: weekdays,
+            from: NaiveTime::from_hms_opt(9, 0, 0).unwrap(),
+            to: NaiveTime::from_hms_opt(17, 30, 0).unwrap(),
+        }];
+        let a = act(vec![prefs], Acl::deny_all());
+        let alice = dev("alice-watch", "alice");
+        let at = |y, m, d, h, min| Utc.with_ymd_and_hms(y, m, d, h, min, 0).unwrap();
+        let topic = "pii/alice/alice-watch/heart_rate";
+        // Paris is UTC+1 in November: 07:59 UTC is 08:59 local.
+        assert_eq!(
+            a.ingress(&alice, topic, at(2026, 11, 23, 7, 59))
+                .map(|_| ()),
+            Err(Deny::OutsideWindow)
+        );
+        assert!(a.ingress(&alice, topic, at(2026, 11, 23, 8, 0)).is_ok());
+        assert!(a.ingress(&alice, topic, at(2026, 11, 23, 16, 29)).is_ok());
+        assert_eq!(
+            a.ingress(&alice, topic, at(2026, 11, 23, 16, 30))
+                .map(|_| ()),
+            Err(Deny::OutsideWindow)
+        );
+        // Saturday.
+        assert_eq!(
+            a.ingress(&alice, topic, at(2026, 11, 28, 10, 0))
+                .map(|_| ()),
+            Err(Deny::OutsideWindow)
+        );
+        // Summer time: UTC+2, so 07:00 UTC is 09:00 local on a Wednesday.
+        assert!(a.ingress(&alice, topic, at(2026, 7, 1, 7, 0)).is_ok());
+        // Other kinds have no window.
+        assert!(a
+            .ingress(
+                &alice,
+                "pii/alice/alice-watch/steps",
+                at(2026, 11, 28, 3, 0)
+            )
+            .is_ok());
+    }
+
+    #[test]
+    fn window_wrapping_midnight() {
+        let w = Window {
+            days: vec![Weekday::Fri],
+            from: NaiveTime::from_hms_opt(22, 0, 0).unwrap(),
+            to: NaiveTime::from_hms_opt(6, 0, 0).unwrap(),
+        };
+        let tz: Tz = "UTC".parse().unwrap();
+        let at = |d, h| Utc.with_ymd_and_hms(2026, 11, d, h, 0, 0).unwrap();
+        assert!(in_windows(std::slice::from_ref(&w), tz, at(27, 23))); // Fri 23:00
+        assert!(in_windows(std::slice::from_ref(&w), tz, at(28, 5))); // Sat 05:00
+        assert!(!in_windows(std::slice::from_ref(&w), tz, at(28, 6)));
+        assert!(!in_windows(std::slice::from_ref(&w), tz, at(27, 21)));
+    }
+
+    #[test]
+    fn delivery_table() {
+        let a = act(vec![alice_prefs()], Acl::deny_all());
+        let fit = prov("fitcoach");
+        let ins = prov("insureco");
+        let hr = "pii/alice/alice-watch/heart_rate";
+        match a.deliver(&fit, hr, now()) {
+            Ok(Delivery::Personal { rule, kind, .. }) => {
+                assert_eq!(*rule.view, View::Deliver);
+                assert_eq!(rule.purpose, "coaching");
+                assert_eq!(kind.name, "heart_rate");
+            }
+            other => panic!("{other:?}"),
+        }
+        match a.deliver(&fit, "pii/alice/alice-watch/location", now()) {
+            Ok(Delivery::Personal { rule, .. }) => {
+                assert!(matches!(*rule.view, View::Mask(ref m) if m.len() == 2))
+            }
+            other => panic!("{other:?}"),
+        }
+        let denied = |who: &Principal, t: &str| a.deliver(who, t, now()).map(|_| ()).unwrap_err();
+        assert_eq!(
+            denied(&fit, "pii/alice/alice-watch/steps"),
+            Deny::NoShareConsent
+        );
+        assert_eq!(denied(&ins, hr), Deny::NoShareConsent);
+        assert_eq!(denied(&dev("bob-phone", "bob"), hr), Deny::NotAProvider);
+        assert_eq!(
+            denied(&fit, "pii/alice/bob-phone/heart_rate"),
+            Deny::Misattributed
+        );
+        assert_eq!(denied(&fit, "pii/carol/c-1/heart_rate"), Deny::UnknownUser);
+        assert_eq!(denied(&fit, "pii/alice/alice-watch/x"), Deny::UnknownTopic);
+        assert_eq!(denied(&fit, "status/x"), Deny::Acl);
+    }
+
+    #[test]
+    fn expired_share() {
+        let mut prefs = alice_prefs();
+        prefs.share[0].expires = Some(now());
+        let a = act(vec![prefs], Acl::deny_all());
+        assert_eq!(
+            a.deliver(&prov("fitcoach"), "pii/alice/alice-watch/heart_rate", now())
+                .map(|_| ())
+                .unwrap_err(),
+            Deny::Expired
+        );
+    }
+
+    #[test]
+    fn subscription_table() {
+        let acl = Acl::new(vec![AclRule {
+            filter: "status/#".into(),
+            clients: Clients::Any,
+            access: Access::ReadWrite,
+        }]);
+        let a = act(vec![alice_prefs()], acl);
+        let fit = prov("fitcoach");
+        let ins = prov("insureco");
+        assert_eq!(a.subscribe(&fit, "pii/#"), Ok(()));
+        assert_eq!(a.subscribe(&fit, "pii/+/+/location"), Ok(()));
+        assert_eq!(
+            a.subscribe(&ins, "pii/+/+/location"),
+            Err(Deny::PurposeLimited)
+        );
+        assert_eq!(
+            a.subscribe(&ins, "$share/g/pii/+/+/location"),
+            Err(Deny::PurposeLimited)
+        );
+        assert_eq!(a.subscribe(&ins, "$share/g/pii/+/+/steps"), Ok(()));
+        assert_eq!(a.subscribe(&ins, "$SYS/#"), Err(Deny::Acl));
+        assert_eq!(a.subscribe(&ins, "status/+"), Ok(()));
+        assert_eq!(a.subscribe(&ins, "other/+"), Err(Deny::Acl));
+        assert_eq!(a.subscribe(&ins, "pii/#/x"), Err(Deny::Invalid));
+        assert_eq!(
+            a.subscribe(&dev("alice-watch", "alice"), "pii/#"),
+            Err(Deny::Acl)
+        );
+        // `#` overlaps the open status/ space, so it is held; deliveries decide.
+        assert_eq!(a.subscribe(&dev("alice-watch", "alice"), "#"), Ok(()));
+    }
+
+    #[test]
+    fn compile_errors() {
+        let mut p = alice_prefs();
+        p.share.push(ShareGrant {
+            provider: "insureco".into(),
+            purpose: "pricing".into(),
+            kind: "location".into(),
+            mask: Default::default(),
+            expires: None,
+        });
+        let err = Act::compile(
+            1,
+            &["pii/{user}/{device}/{kind}".to_string()],
+            &kinds(),
+            &dir(vec![p]),
+            Acl::deny_all(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, CompileError::PurposeLimitation { .. }),
+            "{err}"
+        );
+
+        let mut p = alice_prefs();
+        p.share[1].mask.insert("alt".into(), MaskMethod::Remove);
+        let err = Act::compile(
+            1,
+            &["pii/{user}/{device}/{kind}".to_string()],
+            &kinds(),
+            &dir(vec![p]),
+            Acl::deny_all(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, CompileError::MaskField { .. }), "{err}");
+
+        let mut p = alice_prefs();
+        p.collect.push(CollectGrant {
+            kind: "mood".into(),
+            windows: vec![],
+        });
+        let err = Act::compile(
+            1,
+            &["pii/{user}/{device}/{kind}".to_string()],
+            &kinds(),
+            &dir(vec![p]),
+            Acl::deny_all(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, CompileError::PrefKind { .. }), "{err}");
+    }
+}

@@ -1,0 +1,36 @@
+//! # consentry
+//!
+//! An MQTT broker whose embedded interceptor enforces ITU-T X.1363 PII
+//! preferences on every publish, subscription and delivery.
+//!
+//! # Layout
+//! | module | holds | X.1363 component |
+//! | --- | --- | --- |
+//! | [`model`] | users, devices, providers' T&C, kinds, preferences | PII preferences (10.1) |
+//! | [`topic`] | topic templates: which topics carry whose data | — |
+//! | [`act`] | the compiled access control table and its decisions | ACT (10.1, 11.2.2) |
+//! | [`acl`] | plain ACL for non-personal topics | — |
+//! | [`mask`] | data minimization and masking views | 9.1.4, 9.1.6 |
+//! | [`auth`] | identity at CONNECT | access control/authentication (9.1.2) |
+//! | [`codec`] | MQTT 3.1.1/5 framing over rumqttc's codecs | — |
+//! | [`session`] | one client's relay through the ACT to the broker | enforcement at collection and sharing |
+//! | [`ledger`] | encrypted, hash-chained share history | history log (9.2.3), logging (9.1.3) |
+//! | [`broker`] | the embedded rumqttd, or an external upstream | data service provider's broker |
+//! | [`server`] | listeners, wiring, reload, shutdown | — |
+//! | [`config`] | `config/consentry.toml` | — |
+//! | [`metrics`] | Prometheus names and the exporter | — |
+#![forbid(unsafe_code)]
+
+pub mod acl;
+pub mod act;
+pub mod auth;
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod ledger;
+pub mod mask;
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod session;
+pub mod topic;

@@ -1,0 +1,597 @@
+//! Payload rewriting: data minimization at ingress (X.1363 9.1.6) and the
+//! masking views at egress (X.1363 9.1.4: "encrypted or masked if shared").
+//!
+//! JSON and MessagePack documents are handled through one small [`Doc`]
+//! trait, so each rule is written once. Any payload that cannot be decoded,
+//! or a rule that cannot be applied to the value it meets, is an error: the
+//! caller does not forward or deliver it (fail closed).
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use thiserror::Error;
+
+use crate::model::{MaskMethod, PayloadFormat};
+
+#[derive(Debug, Error, PartialEq)]
+pub enum MaskError {
+    #[error("payload is not valid {0}")]
+    Decode(&'static str),
+    #[error("payload must be a map of fields")]
+    NotAMap,
+    #[error("field {0:?} is not declared for this kind")]
+    Undeclared(String),
+    #[error("field {0:?} is not a number and cannot be generalized")]
+    NotANumber(String),
+    #[error("could not encode the rewritten payload")]
+    Encode,
+}
+
+pub const REDACTED: &str = "[redacted]";
+
+/// The fields ingress removed, for logs and metrics.
+#[derive(Debug, PartialEq)]
+pub struct Minimized {
+    pub payload: Bytes,
+    pub removed: Vec<String>,
+}
+
+/// Keep only the declared field paths. With `strict`, an undeclared field is
+/// an error instead of being removed.
+pub fn minimize(
+    format: PayloadFormat,
+    payload: &Bytes,
+    declared: &[String],
+    strict: bool,
+) -> Result<Minimized, MaskError> {
+    match format {
+        PayloadFormat::Opaque => Ok(Minimized {
+            payload: payload.clone(),
+            removed: vec![],
+        }),
+        PayloadFormat::Json => {
+            let mut doc = decode_json(payload)?;
+            let removed = keep_declared(&mut doc, declared, strict)?;
+            let payload = if removed.is_empty() {
+                payload.clone()
+            } else {
+                encode_json(&doc)?
+            };
+            Ok(Minimized { payload, removed })
+        }
+        PayloadFormat::Msgpack => {
+            let mut doc = decode_msgpack(payload)?;
+            let removed = keep_declared(&mut doc, declared, strict)?;
+            let payload = if removed.is_empty() {
+                payload.clone()
+            } else {
+                encode_msgpack(&doc)?
+            };
+            Ok(Minimized { payload, removed })
+        }
+    }
+}
+
+/// Apply a masking view. `key` is the pseudonymization key of the provider
+/// that will receive the result.
+pub fn mask(
+    format: PayloadFormat,
+    payload: &Bytes,
+    rules: &[(String, MaskMethod)],
+    key: &[u8; 32],
+) -> Result<Bytes, MaskError> {
+    match format {
+        // The ACT refuses masks on opaque kinds at compile time; should one
+        // arrive anyway, nothing partial is ever delivered.
+        PayloadFormat::Opaque => Err(MaskError::Decode("structured data")),
+        PayloadFormat::Json => {
+            let mut doc = decode_json(payload)?;
+            apply_rules(&mut doc, rules, key)?;
+            encode_json(&doc)
+        }
+        PayloadFormat::Msgpack => {
+            let mut doc = decode_msgpack(payload)?;
+            apply_rules(&mut doc, rules, key)?;
+            encode_msgpack(&doc)
+        }
+    }
+}
+
+fn decode_json(payload: &[u8]) -> Result<serde_json::Value, MaskError> {
+    serde_json::from_slice(payload).map_err(|_| MaskError::Decode("JSON"))
+}
+
+fn encode_json(doc: &serde_json::Value) -> Result<Bytes, MaskError> {
+    serde_json::to_vec(doc)
+        .map(Bytes::from)
+        .map_err(|_| MaskError::Encode)
+}
+
+fn decode_msgpack(payload: &[u8]) -> Result<rmpv::Value, MaskError> {
+    let mut rd = payload;
+    let v = rmpv::decode::read_value(&mut rd).map_err(|_| MaskError::Decode("MessagePack"))?;
+    if !rd.is_empty() {
+        return Err(MaskError::Decode("MessagePack"));
+    }
+    Ok(v)
+}
+
+fn encode_msgpack(doc: &rmpv::Value) -> Result<Bytes, MaskError> {
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, doc).map_err(|_| MaskError::Encode)?;
+    Ok(Bytes::from(out))
+}
+
+/// The operations rules need, over JSON and MessagePack alike.
+trait Doc: Sized {
+    fn is_map(&self) -> bool;
+    fn keys(&self) -> Vec<String>;
+    fn child_mut(&mut self, key: &str) -> Option<&mut Self>;
+    fn remove(&mut self, key: &str) -> bool;
+    fn as_number(&self) -> Option<Number>;
+    fn set_number(&mut self, n: Number);
+    fn set_text(&mut self, s: &str);
+    /// Stable bytes of the value, to pseudonymize it.
+    fn fingerprint(&self) -> Vec<u8>;
+    /// Removes map entries whose key is not a string; returns how many.
+    fn drop_non_string_keys(&mut self) -> usize;
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Number {
+    Int(i64),
+    Float(f64),
+}
+
+impl Doc for serde_json::Value {
+    fn is_map(&self) -> bool {
+        self.is_object()
+    }
+    fn keys(&self) -> Vec<String> {
+        self.as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+    fn child_mut(&mut self, key: &str) -> Option<&mut Self> {
+        self.as_object_mut()?.get_mut(key)
+    }
+    fn remove(&mut self, key: &str) -> bool {
+        self.as_object_mut()
+            .is_some_and(|m| m.remove(key).is_some())
+    }
+    fn as_number(&self) -> Option<Number> {
+        match self {
+            serde_json::Value::Number(n) => n
+                .as_i64()
+                .map(Number::Int)
+                .or_else(|| n.as_f64().map(Number::Float)),
+            _ => None,
+        }
+    }
+    fn set_number(&mut self, n: Number) {
+        *self = match n {
+            Number::Int(i) => serde_json::Value::from(i),
+            Number::Float(f) => serde_json::Number::from_f64(f)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+        };
+    }
+    fn set_text(&mut self, s: &str) {
+        *self = serde_json::Value::String(s.into());
+    }
+    fn fingerprint(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+    fn drop_non_string_keys(&mut self) -> usize {
+        0
+    }
+}
+
+impl Doc for rmpv::Value {
+    fn is_map(&self) -> bool {
+        self.is_map()
+    }
+    fn keys(&self) -> Vec<String> {
+        self.as_map()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, _)| k.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    fn child_mut(&mut self, key: &str) -> Option<&mut Self> {
+        match self {
+            rmpv::Value::Map(m) => m
+                .iter_mut()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v),
+            _ => None,
+        }
+    }
+    fn remove(&mut self, key: &str) -> bool {
+        match self {
+            rmpv::Value::Map(m) => {
+                let before = m.len();
+                m.retain(|(k, _)| k.as_str() != Some(key));
+                m.len() != before
+            }
+            _ => false,
+        }
+    }
+    fn as_number(&self) -> Option<Number> {
+        match self {
+            rmpv::Value::Integer(i) => i.as_i64().map(Number::Int),
+            rmpv::Value::F32(f) => Some(Number::Float(*f as f64)),
+            rmpv::Value::F64(f) => Some(Number::Float(*f)),
+            _ => None,
+        }
+    }
+    fn set_number(&mut self, n: Number) {
+        *self = match n {
+            Number::Int(i) => rmpv::Value::from(i),
+            Number::Float(f) => rmpv::Value::F64(f),
+        };
+    }
+    fn set_text(&mut self, s: &str) {
+        *self = rmpv::Value::from(s);
+    }
+    fn fingerprint(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Writing into a Vec cannot fail.
+        let _ = rmpv::encode::write_value(&mut out, self);
+        out
+    }
+    fn drop_non_string_keys(&mut self) -> usize {
+        match self {
+            rmpv::Value::Map(m) => {
+                let before = m.len();
+                m.retain(|(k, _)| k.is_str());
+                before - m.len()
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// Removes every field not on a declared path; returns the removed paths.
+/// A field with no declaration but a non-map value on a map-typed root is
+/// still undeclared: the rule is by path, not by type.
+fn keep_declared<D: Doc>(
+    doc: &mut D,
+    declared: &[String],
+    strict: bool,
+) -> Result<Vec<String>, MaskError> {
+    if !doc.is_map() {
+        return Err(MaskError::NotAMap);
+    }
+    let mut removed = Vec::new();
+    prune(doc, "", declared, strict, &mut removed)?;
+    Ok(removed)
+}
+
+fn prune<D: Doc>(
+    node: &mut D,
+    prefix: &str,
+    declared: &[String],
+    strict: bool,
+    removed: &mut Vec<String>,
+) -> Result<(), MaskError> {
+    for key in node.keys() {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        if declared.contains(&path) {
+            continue;
+        }
+        let below = format!("{path}.");
+        let has_children = declared.iter().any(|d| d.starts_with(&below));
+        match node.child_mut(&key) {
+            Some(child) if has_children && child.is_map() => {
+                prune(child, &path, declared, strict, removed)?
+            }
+            _ => {
+                if strict {
+                    return Err(MaskError::Undeclared(path));
+                }
+                node.remove(&key);
+                removed.push(path);
+            }
+        }
+    }
+    // Keys that are not strings (MessagePack allows any) are never declared.
+    let foreign = node.drop_non_string_keys();
+    if foreign > 0 {
+        let path = format!("{prefix}<non-string key>");
+        if strict {
+            return Err(MaskError::Undeclared(path));
+        }
+        removed.push(path);
+    }
+    Ok(())
+}
+
+fn apply_rules<D: Doc>(
+    doc: &mut D,
+    rules: &[(String, MaskMethod)],
+    key: &[u8; 32],
+) -> Result<(), MaskError> {
+    if !doc.is_map() {
+        return Err(MaskError::NotAMap);
+    }
+    for (path, method) in rules {
+        let (parent_path, leaf) = match path.rsplit_once('.') {
+            Some((p, l)) => (Some(p), l),
+            None => (None, path.as_str()),
+        };
+        let mut parent = Some(&mut *doc);
+        if let Some(pp) = parent_path {
+            for part in pp.split('.') {
+                parent = parent.and_then(|n| n.child_mut(part));
+            }
+        }
+        let Some(parent) = parent else { continue };
+        if matches!(method, MaskMethod::Remove) {
+            parent.remove(leaf);
+            continue;
+        }
+        let Some(value) = parent.child_mut(leaf) else {
+            continue;
+        };
+        match method {
+            MaskMethod::Remove => {}
+            MaskMethod::Redact => value.set_text(REDACTED),
+            MaskMethod::Generalize { decimals } => {
+                let n = value
+                    .as_number()
+                    .ok_or_else(|| MaskError::NotANumber(path.clone()))?;
+                value.set_number(generalize(n, *decimals));
+            }
+            MaskMethod::Pseudonymize => {
+                let mut mac =
+                    <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| MaskError::Encode)?;
+                mac.update(path.as_bytes());
+                mac.update(&[0]);
+                mac.update(&value.fingerprint());
+                let tag = mac.finalize().into_bytes();
+                value.set_text(&hex::encode(&tag[..16]));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn generalize(n: Number, decimals: i32) -> Number {
+    let scale = 10f64.powi(decimals);
+    match n {
+        Number::Float(f) => Number::Float((f * scale).round() / scale),
+        Number::Int(i) if decimals < 0 => {
+            let step = 10i64.saturating_pow(decimals.unsigned_abs());
+            Number::Int(((i as f64 / step as f64).round() as i64).saturating_mul(step))
+        }
+        Number::Int(i) => Number::Int(i),
+    }
+}
+
+/// Pseudonymization key for one provider: an HMAC of the provider id under
+/// the operator's master key, so keys differ per provider and need no storage.
+pub fn provider_key(master: &[u8; 32], provider: &str) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(master).expect("HMAC takes any key size");
+    mac.update(b"consentry pseudonym v1\0");
+    mac.update(provider.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn j(v: serde_json::Value) -> Bytes {
+        Bytes::from(serde_json::to_vec(&v).unwrap())
+    }
+
+    fn mp(v: serde_json::Value) -> Bytes {
+        Bytes::from(rmp_from_json(&v))
+    }
+
+    fn rmp_from_json(v: &serde_json::Value) -> Vec<u8> {
+        fn conv(v: &serde_json::Value) -> rmpv::Value {
+            match v {
+                serde_json::Value::Null => rmpv::Value::Nil,
+                serde_json::Value::Bool(b) => rmpv::Value::from(*b),
+                serde_json::Value::Number(n) if n.is_i64() => {
+                    rmpv::Value::from(n.as_i64().unwrap())
+                }
+                serde_json::Value::Number(n) => rmpv::Value::F64(n.as_f64().unwrap()),
+                serde_json::Value::String(s) => rmpv::Value::from(s.as_str()),
+                serde_json::Value::Array(a) => rmpv::Value::Array(a.iter().map(conv).collect()),
+                serde_json::Value::Object(m) => rmpv::Value::Map(
+                    m.iter()
+                        .map(|(k, v)| (rmpv::Value::from(k.as_str()), conv(v)))
+                        .collect(),
+                ),
+            }
+        }
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &conv(v)).unwrap();
+        out
+    }
+
+    fn back(format: PayloadFormat, b: &Bytes) -> serde_json::Value {
+        match format {
+            PayloadFormat::Json => serde_json::from_slice(b).unwrap(),
+            _ => {
+                let v = rmpv::decode::read_value(&mut &b[..]).unwrap();
+                serde_json::to_value(rmpv::ext::from_value::<serde_json::Value>(v).unwrap())
+                    .unwrap()
+            }
+        }
+    }
+
+    const KEY: [u8; 32] = [7; 32];
+
+    fn both(v: serde_json::Value) -> [(PayloadFormat, Bytes); 2] {
+        [
+            (PayloadFormat::Json, j(v.clone())),
+            (PayloadFormat::Msgpack, mp(v)),
+        ]
+    }
+
+    #[test]
+    fn minimize_strips_undeclared() {
+        let declared = vec!["bpm".to_string(), "pos.lat".to_string()];
+        for (f, p) in both(json!({"bpm": 72, "name": "Alice", "pos": {"lat": 1.5, "alt": 3}})) {
+            let m = minimize(f, &p, &declared, false).unwrap();
+            assert_eq!(back(f, &m.payload), json!({"bpm": 72, "pos": {"lat": 1.5}}));
+            assert_eq!(m.removed, vec!["name".to_string(), "pos.alt".to_string()]);
+        }
+    }
+
+    #[test]
+    fn minimize_untouched_payload_is_not_reencoded() {
+        let p = Bytes::from_static(b"{ \"bpm\" : 72 }");
+        let m = minimize(PayloadFormat::Json, &p, &["bpm".into()], false).unwrap();
+        assert_eq!(m.payload, p);
+        assert!(m.removed.is_empty());
+    }
+
+    #[test]
+    fn minimize_strict_rejects() {
+        for (f, p) in both(json!({"bpm": 72, "name": "Alice"})) {
+            assert_eq!(
+                minimize(f, &p, &["bpm".into()], true),
+                Err(MaskError::Undeclared("name".into()))
+            );
+        }
+    }
+
+    #[test]
+    fn undecodable_and_non_map_payloads_fail() {
+        let bad = Bytes::from_static(b"{\"bpm\": ");
+        assert_eq!(
+            minimize(PayloadFormat::Json, &bad, &[], false),
+            Err(MaskError::Decode("JSON"))
+        );
+        assert_eq!(
+            minimize(
+                PayloadFormat::Msgpack,
+                // A map announcing two entries, cut short.
+                &Bytes::from_static(&[0x82, 0xa1]),
+                &[],
+                false
+            ),
+            Err(MaskError::Decode("MessagePack"))
+        );
+        assert_eq!(
+            minimize(PayloadFormat::Json, &j(json!([1, 2])), &[], false),
+            Err(MaskError::NotAMap)
+        );
+        // Trailing garbage after one MessagePack value is not a valid payload.
+        let mut two = rmp_from_json(&json!({"a": 1}));
+        two.push(0x01);
+        assert!(minimize(
+            PayloadFormat::Msgpack,
+            &Bytes::from(two),
+            &["a".into()],
+            false
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn msgpack_non_string_keys_are_undeclared() {
+        let doc = rmpv::Value::Map(vec![
+            (rmpv::Value::from("bpm"), rmpv::Value::from(70)),
+            (rmpv::Value::from(1), rmpv::Value::from("secret")),
+        ]);
+        let mut raw = Vec::new();
+        rmpv::encode::write_value(&mut raw, &doc).unwrap();
+        let raw = Bytes::from(raw);
+        let m = minimize(PayloadFormat::Msgpack, &raw, &["bpm".into()], false).unwrap();
+        assert_eq!(back(PayloadFormat::Msgpack, &m.payload), json!({"bpm": 70}));
+        assert!(minimize(PayloadFormat::Msgpack, &raw, &["bpm".into()], true).is_err());
+    }
+
+    #[test]
+    fn opaque_passes_whole() {
+        let p = Bytes::from_static(b"\x00\x01binary");
+        let m = minimize(PayloadFormat::Opaque, &p, &[], true).unwrap();
+        assert_eq!(m.payload, p);
+        assert!(mask(PayloadFormat::Opaque, &p, &[], &KEY).is_err());
+    }
+
+    #[test]
+    fn remove_and_redact() {
+        let rules = vec![
+            ("lat".to_string(), MaskMethod::Remove),
+            ("lon".to_string(), MaskMethod::Redact),
+        ];
+        for (f, p) in both(json!({"lat": 48.8566, "lon": 2.3522, "acc": 5})) {
+            let out = mask(f, &p, &rules, &KEY).unwrap();
+            assert_eq!(back(f, &out), json!({"lon": REDACTED, "acc": 5}));
+        }
+    }
+
+    #[test]
+    fn generalize_to_about_a_kilometre() {
+        let rules = vec![
+            ("lat".to_string(), MaskMethod::Generalize { decimals: 2 }),
+            ("lon".to_string(), MaskMethod::Generalize { decimals: 2 }),
+            ("count".to_string(), MaskMethod::Generalize { decimals: -2 }),
+        ];
+        for (f, p) in both(json!({"lat": 48.85661, "lon": 2.35222, "count": 1234})) {
+            let out = mask(f, &p, &rules, &KEY).unwrap();
+            assert_eq!(
+                back(f, &out),
+                json!({"lat": 48.86, "lon": 2.35, "count": 1200})
+            );
+        }
+    }
+
+    #[test]
+    fn generalize_refuses_non_numbers() {
+        let rules = vec![("lat".to_string(), MaskMethod::Generalize { decimals: 2 })];
+        let p = j(json!({"lat": "48.8"}));
+        assert_eq!(
+            mask(PayloadFormat::Json, &p, &rules, &KEY),
+            Err(MaskError::NotANumber("lat".into()))
+        );
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_per_provider_and_differ_between_providers() {
+        let master = [9u8; 32];
+        let (k1, k2) = (
+            provider_key(&master, "fitcoach"),
+            provider_key(&master, "insureco"),
+        );
+        assert_ne!(k1, k2);
+        let rules = vec![("id".to_string(), MaskMethod::Pseudonymize)];
+        for (f, p) in both(json!({"id": "alice-1234", "bpm": 70})) {
+            let a = back(f, &mask(f, &p, &rules, &k1).unwrap());
+            let a2 = back(f, &mask(f, &p, &rules, &k1).unwrap());
+            let b = back(f, &mask(f, &p, &rules, &k2).unwrap());
+            assert_eq!(a, a2);
+            assert_ne!(a["id"], b["id"]);
+            assert_ne!(a["id"], json!("alice-1234"));
+            assert_eq!(a["id"].as_str().unwrap().len(), 32);
+            assert_eq!(a["bpm"], json!(70));
+        }
+    }
+
+    #[test]
+    fn nested_paths_and_missing_fields() {
+        let rules = vec![
+            ("pos.lat".to_string(), MaskMethod::Redact),
+            ("absent".to_string(), MaskMethod::Redact),
+            ("gone.deeper".to_string(), MaskMethod::Remove),
+        ];
+        for (f, p) in both(json!({"pos": {"lat": 1.0, "lon": 2.0}})) {
+            let out = mask(f, &p, &rules, &KEY).unwrap();
+            assert_eq!(back(f, &out), json!({"pos": {"lat": REDACTED, "lon": 2.0}}));
+        }
+    }
+}

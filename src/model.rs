@@ -1,0 +1,321 @@
+//! The X.1363 vocabulary as data: users (PII principals), their devices,
+//! application service providers with their T&C, kinds of data, and the
+//! users' PII preferences. These are the *sources* of the ACT; the gateway
+//! never reads them directly on the hot path (see `act`).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveTime, Utc, Weekday};
+use serde::{Deserialize, Serialize};
+
+/// Kantara Consent Receipt v0.8, Appendix B. Kept as a closed set so that a
+/// typo in configuration is an error rather than a new category.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PiiCategory {
+    Biographical,
+    Contact,
+    Biometric,
+    #[serde(rename = "Communications/Social")]
+    CommunicationsSocial,
+    #[serde(rename = "Network/Service")]
+    NetworkService,
+    Health,
+    Financial,
+    #[serde(rename = "Official/Government Identifiers")]
+    OfficialIdentifiers,
+    #[serde(rename = "Government Services")]
+    GovernmentServices,
+    Judicial,
+    #[serde(rename = "Property/Asset")]
+    PropertyAsset,
+    #[serde(rename = "Employee Personal Information")]
+    EmployeePersonalInformation,
+    #[serde(rename = "Psychological/Attitudinal")]
+    PsychologicalAttitudinal,
+    Membership,
+    Behavioral,
+}
+
+impl PiiCategory {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Biographical => "Biographical",
+            Self::Contact => "Contact",
+            Self::Biometric => "Biometric",
+            Self::CommunicationsSocial => "Communications/Social",
+            Self::NetworkService => "Network/Service",
+            Self::Health => "Health",
+            Self::Financial => "Financial",
+            Self::OfficialIdentifiers => "Official/Government Identifiers",
+            Self::GovernmentServices => "Government Services",
+            Self::Judicial => "Judicial",
+            Self::PropertyAsset => "Property/Asset",
+            Self::EmployeePersonalInformation => "Employee Personal Information",
+            Self::PsychologicalAttitudinal => "Psychological/Attitudinal",
+            Self::Membership => "Membership",
+            Self::Behavioral => "Behavioral",
+        }
+    }
+}
+
+/// Kantara Consent Receipt v0.8, Appendix A purpose categories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PurposeCategory {
+    #[serde(rename = "Core Function")]
+    CoreFunction,
+    #[serde(rename = "Contracted Service")]
+    ContractedService,
+    Delivery,
+    #[serde(rename = "Contact Requested")]
+    ContactRequested,
+    #[serde(rename = "Personalized Experience")]
+    PersonalizedExperience,
+    Marketing,
+    #[serde(rename = "Marketing Third Parties")]
+    MarketingThirdParties,
+    #[serde(rename = "Use for Delivery")]
+    UseForDelivery,
+    #[serde(rename = "Disclosure for Marketing")]
+    DisclosureForMarketing,
+    #[serde(rename = "3rd Party Disclosure for Core Function")]
+    ThirdPartyDisclosureForCoreFunction,
+    #[serde(rename = "Legally Required Data Retention")]
+    LegallyRequiredDataRetention,
+    #[serde(rename = "Required by Law Enforcement or Government")]
+    RequiredByLaw,
+    #[serde(rename = "Protecting Your Health")]
+    ProtectingYourHealth,
+    #[serde(rename = "Protecting Our Interests")]
+    ProtectingOurInterests,
+    #[serde(rename = "Improve Performance")]
+    ImprovePerformance,
+    Membership,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    #[default]
+    Json,
+    Msgpack,
+    /// The gateway cannot look inside: the kind is shared whole or not at all.
+    Opaque,
+}
+
+/// What ingress does with fields a payload carries that its kind does not
+/// declare (X.1363 9.1.6, data minimization).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Undeclared {
+    #[default]
+    Strip,
+    Reject,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kind {
+    pub name: String,
+    pub category: PiiCategory,
+    #[serde(default)]
+    pub sensitive: bool,
+    #[serde(default)]
+    pub format: PayloadFormat,
+    /// Dotted paths of the fields this kind carries, e.g. `bpm` or `pos.lat`.
+    #[serde(default)]
+    pub fields: Vec<String>,
+    #[serde(default)]
+    pub undeclared: Undeclared,
+    /// Produced by the data service provider rather than collected from a
+    /// device (X.1363 10.1: "outputs of data handling").
+    #[serde(default)]
+    pub derived: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub id: String,
+    /// IANA zone; collection windows are read in it.
+    pub time_zone: String,
+    #[serde(default)]
+    pub jurisdiction: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    pub id: String,
+    pub user: String,
+    /// argon2 PHC string of the MQTT password.
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// SHA-256 (hex) of the DER client certificate, for mutual-TLS devices.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderRole {
+    Data,
+    #[default]
+    Application,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Contact {
+    pub company: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub email: String,
+    #[serde(default)]
+    pub phone: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Purpose {
+    pub id: String,
+    pub statement: String,
+    pub category: PurposeCategory,
+    pub kinds: Vec<String>,
+    #[serde(default = "yes")]
+    pub core: bool,
+    pub retention_days: u32,
+    #[serde(default)]
+    pub termination: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provider {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub role: ProviderRole,
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
+    #[serde(default)]
+    pub controller: Contact,
+    #[serde(default)]
+    pub jurisdiction: Option<String>,
+    #[serde(default)]
+    pub privacy_policy: Option<String>,
+    #[serde(default)]
+    pub purposes: Vec<Purpose>,
+}
+
+/// A span of local time on some days of the week. `to` before `from` wraps
+/// past midnight (e.g. 22:00–06:00).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    #[serde(with = "weekdays")]
+    pub days: Vec<Weekday>,
+    pub from: NaiveTime,
+    pub to: NaiveTime,
+}
+
+mod weekdays {
+    use chrono::Weekday;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(days: &[Weekday], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(days.iter().map(|d| d.to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Weekday>, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        names
+            .iter()
+            .map(|n| {
+                n.parse::<Weekday>()
+                    .map_err(|_| D::Error::custom(format!("unknown weekday {n:?}")))
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectGrant {
+    pub kind: String,
+    /// Empty means at any time.
+    #[serde(default)]
+    pub windows: Vec<Window>,
+}
+
+/// How one field is shown to a provider.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
+pub enum MaskMethod {
+    /// The field is taken out.
+    Remove,
+    /// The field stays, its value replaced by a constant.
+    Redact,
+    /// Numbers rounded to `decimals` places (negative: to tens, hundreds…).
+    Generalize { decimals: i32 },
+    /// Keyed HMAC per provider, so two providers cannot join on it.
+    Pseudonymize,
+}
+
+impl MaskMethod {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Remove => "remove",
+            Self::Redact => "redact",
+            Self::Generalize { .. } => "generalize",
+            Self::Pseudonymize => "pseudonymize",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShareGrant {
+    pub provider: String,
+    pub purpose: String,
+    pub kind: String,
+    /// Fields not named here are delivered as they are.
+    #[serde(default)]
+    pub mask: BTreeMap<String, MaskMethod>,
+    #[serde(default)]
+    pub expires: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Preferences {
+    pub user: String,
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub collect: Vec<CollectGrant>,
+    #[serde(default)]
+    pub share: Vec<ShareGrant>,
+}
+
+/// Everything the ACT is compiled from.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Directory {
+    #[serde(default)]
+    pub users: Vec<User>,
+    #[serde(default)]
+    pub devices: Vec<Device>,
+    #[serde(default)]
+    pub providers: Vec<Provider>,
+    #[serde(default)]
+    pub preferences: Vec<Preferences>,
+}

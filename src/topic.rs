@@ -1,0 +1,367 @@
+//! Topic templates: how a topic name says whose data it carries.
+//!
+//! A template such as `pii/{user}/{device}/{kind}` declares a personal-data
+//! topic space. Its literal prefix (`pii/`) claims the space: any topic under
+//! it that does not resolve to a (user, device, kind) is refused rather than
+//! treated as ordinary traffic, so a misspelt topic can never leak data past
+//! the ACT.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum TemplateError {
+    #[error("template {0:?} is empty")]
+    Empty(String),
+    #[error("template {0:?} must contain {{user}}, {{device}} and {{kind}} exactly once each")]
+    Placeholders(String),
+    #[error(
+        "template {0:?} must start with a literal level, so that its topic space can be told apart"
+    )]
+    NoPrefix(String),
+    #[error("template {0:?} contains a wildcard or an empty level")]
+    BadLevel(String),
+    #[error("unknown placeholder {1:?} in template {0:?}")]
+    Unknown(String, String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Level {
+    Literal(String),
+    User,
+    Device,
+    Kind,
+}
+
+#[derive(Debug, Clone)]
+pub struct Template {
+    source: String,
+    levels: Vec<Level>,
+    /// Number of literal levels before the first placeholder.
+    prefix_len: usize,
+}
+
+/// The parts of a personal-data topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved<'a> {
+    pub user: &'a str,
+    pub device: &'a str,
+    pub kind: &'a str,
+}
+
+impl Template {
+    pub fn parse(source: &str) -> Result<Template, TemplateError> {
+        if source.is_empty() {
+            return Err(TemplateError::Empty(source.into()));
+        }
+        let mut levels = Vec::new();
+        for part in source.split('/') {
+            let level = match part {
+                "{user}" => Level::User,
+                "{device}" => Level::Device,
+                "{kind}" => Level::Kind,
+                p if p.starts_with('{') => {
+                    return Err(TemplateError::Unknown(source.into(), p.into()))
+                }
+                p if p.is_empty() || p.contains(['+', '#', '{', '}']) => {
+                    return Err(TemplateError::BadLevel(source.into()))
+                }
+                p => Level::Literal(p.into()),
+            };
+            levels.push(level);
+        }
+        for ph in [Level::User, Level::Device, Level::Kind] {
+            if levels.iter().filter(|l| **l == ph).count() != 1 {
+                return Err(TemplateError::Placeholders(source.into()));
+            }
+        }
+        let prefix_len = levels
+            .iter()
+            .take_while(|l| matches!(l, Level::Literal(_)))
+            .count();
+        if prefix_len == 0 {
+            return Err(TemplateError::NoPrefix(source.into()));
+        }
+        Ok(Template {
+            source: source.into(),
+            levels,
+            prefix_len,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Does `topic` fall in the space this template claims?
+    pub fn claims(&self, topic: &str) -> bool {
+        let mut parts = topic.split('/');
+        self.levels[..self.prefix_len].iter().all(|l| match l {
+            Level::Literal(lit) => parts.next() == Some(lit.as_str()),
+            _ => false,
+        })
+    }
+
+    pub fn resolve<'a>(&self, topic: &'a str) -> Option<Resolved<'a>> {
+        let (mut user, mut device, mut kind) = (None, None, None);
+        let mut parts = topic.split('/');
+        for level in &self.levels {
+            let part = parts.next()?;
+            match level {
+                Level::Literal(lit) if lit == part => {}
+                Level::Literal(_) => return None,
+                // An empty id would let `pii//x/k` name nobody in particular.
+                _ if part.is_empty() => return None,
+                Level::User => user = Some(part),
+                Level::Device => device = Some(part),
+                Level::Kind => kind = Some(part),
+            }
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Resolved {
+            user: user?,
+            device: device?,
+            kind: kind?,
+        })
+    }
+
+    /// Could a subscription with `filter` receive a topic of this template
+    /// carrying `kind`? Placeholders for user and device match any level;
+    /// the kind placeholder matches only the kind's own name.
+    pub fn filter_may_match(&self, filter: &str, kind: &str) -> bool {
+        let mut f = filter.split('/');
+        for level in &self.levels {
+            match f.next() {
+                None => return false,
+                Some("#") => return true,
+                Some("+") => {}
+                Some(lit) => {
+                    let ok = match level {
+                        Level::Literal(l) => l == lit,
+                        Level::Kind => lit == kind,
+                        Level::User | Level::Device => true,
+                    };
+                    if !ok {
+                        return false;
+                    }
+                }
+            }
+        }
+        // `pii/+/+/k/#` also matches `pii/a/b/k` (the `#` matches the parent).
+        matches!(f.next(), None | Some("#"))
+    }
+
+    /// Could `filter` match anything in this template's topic space?
+    pub fn filter_overlaps_space(&self, filter: &str) -> bool {
+        let mut f = filter.split('/');
+        for level in &self.levels[..self.prefix_len] {
+            match (f.next(), level) {
+                (None, _) => return false,
+                (Some("#"), _) => return true,
+                (Some("+"), _) => {}
+                (Some(lit), Level::Literal(l)) if lit == l => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// MQTT topic-filter matching (OASIS MQTT 3.1.1 §4.7, 5.0 §4.7), used for the
+/// plain ACL of non-personal topics. `$`-topics are not matched by a leading
+/// wildcard.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        match f {
+            "#" => return true,
+            "+" => {
+                if t.next().is_none() {
+                    return false;
+                }
+            }
+            lit => {
+                if t.next() != Some(lit) {
+                    return false;
+                }
+            }
+        }
+    }
+    t.next().is_none()
+}
+
+/// Does filter `a` cover every topic that filter `b` can match? Used to ask
+/// whether an ACL rule grants a whole subscription.
+pub fn filter_covers(a: &str, b: &str) -> bool {
+    let mut bl = b.split('/');
+    for fa in a.split('/') {
+        match (fa, bl.next()) {
+            ("#", _) => return true,
+            (_, None) => return false,
+            ("+", Some("#")) => return false,
+            ("+", Some(_)) => {}
+            (lit, Some(x)) if lit == x => {}
+            _ => return false,
+        }
+    }
+    bl.next().is_none()
+}
+
+/// `$share/{group}/{filter}` is judged by the filter it shares.
+pub fn strip_shared(filter: &str) -> Option<&str> {
+    match filter.strip_prefix("$share/") {
+        Some(rest) => rest
+            .split_once('/')
+            .map(|(_, f)| f)
+            .filter(|f| !f.is_empty()),
+        None => Some(filter),
+    }
+}
+
+pub fn valid_topic_name(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+}
+
+pub fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        l => !l.contains(['+', '#']),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo() -> Template {
+        Template::parse("pii/{user}/{device}/{kind}").unwrap()
+    }
+
+    #[test]
+    fn resolves_demo_topics() {
+        let t = demo();
+        assert_eq!(
+            t.resolve("pii/alice/alice-watch/heart_rate"),
+            Some(Resolved {
+                user: "alice",
+                device: "alice-watch",
+                kind: "heart_rate"
+            })
+        );
+        assert_eq!(t.resolve("pii/alice/alice-watch"), None);
+        assert_eq!(t.resolve("pii/alice/alice-watch/heart_rate/x"), None);
+        assert_eq!(t.resolve("pii//alice-watch/heart_rate"), None);
+        assert_eq!(t.resolve("other/alice/alice-watch/heart_rate"), None);
+    }
+
+    #[test]
+    fn claims_prefix_space() {
+        let t = demo();
+        assert!(t.claims("pii/anything"));
+        assert!(t.claims("pii"));
+        assert!(!t.claims("piix/a"));
+        assert!(!t.claims("status/a"));
+    }
+
+    #[test]
+    fn placeholders_in_other_orders() {
+        let t = Template::parse("home/{device}/{kind}/of/{user}").unwrap();
+        let r = t.resolve("home/d1/steps/of/bob").unwrap();
+        assert_eq!((r.user, r.device, r.kind), ("bob", "d1", "steps"));
+    }
+
+    #[test]
+    fn rejects_bad_templates() {
+        assert!(matches!(
+            Template::parse("{user}/{device}/{kind}"),
+            Err(TemplateError::NoPrefix(_))
+        ));
+        assert!(matches!(
+            Template::parse("pii/{user}/{kind}"),
+            Err(TemplateError::Placeholders(_))
+        ));
+        assert!(matches!(
+            Template::parse("pii/{user}/{user}/{device}/{kind}"),
+            Err(TemplateError::Placeholders(_))
+        ));
+        assert!(matches!(
+            Template::parse("pii/+/{user}/{device}/{kind}"),
+            Err(TemplateError::BadLevel(_))
+        ));
+        assert!(matches!(
+            Template::parse("pii/{who}/{device}/{kind}"),
+            Err(TemplateError::Unknown(_, _))
+        ));
+    }
+
+    #[test]
+    fn filter_may_match_kinds() {
+        let t = demo();
+        assert!(t.filter_may_match("pii/#", "location"));
+        assert!(t.filter_may_match("#", "location"));
+        assert!(t.filter_may_match("pii/+/+/location", "location"));
+        assert!(!t.filter_may_match("pii/+/+/location", "heart_rate"));
+        assert!(t.filter_may_match("pii/alice/+/+", "steps"));
+        assert!(t.filter_may_match("pii/+/+/steps/#", "steps"));
+        assert!(!t.filter_may_match("pii/+/+", "steps"));
+        assert!(!t.filter_may_match("pii/+/+/steps/x", "steps"));
+        assert!(!t.filter_may_match("status/#", "steps"));
+    }
+
+    #[test]
+    fn overlap_with_space() {
+        let t = demo();
+        assert!(t.filter_overlaps_space("#"));
+        assert!(t.filter_overlaps_space("+/a/b/c"));
+        assert!(t.filter_overlaps_space("pii/x"));
+        assert!(!t.filter_overlaps_space("status/#"));
+    }
+
+    #[test]
+    fn mqtt_filter_matching() {
+        assert!(filter_matches("a/+/c", "a/b/c"));
+        assert!(filter_matches("a/#", "a"));
+        assert!(filter_matches("a/#", "a/b/c"));
+        assert!(!filter_matches("a/+", "a/b/c"));
+        assert!(filter_matches("#", "a/b"));
+        assert!(!filter_matches("#", "$SYS/x"));
+        assert!(filter_matches("$SYS/#", "$SYS/x"));
+        assert!(filter_matches("+/+", "/x"));
+    }
+
+    #[test]
+    fn covering() {
+        assert!(filter_covers("status/#", "status/+/x"));
+        assert!(filter_covers("status/+", "status/a"));
+        assert!(!filter_covers("status/+", "status/#"));
+        assert!(!filter_covers("status/a", "status/+"));
+        assert!(filter_covers("#", "anything/#"));
+    }
+
+    #[test]
+    fn shared_subscriptions() {
+        assert_eq!(strip_shared("$share/g/pii/#"), Some("pii/#"));
+        assert_eq!(strip_shared("pii/#"), Some("pii/#"));
+        assert_eq!(strip_shared("$share/g"), None);
+        assert_eq!(strip_shared("$share/g/"), None);
+    }
+
+    #[test]
+    fn validity() {
+        assert!(valid_topic_name("a/b"));
+        assert!(!valid_topic_name("a/+"));
+        assert!(!valid_topic_name(""));
+        assert!(valid_filter("a/+/#"));
+        assert!(!valid_filter("a/#/b"));
+        assert!(!valid_filter("a/b+"));
+    }
+}
