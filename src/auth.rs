@@ -1,0 +1,263 @@
+//! Identity at CONNECT: username/password (argon2 PHC strings) or a client
+//! certificate fingerprint, resolved to a [`Principal`].
+//!
+//! Argon2 is deliberately slow (tens of milliseconds), which is right for a
+//! human login and ruinous for 20k devices reconnecting after a broker
+//! restart. A successful verification is therefore remembered as a keyed
+//! HMAC of the password under a per-process random key; the next CONNECT with
+//! the same password is checked against that in constant time. The cache is
+//! dropped whenever credentials change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::Argon2;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+
+use crate::act::Principal;
+use crate::model::Directory;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum AuthError {
+    #[error("unknown user name or wrong password")]
+    BadCredentials,
+    #[error("credentials required")]
+    Missing,
+    #[error("certificate is not registered")]
+    UnknownCertificate,
+    #[error("{0:?} is both a device and a provider")]
+    Ambiguous(String),
+    #[error("stored password hash of {0:?} is not a valid PHC string")]
+    BadHash(String),
+}
+
+#[derive(Clone)]
+struct Entry {
+    principal: Principal,
+    hash: Option<String>,
+}
+
+pub struct Credentials {
+    by_name: HashMap<String, Entry>,
+    by_cert: HashMap<String, Principal>,
+    cache_key: [u8; 32],
+    verified: Mutex<HashMap<String, [u8; 32]>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("principals", &self.by_name.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    pub fn from_directory(dir: &Directory) -> Result<Credentials, AuthError> {
+        let mut by_name = HashMap::new();
+        let mut by_cert = HashMap::new();
+        let check_hash = |id: &str, h: &Option<String>| match h {
+            Some(h) if PasswordHash::new(h).is_err() => Err(AuthError::BadHash(id.into())),
+            _ => Ok(()),
+        };
+        for d in &dir.devices {
+            check_hash(&d.id, &d.password_hash)?;
+            let principal = Principal::Device {
+                id: d.id.clone(),
+                user: d.user.clone(),
+            };
+            if let Some(fp) = &d.cert_sha256 {
+                by_cert.insert(fp.to_ascii_lowercase(), principal.clone());
+            }
+            by_name.insert(
+                d.id.clone(),
+                Entry {
+                    principal,
+                    hash: d.password_hash.clone(),
+                },
+            );
+        }
+        for p in &dir.providers {
+            check_hash(&p.id, &p.password_hash)?;
+            let principal = Principal::Provider { id: p.id.clone() };
+            if let Some(fp) = &p.cert_sha256 {
+                by_cert.insert(fp.to_ascii_lowercase(), principal.clone());
+            }
+            let prev = by_name.insert(
+                p.id.clone(),
+                Entry {
+                    principal,
+                    hash: p.password_hash.clone(),
+                },
+            );
+            if prev.is_some() {
+                return Err(AuthError::Ambiguous(p.id.clone()));
+            }
+        }
+        let mut cache_key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut cache_key);
+        Ok(Credentials {
+            by_name,
+            by_cert,
+            cache_key,
+            verified: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn by_certificate(&self, sha256_hex: &str) -> Result<Principal, AuthError> {
+        self.by_cert
+            .get(&sha256_hex.to_ascii_lowercase())
+            .cloned()
+            .ok_or(AuthError::UnknownCertificate)
+    }
+
+    fn tag(&self, user: &str, password: &[u8]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.cache_key).expect("any key size");
+        mac.update(user.as_bytes());
+        mac.update(&[0]);
+        mac.update(password);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Blocking: may run argon2. Call from `spawn_blocking`.
+    pub fn verify_password(&self, user: &str, password: &[u8]) -> Result<Principal, AuthError> {
+        let entry = self.by_name.get(user);
+        let tag = self.tag(user, password);
+        if let Some(e) = entry {
+            let hit = self
+                .verified
+                .lock()
+                .map(|m| m.get(user).is_some_and(|t| bool::from(t.ct_eq(&tag))))
+                .unwrap_or(false);
+            if hit {
+                return Ok(e.principal.clone());
+            }
+        }
+        let ok = match entry.and_then(|e| e.hash.as_deref()) {
+            Some(h) => PasswordHash::new(h)
+                .map(|parsed| Argon2::default().verify_password(password, &parsed).is_ok())
+                .unwrap_or(false),
+            None => {
+                // Spend the same effort for unknown names, so response time
+                // does not tell which names exist.
+                let _ = Argon2::default().verify_password(password, &dummy_hash());
+                false
+            }
+        };
+        match (ok, entry) {
+            (true, Some(e)) => {
+                if let Ok(mut m) = self.verified.lock() {
+                    m.insert(user.to_string(), tag);
+                }
+                Ok(e.principal.clone())
+            }
+            _ => Err(AuthError::BadCredentials),
+        }
+    }
+}
+
+fn dummy_hash() -> PasswordHash<'static> {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let s = HASH.get_or_init(|| hash_password("not a real password"));
+    PasswordHash::new(s).expect("generated hash parses")
+}
+
+/// An argon2id PHC string for `password`, with a random salt.
+pub fn hash_password(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .expect("argon2 with default parameters hashes any password")
+}
+
+pub type SharedCredentials = Arc<arc_swap::ArcSwap<Credentials>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Device, Provider, User};
+
+    fn dir() -> Directory {
+        Directory {
+            users: vec![User {
+                id: "alice".into(),
+                time_zone: "UTC".into(),
+                jurisdiction: None,
+            }],
+            devices: vec![Device {
+                id: "alice-watch".into(),
+                user: "alice".into(),
+                password_hash: Some(hash_password("s3cret")),
+                cert_sha256: Some("AB12".into()),
+            }],
+            providers: vec![Provider {
+                id: "fitcoach".into(),
+                name: "FitCoach".into(),
+                role: Default::default(),
+                password_hash: Some(hash_password("p")),
+                cert_sha256: None,
+                controller: Default::default(),
+                jurisdiction: None,
+                privacy_policy: None,
+                purposes: vec![],
+            }],
+            preferences: vec![],
+        }
+    }
+
+    #[test]
+    fn passwords() {
+        let c = Credentials::from_directory(&dir()).unwrap();
+        let dev = Principal::Device {
+            id: "alice-watch".into(),
+            user: "alice".into(),
+        };
+        assert_eq!(c.verify_password("alice-watch", b"s3cret"), Ok(dev.clone()));
+        // Second time through the cache.
+        assert_eq!(c.verify_password("alice-watch", b"s3cret"), Ok(dev));
+        assert_eq!(
+            c.verify_password("alice-watch", b"wrong"),
+            Err(AuthError::BadCredentials)
+        );
+        assert_eq!(
+            c.verify_password("nobody", b"s3cret"),
+            Err(AuthError::BadCredentials)
+        );
+        assert_eq!(
+            c.verify_password("fitcoach", b"p"),
+            Ok(Principal::Provider {
+                id: "fitcoach".into()
+            })
+        );
+    }
+
+    #[test]
+    fn certificates() {
+        let c = Credentials::from_directory(&dir()).unwrap();
+        assert!(c.by_certificate("ab12").is_ok());
+        assert_eq!(c.by_certificate("ff"), Err(AuthError::UnknownCertificate));
+    }
+
+    #[test]
+    fn bad_directory() {
+        let mut d = dir();
+        d.devices[0].password_hash = Some("plain".into());
+        assert!(matches!(
+            Credentials::from_directory(&d),
+            Err(AuthError::BadHash(_))
+        ));
+        let mut d = dir();
+        d.providers[0].id = "alice-watch".into();
+        assert!(matches!(
+            Credentials::from_directory(&d),
+            Err(AuthError::Ambiguous(_))
+        ));
+    }
+}

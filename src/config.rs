@@ -1,0 +1,242 @@
+//! `config/consentry.toml`: every listen address, path and limit, with the
+//! defaults a fresh install runs with. Each key is documented in the shipped
+//! file; this module holds the types and the loading rules.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::acl::AclRule;
+use crate::model::{Directory, Kind};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub ledger: LedgerSection,
+    #[serde(default)]
+    pub acl: AclConfig,
+    #[serde(default)]
+    pub templates: Vec<String>,
+    #[serde(default)]
+    pub kinds: Vec<Kind>,
+    /// Users, devices, providers and preferences; relative paths are read
+    /// from the config file's folder.
+    #[serde(default)]
+    pub directory: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    /// Largest MQTT packet accepted from a client, in bytes.
+    pub max_packet_size: usize,
+    pub max_connections: usize,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Clients without credentials may connect (they only reach ACL topics).
+    pub allow_anonymous: bool,
+    /// Keep-alive consentry grants a client that asked for 0 (none).
+    pub min_keep_alive_secs: u16,
+    /// Time a shutdown waits for sessions to drain.
+    pub drain_secs: u64,
+    /// Shifts the clock collection windows are judged by. For testing only.
+    pub clock_offset_secs: i64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 1883).into(),
+            tls: None,
+            max_packet_size: 256 * 1024,
+            max_connections: 50_000,
+            connect_timeout_secs: 10,
+            allow_anonymous: false,
+            min_keep_alive_secs: 0,
+            drain_secs: 5,
+            clock_offset_secs: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle for client certificates; when set, devices may log in with
+    /// a certificate whose SHA-256 is registered for them.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Prometheus scrape address; unset disables the endpoint.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(([127, 0, 0, 1], 9464).into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `embedded`, or `mqtt://host:port` of an external broker.
+    pub upstream: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Limits of the embedded rumqttd.
+    pub max_connections: usize,
+    pub max_inflight: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            upstream: "embedded".into(),
+            username: None,
+            password: None,
+            max_connections: 100_000,
+            max_inflight: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Keys, ledger and other state. Relative paths are taken from the
+    /// working directory.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: "data".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSection {
+    pub checkpoint_every: u64,
+    pub retention_days: Option<u32>,
+    pub segment_mib: u64,
+    /// Name of the data service provider written as each record's creator.
+    pub creator: String,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 10_000,
+            retention_days: Some(5 * 365),
+            segment_mib: 64,
+            creator: "consentry".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclConfig {
+    pub rules: Vec<AclRule>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        if let (Some(dir), Some(base)) = (&cfg.directory, path.parent()) {
+            if dir.is_relative() {
+                cfg.directory = Some(base.join(dir));
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.templates.is_empty() {
+            return Err(ConfigError::Invalid(
+                "at least one personal-data topic template is required".into(),
+            ));
+        }
+        if self.server.max_packet_size < 64 {
+            return Err(ConfigError::Invalid(
+                "server.max_packet_size must be at least 64 bytes".into(),
+            ));
+        }
+        if self.broker.upstream != "embedded" && !self.broker.upstream.starts_with("mqtt://") {
+            return Err(ConfigError::Invalid(format!(
+                "broker.upstream must be \"embedded\" or mqtt://host:port, not {:?}",
+                self.broker.upstream
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn load_directory(&self) -> Result<Directory, ConfigError> {
+        let Some(path) = &self.directory else {
+            return Ok(Directory::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// `host:port` of an external upstream, or `None` for the embedded broker.
+    pub fn upstream_addr(&self) -> Option<&str> {
+        self.broker.upstream.strip_prefix("mqtt://")
+    }
+}

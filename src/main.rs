@@ -1,0 +1,146 @@
+//! `consentry`: thin command-line glue over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use consentry::config::Config;
+use consentry::server::Server;
+
+#[derive(Parser)]
+#[command(version, about = "MQTT broker enforcing ITU-T X.1363 PII preferences")]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "CONSENTRY_CONFIG",
+        default_value = "config/consentry.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway with its broker, ledger and metrics.
+    Serve {
+        /// MQTT listen address (overrides server.listen).
+        #[arg(long, env = "CONSENTRY_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Prometheus listen address (overrides metrics.listen).
+        #[arg(long, env = "CONSENTRY_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
+        /// `embedded` or mqtt://host:port (overrides broker.upstream).
+        #[arg(long, env = "CONSENTRY_UPSTREAM")]
+        upstream: Option<String>,
+        /// Data directory (overrides storage.data_dir).
+        #[arg(long, env = "CONSENTRY_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print an argon2id hash of a password, for the directory file.
+    HashPassword {
+        /// Read from standard input when omitted.
+        password: Option<String>,
+    },
+    /// Check a configuration and its directory without starting anything.
+    Check,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CONSENTRY_LOG")
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            listen,
+            metrics_listen,
+            upstream,
+            data_dir,
+        } => {
+            let mut cfg = Config::load(&cli.config)?;
+            if let Some(l) = listen {
+                cfg.server.listen = l;
+            }
+            if let Some(m) = metrics_listen {
+                cfg.metrics.listen = Some(m);
+            }
+            if let Some(u) = upstream {
+                cfg.broker.upstream = u;
+            }
+            if let Some(d) = data_dir {
+                cfg.storage.data_dir = d;
+            }
+            cfg.validate()?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(serve(cfg))
+        }
+        Command::HashPassword { password } => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            println!("{}", consentry::auth::hash_password(&password));
+            Ok(())
+        }
+        Command::Check => {
+            let cfg = Config::load(&cli.config)?;
+            let (act, _) = consentry::server::compile(&cfg, 1)?;
+            println!("configuration OK (ACT version {})", act.version);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    if let Some(addr) = cfg.metrics.listen {
+        consentry::metrics::install(addr).context("start the metrics endpoint")?;
+        tracing::info!(%addr, "metrics on /metrics");
+    }
+    let server = Server::start(cfg).await?;
+    // Tests and scripts read this line to find the bound port.
+    println!("consentry listening mqtt={}", server.mqtt_addr);
+    if let Some(tls) = server.tls_addr {
+        println!("consentry listening mqtts={tls}");
+    }
+    wait_for_signals(&server).await?;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(server: &Server) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                if let Err(e) = server.reload() {
+                    tracing::error!(error = %e, "reload failed; the ACT in force stays");
+                }
+            }
+            _ = term.recv() => return Ok(()),
+            r = tokio::signal::ctrl_c() => return r.map_err(Into::into),
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_server: &Server) -> anyhow::Result<()> {
+    tokio::signal::ctrl_c().await.map_err(Into::into)
+}

@@ -1,0 +1,916 @@
+//! One client session: the client's socket on one side, a connection of its
+//! own to the upstream broker on the other, and the ACT between them.
+//!
+//! rumqttd has no publish, subscribe or delivery hook, so consentry owns the
+//! MQTT session and relays: every PUBLISH from the client passes `ingress`,
+//! every SUBSCRIBE passes `subscribe`, and every PUBLISH from the broker
+//! passes `deliver` — at delivery time, so a revoked consent also stops
+//! retained and queued messages. Packet ids are the broker's on the way down
+//! and the client's on the way up; where consentry drops a QoS 1/2 message it
+//! completes the acknowledgement flow itself, so neither side resends forever.
+//!
+//! A personal-data delivery is written to the client only once its ledger
+//! record is durable (invariant 2). Deliveries read off the broker in one go
+//! are decided together and wait on the ledger together, which is how group
+//! commit reaches the session.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use rumqttc::v5::mqttbytes::v5::{
+    self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, PubAck,
+    PubAckReason, PubComp, PubRec, PubRecReason, Publish, SubAck, SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::act::{ActHandle, Delivery, Deny, Ingress, Principal, View};
+use crate::auth::SharedCredentials;
+use crate::broker::Upstream;
+use crate::codec::{CodecError, Packet, Version};
+use crate::config::ServerConfig;
+use crate::ledger::{Ledger, MaskedField, ShareAction, ShareRecord};
+use crate::mask;
+use crate::metrics as m;
+use crate::model::Undeclared;
+use crate::topic;
+
+/// Topic aliases a client may set up with us (MQTT 5). They never reach the
+/// broker: every forwarded PUBLISH carries its full topic.
+const ALIAS_MAX: u16 = 64;
+/// Our own keep-alive towards the broker, independent of the client's
+/// (which may legally be 0, and which rumqttd would refuse).
+const UPSTREAM_KEEP_ALIVE: u16 = 60;
+
+/// What every session shares.
+pub struct Shared {
+    pub act: Arc<ActHandle>,
+    pub creds: SharedCredentials,
+    pub ledger: Ledger,
+    pub upstream: Upstream,
+    pub server: ServerConfig,
+    pub creator: String,
+    pub pseudonym_master: [u8; 32],
+    /// Shifts the clock the ACT sees; for testing collection windows.
+    pub clock_offset: chrono::Duration,
+}
+
+impl Shared {
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.clock_offset
+    }
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum End {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("topic alias invalid")]
+    Alias,
+    #[error("topic name invalid")]
+    TopicName,
+    #[error("no CONNECT within the connect timeout")]
+    ConnectTimeout,
+    #[error("keep-alive expired")]
+    KeepAlive,
+    #[error("upstream broker: {0}")]
+    Upstream(String),
+    #[error("share ledger unavailable")]
+    Ledger,
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+impl End {
+    fn kind(&self) -> &'static str {
+        match self {
+            End::Io(_) => "io",
+            End::Codec(CodecError::TooLarge { .. }) => "too_large",
+            End::Codec(_) => "malformed",
+            End::Protocol(_) => "protocol",
+            End::Alias => "topic_alias",
+            End::TopicName => "topic_name",
+            End::ConnectTimeout => "connect_timeout",
+            End::KeepAlive => "keep_alive",
+            End::Upstream(_) => "upstream",
+            End::Ledger => "ledger",
+            End::Shutdown => "shutdown",
+        }
+    }
+
+    fn reason(&self) -> Option<DisconnectReasonCode> {
+        Some(match self {
+            End::Codec(CodecError::TooLarge { .. }) => DisconnectReasonCode::PacketTooLarge,
+            End::Codec(_) => DisconnectReasonCode::MalformedPacket,
+            End::Protocol(_) => DisconnectReasonCode::ProtocolError,
+            End::Alias => DisconnectReasonCode::TopicAliasInvalid,
+            End::TopicName => DisconnectReasonCode::TopicNameInvalid,
+            End::KeepAlive => DisconnectReasonCode::KeepAliveTimeout,
+            End::Upstream(_) => DisconnectReasonCode::UnspecifiedError,
+            End::Ledger => DisconnectReasonCode::ServerBusy,
+            End::Shutdown => DisconnectReasonCode::ServerShuttingDown,
+            End::Io(_) | End::ConnectTimeout => return None,
+        })
+    }
+}
+
+/// Serves one accepted connection until it ends. Never panics on input.
+pub async fn serve<S>(
+    shared: Arc<Shared>,
+    mut client: S,
+    peer_cert_sha256: Option<String>,
+    id: u64,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut buf = BytesMut::with_capacity(4096);
+    let timeout = Duration::from_secs(shared.server.connect_timeout_secs);
+    let first = tokio::select! {
+        r = tokio::time::timeout(timeout, read_connect(&mut client, &mut buf, shared.server.max_packet_size)) => {
+            r.unwrap_or(Err(End::ConnectTimeout))
+        }
+        _ = shutdown.changed() => Err(End::Shutdown),
+    };
+    let (version, packet) = match first {
+        Ok(x) => x,
+        Err(e) => {
+            metrics::counter!(m::PROTOCOL_ERRORS, "kind" => e.kind()).increment(1);
+            tracing::debug!(session = id, error = %e, "connection closed before CONNECT");
+            return;
+        }
+    };
+    let Packet::Connect(connect, will, login) = packet else {
+        return;
+    };
+    let who = match authenticate(&shared, login.as_ref(), peer_cert_sha256.as_deref()).await {
+        Ok(p) => p,
+        Err(code) => {
+            metrics::counter!(m::CONNECTIONS, "role" => "unknown", "result" => "refused")
+                .increment(1);
+            tracing::info!(session = id, "CONNECT refused: bad credentials");
+            let _ = write_packet(&mut client, version, &connack(code, None)).await;
+            return;
+        }
+    };
+    let role = who.role();
+    let mut session = Session {
+        shared: shared.clone(),
+        id,
+        version,
+        provider_label: match &who {
+            Principal::Provider { id } => id.clone(),
+            other => other.role().to_string(),
+        },
+        who,
+        aliases: HashMap::new(),
+        refused_qos2_from_client: HashSet::new(),
+        dropped_qos2_from_broker: HashSet::new(),
+        pending_subacks: HashMap::new(),
+        subs: Vec::new(),
+        to_client: BytesMut::with_capacity(4096),
+        to_broker: BytesMut::with_capacity(4096),
+        durables: Vec::new(),
+        delivered: 0,
+    };
+    let upstream = match session.open_upstream(&mut client, connect, will).await {
+        Ok(Some(up)) => up,
+        Ok(None) => {
+            metrics::counter!(m::CONNECTIONS, "role" => role, "result" => "refused").increment(1);
+            return;
+        }
+        Err(e) => {
+            metrics::counter!(m::CONNECTIONS, "role" => role, "result" => "error").increment(1);
+            tracing::warn!(session = id, error = %e, "could not open the upstream session");
+            session.close_with(&mut client, &e).await;
+            return;
+        }
+    };
+    metrics::counter!(m::CONNECTIONS, "role" => role, "result" => "accepted").increment(1);
+    metrics::gauge!(m::CONNECTED, "role" => role).increment(1.0);
+    let (up, up_buf, keep_alive) = upstream;
+    let result = session
+        .run(&mut client, up, buf, up_buf, keep_alive, &mut shutdown)
+        .await;
+    metrics::gauge!(m::CONNECTED, "role" => role).decrement(1.0);
+    if let Err(e) = result {
+        if !matches!(e, End::Io(_)) {
+            metrics::counter!(m::PROTOCOL_ERRORS, "kind" => e.kind()).increment(1);
+        }
+        tracing::debug!(session = id, role, error = %e, "session ended");
+        session.close_with(&mut client, &e).await;
+    }
+}
+
+async fn read_connect<S: AsyncRead + Unpin>(
+    client: &mut S,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<(Version, Packet), End> {
+    loop {
+        if let Some(v) = Version::detect(buf, max)? {
+            return match v.read(buf, max)? {
+                Some(p @ Packet::Connect(..)) => Ok((v, p)),
+                _ => Err(End::Protocol("first packet must be CONNECT")),
+            };
+        }
+        if client.read_buf(buf).await? == 0 {
+            return Err(End::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+async fn authenticate(
+    shared: &Shared,
+    login: Option<&v5::Login>,
+    cert: Option<&str>,
+) -> Result<Principal, ConnectReturnCode> {
+    let creds = shared.creds.load_full();
+    if let Some(fp) = cert {
+        if let Ok(p) = creds.by_certificate(fp) {
+            return Ok(p);
+        }
+    }
+    match login {
+        Some(l) => {
+            let (user, pass) = (l.username.clone(), l.password.clone());
+            tokio::task::spawn_blocking(move || creds.verify_password(&user, pass.as_bytes()))
+                .await
+                .map_err(|_| ConnectReturnCode::ServerUnavailable)?
+                .map_err(|_| ConnectReturnCode::BadUserNamePassword)
+        }
+        None if shared.server.allow_anonymous => Ok(Principal::Anonymous),
+        None => Err(ConnectReturnCode::NotAuthorized),
+    }
+}
+
+fn connack(code: ConnectReturnCode, properties: Option<ConnAckProperties>) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+        properties,
+    })
+}
+
+async fn write_packet<S: AsyncWrite + Unpin>(s: &mut S, v: Version, p: &Packet) -> Result<(), End> {
+    let mut out = BytesMut::new();
+    v.write(p, &mut out)?;
+    s.write_all(&out).await?;
+    Ok(())
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    id: u64,
+    version: Version,
+    who: Principal,
+    /// Metrics label for deliveries: the provider id, or the role.
+    provider_label: String,
+    aliases: HashMap<u16, Bytes>,
+    /// QoS 2 publishes we refused: their PUBREL is answered here.
+    refused_qos2_from_client: HashSet<u16>,
+    /// QoS 2 deliveries we dropped: the broker's PUBREL is answered here.
+    dropped_qos2_from_broker: HashSet<u16>,
+    /// SUBSCRIBE packet id → per-filter answer decided here (`None`: the
+    /// broker's answer, in order).
+    pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    /// Filters held, with their granted QoS: rumqttd 0.20 does not downgrade
+    /// a delivery to the subscription's QoS, so the session does.
+    subs: Vec<(String, QoS)>,
+    to_client: BytesMut,
+    to_broker: BytesMut,
+    durables: Vec<crate::ledger::Durable>,
+    /// Publishes written to the client in the current batch.
+    delivered: usize,
+}
+
+impl Session {
+    fn now(&self) -> DateTime<Utc> {
+        self.shared.now()
+    }
+
+    /// Connects to the broker on behalf of the client. `Ok(None)`: the
+    /// client was refused and told so.
+    async fn open_upstream<S: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut S,
+        mut connect: v5::Connect,
+        mut will: Option<v5::LastWill>,
+    ) -> Result<Option<(TcpStream, BytesMut, Option<Duration>)>, End> {
+        // The will is a publish that happens later: it passes ingress now,
+        // under the same rules, or the CONNECT is refused.
+        if let Some(w) = will.as_mut() {
+            let topic = String::from_utf8(w.topic.to_vec()).map_err(|_| End::TopicName)?;
+            match self.check_ingress(&topic, &w.message) {
+                Ok(payload) => w.message = payload,
+                Err(deny) => {
+                    tracing::info!(session = self.id, reason = deny, "will message refused");
+                    metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => deny)
+                        .increment(1);
+                    write_packet(
+                        client,
+                        self.version,
+                        &connack(ConnectReturnCode::NotAuthorized, None),
+                    )
+                    .await?;
+                    return Ok(None);
+                }
+            }
+        }
+
+        let mut assigned = None;
+        if connect.client_id.is_empty() {
+            let id = format!("auto-{:016x}", rand::random::<u64>());
+            connect.client_id = id.clone();
+            assigned = Some(id);
+        }
+        let client_keep_alive = connect.keep_alive;
+        // Client ids are namespaced by identity so that a device cannot take
+        // over a provider's broker session by choosing its client id.
+        connect.client_id = match &self.who {
+            Principal::Device { id, .. } => format!("d:{id}:{}", connect.client_id),
+            Principal::Provider { id } => format!("p:{id}:{}", connect.client_id),
+            Principal::Anonymous => format!("a:{}", connect.client_id),
+        };
+        connect.keep_alive = UPSTREAM_KEEP_ALIVE;
+        if let Some(props) = connect.properties.as_mut() {
+            // Aliases stop at the gateway in both directions.
+            props.topic_alias_max = None;
+        }
+        let login = match (
+            &self.shared.upstream.username,
+            &self.shared.upstream.password,
+        ) {
+            (Some(u), Some(p)) => Some(v5::Login::new(u.clone(), p.clone())),
+            (Some(u), None) => Some(v5::Login::new(u.clone(), String::new())),
+            _ => None,
+        };
+
+        let addr = self.shared.upstream.addr(self.version).to_string();
+        let mut up = TcpStream::connect(&addr)
+            .await
+            .map_err(|e| End::Upstream(format!("connect {addr}: {e}")))?;
+        up.set_nodelay(true)?;
+        write_packet(
+            &mut up,
+            self.version,
+            &Packet::Connect(connect, will, login),
+        )
+        .await?;
+        let mut buf = BytesMut::with_capacity(256);
+        let ack = loop {
+            if let Some(p) = self.version.read(&mut buf, usize::MAX >> 4)? {
+                break p;
+            }
+            if up.read_buf(&mut buf).await? == 0 {
+                return Err(End::Upstream("closed during CONNECT".into()));
+            }
+        };
+        let Packet::ConnAck(mut ack) = ack else {
+            return Err(End::Upstream("expected CONNACK".into()));
+        };
+        if ack.code != ConnectReturnCode::Success {
+            tracing::warn!(session = self.id, code = ?ack.code, "upstream refused CONNECT");
+            write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
+            return Ok(None);
+        }
+        if self.version == Version::V5 {
+            let props = ack.properties.get_or_insert_with(empty_connack_properties);
+            props.topic_alias_max = Some(ALIAS_MAX);
+            props.max_packet_size = Some(self.shared.server.max_packet_size as u32);
+            if assigned.is_some() {
+                props.assigned_client_identifier = assigned;
+            }
+        }
+        write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
+        let keep_alive =
+            (client_keep_alive > 0).then(|| Duration::from_millis(client_keep_alive as u64 * 1500));
+        tracing::debug!(
+            session = self.id,
+            role = self.who.role(),
+            version = self.version.as_str(),
+            "session open"
+        );
+        // `buf` may already hold what the broker sent right after CONNACK:
+        // a persistent session's queued messages.
+        Ok(Some((up, buf, keep_alive)))
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut S,
+        mut up: TcpStream,
+        mut client_buf: BytesMut,
+        mut up_buf: BytesMut,
+        keep_alive: Option<Duration>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), End> {
+        let max = self.shared.server.max_packet_size;
+        let mut last_client = Instant::now();
+        if !self.on_broker_bytes(&mut up_buf).await? {
+            self.flush(client, &mut up).await?;
+            return Ok(());
+        }
+        let ping_every = Duration::from_secs(UPSTREAM_KEEP_ALIVE as u64 / 2);
+        let mut last_up_write = Instant::now();
+        loop {
+            // Packets that arrived together with CONNECT are handled first.
+            while let Some(p) = self.version.read(&mut client_buf, max)? {
+                if !self.on_client_packet(p)? {
+                    self.flush(client, &mut up).await?;
+                    return Ok(());
+                }
+            }
+            if !self.to_broker.is_empty() {
+                last_up_write = Instant::now();
+            }
+            self.flush(client, &mut up).await?;
+
+            let client_deadline = keep_alive.map(|k| last_client + k);
+            let sleep_until = match client_deadline {
+                Some(d) => d.min(last_up_write + ping_every),
+                None => last_up_write + ping_every,
+            };
+            tokio::select! {
+                n = client.read_buf(&mut client_buf) => {
+                    if n? == 0 {
+                        tracing::debug!(session = self.id, "client closed the connection without DISCONNECT");
+                        return Ok(());
+                    }
+                    last_client = Instant::now();
+                }
+                n = up.read_buf(&mut up_buf) => {
+                    if n? == 0 {
+                        return Err(End::Upstream("broker closed the connection".into()));
+                    }
+                    let read_at = Instant::now();
+                    let go_on = self.on_broker_bytes(&mut up_buf).await?;
+                    self.flush(client, &mut up).await?;
+                    if !go_on {
+                        return Ok(());
+                    }
+                    if std::mem::take(&mut self.delivered) > 0 {
+                        metrics::histogram!(m::LATENCY_SECONDS).record(read_at.elapsed().as_secs_f64());
+                    }
+                }
+                _ = tokio::time::sleep_until(sleep_until.into()) => {
+                    if client_deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(End::KeepAlive);
+                    }
+                    if last_up_write.elapsed() >= ping_every {
+                        self.version.write(&Packet::PingReq(v5::PingReq), &mut self.to_broker)?;
+                        last_up_write = Instant::now();
+                    }
+                }
+                _ = shutdown.changed() => return Err(End::Shutdown),
+            }
+        }
+    }
+
+    /// Decides every complete packet the broker sent, then waits for their
+    /// ledger records. Returns false when the broker ended the session.
+    async fn on_broker_bytes(&mut self, buf: &mut BytesMut) -> Result<bool, End> {
+        let mut go_on = true;
+        while let Some(p) = self.version.read(buf, usize::MAX >> 4)? {
+            if !self.on_broker_packet(p)? {
+                go_on = false;
+                break;
+            }
+        }
+        self.await_ledger().await?;
+        Ok(go_on)
+    }
+
+    async fn flush<S: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut S,
+        up: &mut TcpStream,
+    ) -> Result<(), End> {
+        if !self.to_broker.is_empty() {
+            up.write_all(&self.to_broker).await?;
+            self.to_broker.clear();
+        }
+        if !self.to_client.is_empty() {
+            client.write_all(&self.to_client).await?;
+            self.to_client.clear();
+        }
+        Ok(())
+    }
+
+    /// Waits until every delivery decided in this batch has a durable ledger
+    /// record. If the ledger fails, nothing of the batch reaches the client
+    /// and the session ends: unacknowledged QoS 1/2 messages stay with the
+    /// broker for the next session.
+    async fn await_ledger(&mut self) -> Result<(), End> {
+        for d in self.durables.drain(..) {
+            if let Err(e) = d.await {
+                tracing::error!(session = self.id, error = %e, "ledger append failed; delivery withheld");
+                self.to_client.clear();
+                return Err(End::Ledger);
+            }
+        }
+        Ok(())
+    }
+
+    async fn close_with<S: AsyncWrite + Unpin>(&mut self, client: &mut S, e: &End) {
+        if self.version == Version::V5 {
+            if let Some(code) = e.reason() {
+                let _ = write_packet(
+                    client,
+                    self.version,
+                    &Packet::Disconnect(Disconnect::new(code)),
+                )
+                .await;
+            }
+        }
+        let _ = client.shutdown().await;
+    }
+
+    fn send_client(&mut self, p: &Packet) -> Result<(), End> {
+        Ok(self.version.write(p, &mut self.to_client)?)
+    }
+
+    fn send_broker(&mut self, p: &Packet) -> Result<(), End> {
+        Ok(self.version.write(p, &mut self.to_broker)?)
+    }
+
+    /// Collection check plus data minimization. Returns the payload to forward.
+    fn check_ingress(&self, topic: &str, payload: &Bytes) -> Result<Bytes, &'static str> {
+        let started = Instant::now();
+        let act = self.shared.act.load();
+        let decision = act.ingress(&self.who, topic, self.now());
+        metrics::histogram!(m::DECISION_SECONDS, "stage" => "ingress")
+            .record(started.elapsed().as_secs_f64());
+        match decision {
+            Err(deny) => Err(deny.as_str()),
+            Ok(Ingress::Plain) => Ok(payload.clone()),
+            Ok(Ingress::Personal { kind, .. }) => {
+                let strict = kind.undeclared == Undeclared::Reject;
+                match mask::minimize(kind.format, payload, &kind.fields, strict) {
+                    Ok(min) => {
+                        if !min.removed.is_empty() {
+                            tracing::debug!(
+                                session = self.id,
+                                removed = min.removed.len(),
+                                "undeclared fields removed"
+                            );
+                        }
+                        Ok(min.payload)
+                    }
+                    Err(mask::MaskError::Undeclared(_)) => Err("undeclared_field"),
+                    Err(_) => Err("undecodable"),
+                }
+            }
+        }
+    }
+
+    /// Returns false when the client asked to disconnect.
+    fn on_client_packet(&mut self, p: Packet) -> Result<bool, End> {
+        match p {
+            Packet::Publish(publish) => self.client_publish(publish)?,
+            Packet::PubRel(rel) => {
+                if self.refused_qos2_from_client.remove(&rel.pkid) {
+                    self.send_client(&Packet::PubComp(PubComp::new(rel.pkid, None)))?;
+                } else {
+                    self.send_broker(&Packet::PubRel(rel))?;
+                }
+            }
+            p @ (Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)) => {
+                self.send_broker(&p)?
+            }
+            Packet::Subscribe(sub) => self.client_subscribe(sub)?,
+            Packet::Unsubscribe(unsub) => {
+                self.subs.retain(|(f, _)| !unsub.filters.contains(f));
+                self.send_broker(&Packet::Unsubscribe(unsub))?;
+            }
+            Packet::PingReq(_) => self.send_client(&Packet::PingResp(v5::PingResp))?,
+            p @ Packet::Disconnect(_) => {
+                tracing::debug!(session = self.id, "client sent DISCONNECT");
+                self.send_broker(&p)?;
+                return Ok(false);
+            }
+            Packet::Connect(..) => return Err(End::Protocol("second CONNECT")),
+            Packet::Auth(_) => {
+                return Err(End::Protocol("enhanced authentication is not supported"))
+            }
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp(_) => {
+                return Err(End::Protocol("server-only packet from a client"))
+            }
+        }
+        Ok(true)
+    }
+
+    fn client_publish(&mut self, mut publish: Publish) -> Result<(), End> {
+        if let Some(alias) = publish
+            .properties
+            .as_mut()
+            .and_then(|p| p.topic_alias.take())
+        {
+            if alias == 0 || alias > ALIAS_MAX {
+                return Err(End::Alias);
+            }
+            if publish.topic.is_empty() {
+                publish.topic = self
+                    .aliases
+                    .get(&alias)
+                    .cloned()
+                    .ok_or(End::Protocol("unknown topic alias"))?;
+            } else {
+                self.aliases.insert(alias, publish.topic.clone());
+            }
+        }
+        let topic = std::str::from_utf8(&publish.topic).map_err(|_| End::TopicName)?;
+        if !topic::valid_topic_name(topic) {
+            return Err(End::TopicName);
+        }
+        match self.check_ingress(topic, &publish.payload) {
+            Ok(payload) => {
+                metrics::counter!(m::PUBLISHES, "result" => "forwarded", "reason" => "allowed")
+                    .increment(1);
+                publish.payload = payload;
+                self.send_broker(&Packet::Publish(publish))
+            }
+            Err(reason) => {
+                metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => reason)
+                    .increment(1);
+                tracing::debug!(
+                    session = self.id,
+                    role = self.who.role(),
+                    reason,
+                    "publish dropped at ingress"
+                );
+                let (ack, rec) = if reason == "undecodable" || reason == "undeclared_field" {
+                    (
+                        PubAckReason::PayloadFormatInvalid,
+                        PubRecReason::PayloadFormatInvalid,
+                    )
+                } else {
+                    (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
+                };
+                match publish.qos {
+                    QoS::AtMostOnce => Ok(()),
+                    QoS::AtLeastOnce => self.send_client(&Packet::PubAck(PubAck {
+                        pkid: publish.pkid,
+                        reason: ack,
+                        properties: None,
+                    })),
+                    QoS::ExactlyOnce => {
+                        // MQTT 5 ends the flow at a failing PUBREC; 3.1.1 goes on
+                        // to PUBREL, which we answer ourselves.
+                        if self.version == Version::V4 {
+                            self.refused_qos2_from_client.insert(publish.pkid);
+                        }
+                        self.send_client(&Packet::PubRec(PubRec {
+                            pkid: publish.pkid,
+                            reason: rec,
+                            properties: None,
+                        }))
+                    }
+                }
+            }
+        }
+    }
+
+    fn client_subscribe(&mut self, mut sub: v5::Subscribe) -> Result<(), End> {
+        let act = self.shared.act.load();
+        let mut answers = Vec::with_capacity(sub.filters.len());
+        let mut forward = Vec::new();
+        for f in sub.filters.drain(..) {
+            match act.subscribe(&self.who, &f.path) {
+                Ok(()) => {
+                    metrics::counter!(m::SUBSCRIPTIONS, "result" => "accepted", "reason" => "allowed").increment(1);
+                    answers.push(None);
+                    self.subs.retain(|(p, _)| *p != f.path);
+                    self.subs.push((f.path.clone(), f.qos));
+                    forward.push(f);
+                }
+                Err(deny) => {
+                    metrics::counter!(m::SUBSCRIPTIONS, "result" => "refused", "reason" => deny.as_str()).increment(1);
+                    tracing::debug!(
+                        session = self.id,
+                        role = self.who.role(),
+                        reason = deny.as_str(),
+                        "subscription refused"
+                    );
+                    answers.push(Some(match deny {
+                        Deny::Invalid => SubscribeReasonCode::TopicFilterInvalid,
+                        _ => SubscribeReasonCode::NotAuthorized,
+                    }));
+                }
+            }
+        }
+        if forward.is_empty() {
+            let codes = answers.into_iter().flatten().collect();
+            return self.send_client(&Packet::SubAck(SubAck {
+                pkid: sub.pkid,
+                return_codes: codes,
+                properties: None,
+            }));
+        }
+        if answers.iter().any(Option::is_some) {
+            self.pending_subacks.insert(sub.pkid, answers);
+        }
+        sub.filters = forward;
+        self.send_broker(&Packet::Subscribe(sub))
+    }
+
+    /// Returns false when the broker ended the session.
+    fn on_broker_packet(&mut self, p: Packet) -> Result<bool, End> {
+        match p {
+            Packet::Publish(publish) => self.deliver(publish)?,
+            Packet::PubRel(rel) => {
+                if self.dropped_qos2_from_broker.remove(&rel.pkid) {
+                    self.send_broker(&Packet::PubComp(PubComp::new(rel.pkid, None)))?;
+                } else {
+                    self.send_client(&Packet::PubRel(rel))?;
+                }
+            }
+            Packet::SubAck(mut ack) => {
+                if let Some(answers) = self.pending_subacks.remove(&ack.pkid) {
+                    let mut from_broker = ack.return_codes.into_iter();
+                    ack.return_codes = answers
+                        .into_iter()
+                        .map(|a| {
+                            a.or_else(|| from_broker.next())
+                                .unwrap_or(SubscribeReasonCode::Unspecified)
+                        })
+                        .collect();
+                }
+                self.send_client(&Packet::SubAck(ack))?;
+            }
+            // Our own keep-alive.
+            Packet::PingResp(_) => {}
+            p @ (Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubComp(_)
+            | Packet::UnsubAck(_)) => self.send_client(&p)?,
+            p @ Packet::Disconnect(_) => {
+                if self.version == Version::V5 {
+                    self.send_client(&p)?;
+                }
+                return Ok(false);
+            }
+            _ => return Err(End::Upstream("unexpected packet from the broker".into())),
+        }
+        Ok(true)
+    }
+
+    /// Completes the broker's QoS flow for a message the client will not get.
+    fn ack_broker(&mut self, qos: QoS, pkid: u16) -> Result<(), End> {
+        match qos {
+            QoS::AtMostOnce => Ok(()),
+            QoS::AtLeastOnce => self.send_broker(&Packet::PubAck(PubAck::new(pkid, None))),
+            QoS::ExactlyOnce => {
+                self.dropped_qos2_from_broker.insert(pkid);
+                self.send_broker(&Packet::PubRec(PubRec::new(pkid, None)))
+            }
+        }
+    }
+
+    fn deliver(&mut self, mut publish: Publish) -> Result<(), End> {
+        let started = Instant::now();
+        let act = self.shared.act.load();
+        let now = self.now();
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return self.drop_delivery(&publish, "invalid_topic");
+        };
+        let decision = act.deliver(&self.who, topic, now);
+        metrics::histogram!(m::DECISION_SECONDS, "stage" => "deliver")
+            .record(started.elapsed().as_secs_f64());
+        let (kind, resolved, rule) = match decision {
+            Ok(Delivery::Plain) => {
+                metrics::counter!(m::DELIVERIES, "provider" => self.provider_label.clone(), "result" => "delivered", "reason" => "acl").increment(1);
+                return self.write_delivery(publish);
+            }
+            Ok(Delivery::Personal {
+                kind,
+                resolved,
+                rule,
+            }) => (kind, resolved, rule),
+            Err(deny) => {
+                if let (Principal::Provider { id }, Some(r)) = (&self.who, act.resolve(topic)) {
+                    self.shared
+                        .ledger
+                        .record_blocked(r.user, &id.clone(), r.kind, deny.as_str());
+                }
+                return self.drop_delivery(&publish, deny.as_str());
+            }
+        };
+        let Principal::Provider { id: provider } = &self.who else {
+            return self.drop_delivery(&publish, "not_a_provider");
+        };
+        let (action, result) = match rule.view.as_ref() {
+            View::Deliver => (ShareAction::Delivered, "delivered"),
+            View::Mask(rules) => {
+                let key = mask::provider_key(&self.shared.pseudonym_master, provider);
+                match mask::mask(kind.format, &publish.payload, rules, &key) {
+                    Ok(p) => publish.payload = p,
+                    Err(e) => {
+                        tracing::debug!(session = self.id, error = %e, "payload could not be masked");
+                        return self.drop_delivery(&publish, "undecodable");
+                    }
+                }
+                let fields = rules
+                    .iter()
+                    .map(|(f, m)| MaskedField {
+                        field: f.clone(),
+                        method: m.name().to_string(),
+                    })
+                    .collect();
+                (ShareAction::Masked { fields }, "masked")
+            }
+        };
+        let record = ShareRecord {
+            time: now,
+            creator: self.shared.creator.clone(),
+            recipient: provider.clone(),
+            user: resolved.user.to_string(),
+            device: resolved.device.to_string(),
+            kind: kind.name.clone(),
+            pii_category: kind.category.as_str().to_string(),
+            purpose: rule.purpose.clone(),
+            action,
+            payload_digest: Sha256::digest(&publish.payload).into(),
+            qos: publish.qos as u8,
+            receipt_id: None,
+        };
+        match self.shared.ledger.submit(record) {
+            Ok(durable) => self.durables.push(durable),
+            Err(e) => {
+                tracing::error!(session = self.id, error = %e, "ledger refused a record; delivery withheld");
+                return Err(End::Ledger);
+            }
+        }
+        metrics::counter!(m::DELIVERIES, "provider" => self.provider_label.clone(), "result" => result, "reason" => "consent").increment(1);
+        self.write_delivery(publish)
+    }
+
+    fn drop_delivery(&mut self, publish: &Publish, reason: &'static str) -> Result<(), End> {
+        metrics::counter!(m::DELIVERIES, "provider" => self.provider_label.clone(), "result" => "dropped", "reason" => reason).increment(1);
+        tracing::debug!(
+            session = self.id,
+            role = self.who.role(),
+            reason,
+            "delivery dropped"
+        );
+        self.ack_broker(publish.qos, publish.pkid)
+    }
+
+    /// Writes a delivery at no more than the QoS its subscription granted.
+    fn write_delivery(&mut self, mut publish: Publish) -> Result<(), End> {
+        if publish.qos != QoS::AtMostOnce {
+            let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
+            let granted = self
+                .subs
+                .iter()
+                .filter(|(f, _)| {
+                    topic::strip_shared(f).is_some_and(|f| topic::filter_matches(f, topic))
+                })
+                .map(|(_, q)| *q)
+                .max_by_key(|q| *q as u8);
+            if granted == Some(QoS::AtMostOnce) {
+                self.ack_broker(publish.qos, publish.pkid)?;
+                publish.qos = QoS::AtMostOnce;
+                publish.pkid = 0;
+            }
+        }
+        if let Some(props) = publish.properties.as_mut() {
+            props.topic_alias = None;
+        }
+        self.delivered += 1;
+        self.send_client(&Packet::Publish(publish))
+    }
+}
+
+fn empty_connack_properties() -> ConnAckProperties {
+    ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: vec![],
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
