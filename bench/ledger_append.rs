@@ -1,0 +1,114 @@
+//! Durable append throughput of the share ledger.
+//!
+//! `group_commit`: one tokio task submits N records, then awaits all their `Durable`s, so the
+//! writer folds many records into each fsync. `await_each`: the task awaits every record before
+//! submitting the next, so each record pays a full fsync — the gap between the two is what group
+//! commit buys. Throughput is reported in elements (records) per second.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use consentry::ledger::{Keyring, Ledger, LedgerConfig, MaskedField, ShareAction, ShareRecord};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+fn record(i: u64) -> ShareRecord {
+    ShareRecord {
+        time: Utc::now(),
+        creator: String::new(),
+        recipient: "fitcoach".into(),
+        user: format!("user-{:05}", i % 10_000),
+        device: format!("watch-{:05}", i % 10_000),
+        kind: "heart_rate".into(),
+        pii_category: "Health".into(),
+        purpose: "fitness-coaching".into(),
+        action: if i % 4 == 0 {
+            ShareAction::Masked {
+                fields: vec![MaskedField {
+                    field: "location".into(),
+                    method: "coarsen".into(),
+                }],
+            }
+        } else {
+            ShareAction::Delivered
+        },
+        payload_digest: [(i % 251) as u8; 32],
+        qos: 1,
+        receipt_id: Some(format!("rcpt-{:016x}", i / 100)),
+    }
+}
+
+fn open(dir: &std::path::Path) -> Ledger {
+    let keys = Keyring::generate().expect("generate keys");
+    let cfg = LedgerConfig {
+        dir: dir.to_path_buf(),
+        ..LedgerConfig::default()
+    };
+    Ledger::open(cfg, keys).expect("open ledger")
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    const N: u64 = 100_000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ledger = open(tmp.path());
+    let mut g = c.benchmark_group("ledger_append");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(15))
+        .throughput(Throughput::Elements(N));
+    g.bench_function("group_commit_100k", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let ledger = ledger.clone();
+                total += rt.block_on(async move {
+                    let start = Instant::now();
+                    let mut pending = Vec::with_capacity(N as usize);
+                    for i in 0..N {
+                        pending.push(ledger.submit(record(i)).expect("submit"));
+                    }
+                    for d in pending {
+                        d.await.expect("durable");
+                    }
+                    start.elapsed()
+                });
+            }
+            total
+        })
+    });
+    g.finish();
+
+    const M: u64 = 200;
+    let mut g = c.benchmark_group("ledger_append");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .throughput(Throughput::Elements(M));
+    g.bench_function("await_each_200", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let ledger = ledger.clone();
+                total += rt.block_on(async move {
+                    let start = Instant::now();
+                    for i in 0..M {
+                        ledger
+                            .submit(record(i))
+                            .expect("submit")
+                            .await
+                            .expect("durable");
+                    }
+                    start.elapsed()
+                });
+            }
+            total
+        })
+    });
+    g.finish();
+    rt.block_on(ledger.shutdown());
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

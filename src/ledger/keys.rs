@@ -1,0 +1,292 @@
+//! Key material: AES-256-GCM data keys (one active, older ones kept for reading), the HMAC key
+//! of the blind index and the Ed25519 checkpoint signing key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use aes_gcm::{Aes256Gcm, KeyInit};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use hmac::{Hmac, Mac};
+use rand::rngs::OsRng;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use super::error::LedgerError;
+use super::segment::fsync_parent;
+
+/// Environment variable that may carry the key document instead of a file.
+pub const KEYS_ENV: &str = "CONSENTRY_LEDGER_KEYS";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct KeyId(pub u32);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyDoc {
+    version: u32,
+    active: u32,
+    data_keys: Vec<DataKeyDoc>,
+    blind_key: String,
+    signing_key: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DataKeyDoc {
+    id: u32,
+    key: String,
+    created: DateTime<Utc>,
+}
+
+/// The ledger's secrets. `Debug` never prints them.
+#[derive(Clone)]
+pub struct Keyring {
+    active: KeyId,
+    ciphers: BTreeMap<u32, Aes256Gcm>,
+    // Pre-keyed so each blind-index computation skips the HMAC key schedule.
+    blind: Hmac<Sha256>,
+    signing: SigningKey,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyring")
+            .field("active", &self.active)
+            .field("data_key_ids", &self.ciphers.keys().collect::<Vec<_>>())
+            .field(
+                "verifying_key",
+                &hex::encode(self.verifying_key().as_bytes()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn random32() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    OsRng.fill_bytes(&mut k);
+    k
+}
+
+fn decode32(what: &str, s: &str) -> Result<[u8; 32], LedgerError> {
+    let v = B64
+        .decode(s.trim())
+        .map_err(|_| LedgerError::KeyFile(format!("{what} is not valid base64")))?;
+    v.try_into()
+        .map_err(|_| LedgerError::KeyFile(format!("{what} must be 32 bytes")))
+}
+
+impl KeyDoc {
+    fn generate() -> KeyDoc {
+        KeyDoc {
+            version: 1,
+            active: 1,
+            data_keys: vec![DataKeyDoc {
+                id: 1,
+                key: B64.encode(random32()),
+                created: Utc::now(),
+            }],
+            blind_key: B64.encode(random32()),
+            signing_key: B64.encode(random32()),
+        }
+    }
+
+    fn keyring(&self) -> Result<Keyring, LedgerError> {
+        if self.version != 1 {
+            return Err(LedgerError::KeyFile(format!(
+                "unsupported key document version {}",
+                self.version
+            )));
+        }
+        let mut ciphers = BTreeMap::new();
+        for k in &self.data_keys {
+            let raw = decode32("data key", &k.key)?;
+            let cipher = Aes256Gcm::new_from_slice(&raw)
+                .map_err(|_| LedgerError::KeyFile("bad data key length".into()))?;
+            if ciphers.insert(k.id, cipher).is_some() {
+                return Err(LedgerError::KeyFile(format!(
+                    "duplicate data key id {}",
+                    k.id
+                )));
+            }
+        }
+        if !ciphers.contains_key(&self.active) {
+            return Err(LedgerError::KeyFile(format!(
+                "active data key {} is not in the key list",
+                self.active
+            )));
+        }
+        let blind = <Hmac<Sha256> as Mac>::new_from_slice(&decode32("blind key", &self.blind_key)?)
+            .map_err(|_| LedgerError::KeyFile("bad blind key".into()))?;
+        let signing = SigningKey::from_bytes(&decode32("signing key", &self.signing_key)?);
+        Ok(Keyring {
+            active: KeyId(self.active),
+            ciphers,
+            blind,
+            signing,
+        })
+    }
+
+    fn parse(text: &str) -> Result<KeyDoc, LedgerError> {
+        serde_json::from_str(text)
+            .map_err(|e| LedgerError::KeyFile(format!("key document is not valid JSON: {e}")))
+    }
+}
+
+fn read_key_file(path: &Path) -> Result<Option<String>, LedgerError> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LedgerError::io(format!("open {}", path.display()), e)),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = f
+            .metadata()
+            .map_err(|e| LedgerError::io("stat key file", e))?
+            .permissions()
+            .mode();
+        // Refuse keys others could have read: they may already be compromised.
+        if mode & 0o077 != 0 {
+            return Err(LedgerError::InsecureKeyFile {
+                path: path.display().to_string(),
+                mode: mode & 0o777,
+            });
+        }
+    }
+    let mut s = String::new();
+    f.read_to_string(&mut s)
+        .map_err(|e| LedgerError::io("read key file", e))?;
+    Ok(Some(s))
+}
+
+fn owner_only_options() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    o
+}
+
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), std::io::Error> {
+    let mut f = owner_only_options().open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+impl Keyring {
+    /// Generates a fresh keyring in memory (nothing is written).
+    pub fn generate() -> Result<Keyring, LedgerError> {
+        KeyDoc::generate().keyring()
+    }
+
+    /// Loads the key file, or creates it (mode 0600) with fresh keys if it does not exist.
+    pub fn load_or_create(path: &Path) -> Result<Keyring, LedgerError> {
+        if let Some(text) = read_key_file(path)? {
+            return KeyDoc::parse(&text)?.keyring();
+        }
+        let doc = KeyDoc::generate();
+        let bytes = serde_json::to_vec_pretty(&doc)?;
+        match write_new(path, &bytes) {
+            Ok(()) => {
+                fsync_parent(path)?;
+                doc.keyring()
+            }
+            // Someone else created it first: use theirs, never overwrite keys.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let text = read_key_file(path)?.ok_or_else(|| {
+                    LedgerError::KeyFile("key file vanished while being created".into())
+                })?;
+                KeyDoc::parse(&text)?.keyring()
+            }
+            Err(e) => Err(LedgerError::io(format!("create {}", path.display()), e)),
+        }
+    }
+
+    /// Reads the key document from `CONSENTRY_LEDGER_KEYS`, if set.
+    pub fn from_env() -> Result<Option<Keyring>, LedgerError> {
+        match std::env::var(KEYS_ENV) {
+            Ok(s) => Ok(Some(KeyDoc::parse(&s)?.keyring()?)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(LedgerError::KeyFile(format!(
+                "{KEYS_ENV} is not valid UTF-8"
+            ))),
+        }
+    }
+
+    /// Adds a new data key to the file and makes it active. Old keys stay so old records remain
+    /// readable. A running ledger keeps its keys; the new key is used from the next open.
+    pub fn rotate(path: &Path) -> Result<KeyId, LedgerError> {
+        let text = read_key_file(path)?
+            .ok_or_else(|| LedgerError::KeyFile(format!("{} does not exist", path.display())))?;
+        let mut doc = KeyDoc::parse(&text)?;
+        let id = doc
+            .data_keys
+            .iter()
+            .map(|k| k.id)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| LedgerError::KeyFile("data key ids exhausted".into()))?;
+        doc.data_keys.push(DataKeyDoc {
+            id,
+            key: B64.encode(random32()),
+            created: Utc::now(),
+        });
+        doc.active = id;
+        // Validate before replacing the file so a bad document never lands on disk.
+        doc.keyring()?;
+        let bytes = serde_json::to_vec_pretty(&doc)?;
+        let tmp = path.with_extension("rotate-tmp");
+        let _ = std::fs::remove_file(&tmp);
+        write_new(&tmp, &bytes).map_err(|e| LedgerError::io("write rotated key file", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| LedgerError::io("replace key file", e))?;
+        fsync_parent(path)?;
+        Ok(KeyId(id))
+    }
+
+    /// Serialises a keyring document for `CONSENTRY_LEDGER_KEYS` from an existing key file.
+    pub fn export_env_document(path: &Path) -> Result<String, LedgerError> {
+        let text = read_key_file(path)?
+            .ok_or_else(|| LedgerError::KeyFile(format!("{} does not exist", path.display())))?;
+        let doc = KeyDoc::parse(&text)?;
+        doc.keyring()?;
+        Ok(serde_json::to_string(&doc)?)
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.signing.verifying_key()
+    }
+
+    pub fn active_key_id(&self) -> KeyId {
+        self.active
+    }
+
+    pub(crate) fn cipher(&self, id: u32) -> Option<&Aes256Gcm> {
+        self.ciphers.get(&id)
+    }
+
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.signing
+    }
+
+    /// HMAC-SHA256 of the user id: lets the ledger find a user's records without storing the id.
+    pub fn blind_index(&self, user: &str) -> [u8; 32] {
+        let mut mac = self.blind.clone();
+        mac.update(user.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+}

@@ -1,0 +1,322 @@
+//! The share ledger: an encrypted, tamper-evident, durable, append-only history of every
+//! delivery of a user's personal data to an application service provider (ITU-T X.1363).
+//!
+//! * Each record is AES-256-GCM encrypted; its clear header (AEAD associated data) carries the
+//!   key id, nonce, sequence number, time, the blind index `HMAC(blind key, user)` and the
+//!   previous record's hash. User and device ids exist only inside the ciphertext.
+//! * Records form a SHA-256 hash chain; Ed25519-signed checkpoints pin it (`checkpoints.jsonl`).
+//! * A single writer thread does group commit: many records, one write, one `sync_data`, then
+//!   every [`Durable`] in the group resolves. A resolved `Durable` survives `kill -9`.
+//! * Any append or fsync failure makes the ledger fail closed until it is reopened.
+//!
+//! Directory layout: `seg-<first seq>.log` segments, `checkpoints.jsonl`, `state.json` (boot
+//! counter and key-use accounting), and `torn-*.bin` quarantine files if recovery cut a tail.
+
+mod aggregate;
+mod checkpoint;
+mod codec;
+mod entry;
+mod error;
+mod keys;
+mod read;
+mod record;
+mod recover;
+mod segment;
+mod verify;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::oneshot;
+
+pub use entry::{BlockedCount, Entry, ExtractRecord, MaskedField, ShareAction, ShareRecord};
+pub use error::{LedgerError, TamperKind};
+pub use keys::{KeyId, Keyring, KEYS_ENV};
+pub use verify::{verify_dir, VerifyReport};
+
+use record::{HEADER_LEN, MAX_BODY, TAG_LEN};
+use writer::{Pending, Shared, Writer};
+
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    pub dir: PathBuf,
+    /// Sign a checkpoint once this many records were appended since the last one.
+    pub checkpoint_every: u64,
+    /// Most records written under one fsync.
+    pub max_batch: usize,
+    /// A segment file is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+    /// Closed segments whose records are all older than this are deleted.
+    pub retention: Option<Duration>,
+    /// Operator name, filled into [`ShareRecord::creator`] when it is empty.
+    pub creator: String,
+    /// Queue bound: `submit` returns [`LedgerError::Overloaded`] beyond it rather than let
+    /// memory grow without limit while the disk is slow.
+    pub max_pending: usize,
+    /// How often blocked-delivery aggregates are written out.
+    pub blocked_flush_every: Duration,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            dir: PathBuf::from("ledger"),
+            checkpoint_every: 10_000,
+            max_batch: 16_384,
+            segment_bytes: 64 << 20,
+            retention: None,
+            creator: "consentry".to_owned(),
+            max_pending: 1_000_000,
+            blocked_flush_every: Duration::from_secs(60),
+        }
+    }
+}
+
+impl LedgerConfig {
+    fn validate(&self) -> Result<(), LedgerError> {
+        if self.checkpoint_every == 0 {
+            return Err(LedgerError::Config(
+                "checkpoint_every must be at least 1".into(),
+            ));
+        }
+        if self.max_batch == 0 || self.max_pending == 0 {
+            return Err(LedgerError::Config(
+                "max_batch and max_pending must be at least 1".into(),
+            ));
+        }
+        if self.segment_bytes < 1024 {
+            return Err(LedgerError::Config(
+                "segment_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.blocked_flush_every.is_zero() {
+            return Err(LedgerError::Config(
+                "blocked_flush_every must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Selects entries in [`Ledger::read_user`]. `from` is inclusive, `to` exclusive; both compare
+/// against the entry time. `limit == 0` means no limit.
+#[derive(Debug, Clone, Default)]
+pub struct ReadFilter {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub recipient: Option<String>,
+    pub kind: Option<String>,
+    pub after_seq: Option<u64>,
+    pub limit: usize,
+}
+
+/// Resolves to the record's sequence number once it has been fsynced, or to the error that made
+/// the ledger fail. Hand data to a provider only after this resolved `Ok`.
+#[must_use = "a record is only durable once its Durable resolves Ok"]
+pub struct Durable(oneshot::Receiver<Result<u64, LedgerError>>);
+
+impl Future for Durable {
+    type Output = Result<u64, LedgerError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.0).poll(cx) {
+            Poll::Ready(Ok(r)) => Poll::Ready(r),
+            // The writer went away without answering (it panicked or the ledger was dropped).
+            Poll::Ready(Err(_)) => Poll::Ready(Err(LedgerError::Closed)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Durable {
+    /// Blocks the current thread until durable. Must not be called from async code.
+    pub fn wait_blocking(self) -> Result<u64, LedgerError> {
+        self.0.blocking_recv().unwrap_or(Err(LedgerError::Closed))
+    }
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    done: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // The last handle is gone without shutdown(): still let the writer flush and close.
+        self.shared.request_shutdown();
+    }
+}
+
+/// Cheap, cloneable handle to an open ledger.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Handle>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("dir", &self.inner.shared.cfg.dir)
+            .field("healthy", &self.is_healthy())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in `cfg.dir`, recovering from a crash, and starts the
+    /// writer thread.
+    pub fn open(cfg: LedgerConfig, keys: Keyring) -> Result<Ledger, LedgerError> {
+        cfg.validate()?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(writer::Queue::default()),
+            cv: std::sync::Condvar::new(),
+            healthy: AtomicBool::new(true),
+            durable_seq: AtomicU64::new(0),
+            blocked: aggregate::Aggregator::default(),
+            keys,
+            cfg,
+            #[cfg(test)]
+            fault_dev_full: AtomicBool::new(false),
+        });
+        let writer = Writer::open(Arc::clone(&shared))?;
+        let (done_tx, done_rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("consentry-ledger".into())
+            .spawn(move || {
+                writer.run();
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| LedgerError::io("spawn ledger writer", e))?;
+        Ok(Ledger {
+            inner: Arc::new(Handle {
+                shared,
+                thread: Mutex::new(Some(thread)),
+                done: Mutex::new(Some(done_rx)),
+            }),
+        })
+    }
+
+    fn enqueue(&self, entry: Entry) -> Result<Durable, LedgerError> {
+        let shared = &self.inner.shared;
+        // Encoding and the blind index run on the caller's thread so the single writer thread
+        // only encrypts, hashes and writes.
+        let blind = shared.keys.blind_index(entry.user());
+        let entry_type = entry.type_byte();
+        let time = entry.time();
+        let plaintext = entry.encode()?;
+        if plaintext.len() + HEADER_LEN + TAG_LEN > MAX_BODY {
+            return Err(LedgerError::Config(format!(
+                "record of {} bytes exceeds the ledger's {MAX_BODY}-byte limit",
+                plaintext.len()
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        shared.push(Pending {
+            entry_type,
+            time_us: time.timestamp_micros(),
+            blind,
+            plaintext,
+            ack: Some(tx),
+        })?;
+        Ok(Durable(rx))
+    }
+
+    /// Queues one delivery record. Never waits for the disk; fails at once if the ledger has
+    /// failed or is shut down. Await the returned [`Durable`] before delivering.
+    pub fn submit(&self, mut rec: ShareRecord) -> Result<Durable, LedgerError> {
+        if rec.creator.is_empty() {
+            rec.creator.clone_from(&self.inner.shared.cfg.creator);
+        }
+        self.enqueue(Entry::Share(rec))
+    }
+
+    /// Counts a refused delivery. Counts are aggregated per (user, recipient, kind, reason,
+    /// hour) in memory and written as [`BlockedCount`] entries periodically and at shutdown.
+    pub fn record_blocked(&self, user: &str, recipient: &str, kind: &str, reason: &str) {
+        let shared = &self.inner.shared;
+        if !shared.healthy.load(Ordering::Acquire) {
+            tracing::debug!("ledger unhealthy; blocked delivery not counted");
+            return;
+        }
+        let n = shared
+            .blocked
+            .add(user, recipient, kind, reason, Utc::now());
+        if n >= aggregate::FLUSH_THRESHOLD {
+            shared.request_blocked_flush();
+        }
+    }
+
+    /// Logs an extract of a user's PII by someone other than the user (X.1363 9.1.3).
+    pub fn record_extract(&self, rec: ExtractRecord) -> Result<Durable, LedgerError> {
+        self.enqueue(Entry::Extract(rec))
+    }
+
+    /// Returns the user's durable entries in sequence order. Reads segment files from disk:
+    /// call it from a blocking context (e.g. `spawn_blocking`) in async code.
+    pub fn read_user(
+        &self,
+        user: &str,
+        filter: &ReadFilter,
+    ) -> Result<Vec<(u64, Entry)>, LedgerError> {
+        let shared = &self.inner.shared;
+        read::read_user(
+            &shared.cfg.dir,
+            &shared.keys,
+            shared.durable_seq.load(Ordering::Acquire),
+            user,
+            filter,
+        )
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.inner.shared.healthy.load(Ordering::Acquire)
+    }
+
+    /// Highest sequence number known to be fsynced.
+    pub fn durable_seq(&self) -> u64 {
+        self.inner.shared.durable_seq.load(Ordering::Acquire)
+    }
+
+    /// Flushes blocked aggregates, writes and fsyncs what is queued, signs a final checkpoint
+    /// and joins the writer. Other clones of this handle get [`LedgerError::Closed`] afterwards.
+    pub async fn shutdown(self) {
+        self.inner.shared.request_shutdown();
+        let done = self
+            .inner
+            .done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(done) = done {
+            let _ = done.await;
+        }
+        let thread = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = thread {
+            // The writer has signalled it is finished, so this join does not block for long.
+            if t.join().is_err() {
+                tracing::error!("ledger writer thread panicked");
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+}

@@ -1,0 +1,799 @@
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+
+use super::record::{next_frame, Next};
+use super::segment::{list_segments, CHECKPOINT_FILE, STATE_FILE};
+use super::*;
+
+const ALICE: &str = "alice-7f3a9c-unique-principal";
+const ALICE_DEVICE: &str = "alice-watch-55aa17-unique-device";
+
+fn share(user: &str, device: &str, recipient: &str, kind: &str, i: u64) -> ShareRecord {
+    ShareRecord {
+        time: Utc::now(),
+        creator: String::new(),
+        recipient: recipient.into(),
+        user: user.into(),
+        device: device.into(),
+        kind: kind.into(),
+        pii_category: "Health".into(),
+        purpose: "fitness-coaching".into(),
+        action: if i % 2 == 0 {
+            ShareAction::Delivered
+        } else {
+            ShareAction::Masked {
+                fields: vec![MaskedField {
+                    field: "location".into(),
+                    method: "coarsen".into(),
+                }],
+            }
+        },
+        payload_digest: [i as u8; 32],
+        qos: 1,
+        receipt_id: Some(format!("jti-{i}")),
+    }
+}
+
+fn cfg(dir: &Path) -> LedgerConfig {
+    LedgerConfig {
+        dir: dir.to_path_buf(),
+        checkpoint_every: 1_000_000,
+        ..LedgerConfig::default()
+    }
+}
+
+fn keys() -> Keyring {
+    Keyring::generate().expect("generate keyring")
+}
+
+async fn write_n(ledger: &Ledger, n: u64) -> Vec<u64> {
+    let mut ds = Vec::new();
+    for i in 0..n {
+        let user = if i % 3 == 0 { ALICE } else { "bob" };
+        let dev = if i % 3 == 0 {
+            ALICE_DEVICE
+        } else {
+            "bob-phone"
+        };
+        ds.push(
+            ledger
+                .submit(share(user, dev, "fitcoach", "heart_rate", i))
+                .expect("submit"),
+        );
+    }
+    let mut seqs = Vec::new();
+    for d in ds {
+        seqs.push(d.await.expect("durable"));
+    }
+    seqs
+}
+
+/// (start, end, seq) of every frame in a segment file.
+fn frames(path: &Path) -> Vec<(usize, usize, u64)> {
+    let data = std::fs::read(path).expect("read segment");
+    let mut out = Vec::new();
+    let mut off = 0;
+    while let Next::Frame(f) = next_frame(&data, off) {
+        out.push((off, f.end, f.header.seq));
+        off = f.end;
+    }
+    out
+}
+
+fn only_segment(dir: &Path) -> PathBuf {
+    let segs = list_segments(dir).expect("list");
+    assert_eq!(segs.len(), 1, "expected one segment");
+    segs[0].1.clone()
+}
+
+fn tamper(err: LedgerError) -> (u64, TamperKind) {
+    match err {
+        LedgerError::Tampered { seq, kind, .. } => (seq, kind),
+        other => panic!("expected a tamper report, got {other:?}"),
+    }
+}
+
+fn all_file_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let b = std::fs::read(&p).expect("read file");
+            (p, b)
+        })
+        .collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn encryption_round_trip() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    let original = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", 1);
+    let seq = ledger
+        .submit(original.clone())
+        .expect("submit")
+        .await
+        .expect("durable");
+    assert_eq!(seq, 1);
+    let got = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read");
+    let mut expected = original;
+    expected.creator = "consentry".into();
+    assert_eq!(got, vec![(1, Entry::Share(expected))]);
+    ledger.shutdown().await;
+
+    // The stored frame only opens under the right key.
+    let data = std::fs::read(only_segment(tmp.path())).expect("read");
+    let Next::Frame(f) = next_frame(&data, 0) else {
+        panic!("no frame")
+    };
+    assert!(f.decrypt(&k).is_ok());
+    assert!(matches!(f.decrypt(&keys()), Err(LedgerError::Crypto)));
+    let report = verify_dir(tmp.path(), &k).expect("verify");
+    assert_eq!((report.records, report.head_seq), (1, 1));
+}
+
+#[tokio::test]
+async fn nonces_unique_across_reopens_crashes_and_lost_state() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    for cycle in 0..5 {
+        let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+        write_n(&ledger, 40).await;
+        ledger.shutdown().await;
+        match cycle {
+            // A crash that tore the tail: the cut record's nonce must not come back.
+            1 => {
+                let seg = only_segment(tmp.path());
+                let last = *frames(&seg).last().expect("frame");
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&seg)
+                    .expect("open");
+                f.set_len((last.0 + 50) as u64).expect("truncate");
+                drop_last_checkpoint(tmp.path());
+            }
+            // The state file (boot counter) is lost: the boot number still moves forward.
+            3 => std::fs::remove_file(tmp.path().join(STATE_FILE)).expect("rm state"),
+            _ => {}
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for (path, data) in all_file_bytes(tmp.path()) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(name.starts_with("seg-") || name.starts_with("torn-")) {
+            continue;
+        }
+        let mut off = 0;
+        loop {
+            match next_frame(&data, off) {
+                Next::Frame(f) => {
+                    assert!(
+                        seen.insert((f.header.key_id, f.header.nonce)),
+                        "nonce reused: {:?}",
+                        f.header.nonce
+                    );
+                    total += 1;
+                    off = f.end;
+                }
+                Next::Torn if name.starts_with("torn-") => {
+                    // The quarantined partial record still carries its header (and nonce).
+                    let hdr = &data[off + 4..];
+                    let nonce: [u8; 12] = hdr[22..34].try_into().expect("nonce");
+                    assert!(seen.insert((1, nonce)), "torn nonce reused");
+                    total += 1;
+                    break;
+                }
+                _ => break,
+            }
+        }
+    }
+    assert_eq!(total, 5 * 40, "every encryption accounted for");
+    verify_dir(tmp.path(), &k).expect("verify");
+}
+
+fn drop_last_checkpoint(dir: &Path) {
+    let p = dir.join(CHECKPOINT_FILE);
+    let s = std::fs::read_to_string(&p).expect("read checkpoints");
+    let mut lines: Vec<&str> = s.lines().collect();
+    lines.pop();
+    let mut out = lines.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    std::fs::write(&p, out).expect("write checkpoints");
+}
+
+#[tokio::test]
+async fn torn_tail_is_truncated_and_chain_verifies() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 20).await;
+    ledger.shutdown().await;
+
+    // Simulate a crash in the middle of the last record's write, before its checkpoint.
+    drop_last_checkpoint(tmp.path());
+    let seg = only_segment(tmp.path());
+    let last = *frames(&seg).last().expect("frame");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .expect("open");
+    f.set_len((last.0 + (last.1 - last.0) / 2) as u64)
+        .expect("truncate");
+    drop(f);
+    let (seq, kind) = tamper(verify_dir(tmp.path(), &k).expect_err("torn tail detected"));
+    assert_eq!((seq, kind), (20, TamperKind::Truncated));
+
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("reopen recovers");
+    assert_eq!(ledger.durable_seq(), 19);
+    let next = write_n(&ledger, 5).await;
+    assert_eq!(next, vec![20, 21, 22, 23, 24]);
+    ledger.shutdown().await;
+    let report = verify_dir(tmp.path(), &k).expect("verify after recovery");
+    assert_eq!((report.records, report.head_seq), (24, 24));
+    let quarantined = all_file_bytes(tmp.path())
+        .into_iter()
+        .filter(|(p, _)| p.to_string_lossy().contains("torn-"))
+        .count();
+    assert_eq!(quarantined, 1, "cut bytes are kept as evidence");
+}
+
+#[tokio::test]
+async fn torn_garbage_after_tail_is_cut() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    // A partially written frame appended after the last durable one.
+    let seg = only_segment(tmp.path());
+    let mut data = std::fs::read(&seg).expect("read");
+    let (s, e, _) = frames(&seg)[3];
+    let partial = data[s..s + (e - s) - 7].to_vec();
+    data.extend_from_slice(&partial);
+    std::fs::write(&seg, data).expect("write");
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("reopen");
+    write_n(&ledger, 2).await;
+    ledger.shutdown().await;
+    assert_eq!(verify_dir(tmp.path(), &k).expect("verify").head_seq, 12);
+}
+
+#[tokio::test]
+async fn damage_covered_by_a_checkpoint_refuses_to_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    let seg = only_segment(tmp.path());
+    let (s, _, _) = frames(&seg)[9];
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .expect("open");
+    f.set_len((s + 30) as u64).expect("truncate");
+    let err = Ledger::open(cfg(tmp.path()), k).expect_err("must refuse");
+    assert_eq!(tamper(err), (10, TamperKind::Modified));
+}
+
+#[tokio::test]
+async fn blind_index_lookup_and_no_clear_ids() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 30).await;
+    ledger
+        .submit(share(ALICE, ALICE_DEVICE, "sleeplab", "sleep", 99))
+        .expect("submit")
+        .await
+        .expect("durable");
+    ledger
+        .record_extract(ExtractRecord {
+            actor: "support-desk".into(),
+            user: ALICE.into(),
+            what: "heart_rate".into(),
+            purpose: "complaint".into(),
+            time: Utc::now(),
+        })
+        .expect("extract")
+        .await
+        .expect("durable");
+
+    let all = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read");
+    assert_eq!(all.len(), 12);
+    assert!(all.iter().all(|(_, e)| e.user() == ALICE));
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "in seq order");
+    assert!(matches!(all.last(), Some((_, Entry::Extract(_)))));
+    let bob = ledger
+        .read_user("bob", &ReadFilter::default())
+        .expect("read");
+    assert_eq!(bob.len(), 20);
+    assert!(bob.iter().all(|(_, e)| e.user() == "bob"));
+    assert!(ledger
+        .read_user("carol", &ReadFilter::default())
+        .expect("read")
+        .is_empty());
+
+    let f = ReadFilter {
+        recipient: Some("sleeplab".into()),
+        ..ReadFilter::default()
+    };
+    assert_eq!(ledger.read_user(ALICE, &f).expect("read").len(), 1);
+    let f = ReadFilter {
+        kind: Some("heart_rate".into()),
+        after_seq: Some(10),
+        limit: 2,
+        ..ReadFilter::default()
+    };
+    let page = ledger.read_user(ALICE, &f).expect("read");
+    assert_eq!(
+        page.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![13, 16]
+    );
+    let f = ReadFilter {
+        to: Some(Utc::now() - TimeDelta::hours(1)),
+        ..ReadFilter::default()
+    };
+    assert!(ledger.read_user(ALICE, &f).expect("read").is_empty());
+    ledger.shutdown().await;
+
+    for (path, bytes) in all_file_bytes(tmp.path()) {
+        for id in [ALICE, ALICE_DEVICE, "bob-phone"] {
+            assert!(
+                !contains(&bytes, id.as_bytes()),
+                "{id} found in clear in {}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn verify_detects_flipped_byte() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    let seg = only_segment(tmp.path());
+    let (s, _, seq) = frames(&seg)[4];
+    let mut data = std::fs::read(&seg).expect("read");
+    data[s + 4 + 98 + 3] ^= 0x01; // inside the ciphertext of record 5
+    std::fs::write(&seg, data).expect("write");
+    assert_eq!(seq, 5);
+    let (bad, kind) = tamper(verify_dir(tmp.path(), &k).expect_err("detected"));
+    assert_eq!((bad, kind), (5, TamperKind::Modified));
+}
+
+#[tokio::test]
+async fn verify_detects_deleted_record() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    let seg = only_segment(tmp.path());
+    let (s, e, _) = frames(&seg)[4];
+    let mut data = std::fs::read(&seg).expect("read");
+    data.drain(s..e);
+    std::fs::write(&seg, data).expect("write");
+    let (bad, kind) = tamper(verify_dir(tmp.path(), &k).expect_err("detected"));
+    assert_eq!((bad, kind), (5, TamperKind::Removed));
+}
+
+#[tokio::test]
+async fn verify_detects_swapped_pair() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    let seg = only_segment(tmp.path());
+    let fr = frames(&seg);
+    let data = std::fs::read(&seg).expect("read");
+    let (a, b) = (fr[4], fr[5]);
+    let mut out = data[..a.0].to_vec();
+    out.extend_from_slice(&data[b.0..b.1]);
+    out.extend_from_slice(&data[a.0..a.1]);
+    out.extend_from_slice(&data[b.1..]);
+    std::fs::write(&seg, out).expect("write");
+    let (bad, kind) = tamper(verify_dir(tmp.path(), &k).expect_err("detected"));
+    assert_eq!((bad, kind), (5, TamperKind::Reordered));
+}
+
+#[tokio::test]
+async fn verify_detects_checkpoint_tampering_and_cut_tail() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    let report = verify_dir(tmp.path(), &k).expect("clean ledger verifies");
+    assert_eq!((report.records, report.checkpoints), (10, 1));
+
+    // Dropping whole records at the end is caught by the shutdown checkpoint.
+    let seg = only_segment(tmp.path());
+    let (s, _, _) = frames(&seg)[8];
+    let original = std::fs::read(&seg).expect("read");
+    std::fs::write(&seg, &original[..s]).expect("write");
+    assert_eq!(
+        tamper(verify_dir(tmp.path(), &k).expect_err("cut")),
+        (9, TamperKind::Truncated)
+    );
+    std::fs::write(&seg, &original).expect("restore");
+
+    // A forged checkpoint does not verify.
+    let p = tmp.path().join(CHECKPOINT_FILE);
+    let s = std::fs::read_to_string(&p).expect("read");
+    std::fs::write(&p, s.replace("\"seq\":10", "\"seq\":11")).expect("write");
+    assert_eq!(
+        tamper(verify_dir(tmp.path(), &k).expect_err("forged")),
+        (11, TamperKind::CheckpointInvalid)
+    );
+}
+
+#[tokio::test]
+async fn key_rotation_keeps_old_records_readable() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let key_path = tmp.path().join("ledger-keys.json");
+    let dir = tmp.path().join("ledger");
+    let k1 = Keyring::load_or_create(&key_path).expect("create keys");
+    let ledger = Ledger::open(cfg(&dir), k1).expect("open");
+    write_n(&ledger, 6).await;
+    ledger.shutdown().await;
+
+    let new_id = Keyring::rotate(&key_path).expect("rotate");
+    assert_eq!(new_id, KeyId(2));
+    let k2 = Keyring::load_or_create(&key_path).expect("reload");
+    assert_eq!(k2.active_key_id(), KeyId(2));
+    let ledger = Ledger::open(cfg(&dir), k2.clone()).expect("reopen");
+    write_n(&ledger, 6).await;
+    let all = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read");
+    assert_eq!(
+        all.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![1, 4, 7, 10]
+    );
+    ledger.shutdown().await;
+
+    let key_ids: HashSet<u32> = {
+        let data = std::fs::read(only_segment(&dir)).expect("read");
+        let mut off = 0;
+        let mut ids = HashSet::new();
+        while let Next::Frame(f) = next_frame(&data, off) {
+            ids.insert(f.header.key_id);
+            off = f.end;
+        }
+        ids
+    };
+    assert_eq!(key_ids, HashSet::from([1, 2]));
+    assert_eq!(verify_dir(&dir, &k2).expect("verify").records, 12);
+}
+
+#[cfg(unix)]
+#[test]
+fn key_file_is_owner_only_and_secrets_stay_out_of_debug() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("keys.json");
+    let k = Keyring::load_or_create(&path).expect("create");
+    let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+    let dbg = format!("{k:?}");
+    for secret in [
+        doc["blind_key"].as_str(),
+        doc["signing_key"].as_str(),
+        doc["data_keys"][0]["key"].as_str(),
+    ] {
+        let secret = secret.expect("secret present");
+        assert!(!dbg.contains(secret), "secret leaked into Debug: {dbg}");
+    }
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    assert!(matches!(
+        Keyring::load_or_create(&path),
+        Err(LedgerError::InsecureKeyFile { .. })
+    ));
+
+    // The same document through the environment.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let env_doc = Keyring::export_env_document(&path).expect("export");
+    std::env::set_var(KEYS_ENV, env_doc);
+    let from_env = Keyring::from_env().expect("parse").expect("present");
+    std::env::remove_var(KEYS_ENV);
+    assert_eq!(from_env.verifying_key(), k.verifying_key());
+    assert_eq!(from_env.blind_index("x"), k.blind_index("x"));
+}
+
+#[tokio::test]
+async fn retention_purges_old_segments_and_verification_passes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let c = LedgerConfig {
+        segment_bytes: 2048,
+        retention: Some(Duration::from_secs(24 * 3600)),
+        ..cfg(tmp.path())
+    };
+    let ledger = Ledger::open(c.clone(), k.clone()).expect("open");
+    let old = Utc::now() - TimeDelta::days(3);
+    for i in 0..30 {
+        let mut r = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", i);
+        r.time = old;
+        ledger.submit(r).expect("submit").await.expect("durable");
+    }
+    write_n(&ledger, 12).await;
+    ledger.shutdown().await;
+
+    let segs = list_segments(tmp.path()).expect("list");
+    // 30 records of ~250 bytes fill several 2 KiB segments; the closed ones were purged.
+    assert!(segs[0].0 > 1, "old segments were purged: {segs:?}");
+    assert!(!std::path::Path::new(&super::segment::segment_path(tmp.path(), 1)).exists());
+    let report = verify_dir(tmp.path(), &k).expect("verify after purge");
+    assert_eq!(report.anchor_seq, Some(segs[0].0 - 1));
+    assert_eq!(report.head_seq, 42);
+
+    // Reopen and keep going; old data is gone for readers too.
+    let ledger = Ledger::open(c, k.clone()).expect("reopen");
+    write_n(&ledger, 3).await;
+    let alice = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read");
+    assert!(alice.iter().all(|(s, _)| *s >= segs[0].0));
+    let old_left = alice.iter().filter(|(_, e)| e.time() == old).count();
+    assert!(old_left < 30, "old records in closed segments are gone");
+    ledger.shutdown().await;
+    assert_eq!(verify_dir(tmp.path(), &k).expect("verify").head_seq, 45);
+
+    // Removing a segment without an anchoring checkpoint is still caught.
+    let segs = list_segments(tmp.path()).expect("list");
+    std::fs::remove_file(&segs[1].1).expect("rm");
+    assert_eq!(
+        tamper(verify_dir(tmp.path(), &k).expect_err("gap")).1,
+        TamperKind::Removed
+    );
+}
+
+#[tokio::test]
+async fn fails_closed_on_enospc() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(cfg(tmp.path()), keys()).expect("open");
+    write_n(&ledger, 3).await;
+    assert!(ledger.is_healthy());
+    ledger
+        .shared()
+        .fault_dev_full
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let d = ledger
+        .submit(share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", 1))
+        .expect("queued before the failure is known");
+    assert!(matches!(d.await, Err(LedgerError::Unhealthy(_))));
+    assert!(!ledger.is_healthy());
+    assert!(matches!(
+        ledger.submit(share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", 2)),
+        Err(LedgerError::Unhealthy(_))
+    ));
+    ledger.shutdown().await;
+}
+
+#[tokio::test]
+async fn fails_closed_when_the_directory_is_replaced() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ledger");
+    let c = LedgerConfig {
+        segment_bytes: 1024,
+        ..cfg(&dir)
+    };
+    let ledger = Ledger::open(c, keys()).expect("open");
+    write_n(&ledger, 1).await;
+    // Root ignores permission bits, so replace the directory itself: creating the next segment
+    // then fails with a real I/O error from the kernel.
+    std::fs::rename(&dir, tmp.path().join("moved")).expect("move dir");
+    std::fs::write(&dir, b"not a directory").expect("replace");
+    let mut failed = false;
+    for i in 0..20 {
+        match ledger.submit(share("bob", "bob-phone", "fitcoach", "steps", i)) {
+            Ok(d) => {
+                if d.await.is_err() {
+                    failed = true;
+                }
+            }
+            Err(LedgerError::Unhealthy(_)) => {
+                failed = true;
+                break;
+            }
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert!(failed, "an append failed");
+    assert!(!ledger.is_healthy());
+    ledger.shutdown().await;
+}
+
+#[tokio::test]
+async fn blocked_counts_are_aggregated_flushed_and_readable() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let c = LedgerConfig {
+        blocked_flush_every: Duration::from_millis(100),
+        ..cfg(tmp.path())
+    };
+    let ledger = Ledger::open(c.clone(), k.clone()).expect("open");
+    for _ in 0..5 {
+        ledger.record_blocked(ALICE, "fitcoach", "heart_rate", "no-consent");
+    }
+    ledger.record_blocked(ALICE, "fitcoach", "heart_rate", "expired");
+    ledger.record_blocked("bob", "fitcoach", "heart_rate", "no-consent");
+
+    // Periodic flush while running.
+    let mut flushed = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        flushed = ledger
+            .read_user(ALICE, &ReadFilter::default())
+            .expect("read");
+        if flushed.len() == 2 {
+            break;
+        }
+    }
+    let mut counts: Vec<(String, u64)> = flushed
+        .iter()
+        .map(|(_, e)| match e {
+            Entry::Blocked(b) => (b.reason.clone(), b.count),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        vec![("expired".to_string(), 1), ("no-consent".to_string(), 5)]
+    );
+
+    // Flushed at shutdown too.
+    ledger.record_blocked(ALICE, "fitcoach", "heart_rate", "no-consent");
+    ledger.shutdown().await;
+    let ledger = Ledger::open(c, k.clone()).expect("reopen");
+    let total: u64 = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read")
+        .iter()
+        .map(|(_, e)| match e {
+            Entry::Blocked(b) => b.count,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(total, 7);
+    let bob = ledger
+        .read_user("bob", &ReadFilter::default())
+        .expect("read");
+    assert_eq!(bob.len(), 1);
+    ledger.shutdown().await;
+    verify_dir(tmp.path(), &k).expect("verify");
+}
+
+#[tokio::test]
+async fn checkpoints_every_n_and_closed_after_shutdown() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let c = LedgerConfig {
+        checkpoint_every: 10,
+        ..cfg(tmp.path())
+    };
+    let ledger = Ledger::open(c, k.clone()).expect("open");
+    let other = ledger.clone();
+    for _ in 0..5 {
+        write_n(&ledger, 10).await;
+    }
+    ledger.shutdown().await;
+    assert!(matches!(
+        other.submit(share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", 0)),
+        Err(LedgerError::Closed)
+    ));
+    let report = verify_dir(tmp.path(), &k).expect("verify");
+    assert!(report.checkpoints >= 5);
+    assert_eq!(report.head_seq, 50);
+}
+
+#[test]
+fn wrong_keyring_is_refused_not_mistaken_for_damage() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(cfg(tmp.path()), keys()).expect("open");
+    ledger
+        .submit(share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", 0))
+        .expect("submit")
+        .wait_blocking()
+        .expect("durable");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    rt.block_on(ledger.shutdown());
+    assert!(matches!(
+        Ledger::open(cfg(tmp.path()), keys()),
+        Err(LedgerError::KeyFile(_))
+    ));
+}
+
+const KILL9_DIR: &str = "CONSENTRY_LEDGER_TEST_KILL9_DIR";
+
+/// Child half of `survives_kill_9`: appends until killed, printing each durable watermark.
+#[tokio::test]
+#[ignore = "run by survives_kill_9 in a child process"]
+async fn kill9_child_process() {
+    use std::io::Write;
+    let Ok(dir) = std::env::var(KILL9_DIR) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let k = Keyring::load_or_create(&dir.join("keys.json")).expect("keys");
+    let ledger = Ledger::open(cfg(&dir.join("ledger")), k).expect("open");
+    loop {
+        let seqs = write_n(&ledger, 200).await;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "durable {}", seqs.last().copied().unwrap_or(0));
+        let _ = out.flush();
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn survives_kill_9() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "ledger::tests::kill9_child_process",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(KILL9_DIR, tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut acked = 0u64;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("line");
+        if let Some(n) = line.strip_prefix("durable ") {
+            acked = n.trim().parse().expect("seq");
+            if acked >= 5_000 {
+                break;
+            }
+        }
+    }
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    assert!(acked >= 5_000);
+
+    let k = Keyring::load_or_create(&tmp.path().join("keys.json")).expect("keys");
+    let dir = tmp.path().join("ledger");
+    let ledger = Ledger::open(cfg(&dir), k.clone()).expect("recover");
+    assert!(
+        ledger.durable_seq() >= acked,
+        "acknowledged seq {acked} lost"
+    );
+    ledger.shutdown().await;
+    let report = verify_dir(&dir, &k).expect("verify after kill -9");
+    assert!(report.head_seq >= acked);
+}

@@ -1,0 +1,207 @@
+//! Offline verification: walks every segment, checks sequence continuity, the hash chain, each
+//! record's AEAD tag and every signed checkpoint, and names the first bad sequence number.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::checkpoint::{self, Checkpoint};
+use super::error::{LedgerError, TamperKind};
+use super::keys::Keyring;
+use super::record::{next_frame, Next, RawFrame};
+use super::segment::{list_segments, read_opt};
+
+/// What a successful verification saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Records present and verified.
+    pub records: u64,
+    /// Distinct checkpoint sequence numbers with a valid signature.
+    pub checkpoints: u64,
+    /// First sequence number still on disk (greater than 1 after a retention purge).
+    pub first_seq: Option<u64>,
+    /// Sequence number and hash of the last record.
+    pub head_seq: u64,
+    pub head: [u8; 32],
+    /// When old segments were purged: the checkpoint the walk started from.
+    pub anchor_seq: Option<u64>,
+}
+
+/// Verifies a ledger directory. Meant for a closed ledger: on a live one the writer may be in
+/// the middle of appending, which would show up as a truncated tail.
+pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerError> {
+    let vk = keys.verifying_key();
+    let loaded = checkpoint::load(dir)?;
+    let mut cps: BTreeMap<u64, Checkpoint> = BTreeMap::new();
+    for (i, line) in loaded.lines.iter().enumerate() {
+        let Some(cp) = line else {
+            return Err(LedgerError::tampered(
+                0,
+                TamperKind::CheckpointInvalid,
+                format!("checkpoint line {} is malformed", i + 1),
+            ));
+        };
+        if !cp.verify(&vk) {
+            return Err(LedgerError::tampered(
+                cp.seq,
+                TamperKind::CheckpointInvalid,
+                "signature does not verify",
+            ));
+        }
+        if let Some(other) = cps.get(&cp.seq) {
+            if other.head != cp.head {
+                return Err(LedgerError::tampered(
+                    cp.seq,
+                    TamperKind::CheckpointMismatch,
+                    "two signed checkpoints disagree",
+                ));
+            }
+        }
+        cps.insert(cp.seq, cp.clone());
+    }
+
+    let mut expected: Option<u64> = None;
+    let mut prev_hash = [0u8; 32];
+    let mut records = 0u64;
+    let mut first_seq = None;
+    let mut anchor_seq = None;
+
+    for (_, path) in list_segments(dir)? {
+        let Some(data) = read_opt(&path)? else {
+            continue;
+        };
+        let mut frames: Vec<RawFrame<'_>> = Vec::new();
+        let mut off = 0;
+        let tail = loop {
+            match next_frame(&data, off) {
+                Next::Frame(f) => {
+                    off = f.end;
+                    frames.push(f);
+                }
+                Next::End => break None,
+                Next::Torn => break Some((TamperKind::Truncated, "segment ends inside a record")),
+                Next::Bad => break Some((TamperKind::Modified, "unparseable record frame")),
+            }
+        };
+        for (j, f) in frames.iter().enumerate() {
+            let seq = f.header.seq;
+            match expected {
+                None => {
+                    if seq == 1 {
+                        if f.header.prev != [0; 32] {
+                            return Err(LedgerError::tampered(
+                                1,
+                                TamperKind::Modified,
+                                "first record has a non-zero prev hash",
+                            ));
+                        }
+                    } else {
+                        anchor_seq = Some(anchor(&cps, f)?);
+                    }
+                }
+                Some(exp) if seq != exp => {
+                    let later = frames[j + 1..].iter().any(|g| g.header.seq == exp);
+                    let kind = if later || seq < exp {
+                        TamperKind::Reordered
+                    } else {
+                        TamperKind::Removed
+                    };
+                    return Err(LedgerError::tampered(
+                        exp,
+                        kind,
+                        format!("found seq {seq} where {exp} was expected"),
+                    ));
+                }
+                Some(_) => {
+                    if f.header.prev != prev_hash {
+                        return Err(LedgerError::tampered(
+                            seq,
+                            TamperKind::Modified,
+                            "prev hash does not match the preceding record",
+                        ));
+                    }
+                }
+            }
+            match f.decrypt(keys) {
+                Ok(_) => {}
+                Err(LedgerError::Crypto) => {
+                    return Err(LedgerError::tampered(
+                        seq,
+                        TamperKind::Modified,
+                        "AEAD tag does not verify",
+                    ))
+                }
+                Err(e) => return Err(e),
+            }
+            let h = f.hash();
+            if cps.get(&seq).is_some_and(|cp| cp.head != h) {
+                return Err(LedgerError::tampered(
+                    seq,
+                    TamperKind::CheckpointMismatch,
+                    "record hash differs from the signed checkpoint",
+                ));
+            }
+            prev_hash = h;
+            expected = Some(seq.saturating_add(1));
+            records += 1;
+            first_seq.get_or_insert(seq);
+        }
+        if let Some((kind, why)) = tail {
+            return Err(LedgerError::tampered(
+                expected.unwrap_or(1),
+                kind,
+                format!("{why} in {}", path.display()),
+            ));
+        }
+    }
+
+    let head_seq = expected.map_or(0, |e| e - 1);
+    if let Some((&cp_seq, _)) = cps.iter().next_back() {
+        if cp_seq > head_seq {
+            return Err(LedgerError::tampered(
+                head_seq.saturating_add(1),
+                TamperKind::Truncated,
+                format!("a signed checkpoint covers seq {cp_seq} but the chain ends at {head_seq}"),
+            ));
+        }
+    }
+    Ok(VerifyReport {
+        records,
+        checkpoints: cps.len() as u64,
+        first_seq,
+        head_seq,
+        head: prev_hash,
+        anchor_seq,
+    })
+}
+
+/// The first record on disk is not seq 1: old segments were purged (or removed). Only a signed
+/// checkpoint at exactly the cut, whose head is this record's prev hash, makes that legitimate.
+fn anchor(cps: &BTreeMap<u64, Checkpoint>, f: &RawFrame<'_>) -> Result<u64, LedgerError> {
+    let seq = f.header.seq;
+    let Some(before) = seq.checked_sub(1) else {
+        return Err(LedgerError::tampered(
+            0,
+            TamperKind::Modified,
+            "record with seq 0",
+        ));
+    };
+    match cps.get(&before) {
+        Some(cp) if cp.head == f.header.prev => Ok(before),
+        Some(_) => Err(LedgerError::tampered(
+            seq,
+            TamperKind::Modified,
+            "first record does not continue the anchoring checkpoint",
+        )),
+        None => {
+            let missing = cps
+                .range(..seq)
+                .next_back()
+                .map_or(1, |(s, _)| s.saturating_add(1));
+            Err(LedgerError::tampered(
+                missing,
+                TamperKind::Removed,
+                format!("records before seq {seq} are missing and no checkpoint anchors the cut"),
+            ))
+        }
+    }
+}

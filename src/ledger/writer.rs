@@ -1,0 +1,507 @@
+//! The single writer thread: assigns sequence numbers, encrypts, chains, appends and fsyncs in
+//! groups (group commit), writes checkpoints, flushes blocked-count aggregates and purges old
+//! segments.
+//!
+//! Nonces are `boot (u32 BE) || counter (u64 BE)`. The boot counter is bumped and fsynced in
+//! `state.json` before the first encryption of every open, and is also raised above any boot
+//! number still visible in the newest segment, so a nonce is never reused under a key even after
+//! a crash, a torn tail, or a lost state file.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::oneshot;
+
+use super::aggregate::Aggregator;
+use super::checkpoint::{self, Checkpoint, CheckpointLog};
+use super::entry::Entry;
+use super::error::LedgerError;
+use super::keys::Keyring;
+use super::record::{next_frame, seal, Header, Next};
+use super::recover::recover;
+use super::segment::{fsync_dir, list_segments, read_opt, segment_path, State};
+use super::LedgerConfig;
+
+/// NIST SP 800-38D bounds GCM invocations per key at 2^32 for random IVs; our IVs are
+/// deterministic (no such bound), but we stay far below it anyway and require a rotation.
+pub(crate) const KEY_USE_LIMIT: u64 = 1 << 31;
+const KEY_USE_WARN: u64 = 1 << 30;
+/// Key uses are reserved on disk ahead of use in chunks, so counting costs one state write per
+/// chunk instead of one per record; a crash wastes at most one chunk of the budget.
+const RESERVE_CHUNK: u64 = 1 << 20;
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+pub(crate) type Ack = oneshot::Sender<Result<u64, LedgerError>>;
+
+pub(crate) struct Pending {
+    pub entry_type: u8,
+    pub time_us: i64,
+    pub blind: [u8; 32],
+    pub plaintext: Vec<u8>,
+    pub ack: Option<Ack>,
+}
+
+#[derive(Default)]
+pub(crate) struct Queue {
+    pub items: Vec<Pending>,
+    pub shutdown: bool,
+    pub failed: Option<String>,
+    pub flush_blocked: bool,
+}
+
+pub(crate) struct Shared {
+    pub queue: Mutex<Queue>,
+    pub cv: Condvar,
+    pub healthy: AtomicBool,
+    pub durable_seq: AtomicU64,
+    pub blocked: Aggregator,
+    pub keys: Keyring,
+    pub cfg: LedgerConfig,
+    /// Test hook: swap the segment handle for /dev/full to get a real ENOSPC from the kernel.
+    #[cfg(test)]
+    pub fault_dev_full: AtomicBool,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic elsewhere while holding the lock leaves the queue consistent (pushes and
+        // drains are single operations), so keep going rather than propagate the poison.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn push(&self, p: Pending) -> Result<(), LedgerError> {
+        let mut q = self.lock();
+        if let Some(reason) = &q.failed {
+            return Err(LedgerError::Unhealthy(reason.clone()));
+        }
+        if q.shutdown {
+            return Err(LedgerError::Closed);
+        }
+        if q.items.len() >= self.cfg.max_pending {
+            return Err(LedgerError::Overloaded);
+        }
+        let was_empty = q.items.is_empty();
+        q.items.push(p);
+        drop(q);
+        // The writer only sleeps on an empty queue, so only the first push needs to wake it.
+        if was_empty {
+            self.cv.notify_one();
+        }
+        Ok(())
+    }
+
+    pub fn request_shutdown(&self) {
+        self.lock().shutdown = true;
+        self.cv.notify_all();
+    }
+
+    pub fn request_blocked_flush(&self) {
+        self.lock().flush_blocked = true;
+        self.cv.notify_one();
+    }
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    seg: File,
+    seg_first: u64,
+    seg_size: u64,
+    next_seq: u64,
+    head: [u8; 32],
+    cp: CheckpointLog,
+    last_cp_seq: u64,
+    boot: u32,
+    nonce_ctr: u64,
+    state: State,
+    active_key: u32,
+    key_used: u64,
+    buf: Vec<u8>,
+    acks: Vec<(u64, Ack)>,
+    spare: Vec<Pending>,
+    last_blocked_flush: Instant,
+    last_purge: Option<Instant>,
+}
+
+fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+fn open_append(path: &std::path::Path, create_new: bool) -> Result<File, LedgerError> {
+    let mut o = OpenOptions::new();
+    o.append(true);
+    if create_new {
+        o.create_new(true);
+    }
+    o.open(path)
+        .map_err(|e| LedgerError::io(format!("open segment {}", path.display()), e))
+}
+
+impl Writer {
+    /// Recovers the directory, bumps the boot counter durably and prepares the writer.
+    pub fn open(shared: Arc<Shared>) -> Result<Writer, LedgerError> {
+        let cfg = &shared.cfg;
+        let dir = cfg.dir.clone();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| LedgerError::io(format!("create {}", dir.display()), e))?;
+        let cps = checkpoint::load(&dir)?;
+        let rec = recover(&dir, &shared.keys, &cps)?;
+
+        let mut state = State::load(&dir)?;
+        let boot = state
+            .boot
+            .max(rec.max_boot)
+            .checked_add(1)
+            .ok_or_else(|| LedgerError::Config("boot counter exhausted".into()))?;
+        let active_key = shared.keys.active_key_id().0;
+        let key_used = state.key_uses.get(&active_key).copied().unwrap_or(0);
+        if key_used >= KEY_USE_LIMIT {
+            return Err(LedgerError::KeyExhausted(active_key));
+        }
+        state.boot = boot;
+        state.key_uses.insert(active_key, key_used + RESERVE_CHUNK);
+        state.store(&dir)?;
+
+        let cp = CheckpointLog::open(&dir, cps.torn_at)?;
+        let (seg, seg_first, seg_size) = match rec.active {
+            Some((first, path, size)) => (open_append(&path, false)?, first, size),
+            None => {
+                let path = segment_path(&dir, rec.next_seq);
+                let f = open_append(&path, true)?;
+                fsync_dir(&dir)?;
+                (f, rec.next_seq, 0)
+            }
+        };
+        shared
+            .durable_seq
+            .store(rec.next_seq.saturating_sub(1), Ordering::Release);
+        tracing::info!(
+            dir = %dir.display(),
+            boot,
+            next_seq = rec.next_seq,
+            key_id = active_key,
+            "ledger opened"
+        );
+        Ok(Writer {
+            dir,
+            seg,
+            seg_first,
+            seg_size,
+            next_seq: rec.next_seq,
+            head: rec.head,
+            cp,
+            last_cp_seq: cps.max_seq(),
+            boot,
+            nonce_ctr: 0,
+            state,
+            active_key,
+            key_used,
+            buf: Vec::with_capacity(1 << 20),
+            acks: Vec::new(),
+            spare: Vec::new(),
+            last_blocked_flush: Instant::now(),
+            last_purge: None,
+            shared,
+        })
+    }
+
+    pub fn run(mut self) {
+        if let Err(e) = self.run_inner() {
+            self.fail(e);
+        }
+    }
+
+    fn run_inner(&mut self) -> Result<(), LedgerError> {
+        loop {
+            let (mut batch, shutting_down, flush_req) = self.next_batch();
+            let flush_due =
+                self.last_blocked_flush.elapsed() >= self.shared.cfg.blocked_flush_every;
+            if shutting_down || flush_req || flush_due {
+                self.last_blocked_flush = Instant::now();
+                for b in self.shared.blocked.take() {
+                    let e = Entry::Blocked(b);
+                    batch.push(Pending {
+                        entry_type: e.type_byte(),
+                        time_us: e.time().timestamp_micros(),
+                        blind: self.shared.keys.blind_index(e.user()),
+                        plaintext: e.encode()?,
+                        ack: None,
+                    });
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(&mut batch)?;
+            }
+            self.spare = batch;
+            if self.next_seq
+                > self
+                    .last_cp_seq
+                    .saturating_add(self.shared.cfg.checkpoint_every)
+            {
+                self.checkpoint()?;
+            }
+            if self.shared.cfg.retention.is_some()
+                && self.last_purge.map_or(true, |t| t.elapsed() >= PURGE_EVERY)
+            {
+                self.last_purge = Some(Instant::now());
+                self.purge()?;
+            }
+            if shutting_down {
+                if self.next_seq - 1 > self.last_cp_seq {
+                    self.checkpoint()?;
+                }
+                self.state.key_uses.insert(self.active_key, self.key_used);
+                self.state.store(&self.dir)?;
+                tracing::info!(head_seq = self.next_seq - 1, "ledger closed");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits for work and takes up to `max_batch` queued records.
+    fn next_batch(&mut self) -> (Vec<Pending>, bool, bool) {
+        let shared = Arc::clone(&self.shared);
+        let cfg = &shared.cfg;
+        let mut q = shared.lock();
+        loop {
+            if !q.items.is_empty() || q.shutdown || q.flush_blocked {
+                break;
+            }
+            let mut wait = cfg
+                .blocked_flush_every
+                .saturating_sub(self.last_blocked_flush.elapsed());
+            if cfg.retention.is_some() {
+                let purge_in = self
+                    .last_purge
+                    .map_or(Duration::ZERO, |t| PURGE_EVERY.saturating_sub(t.elapsed()));
+                wait = wait.min(purge_in);
+            }
+            if wait.is_zero() {
+                break;
+            }
+            q = shared
+                .cv
+                .wait_timeout(q, wait)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        let flush_req = std::mem::take(&mut q.flush_blocked);
+        let mut batch = std::mem::take(&mut self.spare);
+        batch.clear();
+        if q.items.len() <= cfg.max_batch {
+            std::mem::swap(&mut q.items, &mut batch);
+        } else {
+            batch.extend(q.items.drain(..cfg.max_batch));
+        }
+        let shutting_down = q.shutdown && q.items.is_empty();
+        (batch, shutting_down, flush_req)
+    }
+
+    fn next_nonce(&mut self) -> Result<[u8; 12], LedgerError> {
+        self.key_used += 1;
+        if self.key_used > KEY_USE_LIMIT {
+            return Err(LedgerError::KeyExhausted(self.active_key));
+        }
+        if self.key_used == KEY_USE_WARN {
+            tracing::warn!(
+                key_id = self.active_key,
+                "ledger data key is halfway to its encryption limit; rotate the keyring"
+            );
+        }
+        let reserved = self
+            .state
+            .key_uses
+            .get(&self.active_key)
+            .copied()
+            .unwrap_or(0);
+        if self.key_used > reserved {
+            self.state
+                .key_uses
+                .insert(self.active_key, self.key_used + RESERVE_CHUNK);
+            self.state.store(&self.dir)?;
+        }
+        let mut n = [0u8; 12];
+        n[..4].copy_from_slice(&self.boot.to_be_bytes());
+        n[4..].copy_from_slice(&self.nonce_ctr.to_be_bytes());
+        self.nonce_ctr = self
+            .nonce_ctr
+            .checked_add(1)
+            .ok_or(LedgerError::KeyExhausted(self.active_key))?;
+        Ok(n)
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Pending>) -> Result<(), LedgerError> {
+        self.buf.clear();
+        self.acks.clear();
+        let n = batch.len();
+        let mut items = batch.drain(..);
+        let res = (|| {
+            for p in items.by_ref() {
+                if let Some(ack) = p.ack {
+                    self.acks.push((self.next_seq, ack));
+                }
+                let pending_bytes = self.seg_size + self.buf.len() as u64;
+                if pending_bytes >= self.shared.cfg.segment_bytes && pending_bytes > 0 {
+                    self.flush_buf()?;
+                    self.rotate()?;
+                }
+                let header = Header {
+                    entry_type: p.entry_type,
+                    seq: self.next_seq,
+                    time_us: p.time_us,
+                    key_id: self.active_key,
+                    nonce: self.next_nonce()?,
+                    blind: p.blind,
+                    prev: self.head,
+                };
+                let mut pt = p.plaintext;
+                self.head = seal(&self.shared.keys, &header, &mut pt, &mut self.buf)?;
+                self.next_seq += 1;
+            }
+            self.flush_buf()
+        })();
+        if let Err(e) = res {
+            // Everyone in this batch must hear about the failure, not just a dropped channel.
+            for p in items {
+                if let Some(ack) = p.ack {
+                    self.acks.push((0, ack));
+                }
+            }
+            return Err(e);
+        }
+        drop(items);
+        self.shared
+            .durable_seq
+            .store(self.next_seq - 1, Ordering::Release);
+        metrics::counter!("consentry_ledger_appends_total").increment(n as u64);
+        metrics::histogram!("consentry_ledger_batch_size").record(n as f64);
+        for (seq, ack) in self.acks.drain(..) {
+            let _ = ack.send(Ok(seq));
+        }
+        Ok(())
+    }
+
+    /// One write and one `sync_data` for everything encoded since the last flush.
+    fn flush_buf(&mut self) -> Result<(), LedgerError> {
+        #[cfg(test)]
+        if self.shared.fault_dev_full.load(Ordering::Relaxed) {
+            if let Ok(f) = OpenOptions::new().write(true).open("/dev/full") {
+                self.seg = f;
+            }
+        }
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.seg
+            .write_all(&self.buf)
+            .map_err(|e| LedgerError::io("append to segment", e))?;
+        self.seg_size += self.buf.len() as u64;
+        self.buf.clear();
+        let t = Instant::now();
+        self.seg
+            .sync_data()
+            .map_err(|e| LedgerError::io("fsync segment", e))?;
+        metrics::histogram!("consentry_ledger_fsync_seconds").record(t.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), LedgerError> {
+        let path = segment_path(&self.dir, self.next_seq);
+        let f = open_append(&path, true)?;
+        // The new file's directory entry must be durable before records in it are acknowledged.
+        fsync_dir(&self.dir)?;
+        self.seg = f;
+        self.seg_first = self.next_seq;
+        self.seg_size = 0;
+        // Give retention a chance right after a segment closes.
+        self.last_purge = None;
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> Result<(), LedgerError> {
+        let seq = self.next_seq - 1;
+        if seq == 0 {
+            return Ok(());
+        }
+        let cp = Checkpoint::sign(&self.shared.keys, seq, self.head, now_us());
+        self.cp.append(&cp)?;
+        self.last_cp_seq = seq;
+        Ok(())
+    }
+
+    /// Deletes closed segments whose records are all older than the retention period. Before a
+    /// segment goes, a checkpoint is signed at its last record so verification can start from it.
+    fn purge(&mut self) -> Result<(), LedgerError> {
+        let Some(retention) = self.shared.cfg.retention else {
+            return Ok(());
+        };
+        let Ok(retention) = chrono::TimeDelta::from_std(retention) else {
+            return Ok(());
+        };
+        let cutoff = (Utc::now() - retention).timestamp_micros();
+        for (first, path) in list_segments(&self.dir)? {
+            if first >= self.seg_first {
+                break;
+            }
+            let Some(data) = read_opt(&path)? else {
+                continue;
+            };
+            let mut off = 0;
+            let mut last = None;
+            let mut newest = i64::MIN;
+            let clean = loop {
+                match next_frame(&data, off) {
+                    Next::Frame(f) => {
+                        newest = newest.max(f.header.time_us);
+                        last = Some((f.header.seq, f.hash()));
+                        off = f.end;
+                    }
+                    Next::End => break true,
+                    Next::Torn | Next::Bad => break false,
+                }
+            };
+            if !clean {
+                // Damaged history is evidence; leave it for verify_dir to report.
+                tracing::warn!(segment = %path.display(), "not purging a damaged segment");
+                break;
+            }
+            if newest >= cutoff {
+                break;
+            }
+            if let Some((seq, hash)) = last {
+                let cp = Checkpoint::sign(&self.shared.keys, seq, hash, now_us());
+                self.cp.append(&cp)?;
+            }
+            std::fs::remove_file(&path)
+                .map_err(|e| LedgerError::io(format!("purge {}", path.display()), e))?;
+            fsync_dir(&self.dir)?;
+            tracing::info!(segment = %path.display(), "purged segment past retention");
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, e: LedgerError) {
+        let msg = e.to_string();
+        tracing::error!(error = %msg, "ledger write failed; failing closed");
+        metrics::counter!("consentry_ledger_append_failures_total").increment(1);
+        self.shared.healthy.store(false, Ordering::SeqCst);
+        let queued = {
+            let mut q = self.shared.lock();
+            q.failed = Some(msg.clone());
+            std::mem::take(&mut q.items)
+        };
+        for (_, ack) in self.acks.drain(..) {
+            let _ = ack.send(Err(LedgerError::Unhealthy(msg.clone())));
+        }
+        for p in queued {
+            if let Some(ack) = p.ack {
+                let _ = ack.send(Err(LedgerError::Unhealthy(msg.clone())));
+            }
+        }
+    }
+}
