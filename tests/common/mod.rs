@@ -1,0 +1,570 @@
+//! Starts the real `consentry` binary on free ports with a configuration
+//! written for the test, and gives tests real MQTT clients (rumqttc, 3.1.1
+//! and 5) to talk to it.
+#![allow(dead_code, unused_imports)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+
+pub const DEMO_DIRECTORY: &str = include_str!("../../config/demo.toml");
+pub const SHIPPED_CONFIG: &str = include_str!("../../config/consentry.toml");
+/// Every test config opens `public/#` to everybody: tests publish a marker
+/// there after the message under test, so "nothing arrived" is checked by
+/// the marker arriving first, not by waiting.
+pub const MARKER_ACL: &str = r#"
+[[acl.rules]]
+filter = "public/#"
+clients = "any"
+access = "readwrite"
+"#;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[derive(Default, Clone)]
+pub struct Setup {
+    /// Directory TOML; the demo data when `None`.
+    pub directory: Option<String>,
+    /// Appended to the shipped configuration (ACL rules, kinds…).
+    pub extra: String,
+    /// `(key, value)` pairs replaced in the shipped configuration's text,
+    /// e.g. `("clock_offset_secs = 0", "clock_offset_secs = 3600")`.
+    pub replace: Vec<(String, String)>,
+    pub upstream: Option<String>,
+    pub env: Vec<(String, String)>,
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub mqtt: SocketAddr,
+    pub mqtts: Option<SocketAddr>,
+    pub metrics: SocketAddr,
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub directory: PathBuf,
+    setup: Setup,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_consentry")
+}
+
+impl Server {
+    pub fn demo() -> Server {
+        Server::start(Setup {
+            extra: MARKER_ACL.into(),
+            ..Default::default()
+        })
+    }
+
+    pub fn start(setup: Setup) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let directory = dir.path().join("directory.toml");
+        std::fs::write(
+            &directory,
+            setup.directory.as_deref().unwrap_or(DEMO_DIRECTORY),
+        )
+        .unwrap();
+        let mut text = SHIPPED_CONFIG.replace(
+            "directory = \"demo.toml\"",
+            &format!("directory = {:?}", directory.display().to_string()),
+        );
+        for (from, to) in &setup.replace {
+            assert!(text.contains(from.as_str()), "config has no {from:?}");
+            text = text.replace(from.as_str(), to);
+        }
+        text.push_str(&setup.extra);
+        let config = dir.path().join("consentry.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut s = Server {
+            child: None,
+            mqtt: "127.0.0.1:0".parse().unwrap(),
+            mqtts: None,
+            metrics: "127.0.0.1:0".parse().unwrap(),
+            dir,
+            config,
+            directory,
+            setup,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let metrics_port = free_port();
+        let mut cmd = Command::new(bin());
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .env("CONSENTRY_LOG", "info,consentry=debug,rumqttd=info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.path().join("stderr.log"))
+                    .unwrap(),
+            ));
+        if let Some(u) = &self.setup.upstream {
+            cmd.arg("--upstream").arg(u);
+        }
+        for (k, v) in &self.setup.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start consentry");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in lines.by_ref().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("consentry listening mqtt=") {
+                    let _ = tx.send(("mqtt", a.to_string()));
+                    sent = true;
+                } else if let Some(a) = line.strip_prefix("consentry listening mqtts=") {
+                    let _ = tx.send(("mqtts", a.to_string()));
+                }
+            }
+            if !sent {
+                let _ = tx.send(("exit", String::new()));
+            }
+        });
+        self.child = Some(child);
+        self.metrics = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(("mqtt", a)) => {
+                self.mqtt = a.parse().unwrap();
+                // The TLS line, when configured, follows at once.
+                if self.config_text().contains("[server.tls]") {
+                    if let Ok(("mqtts", t)) = rx.recv_timeout(Duration::from_secs(5)) {
+                        self.mqtts = Some(t.parse().unwrap());
+                    }
+                }
+            }
+            _ => panic!("consentry did not start:\n{}", self.log()),
+        }
+    }
+
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Rewrites the directory and reloads it (SIGHUP); returns once the new
+    /// ACT is in force, as the metrics report.
+    pub fn reload(&self, directory: &str) {
+        let before = self.act_version();
+        std::fs::write(&self.directory, directory).unwrap();
+        self.signal("HUP");
+        for _ in 0..200 {
+            if self.act_version() > before {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("ACT was not reloaded:\n{}", self.log());
+    }
+
+    pub fn metrics_text(&self) -> String {
+        ureq::get(&format!("http://{}/metrics", self.metrics))
+            .call()
+            .expect("scrape /metrics")
+            .into_string()
+            .unwrap()
+    }
+
+    /// Sum of a metric's samples whose label set contains every `labels` pair.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics_text(), name, labels)
+    }
+
+    pub fn act_version(&self) -> f64 {
+        self.metric("consentry_act_version", &[])
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            self.signal_pid(c.id(), "TERM");
+            let status = c.wait().unwrap();
+            assert!(status.success(), "unclean exit {status}:\n{}", self.log());
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Starts the same configuration and data again (after stop or kill9).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn();
+    }
+
+    fn signal_pid(&self, pid: u32, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status();
+    }
+
+    /// Runs `consentry` with this server's configuration and data.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("CONSENTRY_DATA_DIR", self.data_dir())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, lbls) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+// === MQTT 3.1.1 client ===
+
+pub mod v4 {
+    use super::*;
+    pub use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Publish, QoS};
+
+    pub struct Client {
+        pub client: AsyncClient,
+        pub events: mpsc::UnboundedReceiver<Packet>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    pub fn options(addr: SocketAddr, id: &str, login: Option<(&str, &str)>) -> MqttOptions {
+        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        if let Some((u, p)) = login {
+            o.set_credentials(u, p);
+        }
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    /// Connects and waits for CONNACK; `Err` carries the refusal.
+    pub async fn connect_with(o: MqttOptions) -> Result<Client, String> {
+        let (client, mut el) = AsyncClient::new(o, 100);
+        let (tx, events) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(p)) => {
+                        if tx.send(p).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(Err(e.to_string()));
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(10), ready_rx).await {
+            Ok(Ok(Ok(()))) => Ok(Client {
+                client,
+                events,
+                task,
+            }),
+            Ok(Ok(Err(e))) => Err(e),
+            _ => Err("no CONNACK".into()),
+        }
+    }
+
+    pub async fn connect(addr: SocketAddr, id: &str, user: &str, pass: &str) -> Client {
+        connect_with(options(addr, id, Some((user, pass))))
+            .await
+            .unwrap_or_else(|e| panic!("{user} could not connect: {e}"))
+    }
+
+    impl Client {
+        /// Drops the connection without DISCONNECT, as a crashed device would.
+        pub fn kill(self) {
+            self.task.abort();
+        }
+
+        /// Sends DISCONNECT and waits for the connection to close.
+        pub async fn disconnect(mut self) {
+            let _ = self.client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while self.events.recv().await.is_some() {}
+            })
+            .await;
+        }
+
+        pub async fn subscribe(
+            &mut self,
+            filter: &str,
+            qos: QoS,
+        ) -> Vec<rumqttc::SubscribeReasonCode> {
+            self.client.subscribe(filter, qos).await.unwrap();
+            loop {
+                if let Packet::SubAck(a) = self.next().await {
+                    return a.return_codes;
+                }
+            }
+        }
+
+        pub async fn next(&mut self) -> Packet {
+            tokio::time::timeout(Duration::from_secs(10), self.events.recv())
+                .await
+                .expect("timed out waiting for a packet")
+                .expect("connection closed")
+        }
+
+        pub async fn next_publish(&mut self) -> Publish {
+            loop {
+                if let Packet::Publish(p) = self.next().await {
+                    return p;
+                }
+            }
+        }
+
+        /// Publishes until (and including) the one on `marker`, in order.
+        pub async fn publishes_until(&mut self, marker: &str) -> Vec<Publish> {
+            let mut got = Vec::new();
+            loop {
+                let p = self.next_publish().await;
+                let done = p.topic == marker;
+                got.push(p);
+                if done {
+                    return got;
+                }
+            }
+        }
+    }
+}
+
+// === MQTT 5 client ===
+
+pub mod v5 {
+    use super::*;
+    pub use rumqttc::v5::mqttbytes::v5::{
+        ConnectReturnCode, LastWill, Packet, PubAckReason, Publish, PublishProperties,
+        SubscribeReasonCode,
+    };
+    pub use rumqttc::v5::mqttbytes::QoS;
+    pub use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+
+    pub struct Client {
+        pub client: AsyncClient,
+        pub events: mpsc::UnboundedReceiver<Packet>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    pub fn options(addr: SocketAddr, id: &str, login: Option<(&str, &str)>) -> MqttOptions {
+        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        if let Some((u, p)) = login {
+            o.set_credentials(u, p);
+        }
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    pub async fn connect_with(o: MqttOptions) -> Result<Client, String> {
+        let (client, mut el) = AsyncClient::new(o, 100);
+        let (tx, events) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(p)) => {
+                        if tx.send(p).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    // rumqttc turns a server's DISCONNECT into an error;
+                    // tests want to see its reason code.
+                    Err(ConnectionError::MqttState(
+                        rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                    )) => {
+                        let _ = tx.send(Packet::Disconnect(
+                            rumqttc::v5::mqttbytes::v5::Disconnect::new(reason_code),
+                        ));
+                        return;
+                    }
+                    Err(e) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(Err(format!("{e:?}")));
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(10), ready_rx).await {
+            Ok(Ok(Ok(()))) => Ok(Client {
+                client,
+                events,
+                task,
+            }),
+            Ok(Ok(Err(e))) => Err(e),
+            _ => Err("no CONNACK".into()),
+        }
+    }
+
+    pub async fn connect(addr: SocketAddr, id: &str, user: &str, pass: &str) -> Client {
+        connect_with(options(addr, id, Some((user, pass))))
+            .await
+            .unwrap_or_else(|e| panic!("{user} could not connect: {e}"))
+    }
+
+    impl Client {
+        /// Drops the connection without DISCONNECT, as a crashed device would.
+        pub fn kill(self) {
+            self.task.abort();
+        }
+
+        /// Sends DISCONNECT and waits for the connection to close.
+        pub async fn disconnect(mut self) {
+            let _ = self.client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while self.events.recv().await.is_some() {}
+            })
+            .await;
+        }
+
+        pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
+            self.client.subscribe(filter, qos).await.unwrap();
+            loop {
+                if let Packet::SubAck(a) = self.next().await {
+                    return a.return_codes;
+                }
+            }
+        }
+
+        pub async fn next(&mut self) -> Packet {
+            tokio::time::timeout(Duration::from_secs(10), self.events.recv())
+                .await
+                .expect("timed out waiting for a packet")
+                .expect("connection closed")
+        }
+
+        pub async fn next_publish(&mut self) -> Publish {
+            loop {
+                if let Packet::Publish(p) = self.next().await {
+                    return p;
+                }
+            }
+        }
+
+        pub async fn publishes_until(&mut self, marker: &str) -> Vec<Publish> {
+            let mut got = Vec::new();
+            loop {
+                let p = self.next_publish().await;
+                let done = p.topic == marker.as_bytes();
+                got.push(p);
+                if done {
+                    return got;
+                }
+            }
+        }
+
+        /// Publishes at QoS 1 and returns the PUBACK's reason.
+        pub async fn publish_acked(&mut self, topic: &str, payload: &[u8]) -> PubAckReason {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+                .await
+                .unwrap();
+            loop {
+                if let Packet::PubAck(a) = self.next().await {
+                    return a.reason;
+                }
+            }
+        }
+    }
+}

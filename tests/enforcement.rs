@@ -1,0 +1,380 @@
+//! End to end: every way MQTT names a topic or carries data passes the ACT —
+//! topic aliases, retained and will messages, queued messages, time windows,
+//! masking of JSON and MessagePack.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{Datelike, TimeZone, Utc};
+use common::{v4, v5, Server, Setup, DEMO_DIRECTORY, MARKER_ACL};
+use serde_json::{json, Value};
+
+const HR: &str = "pii/alice/alice-watch/heart_rate";
+
+/// The demo directory with alice's heart-rate sharing with fitcoach revoked.
+fn demo_without_heart_rate_sharing() -> String {
+    let grant = "[[preferences.share]]\nprovider = \"fitcoach\"\npurpose = \"coaching\"\nkind = \"heart_rate\"\n";
+    assert!(DEMO_DIRECTORY.contains(grant));
+    DEMO_DIRECTORY.replacen(grant, "", 1)
+}
+
+async fn wait_for_providers(server: &Server, n: f64) {
+    for _ in 0..200 {
+        if server.metric("consentry_connected_clients", &[("role", "provider")]) == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("providers connected never became {n}");
+}
+
+#[tokio::test]
+async fn topic_aliases_resolve_before_the_act() {
+    let server = Server::demo();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtMostOnce).await;
+    fit.subscribe("public/#", v5::QoS::AtMostOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    let alias = |a| v5::PublishProperties {
+        topic_alias: Some(a),
+        ..Default::default()
+    };
+    let c = &alice.client;
+    c.publish_with_properties(
+        HR,
+        v5::QoS::AtMostOnce,
+        false,
+        &b"{\"bpm\":61,\"x\":1}"[..],
+        alias(1),
+    )
+    .await
+    .unwrap();
+    c.publish_with_properties(
+        "",
+        v5::QoS::AtMostOnce,
+        false,
+        &b"{\"bpm\":62}"[..],
+        alias(1),
+    )
+    .await
+    .unwrap();
+    // An alias for a topic the device may not publish stays refused.
+    c.publish_with_properties(
+        "pii/bob/bob-phone/heart_rate",
+        v5::QoS::AtMostOnce,
+        false,
+        &b"{\"bpm\":1}"[..],
+        alias(2),
+    )
+    .await
+    .unwrap();
+    let r = {
+        c.publish_with_properties(
+            "",
+            v5::QoS::AtLeastOnce,
+            false,
+            &b"{\"bpm\":2}"[..],
+            alias(2),
+        )
+        .await
+        .unwrap();
+        loop {
+            if let v5::Packet::PubAck(a) = alice.next().await {
+                break a.reason;
+            }
+        }
+    };
+    assert_eq!(r, v5::PubAckReason::NotAuthorized);
+    alice.publish_acked("public/marker", b"m").await;
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    for (p, bpm) in got[..2].iter().zip([61, 62]) {
+        assert_eq!(p.topic, HR.as_bytes());
+        assert!(p.properties.as_ref().and_then(|p| p.topic_alias).is_none());
+        assert_eq!(
+            serde_json::from_slice::<Value>(&p.payload).unwrap(),
+            json!({"bpm": bpm})
+        );
+    }
+}
+
+#[tokio::test]
+async fn retained_messages_follow_the_consent_in_force() {
+    let server = Server::demo();
+    let mut alice = v4::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice
+        .client
+        .publish(HR, v4::QoS::AtLeastOnce, true, "{\"bpm\":77}")
+        .await
+        .unwrap();
+    assert!(matches!(alice.next().await, v4::Packet::PubAck(_)));
+
+    let mut fit = v4::connect(server.mqtt, "fit-a", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/heart_rate", v4::QoS::AtLeastOnce)
+        .await;
+    let p = fit.next_publish().await;
+    assert!(p.retain);
+    assert_eq!(p.topic, HR);
+
+    server.reload(&demo_without_heart_rate_sharing());
+    let mut fit2 = v4::connect(server.mqtt, "fit-b", "fitcoach", "fitcoach-secret").await;
+    fit2.subscribe("pii/+/+/heart_rate", v4::QoS::AtLeastOnce)
+        .await;
+    fit2.subscribe("public/#", v4::QoS::AtLeastOnce).await;
+    alice
+        .client
+        .publish("public/marker", v4::QoS::AtLeastOnce, false, "m")
+        .await
+        .unwrap();
+    let got = fit2.publishes_until("public/marker").await;
+    assert_eq!(
+        got.len(),
+        1,
+        "retained message delivered after revocation: {got:?}"
+    );
+}
+
+#[tokio::test]
+async fn queued_messages_stop_when_consent_is_revoked_offline() {
+    let server = Server::demo();
+    let fit_opts = || {
+        let mut o = v4::options(
+            server.mqtt,
+            "fit-persistent",
+            Some(("fitcoach", "fitcoach-secret")),
+        );
+        o.set_clean_session(false);
+        o
+    };
+    let mut fit = v4::connect_with(fit_opts()).await.unwrap();
+    fit.subscribe("pii/+/+/heart_rate", v4::QoS::AtLeastOnce)
+        .await;
+    fit.subscribe("public/#", v4::QoS::AtLeastOnce).await;
+    fit.disconnect().await;
+    wait_for_providers(&server, 0.0).await;
+
+    let mut alice = v4::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    let publish = |alice: &v4::Client, bpm: u32| {
+        let c = alice.client.clone();
+        async move {
+            c.publish(
+                HR,
+                v4::QoS::AtLeastOnce,
+                false,
+                format!("{{\"bpm\":{bpm}}}"),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // Control: a message queued while fitcoach is away is delivered later.
+    publish(&alice, 90).await;
+    assert!(matches!(alice.next().await, v4::Packet::PubAck(_)));
+    let mut fit = v4::connect_with(fit_opts()).await.unwrap();
+    let p = fit.next_publish().await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&p.payload).unwrap(),
+        json!({"bpm": 90})
+    );
+    fit.disconnect().await;
+    wait_for_providers(&server, 0.0).await;
+
+    // Queued, then consent revoked before fitcoach comes back.
+    publish(&alice, 91).await;
+    assert!(matches!(alice.next().await, v4::Packet::PubAck(_)));
+    server.reload(&demo_without_heart_rate_sharing());
+    let mut fit = v4::connect_with(fit_opts()).await.unwrap();
+    alice
+        .client
+        .publish("public/marker", v4::QoS::AtLeastOnce, false, "m")
+        .await
+        .unwrap();
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(
+        got.len(),
+        1,
+        "queued message delivered after revocation: {got:?}"
+    );
+    assert!(
+        server.metric(
+            "consentry_deliveries_total",
+            &[("provider", "fitcoach"), ("reason", "no_share_consent")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn will_messages_pass_ingress_and_egress() {
+    let server = Server::demo();
+    let mut fit = v4::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v4::QoS::AtLeastOnce).await;
+
+    // A will on someone else's topic: the CONNECT is refused.
+    let mut o = v4::options(
+        server.mqtt,
+        "w-bad",
+        Some(("alice-watch", "alice-watch-secret")),
+    );
+    o.set_last_will(v4::LastWill::new(
+        "pii/bob/bob-phone/heart_rate",
+        "{\"bpm\":0}",
+        v4::QoS::AtLeastOnce,
+        false,
+    ));
+    let refused = v4::connect_with(o).await;
+    assert!(refused.is_err_and(|e| e.contains("NotAuthorized")));
+
+    // An allowed will is minimized like any publish and delivered on a crash.
+    let mut o = v4::options(
+        server.mqtt,
+        "w-good",
+        Some(("alice-watch", "alice-watch-secret")),
+    );
+    o.set_last_will(v4::LastWill::new(
+        HR,
+        "{\"bpm\":0,\"battery\":3}",
+        v4::QoS::AtLeastOnce,
+        false,
+    ));
+    let alice = v4::connect_with(o).await.unwrap();
+    alice.kill();
+    let p = fit.next_publish().await;
+    assert_eq!(p.topic, HR);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&p.payload).unwrap(),
+        json!({"bpm": 0})
+    );
+}
+
+/// Seconds to add to now so that it becomes the next `weekday` at `hour`:00
+/// in Paris.
+fn offset_to(weekday: chrono::Weekday, hour: u32) -> i64 {
+    let tz = chrono_tz::Europe::Paris;
+    let now = Utc::now();
+    let mut day = now.with_timezone(&tz).date_naive() + chrono::Duration::days(1);
+    while day.weekday() != weekday {
+        day += chrono::Duration::days(1);
+    }
+    let target = tz
+        .from_local_datetime(&day.and_hms_opt(hour, 0, 0).unwrap())
+        .single()
+        .unwrap();
+    (target.with_timezone(&Utc) - now).num_seconds()
+}
+
+fn with_weekday_window() -> String {
+    let from = r#"collect = [{ kind = "heart_rate" }, { kind = "location" }, { kind = "steps" }]"#;
+    assert!(DEMO_DIRECTORY.contains(from));
+    DEMO_DIRECTORY.replacen(
+        from,
+        r#"collect = [{ kind = "heart_rate", windows = [{ days = ["Mon", "Tue", "Wed", "Thu", "Fri"], from = "09:00:00", to = "17:30:00" }] }, { kind = "location" }, { kind = "steps" }]"#,
+        1,
+    )
+}
+
+async fn heart_rate_accepted_at(offset: i64) -> v5::PubAckReason {
+    let server = Server::start(Setup {
+        directory: Some(with_weekday_window()),
+        extra: MARKER_ACL.into(),
+        replace: vec![(
+            "clock_offset_secs = 0".into(),
+            format!("clock_offset_secs = {offset}"),
+        )],
+        ..Default::default()
+    });
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice.publish_acked(HR, b"{\"bpm\":70}").await
+}
+
+#[tokio::test]
+async fn collection_windows_in_the_users_time_zone() {
+    use chrono::Weekday::*;
+    assert_eq!(
+        heart_rate_accepted_at(offset_to(Mon, 10)).await,
+        v5::PubAckReason::Success
+    );
+    assert_eq!(
+        heart_rate_accepted_at(offset_to(Mon, 8)).await,
+        v5::PubAckReason::NotAuthorized
+    );
+    assert_eq!(
+        heart_rate_accepted_at(offset_to(Sat, 10)).await,
+        v5::PubAckReason::NotAuthorized
+    );
+}
+
+fn gps_setup() -> Setup {
+    let purpose = r#"kinds = ["heart_rate", "steps", "location"]"#;
+    assert!(DEMO_DIRECTORY.contains(purpose));
+    let mut directory = DEMO_DIRECTORY.replacen(
+        purpose,
+        r#"kinds = ["heart_rate", "steps", "location", "gps"]"#,
+        1,
+    );
+    directory = directory.replacen(
+        r#"{ kind = "steps" }]"#,
+        r#"{ kind = "steps" }, { kind = "gps" }]"#,
+        1,
+    );
+    // alice's grant goes inside her [[preferences]] block, before bob's.
+    let grant = r#"[[preferences.share]]
+provider = "fitcoach"
+purpose = "coaching"
+kind = "gps"
+mask = { lat = { method = "generalize", decimals = 2 }, lon = { method = "remove" }, trip = { method = "pseudonymize" }, note = { method = "redact" } }
+
+"#;
+    assert!(directory.contains("# bob:"));
+    directory = directory.replacen("# bob:", &format!("{grant}# bob:"), 1);
+    Setup {
+        directory: Some(directory),
+        extra: format!(
+            "{MARKER_ACL}\n[[kinds]]\nname = \"gps\"\ncategory = \"Behavioral\"\nformat = \"msgpack\"\nfields = [\"lat\", \"lon\", \"trip\", \"note\"]\n"
+        ),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn messagepack_payloads_are_masked() {
+    let server = Server::start(gps_setup());
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/gps", v5::QoS::AtMostOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    let doc = rmpv::Value::Map(vec![
+        ("lat".into(), rmpv::Value::F64(48.85661)),
+        ("lon".into(), rmpv::Value::F64(2.35222)),
+        ("trip".into(), "morning-run-17".into()),
+        ("note".into(), "with Bob".into()),
+        ("secret".into(), "undeclared".into()),
+    ]);
+    let mut payload = Vec::new();
+    rmpv::encode::write_value(&mut payload, &doc).unwrap();
+    let r = alice
+        .publish_acked("pii/alice/alice-watch/gps", &payload)
+        .await;
+    assert_eq!(r, v5::PubAckReason::Success);
+    let p = fit.next_publish().await;
+    let got = rmpv::decode::read_value(&mut &p.payload[..]).unwrap();
+    let map: Vec<(String, rmpv::Value)> = got
+        .as_map()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str().unwrap().to_string(), v.clone()))
+        .collect();
+    let get = |k: &str| map.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(get("lat"), Some(rmpv::Value::F64(48.86)));
+    assert_eq!(get("lon"), None);
+    assert_eq!(get("secret"), None);
+    assert_eq!(get("note"), Some(rmpv::Value::from("[redacted]")));
+    let trip = get("trip").unwrap();
+    assert_ne!(trip, rmpv::Value::from("morning-run-17"));
+    assert_eq!(trip.as_str().unwrap().len(), 32);
+
+    // Undecodable payloads for a kind that needs masking are not collected.
+    let r = alice
+        .publish_acked("pii/alice/alice-watch/gps", b"\xc1not msgpack")
+        .await;
+    assert_eq!(r, v5::PubAckReason::PayloadFormatInvalid);
+}

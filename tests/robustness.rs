@@ -1,0 +1,261 @@
+//! End to end: bad input gets the protocol's answer, never a panic, and no
+//! other session is disturbed. Packets are built with rumqttc's codec and
+//! written to a raw socket, so the test controls every byte.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use common::{v4, Server, Setup, MARKER_ACL};
+use rumqttc::v5::mqttbytes::v5::{
+    Connect, DisconnectReasonCode, Login, Packet, Publish, PublishProperties,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Raw {
+    s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn open(addr: SocketAddr) -> Raw {
+        Raw {
+            s: TcpStream::connect(addr).await.unwrap(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, p: Packet) {
+        let mut out = BytesMut::new();
+        p.write(&mut out, None).unwrap();
+        self.s.write_all(&out).await.unwrap();
+    }
+
+    async fn send_bytes(&mut self, b: &[u8]) {
+        self.s.write_all(b).await.unwrap();
+    }
+
+    /// The next packet, or `None` once the server closed the connection.
+    async fn recv(&mut self) -> Option<Packet> {
+        loop {
+            if let Ok(p) = Packet::read(&mut self.buf, Some(1 << 20)) {
+                return Some(p);
+            }
+            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read_buf(&mut self.buf))
+                .await
+                .expect("server neither answered nor closed");
+            match n {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn login_v5(addr: SocketAddr, user: &str, pass: &str) -> Raw {
+        let mut r = Raw::open(addr).await;
+        r.send(Packet::Connect(
+            Connect {
+                keep_alive: 30,
+                client_id: format!("raw-{}", rand_id()),
+                clean_start: true,
+                properties: None,
+            },
+            None,
+            Some(Login::new(user, pass)),
+        ))
+        .await;
+        match r.recv().await {
+            Some(Packet::ConnAck(a)) => assert_eq!(
+                a.code,
+                rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success
+            ),
+            other => panic!("{other:?}"),
+        }
+        r
+    }
+
+    async fn expect_disconnect(&mut self, code: DisconnectReasonCode) {
+        match self.recv().await {
+            Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, code),
+            other => panic!("expected DISCONNECT {code:?}, got {other:?}"),
+        }
+        assert!(self.recv().await.is_none(), "connection left open");
+    }
+}
+
+fn rand_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// The server still serves a well-behaved client.
+async fn still_serving(server: &Server) {
+    let mut c = v4::connect(server.mqtt, "healthy", "alice-watch", "alice-watch-secret").await;
+    c.subscribe("public/#", v4::QoS::AtMostOnce).await;
+    c.client
+        .publish("public/ok", v4::QoS::AtMostOnce, false, "ok")
+        .await
+        .unwrap();
+    assert_eq!(c.next_publish().await.topic, "public/ok");
+}
+
+#[tokio::test]
+async fn garbage_before_connect_is_closed() {
+    let server = Server::demo();
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0x10, 0xff, 0xff, 0xff, 0xff, 0x7f],
+        &[0x30, 0x00],
+    ] {
+        let mut r = Raw::open(server.mqtt).await;
+        r.send_bytes(junk).await;
+        assert!(r.recv().await.is_none());
+    }
+    // Protocol level 3 (MQTT 3.1) is not spoken.
+    let mut r = Raw::open(server.mqtt).await;
+    r.send_bytes(&[
+        0x10, 0x0c, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x03, 0x02, 0x00, 0x3c, 0x00, 0x00,
+    ])
+    .await;
+    assert!(r.recv().await.is_none());
+    still_serving(&server).await;
+    assert!(server.metric("consentry_protocol_errors_total", &[]) >= 4.0);
+}
+
+#[tokio::test]
+async fn connect_timeout_closes_silent_connections() {
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        replace: vec![(
+            "connect_timeout_secs = 10".into(),
+            "connect_timeout_secs = 1".into(),
+        )],
+        ..Default::default()
+    });
+    let mut r = Raw::open(server.mqtt).await;
+    assert!(r.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn oversized_packets_are_refused_with_0x95() {
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        replace: vec![(
+            "max_packet_size = 262144".into(),
+            "max_packet_size = 1024".into(),
+        )],
+        ..Default::default()
+    });
+    let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    r.send(Packet::Publish(Publish::new(
+        "pii/alice/alice-watch/heart_rate",
+        QoS::AtMostOnce,
+        vec![b' '; 4096],
+        None,
+    )))
+    .await;
+    r.expect_disconnect(DisconnectReasonCode::PacketTooLarge)
+        .await;
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn bad_topics_end_the_session_with_a_reason() {
+    let server = Server::demo();
+    // A wildcard in a topic name.
+    let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    r.send(Packet::Publish(Publish::new(
+        "pii/+/x",
+        QoS::AtMostOnce,
+        "{}",
+        None,
+    )))
+    .await;
+    r.expect_disconnect(DisconnectReasonCode::TopicNameInvalid)
+        .await;
+
+    // A topic that is not UTF-8.
+    let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    let mut p = Publish::new("x", QoS::AtMostOnce, "{}", None);
+    p.topic = Bytes::from_static(b"pii/\xff\xfe");
+    r.send(Packet::Publish(p)).await;
+    r.expect_disconnect(DisconnectReasonCode::TopicNameInvalid)
+        .await;
+
+    // An alias that was never set up.
+    let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    let mut p = Publish::new("", QoS::AtMostOnce, "{}", None);
+    p.properties = Some(PublishProperties {
+        topic_alias: Some(9),
+        ..Default::default()
+    });
+    r.send(Packet::Publish(p)).await;
+    r.expect_disconnect(DisconnectReasonCode::ProtocolError)
+        .await;
+
+    // An alias above the maximum consentry announced.
+    let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    let mut p = Publish::new("public/x", QoS::AtMostOnce, "{}", None);
+    p.properties = Some(PublishProperties {
+        topic_alias: Some(1000),
+        ..Default::default()
+    });
+    r.send(Packet::Publish(p)).await;
+    r.expect_disconnect(DisconnectReasonCode::TopicAliasInvalid)
+        .await;
+
+    // A second CONNECT.
+    let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    r.send(Packet::Connect(
+        Connect {
+            keep_alive: 30,
+            client_id: "again".into(),
+            clean_start: true,
+            properties: None,
+        },
+        None,
+        None,
+    ))
+    .await;
+    r.expect_disconnect(DisconnectReasonCode::ProtocolError)
+        .await;
+
+    // A packet with a malformed body: PUBLISH claiming a topic longer than itself.
+    let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    let mut body = BytesMut::new();
+    body.put_u16(200);
+    body.put_slice(b"short");
+    let mut frame = BytesMut::new();
+    frame.put_u8(0x30);
+    frame.put_u8(body.len() as u8);
+    frame.put_slice(&body);
+    r.send_bytes(&frame).await;
+    r.expect_disconnect(DisconnectReasonCode::MalformedPacket)
+        .await;
+
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn keep_alive_zero_is_legal() {
+    let server = Server::demo();
+    let mut o = v4::options(
+        server.mqtt,
+        "ka0",
+        Some(("alice-watch", "alice-watch-secret")),
+    );
+    o.set_keep_alive(Duration::ZERO);
+    let mut c = v4::connect_with(o).await.expect("keep-alive 0 accepted");
+    c.subscribe("public/#", v4::QoS::AtLeastOnce).await;
+    c.client
+        .publish("public/ka", v4::QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    assert_eq!(c.next_publish().await.topic, "public/ka");
+}
