@@ -18,11 +18,13 @@
 //! | [`broker`] | the embedded rumqttd, or an external upstream | data service provider's broker |
 //! | [`server`] | listeners, wiring, reload, shutdown | — |
 //! | [`config`] | `config/consentry.toml` | — |
+//! | [`admin`] | operator commands: ledger verify/show, key rotation | history log access (9.2.3) |
 //! | [`metrics`] | Prometheus names and the exporter | — |
 #![forbid(unsafe_code)]
 
 pub mod acl;
 pub mod act;
+pub mod admin;
 pub mod auth;
 pub mod broker;
 pub mod codec;

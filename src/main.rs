@@ -48,6 +48,64 @@ enum Command {
     },
     /// Check a configuration and its directory without starting anything.
     Check,
+    /// The share ledger (run with the server stopped).
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+        /// Data directory (overrides storage.data_dir).
+        #[arg(long, env = "CONSENTRY_DATA_DIR", global = true)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Encryption keys of the share ledger.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+        /// Data directory (overrides storage.data_dir).
+        #[arg(long, env = "CONSENTRY_DATA_DIR", global = true)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Walk the hash chain and signed checkpoints; name the first bad record.
+    Verify,
+    /// One user's share history, as JSON lines. Recorded in the ledger as an
+    /// extract by the operator.
+    Show {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        /// RFC 3339 time, inclusive.
+        #[arg(long)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// RFC 3339 time, exclusive.
+        #[arg(long)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// Who is reading, for the extract record.
+        #[arg(long, env = "USER", default_value = "operator")]
+        actor: String,
+        /// Why, for the extract record.
+        #[arg(long, default_value = "operator inspection")]
+        purpose: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Add a data key and make it active; old records stay readable.
+    Rotate,
+}
+
+fn load_with_data_dir(path: &std::path::Path, data_dir: Option<PathBuf>) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(path)?;
+    if let Some(d) = data_dir {
+        cfg.storage.data_dir = d;
+    }
+    Ok(cfg)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +152,52 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             println!("{}", consentry::auth::hash_password(&password));
+            Ok(())
+        }
+        Command::Ledger { command, data_dir } => {
+            let cfg = load_with_data_dir(&cli.config, data_dir)?;
+            match command {
+                LedgerCommand::Verify => match consentry::admin::verify(&cfg) {
+                    Ok(report) => {
+                        println!("{report}");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        eprintln!("ledger verification FAILED: {e:#}");
+                        std::process::exit(1);
+                    }
+                },
+                LedgerCommand::Show {
+                    user,
+                    provider,
+                    kind,
+                    from,
+                    to,
+                    actor,
+                    purpose,
+                } => {
+                    let args = consentry::admin::ShowArgs {
+                        user,
+                        provider,
+                        kind,
+                        from,
+                        to,
+                        actor,
+                        purpose,
+                    };
+                    let rt = tokio::runtime::Runtime::new()?;
+                    for entry in rt.block_on(consentry::admin::show(&cfg, args))? {
+                        println!("{entry}");
+                    }
+                    Ok(())
+                }
+            }
+        }
+        Command::Keys { command, data_dir } => {
+            let cfg = load_with_data_dir(&cli.config, data_dir)?;
+            match command {
+                KeysCommand::Rotate => println!("{}", consentry::admin::rotate_keys(&cfg)?),
+            }
             Ok(())
         }
         Command::Check => {

@@ -90,6 +90,20 @@ pub fn ledger_paths(cfg: &Config) -> (PathBuf, PathBuf) {
     (data.join("ledger"), data.join("ledger-keys.json"))
 }
 
+pub fn ledger_config(cfg: &Config) -> LedgerConfig {
+    LedgerConfig {
+        dir: ledger_paths(cfg).0,
+        checkpoint_every: cfg.ledger.checkpoint_every,
+        segment_bytes: cfg.ledger.segment_mib * 1024 * 1024,
+        retention: cfg
+            .ledger
+            .retention_days
+            .map(|d| Duration::from_secs(d as u64 * 86_400)),
+        creator: cfg.ledger.creator.clone(),
+        ..LedgerConfig::default()
+    }
+}
+
 pub fn open_keyring(cfg: &Config) -> anyhow::Result<Keyring> {
     let (_, keys) = ledger_paths(cfg);
     Ok(match Keyring::from_env()? {
@@ -142,21 +156,7 @@ impl Server {
             Some(addr) => Upstream::external(&config, addr),
             None => broker::start_embedded(&config)?,
         };
-        let (ledger_dir, _) = ledger_paths(&config);
-        let ledger = Ledger::open(
-            LedgerConfig {
-                dir: ledger_dir,
-                checkpoint_every: config.ledger.checkpoint_every,
-                segment_bytes: config.ledger.segment_mib * 1024 * 1024,
-                retention: config
-                    .ledger
-                    .retention_days
-                    .map(|d| Duration::from_secs(d as u64 * 86_400)),
-                creator: config.ledger.creator.clone(),
-                ..LedgerConfig::default()
-            },
-            open_keyring(&config)?,
-        )?;
+        let ledger = Ledger::open(ledger_config(&config), open_keyring(&config)?)?;
         let pseudonym_master =
             load_or_create_secret(&data.join("pseudonym.key"), "CONSENTRY_PSEUDONYM_KEY")?;
         let act = Arc::new(ActHandle::new(act));
@@ -241,12 +241,9 @@ impl Server {
         })
         .await;
         self.tasks.abort_all();
-        let shared = self.shared;
-        if let Ok(shared) = Arc::try_unwrap(shared) {
-            shared.ledger.shutdown().await;
-        } else {
-            tracing::warn!("sessions still running at shutdown; ledger closed by process exit");
-        }
+        // Any clone closes the ledger for all: sessions still draining get
+        // `Closed` and withhold their deliveries.
+        self.shared.ledger.clone().shutdown().await;
     }
 }
 

@@ -60,6 +60,8 @@ pub enum LedgerError {
     Closed,
     #[error("ledger queue is full")]
     Overloaded,
+    #[error("ledger {0} is in use by another process (a running consentry?)")]
+    Locked(String),
     #[error("ledger verification failed at seq {seq}: {kind} ({detail})")]
     Tampered {
         seq: u64,

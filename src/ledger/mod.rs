@@ -149,6 +149,27 @@ struct Handle {
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     done: Mutex<Option<oneshot::Receiver<()>>>,
+    /// Held for the ledger's lifetime: two writers on one directory would
+    /// reuse nonces (the boot counter lives in the directory).
+    _lock: std::fs::File,
+}
+
+/// Takes the directory's exclusive lock, or says who holds it.
+pub fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, LedgerError> {
+    std::fs::create_dir_all(dir).map_err(|e| LedgerError::io("create ledger dir", e))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(|e| LedgerError::io("open ledger lock", e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(LedgerError::Locked(dir.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(LedgerError::io("lock ledger dir", e)),
+    }
 }
 
 impl Drop for Handle {
@@ -178,6 +199,7 @@ impl Ledger {
     /// writer thread.
     pub fn open(cfg: LedgerConfig, keys: Keyring) -> Result<Ledger, LedgerError> {
         cfg.validate()?;
+        let lock = lock_dir(&cfg.dir)?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(writer::Queue::default()),
             cv: std::sync::Condvar::new(),
@@ -203,6 +225,7 @@ impl Ledger {
                 shared,
                 thread: Mutex::new(Some(thread)),
                 done: Mutex::new(Some(done_rx)),
+                _lock: lock,
             }),
         })
     }

@@ -62,7 +62,7 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
                 break;
             }
             Next::Frame(f) => {
-                let chained = prev.map_or(true, |p| p == f.header.prev);
+                let chained = prev.is_none_or(|p| p == f.header.prev);
                 if f.header.seq != expected || !chained {
                     bad_at = Some(off);
                     break;

@@ -21,7 +21,7 @@ fn share(user: &str, device: &str, recipient: &str, kind: &str, i: u64) -> Share
         kind: kind.into(),
         pii_category: "Health".into(),
         purpose: "fitness-coaching".into(),
-        action: if i % 2 == 0 {
+        action: if i.is_multiple_of(2) {
             ShareAction::Delivered
         } else {
             ShareAction::Masked {

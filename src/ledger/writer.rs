@@ -246,7 +246,7 @@ impl Writer {
                 self.checkpoint()?;
             }
             if self.shared.cfg.retention.is_some()
-                && self.last_purge.map_or(true, |t| t.elapsed() >= PURGE_EVERY)
+                && self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY)
             {
                 self.last_purge = Some(Instant::now());
                 self.purge()?;

@@ -1,0 +1,138 @@
+//! Operator commands on a stopped consentry's data: verify and read the
+//! share ledger, rotate its keys. Each takes the ledger directory's lock, so
+//! none of them runs beside a live server.
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::ledger::{self, Entry, ExtractRecord, Keyring, Ledger, ReadFilter};
+use crate::server::{ledger_config, ledger_paths, open_keyring};
+
+/// Walks the chain and the checkpoints. `Err` names the first bad record.
+pub fn verify(cfg: &Config) -> anyhow::Result<String> {
+    let (dir, _) = ledger_paths(cfg);
+    let _lock = ledger::lock_dir(&dir)?;
+    let keys = open_keyring(cfg)?;
+    let r = ledger::verify_dir(&dir, &keys)?;
+    Ok(format!(
+        "ledger OK: {} records (seq {}..={}), {} signed checkpoints, head {}{}",
+        r.records,
+        r.first_seq.unwrap_or(0),
+        r.head_seq,
+        r.checkpoints,
+        hex::encode(r.head),
+        r.anchor_seq
+            .map(|a| format!(", history before seq {a} purged by retention"))
+            .unwrap_or_default()
+    ))
+}
+
+pub struct ShowArgs {
+    pub user: String,
+    pub provider: Option<String>,
+    pub kind: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub actor: String,
+    pub purpose: String,
+}
+
+/// Reads one user's history. Reading is an extract of that user's PII by
+/// the operator (X.1363 9.1.3), so it is recorded, durably, before anything
+/// is shown.
+pub async fn show(cfg: &Config, args: ShowArgs) -> anyhow::Result<Vec<Value>> {
+    let ledger = Ledger::open(ledger_config(cfg), open_keyring(cfg)?)?;
+    let filter = ReadFilter {
+        from: args.from,
+        to: args.to,
+        recipient: args.provider.clone(),
+        kind: args.kind.clone(),
+        after_seq: None,
+        limit: 0,
+    };
+    let what = format!(
+        "share history{}{}",
+        args.provider
+            .as_ref()
+            .map(|p| format!(", provider {p}"))
+            .unwrap_or_default(),
+        args.kind
+            .as_ref()
+            .map(|k| format!(", kind {k}"))
+            .unwrap_or_default()
+    );
+    let extract = ledger.record_extract(ExtractRecord {
+        actor: args.actor,
+        user: args.user.clone(),
+        what,
+        purpose: args.purpose,
+        time: Utc::now(),
+    })?;
+    extract.await.context("record the extract")?;
+    let entries = ledger.read_user(&args.user, &filter);
+    ledger.shutdown().await;
+    Ok(entries?
+        .into_iter()
+        .map(|(seq, e)| entry_json(seq, &e))
+        .collect())
+}
+
+pub fn entry_json(seq: u64, e: &Entry) -> Value {
+    match e {
+        Entry::Share(r) => json!({
+            "seq": seq,
+            "type": "share",
+            "time": r.time,
+            "creator": r.creator,
+            "recipient": r.recipient,
+            "user": r.user,
+            "device": r.device,
+            "kind": r.kind,
+            "pii_category": r.pii_category,
+            "purpose": r.purpose,
+            "action": r.action,
+            "payload_sha256": hex::encode(r.payload_digest),
+            "qos": r.qos,
+            "receipt_id": r.receipt_id,
+        }),
+        Entry::Blocked(b) => json!({
+            "seq": seq,
+            "type": "blocked",
+            "time": b.hour_start,
+            "user": b.user,
+            "recipient": b.recipient,
+            "kind": b.kind,
+            "reason": b.reason,
+            "hour_start": b.hour_start,
+            "count": b.count,
+        }),
+        Entry::Extract(x) => json!({
+            "seq": seq,
+            "type": "extract",
+            "time": x.time,
+            "actor": x.actor,
+            "user": x.user,
+            "what": x.what,
+            "purpose": x.purpose,
+        }),
+    }
+}
+
+/// Adds a data key and makes it active; old records stay readable.
+pub fn rotate_keys(cfg: &Config) -> anyhow::Result<String> {
+    if std::env::var_os(ledger::KEYS_ENV).is_some() {
+        anyhow::bail!(
+            "keys come from {}; rotate them where that document is kept",
+            ledger::KEYS_ENV
+        );
+    }
+    let (dir, path) = ledger_paths(cfg);
+    let _lock = ledger::lock_dir(&dir)?;
+    if !path.exists() {
+        Keyring::load_or_create(&path)?;
+    }
+    let id = Keyring::rotate(&path)?;
+    Ok(format!("new active data key {}", id.0))
+}

@@ -1,0 +1,346 @@
+//! End to end: MQTT over TLS with client-certificate login, and consentry in
+//! front of Mosquitto as its upstream broker.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{free_port, v4, v5, Server, Setup, DEMO_DIRECTORY, MARKER_ACL};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio_rustls::rustls;
+
+const HR: &str = "pii/alice/alice-watch/heart_rate";
+
+struct Pki {
+    ca_pem: String,
+    server_cert: String,
+    server_key: String,
+    device_cert_der: Vec<u8>,
+    device_cert_pem: String,
+    device_key_pem: String,
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate for a
+/// device, all generated now.
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&server_key, &ca)
+            .unwrap();
+    let device_key = KeyPair::generate().unwrap();
+    let device_cert = CertificateParams::new(vec!["alice-watch".to_string()])
+        .unwrap()
+        .signed_by(&device_key, &ca)
+        .unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        server_cert: server_cert.pem(),
+        server_key: server_key.serialize_pem(),
+        device_cert_der: device_cert.der().to_vec(),
+        device_cert_pem: device_cert.pem(),
+        device_key_pem: device_key.serialize_pem(),
+    }
+}
+
+fn tls_client(pki: &Pki, with_client_cert: bool) -> rumqttc::TlsConfiguration {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = if with_client_cert {
+        builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(pki.device_cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(pki.device_key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap()
+    } else {
+        builder.with_no_client_auth()
+    };
+    rumqttc::TlsConfiguration::Rustls(Arc::new(config))
+}
+
+#[tokio::test]
+async fn tls_with_passwords_and_client_certificates() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let (ca, cert, key) = (
+        write("ca.pem", &pki.ca_pem),
+        write("server.pem", &pki.server_cert),
+        write("server.key", &pki.server_key),
+    );
+    let fingerprint = hex::encode(Sha256::digest(&pki.device_cert_der));
+    let device = "id = \"alice-watch\"\nuser = \"alice\"\n";
+    assert!(DEMO_DIRECTORY.contains(device));
+    let directory = DEMO_DIRECTORY.replacen(
+        device,
+        &format!("{device}cert_sha256 = \"{fingerprint}\"\n"),
+        1,
+    );
+    let server = Server::start(Setup {
+        directory: Some(directory),
+        extra: format!(
+            "{MARKER_ACL}\n[server.tls]\nlisten = \"127.0.0.1:0\"\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n"
+        ),
+        ..Default::default()
+    });
+    let tls_addr = server.mqtts.expect("TLS listener announced");
+
+    // A provider logs in with its password over TLS.
+    let mut o = v4::options(tls_addr, "fit-tls", Some(("fitcoach", "fitcoach-secret")));
+    o.set_transport(rumqttc::Transport::tls_with_config(tls_client(&pki, false)));
+    let mut fit = v4::connect_with(o).await.expect("provider over TLS");
+    fit.subscribe("pii/#", v4::QoS::AtLeastOnce).await;
+
+    // The device logs in by certificate alone.
+    let mut o = v4::options(tls_addr, "watch-tls", None);
+    o.set_transport(rumqttc::Transport::tls_with_config(tls_client(&pki, true)));
+    let alice = v4::connect_with(o)
+        .await
+        .expect("device by client certificate");
+    alice
+        .client
+        .publish(HR, v4::QoS::AtLeastOnce, false, "{\"bpm\":64}")
+        .await
+        .unwrap();
+    let p = fit.next_publish().await;
+    assert_eq!(p.topic, HR);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&p.payload).unwrap(),
+        json!({"bpm": 64})
+    );
+
+    // The certificate identifies alice's watch: it cannot speak for bob.
+    alice
+        .client
+        .publish(
+            "pii/bob/bob-phone/heart_rate",
+            v4::QoS::AtMostOnce,
+            false,
+            "{\"bpm\":1}",
+        )
+        .await
+        .unwrap();
+    // Without a certificate or password the TLS listener refuses too.
+    let mut o = v4::options(tls_addr, "nobody-tls", None);
+    o.set_transport(rumqttc::Transport::tls_with_config(tls_client(&pki, false)));
+    assert!(v4::connect_with(o)
+        .await
+        .is_err_and(|e| e.contains("NotAuthorized")));
+    // Plain MQTT to the TLS port does not get in.
+    assert!(v4::connect_with(v4::options(
+        tls_addr,
+        "plain",
+        Some(("fitcoach", "fitcoach-secret"))
+    ))
+    .await
+    .is_err());
+    assert_eq!(
+        server.metric(
+            "consentry_publishes_total",
+            &[("result", "dropped"), ("reason", "misattributed")]
+        ),
+        1.0
+    );
+}
+
+struct Mosquitto {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mosquitto() -> Mosquitto {
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("mosquitto is installed (tests/run.sh installs it)");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Owned from here on, so Drop reaps it on every path, panics included.
+    let m = Mosquitto {
+        child,
+        addr,
+        _dir: dir,
+    };
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("mosquitto did not start");
+}
+
+fn in_front_of(m: &Mosquitto) -> Server {
+    Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        upstream: Some(format!("mqtt://{}", m.addr)),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn in_front_of_mosquitto_the_demo_holds() {
+    let m = mosquitto();
+    let server = in_front_of(&m);
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    let mut ins = v5::connect(server.mqtt, "ins", "insureco", "insureco-secret").await;
+    for c in [&mut fit, &mut ins] {
+        c.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+        c.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    }
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    assert_eq!(
+        alice.publish_acked(HR, br#"{"bpm":72,"name":"x"}"#).await,
+        v5::PubAckReason::Success
+    );
+    alice
+        .publish_acked(
+            "pii/alice/alice-watch/location",
+            br#"{"lat":48.85661,"lon":2.35222}"#,
+        )
+        .await;
+    assert_eq!(
+        alice
+            .publish_acked("pii/bob/bob-phone/heart_rate", br#"{"bpm":1}"#)
+            .await,
+        v5::PubAckReason::NotAuthorized
+    );
+    alice.publish_acked("public/marker", b"m").await;
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(got.len(), 3);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&got[0].payload).unwrap(),
+        json!({"bpm": 72})
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&got[1].payload).unwrap(),
+        json!({"lat": 48.86, "lon": 2.35})
+    );
+    assert_eq!(ins.publishes_until("public/marker").await.len(), 1);
+}
+
+#[tokio::test]
+async fn in_front_of_mosquitto_queued_messages_stop_after_revocation() {
+    let m = mosquitto();
+    let server = in_front_of(&m);
+    let fit_opts = || {
+        let mut o = v5::options(server.mqtt, "fit-p", Some(("fitcoach", "fitcoach-secret")));
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(3600));
+        o
+    };
+    let mut fit = v5::connect_with(fit_opts()).await.unwrap();
+    fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    fit.disconnect().await;
+
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice.publish_acked(HR, br#"{"bpm":90}"#).await;
+    let mut fit = v5::connect_with(fit_opts()).await.unwrap();
+    let p = fit.next_publish().await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&p.payload).unwrap(),
+        json!({"bpm": 90})
+    );
+    fit.disconnect().await;
+
+    alice.publish_acked(HR, br#"{"bpm":91}"#).await;
+    let grant = "[[preferences.share]]\nprovider = \"fitcoach\"\npurpose = \"coaching\"\nkind = \"heart_rate\"\n";
+    server.reload(&DEMO_DIRECTORY.replacen(grant, "", 1));
+    let mut fit = v5::connect_with(fit_opts()).await.unwrap();
+    alice.publish_acked("public/marker", b"m").await;
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(
+        got.len(),
+        1,
+        "queued message delivered after revocation: {got:?}"
+    );
+}
+
+#[tokio::test]
+async fn in_front_of_mosquitto_open_topics_keep_mqtt5_features() {
+    let m = mosquitto();
+    let server = in_front_of(&m);
+    let mut sub = v5::connect(server.mqtt, "sub", "fitcoach", "fitcoach-secret").await;
+    sub.subscribe("$share/g/public/#", v5::QoS::AtLeastOnce)
+        .await;
+    let publ = v5::connect(server.mqtt, "pub", "alice-watch", "alice-watch-secret").await;
+    let props = v5::PublishProperties {
+        user_properties: vec![("trace".into(), "abc".into())],
+        message_expiry_interval: Some(60),
+        content_type: Some("text/plain".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"corr")),
+        response_topic: Some("public/reply".into()),
+        ..Default::default()
+    };
+    publ.client
+        .publish_with_properties(
+            "public/x",
+            v5::QoS::AtLeastOnce,
+            false,
+            &b"hello"[..],
+            props,
+        )
+        .await
+        .unwrap();
+    let p = sub.next_publish().await;
+    let got = p.properties.expect("properties delivered");
+    assert_eq!(
+        got.user_properties,
+        vec![("trace".to_string(), "abc".to_string())]
+    );
+    assert_eq!(got.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(got.response_topic.as_deref(), Some("public/reply"));
+    assert_eq!(got.correlation_data.as_deref(), Some(&b"corr"[..]));
+    assert!(got.message_expiry_interval.is_some_and(|e| e <= 60));
+}
