@@ -35,6 +35,8 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
     pub broker: BrokerConfig,
     #[serde(default)]
     pub storage: StorageConfig,
@@ -111,6 +113,36 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: Some(([127, 0, 0, 1], 9464).into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// HTTP API of the preference manager; unset disables it.
+    pub listen: Option<SocketAddr>,
+    /// Largest request body accepted, in bytes (larger: 413).
+    pub max_body_bytes: usize,
+    /// Lifetime of a login session, in seconds.
+    pub session_ttl_secs: u64,
+    /// Failed logins allowed per user name within `login_window_secs`
+    /// before further attempts get 429.
+    pub login_attempts: u32,
+    pub login_window_secs: u64,
+    /// Issuer shown in authenticator apps for TOTP enrolment.
+    pub totp_issuer: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(([127, 0, 0, 1], 8080).into()),
+            max_body_bytes: 64 * 1024,
+            session_ttl_secs: 3600,
+            login_attempts: 5,
+            login_window_secs: 900,
+            totp_issuer: "consentry".into(),
         }
     }
 }

@@ -20,11 +20,13 @@
 //! | [`config`] | `config/consentry.toml` | — |
 //! | [`admin`] | operator commands: ledger verify/show, key rotation | history log access (9.2.3) |
 //! | [`metrics`] | Prometheus names and the exporter | — |
+//! | [`secrets`] | keys generated on first run, owner-only | encryption (9.1.1) |
 #![forbid(unsafe_code)]
 
 pub mod acl;
 pub mod act;
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod codec;
@@ -33,6 +35,9 @@ pub mod ledger;
 pub mod mask;
 pub mod metrics;
 pub mod model;
+pub mod prefs;
+pub mod secrets;
 pub mod server;
 pub mod session;
+pub mod store;
 pub mod topic;

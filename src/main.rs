@@ -31,6 +31,9 @@ enum Command {
         /// MQTT listen address (overrides server.listen).
         #[arg(long, env = "CONSENTRY_LISTEN")]
         listen: Option<SocketAddr>,
+        /// HTTP API listen address (overrides api.listen).
+        #[arg(long, env = "CONSENTRY_API_LISTEN")]
+        api_listen: Option<SocketAddr>,
         /// Prometheus listen address (overrides metrics.listen).
         #[arg(long, env = "CONSENTRY_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
@@ -121,6 +124,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
             listen,
+            api_listen,
             metrics_listen,
             upstream,
             data_dir,
@@ -128,6 +132,9 @@ fn main() -> anyhow::Result<()> {
             let mut cfg = Config::load(&cli.config)?;
             if let Some(l) = listen {
                 cfg.server.listen = l;
+            }
+            if let Some(a) = api_listen {
+                cfg.api.listen = Some(a);
             }
             if let Some(m) = metrics_listen {
                 cfg.metrics.listen = Some(m);
@@ -202,7 +209,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Check => {
             let cfg = Config::load(&cli.config)?;
-            let (act, _) = consentry::server::compile(&cfg, 1)?;
+            let act = consentry::server::compile(&cfg, 1)?;
             println!("configuration OK (ACT version {})", act.version);
             Ok(())
         }
@@ -220,6 +227,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(tls) = server.tls_addr {
         println!("consentry listening mqtts={tls}");
     }
+    if let Some(api) = server.api_addr {
+        println!("consentry listening api={api}");
+    }
+    println!("consentry listening ready=all");
     wait_for_signals(&server).await?;
     tracing::info!("shutting down");
     server.shutdown().await;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Kantara Consent Receipt v0.8, Appendix B. Kept as a closed set so that a
 /// typo in configuration is an error rather than a new category.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum PiiCategory {
     Biographical,
     Contact,
@@ -59,7 +59,7 @@ impl PiiCategory {
 }
 
 /// Kantara Consent Receipt v0.8, Appendix A purpose categories.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum PurposeCategory {
     #[serde(rename = "Core Function")]
     CoreFunction,
@@ -92,7 +92,7 @@ pub enum PurposeCategory {
     Membership,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PayloadFormat {
     #[default]
@@ -104,7 +104,7 @@ pub enum PayloadFormat {
 
 /// What ingress does with fields a payload carries that its kind does not
 /// declare (X.1363 9.1.6, data minimization).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Undeclared {
     #[default]
@@ -112,7 +112,7 @@ pub enum Undeclared {
     Reject,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Kind {
     pub name: String,
@@ -132,7 +132,7 @@ pub struct Kind {
     pub derived: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub id: String,
@@ -155,7 +155,7 @@ pub struct Device {
     pub cert_sha256: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderRole {
     Data,
@@ -163,7 +163,7 @@ pub enum ProviderRole {
     Application,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Contact {
     pub company: String,
@@ -177,7 +177,7 @@ pub struct Contact {
     pub phone: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Purpose {
     pub id: String,
@@ -195,7 +195,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Provider {
     pub id: String,
@@ -218,12 +218,17 @@ pub struct Provider {
 
 /// A span of local time on some days of the week. `to` before `from` wraps
 /// past midnight (e.g. 22:00–06:00).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Window {
+    /// Mon, Tue, Wed, Thu, Fri, Sat, Sun.
     #[serde(with = "weekdays")]
+    #[schema(value_type = Vec<String>, example = json!(["Mon", "Tue"]))]
     pub days: Vec<Weekday>,
+    /// Local time in the user's time zone, HH:MM:SS.
+    #[schema(value_type = String, example = "09:00:00")]
     pub from: NaiveTime,
+    #[schema(value_type = String, example = "17:30:00")]
     pub to: NaiveTime,
 }
 
@@ -247,7 +252,7 @@ mod weekdays {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CollectGrant {
     pub kind: String,
@@ -257,7 +262,7 @@ pub struct CollectGrant {
 }
 
 /// How one field is shown to a provider.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
 pub enum MaskMethod {
     /// The field is taken out.
@@ -281,7 +286,7 @@ impl MaskMethod {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShareGrant {
     pub provider: String,
@@ -294,7 +299,7 @@ pub struct ShareGrant {
     pub expires: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Preferences {
     pub user: String,

@@ -5,14 +5,12 @@
 //! harness all run, so they exercise the same code.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -20,17 +18,21 @@ use tokio::task::JoinSet;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
-use crate::acl::Acl;
-use crate::act::{Act, ActHandle};
-use crate::auth::Credentials;
+use crate::act::Act;
+use crate::api::ApiState;
 use crate::broker::{self, Upstream};
 use crate::config::{Config, TlsConfig};
 use crate::ledger::{Keyring, Ledger, LedgerConfig};
+use crate::prefs::{self, PreferenceManager};
+use crate::secrets;
 use crate::session::{self, Shared};
+use crate::store::Store;
 
 /// A running consentry.
 pub struct Server {
     pub mqtt_addr: SocketAddr,
+    pub api_addr: Option<SocketAddr>,
+    prefs: Arc<PreferenceManager>,
     pub tls_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     config: Config,
@@ -38,51 +40,38 @@ pub struct Server {
     tasks: JoinSet<()>,
 }
 
-/// Compiles the ACT and credentials from the configuration's directory.
-pub fn compile(cfg: &Config, version: u64) -> anyhow::Result<(Act, Credentials)> {
+/// Compiles the ACT from the configuration and its directory file alone,
+/// without the store: what `consentry check` validates.
+pub fn compile(cfg: &Config, version: u64) -> anyhow::Result<Act> {
     let dir = cfg.load_directory()?;
-    let act = Act::compile(
-        version,
-        &cfg.templates,
-        &cfg.kinds,
-        &dir,
-        Acl::new(cfg.acl.rules.clone()),
-    )?;
-    let creds = Credentials::from_directory(&dir)?;
-    Ok((act, creds))
+    let (act, _) = prefs::compile(&cfg.templates, &cfg.kinds, &dir, &cfg.acl.rules, version)?;
+    Ok(act)
 }
 
-/// 32 random bytes kept in `path` (owner-only), or taken from `env` as hex.
-fn load_or_create_secret(path: &Path, env: &str) -> anyhow::Result<[u8; 32]> {
-    if let Ok(hex_key) = std::env::var(env) {
-        let bytes = hex::decode(hex_key.trim()).with_context(|| format!("{env} is not hex"))?;
-        return bytes
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("{env} must hold 32 bytes"));
+/// The operator's API key: `CONSENTRY_OPERATOR_KEY`, or generated on first
+/// run into `operator.key` (owner-only) in the data directory.
+pub fn operator_key(cfg: &Config) -> anyhow::Result<String> {
+    if let Ok(k) = std::env::var("CONSENTRY_OPERATOR_KEY") {
+        return Ok(k);
     }
-    if let Ok(bytes) = std::fs::read(path) {
-        return bytes
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("{} must hold 32 bytes", path.display()));
+    let path = cfg.storage.data_dir.join("operator.key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok(text.trim().to_string());
     }
-    let mut key = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut key);
-    write_private(path, &key)?;
+    let mut raw = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+    let key = hex::encode(raw);
+    secrets::write_private(&path, key.as_bytes())?;
+    tracing::info!(path = %path.display(), "operator API key generated");
     Ok(key)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+/// The store's file and its key, derived from the master key.
+pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    let data = &cfg.storage.data_dir;
+    std::fs::create_dir_all(data).with_context(|| format!("create data dir {}", data.display()))?;
+    let key = secrets::derive(&secrets::master_key(data)?, "store v1");
+    Ok(Store::open(&data.join("consentry.db"), &key)?)
 }
 
 pub fn ledger_paths(cfg: &Config) -> (PathBuf, PathBuf) {
@@ -151,19 +140,25 @@ impl Server {
         let data = &config.storage.data_dir;
         std::fs::create_dir_all(data)
             .with_context(|| format!("create data dir {}", data.display()))?;
-        let (act, creds) = compile(&config, 1)?;
+        let (pm, act, creds) = PreferenceManager::open(
+            open_store(&config)?,
+            config.templates.clone(),
+            &config.kinds,
+            config.acl.rules.clone(),
+            &config.load_directory()?,
+            None,
+        )?;
         let upstream = match config.upstream_addr() {
             Some(addr) => Upstream::external(&config, addr),
             None => broker::start_embedded(&config)?,
         };
         let ledger = Ledger::open(ledger_config(&config), open_keyring(&config)?)?;
         let pseudonym_master =
-            load_or_create_secret(&data.join("pseudonym.key"), "CONSENTRY_PSEUDONYM_KEY")?;
-        let act = Arc::new(ActHandle::new(act));
-        metrics::gauge!("consentry_act_version").set(1.0);
+            crate::secrets::load_or_create(&data.join("pseudonym.key"), "CONSENTRY_PSEUDONYM_KEY")?;
+        metrics::gauge!("consentry_act_version").set(act.load().version as f64);
         let shared = Arc::new(Shared {
             act,
-            creds: Arc::new(ArcSwap::from_pointee(creds)),
+            creds,
             ledger,
             upstream,
             server: config.server.clone(),
@@ -205,9 +200,35 @@ impl Server {
                 shutdown.subscribe(),
             ));
         }
-        tracing::info!(%mqtt_addr, ?tls_addr, upstream = ?shared.upstream, "consentry listening");
+        let prefs = Arc::new(pm);
+        let mut api_addr = None;
+        if let Some(listen) = config.api.listen {
+            let state = ApiState::new(
+                prefs.clone(),
+                config.api.clone(),
+                &operator_key(&config)?,
+                None,
+            );
+            let l = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("bind HTTP API listener {listen}"))?;
+            api_addr = Some(l.local_addr()?);
+            let mut rx = shutdown.subscribe();
+            tasks.spawn(async move {
+                let app = crate::api::router(state);
+                let serve = axum::serve(l, app).with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "HTTP API stopped");
+                }
+            });
+        }
+        tracing::info!(%mqtt_addr, ?tls_addr, ?api_addr, upstream = ?shared.upstream, "consentry listening");
         Ok(Server {
             mqtt_addr,
+            api_addr,
+            prefs,
             tls_addr,
             shared,
             config,
@@ -216,15 +237,17 @@ impl Server {
         })
     }
 
-    /// Re-reads the directory and swaps in a new ACT and credentials. On an
-    /// error the ACT in force stays.
+    /// Re-applies the directory file through the preference manager. On an
+    /// error nothing changes and the ACT in force stays.
     pub fn reload(&self) -> anyhow::Result<u64> {
-        let version = self.shared.act.load().version + 1;
-        let (act, creds) = compile(&self.config, version)?;
-        self.shared.creds.store(Arc::new(creds));
-        self.shared.act.store(act);
-        tracing::info!(version, "ACT reloaded");
+        let dir = self.config.load_directory()?;
+        let version = self.prefs.import(&dir, "import")?;
+        tracing::info!(version, "directory reloaded");
         Ok(version)
+    }
+
+    pub fn prefs(&self) -> &Arc<PreferenceManager> {
+        &self.prefs
     }
 
     pub fn ledger(&self) -> &Ledger {

@@ -49,6 +49,7 @@ pub struct Server {
     child: Option<Child>,
     pub mqtt: SocketAddr,
     pub mqtts: Option<SocketAddr>,
+    pub api: Option<SocketAddr>,
     pub metrics: SocketAddr,
     pub dir: TempDir,
     pub config: PathBuf,
@@ -91,6 +92,7 @@ impl Server {
             child: None,
             mqtt: "127.0.0.1:0".parse().unwrap(),
             mqtts: None,
+            api: None,
             metrics: "127.0.0.1:0".parse().unwrap(),
             dir,
             config,
@@ -108,6 +110,8 @@ impl Server {
             .arg(&self.config)
             .arg("serve")
             .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--api-listen")
             .arg("127.0.0.1:0")
             .arg("--metrics-listen")
             .arg(format!("127.0.0.1:{metrics_port}"))
@@ -133,32 +137,29 @@ impl Server {
         let mut lines = BufReader::new(stdout).lines();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut sent = false;
             for line in lines.by_ref().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("consentry listening mqtt=") {
-                    let _ = tx.send(("mqtt", a.to_string()));
-                    sent = true;
-                } else if let Some(a) = line.strip_prefix("consentry listening mqtts=") {
-                    let _ = tx.send(("mqtts", a.to_string()));
-                }
-            }
-            if !sent {
-                let _ = tx.send(("exit", String::new()));
-            }
-        });
-        self.child = Some(child);
-        self.metrics = format!("127.0.0.1:{metrics_port}").parse().unwrap();
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(("mqtt", a)) => {
-                self.mqtt = a.parse().unwrap();
-                // The TLS line, when configured, follows at once.
-                if self.config_text().contains("[server.tls]") {
-                    if let Ok(("mqtts", t)) = rx.recv_timeout(Duration::from_secs(5)) {
-                        self.mqtts = Some(t.parse().unwrap());
+                if let Some(rest) = line.strip_prefix("consentry listening ") {
+                    if let Some((what, addr)) = rest.split_once('=') {
+                        let _ = tx.send((what.to_string(), addr.to_string()));
                     }
                 }
             }
-            _ => panic!("consentry did not start:\n{}", self.log()),
+            let _ = tx.send(("exit".to_string(), String::new()));
+        });
+        self.child = Some(child);
+        self.metrics = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+        // main prints every listener, the MQTT one first, then its "ready".
+        loop {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok((what, addr)) => match what.as_str() {
+                    "mqtt" => self.mqtt = addr.parse().unwrap(),
+                    "mqtts" => self.mqtts = Some(addr.parse().unwrap()),
+                    "api" => self.api = Some(addr.parse().unwrap()),
+                    "ready" => return,
+                    _ => panic!("consentry did not start:\n{}", self.log()),
+                },
+                Err(_) => panic!("consentry did not start:\n{}", self.log()),
+            }
         }
     }
 
@@ -264,6 +265,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- consentry's log ---\n{}", self.log());
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

@@ -1,0 +1,279 @@
+//! The preference manager's HTTP API (X.1363 10.2): JSON under `/v1`.
+//!
+//! `router(state)` is the whole API, tested with `oneshot` and served by
+//! `consentry serve`. Users see and change only their own data; operator
+//! endpoints need the operator key; only provider listings, the JWKS and the
+//! OpenAPI document are public. Errors are `application/problem+json`
+//! (RFC 9457) naming the offending field, never internals.
+
+mod error;
+mod operator;
+mod preferences;
+mod providers;
+mod users;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use utoipa::OpenApi;
+
+pub use error::Problem;
+
+use crate::config::ApiConfig;
+use crate::prefs::PreferenceManager;
+
+/// Everything the handlers share.
+pub struct ApiState {
+    pub prefs: Arc<PreferenceManager>,
+    pub config: ApiConfig,
+    /// SHA-256 of the operator key.
+    pub operator_key_sha256: [u8; 32],
+    /// The JWKS document of the receipt signing keys, when receipts are on.
+    pub jwks: Option<serde_json::Value>,
+    limiter: LoginLimiter,
+}
+
+impl ApiState {
+    pub fn new(
+        prefs: Arc<PreferenceManager>,
+        config: ApiConfig,
+        operator_key: &str,
+        jwks: Option<serde_json::Value>,
+    ) -> Arc<ApiState> {
+        Arc::new(ApiState {
+            prefs,
+            limiter: LoginLimiter::new(
+                config.login_attempts,
+                Duration::from_secs(config.login_window_secs),
+            ),
+            config,
+            operator_key_sha256: Sha256::digest(operator_key.as_bytes()).into(),
+            jwks,
+        })
+    }
+}
+
+pub type State = axum::extract::State<Arc<ApiState>>;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "consentry preference manager",
+        description = "PII preferences, devices and consent receipts (ITU-T X.1363, Kantara Consent Receipt)."
+    ),
+    paths(
+        users::register,
+        users::login,
+        users::register_device,
+        preferences::get_preferences,
+        preferences::put_preferences,
+        preferences::withdraw_all,
+        preferences::put_share_grant,
+        preferences::delete_share_grant,
+        preferences::put_collect_grant,
+        preferences::delete_collect_grant,
+        preferences::history,
+        providers::list,
+        providers::get_one,
+        operator::put_provider,
+        operator::put_kind,
+    ),
+    components(schemas(Problem)),
+    modifiers(&SecuritySchemes)
+)]
+pub struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "operator",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-operator-key"))),
+        );
+    }
+}
+
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/users", post(users::register))
+        .route("/v1/sessions", post(users::login))
+        .route("/v1/me/devices", post(users::register_device))
+        .route(
+            "/v1/me/preferences",
+            get(preferences::get_preferences)
+                .put(preferences::put_preferences)
+                .delete(preferences::withdraw_all),
+        )
+        .route(
+            "/v1/me/preferences/share/{provider}/{kind}",
+            put(preferences::put_share_grant).delete(preferences::delete_share_grant),
+        )
+        .route(
+            "/v1/me/preferences/collect/{kind}",
+            put(preferences::put_collect_grant).delete(preferences::delete_collect_grant),
+        )
+        .route("/v1/me/preferences/history", get(preferences::history))
+        .route("/v1/providers", get(providers::list))
+        .route("/v1/providers/{id}", get(providers::get_one))
+        .route("/v1/operator/providers", post(operator::put_provider))
+        .route("/v1/operator/kinds", post(operator::put_kind))
+        .route("/v1/openapi.json", get(|| async { Json(openapi()) }))
+        .route("/.well-known/jwks.json", get(jwks))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn not_found() -> Problem {
+    Problem::not_found("no such resource")
+}
+
+async fn jwks(state: State) -> Result<Json<serde_json::Value>, Problem> {
+    state
+        .jwks
+        .clone()
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("consent receipts are not enabled"))
+}
+
+/// A JSON body whose rejections are problem documents: malformed JSON is a
+/// 400, a well-formed body of the wrong shape a 422 naming the field.
+pub struct Body<T>(pub T);
+
+impl<S, T> FromRequest<S> for Body<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rejection) => Err(Problem::from_json_rejection(rejection)),
+        }
+    }
+}
+
+/// The user a request is authenticated as (bearer session token).
+pub struct AuthUser(pub String);
+
+impl FromRequestParts<Arc<ApiState>> for AuthUser {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Problem::unauthorized("a session token is required (Authorization: Bearer …)")
+            })?;
+        let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        let prefs = state.prefs.clone();
+        let user = tokio::task::spawn_blocking(move || prefs.store().session_user(&hash))
+            .await
+            .map_err(|_| Problem::internal())?
+            .map_err(|e| Problem::internal_logged(&e))?;
+        user.map(AuthUser)
+            .ok_or_else(|| Problem::unauthorized("the session token is unknown or expired"))
+    }
+}
+
+/// The operator, by key.
+pub struct Operator;
+
+impl FromRequestParts<Arc<ApiState>> for Operator {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
+        let key = parts
+            .headers
+            .get("x-operator-key")
+            .map(|v| v.as_bytes())
+            .ok_or_else(|| {
+                Problem::unauthorized("the operator key is required (X-Operator-Key)")
+            })?;
+        let hash: [u8; 32] = Sha256::digest(key).into();
+        if bool::from(hash.ct_eq(&state.operator_key_sha256)) {
+            Ok(Operator)
+        } else {
+            Err(Problem::forbidden("wrong operator key"))
+        }
+    }
+}
+
+/// Failed logins per user name in a sliding window.
+struct LoginLimiter {
+    max: u32,
+    window: Duration,
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+impl LoginLimiter {
+    fn new(max: u32, window: Duration) -> Self {
+        Self {
+            max,
+            window,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn blocked(&self, user: &str) -> bool {
+        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get(user) {
+            Some((_, since)) if since.elapsed() > self.window => {
+                m.remove(user);
+                false
+            }
+            Some((n, _)) => *n >= self.max,
+            None => false,
+        }
+    }
+
+    fn failed(&self, user: &str) {
+        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: an attacker spraying names cannot grow this without limit.
+        if m.len() > 100_000 {
+            let window = self.window;
+            m.retain(|_, (_, since)| since.elapsed() <= window);
+        }
+        let e = m.entry(user.to_string()).or_insert((0, Instant::now()));
+        e.0 += 1;
+    }
+
+    fn succeeded(&self, user: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(user);
+    }
+}

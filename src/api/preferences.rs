@@ -1,0 +1,256 @@
+//! A user's own PII preferences: read, replace whole (optimistic versioning),
+//! change one grant, withdraw everything. Each accepted change is in force
+//! and documented by a receipt before the response is sent.
+
+use std::collections::BTreeMap;
+
+use axum::extract::Path;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{AuthUser, Body, Problem, State};
+use crate::model::{CollectGrant, MaskMethod, Preferences, ShareGrant, Window};
+use crate::prefs::{Applied, PrefError};
+use crate::store::HistoryEntry;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreferencesDocument {
+    /// The version this document replaces; a stale one gets 409.
+    version: u64,
+    #[serde(default)]
+    collect: Vec<CollectGrant>,
+    #[serde(default)]
+    share: Vec<ShareGrant>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Changed {
+    preferences: Preferences,
+    /// The consent receipt documenting this change, when receipts are on.
+    receipt: Option<ReceiptRef>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ReceiptRef {
+    jti: String,
+    at: DateTime<Utc>,
+}
+
+impl From<Applied> for Changed {
+    fn from(a: Applied) -> Changed {
+        Changed {
+            receipt: a.receipt.map(|r| ReceiptRef {
+                jti: r.jti,
+                at: r.at,
+            }),
+            preferences: a.preferences,
+        }
+    }
+}
+
+/// Runs a change on the blocking pool: it compiles the ACT and writes the
+/// store.
+async fn change(
+    state: &State,
+    user: String,
+    expected: Option<u64>,
+    f: impl FnOnce(&mut Preferences) -> Result<(), PrefError> + Send + 'static,
+) -> Result<Json<Changed>, Problem> {
+    let prefs = state.prefs.clone();
+    let applied = tokio::task::spawn_blocking(move || prefs.change(&user, expected, "api", f))
+        .await
+        .map_err(|_| Problem::internal())??;
+    Ok(Json(applied.into()))
+}
+
+/// The logged-in user's preferences.
+#[utoipa::path(get, path = "/v1/me/preferences", security(("session" = [])),
+    responses((status = 200, body = Preferences), (status = 401, body = Problem)))]
+pub async fn get_preferences(
+    state: State,
+    AuthUser(user): AuthUser,
+) -> Result<Json<Preferences>, Problem> {
+    Ok(Json(state.prefs.preferences(&user)?))
+}
+
+/// Replace the whole preference document.
+#[utoipa::path(put, path = "/v1/me/preferences", request_body = PreferencesDocument, security(("session" = [])),
+    responses((status = 200, body = Changed), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn put_preferences(
+    state: State,
+    AuthUser(user): AuthUser,
+    Body(doc): Body<PreferencesDocument>,
+) -> Result<Json<Changed>, Problem> {
+    change(&state, user, Some(doc.version), move |p| {
+        p.collect = doc.collect;
+        p.share = doc.share;
+        Ok(())
+    })
+    .await
+}
+
+/// Withdraw every consent at once: nothing is collected or shared any more.
+#[utoipa::path(delete, path = "/v1/me/preferences", security(("session" = [])),
+    responses((status = 200, body = Changed)))]
+pub async fn withdraw_all(
+    state: State,
+    AuthUser(user): AuthUser,
+) -> Result<Json<Changed>, Problem> {
+    change(&state, user, None, |p| {
+        p.collect.clear();
+        p.share.clear();
+        Ok(())
+    })
+    .await
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShareSetting {
+    /// A purpose of the provider's T&C that asks for this kind.
+    purpose: String,
+    /// Field → masking method; fields not named are delivered as they are.
+    #[serde(default)]
+    mask: BTreeMap<String, MaskMethod>,
+    expires: Option<DateTime<Utc>>,
+}
+
+/// Share one kind with one provider (replacing any grant for that pair).
+#[utoipa::path(put, path = "/v1/me/preferences/share/{provider}/{kind}", request_body = ShareSetting,
+    params(("provider" = String, Path), ("kind" = String, Path)), security(("session" = [])),
+    responses((status = 200, body = Changed), (status = 422, body = Problem)))]
+pub async fn put_share_grant(
+    state: State,
+    AuthUser(user): AuthUser,
+    Path((provider, kind)): Path<(String, String)>,
+    Body(s): Body<ShareSetting>,
+) -> Result<Json<Changed>, Problem> {
+    change(&state, user, None, move |p| {
+        p.share
+            .retain(|g| !(g.provider == provider && g.kind == kind));
+        p.share.push(ShareGrant {
+            provider,
+            purpose: s.purpose,
+            kind,
+            mask: s.mask,
+            expires: s.expires,
+        });
+        Ok(())
+    })
+    .await
+}
+
+/// Stop sharing one kind with one provider.
+#[utoipa::path(delete, path = "/v1/me/preferences/share/{provider}/{kind}",
+    params(("provider" = String, Path), ("kind" = String, Path)), security(("session" = [])),
+    responses((status = 200, body = Changed), (status = 404, body = Problem)))]
+pub async fn delete_share_grant(
+    state: State,
+    AuthUser(user): AuthUser,
+    Path((provider, kind)): Path<(String, String)>,
+) -> Result<Json<Changed>, Problem> {
+    let current = state.prefs.preferences(&user)?;
+    if !current
+        .share
+        .iter()
+        .any(|g| g.provider == provider && g.kind == kind)
+    {
+        return Err(Problem::not_found(format!(
+            "no grant shares {kind:?} with {provider:?}"
+        )));
+    }
+    change(&state, user, Some(current.version), move |p| {
+        p.share
+            .retain(|g| !(g.provider == provider && g.kind == kind));
+        Ok(())
+    })
+    .await
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CollectSetting {
+    /// When collection is allowed, in the user's time zone; empty: always.
+    #[serde(default)]
+    windows: Vec<Window>,
+}
+
+/// Allow collection of one kind, optionally only in time windows.
+#[utoipa::path(put, path = "/v1/me/preferences/collect/{kind}", request_body = CollectSetting,
+    params(("kind" = String, Path)), security(("session" = [])),
+    responses((status = 200, body = Changed), (status = 422, body = Problem)))]
+pub async fn put_collect_grant(
+    state: State,
+    AuthUser(user): AuthUser,
+    Path(kind): Path<String>,
+    Body(s): Body<CollectSetting>,
+) -> Result<Json<Changed>, Problem> {
+    change(&state, user, None, move |p| {
+        p.collect.retain(|g| g.kind != kind);
+        p.collect.push(CollectGrant {
+            kind,
+            windows: s.windows,
+        });
+        Ok(())
+    })
+    .await
+}
+
+/// Stop collection of one kind.
+#[utoipa::path(delete, path = "/v1/me/preferences/collect/{kind}",
+    params(("kind" = String, Path)), security(("session" = [])),
+    responses((status = 200, body = Changed), (status = 404, body = Problem)))]
+pub async fn delete_collect_grant(
+    state: State,
+    AuthUser(user): AuthUser,
+    Path(kind): Path<String>,
+) -> Result<Json<Changed>, Problem> {
+    let current = state.prefs.preferences(&user)?;
+    if !current.collect.iter().any(|g| g.kind == kind) {
+        return Err(Problem::not_found(format!("no grant collects {kind:?}")));
+    }
+    change(&state, user, Some(current.version), move |p| {
+        p.collect.retain(|g| g.kind != kind);
+        Ok(())
+    })
+    .await
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct HistoryItem {
+    version: u64,
+    at: DateTime<Utc>,
+    source: String,
+    preferences: Preferences,
+    receipt_jti: Option<String>,
+}
+
+impl From<HistoryEntry> for HistoryItem {
+    fn from(e: HistoryEntry) -> Self {
+        HistoryItem {
+            version: e.version,
+            at: e.at,
+            source: e.source,
+            preferences: e.preferences,
+            receipt_jti: e.receipt_jti,
+        }
+    }
+}
+
+/// Every version of the user's preferences, oldest first; never rewritten.
+#[utoipa::path(get, path = "/v1/me/preferences/history", security(("session" = [])),
+    responses((status = 200, body = Vec<HistoryItem>)))]
+pub async fn history(
+    state: State,
+    AuthUser(user): AuthUser,
+) -> Result<Json<Vec<HistoryItem>>, Problem> {
+    let prefs = state.prefs.clone();
+    let h = tokio::task::spawn_blocking(move || prefs.store().history(&user))
+        .await
+        .map_err(|_| Problem::internal())?
+        .map_err(|e| Problem::internal_logged(&e))?;
+    Ok(Json(h.into_iter().map(Into::into).collect()))
+}

@@ -1,0 +1,526 @@
+//! The PII preference manager (X.1363 10.1, 11.2.2): the one place a user's
+//! preferences change. Every accepted change is validated by compiling the
+//! ACT it leads to, documented by a consent receipt, committed to the store
+//! together with its history entry and receipt, and the new ACT is swapped
+//! in — all before the caller hears "accepted". So when a revocation
+//! returns, no later delivery is decided under the old consent.
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use thiserror::Error;
+
+use crate::acl::{Acl, AclRule};
+use crate::act::{Act, ActHandle, CompileError};
+use crate::auth::{AuthError, Credentials, SharedCredentials};
+use crate::model::{Device, Directory, Kind, Preferences, Provider, User};
+use crate::store::{Store, StoreError, StoredReceipt};
+
+#[derive(Debug, Error)]
+pub enum PrefError {
+    #[error(transparent)]
+    Invalid(#[from] CompileError),
+    #[error("preferences are at version {current}")]
+    Conflict { current: u64 },
+    #[error("no such user {0:?}")]
+    UnknownUser(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("credentials: {0}")]
+    Credentials(#[from] AuthError),
+    #[error("could not issue the consent receipt: {0}")]
+    Receipt(String),
+    #[error("store: {0}")]
+    Store(StoreError),
+}
+
+impl From<StoreError> for PrefError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { current, .. } => PrefError::Conflict { current },
+            StoreError::Exists { what, id } => PrefError::Exists(format!("{what} {id:?} exists")),
+            e => PrefError::Store(e),
+        }
+    }
+}
+
+/// Documents a consent: builds and signs the receipt for a user's new
+/// preferences. Implemented by the receipt module; a trait so the manager
+/// is tested without keys.
+pub trait ReceiptIssuer: Send + Sync {
+    fn issue(
+        &self,
+        user: &User,
+        prefs: &Preferences,
+        dir: &Directory,
+        kinds: &[Kind],
+        now: DateTime<Utc>,
+    ) -> Result<StoredReceipt, String>;
+}
+
+/// The result of an accepted change.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub preferences: Preferences,
+    pub receipt: Option<StoredReceipt>,
+    pub act_version: u64,
+}
+
+struct State {
+    dir: Directory,
+    kinds: Vec<Kind>,
+    act_version: u64,
+}
+
+pub struct PreferenceManager {
+    store: Store,
+    act: Arc<ActHandle>,
+    creds: SharedCredentials,
+    templates: Vec<String>,
+    acl: Vec<AclRule>,
+    issuer: Option<Arc<dyn ReceiptIssuer>>,
+    /// Changes are serialized: compile, commit and swap happen as one step.
+    state: Mutex<State>,
+}
+
+/// Compiles the ACT and credentials from a directory.
+pub fn compile(
+    templates: &[String],
+    kinds: &[Kind],
+    dir: &Directory,
+    acl: &[AclRule],
+    version: u64,
+) -> Result<(Act, Credentials), PrefError> {
+    let act = Act::compile(version, templates, kinds, dir, Acl::new(acl.to_vec()))?;
+    let creds = Credentials::from_directory(dir)?;
+    Ok((act, creds))
+}
+
+impl PreferenceManager {
+    /// Loads the store (seeding it from `seed` when it is empty), compiles the
+    /// first ACT and returns it with the manager.
+    pub fn open(
+        store: Store,
+        templates: Vec<String>,
+        config_kinds: &[Kind],
+        acl: Vec<AclRule>,
+        seed: &Directory,
+        issuer: Option<Arc<dyn ReceiptIssuer>>,
+    ) -> Result<(PreferenceManager, Arc<ActHandle>, SharedCredentials), PrefError> {
+        // Kinds are configuration: the file's declarations win at each start.
+        store.transaction(|tx| {
+            for k in config_kinds {
+                tx.put_kind(k)?;
+            }
+            Ok(())
+        })?;
+        let (dir, kinds) = store.directory()?;
+        // A store that has never held users or providers is new: seed it.
+        let seeded = dir.users.is_empty() && dir.providers.is_empty();
+        let (act, creds) = compile(&templates, &kinds, &dir, &acl, 1)?;
+        let act = Arc::new(ActHandle::new(act));
+        let creds: SharedCredentials = Arc::new(arc_swap::ArcSwap::from_pointee(creds));
+        let pm = PreferenceManager {
+            store,
+            act: act.clone(),
+            creds: creds.clone(),
+            templates,
+            acl,
+            issuer,
+            state: Mutex::new(State {
+                dir,
+                kinds,
+                act_version: 1,
+            }),
+        };
+        if seeded {
+            pm.import(seed, "import")?;
+        }
+        Ok((pm, act, creds))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Compiles `dir`, and if that succeeds lets `commit` write it; only
+    /// then the new ACT and credentials are swapped in.
+    fn swap_in(
+        &self,
+        state: &mut State,
+        dir: Directory,
+        kinds: Vec<Kind>,
+        commit: impl FnOnce(&Directory) -> Result<(), PrefError>,
+    ) -> Result<u64, PrefError> {
+        let version = state.act_version + 1;
+        let (act, creds) = compile(&self.templates, &kinds, &dir, &self.acl, version)?;
+        commit(&dir)?;
+        self.creds.store(Arc::new(creds));
+        self.act.store(act);
+        state.dir = dir;
+        state.kinds = kinds;
+        state.act_version = version;
+        Ok(version)
+    }
+
+    pub fn directory(&self) -> Directory {
+        self.lock().dir.clone()
+    }
+
+    pub fn kinds(&self) -> Vec<Kind> {
+        self.lock().kinds.clone()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn user(&self, id: &str) -> Option<User> {
+        self.lock().dir.users.iter().find(|u| u.id == id).cloned()
+    }
+
+    pub fn preferences(&self, user: &str) -> Result<Preferences, PrefError> {
+        let state = self.lock();
+        if !state.dir.users.iter().any(|u| u.id == user) {
+            return Err(PrefError::UnknownUser(user.into()));
+        }
+        Ok(state
+            .dir
+            .preferences
+            .iter()
+            .find(|p| p.user == user)
+            .cloned()
+            .unwrap_or_else(|| Preferences {
+                user: user.into(),
+                ..Default::default()
+            }))
+    }
+
+    /// Applies `change` to the user's preferences if they are at version
+    /// `expected` (when given). Validated, documented, committed and in
+    /// force when this returns `Ok`.
+    pub fn change(
+        &self,
+        user: &str,
+        expected: Option<u64>,
+        source: &str,
+        change: impl FnOnce(&mut Preferences) -> Result<(), PrefError>,
+    ) -> Result<Applied, PrefError> {
+        let mut state = self.lock();
+        let u = state
+            .dir
+            .users
+            .iter()
+            .find(|u| u.id == user)
+            .cloned()
+            .ok_or_else(|| PrefError::UnknownUser(user.into()))?;
+        let mut prefs = state
+            .dir
+            .preferences
+            .iter()
+            .find(|p| p.user == user)
+            .cloned()
+            .unwrap_or_else(|| Preferences {
+                user: user.into(),
+                ..Default::default()
+            });
+        if let Some(expected) = expected {
+            if expected != prefs.version {
+                return Err(PrefError::Conflict {
+                    current: prefs.version,
+                });
+            }
+        }
+        let expected = prefs.version;
+        change(&mut prefs)?;
+        prefs.user = user.into();
+        prefs.version = expected + 1;
+        let mut dir = state.dir.clone();
+        dir.preferences.retain(|p| p.user != user);
+        dir.preferences.push(prefs.clone());
+        let kinds = state.kinds.clone();
+        let mut receipt = None;
+        let act_version = self.swap_in(&mut state, dir, kinds.clone(), |dir| {
+            if let Some(issuer) = &self.issuer {
+                receipt = Some(
+                    issuer
+                        .issue(&u, &prefs, dir, &kinds, Utc::now())
+                        .map_err(PrefError::Receipt)?,
+                );
+            }
+            self.store.transaction(|tx| {
+                tx.replace_preferences(prefs.clone(), Some(expected), source, receipt.as_ref())
+            })?;
+            Ok(())
+        })?;
+        tracing::info!(act_version, source, "preferences changed");
+        Ok(Applied {
+            preferences: prefs,
+            receipt,
+            act_version,
+        })
+    }
+
+    /// Registers a user with login secrets (argon2 hash, TOTP secret).
+    pub fn register_user(
+        &self,
+        user: User,
+        password_hash: &str,
+        totp_secret: &[u8],
+    ) -> Result<(), PrefError> {
+        let mut state = self.lock();
+        if state.dir.users.iter().any(|u| u.id == user.id) {
+            return Err(PrefError::Exists(format!("user {:?} exists", user.id)));
+        }
+        let mut dir = state.dir.clone();
+        dir.users.push(user.clone());
+        let kinds = state.kinds.clone();
+        self.swap_in(&mut state, dir, kinds, |_| {
+            self.store.transaction(|tx| {
+                tx.put_user(&user, Some((password_hash, Some(totp_secret))), true)
+            })?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    pub fn register_device(&self, device: Device) -> Result<(), PrefError> {
+        let mut state = self.lock();
+        if state.dir.devices.iter().any(|d| d.id == device.id)
+            || state.dir.providers.iter().any(|p| p.id == device.id)
+        {
+            return Err(PrefError::Exists(format!("{:?} is taken", device.id)));
+        }
+        let mut dir = state.dir.clone();
+        dir.devices.push(device.clone());
+        let kinds = state.kinds.clone();
+        self.swap_in(&mut state, dir, kinds, |_| {
+            self.store.transaction(|tx| tx.put_device(&device, true))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    pub fn put_provider(&self, provider: Provider) -> Result<(), PrefError> {
+        let mut state = self.lock();
+        let mut dir = state.dir.clone();
+        dir.providers.retain(|p| p.id != provider.id);
+        dir.providers.push(provider.clone());
+        let kinds = state.kinds.clone();
+        self.swap_in(&mut state, dir, kinds, |_| {
+            self.store.transaction(|tx| tx.put_provider(&provider))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    pub fn put_kind(&self, kind: Kind) -> Result<(), PrefError> {
+        let mut state = self.lock();
+        let mut kinds = state.kinds.clone();
+        kinds.retain(|k| k.name != kind.name);
+        kinds.push(kind.clone());
+        let dir = state.dir.clone();
+        self.swap_in(&mut state, dir, kinds, |_| {
+            self.store.transaction(|tx| tx.put_kind(&kind))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Applies a directory file: users, devices and providers are created or
+    /// updated; each user's preferences that differ from the stored ones
+    /// become a new version with its history entry and receipt. The whole
+    /// file is validated first; nothing is written if it does not compile.
+    pub fn import(&self, file: &Directory, source: &str) -> Result<u64, PrefError> {
+        let mut state = self.lock();
+        let mut dir = state.dir.clone();
+        upsert(&mut dir.users, &file.users, |u| &u.id);
+        upsert(&mut dir.devices, &file.devices, |d| &d.id);
+        upsert(&mut dir.providers, &file.providers, |p| &p.id);
+        let mut changed = Vec::new();
+        for p in &file.preferences {
+            let current = dir.preferences.iter().find(|c| c.user == p.user);
+            let same = current.is_some_and(|c| c.collect == p.collect && c.share == p.share);
+            if !same {
+                let mut next = p.clone();
+                next.version = current.map(|c| c.version).unwrap_or(0) + 1;
+                dir.preferences.retain(|c| c.user != p.user);
+                dir.preferences.push(next.clone());
+                changed.push(next);
+            }
+        }
+        let kinds = state.kinds.clone();
+        let version = self.swap_in(&mut state, dir, kinds.clone(), |dir| {
+            let mut receipts = Vec::new();
+            for p in &changed {
+                let user = dir
+                    .users
+                    .iter()
+                    .find(|u| u.id == p.user)
+                    .ok_or_else(|| PrefError::UnknownUser(p.user.clone()))?;
+                receipts.push(match &self.issuer {
+                    Some(i) => Some(
+                        i.issue(user, p, dir, &kinds, Utc::now())
+                            .map_err(PrefError::Receipt)?,
+                    ),
+                    None => None,
+                });
+            }
+            self.store.transaction(|tx| {
+                for u in &file.users {
+                    tx.put_user(u, None, false)?;
+                }
+                for d in &file.devices {
+                    tx.put_device(d, false)?;
+                }
+                for p in &file.providers {
+                    tx.put_provider(p)?;
+                }
+                for (p, r) in changed.iter().zip(&receipts) {
+                    tx.replace_preferences(p.clone(), None, source, r.as_ref())?;
+                }
+                Ok(())
+            })?;
+            Ok(())
+        })?;
+        tracing::info!(act_version = version, source, "directory imported");
+        Ok(version)
+    }
+}
+
+fn upsert<T: Clone>(into: &mut Vec<T>, from: &[T], id: impl Fn(&T) -> &String) {
+    for item in from {
+        match into.iter_mut().find(|x| id(x) == id(item)) {
+            Some(slot) => *slot = item.clone(),
+            None => into.push(item.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::act::{Delivery, Principal};
+    use crate::model::ShareGrant;
+
+    fn demo() -> (Directory, Vec<Kind>) {
+        #[derive(serde::Deserialize)]
+        struct Kinds {
+            kinds: Vec<Kind>,
+        }
+        let dir: Directory = toml::from_str(include_str!("../config/demo.toml")).unwrap();
+        let text = include_str!("../config/consentry.toml");
+        let kinds_only: String = text[text.find("[[kinds]]").unwrap()..].to_string();
+        let kinds: Kinds = toml::from_str(&kinds_only).unwrap();
+        (dir, kinds.kinds)
+    }
+
+    fn manager() -> (PreferenceManager, Arc<ActHandle>) {
+        let (dir, kinds) = demo();
+        let (pm, act, _) = PreferenceManager::open(
+            Store::in_memory(&[5; 32]).unwrap(),
+            vec!["pii/{user}/{device}/{kind}".into()],
+            &kinds,
+            vec![],
+            &dir,
+            None,
+        )
+        .unwrap();
+        (pm, act)
+    }
+
+    fn fitcoach_gets_heart_rate(act: &ActHandle) -> bool {
+        matches!(
+            act.load().deliver(
+                &Principal::Provider {
+                    id: "fitcoach".into()
+                },
+                "pii/alice/alice-watch/heart_rate",
+                Utc::now()
+            ),
+            Ok(Delivery::Personal { .. })
+        )
+    }
+
+    #[test]
+    fn a_change_is_in_force_when_it_returns() {
+        let (pm, act) = manager();
+        assert!(fitcoach_gets_heart_rate(&act));
+        let v = pm.preferences("alice").unwrap().version;
+        let applied = pm
+            .change("alice", Some(v), "test", |p| {
+                p.share.retain(|g| g.kind != "heart_rate");
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(applied.preferences.version, v + 1);
+        assert!(!fitcoach_gets_heart_rate(&act));
+        assert_eq!(act.load().version, applied.act_version);
+        // The store has it, with history.
+        assert_eq!(pm.store().preferences("alice").unwrap().version, v + 1);
+        assert_eq!(pm.store().history("alice").unwrap().len() as u64, v + 1);
+    }
+
+    #[test]
+    fn stale_versions_and_invalid_grants_change_nothing() {
+        let (pm, act) = manager();
+        let before = act.load().version;
+        let v = pm.preferences("alice").unwrap().version;
+        assert!(matches!(
+            pm.change("alice", Some(v + 7), "test", |_| Ok(())),
+            Err(PrefError::Conflict { current }) if current == v
+        ));
+        // insureco's T&C never ask for location: purpose limitation.
+        let err = pm
+            .change("alice", Some(v), "test", |p| {
+                p.share.push(ShareGrant {
+                    provider: "insureco".into(),
+                    purpose: "pricing".into(),
+                    kind: "location".into(),
+                    mask: Default::default(),
+                    expires: None,
+                });
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            PrefError::Invalid(CompileError::PurposeLimitation { .. })
+        ));
+        assert_eq!(act.load().version, before);
+        assert_eq!(pm.preferences("alice").unwrap().version, v);
+        assert!(matches!(
+            pm.change("nobody", None, "test", |_| Ok(())),
+            Err(PrefError::UnknownUser(_))
+        ));
+    }
+
+    #[test]
+    fn reopening_loads_what_was_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (seed, kinds) = demo();
+        let open = || {
+            PreferenceManager::open(
+                Store::open(&path, &[6; 32]).unwrap(),
+                vec!["pii/{user}/{device}/{kind}".into()],
+                &kinds,
+                vec![],
+                &seed,
+                None,
+            )
+            .unwrap()
+        };
+        {
+            let (pm, _, _) = open();
+            pm.change("alice", None, "test", |p| {
+                p.share.clear();
+                Ok(())
+            })
+            .unwrap();
+        }
+        let (pm, act, _) = open();
+        assert!(pm.preferences("alice").unwrap().share.is_empty());
+        assert!(!fitcoach_gets_heart_rate(&act));
+    }
+}

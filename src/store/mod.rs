@@ -1,0 +1,670 @@
+//! The embedded, transactional, durable store of the preference manager.
+//!
+//! SQLite, because the product runs as one process on one node and needs
+//! transactions and crash safety, not a database server: one file under the
+//! data directory, WAL journal, `synchronous = FULL` so a committed consent
+//! change survives a power cut. rusqlite bundles SQLite, so nothing needs to
+//! be installed.
+//!
+//! PII columns (user profiles, TOTP secrets, preference documents, the
+//! consent history, receipts) are encrypted with [`cipher::Cipher`]; ids are
+//! stored in clear because they are the accounts' login names and keys.
+//! Nothing is ever overwritten in `consent_history`.
+
+mod cipher;
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use cipher::Cipher;
+
+use crate::model::{Device, Directory, Kind, Preferences, Provider, User};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("stored document is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("decryption failed (wrong key or altered data)")]
+    Crypto,
+    #[error("value encrypted under unknown key {0}")]
+    UnknownKey(u32),
+    #[error("{what} {id:?} already exists")]
+    Exists { what: &'static str, id: String },
+    #[error("no such {what} {id:?}")]
+    NotFound { what: &'static str, id: String },
+    #[error("preferences are at version {current}, not {expected}")]
+    Conflict { current: u64, expected: u64 },
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS kinds (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS providers (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY,
+    profile BLOB NOT NULL,
+    password_hash TEXT,
+    totp BLOB,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users(id),
+    password_hash TEXT,
+    cert_sha256 TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS preferences (
+    user_id TEXT PRIMARY KEY REFERENCES users(id),
+    version INTEGER NOT NULL,
+    doc BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consent_history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    source TEXT NOT NULL,
+    doc BLOB NOT NULL,
+    receipt_jti TEXT
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    jti TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    doc BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash BLOB PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS receipts_by_user ON receipts(user_id, at);
+CREATE INDEX IF NOT EXISTS history_by_user ON consent_history(user_id, seq);
+"#;
+
+/// What the store keeps of a user beyond the id, encrypted as one value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Profile {
+    time_zone: String,
+    jurisdiction: Option<String>,
+}
+
+/// Secrets a login needs.
+#[derive(Debug)]
+pub struct UserAuth {
+    pub password_hash: Option<String>,
+    pub totp_secret: Option<Vec<u8>>,
+}
+
+/// One entry of a user's consent history.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub at: DateTime<Utc>,
+    pub source: String,
+    pub preferences: Preferences,
+    pub receipt_jti: Option<String>,
+}
+
+/// A stored receipt: its JSON and signed forms, as issued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredReceipt {
+    pub jti: String,
+    pub version: u64,
+    pub at: DateTime<Utc>,
+    pub json: serde_json::Value,
+    pub jws: String,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    cipher: Cipher,
+}
+
+impl Store {
+    pub fn open(path: &Path, key: &[u8; 32]) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            cipher: Cipher::new(1, key),
+        })
+    }
+
+    /// An in-memory store, for tests and benchmarks.
+    pub fn in_memory(key: &[u8; 32]) -> Result<Store, StoreError> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            cipher: Cipher::new(1, key),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection, &Cipher) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut conn, &self.cipher)
+    }
+
+    /// Runs `f` in one transaction: all of it is committed, or none.
+    pub fn transaction<T>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.with(|conn, cipher| {
+            let tx = conn.transaction()?;
+            let out = f(&Tx { tx: &tx, cipher })?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        self.with(|c, _| {
+            let n: i64 = c.query_row(
+                "SELECT (SELECT COUNT(*) FROM users) + (SELECT COUNT(*) FROM providers) + (SELECT COUNT(*) FROM kinds)",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(n == 0)
+        })
+    }
+
+    /// Everything the ACT and the credentials are compiled from.
+    pub fn directory(&self) -> Result<(Directory, Vec<Kind>), StoreError> {
+        self.with(|c, cipher| {
+            let mut kinds = Vec::new();
+            let mut st = c.prepare("SELECT doc FROM kinds ORDER BY rowid")?;
+            for doc in st.query_map([], |r| r.get::<_, String>(0))? {
+                kinds.push(serde_json::from_str(&doc?)?);
+            }
+            let mut dir = Directory::default();
+            let mut st = c.prepare("SELECT doc FROM providers ORDER BY rowid")?;
+            for doc in st.query_map([], |r| r.get::<_, String>(0))? {
+                dir.providers.push(serde_json::from_str(&doc?)?);
+            }
+            let mut st = c.prepare("SELECT id, profile FROM users ORDER BY rowid")?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?;
+            for row in rows {
+                let (id, sealed) = row?;
+                let p: Profile =
+                    serde_json::from_slice(&cipher.open(&format!("users.profile.{id}"), &sealed)?)?;
+                dir.users.push(User {
+                    id,
+                    time_zone: p.time_zone,
+                    jurisdiction: p.jurisdiction,
+                });
+            }
+            let mut st = c.prepare(
+                "SELECT id, user_id, password_hash, cert_sha256 FROM devices ORDER BY rowid",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(Device {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    password_hash: r.get(2)?,
+                    cert_sha256: r.get(3)?,
+                })
+            })?;
+            for d in rows {
+                dir.devices.push(d?);
+            }
+            let mut st = c.prepare("SELECT user_id, doc FROM preferences ORDER BY rowid")?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?;
+            for row in rows {
+                let (user, sealed) = row?;
+                dir.preferences.push(serde_json::from_slice(
+                    &cipher.open(&format!("preferences.doc.{user}"), &sealed)?,
+                )?);
+            }
+            Ok((dir, kinds))
+        })
+    }
+
+    pub fn user_auth(&self, user: &str) -> Result<Option<UserAuth>, StoreError> {
+        self.with(|c, cipher| {
+            let row = c
+                .query_row(
+                    "SELECT password_hash, totp FROM users WHERE id = ?1",
+                    [user],
+                    |r| {
+                        Ok((
+                            r.get::<_, Option<String>>(0)?,
+                            r.get::<_, Option<Vec<u8>>>(1)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((password_hash, totp)) = row else {
+                return Ok(None);
+            };
+            let totp_secret = match totp {
+                Some(sealed) => Some(cipher.open(&format!("users.totp.{user}"), &sealed)?),
+                None => None,
+            };
+            Ok(Some(UserAuth {
+                password_hash,
+                totp_secret,
+            }))
+        })
+    }
+
+    pub fn preferences(&self, user: &str) -> Result<Preferences, StoreError> {
+        self.transaction(|tx| tx.preferences(user))
+    }
+
+    pub fn history(&self, user: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.with(|c, cipher| {
+            let mut st = c.prepare(
+                "SELECT seq, version, at, source, doc, receipt_jti FROM consent_history WHERE user_id = ?1 ORDER BY seq",
+            )?;
+            let rows = st.query_map([user], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, version, at, source, sealed, receipt_jti) = row?;
+                let doc = cipher.open(&format!("consent_history.doc.{seq}"), &sealed)?;
+                out.push(HistoryEntry {
+                    version: version as u64,
+                    at: parse_time(&at)?,
+                    source,
+                    preferences: serde_json::from_slice(&doc)?,
+                    receipt_jti,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn receipts(&self, user: &str) -> Result<Vec<StoredReceipt>, StoreError> {
+        self.with(|c, cipher| {
+            let mut st =
+                c.prepare("SELECT jti, doc FROM receipts WHERE user_id = ?1 ORDER BY at, rowid")?;
+            let rows = st.query_map([user], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (jti, sealed) = row?;
+                out.push(serde_json::from_slice(
+                    &cipher.open(&format!("receipts.doc.{jti}"), &sealed)?,
+                )?);
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn receipt(&self, user: &str, jti: &str) -> Result<Option<StoredReceipt>, StoreError> {
+        self.with(|c, cipher| {
+            let sealed: Option<Vec<u8>> = c
+                .query_row(
+                    "SELECT doc FROM receipts WHERE user_id = ?1 AND jti = ?2",
+                    [user, jti],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match sealed {
+                None => Ok(None),
+                Some(s) => Ok(Some(serde_json::from_slice(
+                    &cipher.open(&format!("receipts.doc.{jti}"), &s)?,
+                )?)),
+            }
+        })
+    }
+
+    pub fn create_session(
+        &self,
+        token_hash: &[u8; 32],
+        user: &str,
+        expires: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.with(|c, _| {
+            c.execute(
+                "DELETE FROM sessions WHERE expires_at < ?1",
+                [Utc::now().timestamp()],
+            )?;
+            c.execute(
+                "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES (?1, ?2, ?3)",
+                params![&token_hash[..], user, expires.timestamp()],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn session_user(&self, token_hash: &[u8; 32]) -> Result<Option<String>, StoreError> {
+        self.with(|c, _| {
+            Ok(c.query_row(
+                "SELECT user_id FROM sessions WHERE token_hash = ?1 AND expires_at >= ?2",
+                params![&token_hash[..], Utc::now().timestamp()],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+    }
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Db(rusqlite::Error::InvalidColumnName(e.to_string())))
+}
+
+/// Writes inside one transaction.
+pub struct Tx<'a> {
+    tx: &'a Transaction<'a>,
+    cipher: &'a Cipher,
+}
+
+impl Tx<'_> {
+    pub fn put_kind(&self, kind: &Kind) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO kinds (name, doc) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+            params![kind.name, serde_json::to_string(kind)?],
+        )?;
+        Ok(())
+    }
+
+    pub fn put_provider(&self, p: &Provider) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO providers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+            params![p.id, serde_json::to_string(p)?],
+        )?;
+        Ok(())
+    }
+
+    /// Creates or updates a user's profile; `auth` replaces the login secrets
+    /// when given.
+    pub fn put_user(
+        &self,
+        user: &User,
+        auth: Option<(&str, Option<&[u8]>)>,
+        create_only: bool,
+    ) -> Result<(), StoreError> {
+        let exists: bool = self
+            .tx
+            .query_row("SELECT 1 FROM users WHERE id = ?1", [&user.id], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if exists && create_only {
+            return Err(StoreError::Exists {
+                what: "user",
+                id: user.id.clone(),
+            });
+        }
+        let profile = serde_json::to_vec(&Profile {
+            time_zone: user.time_zone.clone(),
+            jurisdiction: user.jurisdiction.clone(),
+        })?;
+        let sealed = self
+            .cipher
+            .seal(&format!("users.profile.{}", user.id), &profile)?;
+        if exists {
+            self.tx.execute(
+                "UPDATE users SET profile = ?2 WHERE id = ?1",
+                params![user.id, sealed],
+            )?;
+        } else {
+            self.tx.execute(
+                "INSERT INTO users (id, profile, created_at) VALUES (?1, ?2, ?3)",
+                params![user.id, sealed, Utc::now().to_rfc3339()],
+            )?;
+        }
+        if let Some((hash, totp)) = auth {
+            let totp = match totp {
+                Some(secret) => Some(
+                    self.cipher
+                        .seal(&format!("users.totp.{}", user.id), secret)?,
+                ),
+                None => None,
+            };
+            self.tx.execute(
+                "UPDATE users SET password_hash = ?2, totp = ?3 WHERE id = ?1",
+                params![user.id, hash, totp],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn put_device(&self, d: &Device, create_only: bool) -> Result<(), StoreError> {
+        let sql = if create_only {
+            "INSERT INTO devices (id, user_id, password_hash, cert_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)"
+        } else {
+            "INSERT INTO devices (id, user_id, password_hash, cert_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(id) DO UPDATE SET user_id = excluded.user_id, password_hash = excluded.password_hash, cert_sha256 = excluded.cert_sha256"
+        };
+        match self.tx.execute(
+            sql,
+            params![
+                d.id,
+                d.user,
+                d.password_hash,
+                d.cert_sha256,
+                Utc::now().to_rfc3339()
+            ],
+        ) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::Exists {
+                    what: "device",
+                    id: d.id.clone(),
+                })
+            }
+            r => r.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    pub fn preferences(&self, user: &str) -> Result<Preferences, StoreError> {
+        let row: Option<Vec<u8>> = self
+            .tx
+            .query_row(
+                "SELECT doc FROM preferences WHERE user_id = ?1",
+                [user],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match row {
+            Some(sealed) => Ok(serde_json::from_slice(
+                &self
+                    .cipher
+                    .open(&format!("preferences.doc.{user}"), &sealed)?,
+            )?),
+            None => Ok(Preferences {
+                user: user.to_string(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Stores `prefs` as the user's new document if the stored version is
+    /// `expected` (when given), appends it to the history, and returns the
+    /// new version.
+    pub fn replace_preferences(
+        &self,
+        mut prefs: Preferences,
+        expected: Option<u64>,
+        source: &str,
+        receipt: Option<&StoredReceipt>,
+    ) -> Result<Preferences, StoreError> {
+        let current = self.preferences(&prefs.user)?.version;
+        if let Some(expected) = expected {
+            if expected != current {
+                return Err(StoreError::Conflict { current, expected });
+            }
+        }
+        prefs.version = current + 1;
+        let user = prefs.user.clone();
+        let doc = serde_json::to_vec(&prefs)?;
+        self.tx.execute(
+            "INSERT INTO preferences (user_id, version, doc) VALUES (?1, ?2, ?3)
+             ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, doc = excluded.doc",
+            params![
+                user,
+                prefs.version as i64,
+                self.cipher.seal(&format!("preferences.doc.{user}"), &doc)?
+            ],
+        )?;
+        let seq: i64 = self.tx.query_row(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM consent_history",
+            [],
+            |r| r.get(0),
+        )?;
+        self.tx.execute(
+            "INSERT INTO consent_history (seq, user_id, version, at, source, doc, receipt_jti) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                seq,
+                user,
+                prefs.version as i64,
+                Utc::now().to_rfc3339(),
+                source,
+                self.cipher.seal(&format!("consent_history.doc.{seq}"), &doc)?,
+                receipt.map(|r| r.jti.clone()),
+            ],
+        )?;
+        if let Some(r) = receipt {
+            self.tx.execute(
+                "INSERT INTO receipts (jti, user_id, version, at, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    r.jti,
+                    user,
+                    prefs.version as i64,
+                    r.at.to_rfc3339(),
+                    self.cipher
+                        .seal(&format!("receipts.doc.{}", r.jti), &serde_json::to_vec(r)?)?
+                ],
+            )?;
+        }
+        Ok(prefs)
+    }
+
+    pub fn user_exists(&self, user: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tx
+            .query_row("SELECT 1 FROM users WHERE id = ?1", [user], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(id: &str) -> User {
+        User {
+            id: id.into(),
+            time_zone: "Europe/Paris".into(),
+            jurisdiction: Some("FR".into()),
+        }
+    }
+
+    #[test]
+    fn versions_history_and_conflicts() {
+        let s = Store::in_memory(&[1; 32]).unwrap();
+        s.transaction(|tx| tx.put_user(&user("alice"), Some(("h", Some(b"totp"))), true))
+            .unwrap();
+        let p = |n: usize| Preferences {
+            user: "alice".into(),
+            version: 0,
+            collect: (0..n)
+                .map(|i| crate::model::CollectGrant {
+                    kind: format!("k{i}"),
+                    windows: vec![],
+                })
+                .collect(),
+            share: vec![],
+        };
+        let v1 = s
+            .transaction(|tx| tx.replace_preferences(p(1), Some(0), "api", None))
+            .unwrap();
+        assert_eq!(v1.version, 1);
+        let stale = s.transaction(|tx| tx.replace_preferences(p(2), Some(0), "api", None));
+        assert!(matches!(
+            stale,
+            Err(StoreError::Conflict {
+                current: 1,
+                expected: 0
+            })
+        ));
+        s.transaction(|tx| tx.replace_preferences(p(2), Some(1), "api", None))
+            .unwrap();
+        let h = s.history("alice").unwrap();
+        assert_eq!(h.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(h[0].preferences.collect.len(), 1);
+        assert_eq!(s.preferences("alice").unwrap().collect.len(), 2);
+        let auth = s.user_auth("alice").unwrap().unwrap();
+        assert_eq!(auth.totp_secret.as_deref(), Some(&b"totp"[..]));
+        assert!(matches!(
+            s.transaction(|tx| tx.put_user(&user("alice"), None, true)),
+            Err(StoreError::Exists { .. })
+        ));
+    }
+
+    #[test]
+    fn pii_is_not_in_the_file_in_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        {
+            let s = Store::open(&path, &[2; 32]).unwrap();
+            s.transaction(|tx| {
+                tx.put_user(&user("alice"), Some(("h", Some(b"JBSWY3DPEHPK3PXP"))), true)?;
+                tx.replace_preferences(
+                    Preferences {
+                        user: "alice".into(),
+                        version: 0,
+                        collect: vec![crate::model::CollectGrant {
+                            kind: "heart_rate".into(),
+                            windows: vec![],
+                        }],
+                        share: vec![],
+                    },
+                    None,
+                    "api",
+                    None,
+                )
+            })
+            .unwrap();
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        for f in ["store.db-wal"] {
+            if let Ok(b) = std::fs::read(dir.path().join(f)) {
+                bytes.extend(b);
+            }
+        }
+        for needle in [&b"Europe/Paris"[..], b"heart_rate", b"JBSWY3DPEHPK3PXP"] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+        }
+        // And it all reads back with the key.
+        let s = Store::open(&path, &[2; 32]).unwrap();
+        let (dir, _) = s.directory().unwrap();
+        assert_eq!(dir.users[0].time_zone, "Europe/Paris");
+        assert_eq!(dir.preferences[0].collect[0].kind, "heart_rate");
+        assert!(Store::open(&path, &[3; 32]).unwrap().directory().is_err());
+    }
+}

@@ -1,0 +1,636 @@
+//! The preference manager's HTTP API: the router tested directly with
+//! `oneshot`, and a real listener with real MQTT clients for live
+//! enforcement.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use consentry::api::{router, ApiState};
+use consentry::config::ApiConfig;
+use consentry::model::{Directory, Kind};
+use consentry::prefs::PreferenceManager;
+use consentry::store::Store;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const OPERATOR_KEY: &str = "test-operator-key-generated-for-this-test";
+
+fn demo() -> (Directory, Vec<Kind>) {
+    #[derive(serde::Deserialize)]
+    struct Kinds {
+        kinds: Vec<Kind>,
+    }
+    let text = common::SHIPPED_CONFIG;
+    let kinds: Kinds = toml::from_str(&text[text.find("[[kinds]]").unwrap()..]).unwrap();
+    (toml::from_str(common::DEMO_DIRECTORY).unwrap(), kinds.kinds)
+}
+
+struct Api {
+    app: axum::Router,
+}
+
+impl Api {
+    fn new() -> Api {
+        let (dir, kinds) = demo();
+        let (pm, _, _) = PreferenceManager::open(
+            Store::in_memory(&rand::random()).unwrap(),
+            vec!["pii/{user}/{device}/{kind}".into()],
+            &kinds,
+            vec![],
+            &dir,
+            None,
+        )
+        .unwrap();
+        let state = ApiState::new(Arc::new(pm), ApiConfig::default(), OPERATOR_KEY, None);
+        Api { app: router(state) }
+    }
+
+    async fn call(&self, req: Request<Body>) -> (StatusCode, Value, String) {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, body, ctype)
+    }
+
+    async fn json(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let (s, v, _) = self
+            .call(b.body(Body::from(body.to_string())).unwrap())
+            .await;
+        (s, v)
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let mut b = Request::builder().uri(path);
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let (s, v, _) = self.call(b.body(Body::empty()).unwrap()).await;
+        (s, v)
+    }
+
+    /// Registers `id` and logs in with password and TOTP; returns the token.
+    async fn user(&self, id: &str) -> String {
+        let (s, reg) = self
+            .json(
+                "POST",
+                "/v1/users",
+                None,
+                json!({"id": id, "password": "correct horse battery", "time_zone": "Europe/Berlin"}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{reg}");
+        assert!(reg["totp_uri"]
+            .as_str()
+            .unwrap()
+            .starts_with("otpauth://totp/"));
+        let code = totp_now(reg["totp_secret"].as_str().unwrap(), id);
+        let (s, sess) = self
+            .json(
+                "POST",
+                "/v1/sessions",
+                None,
+                json!({"user": id, "password": "correct horse battery", "totp": code}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{sess}");
+        sess["token"].as_str().unwrap().to_string()
+    }
+}
+
+fn totp_now(secret_b32: &str, user: &str) -> String {
+    let secret = totp_rs::Secret::Encoded(secret_b32.to_string())
+        .to_bytes()
+        .unwrap();
+    totp_rs::TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        6,
+        1,
+        30,
+        secret,
+        Some("consentry".into()),
+        user.into(),
+    )
+    .unwrap()
+    .generate_current()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn registration_and_two_factor_login() {
+    let api = Api::new();
+    let body =
+        json!({"id": "carol", "password": "correct horse battery", "time_zone": "Europe/Berlin"});
+    let (s, reg) = api.json("POST", "/v1/users", None, body.clone()).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let secret = reg["totp_secret"].as_str().unwrap().to_string();
+    let (s, p) = api.json("POST", "/v1/users", None, body).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{p}");
+
+    let login =
+        |password: &str, code: String| json!({"user": "carol", "password": password, "totp": code});
+    let (s, _) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login("correct horse battery", "000000".into()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "a wrong code is refused");
+    let (s, _) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login("wrong password!!", totp_now(&secret, "carol")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "a wrong password is refused");
+    let (s, sess) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login("correct horse battery", totp_now(&secret, "carol")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let token = sess["token"].as_str().unwrap();
+    let (s, prefs) = api.get("/v1/me/preferences", Some(token)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(prefs["user"], "carol");
+    assert_eq!(prefs["version"], 0);
+
+    // Failed logins are rate-limited per user name.
+    for _ in 0..5 {
+        api.json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login("nope nope nope", "1".into()),
+        )
+        .await;
+    }
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login("correct horse battery", totp_now(&secret, "carol")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{p}");
+}
+
+#[tokio::test]
+async fn every_error_class_is_a_problem_document() {
+    let api = Api::new();
+    let req = |body: &str, ctype: &str| {
+        Request::builder()
+            .method("POST")
+            .uri("/v1/users")
+            .header("content-type", ctype)
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let (s, p, ct) = api.call(req("{\"id\": ", "application/json")).await;
+    assert_eq!(
+        (s, ct.as_str()),
+        (StatusCode::BAD_REQUEST, "application/problem+json")
+    );
+    assert_eq!(p["status"], 400);
+    let (s, p, _) = api
+        .call(req(
+            r#"{"id": "x", "password": 5, "time_zone": "UTC"}"#,
+            "application/json",
+        ))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(p["field"], "password", "{p}");
+    let (s, _, _) = api.call(req("{}", "text/plain")).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let big = format!(r#"{{"id": "{}"}}"#, "x".repeat(200_000));
+    let (s, _, _) = api.call(req(&big, "application/json")).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/users",
+            None,
+            json!({"id": "Bad Id", "password": "correct horse battery", "time_zone": "UTC"}),
+        )
+        .await;
+    assert_eq!(
+        (s, p["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("id"))
+    );
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/users",
+            None,
+            json!({"id": "dave", "password": "correct horse battery", "time_zone": "Mars/Olympus"}),
+        )
+        .await;
+    assert_eq!(
+        (s, p["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("time_zone"))
+    );
+    let (s, _) = api.get("/v1/me/preferences", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = api.get("/v1/me/preferences", Some("forged-token")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = api.get("/v1/nothing/here", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn preferences_versioning_and_validation() {
+    let api = Api::new();
+    let t = api.user("erin").await;
+    let doc = |version: u64, share: Value| json!({"version": version, "collect": [{"kind": "heart_rate"}, {"kind": "steps"}], "share": share});
+    let hr_fit = json!([{"provider": "fitcoach", "purpose": "coaching", "kind": "heart_rate"}]);
+    let (s, c) = api
+        .json(
+            "PUT",
+            "/v1/me/preferences",
+            Some(&t),
+            doc(0, hr_fit.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["preferences"]["version"], 1);
+    // Stale version: 409 with the current one.
+    let (s, p) = api
+        .json(
+            "PUT",
+            "/v1/me/preferences",
+            Some(&t),
+            doc(0, hr_fit.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(p["current_version"], 1);
+    // Unknown kind, unknown provider, purpose limitation: 422 naming the field.
+    let cases = [
+        (
+            json!([{"provider": "fitcoach", "purpose": "coaching", "kind": "mood"}]),
+            "kind",
+        ),
+        (
+            json!([{"provider": "nobody", "purpose": "coaching", "kind": "steps"}]),
+            "provider",
+        ),
+        (
+            json!([{"provider": "insureco", "purpose": "pricing", "kind": "location"}]),
+            "purpose",
+        ),
+        (
+            json!([{"provider": "fitcoach", "purpose": "coaching", "kind": "location", "mask": {"alt": {"method": "remove"}}}]),
+            "mask.alt",
+        ),
+    ];
+    for (share, field) in cases {
+        let (s, p) = api
+            .json("PUT", "/v1/me/preferences", Some(&t), doc(1, share))
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+        assert_eq!(p["field"], field, "{p}");
+    }
+    let (_, now) = api.get("/v1/me/preferences", Some(&t)).await;
+    assert_eq!(now["version"], 1, "refused changes changed nothing");
+
+    // Single grants.
+    let (s, c) = api
+        .json(
+            "PUT",
+            "/v1/me/preferences/share/fitcoach/location",
+            Some(&t),
+            json!({"purpose": "coaching", "mask": {"lat": {"method": "generalize", "decimals": 2}}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["preferences"]["share"].as_array().unwrap().len(), 2);
+    let (s, _) = api
+        .json(
+            "DELETE",
+            "/v1/me/preferences/share/insureco/steps",
+            Some(&t),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, c) = api
+        .json(
+            "DELETE",
+            "/v1/me/preferences/share/fitcoach/heart_rate",
+            Some(&t),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(c["preferences"]["version"], 3);
+    let (s, c) = api
+        .json(
+            "PUT",
+            "/v1/me/preferences/collect/location",
+            Some(&t),
+            json!({"windows": [{"days": ["Mon", "Fri"], "from": "09:00:00", "to": "17:30:00"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    let (s, c) = api
+        .json("DELETE", "/v1/me/preferences", Some(&t), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(c["preferences"]["collect"], json!([]));
+    assert_eq!(c["preferences"]["share"], json!([]));
+    let (_, h) = api.get("/v1/me/preferences/history", Some(&t)).await;
+    let versions: Vec<u64> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn users_only_see_their_own() {
+    let api = Api::new();
+    let a = api.user("frank").await;
+    let b = api.user("grace").await;
+    api.json(
+        "PUT",
+        "/v1/me/preferences",
+        Some(&a),
+        json!({"version": 0, "collect": [{"kind": "steps"}]}),
+    )
+    .await;
+    let (_, pb) = api.get("/v1/me/preferences", Some(&b)).await;
+    assert_eq!(pb["user"], "grace");
+    assert_eq!(pb["collect"], json!([]));
+    let (_, hb) = api.get("/v1/me/preferences/history", Some(&b)).await;
+    assert_eq!(hb, json!([]));
+    // A device id already taken by someone else cannot be registered again.
+    let (s, d) = api
+        .json(
+            "POST",
+            "/v1/me/devices",
+            Some(&a),
+            json!({"id": "frank-band"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{d}");
+    assert!(d["mqtt_password"].as_str().unwrap().len() >= 20);
+    let (s, _) = api
+        .json(
+            "POST",
+            "/v1/me/devices",
+            Some(&b),
+            json!({"id": "frank-band"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = api
+        .json(
+            "POST",
+            "/v1/me/devices",
+            Some(&b),
+            json!({"id": "fitcoach"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn providers_are_public_and_operator_endpoints_need_the_key() {
+    let api = Api::new();
+    let (s, list) = api.get("/v1/providers", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let text = list.to_string();
+    assert!(text.contains("fitcoach") && text.contains("Personalized Experience"));
+    assert!(!text.contains("argon2"), "secrets leak: {text}");
+    let (s, one) = api.get("/v1/providers/insureco", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(one["purposes"][0]["retention_days"], 1825);
+
+    let provider = json!({
+        "id": "sleepwell", "name": "SleepWell", "mqtt_password": "sleepwell-pass",
+        "controller": {"company": "SleepWell GmbH", "email": "dpo@sleepwell.example"},
+        "purposes": [{"id": "sleep", "statement": "Sleep analysis", "category": "Improve Performance",
+                      "kinds": ["heart_rate"], "retention_days": 30}]
+    });
+    let post = |key: Option<&str>| {
+        let mut b = Request::builder()
+            .method("POST")
+            .uri("/v1/operator/providers")
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            b = b.header("x-operator-key", k);
+        }
+        b.body(Body::from(provider.to_string())).unwrap()
+    };
+    assert_eq!(api.call(post(None)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(api.call(post(Some("wrong"))).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        api.call(post(Some(OPERATOR_KEY))).await.0,
+        StatusCode::CREATED
+    );
+    let (_, list) = api.get("/v1/providers", None).await;
+    assert!(list.to_string().contains("SleepWell GmbH"));
+    // A purpose naming an undeclared kind is refused whole.
+    let bad = json!({"name": "mood", "category": "Health"});
+    let mut b = Request::builder()
+        .method("POST")
+        .uri("/v1/operator/kinds")
+        .header("content-type", "application/json")
+        .header("x-operator-key", OPERATOR_KEY);
+    b = b.header("accept", "application/json");
+    let (s, _, _) = api.call(b.body(Body::from(bad.to_string())).unwrap()).await;
+    assert_eq!(s, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn openapi_document_is_served_and_lists_the_api() {
+    let api = Api::new();
+    let (s, doc) = api.get("/v1/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/v1/users",
+        "/v1/sessions",
+        "/v1/me/preferences",
+        "/v1/providers",
+        "/v1/operator/kinds",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
+    // Generated from the handlers: the request schema has the real fields.
+    let schema = &doc["components"]["schemas"]["PreferencesDocument"];
+    assert!(schema["properties"].get("version").is_some(), "{schema}");
+}
+
+// === live enforcement through a real listener ===
+
+fn http(
+    server: &common::Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let url = format!("http://{}{}", server.api.unwrap(), path);
+    let mut req = ureq::request(method, &url);
+    if let Some(t) = token {
+        req = req.set("authorization", &format!("Bearer {t}"));
+    }
+    let resp = match body {
+        Some(b) => req
+            .set("content-type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn revocation_through_the_api_stops_the_next_delivery() {
+    use common::v5;
+    let server = common::Server::demo();
+    let (s, reg) = http(
+        &server,
+        "POST",
+        "/v1/users",
+        None,
+        Some(
+            json!({"id": "heidi", "password": "correct horse battery", "time_zone": "Europe/Paris"}),
+        ),
+    );
+    assert_eq!(s, 201, "{reg}");
+    let code = totp_now(reg["totp_secret"].as_str().unwrap(), "heidi");
+    let (_, sess) = http(
+        &server,
+        "POST",
+        "/v1/sessions",
+        None,
+        Some(json!({"user": "heidi", "password": "correct horse battery", "totp": code})),
+    );
+    let t = sess["token"].as_str().unwrap().to_string();
+    let (s, dev) = http(
+        &server,
+        "POST",
+        "/v1/me/devices",
+        Some(&t),
+        Some(json!({"id": "heidi-band"})),
+    );
+    assert_eq!(s, 201);
+    let (s, _) = http(
+        &server,
+        "PUT",
+        "/v1/me/preferences",
+        Some(&t),
+        Some(json!({"version": 0, "collect": [{"kind": "heart_rate"}],
+                    "share": [{"provider": "fitcoach", "purpose": "coaching", "kind": "heart_rate"}]})),
+    );
+    assert_eq!(s, 200);
+
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut band = v5::connect(
+        server.mqtt,
+        "band",
+        "heidi-band",
+        dev["mqtt_password"].as_str().unwrap(),
+    )
+    .await;
+    let topic = "pii/heidi/heidi-band/heart_rate";
+    assert_eq!(
+        band.publish_acked(topic, br#"{"bpm":70}"#).await,
+        v5::PubAckReason::Success
+    );
+    assert_eq!(fit.next_publish().await.topic, topic.as_bytes());
+
+    // Revoke, and publish the moment the response is in.
+    let (s, _) = http(
+        &server,
+        "DELETE",
+        "/v1/me/preferences/share/fitcoach/heart_rate",
+        Some(&t),
+        None,
+    );
+    assert_eq!(s, 200);
+    band.publish_acked(topic, br#"{"bpm":71}"#).await;
+    band.publish_acked("public/marker", b"m").await;
+    assert_eq!(
+        fit.publishes_until("public/marker").await.len(),
+        1,
+        "delivered after revocation"
+    );
+
+    // Re-granting restores delivery.
+    let (s, _) = http(
+        &server,
+        "PUT",
+        "/v1/me/preferences/share/fitcoach/heart_rate",
+        Some(&t),
+        Some(json!({"purpose": "coaching"})),
+    );
+    assert_eq!(s, 200);
+    band.publish_acked(topic, br#"{"bpm":72}"#).await;
+    let p = fit.next_publish().await;
+    assert_eq!(p.topic, topic.as_bytes());
+
+    // A grant that expires stops delivery once it has.
+    let expires = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let (s, _) = http(
+        &server,
+        "PUT",
+        "/v1/me/preferences/share/fitcoach/heart_rate",
+        Some(&t),
+        Some(json!({"purpose": "coaching", "expires": expires})),
+    );
+    assert_eq!(s, 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    band.publish_acked(topic, br#"{"bpm":73}"#).await;
+    band.publish_acked("public/marker", b"m").await;
+    assert_eq!(
+        fit.publishes_until("public/marker").await.len(),
+        1,
+        "delivered after expiry"
+    );
+}
