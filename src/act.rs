@@ -68,6 +68,8 @@ pub enum Deny {
     Acl,
     #[error("invalid topic or filter")]
     Invalid,
+    #[error("the topic is reserved for consentry's own notices")]
+    Reserved,
 }
 
 impl Deny {
@@ -85,6 +87,7 @@ impl Deny {
             Deny::PurposeLimited => "purpose_limited",
             Deny::Acl => "acl",
             Deny::Invalid => "invalid",
+            Deny::Reserved => "reserved",
         }
     }
 }
@@ -202,7 +205,13 @@ pub struct Act {
     acl: Acl,
 }
 
+/// consentry's own messages to a provider (e.g. disputes of its records) go
+/// to `consentry/notices/{provider}`: only consentry publishes there, and
+/// only that provider reads it.
+pub const NOTICE_PREFIX: &str = "consentry/notices/";
+
 enum Class<'t> {
+    Notice(&'t str),
     Personal(Resolved<'t>, u16),
     UnknownPersonal,
     Plain,
@@ -412,6 +421,9 @@ impl Act {
     }
 
     fn classify<'t>(&self, topic: &'t str) -> Class<'t> {
+        if let Some(provider) = topic.strip_prefix(NOTICE_PREFIX) {
+            return Class::Notice(provider);
+        }
         let mut claimed = false;
         for t in &self.templates {
             if !t.claims(topic) {
@@ -442,6 +454,7 @@ impl Act {
             return Err(Deny::Invalid);
         }
         match self.classify(topic) {
+            Class::Notice(_) => Err(Deny::Reserved),
             Class::Plain => {
                 if self.acl.allows(who, topic, Access::Write) {
                     Ok(Ingress::Plain)
@@ -494,6 +507,11 @@ impl Act {
         if !topic::valid_filter(filter) {
             return Err(Deny::Invalid);
         }
+        if let Principal::Provider { id } = who {
+            if filter.strip_prefix(NOTICE_PREFIX) == Some(id.as_str()) {
+                return Ok(());
+            }
+        }
         if self.acl.may_subscribe(who, filter) {
             return Ok(());
         }
@@ -529,6 +547,10 @@ impl Act {
         now: DateTime<Utc>,
     ) -> Result<Delivery<'a>, Deny> {
         match self.classify(topic) {
+            Class::Notice(p) => match who {
+                Principal::Provider { id } if id == p => Ok(Delivery::Plain),
+                _ => Err(Deny::Acl),
+            },
             Class::Plain => {
                 if self.acl.allows(who, topic, Access::Read) {
                     Ok(Delivery::Plain)
@@ -899,6 +921,31 @@ mod tests {
         assert_eq!(denied(&fit, "pii/carol/c-1/heart_rate"), Deny::UnknownUser);
         assert_eq!(denied(&fit, "pii/alice/alice-watch/x"), Deny::UnknownTopic);
         assert_eq!(denied(&fit, "status/x"), Deny::Acl);
+    }
+
+    #[test]
+    fn notices_reach_only_their_provider() {
+        let a = act(vec![alice_prefs()], Acl::deny_all());
+        let t = "consentry/notices/fitcoach";
+        assert_eq!(a.subscribe(&prov("fitcoach"), t), Ok(()));
+        assert_eq!(a.subscribe(&prov("insureco"), t), Err(Deny::Acl));
+        assert!(matches!(
+            a.deliver(&prov("fitcoach"), t, now()),
+            Ok(Delivery::Plain)
+        ));
+        assert_eq!(
+            a.deliver(&prov("insureco"), t, now()).map(|_| ()),
+            Err(Deny::Acl)
+        );
+        assert_eq!(
+            a.ingress(&prov("fitcoach"), t, now()).map(|_| ()),
+            Err(Deny::Reserved)
+        );
+        assert_eq!(
+            a.ingress(&dev("alice-watch", "alice"), t, now())
+                .map(|_| ()),
+            Err(Deny::Reserved)
+        );
     }
 
     #[test]

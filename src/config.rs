@@ -44,6 +44,10 @@ pub struct Config {
     pub ledger: LedgerSection,
     #[serde(default)]
     pub acl: AclConfig,
+    /// The data service provider, as named on consent receipts (the
+    /// Kantara data controller). Without it no receipts are issued.
+    #[serde(default)]
+    pub operator: Option<crate::receipt::Operator>,
     #[serde(default)]
     pub templates: Vec<String>,
     #[serde(default)]
@@ -195,6 +199,8 @@ pub struct LedgerSection {
     pub segment_mib: u64,
     /// Name of the data service provider written as each record's creator.
     pub creator: String,
+    /// How often hourly counts of refused deliveries are written (seconds).
+    pub blocked_flush_secs: u64,
 }
 
 impl Default for LedgerSection {
@@ -204,6 +210,7 @@ impl Default for LedgerSection {
             retention_days: Some(5 * 365),
             segment_mib: 64,
             creator: "consentry".into(),
+            blocked_flush_secs: 60,
         }
     }
 }

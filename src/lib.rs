@@ -14,6 +14,7 @@
 //! | [`auth`] | identity at CONNECT | access control/authentication (9.1.2) |
 //! | [`codec`] | MQTT 3.1.1/5 framing over rumqttc's codecs | — |
 //! | [`session`] | one client's relay through the ACT to the broker | enforcement at collection and sharing |
+//! | [`receipt`] | Kantara consent receipts: build, sign, verify | consent record (9.2.2) |
 //! | [`ledger`] | encrypted, hash-chained share history | history log (9.2.3), logging (9.1.3) |
 //! | [`broker`] | the embedded rumqttd, or an external upstream | data service provider's broker |
 //! | [`server`] | listeners, wiring, reload, shutdown | — |
@@ -35,7 +36,9 @@ pub mod ledger;
 pub mod mask;
 pub mod metrics;
 pub mod model;
+pub mod notice;
 pub mod prefs;
+pub mod receipt;
 pub mod secrets;
 pub mod server;
 pub mod session;

@@ -59,6 +59,11 @@ enum Command {
         #[arg(long, env = "CONSENTRY_DATA_DIR", global = true)]
         data_dir: Option<PathBuf>,
     },
+    /// Consent receipts.
+    Receipt {
+        #[command(subcommand)]
+        command: ReceiptCommand,
+    },
     /// Encryption keys of the share ledger.
     Keys {
         #[command(subcommand)]
@@ -94,6 +99,19 @@ enum LedgerCommand {
         /// Why, for the extract record.
         #[arg(long, default_value = "operator inspection")]
         purpose: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReceiptCommand {
+    /// Check a receipt's signature (against a JWKS file) and its Kantara
+    /// v0.8 schema; exits non-zero with the reason when either fails.
+    Verify {
+        /// The compact JWS, or the JSON the API returns (with its `jws`).
+        file: PathBuf,
+        /// The JWKS document, e.g. saved from /.well-known/jwks.json.
+        #[arg(long)]
+        jwks: String,
     },
 }
 
@@ -197,6 +215,35 @@ fn main() -> anyhow::Result<()> {
                         println!("{entry}");
                     }
                     Ok(())
+                }
+            }
+        }
+        Command::Receipt {
+            command: ReceiptCommand::Verify { file, jwks },
+        } => {
+            if jwks.starts_with("http://") || jwks.starts_with("https://") {
+                eprintln!("receipt verification FAILED: fetch the JWKS first (e.g. curl -o jwks.json {jwks}) and pass the file");
+                std::process::exit(2);
+            }
+            let result = (|| -> anyhow::Result<consentry::receipt::VerifiedReceipt> {
+                let input = std::fs::read_to_string(&file)
+                    .with_context(|| format!("read {}", file.display()))?;
+                let keys =
+                    std::fs::read_to_string(&jwks).with_context(|| format!("read {jwks}"))?;
+                let keys = consentry::receipt::Jwks::from_json(&keys)?;
+                Ok(consentry::receipt::verify(&input, &keys)?)
+            })();
+            match result {
+                Ok(v) => {
+                    println!(
+                        "receipt OK: signature by key {} verifies, Kantara v0.8 schema valid (jti {})",
+                        v.kid, v.receipt.jti
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("receipt verification FAILED: {e:#}");
+                    std::process::exit(1);
                 }
             }
         }

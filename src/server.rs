@@ -23,7 +23,9 @@ use crate::api::ApiState;
 use crate::broker::{self, Upstream};
 use crate::config::{Config, TlsConfig};
 use crate::ledger::{Keyring, Ledger, LedgerConfig};
-use crate::prefs::{self, PreferenceManager};
+use crate::notice::Notifier;
+use crate::prefs::{self, PreferenceManager, ReceiptIssuer};
+use crate::receipt::{Issuer, ReceiptKeys};
 use crate::secrets;
 use crate::session::{self, Shared};
 use crate::store::Store;
@@ -89,6 +91,7 @@ pub fn ledger_config(cfg: &Config) -> LedgerConfig {
             .retention_days
             .map(|d| Duration::from_secs(d as u64 * 86_400)),
         creator: cfg.ledger.creator.clone(),
+        blocked_flush_every: Duration::from_secs(cfg.ledger.blocked_flush_secs.max(1)),
         ..LedgerConfig::default()
     }
 }
@@ -140,13 +143,20 @@ impl Server {
         let data = &config.storage.data_dir;
         std::fs::create_dir_all(data)
             .with_context(|| format!("create data dir {}", data.display()))?;
+        let issuer = match &config.operator {
+            Some(op) => Some(Arc::new(Issuer::new(ReceiptKeys::open(data)?, op.clone()))),
+            None => {
+                tracing::warn!("no [operator] configured: consent receipts are not issued");
+                None
+            }
+        };
         let (pm, act, creds) = PreferenceManager::open(
             open_store(&config)?,
             config.templates.clone(),
             &config.kinds,
             config.acl.rules.clone(),
             &config.load_directory()?,
-            None,
+            issuer.clone().map(|i| i as Arc<dyn ReceiptIssuer>),
         )?;
         let upstream = match config.upstream_addr() {
             Some(addr) => Upstream::external(&config, addr),
@@ -203,12 +213,9 @@ impl Server {
         let prefs = Arc::new(pm);
         let mut api_addr = None;
         if let Some(listen) = config.api.listen {
-            let state = ApiState::new(
-                prefs.clone(),
-                config.api.clone(),
-                &operator_key(&config)?,
-                None,
-            );
+            let state = ApiState::new(prefs.clone(), config.api.clone(), &operator_key(&config)?)
+                .with_receipts(issuer.clone())
+                .with_ledger(shared.ledger.clone(), Notifier::start(&shared.upstream)?);
             let l = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("bind HTTP API listener {listen}"))?;

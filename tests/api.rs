@@ -45,7 +45,7 @@ impl Api {
             None,
         )
         .unwrap();
-        let state = ApiState::new(Arc::new(pm), ApiConfig::default(), OPERATOR_KEY, None);
+        let state = ApiState::new(Arc::new(pm), ApiConfig::default(), OPERATOR_KEY);
         Api { app: router(state) }
     }
 

@@ -7,9 +7,11 @@
 //! (RFC 9457) naming the offending field, never internals.
 
 mod error;
+mod history;
 mod operator;
 mod preferences;
 mod providers;
+mod receipts;
 mod users;
 
 use std::collections::HashMap;
@@ -27,7 +29,10 @@ use utoipa::OpenApi;
 pub use error::Problem;
 
 use crate::config::ApiConfig;
+use crate::ledger::Ledger;
+use crate::notice::Notifier;
 use crate::prefs::PreferenceManager;
+use crate::receipt::Issuer;
 
 /// Everything the handlers share.
 pub struct ApiState {
@@ -35,19 +40,17 @@ pub struct ApiState {
     pub config: ApiConfig,
     /// SHA-256 of the operator key.
     pub operator_key_sha256: [u8; 32],
-    /// The JWKS document of the receipt signing keys, when receipts are on.
-    pub jwks: Option<serde_json::Value>,
+    /// Signs consent receipts; its JWKS is served as it is now, so a key
+    /// rotation shows at once.
+    pub receipts: Option<Arc<Issuer>>,
+    pub ledger: Option<Ledger>,
+    pub notifier: Option<Notifier>,
     limiter: LoginLimiter,
 }
 
 impl ApiState {
-    pub fn new(
-        prefs: Arc<PreferenceManager>,
-        config: ApiConfig,
-        operator_key: &str,
-        jwks: Option<serde_json::Value>,
-    ) -> Arc<ApiState> {
-        Arc::new(ApiState {
+    pub fn new(prefs: Arc<PreferenceManager>, config: ApiConfig, operator_key: &str) -> ApiState {
+        ApiState {
             prefs,
             limiter: LoginLimiter::new(
                 config.login_attempts,
@@ -55,8 +58,21 @@ impl ApiState {
             ),
             config,
             operator_key_sha256: Sha256::digest(operator_key.as_bytes()).into(),
-            jwks,
-        })
+            receipts: None,
+            ledger: None,
+            notifier: None,
+        }
+    }
+
+    pub fn with_receipts(mut self, issuer: Option<Arc<Issuer>>) -> ApiState {
+        self.receipts = issuer;
+        self
+    }
+
+    pub fn with_ledger(mut self, ledger: Ledger, notifier: Notifier) -> ApiState {
+        self.ledger = Some(ledger);
+        self.notifier = Some(notifier);
+        self
     }
 }
 
@@ -80,6 +96,14 @@ pub type State = axum::extract::State<Arc<ApiState>>;
         preferences::put_collect_grant,
         preferences::delete_collect_grant,
         preferences::history,
+        history::history,
+        history::export,
+        history::open_dispute,
+        history::my_disputes,
+        history::all_disputes,
+        history::resolve,
+        receipts::list,
+        receipts::get_one,
         providers::list,
         providers::get_one,
         operator::put_provider,
@@ -113,7 +137,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-pub fn router(state: Arc<ApiState>) -> Router {
+pub fn router(state: ApiState) -> Router {
+    let state = Arc::new(state);
     let limit = state.config.max_body_bytes;
     Router::new()
         .route("/v1/users", post(users::register))
@@ -134,6 +159,16 @@ pub fn router(state: Arc<ApiState>) -> Router {
             put(preferences::put_collect_grant).delete(preferences::delete_collect_grant),
         )
         .route("/v1/me/preferences/history", get(preferences::history))
+        .route("/v1/me/history", get(history::history))
+        .route("/v1/me/history/export", get(history::export))
+        .route(
+            "/v1/me/disputes",
+            get(history::my_disputes).post(history::open_dispute),
+        )
+        .route("/v1/operator/disputes", get(history::all_disputes))
+        .route("/v1/operator/disputes/{id}/resolve", post(history::resolve))
+        .route("/v1/me/receipts", get(receipts::list))
+        .route("/v1/me/receipts/{jti}", get(receipts::get_one))
         .route("/v1/providers", get(providers::list))
         .route("/v1/providers/{id}", get(providers::get_one))
         .route("/v1/operator/providers", post(operator::put_provider))
@@ -149,11 +184,11 @@ async fn not_found() -> Problem {
     Problem::not_found("no such resource")
 }
 
-async fn jwks(state: State) -> Result<Json<serde_json::Value>, Problem> {
+async fn jwks(state: State) -> Result<Json<crate::receipt::Jwks>, Problem> {
     state
-        .jwks
-        .clone()
-        .map(Json)
+        .receipts
+        .as_ref()
+        .map(|i| Json(i.jwks()))
         .ok_or_else(|| Problem::not_found("consent receipts are not enabled"))
 }
 

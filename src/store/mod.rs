@@ -86,6 +86,17 @@ CREATE TABLE IF NOT EXISTS sessions (
     user_id TEXT NOT NULL,
     expires_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS disputes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    ledger_seq INTEGER NOT NULL,
+    provider TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    resolved_at TEXT,
+    detail BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS receipts_by_user ON receipts(user_id, at);
 CREATE INDEX IF NOT EXISTS history_by_user ON consent_history(user_id, seq);
 "#;
@@ -365,6 +376,159 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?)
+        })
+    }
+}
+
+/// A user's complaint about one ledger record (X.1363 9.2.3, redress).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Dispute {
+    pub id: i64,
+    pub user: String,
+    pub ledger_seq: u64,
+    pub provider: String,
+    pub kind: String,
+    /// open, upheld or rejected.
+    pub state: String,
+    pub created_at: DateTime<Utc>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub reason: String,
+    pub resolution: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DisputeDetail {
+    reason: String,
+    resolution: Option<String>,
+}
+
+impl Store {
+    pub fn add_dispute(
+        &self,
+        user: &str,
+        ledger_seq: u64,
+        provider: &str,
+        kind: &str,
+        reason: &str,
+    ) -> Result<Dispute, StoreError> {
+        self.with(|c, cipher| {
+            let tx = c.transaction()?;
+            let id: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(id), 0) + 1 FROM disputes",
+                [],
+                |r| r.get(0),
+            )?;
+            let now = Utc::now();
+            let detail = serde_json::to_vec(&DisputeDetail {
+                reason: reason.to_string(),
+                resolution: None,
+            })?;
+            tx.execute(
+                "INSERT INTO disputes (id, user_id, ledger_seq, provider, kind, state, created_at, detail) VALUES (?1, ?2, ?3, ?4, ?5, 'open', ?6, ?7)",
+                params![
+                    id,
+                    user,
+                    ledger_seq as i64,
+                    provider,
+                    kind,
+                    now.to_rfc3339(),
+                    cipher.seal(&format!("disputes.detail.{id}"), &detail)?
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Dispute {
+                id,
+                user: user.into(),
+                ledger_seq,
+                provider: provider.into(),
+                kind: kind.into(),
+                state: "open".into(),
+                created_at: now,
+                resolved_at: None,
+                reason: reason.into(),
+                resolution: None,
+            })
+        })
+    }
+
+    /// Disputes of one user, or all of them (`None`), oldest first.
+    pub fn disputes(&self, user: Option<&str>) -> Result<Vec<Dispute>, StoreError> {
+        self.with(|c, cipher| {
+            let mut st = c.prepare(
+                "SELECT id, user_id, ledger_seq, provider, kind, state, created_at, resolved_at, detail FROM disputes
+                 WHERE ?1 IS NULL OR user_id = ?1 ORDER BY id",
+            )?;
+            let rows = st.query_map([user], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, Option<String>>(7)?,
+                    r.get::<_, Vec<u8>>(8)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, user, seq, provider, kind, state, created, resolved, sealed) = row?;
+                let d: DisputeDetail = serde_json::from_slice(
+                    &cipher.open(&format!("disputes.detail.{id}"), &sealed)?,
+                )?;
+                out.push(Dispute {
+                    id,
+                    user,
+                    ledger_seq: seq as u64,
+                    provider,
+                    kind,
+                    state,
+                    created_at: parse_time(&created)?,
+                    resolved_at: resolved.as_deref().map(parse_time).transpose()?,
+                    reason: d.reason,
+                    resolution: d.resolution,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn resolve_dispute(
+        &self,
+        id: i64,
+        state: &str,
+        resolution: &str,
+    ) -> Result<Dispute, StoreError> {
+        let current = self
+            .disputes(None)?
+            .into_iter()
+            .find(|d| d.id == id)
+            .ok_or(StoreError::NotFound {
+                what: "dispute",
+                id: id.to_string(),
+            })?;
+        self.with(|c, cipher| {
+            let detail = serde_json::to_vec(&DisputeDetail {
+                reason: current.reason.clone(),
+                resolution: Some(resolution.to_string()),
+            })?;
+            let now = Utc::now();
+            c.execute(
+                "UPDATE disputes SET state = ?2, resolved_at = ?3, detail = ?4 WHERE id = ?1",
+                params![
+                    id,
+                    state,
+                    now.to_rfc3339(),
+                    cipher.seal(&format!("disputes.detail.{id}"), &detail)?
+                ],
+            )?;
+            Ok(Dispute {
+                state: state.into(),
+                resolved_at: Some(now),
+                resolution: Some(resolution.into()),
+                ..current
+            })
         })
     }
 }

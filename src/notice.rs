@@ -1,0 +1,55 @@
+//! consentry's own MQTT client on the broker, for notices to providers
+//! (`consentry/notices/{provider}`), e.g. that a user disputes a record of a
+//! delivery to them. It connects to the broker directly, not through the
+//! gateway: the notice namespace is closed to every client's PUBLISH.
+
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::Value;
+
+use crate::act::NOTICE_PREFIX;
+use crate::broker::Upstream;
+use crate::codec::Version;
+
+#[derive(Clone)]
+pub struct Notifier {
+    client: AsyncClient,
+}
+
+impl Notifier {
+    /// Connects (and keeps reconnecting) in the background.
+    pub fn start(upstream: &Upstream) -> anyhow::Result<Notifier> {
+        let addr = upstream.addr(Version::V4);
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow::anyhow!("upstream address {addr:?} has no port"))?;
+        let mut opts = MqttOptions::new("consentry-notifier", host, port.parse()?);
+        opts.set_keep_alive(std::time::Duration::from_secs(30));
+        if let Some(u) = &upstream.username {
+            opts.set_credentials(u.clone(), upstream.password.clone().unwrap_or_default());
+        }
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = events.poll().await {
+                    tracing::warn!(error = %e, "notice client disconnected; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        });
+        Ok(Notifier { client })
+    }
+
+    /// Queues a notice at QoS 1; a provider with a persistent session gets
+    /// it when it is next connected.
+    pub async fn notify(&self, provider: &str, notice: &Value) -> anyhow::Result<()> {
+        self.client
+            .publish(
+                format!("{NOTICE_PREFIX}{provider}"),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(notice)?,
+            )
+            .await?;
+        Ok(())
+    }
+}

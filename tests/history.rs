@@ -1,0 +1,436 @@
+//! End to end over HTTP and MQTT: a user reads their share history, exports
+//! it, disputes a record (the provider is notified), and gets consent
+//! receipts that validate against the Kantara schemas and verify with an
+//! independent JWS implementation.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{v5, Server, Setup, MARKER_ACL};
+use serde_json::{json, Value};
+
+const OPERATOR_KEY: &str = "history-test-operator-key";
+
+fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
+    let url = format!("http://{}{}", server.api.unwrap(), path);
+    let mut req = ureq::request(method, &url);
+    if let Some(t) = token {
+        req = req.set("authorization", &format!("Bearer {t}"));
+    }
+    if path.starts_with("/v1/operator") {
+        req = req.set("x-operator-key", OPERATOR_KEY);
+    }
+    let resp = match body {
+        Some(b) => req
+            .set("content-type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    (resp.status(), resp.into_string().unwrap())
+}
+
+fn json_of(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|_| panic!("not JSON: {s}"))
+}
+
+fn totp_now(secret_b32: &str, user: &str) -> String {
+    let secret = totp_rs::Secret::Encoded(secret_b32.into())
+        .to_bytes()
+        .unwrap();
+    totp_rs::TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        6,
+        1,
+        30,
+        secret,
+        Some("consentry".into()),
+        user.into(),
+    )
+    .unwrap()
+    .generate_current()
+    .unwrap()
+}
+
+/// Registers and logs in; returns the session token.
+fn user(server: &Server, id: &str) -> String {
+    let (s, reg) = http(
+        server,
+        "POST",
+        "/v1/users",
+        None,
+        Some(json!({"id": id, "password": "correct horse battery", "time_zone": "Europe/Paris"})),
+    );
+    assert_eq!(s, 201, "{reg}");
+    let code = totp_now(json_of(&reg)["totp_secret"].as_str().unwrap(), id);
+    let (s, sess) = http(
+        server,
+        "POST",
+        "/v1/sessions",
+        None,
+        Some(json!({"user": id, "password": "correct horse battery", "totp": code})),
+    );
+    assert_eq!(s, 201, "{sess}");
+    json_of(&sess)["token"].as_str().unwrap().to_string()
+}
+
+fn server() -> Server {
+    Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        replace: vec![(
+            "blocked_flush_secs = 60".into(),
+            "blocked_flush_secs = 1".into(),
+        )],
+        env: vec![("CONSENTRY_OPERATOR_KEY".into(), OPERATOR_KEY.into())],
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn history_export_and_disputes() {
+    let server = server();
+    let t = user(&server, "ivan");
+    let (_, dev) = http(
+        &server,
+        "POST",
+        "/v1/me/devices",
+        Some(&t),
+        Some(json!({"id": "ivan-band"})),
+    );
+    let dev = json_of(&dev);
+    let (s, _) = http(
+        &server,
+        "PUT",
+        "/v1/me/preferences",
+        Some(&t),
+        Some(json!({"version": 0,
+        "collect": [{"kind": "heart_rate"}],
+        "share": [{"provider": "fitcoach", "purpose": "coaching", "kind": "heart_rate"}]})),
+    );
+    assert_eq!(s, 200);
+
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    fit.subscribe("consentry/notices/fitcoach", v5::QoS::AtLeastOnce)
+        .await;
+    let mut ins = v5::connect(server.mqtt, "ins", "insureco", "insureco-secret").await;
+    ins.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    // Another provider's notices are not for insureco.
+    assert_eq!(
+        ins.subscribe("consentry/notices/fitcoach", v5::QoS::AtLeastOnce)
+            .await,
+        vec![v5::SubscribeReasonCode::NotAuthorized]
+    );
+    let mut band = v5::connect(
+        server.mqtt,
+        "b",
+        "ivan-band",
+        dev["mqtt_password"].as_str().unwrap(),
+    )
+    .await;
+    for bpm in [60, 61, 62] {
+        band.publish_acked(
+            "pii/ivan/ivan-band/heart_rate",
+            format!("{{\"bpm\":{bpm}}}").as_bytes(),
+        )
+        .await;
+        fit.next_publish().await;
+    }
+    // The refused deliveries to insureco are counted within a flush interval.
+    let mut page = Value::Null;
+    for _ in 0..40 {
+        let (_, body) = http(&server, "GET", "/v1/me/history", Some(&t), None);
+        page = json_of(&body);
+        if page["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "blocked")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let entries = page["entries"].as_array().unwrap();
+    let shares: Vec<&Value> = entries.iter().filter(|e| e["type"] == "share").collect();
+    assert_eq!(shares.len(), 3, "{page:#}");
+    assert!(shares
+        .iter()
+        .all(|e| e["provider"] == "fitcoach" && e["kind"] == "heart_rate"));
+    // Times are in the user's zone (Paris is UTC+1 in November, +2 in summer).
+    let t0 = shares[0]["time"].as_str().unwrap();
+    assert!(t0.ends_with("+01:00") || t0.ends_with("+02:00"), "{t0}");
+    let blocked: Vec<&Value> = entries.iter().filter(|e| e["type"] == "blocked").collect();
+    assert_eq!(
+        blocked
+            .iter()
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum::<u64>(),
+        3
+    );
+    assert!(blocked
+        .iter()
+        .all(|b| b["provider"] == "insureco" && b["reason"] == "no_share_consent"));
+
+    // Filters and pages.
+    let (_, body) = http(
+        &server,
+        "GET",
+        "/v1/me/history?provider=insureco",
+        Some(&t),
+        None,
+    );
+    assert!(json_of(&body)["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["provider"] == "insureco"));
+    let (_, p1) = http(&server, "GET", "/v1/me/history?limit=2", Some(&t), None);
+    let p1 = json_of(&p1);
+    assert_eq!(p1["entries"].as_array().unwrap().len(), 2);
+    let after = p1["next_after"].as_u64().unwrap();
+    let (_, p2) = http(
+        &server,
+        "GET",
+        &format!("/v1/me/history?limit=2&after={after}"),
+        Some(&t),
+        None,
+    );
+    let p2 = json_of(&p2);
+    assert!(p2["entries"][0]["seq"].as_u64().unwrap() > after);
+    let (s, _) = http(&server, "GET", "/v1/me/history?limit=0", Some(&t), None);
+    assert_eq!(s, 422);
+
+    // Export.
+    let (s, csv) = http(
+        &server,
+        "GET",
+        "/v1/me/history/export?format=csv",
+        Some(&t),
+        None,
+    );
+    assert_eq!(s, 200);
+    let mut lines = csv.lines();
+    assert!(lines.next().unwrap().starts_with("seq,type,time,provider"));
+    assert_eq!(lines.filter(|l| l.contains(",share,")).count(), 3);
+    let (_, all) = http(&server, "GET", "/v1/me/history/export", Some(&t), None);
+    assert_eq!(json_of(&all).as_array().unwrap().len(), entries.len());
+
+    // Someone else sees none of it.
+    let other = user(&server, "judy");
+    let (_, body) = http(&server, "GET", "/v1/me/history", Some(&other), None);
+    assert_eq!(json_of(&body)["entries"], json!([]));
+
+    // Redress: dispute a share; the provider hears of it.
+    let seq = shares[1]["seq"].as_u64().unwrap();
+    let (s, d) = http(
+        &server,
+        "POST",
+        "/v1/me/disputes",
+        Some(&other),
+        Some(json!({"seq": seq, "reason": "not mine"})),
+    );
+    assert_eq!(s, 404, "cannot dispute another user's record: {d}");
+    let (s, d) = http(
+        &server,
+        "POST",
+        "/v1/me/disputes",
+        Some(&t),
+        Some(json!({"seq": seq, "reason": "I never allowed this"})),
+    );
+    assert_eq!(s, 201, "{d}");
+    let d = json_of(&d);
+    assert_eq!(d["state"], "open");
+    let notice = fit.next_publish().await;
+    assert_eq!(notice.topic, &b"consentry/notices/fitcoach"[..]);
+    let notice: Value = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(notice["ledger_seq"], seq);
+    assert!(
+        !notice.to_string().contains("ivan"),
+        "the notice names the user: {notice}"
+    );
+
+    // The operator resolves it; the user sees the outcome.
+    let (s, all) = http(&server, "GET", "/v1/operator/disputes", None, None);
+    assert_eq!(s, 200);
+    assert_eq!(json_of(&all).as_array().unwrap().len(), 1);
+    let id = d["id"].as_i64().unwrap();
+    let (s, r) = http(
+        &server,
+        "POST",
+        &format!("/v1/operator/disputes/{id}/resolve"),
+        None,
+        Some(json!({"state": "upheld", "resolution": "fitcoach deleted the record"})),
+    );
+    assert_eq!(s, 200, "{r}");
+    let (_, mine) = http(&server, "GET", "/v1/me/disputes", Some(&t), None);
+    assert_eq!(json_of(&mine)[0]["state"], "upheld");
+    // The operator's reads of ivan's data are in ivan's history.
+    let (_, body) = http(&server, "GET", "/v1/me/history?limit=1000", Some(&t), None);
+    let extracts = json_of(&body)["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "extract")
+        .count();
+    assert_eq!(extracts, 2);
+}
+
+fn schema(rel: &str) -> jsonschema::Validator {
+    let path = format!("{}/../shared/spec/{rel}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    jsonschema::draft4::new(&serde_json::from_str::<Value>(&text).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn receipts_validate_and_verify_independently() {
+    let server = server();
+    let t = user(&server, "kim");
+    let (s, changed) = http(
+        &server,
+        "PUT",
+        "/v1/me/preferences",
+        Some(&t),
+        Some(json!({"version": 0,
+        "collect": [{"kind": "heart_rate"}, {"kind": "location"}],
+        "share": [{"provider": "fitcoach", "purpose": "coaching", "kind": "heart_rate"},
+                  {"provider": "fitcoach", "purpose": "coaching", "kind": "location",
+                   "mask": {"lat": {"method": "generalize", "decimals": 2}}}]})),
+    );
+    assert_eq!(s, 200);
+    let jti = json_of(&changed)["receipt"]["jti"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, list) = http(&server, "GET", "/v1/me/receipts", Some(&t), None);
+    assert_eq!(json_of(&list)[0]["jti"], jti);
+
+    let (_, stored) = http(
+        &server,
+        "GET",
+        &format!("/v1/me/receipts/{jti}"),
+        Some(&t),
+        None,
+    );
+    let stored = json_of(&stored);
+    let receipt = &stored["json"];
+    let v08 = schema("kantara-cr-v0.8/kantara-cr-v0.8-schema.json");
+    let errors: Vec<String> = v08.iter_errors(receipt).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "v0.8: {errors:?}");
+    assert_eq!(receipt["sub"], "kim");
+    assert_eq!(receipt["sensitive"], true, "heart rate is Health");
+    let (_, v11) = http(
+        &server,
+        "GET",
+        &format!("/v1/me/receipts/{jti}?format=v1.1"),
+        Some(&t),
+        None,
+    );
+    let v11 = json_of(&v11);
+    let s11 = schema("kantara-cr-v1.1/kantara-consent-receipt-v1_1-schema.stripped.json");
+    let errors: Vec<String> = s11.iter_errors(&v11).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "v1.1: {errors:?}");
+
+    // The JWS verifies with jsonwebtoken against the published JWKS.
+    let (_, jws) = http(
+        &server,
+        "GET",
+        &format!("/v1/me/receipts/{jti}?format=jws"),
+        Some(&t),
+        None,
+    );
+    let (_, jwks) = http(&server, "GET", "/.well-known/jwks.json", None, None);
+    {
+        use jsonwebtoken::{
+            decode, decode_header, jwk::JwkSet, Algorithm, DecodingKey, Validation,
+        };
+        let set: JwkSet = serde_json::from_str(&jwks).unwrap();
+        let kid = decode_header(&jws).unwrap().kid.unwrap();
+        let key = DecodingKey::from_jwk(set.find(&kid).unwrap()).unwrap();
+        let mut v = Validation::new(Algorithm::EdDSA);
+        v.required_spec_claims.clear();
+        v.validate_exp = false;
+        let claims = decode::<Value>(&jws, &key, &v).unwrap().claims;
+        assert_eq!(&claims, receipt);
+    }
+
+    // Mode 1, as text and HTML.
+    let (_, text) = http(
+        &server,
+        "GET",
+        &format!("/v1/me/receipts/{jti}?format=text"),
+        Some(&t),
+        None,
+    );
+    assert!(text.contains("FitCoach") && text.contains(&jti), "{text}");
+    let url = format!("http://{}/v1/me/receipts/{jti}", server.api.unwrap());
+    let html = ureq::get(&url)
+        .set("authorization", &format!("Bearer {t}"))
+        .set("accept", "text/html")
+        .call()
+        .unwrap();
+    assert!(html.content_type().starts_with("text/html"));
+    assert!(html.into_string().unwrap().contains("<"));
+
+    // `consentry receipt verify`: passes as issued, fails when altered.
+    let dir = tempfile::tempdir().unwrap();
+    let (jws_path, jwks_path, bad_path) = (
+        dir.path().join("r.jws"),
+        dir.path().join("jwks.json"),
+        dir.path().join("bad.jws"),
+    );
+    std::fs::write(&jws_path, &jws).unwrap();
+    std::fs::write(&jwks_path, &jwks).unwrap();
+    let mut parts: Vec<String> = jws.split('.').map(String::from).collect();
+    let payload = String::from_utf8(base64_decode(&parts[1]))
+        .unwrap()
+        .replace("kim", "kit");
+    parts[1] = base64_encode(payload.as_bytes());
+    std::fs::write(&bad_path, parts.join(".")).unwrap();
+    let run = |f: &std::path::Path| {
+        Command::new(common::bin())
+            .args(["receipt", "verify"])
+            .arg(f)
+            .arg("--jwks")
+            .arg(&jwks_path)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&jws_path);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = run(&bad_path);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr)
+        .to_lowercase()
+        .contains("signature"));
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .unwrap()
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
