@@ -21,7 +21,7 @@ fn record(i: u64) -> ShareRecord {
         kind: "heart_rate".into(),
         pii_category: "Health".into(),
         purpose: "fitness-coaching".into(),
-        action: if i % 4 == 0 {
+        action: if i.is_multiple_of(4) {
             ShareAction::Masked {
                 fields: vec![MaskedField {
                     field: "location".into(),

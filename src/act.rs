@@ -12,7 +12,8 @@
 //! swaps it into [`ActHandle`]; readers never take a lock.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Guard};
 use chrono::{DateTime, Datelike, Utc};
@@ -20,7 +21,7 @@ use chrono_tz::Tz;
 use thiserror::Error;
 
 use crate::acl::{Access, Acl};
-use crate::model::{Directory, Kind, MaskMethod, PayloadFormat, ProviderRole, Window};
+use crate::model::{Directory, Kind, MaskMethod, PayloadFormat, Preferences, ProviderRole, Window};
 use crate::topic::{self, Resolved, Template};
 
 /// Who a session is, as established at CONNECT.
@@ -142,35 +143,48 @@ pub enum CompileError {
 }
 
 /// What a provider sees of one kind.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum View {
     Deliver,
     /// Field path → method, sorted by path.
     Mask(Vec<(String, MaskMethod)>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 pub struct ShareRule {
     pub purpose: String,
     pub view: Arc<View>,
     pub expires: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug)]
+/// One user's compiled preferences, kept small: there may be millions.
+#[derive(Debug, Clone)]
 struct UserRules {
     tz: Tz,
-    /// Indexed by kind id. `None`: no consent; `Some([])`: at any time.
-    collect: Vec<Option<Vec<Window>>>,
-    /// (provider, kind id) → rule.
-    share: HashMap<(String, u16), ShareRule>,
+    /// A bit per kind id: collected at any time.
+    always: Box<[u64]>,
+    /// Kinds collected only inside these windows.
+    windows: Box<[(u16, Box<[Window]>)]>,
+    /// (provider index, kind id, rule); a handful per user, so a scan beats
+    /// a map. Equal rules are one allocation shared by every user.
+    share: Box<[(u16, u16, Arc<ShareRule>)]>,
 }
 
 #[derive(Debug)]
 struct ProviderRules {
+    index: u16,
     role: ProviderRole,
     /// Kind ids some purpose of this provider asks for.
     requested: Vec<u16>,
+    /// Purpose id → the kind ids it asks for.
+    purposes: FastMap<String, Vec<u16>>,
 }
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// Users and devices are split over shards, each behind its own `Arc`, so
+/// one user's change copies one shard, not the table.
+const SHARDS: usize = 1024;
+type Shards<V> = Vec<Arc<FastMap<Box<str>, V>>>;
 
 /// What ingress lets through.
 #[derive(Debug)]
@@ -198,11 +212,15 @@ pub struct Act {
     pub version: u64,
     templates: Vec<Template>,
     kinds: Vec<Kind>,
-    kind_ids: HashMap<String, u16>,
-    users: HashMap<String, UserRules>,
-    devices: HashMap<String, String>,
-    providers: HashMap<String, ProviderRules>,
+    kind_ids: FastMap<String, u16>,
+    providers: FastMap<String, ProviderRules>,
+    users: Shards<UserRules>,
+    /// Device id → the user it is bound to.
+    devices: Shards<Box<str>>,
     acl: Acl,
+    shard_of: foldhash::fast::RandomState,
+    /// Interned share rules, shared by every version of the ACT.
+    rules: Arc<Mutex<FastMap<Arc<ShareRule>, ()>>>,
 }
 
 /// consentry's own messages to a provider (e.g. disputes of its records) go
@@ -215,6 +233,13 @@ enum Class<'t> {
     Personal(Resolved<'t>, u16),
     UnknownPersonal,
     Plain,
+}
+
+fn parse_tz(user: &str, tz: &str) -> Result<Tz, CompileError> {
+    tz.parse().map_err(|_| CompileError::TimeZone {
+        user: user.into(),
+        tz: tz.into(),
+    })
 }
 
 // === impl Act ===
@@ -231,66 +256,36 @@ impl Act {
             .iter()
             .map(|t| Template::parse(t))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut kind_ids = HashMap::new();
+        let mut kind_ids = FastMap::default();
         for (i, k) in kinds.iter().enumerate() {
             if kind_ids.insert(k.name.clone(), i as u16).is_some() {
                 return Err(CompileError::DuplicateKind(k.name.clone()));
             }
         }
-
-        let mut users = HashMap::new();
-        for u in &dir.users {
-            let tz: Tz = u.time_zone.parse().map_err(|_| CompileError::TimeZone {
-                user: u.id.clone(),
-                tz: u.time_zone.clone(),
-            })?;
-            let rules = UserRules {
-                tz,
-                collect: vec![None; kinds.len()],
-                share: HashMap::new(),
-            };
-            if users.insert(u.id.clone(), rules).is_some() {
-                return Err(CompileError::Duplicate {
-                    what: "user",
-                    id: u.id.clone(),
-                });
-            }
-        }
-
-        let mut devices = HashMap::new();
-        for d in &dir.devices {
-            if !users.contains_key(&d.user) {
-                return Err(CompileError::DeviceUser {
-                    device: d.id.clone(),
-                    user: d.user.clone(),
-                });
-            }
-            if devices.insert(d.id.clone(), d.user.clone()).is_some() {
-                return Err(CompileError::Duplicate {
-                    what: "device",
-                    id: d.id.clone(),
-                });
-            }
-        }
-
-        let mut providers = HashMap::new();
-        for p in &dir.providers {
+        let mut providers = FastMap::default();
+        for (index, p) in dir.providers.iter().enumerate() {
             let mut requested = Vec::new();
+            let mut purposes = FastMap::default();
             for purpose in &p.purposes {
+                let mut ids = Vec::new();
                 for k in &purpose.kinds {
                     let id = *kind_ids.get(k).ok_or_else(|| CompileError::PurposeKind {
                         provider: p.id.clone(),
                         purpose: purpose.id.clone(),
                         kind: k.clone(),
                     })?;
+                    ids.push(id);
                     if !requested.contains(&id) {
                         requested.push(id);
                     }
                 }
+                purposes.insert(purpose.id.clone(), ids);
             }
             let rules = ProviderRules {
+                index: index as u16,
                 role: p.role,
                 requested,
+                purposes,
             };
             if providers.insert(p.id.clone(), rules).is_some() {
                 return Err(CompileError::Duplicate {
@@ -299,103 +294,245 @@ impl Act {
                 });
             }
         }
-
-        for prefs in &dir.preferences {
-            let user = &prefs.user;
-            let rules = users
-                .get_mut(user)
-                .ok_or_else(|| CompileError::PrefUser(user.clone()))?;
-            for grant in &prefs.collect {
-                let id = *kind_ids
-                    .get(&grant.kind)
-                    .ok_or_else(|| CompileError::PrefKind {
-                        user: user.clone(),
-                        kind: grant.kind.clone(),
-                    })?;
-                rules.collect[id as usize] = Some(grant.windows.clone());
-            }
-            for grant in &prefs.share {
-                let id = *kind_ids
-                    .get(&grant.kind)
-                    .ok_or_else(|| CompileError::PrefKind {
-                        user: user.clone(),
-                        kind: grant.kind.clone(),
-                    })?;
-                let kind = &kinds[id as usize];
-                let provider = dir
-                    .providers
-                    .iter()
-                    .find(|p| p.id == grant.provider)
-                    .ok_or_else(|| CompileError::PrefProvider {
-                        user: user.clone(),
-                        provider: grant.provider.clone(),
-                    })?;
-                let asked = provider
-                    .purposes
-                    .iter()
-                    .any(|p| p.id == grant.purpose && p.kinds.contains(&grant.kind));
-                if !asked {
-                    return Err(CompileError::PurposeLimitation {
-                        user: user.clone(),
-                        provider: grant.provider.clone(),
-                        purpose: grant.purpose.clone(),
-                        kind: grant.kind.clone(),
-                    });
-                }
-                let view = if grant.mask.is_empty() {
-                    View::Deliver
-                } else {
-                    if kind.format == PayloadFormat::Opaque {
-                        return Err(CompileError::MaskOpaque {
-                            user: user.clone(),
-                            kind: kind.name.clone(),
-                        });
-                    }
-                    for field in grant.mask.keys() {
-                        if !kind.fields.contains(field) {
-                            return Err(CompileError::MaskField {
-                                user: user.clone(),
-                                kind: kind.name.clone(),
-                                field: field.clone(),
-                            });
-                        }
-                    }
-                    View::Mask(
-                        grant
-                            .mask
-                            .iter()
-                            .map(|(f, m)| (f.clone(), m.clone()))
-                            .collect(),
-                    )
-                };
-                let rule = ShareRule {
-                    purpose: grant.purpose.clone(),
-                    view: Arc::new(view),
-                    expires: grant.expires,
-                };
-                if rules
-                    .share
-                    .insert((grant.provider.clone(), id), rule)
-                    .is_some()
-                {
-                    return Err(CompileError::DuplicateShare {
-                        user: user.clone(),
-                        provider: grant.provider.clone(),
-                        kind: grant.kind.clone(),
-                    });
-                }
-            }
-        }
-
-        Ok(Act {
+        let mut act = Act {
             version,
             templates,
             kinds: kinds.to_vec(),
             kind_ids,
+            providers,
+            users: Vec::new(),
+            devices: Vec::new(),
+            acl,
+            shard_of: foldhash::fast::RandomState::default(),
+            rules: Arc::default(),
+        };
+
+        let mut users: Vec<FastMap<Box<str>, UserRules>> =
+            (0..SHARDS).map(|_| FastMap::default()).collect();
+        let prefs: FastMap<&str, &Preferences> = dir
+            .preferences
+            .iter()
+            .map(|p| (p.user.as_str(), p))
+            .collect();
+        for u in &dir.users {
+            let tz = parse_tz(&u.id, &u.time_zone)?;
+            let rules = act.user_rules(&u.id, tz, prefs.get(u.id.as_str()).copied())?;
+            let shard = act.shard(&u.id);
+            if users[shard].insert(u.id.as_str().into(), rules).is_some() {
+                return Err(CompileError::Duplicate {
+                    what: "user",
+                    id: u.id.clone(),
+                });
+            }
+        }
+        for p in &dir.preferences {
+            if !users[act.shard(&p.user)].contains_key(p.user.as_str()) {
+                return Err(CompileError::PrefUser(p.user.clone()));
+            }
+        }
+        let mut devices: Vec<FastMap<Box<str>, Box<str>>> =
+            (0..SHARDS).map(|_| FastMap::default()).collect();
+        for d in &dir.devices {
+            if !users[act.shard(&d.user)].contains_key(d.user.as_str()) {
+                return Err(CompileError::DeviceUser {
+                    device: d.id.clone(),
+                    user: d.user.clone(),
+                });
+            }
+            let shard = act.shard(&d.id);
+            if devices[shard]
+                .insert(d.id.as_str().into(), d.user.as_str().into())
+                .is_some()
+            {
+                return Err(CompileError::Duplicate {
+                    what: "device",
+                    id: d.id.clone(),
+                });
+            }
+        }
+        act.users = users.into_iter().map(Arc::new).collect();
+        act.devices = devices.into_iter().map(Arc::new).collect();
+        Ok(act)
+    }
+
+    /// This ACT with one user's preferences (and profile) replaced: only
+    /// that user's shard is copied. Validates like [`Act::compile`].
+    pub fn with_user(
+        &self,
+        version: u64,
+        user: &crate::model::User,
+        prefs: Option<&Preferences>,
+    ) -> Result<Act, CompileError> {
+        let tz = parse_tz(&user.id, &user.time_zone)?;
+        let rules = self.user_rules(&user.id, tz, prefs)?;
+        let i = self.shard(&user.id);
+        let mut shard = (*self.users[i]).clone();
+        shard.insert(user.id.as_str().into(), rules);
+        let mut users = self.users.clone();
+        users[i] = Arc::new(shard);
+        Ok(self.next(version, users, self.devices.clone()))
+    }
+
+    /// This ACT with one more device bound to an existing user.
+    pub fn with_device(&self, version: u64, device: &str, user: &str) -> Result<Act, CompileError> {
+        if self.user(user).is_none() {
+            return Err(CompileError::DeviceUser {
+                device: device.into(),
+                user: user.into(),
+            });
+        }
+        let i = self.shard(device);
+        let mut shard = (*self.devices[i]).clone();
+        shard.insert(device.into(), user.into());
+        let mut devices = self.devices.clone();
+        devices[i] = Arc::new(shard);
+        Ok(self.next(version, self.users.clone(), devices))
+    }
+
+    fn next(&self, version: u64, users: Shards<UserRules>, devices: Shards<Box<str>>) -> Act {
+        Act {
+            version,
+            templates: self.templates.clone(),
+            kinds: self.kinds.clone(),
+            kind_ids: self.kind_ids.clone(),
+            providers: self
+                .providers
+                .iter()
+                .map(|(k, p)| {
+                    (
+                        k.clone(),
+                        ProviderRules {
+                            index: p.index,
+                            role: p.role,
+                            requested: p.requested.clone(),
+                            purposes: p.purposes.clone(),
+                        },
+                    )
+                })
+                .collect(),
             users,
             devices,
-            providers,
-            acl,
+            acl: self.acl.clone(),
+            shard_of: self.shard_of.clone(),
+            rules: self.rules.clone(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> usize {
+        (self.shard_of.hash_one(key) as usize) % SHARDS
+    }
+
+    fn user(&self, id: &str) -> Option<&UserRules> {
+        self.users[self.shard(id)].get(id)
+    }
+
+    fn intern(&self, rule: ShareRule) -> Arc<ShareRule> {
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((existing, _)) = rules.get_key_value(&rule) {
+            return existing.clone();
+        }
+        let rule = Arc::new(rule);
+        rules.insert(rule.clone(), ());
+        rule
+    }
+
+    /// Compiles and validates one user's preferences.
+    fn user_rules(
+        &self,
+        user: &str,
+        tz: Tz,
+        prefs: Option<&Preferences>,
+    ) -> Result<UserRules, CompileError> {
+        let mut always = vec![0u64; self.kinds.len().div_ceil(64).max(1)];
+        let mut windows = Vec::new();
+        let mut share: Vec<(u16, u16, Arc<ShareRule>)> = Vec::new();
+        let kind_id = |kind: &str| {
+            self.kind_ids
+                .get(kind)
+                .copied()
+                .ok_or_else(|| CompileError::PrefKind {
+                    user: user.into(),
+                    kind: kind.into(),
+                })
+        };
+        for grant in prefs.map(|p| p.collect.as_slice()).unwrap_or_default() {
+            let id = kind_id(&grant.kind)?;
+            if grant.windows.is_empty() {
+                always[id as usize / 64] |= 1 << (id % 64);
+            } else {
+                windows.push((id, grant.windows.clone().into_boxed_slice()));
+            }
+        }
+        for grant in prefs.map(|p| p.share.as_slice()).unwrap_or_default() {
+            let id = kind_id(&grant.kind)?;
+            let kind = &self.kinds[id as usize];
+            let provider =
+                self.providers
+                    .get(&grant.provider)
+                    .ok_or_else(|| CompileError::PrefProvider {
+                        user: user.into(),
+                        provider: grant.provider.clone(),
+                    })?;
+            let asked = provider
+                .purposes
+                .get(&grant.purpose)
+                .is_some_and(|kinds| kinds.contains(&id));
+            if !asked {
+                return Err(CompileError::PurposeLimitation {
+                    user: user.into(),
+                    provider: grant.provider.clone(),
+                    purpose: grant.purpose.clone(),
+                    kind: grant.kind.clone(),
+                });
+            }
+            let view = if grant.mask.is_empty() {
+                View::Deliver
+            } else {
+                if kind.format == PayloadFormat::Opaque {
+                    return Err(CompileError::MaskOpaque {
+                        user: user.into(),
+                        kind: kind.name.clone(),
+                    });
+                }
+                for field in grant.mask.keys() {
+                    if !kind.fields.contains(field) {
+                        return Err(CompileError::MaskField {
+                            user: user.into(),
+                            kind: kind.name.clone(),
+                            field: field.clone(),
+                        });
+                    }
+                }
+                View::Mask(
+                    grant
+                        .mask
+                        .iter()
+                        .map(|(f, m)| (f.clone(), m.clone()))
+                        .collect(),
+                )
+            };
+            if share
+                .iter()
+                .any(|(p, k, _)| *p == provider.index && *k == id)
+            {
+                return Err(CompileError::DuplicateShare {
+                    user: user.into(),
+                    provider: grant.provider.clone(),
+                    kind: grant.kind.clone(),
+                });
+            }
+            let rule = self.intern(ShareRule {
+                purpose: grant.purpose.clone(),
+                view: Arc::new(view),
+                expires: grant.expires,
+            });
+            share.push((provider.index, id, rule));
+        }
+        Ok(UserRules {
+            tz,
+            always: always.into_boxed_slice(),
+            windows: windows.into_boxed_slice(),
+            share: share.into_boxed_slice(),
         })
     }
 
@@ -405,7 +542,7 @@ impl Act {
 
     /// The user a device is bound to.
     pub fn device_user(&self, device: &str) -> Option<&str> {
-        self.devices.get(device).map(String::as_str)
+        self.devices[self.shard(device)].get(device).map(|u| &**u)
     }
 
     pub fn is_provider(&self, id: &str) -> bool {
@@ -426,14 +563,15 @@ impl Act {
         }
         let mut claimed = false;
         for t in &self.templates {
-            if !t.claims(topic) {
-                continue;
-            }
-            claimed = true;
+            // Resolving first: on the hot path nearly every topic resolves,
+            // and then the prefix check is already done.
             if let Some(r) = t.resolve(topic) {
                 if let Some(&id) = self.kind_ids.get(r.kind) {
                     return Class::Personal(r, id);
                 }
+                claimed = true;
+            } else if t.claims(topic) {
+                claimed = true;
             }
         }
         if claimed {
@@ -468,9 +606,7 @@ impl Act {
                 match who {
                     // The binding in force, not the one seen at CONNECT.
                     Principal::Device { id, .. } => {
-                        if id != r.device
-                            || self.devices.get(id).map(String::as_str) != Some(r.user)
-                        {
+                        if id != r.device || self.device_user(id) != Some(r.user) {
                             return Err(Deny::Misattributed);
                         }
                     }
@@ -488,12 +624,16 @@ impl Act {
                     }
                     Principal::Anonymous => return Err(Deny::NotADevice),
                 }
-                let rules = self.users.get(r.user).ok_or(Deny::UnknownUser)?;
-                let windows = rules.collect[kind_id as usize]
-                    .as_ref()
-                    .ok_or(Deny::NoCollectConsent)?;
-                if !windows.is_empty() && !in_windows(windows, rules.tz, now) {
-                    return Err(Deny::OutsideWindow);
+                let rules = self.user(r.user).ok_or(Deny::UnknownUser)?;
+                if rules.always[kind_id as usize / 64] & (1 << (kind_id % 64)) == 0 {
+                    let windows = rules
+                        .windows
+                        .iter()
+                        .find(|(k, _)| *k == kind_id)
+                        .ok_or(Deny::NoCollectConsent)?;
+                    if !in_windows(&windows.1, rules.tz, now) {
+                        return Err(Deny::OutsideWindow);
+                    }
                 }
                 Ok(Ingress::Personal { kind, resolved: r })
             }
@@ -563,14 +703,17 @@ impl Act {
                 let Principal::Provider { id } = who else {
                     return Err(Deny::NotAProvider);
                 };
-                let rules = self.users.get(r.user).ok_or(Deny::UnknownUser)?;
+                let rules = self.user(r.user).ok_or(Deny::UnknownUser)?;
                 // A device whose binding was removed no longer speaks for its user.
-                if self.devices.get(r.device).map(String::as_str) != Some(r.user) {
+                if self.device_user(r.device) != Some(r.user) {
                     return Err(Deny::Misattributed);
                 }
+                let provider = self.providers.get(id).ok_or(Deny::NoShareConsent)?;
                 let rule = rules
                     .share
-                    .get(&(id.clone(), kind_id))
+                    .iter()
+                    .find(|(p, k, _)| *p == provider.index && *k == kind_id)
+                    .map(|(_, _, rule)| &**rule)
                     .ok_or(Deny::NoShareConsent)?;
                 if rule.expires.is_some_and(|e| e <= now) {
                     return Err(Deny::Expired);
@@ -712,6 +855,7 @@ mod tests {
                 provider("insureco", "pricing", &["heart_rate", "steps"]),
             ],
             preferences: prefs,
+            logins: vec![],
         }
     }
 

@@ -109,6 +109,41 @@ impl Credentials {
         })
     }
 
+    /// These credentials plus one new device (its id must be new).
+    pub fn with_device(&self, d: &crate::model::Device) -> Result<Credentials, AuthError> {
+        if let Some(h) = &d.password_hash {
+            if PasswordHash::new(h).is_err() {
+                return Err(AuthError::BadHash(d.id.clone()));
+            }
+        }
+        if self.by_name.contains_key(&d.id) {
+            return Err(AuthError::Ambiguous(d.id.clone()));
+        }
+        let principal = Principal::Device {
+            id: d.id.clone(),
+            user: d.user.clone(),
+        };
+        let mut by_name = self.by_name.clone();
+        let mut by_cert = self.by_cert.clone();
+        if let Some(fp) = &d.cert_sha256 {
+            by_cert.insert(fp.to_ascii_lowercase(), principal.clone());
+        }
+        by_name.insert(
+            d.id.clone(),
+            Entry {
+                principal,
+                hash: d.password_hash.clone(),
+            },
+        );
+        let verified = self.verified.lock().map(|m| m.clone()).unwrap_or_default();
+        Ok(Credentials {
+            by_name,
+            by_cert,
+            cache_key: self.cache_key,
+            verified: Mutex::new(verified),
+        })
+    }
+
     pub fn by_certificate(&self, sha256_hex: &str) -> Result<Principal, AuthError> {
         self.by_cert
             .get(&sha256_hex.to_ascii_lowercase())
@@ -218,6 +253,7 @@ mod tests {
                 purposes: vec![],
             }],
             preferences: vec![],
+            logins: vec![],
         }
     }
 

@@ -109,7 +109,7 @@ enum ReceiptCommand {
     Verify {
         /// The compact JWS, or the JSON the API returns (with its `jws`).
         file: PathBuf,
-        /// The JWKS document, e.g. saved from /.well-known/jwks.json.
+        /// The JWKS: a file, or the URL of /.well-known/jwks.json.
         #[arg(long)]
         jwks: String,
     },
@@ -117,8 +117,12 @@ enum ReceiptCommand {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Add a data key and make it active; old records stay readable.
+    /// Add a ledger data key and make it active; old records stay readable.
     Rotate,
+    /// Add a receipt signing key and make it active; old keys stay in the
+    /// JWKS so old receipts verify. A running server signs with the new key
+    /// after its next start.
+    RotateReceipts,
 }
 
 fn load_with_data_dir(path: &std::path::Path, data_dir: Option<PathBuf>) -> anyhow::Result<Config> {
@@ -221,15 +225,19 @@ fn main() -> anyhow::Result<()> {
         Command::Receipt {
             command: ReceiptCommand::Verify { file, jwks },
         } => {
-            if jwks.starts_with("http://") || jwks.starts_with("https://") {
-                eprintln!("receipt verification FAILED: fetch the JWKS first (e.g. curl -o jwks.json {jwks}) and pass the file");
-                std::process::exit(2);
-            }
             let result = (|| -> anyhow::Result<consentry::receipt::VerifiedReceipt> {
                 let input = std::fs::read_to_string(&file)
                     .with_context(|| format!("read {}", file.display()))?;
-                let keys =
-                    std::fs::read_to_string(&jwks).with_context(|| format!("read {jwks}"))?;
+                let keys = if jwks.starts_with("http://") || jwks.starts_with("https://") {
+                    ureq::get(&jwks)
+                        .timeout(std::time::Duration::from_secs(10))
+                        .call()
+                        .with_context(|| format!("fetch {jwks}"))?
+                        .into_string()
+                        .with_context(|| format!("read {jwks}"))?
+                } else {
+                    std::fs::read_to_string(&jwks).with_context(|| format!("read {jwks}"))?
+                };
                 let keys = consentry::receipt::Jwks::from_json(&keys)?;
                 Ok(consentry::receipt::verify(&input, &keys)?)
             })();
@@ -251,6 +259,10 @@ fn main() -> anyhow::Result<()> {
             let cfg = load_with_data_dir(&cli.config, data_dir)?;
             match command {
                 KeysCommand::Rotate => println!("{}", consentry::admin::rotate_keys(&cfg)?),
+                KeysCommand::RotateReceipts => {
+                    let mut keys = consentry::receipt::ReceiptKeys::open(&cfg.storage.data_dir)?;
+                    println!("new receipt signing key {}", keys.rotate()?);
+                }
             }
             Ok(())
         }
@@ -264,12 +276,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM that arrives as soon as we say "ready" must
+    // drain the server, not kill it.
+    let mut signals = Signals::install()?;
     if let Some(addr) = cfg.metrics.listen {
         consentry::metrics::install(addr).context("start the metrics endpoint")?;
         tracing::info!(%addr, "metrics on /metrics");
     }
     let server = Server::start(cfg).await?;
-    // Tests and scripts read this line to find the bound port.
+    // Tests and scripts read these lines to find the bound ports.
     println!("consentry listening mqtt={}", server.mqtt_addr);
     if let Some(tls) = server.tls_addr {
         println!("consentry listening mqtts={tls}");
@@ -278,31 +293,56 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         println!("consentry listening api={api}");
     }
     println!("consentry listening ready=all");
-    wait_for_signals(&server).await?;
+    signals.wait(&server).await?;
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
 }
 
 #[cfg(unix)]
-async fn wait_for_signals(server: &Server) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                if let Err(e) = server.reload() {
-                    tracing::error!(error = %e, "reload failed; the ACT in force stays");
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
+    async fn wait(&mut self, server: &Server) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => {
+                    if let Err(e) = server.reload() {
+                        tracing::error!(error = %e, "reload failed; the ACT in force stays");
+                    }
                 }
+                _ = self.term.recv() => return Ok(()),
+                _ = self.int.recv() => return Ok(()),
             }
-            _ = term.recv() => return Ok(()),
-            r = tokio::signal::ctrl_c() => return r.map_err(Into::into),
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_server: &Server) -> anyhow::Result<()> {
-    tokio::signal::ctrl_c().await.map_err(Into::into)
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals)
+    }
+
+    async fn wait(&mut self, _server: &Server) -> anyhow::Result<()> {
+        tokio::signal::ctrl_c().await.map_err(Into::into)
+    }
 }

@@ -262,7 +262,7 @@ pub struct CollectGrant {
 }
 
 /// How one field is shown to a provider.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash, utoipa::ToSchema)]
 #[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
 pub enum MaskMethod {
     /// The field is taken out.
@@ -311,6 +311,18 @@ pub struct Preferences {
     pub share: Vec<ShareGrant>,
 }
 
+/// API login secrets for a user of a directory file (the demo's users),
+/// so they can read their history and receipts without registering.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserLogin {
+    pub user: String,
+    /// argon2 PHC string.
+    pub password_hash: String,
+    /// Base32 TOTP secret (RFC 6238, SHA-1, 6 digits, 30 s).
+    pub totp_secret: String,
+}
+
 /// Everything the ACT is compiled from.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -323,4 +335,6 @@ pub struct Directory {
     pub providers: Vec<Provider>,
     #[serde(default)]
     pub preferences: Vec<Preferences>,
+    #[serde(default)]
+    pub logins: Vec<UserLogin>,
 }

@@ -5,6 +5,7 @@
 //! in — all before the caller hears "accepted". So when a revocation
 //! returns, no later delivery is decided under the old consent.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -66,10 +67,50 @@ pub struct Applied {
     pub act_version: u64,
 }
 
+/// The directory in memory, indexed: a change to one user touches one
+/// entry, not a copy of everything.
 struct State {
-    dir: Directory,
+    users: HashMap<String, User>,
+    prefs: HashMap<String, Preferences>,
+    devices: HashMap<String, Device>,
+    providers: Vec<Provider>,
     kinds: Vec<Kind>,
     act_version: u64,
+}
+
+impl State {
+    fn new(dir: Directory, kinds: Vec<Kind>) -> State {
+        State {
+            users: dir.users.into_iter().map(|u| (u.id.clone(), u)).collect(),
+            prefs: dir
+                .preferences
+                .into_iter()
+                .map(|p| (p.user.clone(), p))
+                .collect(),
+            devices: dir.devices.into_iter().map(|d| (d.id.clone(), d)).collect(),
+            providers: dir.providers,
+            kinds,
+            act_version: 1,
+        }
+    }
+
+    fn directory(&self) -> Directory {
+        Directory {
+            users: self.users.values().cloned().collect(),
+            devices: self.devices.values().cloned().collect(),
+            providers: self.providers.clone(),
+            preferences: self.prefs.values().cloned().collect(),
+            logins: vec![],
+        }
+    }
+
+    /// What a receipt needs of the directory: the providers' T&C.
+    fn providers_only(&self) -> Directory {
+        Directory {
+            providers: self.providers.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 pub struct PreferenceManager {
@@ -127,11 +168,7 @@ impl PreferenceManager {
             templates,
             acl,
             issuer,
-            state: Mutex::new(State {
-                dir,
-                kinds,
-                act_version: 1,
-            }),
+            state: Mutex::new(State::new(dir, kinds)),
         };
         if seeded {
             pm.import(seed, "import")?;
@@ -143,9 +180,10 @@ impl PreferenceManager {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Compiles `dir`, and if that succeeds lets `commit` write it; only
-    /// then the new ACT and credentials are swapped in.
-    fn swap_in(
+    /// Recompiles everything from `dir`, and if that succeeds lets `commit`
+    /// write it; only then the new ACT and credentials are swapped in. For
+    /// changes that touch what many users depend on (providers, kinds, files).
+    fn swap_in_all(
         &self,
         state: &mut State,
         dir: Directory,
@@ -157,14 +195,14 @@ impl PreferenceManager {
         commit(&dir)?;
         self.creds.store(Arc::new(creds));
         self.act.store(act);
-        state.dir = dir;
-        state.kinds = kinds;
-        state.act_version = version;
+        let act_version = state.act_version;
+        *state = State::new(dir, kinds);
+        state.act_version = act_version + 1;
         Ok(version)
     }
 
-    pub fn directory(&self) -> Directory {
-        self.lock().dir.clone()
+    pub fn providers(&self) -> Vec<Provider> {
+        self.lock().providers.clone()
     }
 
     pub fn kinds(&self) -> Vec<Kind> {
@@ -176,19 +214,17 @@ impl PreferenceManager {
     }
 
     pub fn user(&self, id: &str) -> Option<User> {
-        self.lock().dir.users.iter().find(|u| u.id == id).cloned()
+        self.lock().users.get(id).cloned()
     }
 
     pub fn preferences(&self, user: &str) -> Result<Preferences, PrefError> {
         let state = self.lock();
-        if !state.dir.users.iter().any(|u| u.id == user) {
+        if !state.users.contains_key(user) {
             return Err(PrefError::UnknownUser(user.into()));
         }
         Ok(state
-            .dir
-            .preferences
-            .iter()
-            .find(|p| p.user == user)
+            .prefs
+            .get(user)
             .cloned()
             .unwrap_or_else(|| Preferences {
                 user: user.into(),
@@ -198,7 +234,8 @@ impl PreferenceManager {
 
     /// Applies `change` to the user's preferences if they are at version
     /// `expected` (when given). Validated, documented, committed and in
-    /// force when this returns `Ok`.
+    /// force when this returns `Ok`. Only this user's part of the ACT is
+    /// recompiled.
     pub fn change(
         &self,
         user: &str,
@@ -208,17 +245,13 @@ impl PreferenceManager {
     ) -> Result<Applied, PrefError> {
         let mut state = self.lock();
         let u = state
-            .dir
             .users
-            .iter()
-            .find(|u| u.id == user)
+            .get(user)
             .cloned()
             .ok_or_else(|| PrefError::UnknownUser(user.into()))?;
         let mut prefs = state
-            .dir
-            .preferences
-            .iter()
-            .find(|p| p.user == user)
+            .prefs
+            .get(user)
             .cloned()
             .unwrap_or_else(|| Preferences {
                 user: user.into(),
@@ -235,24 +268,28 @@ impl PreferenceManager {
         change(&mut prefs)?;
         prefs.user = user.into();
         prefs.version = expected + 1;
-        let mut dir = state.dir.clone();
-        dir.preferences.retain(|p| p.user != user);
-        dir.preferences.push(prefs.clone());
-        let kinds = state.kinds.clone();
-        let mut receipt = None;
-        let act_version = self.swap_in(&mut state, dir, kinds.clone(), |dir| {
-            if let Some(issuer) = &self.issuer {
-                receipt = Some(
-                    issuer
-                        .issue(&u, &prefs, dir, &kinds, Utc::now())
-                        .map_err(PrefError::Receipt)?,
-                );
-            }
-            self.store.transaction(|tx| {
-                tx.replace_preferences(prefs.clone(), Some(expected), source, receipt.as_ref())
-            })?;
-            Ok(())
+        let act_version = state.act_version + 1;
+        let act = self.act.load().with_user(act_version, &u, Some(&prefs))?;
+        let receipt = match &self.issuer {
+            Some(issuer) => Some(
+                issuer
+                    .issue(
+                        &u,
+                        &prefs,
+                        &state.providers_only(),
+                        &state.kinds,
+                        Utc::now(),
+                    )
+                    .map_err(PrefError::Receipt)?,
+            ),
+            None => None,
+        };
+        self.store.transaction(|tx| {
+            tx.replace_preferences(prefs.clone(), Some(expected), source, receipt.as_ref())
         })?;
+        self.act.store(act);
+        state.prefs.insert(user.into(), prefs.clone());
+        state.act_version = act_version;
         tracing::info!(act_version, source, "preferences changed");
         Ok(Applied {
             preferences: prefs,
@@ -269,45 +306,47 @@ impl PreferenceManager {
         totp_secret: &[u8],
     ) -> Result<(), PrefError> {
         let mut state = self.lock();
-        if state.dir.users.iter().any(|u| u.id == user.id) {
+        if state.users.contains_key(&user.id) {
             return Err(PrefError::Exists(format!("user {:?} exists", user.id)));
         }
-        let mut dir = state.dir.clone();
-        dir.users.push(user.clone());
-        let kinds = state.kinds.clone();
-        self.swap_in(&mut state, dir, kinds, |_| {
-            self.store.transaction(|tx| {
-                tx.put_user(&user, Some((password_hash, Some(totp_secret))), true)
-            })?;
-            Ok(())
-        })?;
+        let act_version = state.act_version + 1;
+        let act = self.act.load().with_user(act_version, &user, None)?;
+        self.store
+            .transaction(|tx| tx.put_user(&user, Some((password_hash, Some(totp_secret))), true))?;
+        self.act.store(act);
+        state.users.insert(user.id.clone(), user);
+        state.act_version = act_version;
         Ok(())
     }
 
     pub fn register_device(&self, device: Device) -> Result<(), PrefError> {
         let mut state = self.lock();
-        if state.dir.devices.iter().any(|d| d.id == device.id)
-            || state.dir.providers.iter().any(|p| p.id == device.id)
+        if state.devices.contains_key(&device.id)
+            || state.providers.iter().any(|p| p.id == device.id)
         {
             return Err(PrefError::Exists(format!("{:?} is taken", device.id)));
         }
-        let mut dir = state.dir.clone();
-        dir.devices.push(device.clone());
-        let kinds = state.kinds.clone();
-        self.swap_in(&mut state, dir, kinds, |_| {
-            self.store.transaction(|tx| tx.put_device(&device, true))?;
-            Ok(())
-        })?;
+        let act_version = state.act_version + 1;
+        let act = self
+            .act
+            .load()
+            .with_device(act_version, &device.id, &device.user)?;
+        let creds = self.creds.load().with_device(&device)?;
+        self.store.transaction(|tx| tx.put_device(&device, true))?;
+        self.creds.store(Arc::new(creds));
+        self.act.store(act);
+        state.devices.insert(device.id.clone(), device);
+        state.act_version = act_version;
         Ok(())
     }
 
     pub fn put_provider(&self, provider: Provider) -> Result<(), PrefError> {
         let mut state = self.lock();
-        let mut dir = state.dir.clone();
+        let mut dir = state.directory();
         dir.providers.retain(|p| p.id != provider.id);
         dir.providers.push(provider.clone());
         let kinds = state.kinds.clone();
-        self.swap_in(&mut state, dir, kinds, |_| {
+        self.swap_in_all(&mut state, dir, kinds, |_| {
             self.store.transaction(|tx| tx.put_provider(&provider))?;
             Ok(())
         })?;
@@ -319,8 +358,8 @@ impl PreferenceManager {
         let mut kinds = state.kinds.clone();
         kinds.retain(|k| k.name != kind.name);
         kinds.push(kind.clone());
-        let dir = state.dir.clone();
-        self.swap_in(&mut state, dir, kinds, |_| {
+        let dir = state.directory();
+        self.swap_in_all(&mut state, dir, kinds, |_| {
             self.store.transaction(|tx| tx.put_kind(&kind))?;
             Ok(())
         })?;
@@ -333,13 +372,13 @@ impl PreferenceManager {
     /// file is validated first; nothing is written if it does not compile.
     pub fn import(&self, file: &Directory, source: &str) -> Result<u64, PrefError> {
         let mut state = self.lock();
-        let mut dir = state.dir.clone();
+        let mut dir = state.directory();
         upsert(&mut dir.users, &file.users, |u| &u.id);
         upsert(&mut dir.devices, &file.devices, |d| &d.id);
         upsert(&mut dir.providers, &file.providers, |p| &p.id);
         let mut changed = Vec::new();
         for p in &file.preferences {
-            let current = dir.preferences.iter().find(|c| c.user == p.user);
+            let current = state.prefs.get(&p.user);
             let same = current.is_some_and(|c| c.collect == p.collect && c.share == p.share);
             if !same {
                 let mut next = p.clone();
@@ -350,7 +389,7 @@ impl PreferenceManager {
             }
         }
         let kinds = state.kinds.clone();
-        let version = self.swap_in(&mut state, dir, kinds.clone(), |dir| {
+        let version = self.swap_in_all(&mut state, dir, kinds.clone(), |dir| {
             let mut receipts = Vec::new();
             for p in &changed {
                 let user = dir
@@ -366,9 +405,29 @@ impl PreferenceManager {
                     None => None,
                 });
             }
+            let mut logins = Vec::new();
+            for l in &file.logins {
+                let user = dir
+                    .users
+                    .iter()
+                    .find(|u| u.id == l.user)
+                    .ok_or_else(|| PrefError::UnknownUser(l.user.clone()))?;
+                let secret = totp_rs::Secret::Encoded(l.totp_secret.clone())
+                    .to_bytes()
+                    .map_err(|_| {
+                        PrefError::Exists(format!(
+                            "login of {:?}: totp_secret is not base32",
+                            l.user
+                        ))
+                    })?;
+                logins.push((user.clone(), l.password_hash.clone(), secret));
+            }
             self.store.transaction(|tx| {
                 for u in &file.users {
                     tx.put_user(u, None, false)?;
+                }
+                for (u, hash, secret) in &logins {
+                    tx.put_user(u, Some((hash, Some(secret))), false)?;
                 }
                 for d in &file.devices {
                     tx.put_device(d, false)?;

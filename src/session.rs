@@ -14,7 +14,7 @@
 //! are decided together and wait on the ledger together, which is how group
 //! commit reaches the session.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,44 @@ const ALIAS_MAX: u16 = 64;
 /// Our own keep-alive towards the broker, independent of the client's
 /// (which may legally be 0, and which rumqttd would refuse).
 const UPSTREAM_KEEP_ALIVE: u16 = 60;
+
+/// Deliveries waiting for their ledger records before a session stops
+/// reading from the broker (backpressure: the broker holds the rest).
+const MAX_PENDING_CHUNKS: usize = 64;
+/// Bytes read from the broker at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Client-bound bytes and the ledger records they wait for.
+struct Chunk {
+    bytes: BytesMut,
+    durables: Vec<crate::ledger::Durable>,
+    delivered: usize,
+    read_at: Instant,
+}
+
+/// Waits until the chunk's records are durable. Cancel-safe: a record is
+/// removed only once its future has completed, with no await in between.
+async fn durable(chunk: Option<&mut Chunk>) -> Result<(), End> {
+    let Some(chunk) = chunk else { return Ok(()) };
+    while let Some(d) = chunk.durables.last_mut() {
+        let r = d.await;
+        chunk.durables.pop();
+        if let Err(e) = r {
+            tracing::error!(error = %e, "ledger append failed; delivery withheld");
+            return Err(End::Ledger);
+        }
+    }
+    Ok(())
+}
+
+/// The two acknowledgement stages of a message from the broker.
+#[derive(Clone, Copy)]
+enum Stage {
+    /// PUBACK (QoS 1) or PUBREC (QoS 2).
+    Publish,
+    /// PUBCOMP (QoS 2).
+    Release,
+}
 
 /// What every session shares.
 pub struct Shared {
@@ -177,12 +215,15 @@ pub async fn serve<S>(
         aliases: HashMap::new(),
         refused_qos2_from_client: HashSet::new(),
         dropped_qos2_from_broker: HashSet::new(),
+        acks_publish: VecDeque::new(),
+        acks_release: VecDeque::new(),
         pending_subacks: HashMap::new(),
         subs: Vec::new(),
         to_client: BytesMut::with_capacity(4096),
         to_broker: BytesMut::with_capacity(4096),
         durables: Vec::new(),
         delivered: 0,
+        pseudonym_key: None,
     };
     let upstream = match session.open_upstream(&mut client, connect, will).await {
         Ok(Some(up)) => up,
@@ -282,6 +323,11 @@ struct Session {
     refused_qos2_from_client: HashSet<u16>,
     /// QoS 2 deliveries we dropped: the broker's PUBREL is answered here.
     dropped_qos2_from_broker: HashSet<u16>,
+    /// Messages from the broker awaiting their PUBACK/PUBREC, in arrival
+    /// order, with the ack once someone (client or consentry) gave it.
+    acks_publish: VecDeque<(u16, Option<Packet>)>,
+    /// The same for PUBREL → PUBCOMP.
+    acks_release: VecDeque<(u16, Option<Packet>)>,
     /// SUBSCRIBE packet id → per-filter answer decided here (`None`: the
     /// broker's answer, in order).
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
@@ -293,6 +339,8 @@ struct Session {
     durables: Vec<crate::ledger::Durable>,
     /// Publishes written to the client in the current batch.
     delivered: usize,
+    /// This provider's pseudonymization key, derived on first use.
+    pseudonym_key: Option<[u8; 32]>,
 }
 
 impl Session {
@@ -418,9 +466,16 @@ impl Session {
     ) -> Result<(), End> {
         let max = self.shared.server.max_packet_size;
         let mut last_client = Instant::now();
-        if !self.on_broker_bytes(&mut up_buf).await? {
-            self.flush(client, &mut up).await?;
-            return Ok(());
+        // Client-bound bytes waiting for their ledger records, in order. The
+        // session keeps reading from the broker meanwhile, so the next group
+        // commit fills while this one syncs; past MAX_PENDING_CHUNKS it stops
+        // reading and the broker holds the rest.
+        let mut pending: VecDeque<Chunk> = VecDeque::new();
+        let go_on = self.on_broker_bytes(&mut up_buf)?;
+        self.stage(&mut pending, Instant::now());
+        self.flush_broker(&mut up).await?;
+        if !go_on {
+            return self.drain(client, &mut pending).await;
         }
         let ping_every = Duration::from_secs(UPSTREAM_KEEP_ALIVE as u64 / 2);
         let mut last_up_write = Instant::now();
@@ -428,20 +483,28 @@ impl Session {
             // Packets that arrived together with CONNECT are handled first.
             while let Some(p) = self.version.read(&mut client_buf, max)? {
                 if !self.on_client_packet(p)? {
-                    self.flush(client, &mut up).await?;
-                    return Ok(());
+                    self.stage(&mut pending, Instant::now());
+                    self.flush_broker(&mut up).await?;
+                    return self.drain(client, &mut pending).await;
                 }
             }
             if !self.to_broker.is_empty() {
                 last_up_write = Instant::now();
             }
-            self.flush(client, &mut up).await?;
+            self.stage(&mut pending, Instant::now());
+            self.flush_broker(&mut up).await?;
+            // What waits on no record goes out at once if nothing is ahead.
+            self.write_ready(client, &mut pending).await?;
 
             let client_deadline = keep_alive.map(|k| last_client + k);
             let sleep_until = match client_deadline {
                 Some(d) => d.min(last_up_write + ping_every),
                 None => last_up_write + ping_every,
             };
+            let room = pending.len() < MAX_PENDING_CHUNKS;
+            if up_buf.capacity() - up_buf.len() < READ_CHUNK {
+                up_buf.reserve(READ_CHUNK);
+            }
             tokio::select! {
                 n = client.read_buf(&mut client_buf) => {
                     if n? == 0 {
@@ -450,19 +513,21 @@ impl Session {
                     }
                     last_client = Instant::now();
                 }
-                n = up.read_buf(&mut up_buf) => {
+                n = up.read_buf(&mut up_buf), if room => {
                     if n? == 0 {
                         return Err(End::Upstream("broker closed the connection".into()));
                     }
                     let read_at = Instant::now();
-                    let go_on = self.on_broker_bytes(&mut up_buf).await?;
-                    self.flush(client, &mut up).await?;
+                    let go_on = self.on_broker_bytes(&mut up_buf)?;
+                    self.stage(&mut pending, read_at);
+                    self.flush_broker(&mut up).await?;
                     if !go_on {
-                        return Ok(());
+                        return self.drain(client, &mut pending).await;
                     }
-                    if std::mem::take(&mut self.delivered) > 0 {
-                        metrics::histogram!(m::LATENCY_SECONDS).record(read_at.elapsed().as_secs_f64());
-                    }
+                }
+                r = durable(pending.front_mut()), if !pending.is_empty() => {
+                    r?;
+                    self.write_ready(client, &mut pending).await?;
                 }
                 _ = tokio::time::sleep_until(sleep_until.into()) => {
                     if client_deadline.is_some_and(|d| Instant::now() >= d) {
@@ -478,47 +543,67 @@ impl Session {
         }
     }
 
-    /// Decides every complete packet the broker sent, then waits for their
-    /// ledger records. Returns false when the broker ended the session.
-    async fn on_broker_bytes(&mut self, buf: &mut BytesMut) -> Result<bool, End> {
-        let mut go_on = true;
+    /// Decides every complete packet the broker sent. Returns false when the
+    /// broker ended the session.
+    fn on_broker_bytes(&mut self, buf: &mut BytesMut) -> Result<bool, End> {
         while let Some(p) = self.version.read(buf, usize::MAX >> 4)? {
             if !self.on_broker_packet(p)? {
-                go_on = false;
-                break;
+                return Ok(false);
             }
         }
-        self.await_ledger().await?;
-        Ok(go_on)
+        Ok(true)
     }
 
-    async fn flush<S: AsyncWrite + Unpin>(
+    /// Queues what is bound for the client behind what is already queued,
+    /// with the ledger records it waits on, so the client sees packets in
+    /// the order they were decided.
+    fn stage(&mut self, pending: &mut VecDeque<Chunk>, read_at: Instant) {
+        if self.to_client.is_empty() {
+            return;
+        }
+        pending.push_back(Chunk {
+            bytes: self.to_client.split(),
+            durables: std::mem::take(&mut self.durables),
+            delivered: std::mem::take(&mut self.delivered),
+            read_at,
+        });
+    }
+
+    /// Writes every chunk at the front whose records are all durable.
+    async fn write_ready<S: AsyncWrite + Unpin>(
         &mut self,
         client: &mut S,
-        up: &mut TcpStream,
+        pending: &mut VecDeque<Chunk>,
     ) -> Result<(), End> {
-        if !self.to_broker.is_empty() {
-            up.write_all(&self.to_broker).await?;
-            self.to_broker.clear();
-        }
-        if !self.to_client.is_empty() {
-            client.write_all(&self.to_client).await?;
-            self.to_client.clear();
+        while pending.front().is_some_and(|c| c.durables.is_empty()) {
+            if let Some(c) = pending.pop_front() {
+                client.write_all(&c.bytes).await?;
+                if c.delivered > 0 {
+                    metrics::histogram!(m::LATENCY_SECONDS)
+                        .record(c.read_at.elapsed().as_secs_f64());
+                }
+            }
         }
         Ok(())
     }
 
-    /// Waits until every delivery decided in this batch has a durable ledger
-    /// record. If the ledger fails, nothing of the batch reaches the client
-    /// and the session ends: unacknowledged QoS 1/2 messages stay with the
-    /// broker for the next session.
-    async fn await_ledger(&mut self) -> Result<(), End> {
-        for d in self.durables.drain(..) {
-            if let Err(e) = d.await {
-                tracing::error!(session = self.id, error = %e, "ledger append failed; delivery withheld");
-                self.to_client.clear();
-                return Err(End::Ledger);
-            }
+    /// At the end of a session what was decided still goes out, once durable.
+    async fn drain<S: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut S,
+        pending: &mut VecDeque<Chunk>,
+    ) -> Result<(), End> {
+        while !pending.is_empty() {
+            durable(pending.front_mut()).await?;
+            self.write_ready(client, pending).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_broker(&mut self, up: &mut TcpStream) -> Result<(), End> {
+        if !self.to_broker.is_empty() {
+            up.write_all(&self.to_broker).await?;
+            self.to_broker.clear();
         }
         Ok(())
     }
@@ -586,8 +671,20 @@ impl Session {
                     self.send_broker(&Packet::PubRel(rel))?;
                 }
             }
-            p @ (Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)) => {
-                self.send_broker(&p)?
+            // Acks of deliveries go to the broker in the order the broker
+            // sent the messages, interleaved with consentry's own acks of
+            // the messages it dropped (MQTT §4.6; rumqttd enforces it).
+            Packet::PubAck(a) => {
+                let pkid = a.pkid;
+                self.ack_in_order(Stage::Publish, pkid, Packet::PubAck(a))?
+            }
+            Packet::PubRec(a) => {
+                let pkid = a.pkid;
+                self.ack_in_order(Stage::Publish, pkid, Packet::PubRec(a))?
+            }
+            Packet::PubComp(a) => {
+                let pkid = a.pkid;
+                self.ack_in_order(Stage::Release, pkid, Packet::PubComp(a))?
             }
             Packet::Subscribe(sub) => self.client_subscribe(sub)?,
             Packet::Unsubscribe(unsub) => {
@@ -728,10 +825,17 @@ impl Session {
     /// Returns false when the broker ended the session.
     fn on_broker_packet(&mut self, p: Packet) -> Result<bool, End> {
         match p {
-            Packet::Publish(publish) => self.deliver(publish)?,
+            Packet::Publish(publish) => {
+                if publish.qos != QoS::AtMostOnce {
+                    self.acks_publish.push_back((publish.pkid, None));
+                }
+                self.deliver(publish)?
+            }
             Packet::PubRel(rel) => {
+                self.acks_release.push_back((rel.pkid, None));
                 if self.dropped_qos2_from_broker.remove(&rel.pkid) {
-                    self.send_broker(&Packet::PubComp(PubComp::new(rel.pkid, None)))?;
+                    let done = Packet::PubComp(PubComp::new(rel.pkid, None));
+                    self.ack_in_order(Stage::Release, rel.pkid, done)?;
                 } else {
                     self.send_client(&Packet::PubRel(rel))?;
                 }
@@ -770,12 +874,40 @@ impl Session {
     fn ack_broker(&mut self, qos: QoS, pkid: u16) -> Result<(), End> {
         match qos {
             QoS::AtMostOnce => Ok(()),
-            QoS::AtLeastOnce => self.send_broker(&Packet::PubAck(PubAck::new(pkid, None))),
+            QoS::AtLeastOnce => self.ack_in_order(
+                Stage::Publish,
+                pkid,
+                Packet::PubAck(PubAck::new(pkid, None)),
+            ),
             QoS::ExactlyOnce => {
                 self.dropped_qos2_from_broker.insert(pkid);
-                self.send_broker(&Packet::PubRec(PubRec::new(pkid, None)))
+                self.ack_in_order(
+                    Stage::Publish,
+                    pkid,
+                    Packet::PubRec(PubRec::new(pkid, None)),
+                )
             }
         }
+    }
+
+    /// Records the ack for `pkid` and sends every ack at the front of the
+    /// queue that is ready. An ack for a message the queue does not know
+    /// (e.g. one redelivered from an earlier session) goes straight through.
+    fn ack_in_order(&mut self, stage: Stage, pkid: u16, ack: Packet) -> Result<(), End> {
+        let queue = match stage {
+            Stage::Publish => &mut self.acks_publish,
+            Stage::Release => &mut self.acks_release,
+        };
+        match queue.iter_mut().find(|(id, a)| *id == pkid && a.is_none()) {
+            Some(slot) => slot.1 = Some(ack),
+            None => return self.send_broker(&ack),
+        }
+        while queue.front().is_some_and(|(_, a)| a.is_some()) {
+            if let Some((_, Some(ack))) = queue.pop_front() {
+                self.version.write(&ack, &mut self.to_broker)?;
+            }
+        }
+        Ok(())
     }
 
     fn deliver(&mut self, mut publish: Publish) -> Result<(), End> {
@@ -813,7 +945,9 @@ impl Session {
         let (action, result) = match rule.view.as_ref() {
             View::Deliver => (ShareAction::Delivered, "delivered"),
             View::Mask(rules) => {
-                let key = mask::provider_key(&self.shared.pseudonym_master, provider);
+                let key = *self.pseudonym_key.get_or_insert_with(|| {
+                    mask::provider_key(&self.shared.pseudonym_master, provider)
+                });
                 match mask::mask(kind.format, &publish.payload, rules, &key) {
                     Ok(p) => publish.payload = p,
                     Err(e) => {

@@ -230,12 +230,18 @@ pub fn valid_filter(filter: &str) -> bool {
     if filter.is_empty() || filter.contains('\0') {
         return false;
     }
-    let levels: Vec<&str> = filter.split('/').collect();
-    levels.iter().enumerate().all(|(i, l)| match *l {
-        "#" => i == levels.len() - 1,
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
+    let mut levels = filter.split('/').peekable();
+    while let Some(l) = levels.next() {
+        let ok = match l {
+            "#" => levels.peek().is_none(),
+            "+" => true,
+            l => !l.contains(['+', '#']),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]

@@ -434,3 +434,162 @@ fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
+
+fn login(server: &Server, user: &str, password: &str, totp_secret: &str) -> String {
+    let code = totp_now(totp_secret, user);
+    let (s, sess) = http(
+        server,
+        "POST",
+        "/v1/sessions",
+        None,
+        Some(json!({"user": user, "password": password, "totp": code})),
+    );
+    assert_eq!(s, 201, "{sess}");
+    json_of(&sess)["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn demo_users_read_their_own_history_through_the_api() {
+    let server = server();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    let mut ins = v5::connect(server.mqtt, "ins", "insureco", "insureco-secret").await;
+    for c in [&mut fit, &mut ins] {
+        c.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    }
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice
+        .publish_acked("pii/alice/alice-watch/heart_rate", br#"{"bpm":72}"#)
+        .await;
+    alice
+        .publish_acked(
+            "pii/alice/alice-watch/location",
+            br#"{"lat":48.85661,"lon":2.35222}"#,
+        )
+        .await;
+    fit.next_publish().await;
+    fit.next_publish().await;
+
+    // The demo secrets of config/demo.toml.
+    let a = login(
+        &server,
+        "alice",
+        "alice-api-secret",
+        "CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA",
+    );
+    let b = login(
+        &server,
+        "bob",
+        "bob-api-secret",
+        "GWF4BT7TP5ZQX5NWSFRNH5MLC4TBNSBE",
+    );
+    let mut entries = Vec::new();
+    for _ in 0..40 {
+        let (_, body) = http(&server, "GET", "/v1/me/history", Some(&a), None);
+        entries = json_of(&body)["entries"].as_array().unwrap().clone();
+        if entries.iter().filter(|e| e["type"] == "blocked").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let shares: Vec<&Value> = entries.iter().filter(|e| e["type"] == "share").collect();
+    assert_eq!(shares.len(), 2, "{entries:#?}");
+    assert_eq!(
+        (shares[0]["provider"].as_str(), shares[0]["kind"].as_str()),
+        (Some("fitcoach"), Some("heart_rate"))
+    );
+    assert_eq!(shares[0]["action"], json!({"t": "Delivered"}));
+    assert_eq!(shares[1]["kind"], "location");
+    assert_eq!(shares[1]["action"]["t"], "Masked");
+    let blocked: Vec<(&str, &str)> = entries
+        .iter()
+        .filter(|e| e["type"] == "blocked")
+        .map(|e| (e["provider"].as_str().unwrap(), e["kind"].as_str().unwrap()))
+        .collect();
+    assert!(blocked.iter().all(|(p, _)| *p == "insureco"), "{blocked:?}");
+    // bob reads his own history: none of alice's records.
+    let (_, body) = http(&server, "GET", "/v1/me/history", Some(&b), None);
+    assert_eq!(json_of(&body)["entries"], json!([]));
+    // And alice's receipts from the demo import are hers to read.
+    let (_, list) = http(&server, "GET", "/v1/me/receipts", Some(&a), None);
+    assert!(!json_of(&list).as_array().unwrap().is_empty());
+    let (_, list) = http(&server, "GET", "/v1/me/receipts", Some(&b), None);
+    let jti = json_of(&list)[0]["jti"].as_str().unwrap().to_string();
+    let (s, _) = http(
+        &server,
+        "GET",
+        &format!("/v1/me/receipts/{jti}"),
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 404, "alice can read bob's receipt");
+}
+
+#[tokio::test]
+async fn receipt_keys_rotate_and_old_receipts_still_verify() {
+    let mut server = server();
+    let t = user(&server, "lena");
+    let put = |server: &Server, t: &str, version: u64| {
+        let (s, c) = http(
+            server,
+            "PUT",
+            "/v1/me/preferences",
+            Some(t),
+            Some(json!({"version": version,
+            "collect": [{"kind": "steps"}],
+            "share": [{"provider": "insureco", "purpose": "pricing", "kind": "steps"}]})),
+        );
+        assert_eq!(s, 200, "{c}");
+        json_of(&c)["receipt"]["jti"].as_str().unwrap().to_string()
+    };
+    let old_jti = put(&server, &t, 0);
+    let (_, old_jws) = http(
+        &server,
+        "GET",
+        &format!("/v1/me/receipts/{old_jti}?format=jws"),
+        Some(&t),
+        None,
+    );
+    server.stop();
+    let out = server.cli(&["keys", "rotate-receipts"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.restart();
+    // Sessions are in the store, so the token outlives the restart.
+    let new_jti = put(&server, &t, 1);
+    let (_, new_jws) = http(
+        &server,
+        "GET",
+        &format!("/v1/me/receipts/{new_jti}?format=jws"),
+        Some(&t),
+        None,
+    );
+    let kid = |jws: &str| {
+        let header = jws.split('.').next().unwrap();
+        json_of(&String::from_utf8(base64_decode(header)).unwrap())["kid"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(kid(&old_jws), kid(&new_jws), "the new key signs");
+    // Both verify against the JWKS the server publishes now, fetched by URL.
+    let url = format!("http://{}/.well-known/jwks.json", server.api.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    for (name, jws) in [("old.jws", &old_jws), ("new.jws", &new_jws)] {
+        let f = dir.path().join(name);
+        std::fs::write(&f, jws).unwrap();
+        let out = Command::new(common::bin())
+            .args(["receipt", "verify"])
+            .arg(&f)
+            .args(["--jwks", &url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -40,8 +40,7 @@ pub async fn list(state: State) -> Json<Vec<ProviderView>> {
     Json(
         state
             .prefs
-            .directory()
-            .providers
+            .providers()
             .into_iter()
             .map(Into::into)
             .collect(),
@@ -54,8 +53,7 @@ pub async fn list(state: State) -> Json<Vec<ProviderView>> {
 pub async fn get_one(state: State, Path(id): Path<String>) -> Result<Json<ProviderView>, Problem> {
     state
         .prefs
-        .directory()
-        .providers
+        .providers()
         .into_iter()
         .find(|p| p.id == id)
         .map(|p| Json(p.into()))

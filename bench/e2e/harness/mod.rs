@@ -1,0 +1,719 @@
+//! End-to-end benchmark of consentry against bare rumqttd and Mosquitto.
+//!
+//! Shared by the `e2e` bench binary (`bench/e2e/main.rs`) and the smoke
+//! test (`tests/bench_smoke.rs`), which includes this module by path: the
+//! smoke test runs the very code a full run does, on a tiny load.
+
+pub mod load;
+pub mod report;
+pub mod rumqttd;
+pub mod systems;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rumqttc::QoS;
+use serde::Serialize;
+
+use load::{Fleet, Pace, Receivers};
+use systems::{
+    cpu_seconds, memory_kib, reset_peak, Credentials, RumqttdCommand, System, SystemKind, KINDS,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    /// Every publish is collected and shared as it is.
+    AllowAll,
+    /// Every other publish is of a kind the user does not let be collected.
+    RefusedHalf,
+    /// Every delivery is masked (one numeric field generalized).
+    Masked,
+    /// Every publish goes to three providers.
+    Fanout3,
+    /// Many connected devices, few messages.
+    Idle,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 5] = [
+        Scenario::AllowAll,
+        Scenario::RefusedHalf,
+        Scenario::Masked,
+        Scenario::Fanout3,
+        Scenario::Idle,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::AllowAll => "allow_all",
+            Scenario::RefusedHalf => "refused_half",
+            Scenario::Masked => "masked",
+            Scenario::Fanout3 => "fanout3",
+            Scenario::Idle => "idle",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    fn providers(self) -> usize {
+        if self == Scenario::Fanout3 {
+            3
+        } else {
+            1
+        }
+    }
+
+    /// The kind the providers subscribe to (index into `KINDS`). The same
+    /// filter on every system, so bare rumqttd also delivers only what
+    /// consentry would let through.
+    fn delivered_kind(self) -> usize {
+        if self == Scenario::Masked {
+            1
+        } else {
+            0
+        }
+    }
+
+    fn kind_of(self) -> fn(usize, u64) -> usize {
+        match self {
+            Scenario::Masked => |_, _| 1,
+            // `location` is never collected: refused at ingress.
+            Scenario::RefusedHalf => |i, k| if (i as u64 + k) & 1 == 0 { 0 } else { 2 },
+            _ => |_, _| 0,
+        }
+    }
+
+    /// Deliveries one publish makes, on average, when all goes well.
+    fn deliveries_per_publish(self) -> f64 {
+        match self {
+            Scenario::RefusedHalf => 0.5,
+            Scenario::Fanout3 => 3.0,
+            _ => 1.0,
+        }
+    }
+}
+
+pub struct Options {
+    pub scenarios: Vec<Scenario>,
+    pub qos: Vec<u8>,
+    pub systems: Vec<SystemKind>,
+    /// Publishing time of one run.
+    pub duration: Duration,
+    /// Maximum-rate runs per system, scenario and QoS.
+    pub repeats: usize,
+    /// Fixed offered rates (messages/s published, over all devices).
+    pub rates: Vec<f64>,
+    /// Also a fixed-rate run at half of consentry's measured maximum.
+    pub half_max: bool,
+    /// Fixed-rate runs of allow_all also with TCP_NODELAY on the clients.
+    pub nodelay_variant: bool,
+    pub devices: usize,
+    pub idle_devices: usize,
+    pub trickle_rate: f64,
+    /// After publishing stops, deliveries are awaited this long at most;
+    /// what is still queued then counts as not delivered.
+    pub drain_limit: Duration,
+    /// Bound on the messages of one maximum-rate run, over all devices.
+    pub max_messages: u64,
+    /// How long drain waits after the last delivery before it gives up.
+    pub quiet: Duration,
+    pub work_dir: PathBuf,
+    pub out_dir: PathBuf,
+    pub consentry_bin: PathBuf,
+    pub mosquitto_bin: Option<PathBuf>,
+    pub rumqttd_cmd: Box<RumqttdCommand>,
+    pub command: String,
+    pub quick: bool,
+}
+
+impl Options {
+    /// The full run, at this machine's scale (see bench/README.md).
+    pub fn full(consentry_bin: PathBuf, rumqttd_cmd: Box<RumqttdCommand>) -> Options {
+        Options {
+            scenarios: Scenario::ALL.to_vec(),
+            qos: vec![0, 1],
+            systems: vec![
+                SystemKind::Rumqttd,
+                SystemKind::Consentry,
+                SystemKind::Mosquitto,
+            ],
+            duration: Duration::from_secs(3),
+            repeats: 3,
+            rates: vec![1_000.0, 10_000.0],
+            half_max: true,
+            nodelay_variant: true,
+            devices: 100,
+            idle_devices: 6_000,
+            trickle_rate: 200.0,
+            max_messages: 2_000_000,
+            drain_limit: Duration::from_secs(2),
+            quiet: Duration::from_secs(1),
+            work_dir: std::env::temp_dir().join(format!("consentry-e2e-{}", std::process::id())),
+            out_dir: PathBuf::from("bench/results"),
+            consentry_bin,
+            mosquitto_bin: find_mosquitto(),
+            rumqttd_cmd,
+            command: String::new(),
+            quick: false,
+        }
+    }
+
+    /// Seconds, tiny load: keeps the harness from rotting.
+    pub fn make_quick(&mut self) {
+        self.quick = true;
+        self.scenarios = vec![Scenario::AllowAll, Scenario::Masked, Scenario::Idle];
+        self.nodelay_variant = false;
+        self.max_messages = 400;
+        self.drain_limit = Duration::from_secs(2);
+        self.duration = Duration::from_millis(400);
+        self.repeats = 1;
+        self.rates = vec![500.0];
+        self.half_max = false;
+        self.devices = 4;
+        self.idle_devices = 20;
+        self.trickle_rate = 50.0;
+        self.quiet = Duration::from_millis(500);
+    }
+}
+
+pub fn find_mosquitto() -> Option<PathBuf> {
+    let candidates = [
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+    ];
+    candidates.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Latency {
+    pub samples: usize,
+    pub p50_us: u32,
+    pub p99_us: u32,
+    pub p999_us: u32,
+    pub max_us: u32,
+}
+
+impl Latency {
+    /// Exact percentiles: the samples are kept and sorted (a few million
+    /// u32 at most), so no histogram and no dependency are needed.
+    fn of(mut v: Vec<u32>) -> Latency {
+        if v.is_empty() {
+            return Latency::default();
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Latency {
+            samples: v.len(),
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            max_us: *v.last().unwrap(),
+        }
+    }
+}
+
+/// One run of one load against one system.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub scenario: Scenario,
+    pub system: SystemKind,
+    pub qos: u8,
+    /// `max` or `rate`.
+    pub mode: &'static str,
+    pub offered_per_s: Option<f64>,
+    /// `1k`, `10k`, `half_max`, `trickle` or `max`.
+    pub label: String,
+    pub repeat: usize,
+    pub client_nodelay: bool,
+    pub devices: usize,
+    pub providers: usize,
+    pub duration_s: f64,
+    pub published: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub published_per_s: f64,
+    pub delivered_per_s: f64,
+    pub not_delivered_share: f64,
+    pub latency: Latency,
+    /// Sends the generator made more than 5 ms late.
+    pub late_sends: u64,
+    pub cpu_s: f64,
+    pub cpu_share: f64,
+    pub harness_cpu_s: f64,
+    pub peak_rss_kib: u64,
+    pub rss_before_kib: u64,
+    /// Idle scenario: seconds to connect every device, and RSS once connected.
+    pub connect_s: Option<f64>,
+    pub rss_connected_kib: Option<u64>,
+    pub errors: Vec<String>,
+}
+
+fn qos_of(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn rate_label(r: f64) -> String {
+    if r >= 1000.0 && (r % 1000.0) == 0.0 {
+        format!("{}k", r as u64 / 1000)
+    } else {
+        format!("{}", r as u64)
+    }
+}
+
+struct RunSpec {
+    scenario: Scenario,
+    qos: u8,
+    pace: Pace,
+    label: String,
+    repeat: usize,
+    nodelay: bool,
+}
+
+/// Everything the run produced.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub date: String,
+    pub command: String,
+    pub quick: bool,
+    pub machine: report::Machine,
+    pub settings: serde_json::Value,
+    pub runs: Vec<RunResult>,
+    pub summary: Vec<report::Summary>,
+    pub wall_s: f64,
+}
+
+/// Runs every scenario on every system, back to back, and writes
+/// `latest.json`, `latest.svg` and `latest.md` to `out_dir`.
+pub fn run_all(opts: &Options) -> anyhow::Result<Results> {
+    let wall = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let systems: Vec<SystemKind> = opts
+        .systems
+        .iter()
+        .copied()
+        .filter(|s| *s != SystemKind::Mosquitto || opts.mosquitto_bin.is_some())
+        .collect();
+    let users = opts.devices.max(opts.idle_devices);
+    let creds = Credentials::write(&opts.work_dir, users)?;
+    let mut runs = Vec::new();
+    for &scenario in &opts.scenarios {
+        eprintln!("== {}", scenario.name());
+        // Fresh processes per scenario: no scenario inherits another's heap.
+        let mut running = Vec::new();
+        for &kind in &systems {
+            running.push(System::start(
+                kind,
+                &creds,
+                &opts.consentry_bin,
+                opts.mosquitto_bin.as_deref(),
+                opts.rumqttd_cmd.as_ref(),
+            )?);
+        }
+        if scenario == Scenario::Idle {
+            for sys in &mut running {
+                runs.extend(rt.block_on(run_idle(opts, sys)));
+            }
+        } else {
+            for &qos in &opts.qos {
+                let mut these = Vec::new();
+                for repeat in 0..opts.repeats {
+                    // Interleaved, so a noisy moment hits every system.
+                    for sys in &mut running {
+                        let spec = RunSpec {
+                            scenario,
+                            qos,
+                            pace: Pace::Max,
+                            label: "max".into(),
+                            repeat,
+                            nodelay: false,
+                        };
+                        these.push(rt.block_on(run_throughput(opts, sys, &spec)));
+                    }
+                }
+                let mut paces: Vec<(String, f64)> =
+                    opts.rates.iter().map(|&r| (rate_label(r), r)).collect();
+                if opts.half_max {
+                    let mut c: Vec<f64> = these
+                        .iter()
+                        .filter(|r: &&RunResult| r.system == SystemKind::Consentry)
+                        .map(|r| r.delivered_per_s)
+                        .collect();
+                    if !c.is_empty() {
+                        let m = report::median(&mut c);
+                        let rate = (0.5 * m / scenario.deliveries_per_publish()).round();
+                        if rate >= 1.0 {
+                            paces.push(("half_max".into(), rate));
+                        }
+                    }
+                }
+                let variants: &[bool] = if opts.nodelay_variant && scenario == Scenario::AllowAll {
+                    &[false, true]
+                } else {
+                    &[false]
+                };
+                for (label, rate) in paces {
+                    for &nodelay in variants {
+                        for sys in &mut running {
+                            let spec = RunSpec {
+                                scenario,
+                                qos,
+                                pace: Pace::Rate(rate),
+                                label: label.clone(),
+                                repeat: 0,
+                                nodelay,
+                            };
+                            these.push(rt.block_on(run_throughput(opts, sys, &spec)));
+                        }
+                    }
+                }
+                runs.extend(these);
+            }
+        }
+        for sys in &mut running {
+            if !sys.alive() {
+                eprintln!(
+                    "   {} died during the scenario; see {}",
+                    sys.kind.name(),
+                    sys.log.display()
+                );
+            }
+            sys.stop();
+        }
+    }
+    drop(rt);
+    let summary = report::summarize(&runs);
+    let results = Results {
+        date: report::now_utc(),
+        command: opts.command.clone(),
+        quick: opts.quick,
+        machine: report::Machine::read(),
+        settings: serde_json::json!({
+            "duration_s": opts.duration.as_secs_f64(),
+            "repeats": opts.repeats,
+            "rates": opts.rates,
+            "half_max": opts.half_max,
+            "devices": opts.devices,
+            "idle_devices": opts.idle_devices,
+            "trickle_rate": opts.trickle_rate,
+            "drain_limit_s": opts.drain_limit.as_secs_f64(),
+            "max_messages_per_run": opts.max_messages,
+            "payload_bytes": load::PAYLOAD_BYTES,
+            "mqtt": "3.1.1 (rumqttc 0.25.1)",
+            "systems": systems.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        }),
+        runs,
+        summary,
+        wall_s: wall.elapsed().as_secs_f64(),
+    };
+    std::fs::create_dir_all(&opts.out_dir)?;
+    report::write(&results, &opts.out_dir)?;
+    let _ = std::fs::remove_dir_all(&opts.work_dir);
+    Ok(results)
+}
+
+fn blank(spec: &RunSpec, sys: &System, devices: usize, providers: usize) -> RunResult {
+    RunResult {
+        scenario: spec.scenario,
+        system: sys.kind,
+        qos: spec.qos,
+        mode: match spec.pace {
+            Pace::Max => "max",
+            Pace::Rate(_) => "rate",
+        },
+        offered_per_s: match spec.pace {
+            Pace::Max => None,
+            Pace::Rate(r) => Some(r),
+        },
+        label: spec.label.clone(),
+        repeat: spec.repeat,
+        client_nodelay: spec.nodelay,
+        devices,
+        providers,
+        duration_s: 0.0,
+        published: 0,
+        expected: 0,
+        delivered: 0,
+        published_per_s: 0.0,
+        delivered_per_s: 0.0,
+        not_delivered_share: 1.0,
+        latency: Latency::default(),
+        late_sends: 0,
+        cpu_s: 0.0,
+        cpu_share: 0.0,
+        harness_cpu_s: 0.0,
+        peak_rss_kib: 0,
+        rss_before_kib: 0,
+        connect_s: None,
+        rss_connected_kib: None,
+        errors: Vec::new(),
+    }
+}
+
+async fn run_throughput(opts: &Options, sys: &mut System, spec: &RunSpec) -> RunResult {
+    let scenario = spec.scenario;
+    let mut r = blank(spec, sys, opts.devices, scenario.providers());
+    let qos = qos_of(spec.qos);
+    let filter = format!("pii/+/+/{}", KINDS[scenario.delivered_kind()]);
+    let receivers = match Receivers::connect(
+        sys.addr,
+        sys.kind,
+        scenario.providers(),
+        &filter,
+        qos,
+        spec.nodelay,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            r.errors.push(format!("providers: {e}"));
+            return r;
+        }
+    };
+    let fleet = match Fleet::connect(sys.addr, opts.devices, spec.nodelay).await {
+        Ok(f) => f,
+        Err(e) => {
+            r.errors.push(e);
+            receivers.finish().await;
+            return r;
+        }
+    };
+    let pid = sys.pid();
+    reset_peak(pid);
+    let (cpu0, h0) = (cpu_seconds(Some(pid)), cpu_seconds(None));
+    r.rss_before_kib = memory_kib(pid).1;
+    // Bounded in count as well as time.
+    let cap = opts.max_messages / opts.devices.max(1) as u64 + 1;
+    let (sent, start) = load::drive(
+        &fleet,
+        spec.pace,
+        qos,
+        opts.duration,
+        cap,
+        scenario.kind_of(),
+        &KINDS,
+    )
+    .await;
+    let expected = sent.by_kind[scenario.delivered_kind()] * scenario.providers() as u64;
+    let last = receivers
+        .drain(expected, opts.quiet, opts.drain_limit)
+        .await;
+    let (cpu1, h1) = (cpu_seconds(Some(pid)), cpu_seconds(None));
+    r.peak_rss_kib = memory_kib(pid).0;
+    let delivered = receivers
+        .delivered
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let device_errors = fleet.errors.load(std::sync::atomic::Ordering::Relaxed);
+    if device_errors > 0 {
+        r.errors.push(format!(
+            "{device_errors} devices lost their connection: {}",
+            fleet
+                .first_error
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_default()
+        ));
+    }
+    fleet.close();
+    let got = receivers.finish().await;
+    r.errors
+        .extend(got.errors.into_iter().map(|e| format!("provider: {e}")));
+    fill(
+        &mut r,
+        &sent,
+        expected,
+        delivered,
+        start,
+        last,
+        opts.duration,
+        got.latencies_us,
+    );
+    r.cpu_s = cpu1 - cpu0;
+    r.harness_cpu_s = h1 - h0;
+    r.cpu_share = r.cpu_s / r.duration_s.max(1e-9);
+    eprintln!(
+        "   {:<9} qos{} {:<8}{} delivered {:>9.0}/s of {:>9.0}/s published, not delivered {:>5.1}%, p99 {:>7.2} ms, cpu {:.2}s{}",
+        sys.kind.name(),
+        spec.qos,
+        spec.label,
+        if spec.nodelay { " nodelay" } else { "" },
+        r.delivered_per_s,
+        r.published_per_s,
+        r.not_delivered_share * 100.0,
+        r.latency.p99_us as f64 / 1000.0,
+        r.cpu_s,
+        if r.errors.is_empty() { String::new() } else { format!(" ERR {:?}", r.errors) }
+    );
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    r: &mut RunResult,
+    sent: &load::Sent,
+    expected: u64,
+    delivered: u64,
+    start: Instant,
+    last: Instant,
+    duration: Duration,
+    latencies: Vec<u32>,
+) {
+    r.published = sent.by_kind.iter().sum();
+    r.late_sends = sent.late;
+    r.expected = expected;
+    r.delivered = delivered;
+    // Deliveries from a backlog after publishing stopped still count, over
+    // the time they took.
+    let elapsed = last
+        .saturating_duration_since(start)
+        .max(duration)
+        .as_secs_f64();
+    r.duration_s = elapsed;
+    r.published_per_s = r.published as f64 / duration.as_secs_f64();
+    r.delivered_per_s = delivered as f64 / elapsed;
+    r.not_delivered_share = if expected == 0 {
+        0.0
+    } else {
+        (1.0 - delivered as f64 / expected as f64).max(0.0)
+    };
+    r.latency = Latency::of(latencies);
+}
+
+/// Connects the idle fleet, measures what it costs, then trickles messages
+/// through it at each QoS.
+async fn run_idle(opts: &Options, sys: &mut System) -> Vec<RunResult> {
+    let pid = sys.pid();
+    let n = opts.idle_devices;
+    let rss_before = memory_kib(pid).1;
+    let connect_started = Instant::now();
+    let fleet = Fleet::connect(sys.addr, n, false).await;
+    let connect_s = connect_started.elapsed().as_secs_f64();
+    let (_, rss_connected) = memory_kib(pid);
+    let mut out = Vec::new();
+    let fleet = match fleet {
+        Ok(f) => f,
+        Err(e) => {
+            let spec = RunSpec {
+                scenario: Scenario::Idle,
+                qos: 1,
+                pace: Pace::Rate(opts.trickle_rate),
+                label: "trickle".into(),
+                repeat: 0,
+                nodelay: false,
+            };
+            let mut r = blank(&spec, sys, n, 1);
+            r.errors.push(e);
+            r.connect_s = Some(connect_s);
+            eprintln!("   {:<9} idle: {:?}", sys.kind.name(), r.errors);
+            return vec![r];
+        }
+    };
+    eprintln!(
+        "   {:<9} {n} devices connected in {connect_s:.1} s, RSS {:.0} MiB (was {:.0} MiB)",
+        sys.kind.name(),
+        rss_connected as f64 / 1024.0,
+        rss_before as f64 / 1024.0
+    );
+    for &q in &opts.qos {
+        let spec = RunSpec {
+            scenario: Scenario::Idle,
+            qos: q,
+            pace: Pace::Rate(opts.trickle_rate),
+            label: "trickle".into(),
+            repeat: 0,
+            nodelay: false,
+        };
+        let mut r = blank(&spec, sys, n, 1);
+        r.connect_s = Some(connect_s);
+        r.rss_before_kib = rss_before;
+        r.rss_connected_kib = Some(rss_connected);
+        let receivers = match Receivers::connect(
+            sys.addr,
+            sys.kind,
+            1,
+            "pii/+/+/heart_rate",
+            qos_of(q),
+            false,
+        )
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                r.errors.push(format!("providers: {e}"));
+                out.push(r);
+                continue;
+            }
+        };
+        let (cpu0, h0) = (cpu_seconds(Some(pid)), cpu_seconds(None));
+        let (sent, start) = load::trickle(
+            &fleet,
+            opts.trickle_rate,
+            qos_of(q),
+            opts.duration,
+            0,
+            &KINDS,
+        )
+        .await;
+        let expected = sent.by_kind[0];
+        let last = receivers
+            .drain(expected, opts.quiet, opts.drain_limit)
+            .await;
+        let (cpu1, h1) = (cpu_seconds(Some(pid)), cpu_seconds(None));
+        // Peak over connecting and trickling: the number that must fit.
+        r.peak_rss_kib = memory_kib(pid).0;
+        let delivered = receivers
+            .delivered
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let got = receivers.finish().await;
+        r.errors
+            .extend(got.errors.into_iter().map(|e| format!("provider: {e}")));
+        fill(
+            &mut r,
+            &sent,
+            expected,
+            delivered,
+            start,
+            last,
+            opts.duration,
+            got.latencies_us,
+        );
+        r.cpu_s = cpu1 - cpu0;
+        r.harness_cpu_s = h1 - h0;
+        r.cpu_share = r.cpu_s / r.duration_s.max(1e-9);
+        eprintln!(
+            "   {:<9} qos{q} trickle {:.0}/s: delivered {}/{}, p99 {:.2} ms, peak RSS {:.0} MiB",
+            sys.kind.name(),
+            opts.trickle_rate,
+            r.delivered,
+            r.expected,
+            r.latency.p99_us as f64 / 1000.0,
+            r.peak_rss_kib as f64 / 1024.0
+        );
+        out.push(r);
+    }
+    let errors = fleet.errors.load(std::sync::atomic::Ordering::Relaxed);
+    if errors > 0 {
+        if let Some(r) = out.last_mut() {
+            r.errors
+                .push(format!("{errors} idle devices lost their connection"));
+        }
+    }
+    fleet.close();
+    out
+}
+
+/// `bench/results` beside this file, wherever the harness runs from.
+pub fn default_out_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results")
+}

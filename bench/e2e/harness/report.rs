@@ -1,0 +1,723 @@
+//! Medians, ratios, the target checks, and the three outputs:
+//! `latest.json` (everything), `latest.md` (the tables bench/README.md
+//! quotes) and `latest.svg` (the chart).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::systems::SystemKind;
+use super::{Results, RunResult, Scenario};
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub mem_total_gib: f64,
+    pub kernel: String,
+    pub open_files_limit: String,
+    pub mosquitto: String,
+}
+
+impl Machine {
+    pub fn read() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let mem_kib: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+                .unwrap_or_default(),
+            mem_total_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            open_files_limit: limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .map(|l| {
+                    l.split_whitespace()
+                        .skip(3)
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                })
+                .unwrap_or_default(),
+            mosquitto: super::find_mosquitto()
+                .and_then(|m| std::process::Command::new(m).arg("-h").output().ok())
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .and_then(|s| s.lines().next().map(str::to_string))
+                .unwrap_or_else(|| "not installed".into()),
+        }
+    }
+}
+
+pub fn now_utc() -> String {
+    chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// All runs of one system under one load, reduced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub scenario: Scenario,
+    pub qos: u8,
+    pub label: String,
+    pub client_nodelay: bool,
+    pub system: SystemKind,
+    pub runs: usize,
+    pub offered_per_s: Option<f64>,
+    pub delivered_per_s: f64,
+    pub delivered_per_s_min: f64,
+    pub delivered_per_s_max: f64,
+    pub not_delivered_share: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub cpu_share: f64,
+    pub cpu_us_per_delivery: f64,
+    pub peak_rss_kib: u64,
+    pub ratio_vs_rumqttd: Option<f64>,
+    pub ratio_vs_mosquitto: Option<f64>,
+    pub added_p99_us_vs_rumqttd: Option<f64>,
+    pub errors: usize,
+}
+
+type Key = (usize, u8, String, bool);
+
+fn scenario_index(s: Scenario) -> usize {
+    Scenario::ALL.iter().position(|x| *x == s).unwrap_or(0)
+}
+
+pub fn summarize(runs: &[RunResult]) -> Vec<Summary> {
+    let mut groups: BTreeMap<(Key, u8), Vec<&RunResult>> = BTreeMap::new();
+    for r in runs {
+        let key = (
+            scenario_index(r.scenario),
+            r.qos,
+            r.label.clone(),
+            r.client_nodelay,
+        );
+        groups.entry((key, r.system as u8)).or_default().push(r);
+    }
+    let mut out: Vec<Summary> = groups
+        .values()
+        .map(|rs| {
+            let f = |g: &dyn Fn(&RunResult) -> f64| {
+                let mut v: Vec<f64> = rs.iter().map(|r| g(r)).collect();
+                median(&mut v)
+            };
+            let ok: Vec<f64> = rs.iter().map(|r| r.delivered_per_s).collect();
+            Summary {
+                scenario: rs[0].scenario,
+                qos: rs[0].qos,
+                label: rs[0].label.clone(),
+                client_nodelay: rs[0].client_nodelay,
+                system: rs[0].system,
+                runs: rs.len(),
+                offered_per_s: rs[0].offered_per_s,
+                delivered_per_s: f(&|r| r.delivered_per_s),
+                delivered_per_s_min: ok.iter().copied().fold(f64::INFINITY, f64::min),
+                delivered_per_s_max: ok.iter().copied().fold(0.0, f64::max),
+                not_delivered_share: f(&|r| r.not_delivered_share),
+                p50_us: f(&|r| r.latency.p50_us as f64),
+                p99_us: f(&|r| r.latency.p99_us as f64),
+                p999_us: f(&|r| r.latency.p999_us as f64),
+                cpu_share: f(&|r| r.cpu_share),
+                cpu_us_per_delivery: f(&|r| r.cpu_s * 1e6 / (r.delivered.max(1) as f64)),
+                peak_rss_kib: rs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0),
+                ratio_vs_rumqttd: None,
+                ratio_vs_mosquitto: None,
+                added_p99_us_vs_rumqttd: None,
+                errors: rs.iter().map(|r| r.errors.len()).sum(),
+            }
+        })
+        .collect();
+    let snapshot = out.clone();
+    for s in &mut out {
+        let peer = |sys: SystemKind| {
+            snapshot.iter().find(|o| {
+                o.system == sys
+                    && o.scenario == s.scenario
+                    && o.qos == s.qos
+                    && o.label == s.label
+                    && o.client_nodelay == s.client_nodelay
+            })
+        };
+        if let Some(b) = peer(SystemKind::Rumqttd) {
+            if b.delivered_per_s > 0.0 {
+                s.ratio_vs_rumqttd = Some(s.delivered_per_s / b.delivered_per_s);
+            }
+            s.added_p99_us_vs_rumqttd = Some(s.p99_us - b.p99_us);
+        }
+        if let Some(m) = peer(SystemKind::Mosquitto) {
+            if m.delivered_per_s > 0.0 {
+                s.ratio_vs_mosquitto = Some(s.delivered_per_s / m.delivered_per_s);
+            }
+        }
+    }
+    out
+}
+
+pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("latest.json"),
+        serde_json::to_string_pretty(results)?,
+    )?;
+    std::fs::write(dir.join("latest.md"), markdown(results))?;
+    chart(results, &dir.join("latest.svg"))?;
+    Ok(())
+}
+
+fn ms(us: f64) -> String {
+    if us.is_nan() {
+        "–".into()
+    } else {
+        format!("{:.2}", us / 1000.0)
+    }
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map_or("–".into(), |r| format!("{r:.2}×"))
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.0}", kib as f64 / 1024.0)
+}
+
+pub fn markdown(results: &Results) -> String {
+    let m = &results.machine;
+    let mut s = String::new();
+    let _ =
+        writeln!(
+        s,
+        "Run {} · `{}` · {} × {} · {} GiB · Linux {} · open files {} · {} · wall time {:.0} s{}\n",
+        results.date,
+        results.command,
+        m.nproc,
+        m.cpu_model,
+        m.mem_total_gib,
+        m.kernel,
+        m.open_files_limit,
+        m.mosquitto,
+        results.wall_s,
+        if results.quick { " · QUICK (smoke) run" } else { "" }
+    );
+    let _ = writeln!(s, "Settings: `{}`\n", results.settings);
+    let sum = &results.summary;
+
+    let _ = writeln!(s, "### Maximum rate (median of runs, min–max)\n");
+    let _ = writeln!(s, "| scenario | QoS | system | delivered msg/s | not delivered | CPU µs/msg | peak RSS MiB | × rumqttd | × mosquitto |");
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for x in sum.iter().filter(|x| x.label == "max") {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} ({:.0}–{:.0}) | {} | {:.1} | {} | {} | {} |",
+            x.scenario_name(),
+            x.qos,
+            x.system.name(),
+            x.delivered_per_s,
+            x.delivered_per_s_min,
+            x.delivered_per_s_max,
+            pct(x.not_delivered_share),
+            x.cpu_us_per_delivery,
+            mib(x.peak_rss_kib),
+            ratio(x.ratio_vs_rumqttd),
+            ratio(x.ratio_vs_mosquitto),
+        );
+    }
+
+    let _ = writeln!(
+        s,
+        "\n### Fixed offered rate (one run each): latency from publish() to receipt\n"
+    );
+    let _ = writeln!(s, "| scenario | QoS | offered msg/s | client NODELAY | system | delivered msg/s | not delivered | p50 ms | p99 ms | p999 ms | added p99 vs rumqttd ms | CPU | peak RSS MiB |");
+    let _ = writeln!(
+        s,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for x in sum
+        .iter()
+        .filter(|x| x.label != "max" && x.scenario != Scenario::Idle)
+    {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} ({}) | {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.0}% | {} |",
+            x.scenario_name(),
+            x.qos,
+            x.offered_per_s.unwrap_or(0.0),
+            x.label,
+            if x.client_nodelay { "on" } else { "off" },
+            x.system.name(),
+            x.delivered_per_s,
+            pct(x.not_delivered_share),
+            ms(x.p50_us),
+            ms(x.p99_us),
+            ms(x.p999_us),
+            x.added_p99_us_vs_rumqttd.map_or("–".into(), ms),
+            x.cpu_share * 100.0,
+            mib(x.peak_rss_kib),
+        );
+    }
+
+    let idle: Vec<&RunResult> = results
+        .runs
+        .iter()
+        .filter(|r| r.scenario == Scenario::Idle)
+        .collect();
+    if !idle.is_empty() {
+        let _ = writeln!(s, "\n### Many idle devices, trickle of messages\n");
+        let _ = writeln!(s, "| system | devices | connect s | RSS before MiB | RSS connected MiB | KiB per device | RSS at 20k, extrapolated MiB | QoS | trickle delivered | p50 ms | p99 ms | peak RSS MiB |");
+        let _ = writeln!(
+            s,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for r in idle {
+            let connected = r.rss_connected_kib.unwrap_or(0);
+            let per = (connected.saturating_sub(r.rss_before_kib)) as f64 / r.devices.max(1) as f64;
+            let at20k = r.rss_before_kib as f64 + per * 20_000.0;
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.1} | {} | {} | {:.1} | {:.0} | {} | {}/{} | {} | {} | {} |",
+                r.system.name(),
+                r.devices,
+                r.connect_s.unwrap_or(f64::NAN),
+                mib(r.rss_before_kib),
+                mib(connected),
+                per,
+                at20k / 1024.0,
+                r.qos,
+                r.delivered,
+                r.expected,
+                ms(r.latency.p50_us as f64),
+                ms(r.latency.p99_us as f64),
+                mib(r.peak_rss_kib),
+            );
+        }
+    }
+
+    let _ = writeln!(s, "\n### Targets\n");
+    for line in targets(results) {
+        let _ = writeln!(s, "- {line}");
+    }
+    let errors: Vec<String> = results
+        .runs
+        .iter()
+        .filter(|r| !r.errors.is_empty())
+        .map(|r| {
+            format!(
+                "{} {} qos{} {}: {}",
+                r.scenario_name(),
+                r.system.name(),
+                r.qos,
+                r.label,
+                r.errors.join("; ")
+            )
+        })
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(s, "\n### Errors during the run\n");
+        for e in errors {
+            let _ = writeln!(s, "- {e}");
+        }
+    }
+    s
+}
+
+impl Summary {
+    fn scenario_name(&self) -> &'static str {
+        self.scenario.name()
+    }
+}
+
+impl RunResult {
+    fn scenario_name(&self) -> &'static str {
+        self.scenario.name()
+    }
+}
+
+/// Each target of the benchmark issue, judged from the medians of this run.
+pub fn targets(results: &Results) -> Vec<String> {
+    let sum = &results.summary;
+    let find = |sc: Scenario, q: u8, label: &str, nodelay: bool| {
+        sum.iter().find(|x| {
+            x.system == SystemKind::Consentry
+                && x.scenario == sc
+                && x.qos == q
+                && x.label == label
+                && x.client_nodelay == nodelay
+        })
+    };
+    let verdict = |ok: bool| if ok { "**met**" } else { "**missed**" };
+    let mut out = Vec::new();
+    for (sc, goal) in [(Scenario::AllowAll, 0.80), (Scenario::Masked, 0.70)] {
+        for q in [0u8, 1] {
+            if let Some(x) = find(sc, q, "max", false) {
+                if let Some(r) = x.ratio_vs_rumqttd {
+                    out.push(format!(
+                        "{} QoS {q}: consentry / bare rumqttd = {r:.2}× (target ≥ {goal:.2}×): {}",
+                        sc.name(),
+                        verdict(r >= goal)
+                    ));
+                }
+            }
+        }
+    }
+    for q in [0u8, 1] {
+        if let Some(r) =
+            find(Scenario::AllowAll, q, "max", false).and_then(|x| x.ratio_vs_mosquitto)
+        {
+            out.push(format!(
+                "allow_all QoS {q}: consentry / Mosquitto with ACL = {r:.2}× (target ≥ 1.00×): {}",
+                verdict(r >= 1.0)
+            ));
+        }
+    }
+    for q in [0u8, 1] {
+        for nodelay in [false, true] {
+            if let Some(x) = find(Scenario::AllowAll, q, "half_max", nodelay) {
+                if let Some(d) = x.added_p99_us_vs_rumqttd {
+                    out.push(format!(
+                        "allow_all QoS {q} at half of consentry's max ({:.0} msg/s), client NODELAY {}: added p99 = {} ms (target ≤ 1 ms): {}",
+                        x.offered_per_s.unwrap_or(0.0),
+                        if nodelay { "on" } else { "off" },
+                        ms(d),
+                        verdict(d <= 1000.0)
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(r) = results
+        .runs
+        .iter()
+        .filter(|r| r.scenario == Scenario::Idle && r.system == SystemKind::Consentry)
+        .max_by_key(|r| r.peak_rss_kib)
+    {
+        let connected = r.rss_connected_kib.unwrap_or(0);
+        let per = connected.saturating_sub(r.rss_before_kib) as f64 / r.devices.max(1) as f64;
+        let at20k = (r.rss_before_kib as f64 + per * 20_000.0) / 1024.0;
+        let measured = r.devices >= 20_000;
+        out.push(format!(
+            "20k device connections in ≤ 1 GiB RSS: {} devices measured, peak RSS {} MiB; {} {:.0} MiB at 20k: {}",
+            r.devices,
+            mib(r.peak_rss_kib),
+            if measured { "measured" } else { "extrapolated (linear in devices)" },
+            at20k,
+            if measured {
+                verdict(r.peak_rss_kib <= 1024 * 1024).to_string()
+            } else {
+                format!("{} by extrapolation only", verdict(at20k <= 1024.0))
+            }
+        ));
+    }
+    out
+}
+
+fn color(s: SystemKind) -> RGBColor {
+    match s {
+        SystemKind::Rumqttd => RGBColor(120, 120, 120),
+        SystemKind::Consentry => RGBColor(31, 119, 180),
+        SystemKind::Mosquitto => RGBColor(255, 127, 14),
+    }
+}
+
+fn group_label(x: &Summary) -> String {
+    let name = match x.scenario {
+        Scenario::AllowAll => "allow-all",
+        Scenario::RefusedHalf => "½ refused",
+        Scenario::Masked => "masked",
+        Scenario::Fanout3 => "fan-out 3",
+        Scenario::Idle => "idle",
+    };
+    format!("{name} QoS{}", x.qos)
+}
+
+/// Low and high end of a bar's whisker.
+type Spread = fn(&Summary) -> (f64, f64);
+
+/// One panel: groups of bars, one bar per system.
+struct Panel<'a> {
+    title: String,
+    y_label: &'static str,
+    log: bool,
+    rows: Vec<&'a Summary>,
+    value: fn(&Summary) -> f64,
+    whisker: Option<Spread>,
+}
+
+fn chart(results: &Results, path: &Path) -> anyhow::Result<()> {
+    let sum = &results.summary;
+    let mut panels = vec![Panel {
+        title: "Delivered messages/s at maximum rate (median of runs, whiskers min–max; ratio = consentry / bare rumqttd)".into(),
+        y_label: "delivered msg/s",
+        log: false,
+        rows: sum.iter().filter(|x| x.label == "max").collect(),
+        value: |x| x.delivered_per_s,
+        whisker: Some(|x| (x.delivered_per_s_min, x.delivered_per_s_max)),
+    }];
+    let mut labels: Vec<(String, f64)> = Vec::new();
+    for x in sum
+        .iter()
+        .filter(|x| x.label != "max" && x.scenario != Scenario::Idle && !x.client_nodelay)
+    {
+        if !labels.iter().any(|(l, _)| *l == x.label) {
+            labels.push((x.label.clone(), x.offered_per_s.unwrap_or(0.0)));
+        }
+    }
+    // Highest rates first: half_max is the target's load.
+    labels.sort_by(|a, b| {
+        (b.0 == "half_max")
+            .cmp(&(a.0 == "half_max"))
+            .then(b.1.total_cmp(&a.1))
+    });
+    for (label, _) in labels.into_iter().take(2) {
+        let what = if label == "half_max" {
+            "half of consentry's max rate (per scenario)".to_string()
+        } else {
+            format!("{label} msg/s offered")
+        };
+        panels.push(Panel {
+            title: format!(
+                "p99 latency, publish() to receipt, at {what}; client NODELAY off (log scale)"
+            ),
+            y_label: "p99 ms",
+            log: true,
+            rows: sum
+                .iter()
+                .filter(|x| x.label == label && !x.client_nodelay && x.scenario != Scenario::Idle)
+                .collect(),
+            value: |x| x.p99_us / 1000.0,
+            whisker: None,
+        });
+    }
+    let height = 420 * panels.len() as u32 + 40;
+    let root = SVGBackend::new(path, (1300, height)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (head, body) = root.split_vertically(40);
+    head.draw(&Text::new(
+        format!(
+            "consentry vs bare rumqttd vs Mosquitto (ACL) · {} · {} × {} · {}",
+            results.date,
+            results.machine.nproc,
+            results.machine.cpu_model,
+            if results.quick {
+                "QUICK smoke run"
+            } else {
+                "bench/README.md"
+            }
+        ),
+        (10, 12),
+        ("sans-serif", 18).into_font(),
+    ))?;
+    let areas = body.split_evenly((panels.len(), 1));
+    for (panel, area) in panels.iter().zip(areas.iter()) {
+        draw_panel(panel, area)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn draw_panel(
+    p: &Panel,
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+) -> anyhow::Result<()> {
+    let mut groups: Vec<String> = Vec::new();
+    for x in &p.rows {
+        let g = group_label(x);
+        if !groups.contains(&g) {
+            groups.push(g);
+        }
+    }
+    let systems = [
+        SystemKind::Rumqttd,
+        SystemKind::Consentry,
+        SystemKind::Mosquitto,
+    ];
+    let top = p
+        .rows
+        .iter()
+        .map(|x| p.whisker.map_or((p.value)(x), |w| w(x).1.max((p.value)(x))))
+        .fold(0.0, f64::max)
+        .max(1e-3);
+    let n = groups.len().max(1) as f64;
+    let mut b = ChartBuilder::on(area);
+    b.caption(&p.title, ("sans-serif", 15))
+        .margin(12)
+        .x_label_area_size(28)
+        .y_label_area_size(70);
+    let bar = |g: usize, s: usize| {
+        let x0 = g as f64 + 0.12 + s as f64 * 0.25;
+        (x0, x0 + 0.23)
+    };
+    let label_style = ("sans-serif", 13).into_font();
+    if p.log {
+        let lo = p
+            .rows
+            .iter()
+            .map(|x| (p.value)(x))
+            .filter(|v| *v > 0.0)
+            .fold(f64::INFINITY, f64::min)
+            .min(top)
+            / 2.0;
+        let lo = if lo.is_finite() { lo.max(1e-3) } else { 1e-3 };
+        let mut c = b.build_cartesian_2d(0f64..n, (lo..top * 3.0).log_scale())?;
+        c.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_desc(p.y_label)
+            .draw()?;
+        for (si, &sys) in systems.iter().enumerate() {
+            let rows: Vec<(usize, f64)> = p
+                .rows
+                .iter()
+                .filter(|x| x.system == sys)
+                .filter_map(|x| {
+                    groups
+                        .iter()
+                        .position(|g| *g == group_label(x))
+                        .map(|g| (g, (p.value)(x)))
+                })
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            c.draw_series(rows.iter().map(|&(g, v)| {
+                let (x0, x1) = bar(g, si);
+                Rectangle::new([(x0, lo), (x1, v.max(lo))], color(sys).filled())
+            }))?
+            .label(sys.name())
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 12, y + 5)], color(sys).filled())
+            });
+            c.draw_series(rows.iter().map(|&(g, v)| {
+                let (x0, _) = bar(g, si);
+                EmptyElement::at((x0, v.max(lo)))
+                    + Text::new(format!("{v:.2}"), (0, -13), ("sans-serif", 10).into_font())
+            }))?;
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        for (g, name) in groups.iter().enumerate() {
+            let (px, py) = c.backend_coord(&(g as f64 + 0.3, lo));
+            area.draw(&Text::new(
+                name.clone(),
+                (
+                    px - area.get_base_pixel().0,
+                    py - area.get_base_pixel().1 + 8,
+                ),
+                label_style.clone(),
+            ))?;
+        }
+    } else {
+        let mut c = b.build_cartesian_2d(0f64..n, 0f64..top * 1.15)?;
+        c.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_desc(p.y_label)
+            .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+            .draw()?;
+        let base: Vec<(String, f64)> = p
+            .rows
+            .iter()
+            .filter(|x| x.system == SystemKind::Rumqttd)
+            .map(|x| (group_label(x), (p.value)(x)))
+            .collect();
+        for (si, &sys) in systems.iter().enumerate() {
+            let rows: Vec<(usize, &Summary)> = p
+                .rows
+                .iter()
+                .filter(|x| x.system == sys)
+                .filter_map(|x| {
+                    groups
+                        .iter()
+                        .position(|g| *g == group_label(x))
+                        .map(|g| (g, *x))
+                })
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            c.draw_series(rows.iter().map(|&(g, x)| {
+                let (x0, x1) = bar(g, si);
+                Rectangle::new([(x0, 0.0), (x1, (p.value)(x))], color(sys).filled())
+            }))?
+            .label(sys.name())
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 12, y + 5)], color(sys).filled())
+            });
+            if let Some(w) = p.whisker {
+                c.draw_series(rows.iter().map(|&(g, x)| {
+                    let (x0, x1) = bar(g, si);
+                    let (lo, hi) = w(x);
+                    let mid = (x0 + x1) / 2.0;
+                    PathElement::new(vec![(mid, lo), (mid, hi)], BLACK.stroke_width(1))
+                }))?;
+            }
+            if sys != SystemKind::Rumqttd {
+                c.draw_series(rows.iter().filter_map(|&(g, x)| {
+                    let b = base.iter().find(|(l, _)| *l == group_label(x))?.1;
+                    let (x0, _) = bar(g, si);
+                    let top = p.whisker.map_or((p.value)(x), |w| w(x).1);
+                    (b > 0.0).then(|| {
+                        EmptyElement::at((x0, top))
+                            + Text::new(
+                                format!("{:.2}×", (p.value)(x) / b),
+                                (0, -14),
+                                ("sans-serif", 11).into_font(),
+                            )
+                    })
+                }))?;
+            }
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        for (g, name) in groups.iter().enumerate() {
+            let (px, py) = c.backend_coord(&(g as f64 + 0.3, 0.0));
+            area.draw(&Text::new(
+                name.clone(),
+                (
+                    px - area.get_base_pixel().0,
+                    py - area.get_base_pixel().1 + 8,
+                ),
+                label_style.clone(),
+            ))?;
+        }
+    }
+    Ok(())
+}

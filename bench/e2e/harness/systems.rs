@@ -1,0 +1,404 @@
+//! The three systems under test, each started as a child process on
+//! loopback ports of its own, and the `/proc` readings taken from them.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHasher, SaltString};
+use base64::Engine as _;
+use serde::Serialize;
+use sha2::{Digest, Sha512};
+
+/// Every device and provider logs in with this password.
+pub const PASSWORD: &str = "bench-secret";
+/// Kinds the generated configuration declares; see `Plan` for who may do what.
+pub const KINDS: [&str; 3] = ["heart_rate", "steps", "location"];
+pub const PROVIDERS: usize = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SystemKind {
+    Rumqttd,
+    Consentry,
+    Mosquitto,
+}
+
+impl SystemKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SystemKind::Rumqttd => "rumqttd",
+            SystemKind::Consentry => "consentry",
+            SystemKind::Mosquitto => "mosquitto",
+        }
+    }
+}
+
+/// How to start the bare-rumqttd child: the harness binary re-executes
+/// itself, the smoke test re-executes its own test binary.
+pub type RumqttdCommand = dyn Fn(u16, u16, &Path) -> Command + Send + Sync;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("reserve a loopback port")
+}
+
+pub fn device_user(i: usize) -> String {
+    format!("u{i}")
+}
+pub fn device_id(i: usize) -> String {
+    format!("d{i}")
+}
+pub fn provider_id(j: usize) -> String {
+    format!("p{j}")
+}
+
+/// The same users, devices and providers, written in each system's own
+/// terms, for `users` device/user pairs.
+pub struct Credentials {
+    pub dir: PathBuf,
+    pub consentry_config: PathBuf,
+    pub rumqttd_auth: PathBuf,
+    pub mosquitto_passwd: PathBuf,
+    pub mosquitto_acl: PathBuf,
+}
+
+impl Credentials {
+    pub fn write(dir: &Path, users: usize) -> anyhow::Result<Credentials> {
+        std::fs::create_dir_all(dir)?;
+        let creds = Credentials {
+            dir: dir.to_path_buf(),
+            consentry_config: dir.join("consentry.toml"),
+            rumqttd_auth: dir.join("rumqttd-auth.txt"),
+            mosquitto_passwd: dir.join("mosquitto.passwd"),
+            mosquitto_acl: dir.join("mosquitto.acl"),
+        };
+        let directory = dir.join("directory.toml");
+        std::fs::write(&directory, consentry_directory(users))?;
+        std::fs::write(&creds.consentry_config, consentry_config(&directory))?;
+        let mut auth = String::new();
+        let mut passwd = String::new();
+        let names = (0..users)
+            .map(device_id)
+            .chain((0..PROVIDERS).map(provider_id));
+        for name in names {
+            let _ = writeln!(auth, "{name}:{PASSWORD}");
+            let _ = writeln!(passwd, "{name}:{}", mosquitto_hash(PASSWORD));
+        }
+        std::fs::write(&creds.rumqttd_auth, auth)?;
+        std::fs::write(&creds.mosquitto_passwd, passwd)?;
+        std::fs::write(&creds.mosquitto_acl, mosquitto_acl())?;
+        Ok(creds)
+    }
+}
+
+/// One argon2id hash with tiny parameters (8 KiB, 1 pass), reused for every
+/// device: with consentry's default parameters each of thousands of CONNECTs
+/// would cost ~15 ms of CPU, which would measure argon2, not the gateway.
+fn cheap_phc() -> String {
+    let params = argon2::Params::new(8, 1, 1, None).expect("valid argon2 parameters");
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    argon
+        .hash_password(PASSWORD.as_bytes(), &salt)
+        .expect("hash the bench password")
+        .to_string()
+}
+
+/// Mosquitto 2's `$6$` password-file format: base64 salt, base64
+/// SHA-512(password ‖ salt). Also one hash per CONNECT, as cheap as ours.
+fn mosquitto_hash(password: &str) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let salt: [u8; 12] = rand::random();
+    let mut h = Sha512::new();
+    h.update(password.as_bytes());
+    h.update(salt);
+    format!("$6${}${}", b64.encode(salt), b64.encode(h.finalize()))
+}
+
+/// Users may be collected `heart_rate` and `steps` but not `location`;
+/// every provider gets `heart_rate` as it is and `steps` with `val`
+/// generalized to tens (so `ts`, the latency stamp, is never masked).
+fn consentry_directory(users: usize) -> String {
+    let hash = cheap_phc();
+    let mut s = String::with_capacity(users * 900);
+    for j in 0..PROVIDERS {
+        let _ = write!(
+            s,
+            "[[providers]]\nid = \"{p}\"\nname = \"Provider {j}\"\nrole = \"application\"\n\
+             password_hash = \"{hash}\"\n\n[[providers.purposes]]\nid = \"analytics\"\n\
+             statement = \"Benchmark analytics.\"\ncategory = \"Improve Performance\"\n\
+             kinds = [\"heart_rate\", \"steps\", \"location\"]\nretention_days = 30\n\n",
+            p = provider_id(j)
+        );
+    }
+    for i in 0..users {
+        let (u, d) = (device_user(i), device_id(i));
+        let _ = write!(
+            s,
+            "[[users]]\nid = \"{u}\"\ntime_zone = \"UTC\"\n\n\
+             [[devices]]\nid = \"{d}\"\nuser = \"{u}\"\npassword_hash = \"{hash}\"\n\n\
+             [[preferences]]\nuser = \"{u}\"\nversion = 1\n\
+             collect = [{{ kind = \"heart_rate\" }}, {{ kind = \"steps\" }}]\n"
+        );
+        for j in 0..PROVIDERS {
+            let p = provider_id(j);
+            let _ = write!(
+                s,
+                "\n[[preferences.share]]\nprovider = \"{p}\"\npurpose = \"analytics\"\nkind = \"heart_rate\"\n\
+                 \n[[preferences.share]]\nprovider = \"{p}\"\npurpose = \"analytics\"\nkind = \"steps\"\n\
+                 mask = {{ val = {{ method = \"generalize\", decimals = -1 }} }}\n"
+            );
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Shipped defaults (config/consentry.toml) except the directory, the
+/// ledger's creator and a shorter drain; metrics stay on as in production.
+fn consentry_config(directory: &Path) -> String {
+    let mut s = format!(
+        "directory = {dir:?}\ntemplates = [\"pii/{{user}}/{{device}}/{{kind}}\"]\n\n\
+         [server]\nlisten = \"127.0.0.1:1883\"\nmax_packet_size = 262144\nmax_connections = 50000\n\
+         connect_timeout_secs = 10\nallow_anonymous = false\ndrain_secs = 2\nclock_offset_secs = 0\n\n\
+         [metrics]\nlisten = \"127.0.0.1:9464\"\n\n\
+         [broker]\nupstream = \"embedded\"\nmax_connections = 100000\nmax_inflight = 100\n\n\
+         [ledger]\ncheckpoint_every = 10000\nretention_days = 1825\nsegment_mib = 64\ncreator = \"bench\"\n\n",
+        dir = directory.display().to_string()
+    );
+    for (kind, category) in [
+        ("heart_rate", "Health"),
+        ("steps", "Behavioral"),
+        ("location", "Behavioral"),
+    ] {
+        let _ = write!(
+            s,
+            "[[kinds]]\nname = \"{kind}\"\ncategory = \"{category}\"\nformat = \"json\"\n\
+             fields = [\"ts\", \"seq\", \"val\", \"pad\"]\n\n"
+        );
+    }
+    s
+}
+
+/// The same rules as consentry's collection grants: a device writes only
+/// under its own user and device (client id = user, username = device), and
+/// only `heart_rate` and `steps`; providers read everything.
+fn mosquitto_acl() -> String {
+    let mut s = String::new();
+    for j in 0..PROVIDERS {
+        let _ = writeln!(s, "user {}\ntopic read pii/#\n", provider_id(j));
+    }
+    s.push_str("pattern write pii/%c/%u/heart_rate\npattern write pii/%c/%u/steps\n");
+    s
+}
+
+/// A running system under test.
+pub struct System {
+    pub kind: SystemKind,
+    pub addr: SocketAddr,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl System {
+    pub fn start(
+        kind: SystemKind,
+        creds: &Credentials,
+        consentry_bin: &Path,
+        mosquitto_bin: Option<&Path>,
+        rumqttd_cmd: &RumqttdCommand,
+    ) -> anyhow::Result<System> {
+        let log = creds.dir.join(format!("{}.log", kind.name()));
+        let stderr = || -> anyhow::Result<Stdio> {
+            Ok(std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)?
+                .into())
+        };
+        let (child, addr) = match kind {
+            SystemKind::Rumqttd => {
+                let (v4, v5) = (free_port(), free_port());
+                let child = rumqttd_cmd(v4, v5, &creds.rumqttd_auth)
+                    .stdout(Stdio::null())
+                    .stderr(stderr()?)
+                    .spawn()?;
+                (child, SocketAddr::from(([127, 0, 0, 1], v4)))
+            }
+            SystemKind::Mosquitto => {
+                let bin = mosquitto_bin.ok_or_else(|| anyhow::anyhow!("no mosquitto"))?;
+                let port = free_port();
+                let conf = creds.dir.join("mosquitto.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "per_listener_settings false\nlistener {port} 127.0.0.1\n\
+                         allow_anonymous false\npassword_file {}\nacl_file {}\n\
+                         persistence false\nmax_inflight_messages 100\nmax_queued_messages 1000\n\
+                         log_dest stderr\nlog_type error\nlog_type warning\n",
+                        creds.mosquitto_passwd.display(),
+                        creds.mosquitto_acl.display()
+                    ),
+                )?;
+                let child = Command::new(bin)
+                    .arg("-c")
+                    .arg(&conf)
+                    .stdout(Stdio::null())
+                    .stderr(stderr()?)
+                    .spawn()?;
+                (child, SocketAddr::from(([127, 0, 0, 1], port)))
+            }
+            SystemKind::Consentry => {
+                let data = creds.dir.join(format!("data-{}", rand::random::<u32>()));
+                let mut child = Command::new(consentry_bin)
+                    .arg("--config")
+                    .arg(&creds.consentry_config)
+                    .arg("serve")
+                    .arg("--listen")
+                    .arg("127.0.0.1:0")
+                    .arg("--metrics-listen")
+                    .arg(format!("127.0.0.1:{}", free_port()))
+                    .arg("--data-dir")
+                    .arg(&data)
+                    .env("CONSENTRY_LOG", "warn")
+                    .stdout(Stdio::piped())
+                    .stderr(stderr()?)
+                    .spawn()?;
+                let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    for line in lines.map_while(Result::ok) {
+                        if let Some(a) = line.strip_prefix("consentry listening mqtt=") {
+                            let _ = tx.send(a.to_string());
+                        }
+                    }
+                });
+                let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+                    Ok(a) => a.parse()?,
+                    Err(_) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        anyhow::bail!(
+                            "consentry did not start: {}",
+                            std::fs::read_to_string(&log).unwrap_or_default()
+                        );
+                    }
+                };
+                (child, addr)
+            }
+        };
+        let mut sys = System {
+            kind,
+            addr,
+            child,
+            log,
+        };
+        // rumqttd and Mosquitto print nothing when ready: wait for the port.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(sys.addr).is_err() {
+            if let Ok(Some(status)) = sys.child.try_wait() {
+                anyhow::bail!(
+                    "{} exited at start ({status}): {}",
+                    kind.name(),
+                    std::fs::read_to_string(&sys.log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                sys.stop();
+                anyhow::bail!("{} did not listen within 30 s", kind.name());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(sys)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn stop(&mut self) {
+        if !self.alive() {
+            return;
+        }
+        // rumqttd has no clean shutdown; the other two flush on SIGTERM.
+        if self.kind != SystemKind::Rumqttd {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.pid().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if !self.alive() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Seconds of user + system CPU a process (all its threads) has used.
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesized command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// `VmHWM` (peak RSS) and `VmRSS` of a process, in KiB.
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Resets `VmHWM` to the current RSS, so each run's peak is its own.
+pub fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}

@@ -1,0 +1,96 @@
+//! Smoke run of the end-to-end benchmark harness (bench/e2e): seconds, a
+//! tiny load, every system that is installed. It checks that the harness
+//! still runs and writes well-formed results — never how fast anything is.
+
+#[path = "../bench/e2e/harness/mod.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::process::Command;
+
+const CHILD_ENV: &str = "CONSENTRY_E2E_SERVE_RUMQTTD";
+
+/// The bare-rumqttd child: this test binary re-executed with only this test
+/// selected and the ports in the environment. Without the variable it is a
+/// no-op, so a normal test run passes over it.
+#[test]
+fn serve_rumqttd_child() {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        let parts: Vec<&str> = spec.splitn(3, ' ').collect();
+        harness::rumqttd::serve(
+            parts[0].parse().unwrap(),
+            parts[1].parse().unwrap(),
+            std::path::Path::new(parts[2]),
+        );
+    }
+}
+
+#[test]
+fn payload_is_256_bytes_of_json_with_a_timestamp() {
+    let p = harness::load::payload(123_456_789, 7);
+    assert_eq!(p.len(), harness::load::PAYLOAD_BYTES);
+    let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+    assert_eq!(v["ts"], 123_456_789);
+    assert_eq!(harness::load::parse_ts(&p), Some(123_456_789));
+    // consentry's masking writes keys back in another order.
+    assert_eq!(
+        harness::load::parse_ts(br#"{"pad":"x","seq":1,"ts":42,"val":70}"#),
+        Some(42)
+    );
+}
+
+#[test]
+fn quick_run_completes_and_writes_results() {
+    let out = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut opts = harness::Options::full(
+        env!("CARGO_BIN_EXE_consentry").into(),
+        Box::new(move |v4, v5, auth| {
+            let mut c = Command::new(&exe);
+            c.args([
+                "serve_rumqttd_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD_ENV, format!("{v4} {v5} {}", auth.display()));
+            c
+        }),
+    );
+    opts.make_quick();
+    opts.out_dir = out.path().to_path_buf();
+    opts.work_dir = out.path().join("work");
+    opts.command = "tests/bench_smoke.rs (quick)".into();
+    let mosquitto = opts.mosquitto_bin.is_some();
+    harness::run_all(&opts).expect("the harness completed");
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("latest.json")).unwrap()).unwrap();
+    let runs = json["runs"].as_array().expect("runs");
+    let mut systems: Vec<&str> = runs.iter().filter_map(|r| r["system"].as_str()).collect();
+    systems.sort();
+    systems.dedup();
+    let mut want = vec!["consentry", "rumqttd"];
+    if mosquitto {
+        want.push("mosquitto");
+        want.sort();
+    }
+    assert_eq!(systems, want);
+    for scenario in ["allow_all", "masked", "idle"] {
+        for system in &want {
+            let delivered: u64 = runs
+                .iter()
+                .filter(|r| r["scenario"] == scenario && r["system"] == *system)
+                .filter_map(|r| r["delivered"].as_u64())
+                .sum();
+            assert!(delivered > 0, "{system} delivered nothing in {scenario}");
+        }
+    }
+    assert!(json["summary"].as_array().is_some_and(|s| !s.is_empty()));
+    let svg = std::fs::read_to_string(out.path().join("latest.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("</svg>"));
+    assert!(std::fs::read_to_string(out.path().join("latest.md"))
+        .unwrap()
+        .contains("### Maximum rate"));
+}
