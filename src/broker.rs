@@ -109,22 +109,26 @@ fn free_port() -> Result<SocketAddr, BrokerError> {
     l.local_addr().map_err(BrokerError::Port)
 }
 
-/// Starts rumqttd with one 3.1.1 and one 5 listener on loopback.
-pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
-    let user = "consentry-gateway".to_string();
-    let password = Alphanumeric.sample_string(&mut rand::rngs::OsRng, 32);
+/// The embedded rumqttd's configuration: one 3.1.1 and one 5 listener on
+/// the given loopback addresses, logins from `auth`. The benchmark's bare
+/// rumqttd baseline runs exactly this, so the two cannot drift apart.
+pub fn rumqttd_config(
+    cfg: &ConsentryConfig,
+    v4: SocketAddr,
+    v5: SocketAddr,
+    auth: HashMap<String, String>,
+) -> Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         // Room for the fixed header and topic around the largest payload.
         max_payload_size: cfg.server.max_packet_size + 1024,
         max_inflight_count: cfg.broker.max_inflight,
-        auth: Some(HashMap::from([(user.clone(), password.clone())])),
+        auth: Some(auth),
         external_auth: None,
         // Without this a publish to a topic nobody subscribed to yet
         // disconnects the publisher.
         dynamic_filters: true,
     };
-    let (v4, v5) = (free_port()?, free_port()?);
     let server = |name: &str, listen| ServerSettings {
         name: name.into(),
         listen,
@@ -132,7 +136,7 @@ pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
         next_connection_delay_ms: 0,
         connections: connections.clone(),
     };
-    let config = Config {
+    Config {
         id: 0,
         router: RouterConfig {
             max_connections: cfg.broker.max_connections,
@@ -144,7 +148,20 @@ pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
         v4: Some(HashMap::from([("1".to_string(), server("v4", v4))])),
         v5: Some(HashMap::from([("1".to_string(), server("v5", v5))])),
         ..Default::default()
-    };
+    }
+}
+
+/// Starts rumqttd with one 3.1.1 and one 5 listener on loopback.
+pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
+    let user = "consentry-gateway".to_string();
+    let password = Alphanumeric.sample_string(&mut rand::rngs::OsRng, 32);
+    let (v4, v5) = (free_port()?, free_port()?);
+    let config = rumqttd_config(
+        cfg,
+        v4,
+        v5,
+        HashMap::from([(user.clone(), password.clone())]),
+    );
     std::thread::Builder::new()
         .name("rumqttd".into())
         .spawn(move || {

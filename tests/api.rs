@@ -122,23 +122,7 @@ impl Api {
     }
 }
 
-fn totp_now(secret_b32: &str, user: &str) -> String {
-    let secret = totp_rs::Secret::Encoded(secret_b32.to_string())
-        .to_bytes()
-        .unwrap();
-    totp_rs::TOTP::new(
-        totp_rs::Algorithm::SHA1,
-        6,
-        1,
-        30,
-        secret,
-        Some("consentry".into()),
-        user.into(),
-    )
-    .unwrap()
-    .generate_current()
-    .unwrap()
-}
+use common::totp_now;
 
 #[tokio::test]
 async fn registration_and_two_factor_login() {
@@ -505,24 +489,7 @@ fn http(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let url = format!("http://{}{}", server.api.unwrap(), path);
-    let mut req = ureq::request(method, &url);
-    if let Some(t) = token {
-        req = req.set("authorization", &format!("Bearer {t}"));
-    }
-    let resp = match body {
-        Some(b) => req
-            .set("content-type", "application/json")
-            .send_string(&b.to_string()),
-        None => req.call(),
-    };
-    let resp = match resp {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{e}"),
-    };
-    let status = resp.status();
-    let text = resp.into_string().unwrap_or_default();
+    let (status, text) = common::http(server, method, path, token, &[], body);
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 

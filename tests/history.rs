@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{v5, Server, Setup, MARKER_ACL};
+use common::{json_of, totp_now, v5, Server, Setup, MARKER_ACL};
 use serde_json::{json, Value};
 
 const OPERATOR_KEY: &str = "history-test-operator-key";
@@ -20,48 +20,12 @@ fn http(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, String) {
-    let url = format!("http://{}{}", server.api.unwrap(), path);
-    let mut req = ureq::request(method, &url);
-    if let Some(t) = token {
-        req = req.set("authorization", &format!("Bearer {t}"));
-    }
-    if path.starts_with("/v1/operator") {
-        req = req.set("x-operator-key", OPERATOR_KEY);
-    }
-    let resp = match body {
-        Some(b) => req
-            .set("content-type", "application/json")
-            .send_string(&b.to_string()),
-        None => req.call(),
+    let operator: &[(&str, &str)] = if path.starts_with("/v1/operator") {
+        &[("x-operator-key", OPERATOR_KEY)]
+    } else {
+        &[]
     };
-    let resp = match resp {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{e}"),
-    };
-    (resp.status(), resp.into_string().unwrap())
-}
-
-fn json_of(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|_| panic!("not JSON: {s}"))
-}
-
-fn totp_now(secret_b32: &str, user: &str) -> String {
-    let secret = totp_rs::Secret::Encoded(secret_b32.into())
-        .to_bytes()
-        .unwrap();
-    totp_rs::TOTP::new(
-        totp_rs::Algorithm::SHA1,
-        6,
-        1,
-        30,
-        secret,
-        Some("consentry".into()),
-        user.into(),
-    )
-    .unwrap()
-    .generate_current()
-    .unwrap()
+    common::http(server, method, path, token, operator, body)
 }
 
 /// Registers and logs in; returns the session token.

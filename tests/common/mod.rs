@@ -295,6 +295,60 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// A real HTTP request to the server's API; `(status, body)`, 4xx/5xx included.
+pub fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<serde_json::Value>,
+) -> (u16, String) {
+    let url = format!("http://{}{}", server.api.expect("API listening"), path);
+    let mut req = ureq::request(method, &url);
+    if let Some(t) = token {
+        req = req.set("authorization", &format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let resp = match body {
+        Some(b) => req
+            .set("content-type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    (resp.status(), resp.into_string().unwrap_or_default())
+}
+
+pub fn json_of(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|_| panic!("not JSON: {s}"))
+}
+
+/// The current code of an authenticator enrolled with `secret_b32`.
+pub fn totp_now(secret_b32: &str, user: &str) -> String {
+    let secret = totp_rs::Secret::Encoded(secret_b32.into())
+        .to_bytes()
+        .unwrap();
+    totp_rs::TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        6,
+        1,
+        30,
+        secret,
+        Some("consentry".into()),
+        user.into(),
+    )
+    .unwrap()
+    .generate_current()
+    .unwrap()
+}
+
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
