@@ -19,4 +19,12 @@ fi
 # and never need it.
 export PATH="$PATH:/usr/sbin"
 
-cargo test --locked --all-targets "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --locked --all-targets "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite: the last binaries cargo runs are
+# benchmarks in test mode, which print no "test result" of their own.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
