@@ -217,6 +217,7 @@ pub async fn serve<S>(
         dropped_qos2_from_broker: HashSet::new(),
         acks_publish: VecDeque::new(),
         acks_release: VecDeque::new(),
+        own_unsubscribes: HashSet::new(),
         pending_subacks: HashMap::new(),
         subs: Vec::new(),
         to_client: BytesMut::with_capacity(4096),
@@ -328,6 +329,8 @@ struct Session {
     acks_publish: VecDeque<(u16, Option<Packet>)>,
     /// The same for PUBREL → PUBCOMP.
     acks_release: VecDeque<(u16, Option<Packet>)>,
+    /// UNSUBSCRIBEs consentry sent on its own (see `recheck_subscriptions`).
+    own_unsubscribes: HashSet<u16>,
     /// SUBSCRIBE packet id → per-filter answer decided here (`None`: the
     /// broker's answer, in order).
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
@@ -466,6 +469,7 @@ impl Session {
     ) -> Result<(), End> {
         let max = self.shared.server.max_packet_size;
         let mut last_client = Instant::now();
+        let mut act_changes = self.shared.act.subscribe_changes();
         // Client-bound bytes waiting for their ledger records, in order. The
         // session keeps reading from the broker meanwhile, so the next group
         // commit fills while this one syncs; past MAX_PENDING_CHUNKS it stops
@@ -538,6 +542,7 @@ impl Session {
                         last_up_write = Instant::now();
                     }
                 }
+                Ok(()) = act_changes.changed() => self.recheck_subscriptions()?,
                 _ = shutdown.changed() => return Err(End::Shutdown),
             }
         }
@@ -779,6 +784,42 @@ impl Session {
         }
     }
 
+    /// A new ACT may no longer allow what this session holds (a provider's
+    /// T&C lost a purpose, say): such subscriptions are dropped at the
+    /// broker, so it stops sending what every delivery would refuse anyway.
+    /// MQTT has no way to tell the client; it simply receives no more.
+    fn recheck_subscriptions(&mut self) -> Result<(), End> {
+        let act = self.shared.act.load();
+        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.subs)
+            .into_iter()
+            .partition(|(f, _)| act.subscribe(&self.who, f).is_ok());
+        self.subs = keep;
+        if gone.is_empty() {
+            return Ok(());
+        }
+        metrics::counter!(m::SUBSCRIPTIONS, "result" => "revoked", "reason" => "act_changed")
+            .increment(gone.len() as u64);
+        tracing::info!(
+            session = self.id,
+            count = gone.len(),
+            "subscriptions dropped after an ACT change"
+        );
+        // Packet ids from the top of the range, where clients rarely go; the
+        // UNSUBACK is recognised by them and not passed on.
+        let pkid = (1..=u16::MAX)
+            .rev()
+            .find(|id| {
+                !self.own_unsubscribes.contains(id) && !self.pending_subacks.contains_key(id)
+            })
+            .unwrap_or(u16::MAX);
+        self.own_unsubscribes.insert(pkid);
+        self.send_broker(&Packet::Unsubscribe(v5::Unsubscribe {
+            pkid,
+            filters: gone.into_iter().map(|(f, _)| f).collect(),
+            properties: None,
+        }))
+    }
+
     fn client_subscribe(&mut self, mut sub: v5::Subscribe) -> Result<(), End> {
         let act = self.shared.act.load();
         let mut answers = Vec::with_capacity(sub.filters.len());
@@ -855,6 +896,8 @@ impl Session {
             }
             // Our own keep-alive.
             Packet::PingResp(_) => {}
+            // The answer to consentry's own UNSUBSCRIBE is not the client's.
+            Packet::UnsubAck(a) if self.own_unsubscribes.remove(&a.pkid) => {}
             p @ (Packet::PubAck(_)
             | Packet::PubRec(_)
             | Packet::PubComp(_)

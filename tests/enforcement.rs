@@ -378,3 +378,74 @@ async fn messagepack_payloads_are_masked() {
         .await;
     assert_eq!(r, v5::PubAckReason::PayloadFormatInvalid);
 }
+
+/// alice publishes steps, then a marker; returns once `ins` has the marker.
+async fn steps_then_marker(alice: &v5::Client, ins: &mut v5::Client) {
+    let a = &alice.client;
+    a.publish(
+        "pii/alice/alice-watch/steps",
+        v5::QoS::AtMostOnce,
+        false,
+        &b"{\"count\":5}"[..],
+    )
+    .await
+    .unwrap();
+    a.publish("public/marker", v5::QoS::AtMostOnce, false, &b"m"[..])
+        .await
+        .unwrap();
+    assert_eq!(ins.publishes_until("public/marker").await.len(), 1);
+}
+
+#[tokio::test]
+async fn held_subscriptions_are_dropped_when_the_act_no_longer_allows_them() {
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        env: vec![(
+            "CONSENTRY_OPERATOR_KEY".into(),
+            "op-key-for-this-test".into(),
+        )],
+        ..Default::default()
+    });
+    let mut ins = v5::connect(server.mqtt, "ins", "insureco", "insureco-secret").await;
+    ins.subscribe("pii/+/+/steps", v5::QoS::AtMostOnce).await;
+    ins.subscribe("public/#", v5::QoS::AtMostOnce).await;
+    let alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    let dropped = || {
+        server.metric(
+            "consentry_deliveries_total",
+            &[("provider", "insureco"), ("result", "dropped")],
+        )
+    };
+    // alice shares no steps with insureco: the broker sends them, consentry drops them.
+    steps_then_marker(&alice, &mut ins).await;
+    assert_eq!(dropped(), 1.0);
+
+    // The operator narrows insureco's T&C to heart rate only.
+    let (s, body) = common::http(
+        &server,
+        "POST",
+        "/v1/operator/providers",
+        None,
+        &[("x-operator-key", "op-key-for-this-test")],
+        Some(json!({
+            "id": "insureco", "name": "InsureCo",
+            "controller": {"company": "InsureCo Ltd"},
+            "purposes": [{"id": "pricing", "statement": "Pricing", "category": "Contracted Service",
+                          "kinds": ["heart_rate"], "retention_days": 1825}]
+        })),
+    );
+    assert_eq!(s, 201, "{body}");
+    for _ in 0..200 {
+        if server.metric("consentry_subscriptions_total", &[("result", "revoked")]) == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        server.metric("consentry_subscriptions_total", &[("result", "revoked")]),
+        1.0
+    );
+    // The subscription is gone at the broker: nothing more even reaches consentry for insureco.
+    steps_then_marker(&alice, &mut ins).await;
+    assert_eq!(dropped(), 1.0);
+}
