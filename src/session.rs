@@ -218,6 +218,7 @@ pub async fn serve<S>(
         acks_publish: VecDeque::new(),
         acks_release: VecDeque::new(),
         own_unsubscribes: HashSet::new(),
+        downgraded_qos2: HashSet::new(),
         pending_subacks: HashMap::new(),
         subs: Vec::new(),
         to_client: BytesMut::with_capacity(4096),
@@ -322,7 +323,8 @@ struct Session {
     aliases: HashMap<u16, Bytes>,
     /// QoS 2 publishes we refused: their PUBREL is answered here.
     refused_qos2_from_client: HashSet<u16>,
-    /// QoS 2 deliveries we dropped: the broker's PUBREL is answered here.
+    /// QoS 2 deliveries we dropped or downgraded: the broker's PUBREL is
+    /// answered here.
     dropped_qos2_from_broker: HashSet<u16>,
     /// Messages from the broker awaiting their PUBACK/PUBREC, in arrival
     /// order, with the ack once someone (client or consentry) gave it.
@@ -331,6 +333,8 @@ struct Session {
     acks_release: VecDeque<(u16, Option<Packet>)>,
     /// UNSUBSCRIBEs consentry sent on its own (see `recheck_subscriptions`).
     own_unsubscribes: HashSet<u16>,
+    /// QoS 2 messages delivered at QoS 1 (the subscription's QoS).
+    downgraded_qos2: HashSet<u16>,
     /// SUBSCRIBE packet id → per-filter answer decided here (`None`: the
     /// broker's answer, in order).
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
@@ -679,6 +683,11 @@ impl Session {
             // Acks of deliveries go to the broker in the order the broker
             // sent the messages, interleaved with consentry's own acks of
             // the messages it dropped (MQTT §4.6; rumqttd enforces it).
+            Packet::PubAck(a) if self.downgraded_qos2.remove(&a.pkid) => {
+                self.dropped_qos2_from_broker.insert(a.pkid);
+                let rec = Packet::PubRec(PubRec::new(a.pkid, None));
+                self.ack_in_order(Stage::Publish, a.pkid, rec)?
+            }
             Packet::PubAck(a) => {
                 let pkid = a.pkid;
                 self.ack_in_order(Stage::Publish, pkid, Packet::PubAck(a))?
@@ -1056,10 +1065,19 @@ impl Session {
                 })
                 .map(|(_, q)| *q)
                 .max_by_key(|q| *q as u8);
-            if granted == Some(QoS::AtMostOnce) {
-                self.ack_broker(publish.qos, publish.pkid)?;
-                publish.qos = QoS::AtMostOnce;
-                publish.pkid = 0;
+            match (granted, publish.qos) {
+                (Some(QoS::AtMostOnce), _) => {
+                    self.ack_broker(publish.qos, publish.pkid)?;
+                    publish.qos = QoS::AtMostOnce;
+                    publish.pkid = 0;
+                }
+                // The client acks with PUBACK; consentry turns that into the
+                // broker's PUBREC and completes PUBREL/PUBCOMP itself.
+                (Some(QoS::AtLeastOnce), QoS::ExactlyOnce) => {
+                    self.downgraded_qos2.insert(publish.pkid);
+                    publish.qos = QoS::AtLeastOnce;
+                }
+                _ => {}
             }
         }
         if let Some(props) = publish.properties.as_mut() {

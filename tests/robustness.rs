@@ -259,3 +259,30 @@ async fn keep_alive_zero_is_legal() {
         .unwrap();
     assert_eq!(c.next_publish().await.topic, "public/ka");
 }
+
+#[tokio::test]
+async fn deliveries_never_exceed_the_subscription_qos() {
+    let server = Server::demo();
+    let mut sub = v4::connect(server.mqtt, "sub", "fitcoach", "fitcoach-secret").await;
+    sub.subscribe("public/q1", v4::QoS::AtLeastOnce).await;
+    sub.subscribe("public/q0", v4::QoS::AtMostOnce).await;
+    let publ = v4::connect(server.mqtt, "pub", "alice-watch", "alice-watch-secret").await;
+    // Several rounds: a broken QoS 2 flow towards the broker would stall it.
+    for round in 0..3 {
+        for topic in ["public/q1", "public/q0"] {
+            publ.client
+                .publish(topic, v4::QoS::ExactlyOnce, false, format!("r{round}"))
+                .await
+                .unwrap();
+            let p = sub.next_publish().await;
+            assert_eq!(p.topic, topic);
+            let want = if topic == "public/q1" {
+                v4::QoS::AtLeastOnce
+            } else {
+                v4::QoS::AtMostOnce
+            };
+            assert_eq!(p.qos, want, "{topic} round {round}");
+            assert_eq!(p.payload, format!("r{round}").as_bytes());
+        }
+    }
+}
