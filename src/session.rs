@@ -203,14 +203,16 @@ pub async fn serve<S>(
         }
     };
     let role = who.role();
+    let provider_label = match &who {
+        Principal::Provider { id } => id.clone(),
+        other => other.role().to_string(),
+    };
     let mut session = Session {
         shared: shared.clone(),
         id,
         version,
-        provider_label: match &who {
-            Principal::Provider { id } => id.clone(),
-            other => other.role().to_string(),
-        },
+        counters: DeliveryCounters::new(&provider_label),
+        provider_label,
         who,
         aliases: HashMap::new(),
         refused_qos2_from_client: HashSet::new(),
@@ -348,6 +350,26 @@ struct Session {
     delivered: usize,
     /// This provider's pseudonymization key, derived on first use.
     pseudonym_key: Option<[u8; 32]>,
+    /// Per-delivery counters, registered once per session rather than
+    /// looked up (and their label allocated) per message.
+    counters: DeliveryCounters,
+}
+
+struct DeliveryCounters {
+    plain: metrics::Counter,
+    delivered: metrics::Counter,
+    masked: metrics::Counter,
+}
+
+impl DeliveryCounters {
+    fn new(provider: &str) -> Self {
+        let c = |result: &'static str, reason: &'static str| metrics::counter!(m::DELIVERIES, "provider" => provider.to_string(), "result" => result, "reason" => reason);
+        DeliveryCounters {
+            plain: c("delivered", "acl"),
+            delivered: c("delivered", "consent"),
+            masked: c("masked", "consent"),
+        }
+    }
 }
 
 impl Session {
@@ -974,7 +996,7 @@ impl Session {
             .record(started.elapsed().as_secs_f64());
         let (kind, resolved, rule) = match decision {
             Ok(Delivery::Plain) => {
-                metrics::counter!(m::DELIVERIES, "provider" => self.provider_label.clone(), "result" => "delivered", "reason" => "acl").increment(1);
+                self.counters.plain.increment(1);
                 return self.write_delivery(publish);
             }
             Ok(Delivery::Personal {
@@ -1038,7 +1060,10 @@ impl Session {
                 return Err(End::Ledger);
             }
         }
-        metrics::counter!(m::DELIVERIES, "provider" => self.provider_label.clone(), "result" => result, "reason" => "consent").increment(1);
+        match result {
+            "masked" => self.counters.masked.increment(1),
+            _ => self.counters.delivered.increment(1),
+        }
         self.write_delivery(publish)
     }
 
