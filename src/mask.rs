@@ -6,6 +6,8 @@
 //! or a rule that cannot be applied to the value it meets, is an error: the
 //! caller does not forward or deliver it (fail closed).
 
+use std::sync::{Arc, OnceLock};
+
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -13,7 +15,7 @@ use thiserror::Error;
 
 use crate::model::{MaskMethod, PayloadFormat};
 
-#[derive(Debug, Error, PartialEq)]
+#[derive(Debug, Clone, Error, PartialEq)]
 pub enum MaskError {
     #[error("payload is not valid {0}")]
     Decode(&'static str),
@@ -375,6 +377,86 @@ fn generalize(n: Number, decimals: i32) -> Number {
     }
 }
 
+/// Recently masked payloads, so that subscribers who get the same view of
+/// the same message (several sessions of one provider, providers with equal
+/// masks) share one masking. Entries are compared in full — payload, view
+/// and, when the view pseudonymizes, the provider key — never by a hash
+/// alone, so one subscriber can never receive another's view. It holds
+/// plaintext payloads in memory only, a bounded few.
+pub struct ViewCache {
+    capacity: usize,
+    entries: std::sync::Mutex<std::collections::VecDeque<CachedView>>,
+}
+
+struct CachedView {
+    payload: Bytes,
+    format: PayloadFormat,
+    rules: Vec<(String, MaskMethod)>,
+    key: Option<[u8; 32]>,
+    /// Filled by whichever subscriber gets there first; the others (even
+    /// ones that arrive while it is being computed) take the result.
+    masked: Arc<OnceLock<Result<Bytes, MaskError>>>,
+}
+
+impl ViewCache {
+    pub fn new(capacity: usize) -> ViewCache {
+        ViewCache {
+            capacity,
+            entries: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(capacity)),
+        }
+    }
+
+    /// [`mask`], done once for equal inputs while they stay in the cache.
+    /// Returns the payload and whether another subscriber's work was reused.
+    pub fn mask(
+        &self,
+        format: PayloadFormat,
+        payload: &Bytes,
+        rules: &[(String, MaskMethod)],
+        key: &[u8; 32],
+    ) -> Result<(Bytes, bool), MaskError> {
+        // Only pseudonyms depend on who receives the view.
+        let key = rules
+            .iter()
+            .any(|(_, m)| matches!(m, MaskMethod::Pseudonymize))
+            .then_some(*key);
+        let (cell, shared) = {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let found = entries
+                .iter()
+                .rev()
+                .find(|e| {
+                    e.format == format && e.key == key && e.payload == *payload && e.rules == rules
+                })
+                .map(|e| e.masked.clone());
+            match found {
+                Some(cell) => (cell, true),
+                None => {
+                    if entries.len() >= self.capacity {
+                        entries.pop_front();
+                    }
+                    let cell = Arc::new(OnceLock::new());
+                    entries.push_back(CachedView {
+                        payload: payload.clone(),
+                        format,
+                        rules: rules.to_vec(),
+                        key,
+                        masked: cell.clone(),
+                    });
+                    (cell, false)
+                }
+            }
+        };
+        let masked = cell
+            .get_or_init(|| mask(format, payload, rules, &key.unwrap_or(*KEYLESS)))
+            .clone()?;
+        Ok((masked, shared))
+    }
+}
+
+/// Views without pseudonyms do not use the key; any constant will do.
+static KEYLESS: &[u8; 32] = &[0; 32];
+
 /// Pseudonymization key for one provider: an HMAC of the provider id under
 /// the operator's master key, so keys differ per provider and need no storage.
 pub fn provider_key(master: &[u8; 32], provider: &str) -> [u8; 32] {
@@ -580,6 +662,32 @@ mod tests {
             assert_eq!(a["id"].as_str().unwrap().len(), 32);
             assert_eq!(a["bpm"], json!(70));
         }
+    }
+
+    #[test]
+    fn view_cache_shares_equal_views_only() {
+        let cache = ViewCache::new(4);
+        let p = j(json!({"lat": 48.85661, "id": "x"}));
+        let gen = vec![("lat".to_string(), MaskMethod::Generalize { decimals: 2 })];
+        let (a, hit) = cache.mask(PayloadFormat::Json, &p, &gen, &[1; 32]).unwrap();
+        assert!(!hit);
+        // Another provider, same view without pseudonyms: shared.
+        let (b, hit) = cache.mask(PayloadFormat::Json, &p, &gen, &[2; 32]).unwrap();
+        assert!(hit);
+        assert_eq!(a, b);
+        // With pseudonyms the provider key is part of the view.
+        let pse = vec![("id".to_string(), MaskMethod::Pseudonymize)];
+        let (c, _) = cache.mask(PayloadFormat::Json, &p, &pse, &[1; 32]).unwrap();
+        let (d, hit) = cache.mask(PayloadFormat::Json, &p, &pse, &[2; 32]).unwrap();
+        assert!(!hit);
+        assert_ne!(c, d);
+        // A different payload is never served from another's entry.
+        let q = j(json!({"lat": 1.0, "id": "x"}));
+        let (e, hit) = cache.mask(PayloadFormat::Json, &q, &gen, &[1; 32]).unwrap();
+        assert!(!hit);
+        assert_eq!(back(PayloadFormat::Json, &e)["lat"], json!(1.0));
+        // Bounded.
+        assert!(cache.entries.lock().unwrap().len() <= 4);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub const CONNECTED: &str = "consentry_connected_clients";
 pub const PROTOCOL_ERRORS: &str = "consentry_protocol_errors_total";
 pub const DECISION_SECONDS: &str = "consentry_decision_seconds";
 pub const LATENCY_SECONDS: &str = "consentry_gateway_latency_seconds";
+pub const VIEWS_SHARED: &str = "consentry_masked_views_shared_total";
 
 /// Serves `/metrics` on `addr`. Must be called inside a tokio runtime.
 pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
@@ -72,4 +73,8 @@ fn describe() {
         "Time from reading a message off the broker to writing it to the client"
     );
     describe_gauge!("consentry_act_version", "Version of the ACT in force");
+    describe_counter!(
+        VIEWS_SHARED,
+        "Masked deliveries served from a view another subscriber's delivery already computed"
+    );
 }

@@ -175,6 +175,8 @@ impl Server {
             creator: config.ledger.creator.clone(),
             pseudonym_master,
             clock_offset: chrono::Duration::seconds(config.server.clock_offset_secs),
+            // Subscribers of one message get it close together: a short memory suffices.
+            views: crate::mask::ViewCache::new(64),
         });
 
         let (shutdown, _) = watch::channel(false);

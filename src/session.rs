@@ -97,6 +97,8 @@ pub struct Shared {
     pub pseudonym_master: [u8; 32],
     /// Shifts the clock the ACT sees; for testing collection windows.
     pub clock_offset: chrono::Duration,
+    /// Masked views shared between subscribers that get the same view.
+    pub views: mask::ViewCache,
 }
 
 impl Shared {
@@ -1022,8 +1024,17 @@ impl Session {
                 let key = *self.pseudonym_key.get_or_insert_with(|| {
                     mask::provider_key(&self.shared.pseudonym_master, provider)
                 });
-                match mask::mask(kind.format, &publish.payload, rules, &key) {
-                    Ok(p) => publish.payload = p,
+                match self
+                    .shared
+                    .views
+                    .mask(kind.format, &publish.payload, rules, &key)
+                {
+                    Ok((p, shared)) => {
+                        if shared {
+                            metrics::counter!(m::VIEWS_SHARED).increment(1);
+                        }
+                        publish.payload = p
+                    }
                     Err(e) => {
                         tracing::debug!(session = self.id, error = %e, "payload could not be masked");
                         return self.drop_delivery(&publish, "undecodable");

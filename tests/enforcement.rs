@@ -449,3 +449,39 @@ async fn held_subscriptions_are_dropped_when_the_act_no_longer_allows_them() {
     steps_then_marker(&alice, &mut ins).await;
     assert_eq!(dropped(), 1.0);
 }
+
+#[tokio::test]
+async fn subscribers_with_the_same_view_share_one_masking() {
+    let server = Server::demo();
+    let mut a = v5::connect(server.mqtt, "fit-a", "fitcoach", "fitcoach-secret").await;
+    let mut b = v5::connect(server.mqtt, "fit-b", "fitcoach", "fitcoach-secret").await;
+    for c in [&mut a, &mut b] {
+        c.subscribe("pii/+/+/location", v5::QoS::AtMostOnce).await;
+    }
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice
+        .publish_acked(
+            "pii/alice/alice-watch/location",
+            br#"{"lat":48.85661,"lon":2.35222}"#,
+        )
+        .await;
+    for c in [&mut a, &mut b] {
+        let p = c.next_publish().await;
+        assert_eq!(
+            serde_json::from_slice::<Value>(&p.payload).unwrap(),
+            json!({"lat": 48.86, "lon": 2.35})
+        );
+    }
+    // Two masked deliveries, one masking.
+    assert_eq!(
+        server.metric(
+            "consentry_deliveries_total",
+            &[("provider", "fitcoach"), ("result", "masked")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        server.metric("consentry_masked_views_shared_total", &[]),
+        1.0
+    );
+}
