@@ -344,3 +344,60 @@ async fn in_front_of_mosquitto_open_topics_keep_mqtt5_features() {
     assert_eq!(got.correlation_data.as_deref(), Some(&b"corr"[..]));
     assert!(got.message_expiry_interval.is_some_and(|e| e <= 60));
 }
+
+#[tokio::test]
+async fn in_front_of_mosquitto_subscription_options_and_retained_pass_through() {
+    use rumqttc::v5::mqttbytes::v5::Filter;
+    let m = mosquitto();
+    let server = in_front_of(&m);
+    // Retained on an open topic, then a late subscriber gets it.
+    let mut publ = v5::connect(server.mqtt, "pub", "alice-watch", "alice-watch-secret").await;
+    publ.client
+        .publish("public/state", v5::QoS::AtLeastOnce, true, &b"on"[..])
+        .await
+        .unwrap();
+    loop {
+        if let v5::Packet::PubAck(_) = publ.next().await {
+            break;
+        }
+    }
+    let mut late = v5::connect(server.mqtt, "late", "fitcoach", "fitcoach-secret").await;
+    late.subscribe("public/state", v5::QoS::AtLeastOnce).await;
+    let p = late.next_publish().await;
+    assert!(p.retain);
+    assert_eq!(&p.payload[..], b"on");
+
+    // No Local (MQTT 5 subscription option): a client does not get its own messages.
+    let mut me = v5::connect(server.mqtt, "me", "insureco", "insureco-secret").await;
+    let mut f = Filter::new("public/chat", v5::QoS::AtMostOnce);
+    f.nolocal = true;
+    me.client.subscribe_many(vec![f]).await.unwrap();
+    loop {
+        if let v5::Packet::SubAck(_) = me.next().await {
+            break;
+        }
+    }
+    // "mine" is acknowledged by the broker, so queued to subscribers, before
+    // "theirs" is published: were No Local lost, "mine" would arrive first.
+    me.client
+        .publish("public/chat", v5::QoS::AtLeastOnce, false, &b"mine"[..])
+        .await
+        .unwrap();
+    loop {
+        match me.next().await {
+            v5::Packet::PubAck(_) => break,
+            v5::Packet::Publish(_) => panic!("own message delivered despite No Local"),
+            _ => {}
+        }
+    }
+    publ.client
+        .publish("public/chat", v5::QoS::AtMostOnce, false, &b"theirs"[..])
+        .await
+        .unwrap();
+    let p = me.next_publish().await;
+    assert_eq!(
+        &p.payload[..],
+        b"theirs",
+        "own message delivered despite No Local"
+    );
+}
