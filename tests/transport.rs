@@ -401,3 +401,48 @@ async fn in_front_of_mosquitto_subscription_options_and_retained_pass_through() 
         "own message delivered despite No Local"
     );
 }
+
+#[tokio::test]
+async fn in_front_of_mosquitto_will_delay_is_kept() {
+    use rumqttc::v5::mqttbytes::v5::LastWillProperties;
+    let m = mosquitto();
+    let server = in_front_of(&m);
+    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
+    watcher.subscribe("public/#", v5::QoS::AtMostOnce).await;
+    let mut o = v5::options(
+        server.mqtt,
+        "dying",
+        Some(("bob-phone", "bob-phone-secret")),
+    );
+    o.set_clean_start(true);
+    o.set_session_expiry_interval(Some(60));
+    o.set_last_will(v5::LastWill::new(
+        "public/will",
+        "gone",
+        v5::QoS::AtMostOnce,
+        false,
+        Some(LastWillProperties {
+            delay_interval: Some(3),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: vec![],
+        }),
+    ));
+    let dying = v5::connect_with(o).await.unwrap();
+    dying.kill();
+    // Published after the crash but well inside the 3 s delay: it comes first.
+    let publ = v5::connect(server.mqtt, "pub", "alice-watch", "alice-watch-secret").await;
+    publ.client
+        .publish("public/marker", v5::QoS::AtMostOnce, false, &b"m"[..])
+        .await
+        .unwrap();
+    assert_eq!(watcher.next_publish().await.topic, &b"public/marker"[..]);
+    // And then the will, once its delay has passed.
+    let will = tokio::time::timeout(Duration::from_secs(8), watcher.next_publish())
+        .await
+        .expect("the delayed will arrives");
+    assert_eq!(will.topic, &b"public/will"[..]);
+}
