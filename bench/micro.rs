@@ -36,21 +36,11 @@ fn users() -> usize {
         .unwrap_or(default)
 }
 
+/// The shipped kinds (heart_rate, location, steps).
 fn kinds() -> Vec<Kind> {
-    let k = |name: &str, category, fields: &[&str]| Kind {
-        name: name.into(),
-        category,
-        sensitive: category == PiiCategory::Health,
-        format: PayloadFormat::Json,
-        fields: fields.iter().map(|s| s.to_string()).collect(),
-        undeclared: Undeclared::Strip,
-        derived: false,
-    };
-    vec![
-        k("heart_rate", PiiCategory::Health, &["bpm"]),
-        k("location", PiiCategory::Behavioral, &["lat", "lon"]),
-        k("steps", PiiCategory::Behavioral, &["count"]),
-    ]
+    let cfg: consentry::config::Config =
+        toml::from_str(include_str!("../config/consentry.toml")).expect("shipped config parses");
+    cfg.kinds
 }
 
 fn directory(n: usize) -> Directory {

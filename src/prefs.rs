@@ -29,6 +29,8 @@ pub enum PrefError {
     Exists(String),
     #[error("credentials: {0}")]
     Credentials(#[from] AuthError),
+    #[error("login of {0:?}: totp_secret is not base32")]
+    BadLogin(String),
     #[error("could not issue the consent receipt: {0}")]
     Receipt(String),
     #[error("store: {0}")]
@@ -414,12 +416,7 @@ impl PreferenceManager {
                     .ok_or_else(|| PrefError::UnknownUser(l.user.clone()))?;
                 let secret = totp_rs::Secret::Encoded(l.totp_secret.clone())
                     .to_bytes()
-                    .map_err(|_| {
-                        PrefError::Exists(format!(
-                            "login of {:?}: totp_secret is not base32",
-                            l.user
-                        ))
-                    })?;
+                    .map_err(|_| PrefError::BadLogin(l.user.clone()))?;
                 logins.push((user.clone(), l.password_hash.clone(), secret));
             }
             self.store.transaction(|tx| {
@@ -463,15 +460,10 @@ mod tests {
     use crate::model::ShareGrant;
 
     fn demo() -> (Directory, Vec<Kind>) {
-        #[derive(serde::Deserialize)]
-        struct Kinds {
-            kinds: Vec<Kind>,
-        }
         let dir: Directory = toml::from_str(include_str!("../config/demo.toml")).unwrap();
-        let text = include_str!("../config/consentry.toml");
-        let kinds_only: String = text[text.find("[[kinds]]").unwrap()..].to_string();
-        let kinds: Kinds = toml::from_str(&kinds_only).unwrap();
-        (dir, kinds.kinds)
+        let cfg: crate::config::Config =
+            toml::from_str(include_str!("../config/consentry.toml")).unwrap();
+        (dir, cfg.kinds)
     }
 
     fn manager() -> (PreferenceManager, Arc<ActHandle>) {

@@ -1010,7 +1010,7 @@ impl Session {
                 if let (Principal::Provider { id }, Some(r)) = (&self.who, act.resolve(topic)) {
                     self.shared
                         .ledger
-                        .record_blocked(r.user, &id.clone(), r.kind, deny.as_str());
+                        .record_blocked(r.user, id, r.kind, deny.as_str());
                 }
                 return self.drop_delivery(&publish, deny.as_str());
             }

@@ -20,13 +20,8 @@ use tower::ServiceExt;
 const OPERATOR_KEY: &str = "test-operator-key-generated-for-this-test";
 
 fn demo() -> (Directory, Vec<Kind>) {
-    #[derive(serde::Deserialize)]
-    struct Kinds {
-        kinds: Vec<Kind>,
-    }
-    let text = common::SHIPPED_CONFIG;
-    let kinds: Kinds = toml::from_str(&text[text.find("[[kinds]]").unwrap()..]).unwrap();
-    (toml::from_str(common::DEMO_DIRECTORY).unwrap(), kinds.kinds)
+    let cfg: consentry::config::Config = toml::from_str(common::SHIPPED_CONFIG).unwrap();
+    (toml::from_str(common::DEMO_DIRECTORY).unwrap(), cfg.kinds)
 }
 
 struct Api {

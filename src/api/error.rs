@@ -128,6 +128,10 @@ impl From<PrefError> for Problem {
             PrefError::Exists(what) => Problem::conflict(what),
             PrefError::Invalid(c) => compile_problem(c),
             PrefError::Credentials(e) => Problem::unprocessable(e.to_string()),
+            PrefError::BadLogin(user) => {
+                Problem::unprocessable(format!("login of {user:?}: totp_secret is not base32"))
+                    .field("totp_secret")
+            }
             PrefError::Receipt(e) => Problem::internal_logged(&e),
             PrefError::Store(e) => Problem::internal_logged(&e),
         }

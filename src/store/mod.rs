@@ -184,17 +184,6 @@ impl Store {
         })
     }
 
-    pub fn is_empty(&self) -> Result<bool, StoreError> {
-        self.with(|c, _| {
-            let n: i64 = c.query_row(
-                "SELECT (SELECT COUNT(*) FROM users) + (SELECT COUNT(*) FROM providers) + (SELECT COUNT(*) FROM kinds)",
-                [],
-                |r| r.get(0),
-            )?;
-            Ok(n == 0)
-        })
-    }
-
     /// Everything the ACT and the credentials are compiled from.
     pub fn directory(&self) -> Result<(Directory, Vec<Kind>), StoreError> {
         self.with(|c, cipher| {
