@@ -37,6 +37,7 @@ pub mod mask;
 pub mod metrics;
 pub mod model;
 pub mod notice;
+pub mod own_flow;
 pub mod prefs;
 pub mod receipt;
 pub mod secrets;

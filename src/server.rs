@@ -177,6 +177,7 @@ impl Server {
             clock_offset: chrono::Duration::seconds(config.server.clock_offset_secs),
             // Subscribers of one message get it close together: a short memory suffices.
             views: crate::mask::ViewCache::new(64),
+            hot: crate::metrics::Hot::register(),
         });
 
         let (shutdown, _) = watch::channel(false);

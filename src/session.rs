@@ -5,9 +5,11 @@
 //! MQTT session and relays: every PUBLISH from the client passes `ingress`,
 //! every SUBSCRIBE passes `subscribe`, and every PUBLISH from the broker
 //! passes `deliver` — at delivery time, so a revoked consent also stops
-//! retained and queued messages. Packet ids are the broker's on the way down
-//! and the client's on the way up; where consentry drops a QoS 1/2 message it
-//! completes the acknowledgement flow itself, so neither side resends forever.
+//! retained and queued messages. Packet ids are the client's on the way up.
+//! On the way down they are the broker's for a persistent session, acked end
+//! to end; a session that ends with its connection gets consentry's own flow
+//! instead (`own_flow`). Where consentry drops a QoS 1/2 message it completes
+//! the acknowledgement flow itself, so neither side resends forever.
 //!
 //! A personal-data delivery is written to the client only once its ledger
 //! record is durable (invariant 2). Deliveries read off the broker in one go
@@ -39,6 +41,7 @@ use crate::ledger::{Ledger, MaskedField, ShareAction, ShareRecord};
 use crate::mask;
 use crate::metrics as m;
 use crate::model::Undeclared;
+use crate::own_flow::{Answer, OwnFlow};
 use crate::topic;
 
 /// Topic aliases a client may set up with us (MQTT 5). They never reach the
@@ -99,6 +102,7 @@ pub struct Shared {
     pub clock_offset: chrono::Duration,
     /// Masked views shared between subscribers that get the same view.
     pub views: mask::ViewCache,
+    pub hot: m::Hot,
 }
 
 impl Shared {
@@ -230,6 +234,7 @@ pub async fn serve<S>(
         durables: Vec::new(),
         delivered: 0,
         pseudonym_key: None,
+        own: None,
     };
     let upstream = match session.open_upstream(&mut client, connect, will).await {
         Ok(Some(up)) => up,
@@ -355,6 +360,9 @@ struct Session {
     /// Per-delivery counters, registered once per session rather than
     /// looked up (and their label allocated) per message.
     counters: DeliveryCounters,
+    /// Set when the session is not persistent: consentry then completes the
+    /// broker's QoS flow at once and runs its own towards the client.
+    own: Option<OwnFlow>,
 }
 
 struct DeliveryCounters {
@@ -415,6 +423,14 @@ impl Session {
             assigned = Some(id);
         }
         let client_keep_alive = connect.keep_alive;
+        let props = connect.properties.as_ref();
+        let persistent = match self.version {
+            Version::V4 => !connect.clean_start,
+            Version::V5 => props.and_then(|p| p.session_expiry_interval).unwrap_or(0) > 0,
+        };
+        if !persistent {
+            self.own = Some(OwnFlow::new(props.and_then(|p| p.receive_maximum)));
+        }
         // Client ids are namespaced by identity so that a device cannot take
         // over a provider's broker session by choosing its client id.
         connect.client_id = match &self.who {
@@ -520,6 +536,15 @@ impl Session {
                     return self.drain(client, &mut pending).await;
                 }
             }
+            // Broker bytes left undecoded while the client's window was full.
+            if !up_buf.is_empty() && self.own_room() {
+                let go_on = self.on_broker_bytes(&mut up_buf)?;
+                self.stage(&mut pending, Instant::now());
+                if !go_on {
+                    self.flush_broker(&mut up).await?;
+                    return self.drain(client, &mut pending).await;
+                }
+            }
             if !self.to_broker.is_empty() {
                 last_up_write = Instant::now();
             }
@@ -533,7 +558,7 @@ impl Session {
                 Some(d) => d.min(last_up_write + ping_every),
                 None => last_up_write + ping_every,
             };
-            let room = pending.len() < MAX_PENDING_CHUNKS;
+            let room = pending.len() < MAX_PENDING_CHUNKS && self.own_room();
             if up_buf.capacity() - up_buf.len() < READ_CHUNK {
                 up_buf.reserve(READ_CHUNK);
             }
@@ -578,13 +603,22 @@ impl Session {
 
     /// Decides every complete packet the broker sent. Returns false when the
     /// broker ended the session.
+    /// Stops early, leaving bytes in `buf`, while the client's window for
+    /// our own QoS flow is full.
     fn on_broker_bytes(&mut self, buf: &mut BytesMut) -> Result<bool, End> {
-        while let Some(p) = self.version.read(buf, usize::MAX >> 4)? {
+        while self.own_room() {
+            let Some(p) = self.version.read(buf, usize::MAX >> 4)? else {
+                break;
+            };
             if !self.on_broker_packet(p)? {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    fn own_room(&self) -> bool {
+        self.own.as_ref().is_none_or(OwnFlow::has_room)
     }
 
     /// Queues what is bound for the client behind what is already queued,
@@ -612,7 +646,9 @@ impl Session {
             if let Some(c) = pending.pop_front() {
                 client.write_all(&c.bytes).await?;
                 if c.delivered > 0 {
-                    metrics::histogram!(m::LATENCY_SECONDS)
+                    self.shared
+                        .hot
+                        .latency
                         .record(c.read_at.elapsed().as_secs_f64());
                 }
             }
@@ -668,7 +704,9 @@ impl Session {
         let started = Instant::now();
         let act = self.shared.act.load();
         let decision = act.ingress(&self.who, topic, self.now());
-        metrics::histogram!(m::DECISION_SECONDS, "stage" => "ingress")
+        self.shared
+            .hot
+            .ingress_decision
             .record(started.elapsed().as_secs_f64());
         match decision {
             Err(deny) => Err(deny.as_str()),
@@ -695,6 +733,28 @@ impl Session {
 
     /// Returns false when the client asked to disconnect.
     fn on_client_packet(&mut self, p: Packet) -> Result<bool, End> {
+        if let Some(own) = self.own.as_mut() {
+            let answer = match &p {
+                Packet::PubAck(a) => own.on_puback(a.pkid),
+                Packet::PubRec(a) => {
+                    let failed = !matches!(
+                        a.reason,
+                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                    );
+                    own.on_pubrec(a.pkid, failed)
+                }
+                Packet::PubComp(a) => own.on_pubcomp(a.pkid),
+                _ => Answer::NotOurs,
+            };
+            match answer {
+                Answer::NotOurs => {}
+                Answer::Done => return Ok(true),
+                Answer::Release(pkid) => {
+                    self.send_client(&Packet::PubRel(v5::PubRel::new(pkid, None)))?;
+                    return Ok(true);
+                }
+            }
+        }
         match p {
             Packet::Publish(publish) => self.client_publish(publish)?,
             Packet::PubRel(rel) => {
@@ -771,8 +831,7 @@ impl Session {
         }
         match self.check_ingress(topic, &publish.payload) {
             Ok(payload) => {
-                metrics::counter!(m::PUBLISHES, "result" => "forwarded", "reason" => "allowed")
-                    .increment(1);
+                self.shared.hot.forwarded.increment(1);
                 publish.payload = payload;
                 self.send_broker(&Packet::Publish(publish))
             }
@@ -994,7 +1053,9 @@ impl Session {
             return self.drop_delivery(&publish, "invalid_topic");
         };
         let decision = act.deliver(&self.who, topic, now);
-        metrics::histogram!(m::DECISION_SECONDS, "stage" => "deliver")
+        self.shared
+            .hot
+            .deliver_decision
             .record(started.elapsed().as_secs_f64());
         let (kind, resolved, rule) = match decision {
             Ok(Delivery::Plain) => {
@@ -1031,7 +1092,7 @@ impl Session {
                 {
                     Ok((p, shared)) => {
                         if shared {
-                            metrics::counter!(m::VIEWS_SHARED).increment(1);
+                            self.shared.hot.views_shared.increment(1);
                         }
                         publish.payload = p
                     }
@@ -1091,6 +1152,7 @@ impl Session {
 
     /// Writes a delivery at no more than the QoS its subscription granted.
     fn write_delivery(&mut self, mut publish: Publish) -> Result<(), End> {
+        let (from_broker, broker_pkid) = (publish.qos, publish.pkid);
         if publish.qos != QoS::AtMostOnce {
             let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
             let granted = self
@@ -1110,11 +1172,22 @@ impl Session {
                 // The client acks with PUBACK; consentry turns that into the
                 // broker's PUBREC and completes PUBREL/PUBCOMP itself.
                 (Some(QoS::AtLeastOnce), QoS::ExactlyOnce) => {
-                    self.downgraded_qos2.insert(publish.pkid);
+                    if self.own.is_none() {
+                        self.downgraded_qos2.insert(publish.pkid);
+                    }
                     publish.qos = QoS::AtLeastOnce;
                 }
                 _ => {}
             }
+        }
+        if publish.qos != QoS::AtMostOnce && self.own.is_some() {
+            self.ack_broker(from_broker, broker_pkid)?;
+            publish.pkid = self
+                .own
+                .as_mut()
+                .and_then(|o| o.start(publish.qos))
+                // `on_broker_bytes` decodes no publish without room.
+                .ok_or(End::Protocol("no packet id free towards the client"))?;
         }
         if let Some(props) = publish.properties.as_mut() {
             props.topic_alias = None;

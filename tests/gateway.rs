@@ -240,3 +240,61 @@ async fn subscriptions_are_limited_to_declared_purposes() {
         3.0
     );
 }
+
+/// A provider whose session ends with its connection gets consentry's own
+/// QoS 1 flow (src/own_flow.rs): never more unacknowledged deliveries than
+/// the Receive Maximum it asked for, the rest following as it acknowledges,
+/// in order, none lost and none twice.
+#[tokio::test]
+async fn clean_session_deliveries_respect_the_receive_maximum() {
+    use std::time::Duration;
+    let server = Server::demo();
+    let mut o = v5::options(server.mqtt, "fit-rm", Some(("fitcoach", "fitcoach-secret")));
+    o.set_manual_acks(true);
+    o.set_receive_maximum(Some(2));
+    let mut fit = v5::connect_with(o).await.unwrap();
+    fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    let mut alice = v5::connect(server.mqtt, "watch-rm", "alice-watch", "alice-watch-secret").await;
+    for bpm in 0..6 {
+        let r = alice
+            .publish_acked(HR, format!("{{\"bpm\":{bpm}}}").as_bytes())
+            .await;
+        assert_eq!(
+            r,
+            v5::PubAckReason::Success,
+            "the device's publish is acked"
+        );
+    }
+
+    let mut got = Vec::new();
+    let mut held = vec![fit.next_publish().await, fit.next_publish().await];
+    assert_ne!(held[0].pkid, held[1].pkid);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), fit.events.recv())
+            .await
+            .is_err(),
+        "a third delivery arrived before any acknowledgement"
+    );
+    while got.len() < 6 {
+        let p = held.remove(0);
+        fit.client.ack(&p).await.unwrap();
+        got.push(as_json(&p.payload)["bpm"].as_i64().unwrap());
+        if got.len() + held.len() < 6 {
+            let next = fit.next_publish().await;
+            assert!(
+                held.iter().all(|h| h.pkid != next.pkid),
+                "packet id reused while in flight"
+            );
+            held.push(next);
+        }
+        assert!(held.len() <= 2);
+    }
+    assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), fit.events.recv())
+            .await
+            .is_err(),
+        "a delivery came twice"
+    );
+}
