@@ -141,8 +141,8 @@ pub fn rumqttd_config(
         router: RouterConfig {
             max_connections: cfg.broker.max_connections,
             max_outgoing_packet_count: 200,
-            max_segment_size: 100 * 1024 * 1024,
-            max_segment_count: 10,
+            max_segment_size: cfg.broker.log_segment_mib * 1024 * 1024,
+            max_segment_count: cfg.broker.log_segments,
             ..Default::default()
         },
         v4: Some(HashMap::from([("1".to_string(), server("v4", v4))])),

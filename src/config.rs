@@ -161,6 +161,19 @@ pub struct BrokerConfig {
     /// Limits of the embedded rumqttd.
     pub max_connections: usize,
     pub max_inflight: usize,
+    /// The embedded rumqttd keeps, per subscription filter, a ring of
+    /// `log_segments` segments of `log_segment_mib`: memory is bounded by
+    /// that times the number of distinct filters.
+    pub log_segment_mib: usize,
+    pub log_segments: usize,
+    /// Publishers are held while a subscriber their messages go to is more
+    /// than this far behind (embedded broker only; 0 turns it off). Must
+    /// stay below what the ring keeps, or rumqttd evicts acknowledged
+    /// messages the subscriber has not read.
+    pub max_subscriber_lag_mib: usize,
+    /// A subscriber that far behind which reads nothing for this long is
+    /// disconnected, so that it cannot hold publishers forever.
+    pub slow_subscriber_secs: u64,
 }
 
 impl Default for BrokerConfig {
@@ -171,6 +184,10 @@ impl Default for BrokerConfig {
             password: None,
             max_connections: 100_000,
             max_inflight: 100,
+            log_segment_mib: 16,
+            log_segments: 4,
+            max_subscriber_lag_mib: 32,
+            slow_subscriber_secs: 10,
         }
     }
 }
@@ -251,6 +268,23 @@ impl Config {
                 "server.max_packet_size must be at least 64 bytes".into(),
             ));
         }
+        let b = &self.broker;
+        if b.log_segment_mib == 0 || b.log_segments < 2 {
+            return Err(ConfigError::Invalid(
+                "broker.log_segment_mib must be at least 1 and broker.log_segments at least 2"
+                    .into(),
+            ));
+        }
+        // rumqttd drops the oldest whole segment when it needs a new one,
+        // so only segments - 1 of them are sure to be kept.
+        if b.max_subscriber_lag_mib > b.log_segment_mib * (b.log_segments - 1) {
+            return Err(ConfigError::Invalid(format!(
+                "broker.max_subscriber_lag_mib ({}) must not exceed log_segment_mib × (log_segments − 1) = {} MiB, \
+                 or the embedded broker evicts messages a lagging subscriber has not read",
+                b.max_subscriber_lag_mib,
+                b.log_segment_mib * (b.log_segments - 1)
+            )));
+        }
         if self.broker.upstream != "embedded" && !self.broker.upstream.starts_with("mqtt://") {
             return Err(ConfigError::Invalid(format!(
                 "broker.upstream must be \"embedded\" or mqtt://host:port, not {:?}",
@@ -277,5 +311,34 @@ impl Config {
     /// `host:port` of an external upstream, or `None` for the embedded broker.
     pub fn upstream_addr(&self) -> Option<&str> {
         self.broker.upstream.strip_prefix("mqtt://")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped() -> Config {
+        toml::from_str(include_str!("../config/consentry.toml")).unwrap()
+    }
+
+    #[test]
+    fn the_shipped_configuration_is_valid() {
+        shipped().validate().unwrap();
+    }
+
+    #[test]
+    fn a_lag_limit_beyond_what_the_broker_keeps_is_refused() {
+        let mut c = shipped();
+        c.broker.log_segment_mib = 4;
+        c.broker.log_segments = 3;
+        c.broker.max_subscriber_lag_mib = 8;
+        c.validate().unwrap();
+        c.broker.max_subscriber_lag_mib = 9;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_subscriber_lag_mib"), "{e}");
+        c.broker.log_segments = 1;
+        c.broker.max_subscriber_lag_mib = 0;
+        assert!(c.validate().is_err(), "one segment keeps nothing for sure");
     }
 }

@@ -29,6 +29,7 @@ pub mod act;
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod backpressure;
 pub mod broker;
 pub mod codec;
 pub mod config;

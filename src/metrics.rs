@@ -15,6 +15,8 @@ pub const PROTOCOL_ERRORS: &str = "consentry_protocol_errors_total";
 pub const DECISION_SECONDS: &str = "consentry_decision_seconds";
 pub const LATENCY_SECONDS: &str = "consentry_gateway_latency_seconds";
 pub const VIEWS_SHARED: &str = "consentry_masked_views_shared_total";
+pub const HOLDS: &str = "consentry_publisher_holds_total";
+pub const SLOW_CONSUMERS: &str = "consentry_slow_consumers_disconnected_total";
 
 /// Handles for the metrics recorded once per message, registered once:
 /// looking a labelled metric up in the registry on every message costs
@@ -100,5 +102,13 @@ fn describe() {
     describe_counter!(
         VIEWS_SHARED,
         "Masked deliveries served from a view another subscriber's delivery already computed"
+    );
+    describe_counter!(
+        HOLDS,
+        "Times a publisher was held because a subscriber its messages go to was too far behind"
+    );
+    describe_counter!(
+        SLOW_CONSUMERS,
+        "Subscribers disconnected for being too far behind and reading nothing"
     );
 }

@@ -178,6 +178,15 @@ impl Server {
             // Subscribers of one message get it close together: a short memory suffices.
             views: crate::mask::ViewCache::new(64),
             hot: crate::metrics::Hot::register(),
+            // External brokers bound their own queues (and drop from them),
+            // which this count would not see.
+            backpressure: crate::backpressure::Backpressure::new(
+                match config.upstream_addr() {
+                    None => config.broker.max_subscriber_lag_mib as u64 * 1024 * 1024,
+                    Some(_) => 0,
+                },
+                Duration::from_secs(config.broker.slow_subscriber_secs),
+            ),
         });
 
         let (shutdown, _) = watch::channel(false);

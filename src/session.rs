@@ -34,6 +34,7 @@ use tokio::sync::watch;
 
 use crate::act::{ActHandle, Delivery, Deny, Ingress, Principal, View};
 use crate::auth::SharedCredentials;
+use crate::backpressure::{Backpressure, Held, Lag};
 use crate::broker::Upstream;
 use crate::codec::{CodecError, Packet, Version};
 use crate::config::ServerConfig;
@@ -56,6 +57,8 @@ const UPSTREAM_KEEP_ALIVE: u16 = 60;
 const MAX_PENDING_CHUNKS: usize = 64;
 /// Bytes read from the broker at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// How often a held publisher looks whether its subscribers caught up.
+const HOLD_POLL: Duration = Duration::from_millis(2);
 
 /// Client-bound bytes and the ledger records they wait for.
 struct Chunk {
@@ -103,6 +106,7 @@ pub struct Shared {
     /// Masked views shared between subscribers that get the same view.
     pub views: mask::ViewCache,
     pub hot: m::Hot,
+    pub backpressure: Backpressure,
 }
 
 impl Shared {
@@ -134,6 +138,8 @@ enum End {
     Ledger,
     #[error("server shutting down")]
     Shutdown,
+    #[error("slow consumer: too far behind and reading nothing")]
+    SlowConsumer,
 }
 
 impl End {
@@ -150,6 +156,7 @@ impl End {
             End::Upstream(_) => "upstream",
             End::Ledger => "ledger",
             End::Shutdown => "shutdown",
+            End::SlowConsumer => "slow_consumer",
         }
     }
 
@@ -164,6 +171,7 @@ impl End {
             End::Upstream(_) => DisconnectReasonCode::UnspecifiedError,
             End::Ledger => DisconnectReasonCode::ServerBusy,
             End::Shutdown => DisconnectReasonCode::ServerShuttingDown,
+            End::SlowConsumer => DisconnectReasonCode::QuotaExceeded,
             End::Io(_) | End::ConnectTimeout => return None,
         })
     }
@@ -235,6 +243,10 @@ pub async fn serve<S>(
         delivered: 0,
         pseudonym_key: None,
         own: None,
+        lag: None,
+        lag_filters: Vec::new(),
+        pending_lag: HashMap::new(),
+        held: Held::default(),
     };
     let upstream = match session.open_upstream(&mut client, connect, will).await {
         Ok(Some(up)) => up,
@@ -363,6 +375,20 @@ struct Session {
     /// Set when the session is not persistent: consentry then completes the
     /// broker's QoS flow at once and runs its own towards the client.
     own: Option<OwnFlow>,
+    /// This session's place in the backpressure count, while it holds
+    /// filters the broker acknowledged (`lag_filters`).
+    lag: Option<Arc<Lag>>,
+    lag_filters: Vec<String>,
+    /// Filters of SUBSCRIBEs sent to the broker, by packet id, until its SUBACK.
+    pending_lag: HashMap<u16, Vec<String>>,
+    /// Subscribers this session, as a publisher, waits for.
+    held: Held,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shared.backpressure.remove(&mut self.lag);
+    }
 }
 
 struct DeliveryCounters {
@@ -529,7 +555,11 @@ impl Session {
         let mut last_up_write = Instant::now();
         loop {
             // Packets that arrived together with CONNECT are handled first.
-            while let Some(p) = self.version.read(&mut client_buf, max)? {
+            // A held publisher's packets wait where they are.
+            while !self.held.is_held() {
+                let Some(p) = self.version.read(&mut client_buf, max)? else {
+                    break;
+                };
                 if !self.on_client_packet(p)? {
                     self.stage(&mut pending, Instant::now());
                     self.flush_broker(&mut up).await?;
@@ -553,7 +583,10 @@ impl Session {
             // What waits on no record goes out at once if nothing is ahead.
             self.write_ready(client, &mut pending).await?;
 
-            let client_deadline = keep_alive.map(|k| last_client + k);
+            // While held, the client's silence is ours: we are not reading.
+            let held = self.held.is_held();
+            let client_deadline = keep_alive.filter(|_| !held).map(|k| last_client + k);
+            let lag = self.lag.clone();
             let sleep_until = match client_deadline {
                 Some(d) => d.min(last_up_write + ping_every),
                 None => last_up_write + ping_every,
@@ -563,7 +596,7 @@ impl Session {
                 up_buf.reserve(READ_CHUNK);
             }
             tokio::select! {
-                n = client.read_buf(&mut client_buf) => {
+                n = client.read_buf(&mut client_buf), if !held => {
                     if n? == 0 {
                         tracing::debug!(session = self.id, "client closed the connection without DISCONNECT");
                         return Ok(());
@@ -595,6 +628,19 @@ impl Session {
                         last_up_write = Instant::now();
                     }
                 }
+                _ = tokio::time::sleep(HOLD_POLL), if held => {
+                    let kicked = self.shared.backpressure.recheck(&mut self.held);
+                    if kicked > 0 {
+                        metrics::counter!(m::SLOW_CONSUMERS).increment(kicked as u64);
+                    }
+                    if !self.held.is_held() {
+                        last_client = Instant::now();
+                    }
+                }
+                _ = async { match &lag { Some(l) => l.kicked().await, None => std::future::pending().await } } => {
+                    tracing::warn!(session = self.id, behind = lag.as_ref().map(|l| l.owed()), "disconnecting a slow consumer");
+                    return Err(End::SlowConsumer);
+                }
                 Ok(()) = act_changes.changed() => self.recheck_subscriptions()?,
                 _ = shutdown.changed() => return Err(End::Shutdown),
             }
@@ -615,6 +661,12 @@ impl Session {
             }
         }
         Ok(true)
+    }
+
+    fn sync_lag(&mut self) {
+        self.shared
+            .backpressure
+            .set_filters(self.id, &mut self.lag, self.lag_filters.clone());
     }
 
     fn own_room(&self) -> bool {
@@ -787,6 +839,8 @@ impl Session {
             Packet::Subscribe(sub) => self.client_subscribe(sub)?,
             Packet::Unsubscribe(unsub) => {
                 self.subs.retain(|(f, _)| !unsub.filters.contains(f));
+                self.lag_filters.retain(|f| !unsub.filters.contains(f));
+                self.sync_lag();
                 self.send_broker(&Packet::Unsubscribe(unsub))?;
             }
             Packet::PingReq(_) => self.send_client(&Packet::PingResp(v5::PingResp))?,
@@ -832,6 +886,14 @@ impl Session {
         match self.check_ingress(topic, &publish.payload) {
             Ok(payload) => {
                 self.shared.hot.forwarded.increment(1);
+                let was_held = self.held.is_held();
+                let bytes = (publish.topic.len() + payload.len()) as u64;
+                self.shared
+                    .backpressure
+                    .forwarded(self.id, topic, bytes, &mut self.held);
+                if !was_held && self.held.is_held() {
+                    metrics::counter!(m::HOLDS).increment(1);
+                }
                 publish.payload = payload;
                 self.send_broker(&Packet::Publish(publish))
             }
@@ -889,6 +951,9 @@ impl Session {
         if gone.is_empty() {
             return Ok(());
         }
+        self.lag_filters
+            .retain(|f| !gone.iter().any(|(g, _)| g == f));
+        self.sync_lag();
         metrics::counter!(m::SUBSCRIPTIONS, "result" => "revoked", "reason" => "act_changed")
             .increment(gone.len() as u64);
         tracing::info!(
@@ -951,6 +1016,10 @@ impl Session {
         if answers.iter().any(Option::is_some) {
             self.pending_subacks.insert(sub.pkid, answers);
         }
+        if self.shared.backpressure.enabled() {
+            self.pending_lag
+                .insert(sub.pkid, forward.iter().map(|f| f.path.clone()).collect());
+        }
         sub.filters = forward;
         self.send_broker(&Packet::Subscribe(sub))
     }
@@ -959,6 +1028,10 @@ impl Session {
     fn on_broker_packet(&mut self, p: Packet) -> Result<bool, End> {
         match p {
             Packet::Publish(publish) => {
+                if let Some(lag) = &self.lag {
+                    let bytes = (publish.topic.len() + publish.payload.len()) as u64;
+                    self.shared.backpressure.delivered(lag, bytes);
+                }
                 if publish.qos != QoS::AtMostOnce {
                     self.acks_publish.push_back((publish.pkid, None));
                 }
@@ -974,6 +1047,16 @@ impl Session {
                 }
             }
             Packet::SubAck(mut ack) => {
+                if let Some(filters) = self.pending_lag.remove(&ack.pkid) {
+                    for (f, code) in filters.into_iter().zip(&ack.return_codes) {
+                        if matches!(code, SubscribeReasonCode::Success(_))
+                            && !self.lag_filters.contains(&f)
+                        {
+                            self.lag_filters.push(f);
+                        }
+                    }
+                    self.sync_lag();
+                }
                 if let Some(answers) = self.pending_subacks.remove(&ack.pkid) {
                     let mut from_broker = ack.return_codes.into_iter();
                     ack.return_codes = answers

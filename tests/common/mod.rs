@@ -484,8 +484,8 @@ pub mod v4 {
 pub mod v5 {
     use super::*;
     pub use rumqttc::v5::mqttbytes::v5::{
-        ConnectReturnCode, LastWill, Packet, PubAckReason, Publish, PublishProperties,
-        SubscribeReasonCode,
+        ConnectReturnCode, DisconnectReasonCode, LastWill, Packet, PubAckReason, Publish,
+        PublishProperties, SubscribeReasonCode,
     };
     pub use rumqttc::v5::mqttbytes::QoS;
     pub use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
