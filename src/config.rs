@@ -74,6 +74,10 @@ pub struct ServerConfig {
     pub min_keep_alive_secs: u16,
     /// Time a shutdown waits for sessions to drain.
     pub drain_secs: u64,
+    /// A clean session without a will opens its broker connection when it
+    /// first has something to send, and closes it after this long with
+    /// nothing in flight.
+    pub upstream_idle_secs: u64,
     /// Shifts the clock collection windows are judged by. For testing only.
     pub clock_offset_secs: i64,
 }
@@ -89,6 +93,7 @@ impl Default for ServerConfig {
             allow_anonymous: false,
             min_keep_alive_secs: 0,
             drain_secs: 5,
+            upstream_idle_secs: 30,
             clock_offset_secs: 0,
         }
     }

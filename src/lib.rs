@@ -31,6 +31,7 @@ pub mod api;
 pub mod auth;
 pub mod backpressure;
 pub mod broker;
+pub mod client_ids;
 pub mod codec;
 pub mod config;
 pub mod ledger;

@@ -291,6 +291,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM that arrives as soon as we say "ready" must
     // drain the server, not kill it.
     let mut signals = Signals::install()?;
+    // Each client is a socket, and with the embedded broker each session is
+    // three until it goes idle; the usual soft limit of 1024 would cap a
+    // gateway at a few hundred devices.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     if let Some(addr) = cfg.metrics.listen {
         consentry::metrics::install(addr).context("start the metrics endpoint")?;
         tracing::info!(%addr, "metrics on /metrics");

@@ -15,6 +15,7 @@ pub const PROTOCOL_ERRORS: &str = "consentry_protocol_errors_total";
 pub const DECISION_SECONDS: &str = "consentry_decision_seconds";
 pub const LATENCY_SECONDS: &str = "consentry_gateway_latency_seconds";
 pub const VIEWS_SHARED: &str = "consentry_masked_views_shared_total";
+pub const BROKER_CONNECTIONS: &str = "consentry_broker_connections";
 pub const HOLDS: &str = "consentry_publisher_holds_total";
 pub const SLOW_CONSUMERS: &str = "consentry_slow_consumers_disconnected_total";
 
@@ -102,6 +103,10 @@ fn describe() {
     describe_counter!(
         VIEWS_SHARED,
         "Masked deliveries served from a view another subscriber's delivery already computed"
+    );
+    describe_gauge!(
+        BROKER_CONNECTIONS,
+        "Connections sessions hold to the broker (idle clean sessions hold none)"
     );
     describe_counter!(
         HOLDS,

@@ -180,6 +180,7 @@ impl Server {
             hot: crate::metrics::Hot::register(),
             // External brokers bound their own queues (and drop from them),
             // which this count would not see.
+            client_ids: Default::default(),
             backpressure: crate::backpressure::Backpressure::new(
                 match config.upstream_addr() {
                     None => config.broker.max_subscriber_lag_mib as u64 * 1024 * 1024,

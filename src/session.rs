@@ -36,6 +36,7 @@ use crate::act::{ActHandle, Delivery, Deny, Ingress, Principal, View};
 use crate::auth::SharedCredentials;
 use crate::backpressure::{Backpressure, Held, Lag};
 use crate::broker::Upstream;
+use crate::client_ids::{Claim, ClientIds};
 use crate::codec::{CodecError, Packet, Version};
 use crate::config::ServerConfig;
 use crate::ledger::{Ledger, MaskedField, ShareAction, ShareRecord};
@@ -59,6 +60,8 @@ const MAX_PENDING_CHUNKS: usize = 64;
 const READ_CHUNK: usize = 64 * 1024;
 /// How often a held publisher looks whether its subscribers caught up.
 const HOLD_POLL: Duration = Duration::from_millis(2);
+/// A client's read buffer; grown for large packets and given back after.
+const CLIENT_BUF: usize = 1024;
 
 /// Client-bound bytes and the ledger records they wait for.
 struct Chunk {
@@ -107,6 +110,7 @@ pub struct Shared {
     pub views: mask::ViewCache,
     pub hot: m::Hot,
     pub backpressure: Backpressure,
+    pub client_ids: ClientIds,
 }
 
 impl Shared {
@@ -140,6 +144,8 @@ enum End {
     Shutdown,
     #[error("slow consumer: too far behind and reading nothing")]
     SlowConsumer,
+    #[error("another connection took the client id over")]
+    TakenOver,
 }
 
 impl End {
@@ -157,6 +163,7 @@ impl End {
             End::Ledger => "ledger",
             End::Shutdown => "shutdown",
             End::SlowConsumer => "slow_consumer",
+            End::TakenOver => "taken_over",
         }
     }
 
@@ -172,6 +179,7 @@ impl End {
             End::Ledger => DisconnectReasonCode::ServerBusy,
             End::Shutdown => DisconnectReasonCode::ServerShuttingDown,
             End::SlowConsumer => DisconnectReasonCode::QuotaExceeded,
+            End::TakenOver => DisconnectReasonCode::SessionTakenOver,
             End::Io(_) | End::ConnectTimeout => return None,
         })
     }
@@ -187,7 +195,7 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(CLIENT_BUF);
     let timeout = Duration::from_secs(shared.server.connect_timeout_secs);
     let first = tokio::select! {
         r = tokio::time::timeout(timeout, read_connect(&mut client, &mut buf, shared.server.max_packet_size)) => {
@@ -237,8 +245,9 @@ pub async fn serve<S>(
         downgraded_qos2: HashSet::new(),
         pending_subacks: HashMap::new(),
         subs: Vec::new(),
-        to_client: BytesMut::with_capacity(4096),
-        to_broker: BytesMut::with_capacity(4096),
+        // Grown on first use: an idle device should cost little.
+        to_client: BytesMut::new(),
+        to_broker: BytesMut::new(),
         durables: Vec::new(),
         delivered: 0,
         pseudonym_key: None,
@@ -247,6 +256,10 @@ pub async fn serve<S>(
         lag_filters: Vec::new(),
         pending_lag: HashMap::new(),
         held: Held::default(),
+        claim: None,
+        lazy: None,
+        up_open: false,
+        up_flows: HashSet::new(),
     };
     let upstream = match session.open_upstream(&mut client, connect, will).await {
         Ok(Some(up)) => up,
@@ -383,11 +396,24 @@ struct Session {
     pending_lag: HashMap<u16, Vec<String>>,
     /// Subscribers this session, as a publisher, waits for.
     held: Held,
+    claim: Option<Claim>,
+    /// For a session that ends with its connection and has no will: the
+    /// CONNECT to send the broker when there is something to send.
+    lazy: Option<(v5::Connect, Option<v5::Login>)>,
+    /// Whether the broker connection is open.
+    up_open: bool,
+    /// The client's QoS 1/2 publishes the broker has not finished
+    /// acknowledging (tracked for lazy sessions only).
+    up_flows: HashSet<u16>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         self.shared.backpressure.remove(&mut self.lag);
+        if let Some(c) = &self.claim {
+            self.shared.client_ids.release(c);
+        }
+        self.set_up_open(false);
     }
 }
 
@@ -420,7 +446,7 @@ impl Session {
         client: &mut S,
         mut connect: v5::Connect,
         mut will: Option<v5::LastWill>,
-    ) -> Result<Option<(TcpStream, BytesMut, Option<Duration>)>, End> {
+    ) -> Result<Option<(Option<TcpStream>, BytesMut, Option<Duration>)>, End> {
         // The will is a publish that happens later: it passes ingress now,
         // under the same rules, or the CONNECT is refused.
         if let Some(w) = will.as_mut() {
@@ -477,7 +503,71 @@ impl Session {
             (Some(u), None) => Some(v5::Login::new(u.clone(), String::new())),
             _ => None,
         };
+        self.claim = Some(self.shared.client_ids.claim(&connect.client_id, self.id));
+        let keep_alive =
+            (client_keep_alive > 0).then(|| Duration::from_millis(client_keep_alive as u64 * 1500));
 
+        // A clean session without a will has no state at the broker until
+        // it publishes or subscribes, so it gets no broker connection until
+        // then: an idle device costs one socket, not three.
+        if connect.clean_start && !persistent && will.is_none() {
+            let mut ack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+                properties: None,
+            };
+            if self.version == Version::V5 {
+                let props = ack.properties.get_or_insert_with(empty_connack_properties);
+                props.topic_alias_max = Some(ALIAS_MAX);
+                props.max_packet_size = Some(self.shared.server.max_packet_size as u32);
+                props.assigned_client_identifier = assigned;
+            }
+            self.lazy = Some((connect, login));
+            write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
+            tracing::debug!(
+                session = self.id,
+                role = self.who.role(),
+                version = self.version.as_str(),
+                "session open, broker connection deferred"
+            );
+            return Ok(Some((None, BytesMut::new(), keep_alive)));
+        }
+
+        let (up, buf, mut ack) = self.dial(connect, will, login).await?;
+        if ack.code != ConnectReturnCode::Success {
+            tracing::warn!(session = self.id, code = ?ack.code, "upstream refused CONNECT");
+            write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
+            return Ok(None);
+        }
+        if self.version == Version::V5 {
+            let props = ack.properties.get_or_insert_with(empty_connack_properties);
+            props.topic_alias_max = Some(ALIAS_MAX);
+            props.max_packet_size = Some(self.shared.server.max_packet_size as u32);
+            if assigned.is_some() {
+                props.assigned_client_identifier = assigned;
+            }
+        }
+        write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
+        self.set_up_open(true);
+        tracing::debug!(
+            session = self.id,
+            role = self.who.role(),
+            version = self.version.as_str(),
+            "session open"
+        );
+        // `buf` may already hold what the broker sent right after CONNACK:
+        // a persistent session's queued messages.
+        Ok(Some((Some(up), buf, keep_alive)))
+    }
+
+    /// Opens a broker connection and returns it with its CONNACK and
+    /// whatever the broker sent after it.
+    async fn dial(
+        &self,
+        connect: v5::Connect,
+        will: Option<v5::LastWill>,
+        login: Option<v5::Login>,
+    ) -> Result<(TcpStream, BytesMut, ConnAck), End> {
         let addr = self.shared.upstream.addr(self.version).to_string();
         let mut up = TcpStream::connect(&addr)
             .await
@@ -498,40 +588,67 @@ impl Session {
                 return Err(End::Upstream("closed during CONNECT".into()));
             }
         };
-        let Packet::ConnAck(mut ack) = ack else {
+        let Packet::ConnAck(ack) = ack else {
             return Err(End::Upstream("expected CONNACK".into()));
         };
+        Ok((up, buf, ack))
+    }
+
+    /// Opens the deferred broker connection of a lazy session. The client
+    /// was told CONNACK already; a broker that refuses now ends the session,
+    /// and what the client sent is not acknowledged, so nothing is lost.
+    async fn go_up(&mut self, up_buf: &mut BytesMut) -> Result<TcpStream, End> {
+        let Some((connect, login)) = self.lazy.clone() else {
+            return Err(End::Upstream("no broker connection".into()));
+        };
+        let (up, buf, ack) = self.dial(connect, None, login).await?;
         if ack.code != ConnectReturnCode::Success {
-            tracing::warn!(session = self.id, code = ?ack.code, "upstream refused CONNECT");
-            write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
-            return Ok(None);
+            return Err(End::Upstream(format!(
+                "broker refused CONNECT: {:?}",
+                ack.code
+            )));
         }
-        if self.version == Version::V5 {
-            let props = ack.properties.get_or_insert_with(empty_connack_properties);
-            props.topic_alias_max = Some(ALIAS_MAX);
-            props.max_packet_size = Some(self.shared.server.max_packet_size as u32);
-            if assigned.is_some() {
-                props.assigned_client_identifier = assigned;
+        up_buf.extend_from_slice(&buf);
+        self.set_up_open(true);
+        tracing::debug!(session = self.id, "broker connection opened");
+        Ok(up)
+    }
+
+    fn set_up_open(&mut self, open: bool) {
+        if open != self.up_open {
+            self.up_open = open;
+            let g = metrics::gauge!(m::BROKER_CONNECTIONS);
+            if open {
+                g.increment(1.0)
+            } else {
+                g.decrement(1.0)
             }
         }
-        write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
-        let keep_alive =
-            (client_keep_alive > 0).then(|| Duration::from_millis(client_keep_alive as u64 * 1500));
-        tracing::debug!(
-            session = self.id,
-            role = self.who.role(),
-            version = self.version.as_str(),
-            "session open"
-        );
-        // `buf` may already hold what the broker sent right after CONNACK:
-        // a persistent session's queued messages.
-        Ok(Some((up, buf, keep_alive)))
+    }
+
+    /// Whether a lazy session's broker connection carries nothing that
+    /// would be lost by closing it.
+    fn up_idle(&self, pending: &VecDeque<Chunk>, up_buf: &BytesMut) -> bool {
+        self.lazy.is_some()
+            && self.up_open
+            && self.subs.is_empty()
+            && self.lag_filters.is_empty()
+            && self.pending_lag.is_empty()
+            && self.pending_subacks.is_empty()
+            && self.own_unsubscribes.is_empty()
+            && self.acks_publish.is_empty()
+            && self.acks_release.is_empty()
+            && self.up_flows.is_empty()
+            && self.own.as_ref().is_none_or(|o| o.in_flight() == 0)
+            && self.to_broker.is_empty()
+            && pending.is_empty()
+            && up_buf.is_empty()
     }
 
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         client: &mut S,
-        mut up: TcpStream,
+        mut up: Option<TcpStream>,
         mut client_buf: BytesMut,
         mut up_buf: BytesMut,
         keep_alive: Option<Duration>,
@@ -540,6 +657,7 @@ impl Session {
         let max = self.shared.server.max_packet_size;
         let mut last_client = Instant::now();
         let mut act_changes = self.shared.act.subscribe_changes();
+        let taken_over = self.claim.as_ref().map(|c| c.taken_over.clone());
         // Client-bound bytes waiting for their ledger records, in order. The
         // session keeps reading from the broker meanwhile, so the next group
         // commit fills while this one syncs; past MAX_PENDING_CHUNKS it stops
@@ -547,12 +665,16 @@ impl Session {
         let mut pending: VecDeque<Chunk> = VecDeque::new();
         let go_on = self.on_broker_bytes(&mut up_buf)?;
         self.stage(&mut pending, Instant::now());
-        self.flush_broker(&mut up).await?;
+        self.flush_broker(&mut up, &mut up_buf).await?;
         if !go_on {
             return self.drain(client, &mut pending).await;
         }
         let ping_every = Duration::from_secs(UPSTREAM_KEEP_ALIVE as u64 / 2);
         let mut last_up_write = Instant::now();
+        let mut last_up_read = Instant::now();
+        let up_idle = Duration::from_secs(self.shared.server.upstream_idle_secs);
+        let mut client_read = CLIENT_BUF;
+        let mut client_quiet = true;
         loop {
             // Packets that arrived together with CONNECT are handled first.
             // A held publisher's packets wait where they are.
@@ -562,7 +684,7 @@ impl Session {
                 };
                 if !self.on_client_packet(p)? {
                     self.stage(&mut pending, Instant::now());
-                    self.flush_broker(&mut up).await?;
+                    self.flush_broker(&mut up, &mut up_buf).await?;
                     return self.drain(client, &mut pending).await;
                 }
             }
@@ -571,7 +693,7 @@ impl Session {
                 let go_on = self.on_broker_bytes(&mut up_buf)?;
                 self.stage(&mut pending, Instant::now());
                 if !go_on {
-                    self.flush_broker(&mut up).await?;
+                    self.flush_broker(&mut up, &mut up_buf).await?;
                     return self.drain(client, &mut pending).await;
                 }
             }
@@ -579,7 +701,7 @@ impl Session {
                 last_up_write = Instant::now();
             }
             self.stage(&mut pending, Instant::now());
-            self.flush_broker(&mut up).await?;
+            self.flush_broker(&mut up, &mut up_buf).await?;
             // What waits on no record goes out at once if nothing is ahead.
             self.write_ready(client, &mut pending).await?;
 
@@ -587,30 +709,49 @@ impl Session {
             let held = self.held.is_held();
             let client_deadline = keep_alive.filter(|_| !held).map(|k| last_client + k);
             let lag = self.lag.clone();
-            let sleep_until = match client_deadline {
-                Some(d) => d.min(last_up_write + ping_every),
-                None => last_up_write + ping_every,
-            };
-            let room = pending.len() < MAX_PENDING_CHUNKS && self.own_room();
-            if up_buf.capacity() - up_buf.len() < READ_CHUNK {
+            let mut sleep_until = last_up_write + ping_every;
+            if let Some(d) = client_deadline {
+                sleep_until = sleep_until.min(d);
+            }
+            let idle = self.up_idle(&pending, &up_buf);
+            if idle {
+                sleep_until = sleep_until.min(last_up_write.max(last_up_read) + up_idle);
+            }
+            let room = up.is_some() && pending.len() < MAX_PENDING_CHUNKS && self.own_room();
+            if room && up_buf.capacity() - up_buf.len() < READ_CHUNK {
                 up_buf.reserve(READ_CHUNK);
             }
+            // The read size follows the client: it doubles while reads fill
+            // it, and an idle client's buffer goes back to the small size.
+            if client_buf.is_empty() && client_read > CLIENT_BUF && client_quiet {
+                client_read = CLIENT_BUF;
+                client_buf = BytesMut::with_capacity(CLIENT_BUF);
+            }
+            if client_buf.capacity() - client_buf.len() < client_read {
+                client_buf.reserve(client_read);
+            }
+            let client_spare = client_buf.capacity() - client_buf.len();
             tokio::select! {
                 n = client.read_buf(&mut client_buf), if !held => {
-                    if n? == 0 {
+                    let n = n?;
+                    if n == 0 {
                         tracing::debug!(session = self.id, "client closed the connection without DISCONNECT");
                         return Ok(());
                     }
+                    if n == client_spare && client_read < READ_CHUNK {
+                        client_read *= 2;
+                    }
+                    client_quiet = n < CLIENT_BUF;
                     last_client = Instant::now();
                 }
-                n = up.read_buf(&mut up_buf), if room => {
+                n = async { match up.as_mut() { Some(u) => u.read_buf(&mut up_buf).await, None => std::future::pending().await } }, if room => {
                     if n? == 0 {
                         return Err(End::Upstream("broker closed the connection".into()));
                     }
-                    let read_at = Instant::now();
+                    last_up_read = Instant::now();
                     let go_on = self.on_broker_bytes(&mut up_buf)?;
-                    self.stage(&mut pending, read_at);
-                    self.flush_broker(&mut up).await?;
+                    self.stage(&mut pending, last_up_read);
+                    self.flush_broker(&mut up, &mut up_buf).await?;
                     if !go_on {
                         return self.drain(client, &mut pending).await;
                     }
@@ -623,10 +764,12 @@ impl Session {
                     if client_deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(End::KeepAlive);
                     }
-                    if last_up_write.elapsed() >= ping_every {
+                    if idle && last_up_write.max(last_up_read).elapsed() >= up_idle {
+                        self.go_down(&mut up, &mut up_buf).await;
+                    } else if up.is_some() && last_up_write.elapsed() >= ping_every {
                         self.version.write(&Packet::PingReq(v5::PingReq), &mut self.to_broker)?;
-                        last_up_write = Instant::now();
                     }
+                    last_up_write = Instant::now();
                 }
                 _ = tokio::time::sleep(HOLD_POLL), if held => {
                     let kicked = self.shared.backpressure.recheck(&mut self.held);
@@ -641,10 +784,36 @@ impl Session {
                     tracing::warn!(session = self.id, behind = lag.as_ref().map(|l| l.owed()), "disconnecting a slow consumer");
                     return Err(End::SlowConsumer);
                 }
+                _ = async { match &taken_over { Some(t) => t.notified().await, None => std::future::pending().await } } => {
+                    tracing::info!(session = self.id, "client id taken over by a new connection");
+                    return Err(End::TakenOver);
+                }
                 Ok(()) = act_changes.changed() => self.recheck_subscriptions()?,
                 _ = shutdown.changed() => return Err(End::Shutdown),
             }
         }
+    }
+
+    /// Closes a lazy session's idle broker connection; the next thing to
+    /// send opens a new one.
+    async fn go_down(&mut self, up: &mut Option<TcpStream>, up_buf: &mut BytesMut) {
+        if let Some(mut s) = up.take() {
+            let mut bye = BytesMut::new();
+            if self
+                .version
+                .write(
+                    &Packet::Disconnect(Disconnect::new(DisconnectReasonCode::NormalDisconnection)),
+                    &mut bye,
+                )
+                .is_ok()
+            {
+                let _ = s.write_all(&bye).await;
+            }
+            let _ = s.shutdown().await;
+        }
+        *up_buf = BytesMut::new();
+        self.set_up_open(false);
+        tracing::debug!(session = self.id, "idle broker connection closed");
     }
 
     /// Decides every complete packet the broker sent. Returns false when the
@@ -721,11 +890,20 @@ impl Session {
         Ok(())
     }
 
-    async fn flush_broker(&mut self, up: &mut TcpStream) -> Result<(), End> {
-        if !self.to_broker.is_empty() {
-            up.write_all(&self.to_broker).await?;
-            self.to_broker.clear();
+    async fn flush_broker(
+        &mut self,
+        up: &mut Option<TcpStream>,
+        up_buf: &mut BytesMut,
+    ) -> Result<(), End> {
+        if self.to_broker.is_empty() {
+            return Ok(());
         }
+        let stream = match up {
+            Some(s) => s,
+            None => up.insert(self.go_up(up_buf).await?),
+        };
+        stream.write_all(&self.to_broker).await?;
+        self.to_broker.clear();
         Ok(())
     }
 
@@ -846,7 +1024,10 @@ impl Session {
             Packet::PingReq(_) => self.send_client(&Packet::PingResp(v5::PingResp))?,
             p @ Packet::Disconnect(_) => {
                 tracing::debug!(session = self.id, "client sent DISCONNECT");
-                self.send_broker(&p)?;
+                // Not worth opening a broker connection for.
+                if self.up_open {
+                    self.send_broker(&p)?;
+                }
                 return Ok(false);
             }
             Packet::Connect(..) => return Err(End::Protocol("second CONNECT")),
@@ -895,6 +1076,9 @@ impl Session {
                     metrics::counter!(m::HOLDS).increment(1);
                 }
                 publish.payload = payload;
+                if self.lazy.is_some() && publish.qos != QoS::AtMostOnce {
+                    self.up_flows.insert(publish.pkid);
+                }
                 self.send_broker(&Packet::Publish(publish))
             }
             Err(reason) => {
@@ -1076,7 +1260,28 @@ impl Session {
             p @ (Packet::PubAck(_)
             | Packet::PubRec(_)
             | Packet::PubComp(_)
-            | Packet::UnsubAck(_)) => self.send_client(&p)?,
+            | Packet::UnsubAck(_)) => {
+                if self.lazy.is_some() {
+                    match &p {
+                        Packet::PubAck(a) => {
+                            self.up_flows.remove(&a.pkid);
+                        }
+                        Packet::PubRec(a)
+                            if !matches!(
+                                a.reason,
+                                PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                            ) =>
+                        {
+                            self.up_flows.remove(&a.pkid);
+                        }
+                        Packet::PubComp(a) => {
+                            self.up_flows.remove(&a.pkid);
+                        }
+                        _ => {}
+                    }
+                }
+                self.send_client(&p)?
+            }
             p @ Packet::Disconnect(_) => {
                 if self.version == Version::V5 {
                     self.send_client(&p)?;

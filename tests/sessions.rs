@@ -1,0 +1,127 @@
+//! End to end: what a session costs at the broker, and who holds a client id.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{v4, v5, Server, Setup, MARKER_ACL};
+
+fn broker_connections(server: &Server) -> f64 {
+    server.metric("consentry_broker_connections", &[])
+}
+
+/// Polls the gauge until it reads `want` (the server updates it as sessions
+/// open and close their broker connections).
+async fn wait_for_broker_connections(server: &Server, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = broker_connections(server);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "broker connections stayed at {got}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_clean_session_holds_no_broker_connection() {
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        replace: vec![(
+            "upstream_idle_secs = 30".into(),
+            "upstream_idle_secs = 1".into(),
+        )],
+        ..Default::default()
+    });
+    let mut fit = v5::connect(server.mqtt, "fit-idle", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    wait_for_broker_connections(&server, 1.0).await;
+
+    // Devices that only connect need nothing from the broker.
+    let mut v5_dev = v5::connect(server.mqtt, "idle-1", "alice-watch", "alice-watch-secret").await;
+    let v4_dev = v4::connect(server.mqtt, "idle-2", "bob-phone", "bob-phone-secret").await;
+    assert_eq!(broker_connections(&server), 1.0);
+
+    // The first publish opens the device's broker connection on the way.
+    let r = v5_dev.publish_acked("public/a", b"one").await;
+    assert_eq!(r, v5::PubAckReason::Success);
+    assert_eq!(fit.next_publish().await.payload.as_ref(), b"one");
+    assert_eq!(broker_connections(&server), 2.0);
+
+    // With nothing in flight for upstream_idle_secs it is given back, and
+    // the next publish opens a new one.
+    wait_for_broker_connections(&server, 1.0).await;
+    let r = v5_dev.publish_acked("public/b", b"two").await;
+    assert_eq!(r, v5::PubAckReason::Success);
+    assert_eq!(fit.next_publish().await.payload.as_ref(), b"two");
+
+    // A session with a will has state at the broker from the start.
+    let mut o = v4::options(
+        server.mqtt,
+        "with-will",
+        Some(("bob-phone", "bob-phone-secret")),
+    );
+    o.set_last_will(v4::LastWill::new(
+        "public/will",
+        "gone",
+        v4::QoS::AtLeastOnce,
+        false,
+    ));
+    let willing = v4::connect_with(o).await.unwrap();
+    wait_for_broker_connections(&server, 3.0).await;
+    // ... and the broker still publishes it when the device drops.
+    willing.kill();
+    assert_eq!(fit.next_publish().await.payload.as_ref(), b"gone");
+
+    // A DISCONNECT from a device without a broker connection opens none.
+    wait_for_broker_connections(&server, 1.0).await;
+    v4_dev.disconnect().await;
+    v5_dev.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(broker_connections(&server), 1.0);
+}
+
+#[tokio::test]
+async fn a_new_connection_with_the_same_client_id_takes_the_session_over() {
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        ..Default::default()
+    });
+    let mut fit = v5::connect(server.mqtt, "fit-to", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+
+    // Neither session has a broker connection: consentry itself must see
+    // the second CONNECT take the first one's place (MQTT 5 reason 0x8E).
+    let mut first = v5::connect(server.mqtt, "same", "alice-watch", "alice-watch-secret").await;
+    let mut second = v5::connect(server.mqtt, "same", "alice-watch", "alice-watch-secret").await;
+    let reason = loop {
+        if let v5::Packet::Disconnect(d) = first.next().await {
+            break d.reason_code;
+        }
+    };
+    assert_eq!(reason, v5::DisconnectReasonCode::SessionTakenOver);
+    let r = second.publish_acked("public/x", b"still here").await;
+    assert_eq!(r, v5::PubAckReason::Success);
+    assert_eq!(fit.next_publish().await.payload.as_ref(), b"still here");
+
+    // The same client id under another login is another session.
+    let _bob = v4::connect(server.mqtt, "same", "bob-phone", "bob-phone-secret").await;
+    let r = second.publish_acked("public/y", b"not taken").await;
+    assert_eq!(r, v5::PubAckReason::Success);
+
+    // MQTT 3.1.1 has no DISCONNECT from the server: the connection closes.
+    let mut old = v4::connect(server.mqtt, "v4-same", "bob-phone", "bob-phone-secret").await;
+    let _new = v4::connect(server.mqtt, "v4-same", "bob-phone", "bob-phone-secret").await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while old.events.recv().await.is_some() {}
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the taken-over 3.1.1 connection stayed open"
+    );
+}
