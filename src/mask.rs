@@ -51,6 +51,10 @@ pub fn minimize(
             payload: payload.clone(),
             removed: vec![],
         }),
+        PayloadFormat::Json if json_keys_all_declared(payload, declared) => Ok(Minimized {
+            payload: payload.clone(),
+            removed: vec![],
+        }),
         PayloadFormat::Json => {
             let mut doc = decode_json(payload)?;
             let removed = keep_declared(&mut doc, declared, strict)?;
@@ -97,6 +101,34 @@ pub fn mask(
             encode_msgpack(&doc)
         }
     }
+}
+
+/// Whether `payload` is a JSON object whose top-level keys are all declared
+/// fields, checked in one pass that builds nothing: then minimization has
+/// nothing to do, and the common case skips building a document. Anything
+/// else (nested declarations, escaped keys, invalid JSON) says false and
+/// takes the full path, which decides it.
+fn json_keys_all_declared(payload: &[u8], declared: &[String]) -> bool {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+    struct Check<'d>(&'d [String]);
+    impl<'de> Visitor<'de> for Check<'_> {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            while let Some(key) = map.next_key::<&'de str>()? {
+                if !self.0.iter().any(|d| d == key) {
+                    return Ok(false);
+                }
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(true)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    matches!(de.deserialize_map(Check(declared)), Ok(true)) && de.end().is_ok()
 }
 
 fn decode_json(payload: &[u8]) -> Result<serde_json::Value, MaskError> {
@@ -538,6 +570,30 @@ mod tests {
         let m = minimize(PayloadFormat::Json, &p, &["bpm".into()], false).unwrap();
         assert_eq!(m.payload, p);
         assert!(m.removed.is_empty());
+    }
+
+    #[test]
+    fn the_one_pass_check_passes_only_what_needs_no_minimizing() {
+        let declared: Vec<String> = vec!["bpm".into(), "pos.lat".into()];
+        let yes = |p: &[u8]| json_keys_all_declared(p, &declared);
+        assert!(yes(br#"{"bpm": 72}"#));
+        assert!(yes(br#" {} "#));
+        assert!(yes(br#"{"bpm": {"deep": [1, "x"]}}"#), "a declared field's value is not inspected");
+        assert!(!yes(br#"{"bpm": 72, "name": "A"}"#));
+        assert!(!yes(br#"{"pos": {"lat": 1}}"#), "nested declarations take the full path");
+        assert!(!yes(br#"{"bpm": 72} trailing"#));
+        assert!(!yes(br#"{"bpm": 72"#));
+        assert!(!yes(br#"{"b\u0070m": 72}"#), "escaped keys take the full path");
+        assert!(!yes(br#"[1, 2]"#));
+        // And the full path still decides those.
+        let p = Bytes::from_static(br#"{"bpm": 72} trailing"#);
+        assert_eq!(
+            minimize(PayloadFormat::Json, &p, &declared, false),
+            Err(MaskError::Decode("JSON"))
+        );
+        let p = Bytes::from_static(br#"{"b\u0070m": 72}"#);
+        let m = minimize(PayloadFormat::Json, &p, &declared, false).unwrap();
+        assert!(m.removed.is_empty(), "the escaped key is the declared bpm");
     }
 
     #[test]
