@@ -77,7 +77,7 @@ fn quick_run_completes_and_writes_results() {
         want.sort();
     }
     assert_eq!(systems, want);
-    for scenario in ["allow_all", "masked", "idle"] {
+    for scenario in ["allow_all", "masked", "overload", "idle"] {
         for system in &want {
             let delivered: u64 = runs
                 .iter()
@@ -87,10 +87,27 @@ fn quick_run_completes_and_writes_results() {
             assert!(delivered > 0, "{system} delivered nothing in {scenario}");
         }
     }
+    // Overload: one run per system, its loss bookkeeping present and
+    // consistent (the numbers themselves are not judged here).
+    for system in &want {
+        let o = runs
+            .iter()
+            .find(|r| r["scenario"] == "overload" && r["system"] == *system)
+            .map(|r| &r["overload"])
+            .unwrap_or_else(|| panic!("no overload run for {system}"));
+        let n = |k: &str| {
+            o[k].as_u64()
+                .unwrap_or_else(|| panic!("overload.{k} for {system}"))
+        };
+        assert!(n("acked") <= n("went_out") && n("went_out") <= n("sent") + 1);
+        assert!(n("lost") <= n("acked"));
+        assert!(o["rss_samples"].as_array().is_some_and(|s| !s.is_empty()));
+    }
+    assert!(json["fd_limit"]["hard"].as_u64().is_some());
     assert!(json["summary"].as_array().is_some_and(|s| !s.is_empty()));
     let svg = std::fs::read_to_string(out.path().join("latest.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("</svg>"));
-    assert!(std::fs::read_to_string(out.path().join("latest.md"))
-        .unwrap()
-        .contains("### Maximum rate"));
+    let md = std::fs::read_to_string(out.path().join("latest.md")).unwrap();
+    assert!(md.contains("### Maximum rate"));
+    assert!(md.contains("### Overload"));
 }

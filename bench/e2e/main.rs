@@ -14,7 +14,11 @@ const USAGE: &str = "\
 cargo bench --bench e2e -- [--quick] [--scenario NAME,…] [--qos 0,1] [--systems rumqttd,consentry,mosquitto]
     [--duration SECS] [--repeats N] [--rates 1000,10000] [--no-half-max] [--no-nodelay-variant]
     [--devices N] [--idle-devices N] [--trickle-rate R] [--out DIR]
-scenarios: allow_all refused_half masked fanout3 idle";
+    [--overload-duration SECS] [--consume-rate R] [--overload-max-messages N]
+scenarios: allow_all refused_half masked fanout3 overload idle
+--duration sets the overload scenario's publishing time too (default 10 s there);
+--overload-duration after it sets that alone. --idle-devices (default 20000) is
+lowered to what the open-file limit allows.";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -89,7 +93,17 @@ fn main() -> anyhow::Result<()> {
                     })
                     .collect::<anyhow::Result<_>>()?
             }
-            "--duration" => opts.duration = Duration::from_secs_f64(list(it.next())?[0].parse()?),
+            "--duration" => {
+                opts.duration = Duration::from_secs_f64(list(it.next())?[0].parse()?);
+                opts.overload_duration = opts.duration;
+            }
+            "--overload-duration" => {
+                opts.overload_duration = Duration::from_secs_f64(list(it.next())?[0].parse()?)
+            }
+            "--consume-rate" => opts.consume_rate = list(it.next())?[0].parse()?,
+            "--overload-max-messages" => {
+                opts.overload_max_messages = list(it.next())?[0].parse()?
+            }
             "--repeats" => opts.repeats = list(it.next())?[0].parse()?,
             "--rates" => {
                 opts.rates = list(it.next())?

@@ -4,6 +4,7 @@
 //! test (`tests/bench_smoke.rs`), which includes this module by path: the
 //! smoke test runs the very code a full run does, on a tiny load.
 
+pub mod limits;
 pub mod load;
 pub mod report;
 pub mod rumqttd;
@@ -15,9 +16,10 @@ use std::time::{Duration, Instant};
 use rumqttc::QoS;
 use serde::Serialize;
 
-use load::{Fleet, Pace, Receivers};
+use load::{Fleet, Pace, PacedReceiver, Receivers};
 use systems::{
-    cpu_seconds, memory_kib, reset_peak, Credentials, RumqttdCommand, System, SystemKind, KINDS,
+    cpu_seconds, memory_kib, open_fds, reset_peak, Credentials, RumqttdCommand, System, SystemKind,
+    KINDS,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,16 +33,20 @@ pub enum Scenario {
     Masked,
     /// Every publish goes to three providers.
     Fanout3,
+    /// QoS 1 publishers faster than a paced subscriber: memory and loss of
+    /// acknowledged messages.
+    Overload,
     /// Many connected devices, few messages.
     Idle,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::AllowAll,
         Scenario::RefusedHalf,
         Scenario::Masked,
         Scenario::Fanout3,
+        Scenario::Overload,
         Scenario::Idle,
     ];
 
@@ -50,6 +56,7 @@ impl Scenario {
             Scenario::RefusedHalf => "refused_half",
             Scenario::Masked => "masked",
             Scenario::Fanout3 => "fanout3",
+            Scenario::Overload => "overload",
             Scenario::Idle => "idle",
         }
     }
@@ -111,8 +118,17 @@ pub struct Options {
     /// Fixed-rate runs of allow_all also with TCP_NODELAY on the clients.
     pub nodelay_variant: bool,
     pub devices: usize,
+    /// Idle devices wanted; fewer when the open-file limit does not allow
+    /// them (see `limits`).
     pub idle_devices: usize,
     pub trickle_rate: f64,
+    /// Overload: publishing time, the subscriber's pace during it, the bound
+    /// on messages (over all devices), and the drain after it.
+    pub overload_duration: Duration,
+    pub consume_rate: f64,
+    pub overload_max_messages: u64,
+    pub overload_quiet: Duration,
+    pub overload_drain_limit: Duration,
     /// After publishing stops, deliveries are awaited this long at most;
     /// what is still queued then counts as not delivered.
     pub drain_limit: Duration,
@@ -146,8 +162,13 @@ impl Options {
             half_max: true,
             nodelay_variant: true,
             devices: 100,
-            idle_devices: 6_000,
+            idle_devices: 20_000,
             trickle_rate: 200.0,
+            overload_duration: Duration::from_secs(10),
+            consume_rate: 5_000.0,
+            overload_max_messages: 5_000_000,
+            overload_quiet: Duration::from_secs(3),
+            overload_drain_limit: Duration::from_secs(60),
             max_messages: 2_000_000,
             drain_limit: Duration::from_secs(2),
             quiet: Duration::from_secs(1),
@@ -164,7 +185,12 @@ impl Options {
     /// Seconds, tiny load: keeps the harness from rotting.
     pub fn make_quick(&mut self) {
         self.quick = true;
-        self.scenarios = vec![Scenario::AllowAll, Scenario::Masked, Scenario::Idle];
+        self.scenarios = vec![
+            Scenario::AllowAll,
+            Scenario::Masked,
+            Scenario::Overload,
+            Scenario::Idle,
+        ];
         self.nodelay_variant = false;
         self.max_messages = 400;
         self.drain_limit = Duration::from_secs(2);
@@ -176,6 +202,11 @@ impl Options {
         self.idle_devices = 20;
         self.trickle_rate = 50.0;
         self.quiet = Duration::from_millis(500);
+        self.overload_duration = Duration::from_millis(500);
+        self.consume_rate = 500.0;
+        self.overload_max_messages = 2_000;
+        self.overload_quiet = Duration::from_millis(500);
+        self.overload_drain_limit = Duration::from_secs(5);
     }
 }
 
@@ -249,8 +280,62 @@ pub struct RunResult {
     /// Idle scenario: seconds to connect every device, and RSS once connected.
     pub connect_s: Option<f64>,
     pub rss_connected_kib: Option<u64>,
+    /// Idle scenario: the system's open descriptors before and after
+    /// connecting the fleet (`/proc/PID/fd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fds_before: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fds_connected: Option<u64>,
+    /// Overload scenario only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overload: Option<OverloadResult>,
     pub errors: Vec<String>,
 }
+
+/// What an overload run measured. `lost` is the number the target is about:
+/// publishes the system acknowledged (PUBACK) that never reached the
+/// subscriber, not even during the drain.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct OverloadResult {
+    /// The subscriber's pace while the devices publish (publishes/s).
+    pub consume_rate: f64,
+    pub publish_s: f64,
+    /// From the end of the publishing time (when the subscriber goes to full
+    /// speed; a device blocked in publish() may still finish its last one
+    /// after it) to the end of the drain.
+    pub drain_s: f64,
+    /// `complete` (every acknowledged publish arrived), `quiet` (nothing new
+    /// for `overload_quiet`) or `limit` (`overload_drain_limit` passed).
+    pub drain_end: &'static str,
+    /// Publishes rumqttc accepted, and of them written to the network.
+    pub sent: u64,
+    pub went_out: u64,
+    pub acked: u64,
+    /// Distinct publishes received, in all and while the devices published.
+    pub received: u64,
+    pub received_during_publish: u64,
+    pub lost: u64,
+    pub lost_share: f64,
+    pub duplicates: u64,
+    /// Received although their PUBACK never came (not loss).
+    pub received_unacked: u64,
+    /// PUBACKs without a matching publish, payloads without a `seq`.
+    pub unmatched_acks: u64,
+    pub foreign: u64,
+    /// Acknowledged publishes per second of publishing (till the last PUBACK).
+    pub acked_per_s: f64,
+    /// Distinct publishes received per second, till the last one arrived.
+    pub delivered_per_s: f64,
+    /// Largest RSS sample, the one at the end of publishing and at the end.
+    pub rss_max_sampled_kib: u64,
+    pub rss_end_of_publish_kib: u64,
+    pub rss_end_kib: u64,
+    /// `(seconds since publishing started, VmRSS KiB)` every `RSS_EVERY`.
+    pub rss_samples: Vec<(f64, u64)>,
+}
+
+/// How often an overload run samples the system's RSS.
+const RSS_EVERY: Duration = Duration::from_millis(250);
 
 fn qos_of(q: u8) -> QoS {
     match q {
@@ -284,6 +369,8 @@ pub struct Results {
     pub command: String,
     pub quick: bool,
     pub machine: report::Machine,
+    /// The open-file limit the harness and its children ran with.
+    pub fd_limit: limits::FdLimit,
     pub settings: serde_json::Value,
     pub runs: Vec<RunResult>,
     pub summary: Vec<report::Summary>,
@@ -294,6 +381,21 @@ pub struct Results {
 /// `latest.json`, `latest.svg` and `latest.md` to `out_dir`.
 pub fn run_all(opts: &Options) -> anyhow::Result<Results> {
     let wall = Instant::now();
+    // Before any child starts: they inherit the limit.
+    let fd_limit = limits::raise();
+    eprintln!(
+        "open files: soft/hard {}/{} -> {}/{} (nr_open {}){}",
+        fd_limit.soft_before,
+        fd_limit.hard_before,
+        fd_limit.soft,
+        fd_limit.hard,
+        fd_limit.nr_open,
+        if fd_limit.note.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", fd_limit.note)
+        }
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -303,11 +405,66 @@ pub fn run_all(opts: &Options) -> anyhow::Result<Results> {
         .copied()
         .filter(|s| *s != SystemKind::Mosquitto || opts.mosquitto_bin.is_some())
         .collect();
-    let users = opts.devices.max(opts.idle_devices);
-    let creds = Credentials::write(&opts.work_dir, users)?;
+    let idle = opts.scenarios.contains(&Scenario::Idle);
+    let mut fd_costs: Vec<(SystemKind, limits::FdCost)> = systems
+        .iter()
+        .map(|&k| (k, limits::assumed_cost(k)))
+        .collect();
+    let mut idle_devices = opts.idle_devices;
+    let mut idle_note = String::new();
+    if idle && !limits::surely_fits(&fd_limit, opts.idle_devices as u64) {
+        // Tight: measure what a device costs each system as it is built now.
+        for (kind, cost) in &mut fd_costs {
+            match probe_fd_costs(opts, &rt, *kind) {
+                Ok(c) => *cost = c,
+                Err(e) => eprintln!(
+                    "   {}: descriptors per device not measured ({e}); assuming {}",
+                    kind.name(),
+                    cost.idle
+                ),
+            }
+        }
+        // Devices the trickle of one QoS round reaches (the same in both).
+        let active = (opts.trickle_rate * opts.duration.as_secs_f64()).ceil() as u64;
+        let fit = limits::idle_fit(&fd_limit, &fd_costs, active) as usize;
+        if fit < opts.idle_devices {
+            idle_devices = fit;
+            idle_note = format!(
+                "idle: {} devices wanted, {fit} fit the open-file limit {}{} \
+                 (descriptors per device, connected / after publishing: harness 1, {})",
+                opts.idle_devices,
+                fd_limit.soft,
+                if fd_limit.raised {
+                    ""
+                } else {
+                    ", which could not be raised"
+                },
+                fd_costs
+                    .iter()
+                    .map(|(k, c)| format!(
+                        "{} {:.1} / {:.1}{}",
+                        k.name(),
+                        c.idle,
+                        c.active,
+                        if c.measured { "" } else { " assumed" }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            eprintln!("{idle_note}");
+        }
+    }
     let mut runs = Vec::new();
     for &scenario in &opts.scenarios {
         eprintln!("== {}", scenario.name());
+        // The directory holds the devices this scenario connects: a large
+        // idle fleet's users do not weigh on the other scenarios' memory.
+        let users = if scenario == Scenario::Idle {
+            opts.devices.max(idle_devices)
+        } else {
+            opts.devices
+        };
+        let creds = Credentials::write(&opts.work_dir, users)?;
         // Fresh processes per scenario: no scenario inherits another's heap.
         let mut running = Vec::new();
         for &kind in &systems {
@@ -321,7 +478,11 @@ pub fn run_all(opts: &Options) -> anyhow::Result<Results> {
         }
         if scenario == Scenario::Idle {
             for sys in &mut running {
-                runs.extend(rt.block_on(run_idle(opts, sys)));
+                runs.extend(rt.block_on(run_idle(opts, sys, idle_devices)));
+            }
+        } else if scenario == Scenario::Overload {
+            for sys in &mut running {
+                runs.push(rt.block_on(run_overload(opts, sys)));
             }
         } else {
             for &qos in &opts.qos {
@@ -397,14 +558,26 @@ pub fn run_all(opts: &Options) -> anyhow::Result<Results> {
         command: opts.command.clone(),
         quick: opts.quick,
         machine: report::Machine::read(),
+        fd_limit,
         settings: serde_json::json!({
             "duration_s": opts.duration.as_secs_f64(),
             "repeats": opts.repeats,
             "rates": opts.rates,
             "half_max": opts.half_max,
             "devices": opts.devices,
-            "idle_devices": opts.idle_devices,
+            "idle_devices": idle_devices,
+            "idle_devices_wanted": opts.idle_devices,
+            "idle_note": idle_note,
+            "fds_per_device": fd_costs
+                .iter()
+                .map(|(k, c)| (k.name(), c))
+                .collect::<std::collections::BTreeMap<_, _>>(),
             "trickle_rate": opts.trickle_rate,
+            "overload_duration_s": opts.overload_duration.as_secs_f64(),
+            "overload_consume_rate": opts.consume_rate,
+            "overload_max_messages": opts.overload_max_messages,
+            "overload_quiet_s": opts.overload_quiet.as_secs_f64(),
+            "overload_drain_limit_s": opts.overload_drain_limit.as_secs_f64(),
             "drain_limit_s": opts.drain_limit.as_secs_f64(),
             "max_messages_per_run": opts.max_messages,
             "payload_bytes": load::PAYLOAD_BYTES,
@@ -426,9 +599,10 @@ fn blank(spec: &RunSpec, sys: &System, devices: usize, providers: usize) -> RunR
         scenario: spec.scenario,
         system: sys.kind,
         qos: spec.qos,
-        mode: match spec.pace {
-            Pace::Max => "max",
-            Pace::Rate(_) => "rate",
+        mode: match (spec.scenario, spec.pace) {
+            (Scenario::Overload, _) => "overload",
+            (_, Pace::Max) => "max",
+            (_, Pace::Rate(_)) => "rate",
         },
         offered_per_s: match spec.pace {
             Pace::Max => None,
@@ -455,6 +629,9 @@ fn blank(spec: &RunSpec, sys: &System, devices: usize, providers: usize) -> RunR
         rss_before_kib: 0,
         connect_s: None,
         rss_connected_kib: None,
+        fds_before: None,
+        fds_connected: None,
+        overload: None,
         errors: Vec::new(),
     }
 }
@@ -590,16 +767,296 @@ fn fill(
     r.latency = Latency::of(latencies);
 }
 
+/// Devices connected, and then publishing, by [`probe_fd_costs`].
+const PROBE_DEVICES: usize = 100;
+
+/// What one device costs `kind` in open descriptors, connected and idle and
+/// then after one publish each: measured on a fresh process of its own with
+/// [`PROBE_DEVICES`] devices. Needs the credentials in `opts.work_dir`.
+fn probe_fd_costs(
+    opts: &Options,
+    rt: &tokio::runtime::Runtime,
+    kind: SystemKind,
+) -> anyhow::Result<limits::FdCost> {
+    let creds = Credentials::write(&opts.work_dir, opts.devices.max(PROBE_DEVICES))?;
+    let mut sys = System::start(
+        kind,
+        &creds,
+        &opts.consentry_bin,
+        opts.mosquitto_bin.as_deref(),
+        opts.rumqttd_cmd.as_ref(),
+    )?;
+    let pid = sys.pid();
+    let cost = rt.block_on(async {
+        let count = || open_fds(pid).ok_or_else(|| anyhow::anyhow!("no /proc/{pid}/fd"));
+        let before = count()?;
+        let fleet = Fleet::connect(sys.addr, PROBE_DEVICES, false)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let connected = count()?;
+        for (i, c) in &fleet.clients {
+            let _ = c
+                .publish(
+                    load::topic(*i, KINDS[0]),
+                    QoS::AtLeastOnce,
+                    false,
+                    load::payload(load::now_ns(), 0),
+                )
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let active = count()?;
+        fleet.close();
+        let per = |n: u64| n.saturating_sub(before) as f64 / PROBE_DEVICES as f64;
+        anyhow::Ok(limits::FdCost {
+            idle: per(connected),
+            active: per(active).max(per(connected)),
+            measured: true,
+        })
+    });
+    sys.stop();
+    let cost = cost?;
+    eprintln!(
+        "   {:<9} descriptors per device: {:.2} connected, {:.2} after publishing",
+        kind.name(),
+        cost.idle,
+        cost.active
+    );
+    Ok(cost)
+}
+
+/// The overload scenario: `devices` QoS 1 publishers as fast as rumqttc
+/// lets them (each bounded by its 100-message inflight window) for
+/// `overload_duration`, against one subscriber paced at `consume_rate`; then
+/// the subscriber reads at full speed until every acknowledged publish
+/// arrived, or nothing new came for `overload_quiet`, or
+/// `overload_drain_limit` passed. Every `(device, k)` is tracked from
+/// publish() through its PUBACK to its receipt.
+async fn run_overload(opts: &Options, sys: &mut System) -> RunResult {
+    use std::sync::atomic::Ordering::Relaxed;
+    let spec = RunSpec {
+        scenario: Scenario::Overload,
+        qos: 1,
+        pace: Pace::Max,
+        label: "overload".into(),
+        repeat: 0,
+        nodelay: false,
+    };
+    let mut r = blank(&spec, sys, opts.devices, 1);
+    let filter = format!("pii/+/+/{}", KINDS[Scenario::Overload.delivered_kind()]);
+    let rx = match PacedReceiver::connect(
+        sys.addr,
+        sys.kind,
+        &filter,
+        QoS::AtLeastOnce,
+        opts.consume_rate,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            r.errors.push(format!("provider: {e}"));
+            return r;
+        }
+    };
+    let mut fleet = match Fleet::connect_tracked(sys.addr, opts.devices, false).await {
+        Ok(f) => f,
+        Err(e) => {
+            r.errors.push(e);
+            rx.finish().await;
+            return r;
+        }
+    };
+    let pid = sys.pid();
+    reset_peak(pid);
+    let (cpu0, h0) = (cpu_seconds(Some(pid)), cpu_seconds(None));
+    r.rss_before_kib = memory_kib(pid).1;
+    let (stop_sampling, mut sampling) = tokio::sync::watch::channel(false);
+    let t0 = Instant::now();
+    let sampler = tokio::spawn(async move {
+        let mut v = Vec::new();
+        let mut tick = tokio::time::interval(RSS_EVERY);
+        loop {
+            tokio::select! {
+                _ = sampling.changed() => return v,
+                _ = tick.tick() => v.push(((t0.elapsed().as_secs_f64() * 100.0).round() / 100.0, memory_kib(pid).1)),
+            }
+        }
+    });
+    let cap = opts.overload_max_messages / opts.devices.max(1) as u64 + 1;
+    // The subscriber goes to full speed when the publishing time is over,
+    // whether or not every device's last publish() has returned yet.
+    let full_speed = async {
+        tokio::time::sleep(opts.overload_duration + Duration::from_millis(20)).await;
+        let during = rx.counts.distinct.load(Relaxed);
+        rx.set_rate(0.0);
+        (Instant::now(), during, memory_kib(pid).1)
+    };
+    let ((sent, start), (drain_started, received_during_publish, rss_end_of_publish)) = tokio::join!(
+        load::drive(
+            &fleet,
+            Pace::Max,
+            QoS::AtLeastOnce,
+            opts.overload_duration,
+            cap,
+            |_, _| Scenario::Overload.delivered_kind(),
+            &KINDS,
+        ),
+        full_speed
+    );
+    let start_ns = load::now_ns().saturating_sub(start.elapsed().as_nanos() as u64);
+    let publish_s = drain_started.saturating_duration_since(start).as_secs_f64();
+    let c = fleet.counters.clone();
+    let mut seen = (u64::MAX, u64::MAX);
+    let mut changed = Instant::now();
+    let drain_end = loop {
+        let (handed, out, acked) = (
+            c.handed.load(Relaxed),
+            c.out.load(Relaxed),
+            c.acked.load(Relaxed),
+        );
+        let (distinct, total) = (
+            rx.counts.distinct.load(Relaxed),
+            rx.counts.total.load(Relaxed),
+        );
+        if (total, acked) != seen {
+            seen = (total, acked);
+            changed = Instant::now();
+        }
+        // Everything accepted went out and was acknowledged, and as many
+        // distinct publishes arrived as were acknowledged: all of them.
+        if out >= handed && acked >= out && distinct >= acked {
+            break "complete";
+        }
+        if changed.elapsed() >= opts.overload_quiet {
+            break "quiet";
+        }
+        if drain_started.elapsed() >= opts.overload_drain_limit {
+            break "limit";
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let drain_s = drain_started.elapsed().as_secs_f64();
+    let (cpu1, h1) = (cpu_seconds(Some(pid)), cpu_seconds(None));
+    let (peak, rss_end) = memory_kib(pid);
+    r.peak_rss_kib = peak;
+    let _ = stop_sampling.send(true);
+    let rss_samples = sampler.await.unwrap_or_default();
+    fleet.stop().await;
+    let device_errors = fleet.errors.load(Relaxed);
+    if device_errors > 0 {
+        r.errors.push(format!(
+            "{device_errors} devices lost their connection: {}",
+            fleet
+                .first_error
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_default()
+        ));
+    }
+    let counts = rx.counts.clone();
+    let got = rx.finish().await;
+    r.errors
+        .extend(got.error.into_iter().map(|e| format!("provider: {e}")));
+
+    // Acknowledged against received, device by device.
+    let none = load::SeqSet::default();
+    let (mut acked, mut lost, mut received_unacked) = (0, 0, 0);
+    for (i, t) in fleet.tracks.iter().enumerate() {
+        let a = t.acked.lock().unwrap();
+        let g = got.by_device.get(i).unwrap_or(&none);
+        acked += a.len();
+        lost += a.missing_from(g);
+        received_unacked += g.missing_from(&a);
+    }
+    for g in got.by_device.iter().skip(fleet.tracks.len()) {
+        received_unacked += g.len();
+    }
+    let received: u64 = got.by_device.iter().map(load::SeqSet::len).sum();
+    let last_ack_ns = c.last_ack_ns.load(Relaxed);
+    let last_rx_ns = counts.last_ns.load(Relaxed);
+    let per_s = |n: u64, until_ns: u64| {
+        let s = until_ns.saturating_sub(start_ns) as f64 / 1e9;
+        if n == 0 {
+            0.0
+        } else {
+            n as f64 / s.max(1e-3)
+        }
+    };
+    let o = OverloadResult {
+        consume_rate: opts.consume_rate,
+        publish_s,
+        drain_s,
+        drain_end,
+        sent: sent.by_kind.iter().sum(),
+        went_out: c.out.load(Relaxed),
+        acked,
+        received,
+        received_during_publish,
+        lost,
+        lost_share: if acked == 0 {
+            0.0
+        } else {
+            lost as f64 / acked as f64
+        },
+        duplicates: counts.duplicates.load(Relaxed),
+        received_unacked,
+        unmatched_acks: c.unmatched.load(Relaxed),
+        foreign: counts.foreign.load(Relaxed),
+        acked_per_s: per_s(acked, last_ack_ns),
+        delivered_per_s: per_s(received, last_rx_ns),
+        rss_max_sampled_kib: rss_samples.iter().map(|s| s.1).max().unwrap_or(0),
+        rss_end_of_publish_kib: rss_end_of_publish,
+        rss_end_kib: rss_end,
+        rss_samples,
+    };
+    fleet.close();
+    r.published = o.sent;
+    r.late_sends = sent.late;
+    r.expected = o.acked;
+    r.delivered = o.received;
+    r.duration_s = publish_s;
+    r.published_per_s = o.sent as f64 / publish_s.max(1e-9);
+    r.delivered_per_s = o.delivered_per_s;
+    r.not_delivered_share = o.lost_share;
+    r.latency = Latency::of(got.latencies_us);
+    r.cpu_s = cpu1 - cpu0;
+    r.harness_cpu_s = h1 - h0;
+    r.cpu_share = r.cpu_s / (publish_s + drain_s).max(1e-9);
+    eprintln!(
+        "   {:<9} overload: sent {}, acked {} ({:.0}/s), received {} ({:.0}/s; {} while publishing), lost {} ({:.2}%), duplicates {}, drain {} after {:.1} s, peak RSS {:.0} MiB{}",
+        sys.kind.name(),
+        o.sent,
+        o.acked,
+        o.acked_per_s,
+        o.received,
+        o.delivered_per_s,
+        o.received_during_publish,
+        o.lost,
+        o.lost_share * 100.0,
+        o.duplicates,
+        o.drain_end,
+        o.drain_s,
+        r.peak_rss_kib as f64 / 1024.0,
+        if r.errors.is_empty() { String::new() } else { format!(" ERR {:?}", r.errors) }
+    );
+    r.overload = Some(o);
+    r
+}
+
 /// Connects the idle fleet, measures what it costs, then trickles messages
 /// through it at each QoS.
-async fn run_idle(opts: &Options, sys: &mut System) -> Vec<RunResult> {
+async fn run_idle(opts: &Options, sys: &mut System, n: usize) -> Vec<RunResult> {
     let pid = sys.pid();
-    let n = opts.idle_devices;
     let rss_before = memory_kib(pid).1;
+    let fds_before = open_fds(pid);
     let connect_started = Instant::now();
     let fleet = Fleet::connect(sys.addr, n, false).await;
     let connect_s = connect_started.elapsed().as_secs_f64();
     let (_, rss_connected) = memory_kib(pid);
+    let fds_connected = open_fds(pid);
     let mut out = Vec::new();
     let fleet = match fleet {
         Ok(f) => f,
@@ -615,15 +1072,19 @@ async fn run_idle(opts: &Options, sys: &mut System) -> Vec<RunResult> {
             let mut r = blank(&spec, sys, n, 1);
             r.errors.push(e);
             r.connect_s = Some(connect_s);
+            r.fds_before = fds_before;
+            r.fds_connected = fds_connected;
             eprintln!("   {:<9} idle: {:?}", sys.kind.name(), r.errors);
             return vec![r];
         }
     };
     eprintln!(
-        "   {:<9} {n} devices connected in {connect_s:.1} s, RSS {:.0} MiB (was {:.0} MiB)",
+        "   {:<9} {n} devices connected in {connect_s:.1} s, RSS {:.0} MiB (was {:.0} MiB), {} open files (was {})",
         sys.kind.name(),
         rss_connected as f64 / 1024.0,
-        rss_before as f64 / 1024.0
+        rss_before as f64 / 1024.0,
+        fds_connected.map_or("?".into(), |v| v.to_string()),
+        fds_before.map_or("?".into(), |v| v.to_string()),
     );
     for &q in &opts.qos {
         let spec = RunSpec {
@@ -638,6 +1099,8 @@ async fn run_idle(opts: &Options, sys: &mut System) -> Vec<RunResult> {
         r.connect_s = Some(connect_s);
         r.rss_before_kib = rss_before;
         r.rss_connected_kib = Some(rss_connected);
+        r.fds_before = fds_before;
+        r.fds_connected = fds_connected;
         let receivers = match Receivers::connect(
             sys.addr,
             sys.kind,

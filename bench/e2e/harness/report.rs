@@ -232,6 +232,27 @@ pub fn markdown(results: &Results) -> String {
         results.wall_s,
         if results.quick { " · QUICK (smoke) run" } else { "" }
     );
+    let fd = &results.fd_limit;
+    let _ = writeln!(
+        s,
+        "Open files (soft/hard): {}/{} at start, {}/{} for the run (nr_open {}){}\n",
+        fd.soft_before,
+        fd.hard_before,
+        fd.soft,
+        fd.hard,
+        fd.nr_open,
+        if fd.note.is_empty() {
+            String::new()
+        } else {
+            format!(" — {}", fd.note)
+        }
+    );
+    if let Some(note) = results.settings["idle_note"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+    {
+        let _ = writeln!(s, "{note}.\n");
+    }
     let _ = writeln!(s, "Settings: `{}`\n", results.settings);
     let sum = &results.summary;
 
@@ -265,10 +286,7 @@ pub fn markdown(results: &Results) -> String {
         s,
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
-    for x in sum
-        .iter()
-        .filter(|x| x.label != "max" && x.scenario != Scenario::Idle)
-    {
+    for x in sum.iter().filter(|x| is_fixed_rate(x)) {
         let _ = writeln!(
             s,
             "| {} | {} | {:.0} ({}) | {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.0}% | {} |",
@@ -289,6 +307,50 @@ pub fn markdown(results: &Results) -> String {
         );
     }
 
+    let overload: Vec<(&RunResult, &super::OverloadResult)> = results
+        .runs
+        .iter()
+        .filter_map(|r| r.overload.as_ref().map(|o| (r, o)))
+        .collect();
+    if let Some((first, o)) = overload.first() {
+        let _ = writeln!(
+            s,
+            "\n### Overload: {} QoS 1 publishers as fast as they can for {:.1} s, one subscriber reading {:.0} msg/s, then draining\n",
+            first.devices, o.publish_s, o.consume_rate
+        );
+        let _ = writeln!(s, "| system | sent | acked | acked msg/s | received (distinct) | while publishing | delivered msg/s | lost (acked, never received) | duplicates | drain | peak RSS MiB | RSS samples MiB | CPU s |");
+        let _ = writeln!(
+            s,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for (r, o) in &overload {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.0} | {} | {} | {:.0} | {} ({:.2}%) | {} | {} {:.1} s | {} | {} | {:.1} |",
+                r.system.name(),
+                o.sent,
+                o.acked,
+                o.acked_per_s,
+                o.received,
+                o.received_during_publish,
+                o.delivered_per_s,
+                o.lost,
+                o.lost_share * 100.0,
+                o.duplicates,
+                o.drain_end,
+                o.drain_s,
+                mib(r.peak_rss_kib),
+                rss_trace(&o.rss_samples),
+                r.cpu_s,
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n(\"lost\": PUBACK received by the publisher, never delivered to the subscriber, not even while draining. \
+             RSS samples: every 0.25 s, six of them evenly spaced over publishing and draining; peak RSS is VmHWM.)"
+        );
+    }
+
     let idle: Vec<&RunResult> = results
         .runs
         .iter()
@@ -296,18 +358,27 @@ pub fn markdown(results: &Results) -> String {
         .collect();
     if !idle.is_empty() {
         let _ = writeln!(s, "\n### Many idle devices, trickle of messages\n");
-        let _ = writeln!(s, "| system | devices | connect s | RSS before MiB | RSS connected MiB | KiB per device | RSS at 20k, extrapolated MiB | QoS | trickle delivered | p50 ms | p99 ms | peak RSS MiB |");
+        let _ = writeln!(s, "| system | devices | connect s | RSS before MiB | RSS connected MiB | KiB per device | RSS at 20k, extrapolated MiB | fds per device | QoS | trickle delivered | p50 ms | p99 ms | peak RSS MiB |");
         let _ = writeln!(
             s,
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
         );
         for r in idle {
             let connected = r.rss_connected_kib.unwrap_or(0);
             let per = (connected.saturating_sub(r.rss_before_kib)) as f64 / r.devices.max(1) as f64;
             let at20k = r.rss_before_kib as f64 + per * 20_000.0;
+            let fds = match (r.fds_before, r.fds_connected) {
+                (Some(b), Some(c)) => {
+                    format!(
+                        "{:.2}",
+                        c.saturating_sub(b) as f64 / r.devices.max(1) as f64
+                    )
+                }
+                _ => "–".into(),
+            };
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.1} | {} | {} | {:.1} | {:.0} | {} | {}/{} | {} | {} | {} |",
+                "| {} | {} | {:.1} | {} | {} | {:.1} | {:.0} | {} | {} | {}/{} | {} | {} | {} |",
                 r.system.name(),
                 r.devices,
                 r.connect_s.unwrap_or(f64::NAN),
@@ -315,6 +386,7 @@ pub fn markdown(results: &Results) -> String {
                 mib(connected),
                 per,
                 at20k / 1024.0,
+                fds,
                 r.qos,
                 r.delivered,
                 r.expected,
@@ -357,6 +429,34 @@ impl Summary {
     fn scenario_name(&self) -> &'static str {
         self.scenario.name()
     }
+}
+
+/// A row of the fixed-offered-rate table and latency panels.
+fn is_fixed_rate(x: &Summary) -> bool {
+    x.label != "max" && !matches!(x.scenario, Scenario::Idle | Scenario::Overload)
+}
+
+/// Six RSS samples (MiB), evenly spaced over the run, first and last included.
+fn rss_trace(samples: &[(f64, u64)]) -> String {
+    if samples.is_empty() {
+        return "–".into();
+    }
+    let n = samples.len();
+    let picks = 6.min(n);
+    let mut at: Vec<usize> = (0..picks)
+        .map(|j| {
+            if picks == 1 {
+                0
+            } else {
+                j * (n - 1) / (picks - 1)
+            }
+        })
+        .collect();
+    at.dedup();
+    at.iter()
+        .map(|&i| format!("{:.0}", samples[i].1 as f64 / 1024.0))
+        .collect::<Vec<_>>()
+        .join(" → ")
 }
 
 impl RunResult {
@@ -417,6 +517,25 @@ pub fn targets(results: &Results) -> Vec<String> {
             }
         }
     }
+    if let Some((r, o)) = results
+        .runs
+        .iter()
+        .filter(|r| r.system == SystemKind::Consentry)
+        .find_map(|r| r.overload.as_ref().map(|o| (r, o)))
+    {
+        out.push(format!(
+            "overload (QoS 1 publishers faster than a {:.0} msg/s subscriber): consentry peak RSS = {} MiB (target ≤ 512 MiB): {}",
+            o.consume_rate,
+            mib(r.peak_rss_kib),
+            verdict(r.peak_rss_kib <= 512 * 1024)
+        ));
+        out.push(format!(
+            "overload: acknowledged QoS 1 publishes consentry never delivered = {} of {} (target 0): {}",
+            o.lost,
+            o.acked,
+            verdict(o.lost == 0 && o.acked > 0)
+        ));
+    }
     if let Some(r) = results
         .runs
         .iter()
@@ -427,8 +546,21 @@ pub fn targets(results: &Results) -> Vec<String> {
         let per = connected.saturating_sub(r.rss_before_kib) as f64 / r.devices.max(1) as f64;
         let at20k = (r.rss_before_kib as f64 + per * 20_000.0) / 1024.0;
         let measured = r.devices >= 20_000;
+        let why = if measured {
+            String::new()
+        } else {
+            format!(
+                " (open-file limit {}{})",
+                results.fd_limit.soft,
+                if results.fd_limit.raised {
+                    ""
+                } else {
+                    ", could not be raised"
+                }
+            )
+        };
         out.push(format!(
-            "20k device connections in ≤ 1 GiB RSS: {} devices measured, peak RSS {} MiB; {} {:.0} MiB at 20k: {}",
+            "20k device connections in ≤ 1 GiB RSS: {} devices measured{why}, peak RSS {} MiB; {} {:.0} MiB at 20k: {}",
             r.devices,
             mib(r.peak_rss_kib),
             if measured { "measured" } else { "extrapolated (linear in devices)" },
@@ -457,6 +589,7 @@ fn group_label(x: &Summary) -> String {
         Scenario::RefusedHalf => "½ refused",
         Scenario::Masked => "masked",
         Scenario::Fanout3 => "fan-out 3",
+        Scenario::Overload => "overload",
         Scenario::Idle => "idle",
     };
     format!("{name} QoS{}", x.qos)
@@ -473,23 +606,28 @@ struct Panel<'a> {
     rows: Vec<&'a Summary>,
     value: fn(&Summary) -> f64,
     whisker: Option<Spread>,
+    /// Log-scale panels: the text over each bar.
+    text: fn(&Summary) -> String,
+}
+
+fn two_decimals(x: &Summary) -> String {
+    format!("{:.2}", x.p99_us / 1000.0)
 }
 
 fn chart(results: &Results, path: &Path) -> anyhow::Result<()> {
     let sum = &results.summary;
+    let max_rows: Vec<&Summary> = sum.iter().filter(|x| x.label == "max").collect();
     let mut panels = vec![Panel {
         title: "Delivered messages/s at maximum rate (median of runs, whiskers min–max; ratio = consentry / bare rumqttd)".into(),
         y_label: "delivered msg/s",
         log: false,
-        rows: sum.iter().filter(|x| x.label == "max").collect(),
+        rows: max_rows,
         value: |x| x.delivered_per_s,
         whisker: Some(|x| (x.delivered_per_s_min, x.delivered_per_s_max)),
+        text: two_decimals,
     }];
     let mut labels: Vec<(String, f64)> = Vec::new();
-    for x in sum
-        .iter()
-        .filter(|x| x.label != "max" && x.scenario != Scenario::Idle && !x.client_nodelay)
-    {
+    for x in sum.iter().filter(|x| is_fixed_rate(x) && !x.client_nodelay) {
         if !labels.iter().any(|(l, _)| *l == x.label) {
             labels.push((x.label.clone(), x.offered_per_s.unwrap_or(0.0)));
         }
@@ -514,11 +652,37 @@ fn chart(results: &Results, path: &Path) -> anyhow::Result<()> {
             log: true,
             rows: sum
                 .iter()
-                .filter(|x| x.label == label && !x.client_nodelay && x.scenario != Scenario::Idle)
+                .filter(|x| x.label == label && !x.client_nodelay && is_fixed_rate(x))
                 .collect(),
             value: |x| x.p99_us / 1000.0,
             whisker: None,
+            text: two_decimals,
         });
+    }
+    let overload: Vec<&Summary> = sum
+        .iter()
+        .filter(|x| x.scenario == Scenario::Overload)
+        .collect();
+    if !overload.is_empty() {
+        panels.push(Panel {
+            title: "Overload (QoS 1 publishers faster than the subscriber): peak RSS in MiB (log scale; target ≤ 512 MiB) and acknowledged messages lost".into(),
+            y_label: "peak RSS MiB",
+            log: true,
+            rows: overload,
+            value: |x| x.peak_rss_kib as f64 / 1024.0,
+            whisker: None,
+            text: |x| {
+                format!(
+                    "{:.0} MiB, lost {:.2}%",
+                    x.peak_rss_kib as f64 / 1024.0,
+                    x.not_delivered_share * 100.0
+                )
+            },
+        });
+    }
+    // An empty panel only when there is nothing else to draw.
+    if panels.len() > 1 && panels[0].rows.is_empty() {
+        panels.remove(0);
     }
     let height = 420 * panels.len() as u32 + 40;
     let root = SVGBackend::new(path, (1300, height)).into_drawing_area();
@@ -597,7 +761,7 @@ fn draw_panel(
             .y_desc(p.y_label)
             .draw()?;
         for (si, &sys) in systems.iter().enumerate() {
-            let rows: Vec<(usize, f64)> = p
+            let rows: Vec<(usize, f64, String)> = p
                 .rows
                 .iter()
                 .filter(|x| x.system == sys)
@@ -605,13 +769,13 @@ fn draw_panel(
                     groups
                         .iter()
                         .position(|g| *g == group_label(x))
-                        .map(|g| (g, (p.value)(x)))
+                        .map(|g| (g, (p.value)(x), (p.text)(x)))
                 })
                 .collect();
             if rows.is_empty() {
                 continue;
             }
-            c.draw_series(rows.iter().map(|&(g, v)| {
+            c.draw_series(rows.iter().map(|&(g, v, _)| {
                 let (x0, x1) = bar(g, si);
                 Rectangle::new([(x0, lo), (x1, v.max(lo))], color(sys).filled())
             }))?
@@ -619,10 +783,10 @@ fn draw_panel(
             .legend(move |(x, y)| {
                 Rectangle::new([(x, y - 5), (x + 12, y + 5)], color(sys).filled())
             });
-            c.draw_series(rows.iter().map(|&(g, v)| {
-                let (x0, _) = bar(g, si);
+            c.draw_series(rows.iter().map(|(g, v, text)| {
+                let (x0, _) = bar(*g, si);
                 EmptyElement::at((x0, v.max(lo)))
-                    + Text::new(format!("{v:.2}"), (0, -13), ("sans-serif", 10).into_font())
+                    + Text::new(text.clone(), (0, -13), ("sans-serif", 10).into_font())
             }))?;
         }
         c.configure_series_labels()

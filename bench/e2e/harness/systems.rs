@@ -241,6 +241,7 @@ impl System {
                         "per_listener_settings false\nlistener {port} 127.0.0.1\n\
                          allow_anonymous false\npassword_file {}\nacl_file {}\n\
                          persistence false\nmax_inflight_messages 100\nmax_queued_messages 1000\n\
+                         max_connections -1\n\
                          log_dest stderr\nlog_type error\nlog_type warning\n",
                         creds.mosquitto_passwd.display(),
                         creds.mosquitto_acl.display()
@@ -264,6 +265,9 @@ impl System {
                     .arg("127.0.0.1:0")
                     .arg("--metrics-listen")
                     .arg(format!("127.0.0.1:{}", free_port()))
+                    // Not the default 8080: runs may overlap with others.
+                    .arg("--api-listen")
+                    .arg("127.0.0.1:0")
                     .arg("--data-dir")
                     .arg(&data)
                     .env("CONSENTRY_LOG", "warn")
@@ -396,6 +400,11 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Open file descriptors of a process (`/proc/PID/fd`).
+pub fn open_fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
 }
 
 /// Resets `VmHWM` to the current RSS, so each run's peak is its own.
