@@ -636,11 +636,40 @@ fn blank(spec: &RunSpec, sys: &System, devices: usize, providers: usize) -> RunR
     }
 }
 
+/// Waits until the previous run's traffic is gone. A system with
+/// backpressure holds a flood in its publishers' socket buffers, and those
+/// messages were sent: it forwards them after the publishers disconnect,
+/// and the next run's subscribers would count them as theirs.
+async fn settle(sys: &System, filter: &str) {
+    let Ok(probe) = Receivers::connect(sys.addr, sys.kind, 1, filter, QoS::AtMostOnce, true).await
+    else {
+        return;
+    };
+    let started = Instant::now();
+    probe
+        .drain(
+            u64::MAX,
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+        )
+        .await;
+    let left = probe.delivered.load(std::sync::atomic::Ordering::Relaxed);
+    probe.finish().await;
+    if left > 0 {
+        eprintln!(
+            "   {:<9} settled: {left} messages of the previous run still arrived, for {:.1} s",
+            sys.kind.name(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
 async fn run_throughput(opts: &Options, sys: &mut System, spec: &RunSpec) -> RunResult {
     let scenario = spec.scenario;
     let mut r = blank(spec, sys, opts.devices, scenario.providers());
     let qos = qos_of(spec.qos);
     let filter = format!("pii/+/+/{}", KINDS[scenario.delivered_kind()]);
+    settle(sys, &filter).await;
     let receivers = match Receivers::connect(
         sys.addr,
         sys.kind,
