@@ -11,12 +11,12 @@
 //! tested with literal tables. A preference change compiles a new snapshot and
 //! swaps it into [`ActHandle`]; readers never take a lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Datelike, NaiveTime, Timelike, Utc, Weekday};
 use chrono_tz::Tz;
 use thiserror::Error;
 
@@ -157,20 +157,7 @@ pub struct ShareRule {
     pub expires: Option<DateTime<Utc>>,
 }
 
-/// One user's compiled preferences, kept small: there may be millions.
 #[derive(Debug, Clone)]
-struct UserRules {
-    tz: Tz,
-    /// A bit per kind id: collected at any time.
-    always: Box<[u64]>,
-    /// Kinds collected only inside these windows.
-    windows: Box<[(u16, Box<[Window]>)]>,
-    /// (provider index, kind id, rule); a handful per user, so a scan beats
-    /// a map. Equal rules are one allocation shared by every user.
-    share: Box<[(u16, u16, Arc<ShareRule>)]>,
-}
-
-#[derive(Debug)]
 struct ProviderRules {
     index: u16,
     role: ProviderRole,
@@ -181,10 +168,10 @@ struct ProviderRules {
 }
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 /// Users and devices are split over shards, each behind its own `Arc`, so
 /// one user's change copies one shard, not the table.
 const SHARDS: usize = 1024;
-type Shards<V> = Vec<Arc<FastMap<Box<str>, V>>>;
 
 /// What ingress lets through.
 #[derive(Debug)]
@@ -214,13 +201,19 @@ pub struct Act {
     kinds: Vec<Kind>,
     kind_ids: FastMap<String, u16>,
     providers: FastMap<String, ProviderRules>,
-    users: Shards<UserRules>,
-    /// Device id → the user it is bound to.
-    devices: Shards<Box<str>>,
+    /// Provider ids by index.
+    provider_ids: Vec<String>,
+    /// User id → the user's record (see [`pack_user`]), which also lists the
+    /// user's devices: a decision needs one lookup, not one per id.
+    users: Vec<Arc<UserShard>>,
+    /// Device id → the id of the user it is bound to. Decisions read the
+    /// binding from the user's record; this side answers
+    /// [`Act::device_user`] and finds a device's old user when it moves.
+    devices: Vec<Arc<Table>>,
     acl: Acl,
-    shard_of: foldhash::fast::RandomState,
-    /// Interned share rules, shared by every version of the ACT.
-    rules: Arc<Mutex<FastMap<Arc<ShareRule>, ()>>>,
+    /// One hash per id and lookup: its low bits choose the shard, its high
+    /// half is the slot tag inside the shard.
+    hasher: foldhash::fast::RandomState,
 }
 
 /// consentry's own messages to a provider (e.g. disputes of its records) go
@@ -240,6 +233,451 @@ fn parse_tz(user: &str, tz: &str) -> Result<Tz, CompileError> {
         user: user.into(),
         tz: tz.into(),
     })
+}
+
+// === packed records ===
+//
+// Millions of users each with a map entry, boxed id strings and boxed
+// slices cost ~440 bytes a user and a cache miss per pointer followed (six
+// or more per decision at 1M users). Instead each shard packs its records
+// into one buffer, and an open-addressing index of 8-byte slots finds them:
+// a lookup reads one slot and the one or two cache lines of its record.
+
+/// Appends `v` in LEB128: ids, counts and indexes are almost always < 128,
+/// so one byte each.
+fn put_varint(out: &mut Vec<u8>, mut v: usize) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_field(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len());
+    out.extend_from_slice(bytes);
+}
+
+/// Reads what `put_varint` and `put_field` wrote. Records are only ever
+/// written by this module, so a short one is a bug here: it panics.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    #[inline]
+    fn varint(&mut self) -> usize {
+        match self.0 {
+            [b, rest @ ..] if *b < 0x80 => {
+                self.0 = rest;
+                usize::from(*b)
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    #[cold]
+    fn long_varint(&mut self) -> usize {
+        let (mut value, mut shift) = (0usize, 0);
+        loop {
+            let (&b, rest) = self.0.split_first().expect("packed ACT record ends early");
+            self.0 = rest;
+            value |= usize::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return value;
+            }
+            shift += 7;
+        }
+    }
+
+    fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        head
+    }
+
+    fn field(&mut self) -> &'a [u8] {
+        let n = self.varint();
+        self.bytes(n)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One shard of a keyed table: records `[key][body]` (each a length-prefixed
+/// field) back to back in `data`.
+#[derive(Debug, Clone, Default)]
+struct Table {
+    /// `tag << 32 | (offset + 1)`, 0 when free; the tag is the high half of
+    /// the key's hash and its low bits the home slot. Linear probing, at
+    /// most 3/4 full; a whole tag must match before a key is compared.
+    slots: Box<[u64]>,
+    len: usize,
+    data: Vec<u8>,
+}
+
+struct Record<'a> {
+    key: &'a [u8],
+    body: &'a [u8],
+    end: usize,
+}
+
+fn slot(hash: u64, offset: usize) -> u64 {
+    let offset = u32::try_from(offset + 1).expect("an ACT shard holds under 4 GiB");
+    (hash >> 32) << 32 | u64::from(offset)
+}
+
+fn slot_offset(slot: u64) -> usize {
+    (slot as u32 - 1) as usize
+}
+
+impl Table {
+    fn record(&self, offset: usize) -> Record<'_> {
+        let mut r = Reader(&self.data[offset..]);
+        let key = r.field();
+        let body = r.field();
+        Record {
+            key,
+            body,
+            end: self.data.len() - r.0.len(),
+        }
+    }
+
+    /// The slot index and record offset of `key`, whose hash is `hash`.
+    fn find(&self, hash: u64, key: &[u8]) -> Option<(usize, usize)> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let tag = hash >> 32;
+        let mask = self.slots.len() - 1;
+        let mut i = tag as usize & mask;
+        loop {
+            let s = self.slots[i];
+            if s == 0 {
+                return None;
+            }
+            if s >> 32 == tag && self.record(slot_offset(s)).key == key {
+                return Some((i, slot_offset(s)));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn get(&self, hash: u64, key: &[u8]) -> Option<&[u8]> {
+        self.find(hash, key).map(|(_, o)| self.record(o).body)
+    }
+
+    /// Adds a record for a key that is not in the table.
+    fn push(&mut self, hash: u64, key: &[u8], body: &[u8]) {
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            let size = (self.slots.len() * 2).max(8);
+            let old = std::mem::replace(&mut self.slots, vec![0; size].into_boxed_slice());
+            for s in old.iter().filter(|&&s| s != 0) {
+                self.place(*s);
+            }
+        }
+        let offset = self.data.len();
+        put_field(&mut self.data, key);
+        put_field(&mut self.data, body);
+        self.len += 1;
+        self.place(slot(hash, offset));
+    }
+
+    fn place(&mut self, s: u64) {
+        let mask = self.slots.len() - 1;
+        let mut i = (s >> 32) as usize & mask;
+        while self.slots[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = s;
+    }
+
+    /// A copy with `key`'s record replaced by `body`, or added. Built at its
+    /// exact size: a shard copy is kept for as long as its snapshot lives.
+    fn with(&self, hash: u64, key: &[u8], body: &[u8]) -> Table {
+        let added = key.len() + body.len() + 20;
+        let Some((i, offset)) = self.find(hash, key) else {
+            let mut data = Vec::with_capacity(self.data.len() + added);
+            data.extend_from_slice(&self.data);
+            let mut t = Table {
+                slots: self.slots.clone(),
+                len: self.len,
+                data,
+            };
+            t.push(hash, key, body);
+            return t;
+        };
+        let end = self.record(offset).end;
+        let removed = end - offset;
+        let mut data = Vec::with_capacity(self.data.len() - removed + added);
+        data.extend_from_slice(&self.data[..offset]);
+        data.extend_from_slice(&self.data[end..]);
+        let mut slots = self.slots.clone();
+        for s in slots.iter_mut() {
+            // Records after the old one move down by its length; the low
+            // half is at least `end + 1`, so this never borrows from the tag.
+            if *s != 0 && slot_offset(*s) > offset {
+                *s -= removed as u64;
+            }
+        }
+        slots[i] = slot(hash, data.len());
+        put_field(&mut data, key);
+        put_field(&mut data, body);
+        Table {
+            slots,
+            len: self.len,
+            data,
+        }
+    }
+}
+
+/// One shard of users, and the share rules its records name by index.
+#[derive(Debug, Clone, Default)]
+struct UserShard {
+    table: Table,
+    /// Each rule with the number of grants naming it. A rule nobody grants
+    /// any more is dropped and its index reused, so a long-running ACT does
+    /// not collect rules (one per distinct expiry, say).
+    rules: Vec<(Option<Arc<ShareRule>>, u32)>,
+}
+
+impl UserShard {
+    /// The index of `rule`, counting one more grant of it. A scan: a shard
+    /// has a few hundred rules at most, and this runs once per grant change.
+    fn grant(&mut self, rule: ShareRule) -> usize {
+        let mut free = None;
+        for (i, (r, refs)) in self.rules.iter_mut().enumerate() {
+            match r {
+                Some(r) if **r == rule => {
+                    *refs += 1;
+                    return i;
+                }
+                None if free.is_none() => free = Some(i),
+                _ => {}
+            }
+        }
+        let entry = (Some(Arc::new(rule)), 1);
+        match free {
+            Some(i) => {
+                self.rules[i] = entry;
+                i
+            }
+            None => {
+                self.rules.push(entry);
+                self.rules.len() - 1
+            }
+        }
+    }
+
+    /// Forgets the grants of a record that is being replaced.
+    fn release(&mut self, body: &[u8]) {
+        let mut r = Reader(body);
+        r.field();
+        for _ in 0..r.varint() {
+            let (_, _, i) = (r.varint(), r.varint(), r.varint());
+            let (rule, refs) = &mut self.rules[i];
+            *refs -= 1;
+            if *refs == 0 {
+                *rule = None;
+            }
+        }
+    }
+}
+
+/// One user's preferences, validated, before they are packed.
+struct UserRules<'p> {
+    tz: Tz,
+    /// A bit per kind id: collected at any time.
+    always: Vec<u8>,
+    /// Kinds collected only inside these windows.
+    windows: Vec<(u16, &'p [Window])>,
+    /// (provider index, kind id, rule).
+    share: Vec<(u16, u16, ShareRule)>,
+}
+
+/// A user's record body:
+///
+/// ```text
+/// devices   field: the ids of the devices bound to the user, each a field
+/// share     count, then (provider index, kind id, rule index) per grant
+/// always    ceil(kinds / 8) bytes, a bit per kind id
+/// tz        index in chrono_tz::TZ_VARIANTS, two bytes little-endian
+/// windows   count, then (kind id, count, that many spans) per kind
+/// ```
+///
+/// Other integers are varints. Devices and grants come first: a delivery
+/// reads nothing else. `grant` turns a rule into its index in the shard.
+fn pack_user(
+    devices: &[u8],
+    rules: UserRules,
+    mut grant: impl FnMut(ShareRule) -> usize,
+    out: &mut Vec<u8>,
+) {
+    put_field(out, devices);
+    put_varint(out, rules.share.len());
+    for (provider, kind, rule) in rules.share {
+        put_varint(out, provider.into());
+        put_varint(out, kind.into());
+        put_varint(out, grant(rule));
+    }
+    out.extend_from_slice(&rules.always);
+    out.extend_from_slice(&tz_index(rules.tz).to_le_bytes());
+    put_varint(out, rules.windows.len());
+    for (kind, windows) in rules.windows {
+        put_varint(out, kind.into());
+        put_varint(out, windows.len());
+        for w in windows {
+            Span::of(w).write(out);
+        }
+    }
+}
+
+/// A user's record body with `device` removed from its device list, or
+/// added to it.
+fn with_device(body: &[u8], device: &[u8], bound: bool) -> Vec<u8> {
+    let mut r = Reader(body);
+    let mut list = Reader(r.field());
+    let mut packed = Vec::new();
+    while !list.is_empty() {
+        let d = list.field();
+        if d != device {
+            put_field(&mut packed, d);
+        }
+    }
+    if bound {
+        put_field(&mut packed, device);
+    }
+    let mut out = Vec::with_capacity(body.len() + 16);
+    put_field(&mut out, &packed);
+    out.extend_from_slice(r.0);
+    out
+}
+
+fn tz_index(tz: Tz) -> u16 {
+    // `Tz` is a fieldless enum listed in TZ_VARIANTS in declaration order;
+    // the search is only a guard should a release ever reorder them.
+    let i = match chrono_tz::TZ_VARIANTS.get(tz as usize) {
+        Some(t) if *t == tz => tz as usize,
+        _ => chrono_tz::TZ_VARIANTS
+            .iter()
+            .position(|t| *t == tz)
+            .expect("every Tz is in TZ_VARIANTS"),
+    };
+    u16::try_from(i).expect("fewer than 65536 time zones")
+}
+
+/// A collection window in record form. Times are (seconds from midnight,
+/// nanoseconds), which order exactly as `NaiveTime`s do.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    /// Bit `n` set: the window opens on the day `n` days after Monday.
+    days: u8,
+    from: (u32, u32),
+    to: (u32, u32),
+}
+
+impl Span {
+    fn of(w: &Window) -> Span {
+        let time = |t: NaiveTime| (t.num_seconds_from_midnight(), t.nanosecond());
+        Span {
+            days: w.days.iter().fold(0, |m, d| m | day_bit(*d)),
+            from: time(w.from),
+            to: time(w.to),
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(self.days);
+        for v in [self.from.0, self.from.1, self.to.0, self.to.1] {
+            put_varint(out, v as usize);
+        }
+    }
+
+    fn read(r: &mut Reader) -> Span {
+        let days = r.bytes(1)[0];
+        let mut next = || r.varint() as u32;
+        Span {
+            days,
+            from: (next(), next()),
+            to: (next(), next()),
+        }
+    }
+}
+
+fn day_bit(d: Weekday) -> u8 {
+    1 << d.num_days_from_monday()
+}
+
+/// A user's record, found.
+#[derive(Clone, Copy)]
+struct UserRef<'a> {
+    shard: &'a UserShard,
+    body: &'a [u8],
+}
+
+impl<'a> UserRef<'a> {
+    /// A reader past the device list, at the grants.
+    fn grants(&self) -> Reader<'a> {
+        let mut r = Reader(self.body);
+        r.field();
+        r
+    }
+
+    fn has_device(&self, device: &str) -> bool {
+        let mut list = Reader(Reader(self.body).field());
+        while !list.is_empty() {
+            if list.field() == device.as_bytes() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The rule under which `kind` is shared with the provider `id`;
+    /// `providers` are the provider ids by index. Comparing the names of
+    /// the few providers granted this kind costs less than a map lookup.
+    fn share_rule(&self, providers: &[String], id: &str, kind: u16) -> Option<&'a ShareRule> {
+        let mut r = self.grants();
+        for _ in 0..r.varint() {
+            let (p, k, i) = (r.varint(), r.varint(), r.varint());
+            if k == usize::from(kind) && providers.get(p).is_some_and(|p| p == id) {
+                return self.shard.rules[i].0.as_deref();
+            }
+        }
+        None
+    }
+
+    fn may_collect(&self, kind: u16, kinds: usize, now: DateTime<Utc>) -> Result<(), Deny> {
+        let mut r = self.grants();
+        for _ in 0..r.varint() * 3 {
+            r.varint();
+        }
+        let always = r.bytes(always_len(kinds));
+        if always[usize::from(kind / 8)] & (1 << (kind % 8)) != 0 {
+            return Ok(());
+        }
+        let tz = r.bytes(2);
+        let tz = chrono_tz::TZ_VARIANTS[usize::from(u16::from_le_bytes([tz[0], tz[1]]))];
+        for _ in 0..r.varint() {
+            let (k, n) = (r.varint(), r.varint());
+            if k == usize::from(kind) {
+                let spans = (0..n).map(|_| Span::read(&mut r));
+                return if in_windows(spans, tz, now) {
+                    Ok(())
+                } else {
+                    Err(Deny::OutsideWindow)
+                };
+            }
+            for _ in 0..n {
+                Span::read(&mut r);
+            }
+        }
+        Err(Deny::NoCollectConsent)
+    }
+}
+
+fn always_len(kinds: usize) -> usize {
+    kinds.div_ceil(8).max(1)
 }
 
 // === impl Act ===
@@ -300,58 +738,133 @@ impl Act {
             kinds: kinds.to_vec(),
             kind_ids,
             providers,
+            provider_ids: dir.providers.iter().map(|p| p.id.clone()).collect(),
             users: Vec::new(),
             devices: Vec::new(),
             acl,
-            shard_of: foldhash::fast::RandomState::default(),
-            rules: Arc::default(),
+            hasher: foldhash::fast::RandomState::default(),
         };
 
-        let mut users: Vec<FastMap<Box<str>, UserRules>> =
-            (0..SHARDS).map(|_| FastMap::default()).collect();
+        // Each user's devices, as lists threaded through `next_device`, so
+        // that a user's record is written once, devices included.
+        let mut user_index: FastMap<&str, u32> = FastMap::default();
+        user_index.reserve(dir.users.len());
+        for (i, u) in dir.users.iter().enumerate() {
+            user_index.entry(u.id.as_str()).or_insert(i as u32);
+        }
+        let mut first_device = vec![u32::MAX; dir.users.len()];
+        let mut next_device = vec![u32::MAX; dir.devices.len()];
+        for (j, d) in dir.devices.iter().enumerate().rev() {
+            if let Some(&i) = user_index.get(d.user.as_str()) {
+                next_device[j] = first_device[i as usize];
+                first_device[i as usize] = j as u32;
+            }
+        }
+        drop(user_index);
+
+        let mut users: Vec<UserShard> = (0..SHARDS).map(|_| UserShard::default()).collect();
+        // Equal rules are one allocation, whatever their shards: a decision
+        // then reads a rule that is already in cache. Each shard's index of
+        // a rule is found by its address (`UserShard::grant` scans, which
+        // would be quadratic over a shard of distinct rules).
+        let mut interned: FastSet<Arc<ShareRule>> = FastSet::default();
+        let mut known: FastMap<(usize, *const ShareRule), usize> = FastMap::default();
         let prefs: FastMap<&str, &Preferences> = dir
             .preferences
             .iter()
             .map(|p| (p.user.as_str(), p))
             .collect();
-        for u in &dir.users {
+        let (mut devices, mut body) = (Vec::new(), Vec::new());
+        for (i, u) in dir.users.iter().enumerate() {
             let tz = parse_tz(&u.id, &u.time_zone)?;
             let rules = act.user_rules(&u.id, tz, prefs.get(u.id.as_str()).copied())?;
-            let shard = act.shard(&u.id);
-            if users[shard].insert(u.id.as_str().into(), rules).is_some() {
+            let hash = act.hash(&u.id);
+            let s = hash as usize % SHARDS;
+            if users[s].table.find(hash, u.id.as_bytes()).is_some() {
                 return Err(CompileError::Duplicate {
                     what: "user",
                     id: u.id.clone(),
                 });
             }
+            devices.clear();
+            let mut j = first_device[i];
+            while j != u32::MAX {
+                put_field(&mut devices, dir.devices[j as usize].id.as_bytes());
+                j = next_device[j as usize];
+            }
+            body.clear();
+            let shard = &mut users[s];
+            pack_user(
+                &devices,
+                rules,
+                |rule| {
+                    let rule = match interned.get(&rule) {
+                        Some(r) => r.clone(),
+                        None => {
+                            let r = Arc::new(rule);
+                            interned.insert(r.clone());
+                            r
+                        }
+                    };
+                    let i = *known.entry((s, Arc::as_ptr(&rule))).or_insert_with(|| {
+                        shard.rules.push((Some(rule), 0));
+                        shard.rules.len() - 1
+                    });
+                    shard.rules[i].1 += 1;
+                    i
+                },
+                &mut body,
+            );
+            shard.table.push(hash, u.id.as_bytes(), &body);
         }
+        drop((interned, known, first_device, next_device));
+        let user_exists = |users: &[UserShard], id: &str| act.user_in(users, id).is_some();
         for p in &dir.preferences {
-            if !users[act.shard(&p.user)].contains_key(p.user.as_str()) {
+            if !user_exists(&users, &p.user) {
                 return Err(CompileError::PrefUser(p.user.clone()));
             }
         }
-        let mut devices: Vec<FastMap<Box<str>, Box<str>>> =
-            (0..SHARDS).map(|_| FastMap::default()).collect();
+        let mut device_shards: Vec<Table> = (0..SHARDS).map(|_| Table::default()).collect();
         for d in &dir.devices {
-            if !users[act.shard(&d.user)].contains_key(d.user.as_str()) {
+            if !user_exists(&users, &d.user) {
                 return Err(CompileError::DeviceUser {
                     device: d.id.clone(),
                     user: d.user.clone(),
                 });
             }
-            let shard = act.shard(&d.id);
-            if devices[shard]
-                .insert(d.id.as_str().into(), d.user.as_str().into())
-                .is_some()
-            {
+            let hash = act.hash(&d.id);
+            let shard = &mut device_shards[hash as usize % SHARDS];
+            if shard.find(hash, d.id.as_bytes()).is_some() {
                 return Err(CompileError::Duplicate {
                     what: "device",
                     id: d.id.clone(),
                 });
             }
+            shard.push(hash, d.id.as_bytes(), d.user.as_bytes());
         }
-        act.users = users.into_iter().map(Arc::new).collect();
-        act.devices = devices.into_iter().map(Arc::new).collect();
+        // The small parts of the shards, which every decision reads, are
+        // allocated last and in one run, so they sit together in memory.
+        for s in &mut users {
+            s.table.data.shrink_to_fit();
+        }
+        let rules: Vec<_> = users.iter().map(|s| s.rules.clone()).collect();
+        act.users = users
+            .into_iter()
+            .zip(rules)
+            .map(|(s, rules)| {
+                Arc::new(UserShard {
+                    table: s.table,
+                    rules,
+                })
+            })
+            .collect();
+        act.devices = device_shards
+            .into_iter()
+            .map(|mut t| {
+                t.data.shrink_to_fit();
+                Arc::new(t)
+            })
+            .collect();
         Ok(act)
     }
 
@@ -365,9 +878,27 @@ impl Act {
     ) -> Result<Act, CompileError> {
         let tz = parse_tz(&user.id, &user.time_zone)?;
         let rules = self.user_rules(&user.id, tz, prefs)?;
-        let i = self.shard(&user.id);
-        let mut shard = (*self.users[i]).clone();
-        shard.insert(user.id.as_str().into(), rules);
+        let hash = self.hash(&user.id);
+        let i = hash as usize % SHARDS;
+        let old = &*self.users[i];
+        let old_body = old.table.get(hash, user.id.as_bytes());
+        let mut rules_of_shard = UserShard {
+            table: Table::default(),
+            rules: old.rules.clone(),
+        };
+        let mut body = Vec::new();
+        // The devices stay: they are bound by `with_device`, not by preferences.
+        let devices = old_body.map_or(&[][..], |b| Reader(b).field());
+        pack_user(devices, rules, |r| rules_of_shard.grant(r), &mut body);
+        // Released after granting, so that rules the user keeps are found
+        // again rather than dropped and rebuilt.
+        if let Some(b) = old_body {
+            rules_of_shard.release(b);
+        }
+        let shard = UserShard {
+            table: old.table.with(hash, user.id.as_bytes(), &body),
+            rules: rules_of_shard.rules,
+        };
         let mut users = self.users.clone();
         users[i] = Arc::new(shard);
         Ok(self.next(version, users, self.devices.clone()))
@@ -381,71 +912,79 @@ impl Act {
                 user: user.into(),
             });
         }
-        let i = self.shard(device);
-        let mut shard = (*self.devices[i]).clone();
-        shard.insert(device.into(), user.into());
+        let hash = self.hash(device);
+        let d = hash as usize % SHARDS;
+        let old_user = self.devices[d].get(hash, device.as_bytes());
+        if old_user == Some(user.as_bytes()) {
+            return Ok(self.next(version, self.users.clone(), self.devices.clone()));
+        }
+        let mut users = self.users.clone();
+        let mut rebind = |id: &[u8], bound: bool| {
+            let hash = self.hasher.hash_one(id);
+            let i = hash as usize % SHARDS;
+            let shard = &*users[i];
+            let body = shard
+                .table
+                .get(hash, id)
+                .expect("a bound device's user exists");
+            let body = with_device(body, device.as_bytes(), bound);
+            users[i] = Arc::new(UserShard {
+                table: shard.table.with(hash, id, &body),
+                rules: shard.rules.clone(),
+            });
+        };
+        if let Some(old) = old_user {
+            rebind(old, false);
+        }
+        rebind(user.as_bytes(), true);
         let mut devices = self.devices.clone();
-        devices[i] = Arc::new(shard);
-        Ok(self.next(version, self.users.clone(), devices))
+        devices[d] = Arc::new(self.devices[d].with(hash, device.as_bytes(), user.as_bytes()));
+        Ok(self.next(version, users, devices))
     }
 
-    fn next(&self, version: u64, users: Shards<UserRules>, devices: Shards<Box<str>>) -> Act {
+    fn next(&self, version: u64, users: Vec<Arc<UserShard>>, devices: Vec<Arc<Table>>) -> Act {
         Act {
             version,
             templates: self.templates.clone(),
             kinds: self.kinds.clone(),
             kind_ids: self.kind_ids.clone(),
-            providers: self
-                .providers
-                .iter()
-                .map(|(k, p)| {
-                    (
-                        k.clone(),
-                        ProviderRules {
-                            index: p.index,
-                            role: p.role,
-                            requested: p.requested.clone(),
-                            purposes: p.purposes.clone(),
-                        },
-                    )
-                })
-                .collect(),
+            providers: self.providers.clone(),
+            provider_ids: self.provider_ids.clone(),
             users,
             devices,
             acl: self.acl.clone(),
-            shard_of: self.shard_of.clone(),
-            rules: self.rules.clone(),
+            hasher: self.hasher.clone(),
         }
     }
 
-    fn shard(&self, key: &str) -> usize {
-        (self.shard_of.hash_one(key) as usize) % SHARDS
+    /// Ids are hashed as bytes everywhere, so that an id read back from a
+    /// record hashes as the one given.
+    fn hash(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id.as_bytes())
     }
 
-    fn user(&self, id: &str) -> Option<&UserRules> {
-        self.users[self.shard(id)].get(id)
+    fn user(&self, id: &str) -> Option<UserRef<'_>> {
+        let hash = self.hash(id);
+        let shard = &*self.users[hash as usize % SHARDS];
+        let body = shard.table.get(hash, id.as_bytes())?;
+        Some(UserRef { shard, body })
     }
 
-    fn intern(&self, rule: ShareRule) -> Arc<ShareRule> {
-        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((existing, _)) = rules.get_key_value(&rule) {
-            return existing.clone();
-        }
-        let rule = Arc::new(rule);
-        rules.insert(rule.clone(), ());
-        rule
+    fn user_in<'s>(&self, users: &'s [UserShard], id: &str) -> Option<&'s [u8]> {
+        let hash = self.hash(id);
+        users[hash as usize % SHARDS].table.get(hash, id.as_bytes())
     }
 
     /// Compiles and validates one user's preferences.
-    fn user_rules(
+    fn user_rules<'p>(
         &self,
         user: &str,
         tz: Tz,
-        prefs: Option<&Preferences>,
-    ) -> Result<UserRules, CompileError> {
-        let mut always = vec![0u64; self.kinds.len().div_ceil(64).max(1)];
+        prefs: Option<&'p Preferences>,
+    ) -> Result<UserRules<'p>, CompileError> {
+        let mut always = vec![0u8; always_len(self.kinds.len())];
         let mut windows = Vec::new();
-        let mut share: Vec<(u16, u16, Arc<ShareRule>)> = Vec::new();
+        let mut share: Vec<(u16, u16, ShareRule)> = Vec::new();
         let kind_id = |kind: &str| {
             self.kind_ids
                 .get(kind)
@@ -458,9 +997,9 @@ impl Act {
         for grant in prefs.map(|p| p.collect.as_slice()).unwrap_or_default() {
             let id = kind_id(&grant.kind)?;
             if grant.windows.is_empty() {
-                always[id as usize / 64] |= 1 << (id % 64);
+                always[usize::from(id / 8)] |= 1 << (id % 8);
             } else {
-                windows.push((id, grant.windows.clone().into_boxed_slice()));
+                windows.push((id, grant.windows.as_slice()));
             }
         }
         for grant in prefs.map(|p| p.share.as_slice()).unwrap_or_default() {
@@ -521,18 +1060,18 @@ impl Act {
                     kind: grant.kind.clone(),
                 });
             }
-            let rule = self.intern(ShareRule {
+            let rule = ShareRule {
                 purpose: grant.purpose.clone(),
                 view: Arc::new(view),
                 expires: grant.expires,
-            });
+            };
             share.push((provider.index, id, rule));
         }
         Ok(UserRules {
             tz,
-            always: always.into_boxed_slice(),
-            windows: windows.into_boxed_slice(),
-            share: share.into_boxed_slice(),
+            always,
+            windows,
+            share,
         })
     }
 
@@ -542,7 +1081,9 @@ impl Act {
 
     /// The user a device is bound to.
     pub fn device_user(&self, device: &str) -> Option<&str> {
-        self.devices[self.shard(device)].get(device).map(|u| &**u)
+        let hash = self.hash(device);
+        let user = self.devices[hash as usize % SHARDS].get(hash, device.as_bytes())?;
+        std::str::from_utf8(user).ok()
     }
 
     pub fn is_provider(&self, id: &str) -> bool {
@@ -603,13 +1144,14 @@ impl Act {
             Class::UnknownPersonal => Err(Deny::UnknownTopic),
             Class::Personal(r, kind_id) => {
                 let kind = &self.kinds[kind_id as usize];
-                match who {
-                    // The binding in force, not the one seen at CONNECT.
-                    Principal::Device { id, .. } => {
-                        if id != r.device || self.device_user(id) != Some(r.user) {
-                            return Err(Deny::Misattributed);
-                        }
-                    }
+                let user = match who {
+                    // The binding in force, not the one seen at CONNECT: the
+                    // device must be in the user's record now.
+                    Principal::Device { id, .. } => (id == r.device)
+                        .then(|| self.user(r.user))
+                        .flatten()
+                        .filter(|u| u.has_device(r.device))
+                        .ok_or(Deny::Misattributed)?,
                     // The data service provider's own processing publishes
                     // derived kinds (X.1363 10.1); nobody else may publish
                     // into the personal-data space.
@@ -621,20 +1163,11 @@ impl Act {
                         if !(is_data && kind.derived) {
                             return Err(Deny::NotADevice);
                         }
+                        self.user(r.user).ok_or(Deny::UnknownUser)?
                     }
                     Principal::Anonymous => return Err(Deny::NotADevice),
-                }
-                let rules = self.user(r.user).ok_or(Deny::UnknownUser)?;
-                if rules.always[kind_id as usize / 64] & (1 << (kind_id % 64)) == 0 {
-                    let windows = rules
-                        .windows
-                        .iter()
-                        .find(|(k, _)| *k == kind_id)
-                        .ok_or(Deny::NoCollectConsent)?;
-                    if !in_windows(&windows.1, rules.tz, now) {
-                        return Err(Deny::OutsideWindow);
-                    }
-                }
+                };
+                user.may_collect(kind_id, self.kinds.len(), now)?;
                 Ok(Ingress::Personal { kind, resolved: r })
             }
         }
@@ -703,17 +1236,13 @@ impl Act {
                 let Principal::Provider { id } = who else {
                     return Err(Deny::NotAProvider);
                 };
-                let rules = self.user(r.user).ok_or(Deny::UnknownUser)?;
+                let user = self.user(r.user).ok_or(Deny::UnknownUser)?;
                 // A device whose binding was removed no longer speaks for its user.
-                if self.device_user(r.device) != Some(r.user) {
+                if !user.has_device(r.device) {
                     return Err(Deny::Misattributed);
                 }
-                let provider = self.providers.get(id).ok_or(Deny::NoShareConsent)?;
-                let rule = rules
-                    .share
-                    .iter()
-                    .find(|(p, k, _)| *p == provider.index && *k == kind_id)
-                    .map(|(_, _, rule)| &**rule)
+                let rule = user
+                    .share_rule(&self.provider_ids, id, kind_id)
                     .ok_or(Deny::NoShareConsent)?;
                 if rule.expires.is_some_and(|e| e <= now) {
                     return Err(Deny::Expired);
@@ -728,17 +1257,18 @@ impl Act {
     }
 }
 
-fn in_windows(windows: &[Window], tz: Tz, now: DateTime<Utc>) -> bool {
+fn in_windows(spans: impl IntoIterator<Item = Span>, tz: Tz, now: DateTime<Utc>) -> bool {
     let local = now.with_timezone(&tz);
-    let (day, time) = (local.weekday(), local.time());
-    windows.iter().any(|w| {
+    let day = local.weekday();
+    let time = (local.num_seconds_from_midnight(), local.nanosecond());
+    let on = |w: &Span, d: Weekday| w.days & day_bit(d) != 0;
+    spans.into_iter().any(|w| {
         if w.from < w.to {
-            w.days.contains(&day) && w.from <= time && time < w.to
+            on(&w, day) && w.from <= time && time < w.to
         } else {
             // Wraps midnight: the evening belongs to the listed day, the
             // early morning to the day after it.
-            (w.days.contains(&day) && time >= w.from)
-                || (w.days.contains(&day.pred()) && time < w.to)
+            (on(&w, day) && time >= w.from) || (on(&w, day.pred()) && time < w.to)
         }
     })
 }
@@ -1025,10 +1555,11 @@ mod tests {
         };
         let tz: Tz = "UTC".parse().unwrap();
         let at = |d, h| Utc.with_ymd_and_hms(2026, 11, d, h, 0, 0).unwrap();
-        assert!(in_windows(std::slice::from_ref(&w), tz, at(27, 23))); // Fri 23:00
-        assert!(in_windows(std::slice::from_ref(&w), tz, at(28, 5))); // Sat 05:00
-        assert!(!in_windows(std::slice::from_ref(&w), tz, at(28, 6)));
-        assert!(!in_windows(std::slice::from_ref(&w), tz, at(27, 21)));
+        let w = [Span::of(&w)];
+        assert!(in_windows(w, tz, at(27, 23))); // Fri 23:00
+        assert!(in_windows(w, tz, at(28, 5))); // Sat 05:00
+        assert!(!in_windows(w, tz, at(28, 6)));
+        assert!(!in_windows(w, tz, at(27, 21)));
     }
 
     #[test]
@@ -1187,5 +1718,324 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, CompileError::PrefKind { .. }), "{err}");
+    }
+
+    fn user(id: &str) -> User {
+        User {
+            id: id.into(),
+            time_zone: "UTC".into(),
+            jurisdiction: None,
+        }
+    }
+
+    #[test]
+    fn devices_move_between_users() {
+        let a = act(vec![alice_prefs()], Acl::deny_all());
+        let fit = prov("fitcoach");
+        let hr = "pii/alice/alice-watch/heart_rate";
+        assert_eq!(a.device_user("alice-watch"), Some("alice"));
+        assert_eq!(a.device_user("nobody"), None);
+        assert!(matches!(
+            a.with_device(2, "x", "carol"),
+            Err(CompileError::DeviceUser { .. })
+        ));
+
+        let a = a.with_device(2, "alice-phone", "alice").unwrap();
+        assert_eq!(a.version, 2);
+        assert_eq!(a.device_user("alice-phone"), Some("alice"));
+        assert!(a
+            .deliver(&fit, "pii/alice/alice-phone/heart_rate", now())
+            .is_ok());
+        assert!(a.deliver(&fit, hr, now()).is_ok());
+        // Binding a device again to its own user changes nothing.
+        let a = a.with_device(3, "alice-phone", "alice").unwrap();
+        assert!(a
+            .deliver(&fit, "pii/alice/alice-phone/heart_rate", now())
+            .is_ok());
+
+        let moved = a.with_device(4, "alice-watch", "bob").unwrap();
+        assert_eq!(moved.device_user("alice-watch"), Some("bob"));
+        assert_eq!(
+            moved.deliver(&fit, hr, now()).map(|_| ()),
+            Err(Deny::Misattributed)
+        );
+        assert_eq!(
+            moved
+                .ingress(&dev("alice-watch", "alice"), hr, now())
+                .map(|_| ()),
+            Err(Deny::Misattributed)
+        );
+        // Under bob it is bound, and bob's own (missing) consent decides.
+        assert_eq!(
+            moved
+                .ingress(
+                    &dev("alice-watch", "bob"),
+                    "pii/bob/alice-watch/heart_rate",
+                    now()
+                )
+                .map(|_| ()),
+            Err(Deny::NoCollectConsent)
+        );
+        // Alice's other devices and the snapshot before stay as they were.
+        assert!(moved
+            .deliver(&fit, "pii/alice/alice-phone/heart_rate", now())
+            .is_ok());
+        assert!(a.deliver(&fit, hr, now()).is_ok());
+    }
+
+    #[test]
+    fn user_changes_keep_devices_and_other_users() {
+        let a = act(vec![alice_prefs()], Acl::deny_all());
+        let fit = prov("fitcoach");
+        let mut prefs = alice_prefs();
+        prefs.share.remove(0);
+        let b = a.with_user(2, &user("alice"), Some(&prefs)).unwrap();
+        assert_eq!(
+            b.deliver(&fit, "pii/alice/alice-watch/heart_rate", now())
+                .map(|_| ()),
+            Err(Deny::NoShareConsent)
+        );
+        assert!(b
+            .deliver(&fit, "pii/alice/alice-watch/location", now())
+            .is_ok());
+        assert_eq!(b.device_user("alice-watch"), Some("alice"));
+        assert!(b
+            .ingress(
+                &dev("alice-watch", "alice"),
+                "pii/alice/alice-watch/steps",
+                now()
+            )
+            .is_ok());
+        // The old snapshot is untouched.
+        assert!(a
+            .deliver(&fit, "pii/alice/alice-watch/heart_rate", now())
+            .is_ok());
+
+        // A new user, then a device for them.
+        let c = b.with_user(3, &user("carol"), None).unwrap();
+        let c = c.with_device(4, "carol-ring", "carol").unwrap();
+        assert_eq!(
+            c.deliver(&fit, "pii/carol/carol-ring/heart_rate", now())
+                .map(|_| ()),
+            Err(Deny::NoShareConsent)
+        );
+        let mut carol = alice_prefs();
+        carol.user = "carol".into();
+        let c = c.with_user(5, &user("carol"), Some(&carol)).unwrap();
+        assert!(c
+            .deliver(&fit, "pii/carol/carol-ring/heart_rate", now())
+            .is_ok());
+        assert_eq!(c.device_user("carol-ring"), Some("carol"));
+        assert!(matches!(
+            c.with_user(
+                6,
+                &user("carol"),
+                Some(&{
+                    let mut p = carol.clone();
+                    p.share[0].provider = "nobody".into();
+                    p
+                })
+            ),
+            Err(CompileError::PrefProvider { .. })
+        ));
+    }
+
+    #[test]
+    fn rules_nobody_grants_are_dropped() {
+        let mut a = act(vec![alice_prefs()], Acl::deny_all());
+        for day in 1..50 {
+            let mut prefs = alice_prefs();
+            prefs.share[0].expires = Some(now() + chrono::Duration::days(day));
+            a = a
+                .with_user(day as u64 + 1, &user("alice"), Some(&prefs))
+                .unwrap();
+        }
+        let shard = &a.users[a.hash("alice") as usize % SHARDS];
+        let live = shard.rules.iter().filter(|(r, _)| r.is_some()).count();
+        assert_eq!(live, 2);
+        assert!(shard.rules.len() <= 3, "{}", shard.rules.len());
+        assert_eq!(shard.rules.iter().map(|(_, n)| n).sum::<u32>(), 2);
+        match a.deliver(&prov("fitcoach"), "pii/alice/alice-watch/heart_rate", now()) {
+            Ok(Delivery::Personal { rule, .. }) => {
+                assert_eq!(rule.expires, Some(now() + chrono::Duration::days(49)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tables_grow_and_replace() {
+        let hasher = foldhash::fast::RandomState::default();
+        let key = |i: usize| format!("key-{i}-{}", "x".repeat(i % 200));
+        let mut t = Table::default();
+        for i in 0..2000 {
+            let k = key(i);
+            t.push(
+                hasher.hash_one(k.as_bytes()),
+                k.as_bytes(),
+                &vec![i as u8; i % 300],
+            );
+        }
+        for i in (0..2000).step_by(7) {
+            let k = key(i);
+            t = t.with(hasher.hash_one(k.as_bytes()), k.as_bytes(), &[1, 2, 3]);
+        }
+        let k = key(5000);
+        t = t.with(hasher.hash_one(k.as_bytes()), k.as_bytes(), b"new");
+        assert_eq!(t.len, 2001);
+        for i in 0..2000 {
+            let k = key(i);
+            let want = if i % 7 == 0 {
+                vec![1, 2, 3]
+            } else {
+                vec![i as u8; i % 300]
+            };
+            assert_eq!(
+                t.get(hasher.hash_one(k.as_bytes()), k.as_bytes()),
+                Some(&want[..])
+            );
+        }
+        assert_eq!(
+            t.get(hasher.hash_one(k.as_bytes()), k.as_bytes()),
+            Some(&b"new"[..])
+        );
+        assert_eq!(t.get(hasher.hash_one(&b"absent"[..]), b"absent"), None);
+    }
+
+    #[test]
+    fn many_kinds_providers_and_long_ids() {
+        // Indexes and lengths past 127 take two varint bytes; more than
+        // eight kinds take more than one byte of bits.
+        let kinds: Vec<Kind> = (0..150)
+            .map(|i| Kind {
+                name: format!("k{i}"),
+                category: PiiCategory::Behavioral,
+                sensitive: false,
+                format: PayloadFormat::Json,
+                fields: vec!["v".into()],
+                undeclared: Undeclared::Strip,
+                derived: false,
+            })
+            .collect();
+        let names: Vec<&str> = kinds.iter().map(|k| k.name.as_str()).collect();
+        let uid = "u".repeat(300);
+        let did = "d".repeat(200);
+        let mut d = Directory {
+            users: vec![User {
+                id: uid.clone(),
+                time_zone: "Pacific/Auckland".into(),
+                jurisdiction: None,
+            }],
+            devices: vec![Device {
+                id: did.clone(),
+                user: uid.clone(),
+                password_hash: None,
+                cert_sha256: None,
+            }],
+            providers: (0..200)
+                .map(|i| provider(&format!("p{i}"), "all", &names))
+                .collect(),
+            ..Default::default()
+        };
+        let window = Window {
+            days: vec![Weekday::Mon],
+            from: NaiveTime::from_hms_opt(0, 0, 0).unwrap(),
+            to: NaiveTime::from_hms_nano_opt(23, 59, 59, 999_999_999).unwrap(),
+        };
+        d.preferences = vec![Preferences {
+            user: uid.clone(),
+            version: 1,
+            collect: vec![
+                CollectGrant {
+                    kind: "k140".into(),
+                    windows: vec![],
+                },
+                CollectGrant {
+                    kind: "k9".into(),
+                    windows: vec![Window {
+                        days: vec![Weekday::Sun],
+                        ..window.clone()
+                    }],
+                },
+                CollectGrant {
+                    kind: "k130".into(),
+                    windows: vec![window],
+                },
+            ],
+            share: vec![ShareGrant {
+                provider: "p199".into(),
+                purpose: "all".into(),
+                kind: "k149".into(),
+                mask: Default::default(),
+                expires: None,
+            }],
+        }];
+        let a = Act::compile(
+            1,
+            &["pii/{user}/{device}/{kind}".to_string()],
+            &kinds,
+            &d,
+            Acl::deny_all(),
+        )
+        .unwrap();
+        let me = dev(&did, &uid);
+        let topic = |k: &str| format!("pii/{uid}/{did}/{k}");
+        // 10:00 UTC on Monday 23 November is 23:00 on Monday in Auckland.
+        let ingress = |k: &str| a.ingress(&me, &topic(k), now()).map(|_| ());
+        assert_eq!(ingress("k140"), Ok(()));
+        assert_eq!(ingress("k130"), Ok(()));
+        assert_eq!(ingress("k9"), Err(Deny::OutsideWindow));
+        assert_eq!(ingress("k8"), Err(Deny::NoCollectConsent));
+        assert!(a.deliver(&prov("p199"), &topic("k149"), now()).is_ok());
+        assert_eq!(
+            a.deliver(&prov("p198"), &topic("k149"), now()).map(|_| ()),
+            Err(Deny::NoShareConsent)
+        );
+        assert_eq!(
+            a.deliver(&prov("p199"), &topic("k148"), now()).map(|_| ()),
+            Err(Deny::NoShareConsent)
+        );
+        assert_eq!(a.device_user(&did), Some(uid.as_str()));
+    }
+
+    #[test]
+    fn time_zones_round_trip() {
+        for tz in chrono_tz::TZ_VARIANTS {
+            assert_eq!(chrono_tz::TZ_VARIANTS[usize::from(tz_index(tz))], tz);
+        }
+    }
+
+    #[test]
+    fn compile_rejects_duplicates_and_strays() {
+        let compile = |d: &Directory| {
+            Act::compile(
+                1,
+                &["pii/{user}/{device}/{kind}".to_string()],
+                &kinds(),
+                d,
+                Acl::deny_all(),
+            )
+        };
+        let mut d = dir(vec![]);
+        d.users.push(d.users[0].clone());
+        assert!(matches!(
+            compile(&d),
+            Err(CompileError::Duplicate { what: "user", .. })
+        ));
+        let mut d = dir(vec![]);
+        d.devices.push(d.devices[0].clone());
+        assert!(matches!(
+            compile(&d),
+            Err(CompileError::Duplicate { what: "device", .. })
+        ));
+        let mut d = dir(vec![]);
+        d.devices[1].user = "carol".into();
+        assert!(matches!(compile(&d), Err(CompileError::DeviceUser { .. })));
+        let mut p = alice_prefs();
+        p.user = "carol".into();
+        assert!(matches!(
+            compile(&dir(vec![p])),
+            Err(CompileError::PrefUser(_))
+        ));
     }
 }

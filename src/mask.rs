@@ -578,12 +578,21 @@ mod tests {
         let yes = |p: &[u8]| json_keys_all_declared(p, &declared);
         assert!(yes(br#"{"bpm": 72}"#));
         assert!(yes(br#" {} "#));
-        assert!(yes(br#"{"bpm": {"deep": [1, "x"]}}"#), "a declared field's value is not inspected");
+        assert!(
+            yes(br#"{"bpm": {"deep": [1, "x"]}}"#),
+            "a declared field's value is not inspected"
+        );
         assert!(!yes(br#"{"bpm": 72, "name": "A"}"#));
-        assert!(!yes(br#"{"pos": {"lat": 1}}"#), "nested declarations take the full path");
+        assert!(
+            !yes(br#"{"pos": {"lat": 1}}"#),
+            "nested declarations take the full path"
+        );
         assert!(!yes(br#"{"bpm": 72} trailing"#));
         assert!(!yes(br#"{"bpm": 72"#));
-        assert!(!yes(br#"{"b\u0070m": 72}"#), "escaped keys take the full path");
+        assert!(
+            !yes(br#"{"b\u0070m": 72}"#),
+            "escaped keys take the full path"
+        );
         assert!(!yes(br#"[1, 2]"#));
         // And the full path still decides those.
         let p = Bytes::from_static(br#"{"bpm": 72} trailing"#);

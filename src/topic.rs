@@ -38,6 +38,9 @@ pub struct Template {
     levels: Vec<Level>,
     /// Number of literal levels before the first placeholder.
     prefix_len: usize,
+    /// Those literal levels joined, with the `/` that ends them: resolving
+    /// (once per decision) checks the whole prefix with one comparison.
+    prefix: String,
 }
 
 /// The parts of a personal-data topic.
@@ -81,10 +84,18 @@ impl Template {
         if prefix_len == 0 {
             return Err(TemplateError::NoPrefix(source.into()));
         }
+        let mut prefix = String::new();
+        for level in &levels[..prefix_len] {
+            if let Level::Literal(lit) = level {
+                prefix.push_str(lit);
+                prefix.push('/');
+            }
+        }
         Ok(Template {
             source: source.into(),
             levels,
             prefix_len,
+            prefix,
         })
     }
 
@@ -94,7 +105,7 @@ impl Template {
 
     /// Does `topic` fall in the space this template claims?
     pub fn claims(&self, topic: &str) -> bool {
-        let mut parts = topic.split('/');
+        let mut parts = levels(topic);
         self.levels[..self.prefix_len].iter().all(|l| match l {
             Level::Literal(lit) => parts.next() == Some(lit.as_str()),
             _ => false,
@@ -103,8 +114,8 @@ impl Template {
 
     pub fn resolve<'a>(&self, topic: &'a str) -> Option<Resolved<'a>> {
         let (mut user, mut device, mut kind) = (None, None, None);
-        let mut parts = topic.split('/');
-        for level in &self.levels {
+        let mut parts = levels(topic.strip_prefix(self.prefix.as_str())?);
+        for level in &self.levels[self.prefix_len..] {
             let part = parts.next()?;
             match level {
                 Level::Literal(lit) if lit == part => {}
@@ -130,7 +141,7 @@ impl Template {
     /// carrying `kind`? Placeholders for user and device match any level;
     /// the kind placeholder matches only the kind's own name.
     pub fn filter_may_match(&self, filter: &str, kind: &str) -> bool {
-        let mut f = filter.split('/');
+        let mut f = levels(filter);
         for level in &self.levels {
             match f.next() {
                 None => return false,
@@ -154,7 +165,7 @@ impl Template {
 
     /// Could `filter` match anything in this template's topic space?
     pub fn filter_overlaps_space(&self, filter: &str) -> bool {
-        let mut f = filter.split('/');
+        let mut f = levels(filter);
         for level in &self.levels[..self.prefix_len] {
             match (f.next(), level) {
                 (None, _) => return false,
@@ -168,6 +179,35 @@ impl Template {
     }
 }
 
+/// `s.split('/')` for the per-message paths: levels are a few bytes long,
+/// and a plain byte scan finds the separator sooner than the general char
+/// searcher, which sets up a memchr call per level.
+fn levels(s: &str) -> Levels<'_> {
+    Levels(Some(s))
+}
+
+struct Levels<'a>(Option<&'a str>);
+
+impl<'a> Iterator for Levels<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let rest = self.0?;
+        // `/` is ASCII, so it never occurs inside a multi-byte character and
+        // both cuts fall on character boundaries.
+        match rest.bytes().position(|b| b == b'/') {
+            Some(i) => {
+                self.0 = Some(&rest[i + 1..]);
+                Some(&rest[..i])
+            }
+            None => {
+                self.0 = None;
+                Some(rest)
+            }
+        }
+    }
+}
+
 /// MQTT topic-filter matching (OASIS MQTT 3.1.1 §4.7, 5.0 §4.7), used for the
 /// plain ACL of non-personal topics. `$`-topics are not matched by a leading
 /// wildcard.
@@ -175,8 +215,8 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
-    let mut t = topic.split('/');
-    for f in filter.split('/') {
+    let mut t = levels(topic);
+    for f in levels(filter) {
         match f {
             "#" => return true,
             "+" => {
@@ -197,8 +237,8 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 /// Does filter `a` cover every topic that filter `b` can match? Used to ask
 /// whether an ACL rule grants a whole subscription.
 pub fn filter_covers(a: &str, b: &str) -> bool {
-    let mut bl = b.split('/');
-    for fa in a.split('/') {
+    let mut bl = levels(b);
+    for fa in levels(a) {
         match (fa, bl.next()) {
             ("#", _) => return true,
             (_, None) => return false,
@@ -223,19 +263,25 @@ pub fn strip_shared(filter: &str) -> Option<&str> {
 }
 
 pub fn valid_topic_name(topic: &str) -> bool {
-    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+    // Bytes rather than chars: the three are ASCII, which UTF-8 never uses
+    // inside a multi-byte character. A fold, not `any`: without the early
+    // exit the loop is vectorized, and this runs on every publish.
+    let bad = topic
+        .bytes()
+        .fold(false, |bad, b| bad | (b == b'+') | (b == b'#') | (b == 0));
+    !topic.is_empty() && !bad
 }
 
 pub fn valid_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.contains('\0') {
+    if filter.is_empty() || filter.bytes().any(|b| b == b'\0') {
         return false;
     }
-    let mut levels = filter.split('/').peekable();
-    while let Some(l) = levels.next() {
+    let mut parts = levels(filter).peekable();
+    while let Some(l) = parts.next() {
         let ok = match l {
-            "#" => levels.peek().is_none(),
+            "#" => parts.peek().is_none(),
             "+" => true,
-            l => !l.contains(['+', '#']),
+            l => !l.bytes().any(|b| b == b'+' || b == b'#'),
         };
         if !ok {
             return false;
@@ -267,6 +313,35 @@ mod tests {
         assert_eq!(t.resolve("pii/alice/alice-watch/heart_rate/x"), None);
         assert_eq!(t.resolve("pii//alice-watch/heart_rate"), None);
         assert_eq!(t.resolve("other/alice/alice-watch/heart_rate"), None);
+        assert_eq!(t.resolve("pii/alice/alice-watch/heart_rate/"), None);
+        assert_eq!(t.resolve("pii/alice/alice-watch/"), None);
+        assert_eq!(t.resolve("pii/"), None);
+        assert_eq!(t.resolve("pii"), None);
+        assert_eq!(t.resolve("piii/alice/alice-watch/heart_rate"), None);
+        let r = t.resolve("pii/zoë/montre/fréquence").unwrap();
+        assert_eq!((r.user, r.device, r.kind), ("zoë", "montre", "fréquence"));
+    }
+
+    #[test]
+    fn resolves_with_longer_prefixes() {
+        let t = Template::parse("org/pii/{user}/{device}/{kind}").unwrap();
+        let r = t.resolve("org/pii/u/d/k").unwrap();
+        assert_eq!((r.user, r.device, r.kind), ("u", "d", "k"));
+        assert_eq!(t.resolve("org/pi/u/d/k"), None);
+        assert_eq!(t.resolve("org/pii/u/d"), None);
+        assert!(t.claims("org/pii/x"));
+        assert!(!t.claims("org/x"));
+    }
+
+    #[test]
+    fn levels_split_like_str_split() {
+        for s in ["", "/", "//", "a", "a/", "/a", "a//b", "pii/u/d/k", "é/ü/€"] {
+            assert_eq!(
+                levels(s).collect::<Vec<_>>(),
+                s.split('/').collect::<Vec<_>>(),
+                "{s:?}"
+            );
+        }
     }
 
     #[test]
@@ -366,6 +441,9 @@ mod tests {
         assert!(valid_topic_name("a/b"));
         assert!(!valid_topic_name("a/+"));
         assert!(!valid_topic_name(""));
+        assert!(!valid_topic_name("a/#"));
+        assert!(!valid_topic_name("a\0b"));
+        assert!(valid_topic_name("caf\u{e9}/\u{1f600}"));
         assert!(valid_filter("a/+/#"));
         assert!(!valid_filter("a/#/b"));
         assert!(!valid_filter("a/b+"));
