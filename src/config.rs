@@ -93,7 +93,7 @@ impl Default for ServerConfig {
             allow_anonymous: false,
             min_keep_alive_secs: 0,
             drain_secs: 5,
-            upstream_idle_secs: 30,
+            upstream_idle_secs: 300,
             clock_offset_secs: 0,
         }
     }

@@ -32,7 +32,7 @@ async fn an_idle_clean_session_holds_no_broker_connection() {
     let server = Server::start(Setup {
         extra: MARKER_ACL.into(),
         replace: vec![(
-            "upstream_idle_secs = 30".into(),
+            "upstream_idle_secs = 300".into(),
             "upstream_idle_secs = 1".into(),
         )],
         ..Default::default()

@@ -612,6 +612,20 @@ const PUBLISH_GRACE: Duration = Duration::from_secs(10);
 /// `cap` messages went out; `kind(device, seq)` picks the kind's index. On a
 /// tracked fleet the k-th message carries `seq` = [`tracked_seq`]`(device, k)`
 /// and k is recorded for the PUBACK bookkeeping.
+/// Each device publishes once, on a collected kind the run's providers do
+/// not subscribe to, and the fleet waits a moment. A device that published
+/// lately has its broker connection open in consentry (see
+/// `server.upstream_idle_secs`); a fresh one opens it on its first publish,
+/// and a run's latency should not count a hundred CONNECTs at once.
+pub async fn warm_up(fleet: &Fleet, kind: &str) {
+    for (i, client) in &fleet.clients {
+        let _ = client
+            .publish(topic(*i, kind), QoS::AtLeastOnce, false, payload(0, 0))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
 pub async fn drive(
     fleet: &Fleet,
     pace: Pace,

@@ -694,6 +694,8 @@ async fn run_throughput(opts: &Options, sys: &mut System, spec: &RunSpec) -> Run
             return r;
         }
     };
+    // Both kinds are collected for every device; providers get one of them.
+    load::warm_up(&fleet, KINDS[1 - scenario.delivered_kind()]).await;
     let pid = sys.pid();
     reset_peak(pid);
     let (cpu0, h0) = (cpu_seconds(Some(pid)), cpu_seconds(None));
