@@ -5,7 +5,7 @@
 //! in — all before the caller hears "accepted". So when a revocation
 //! returns, no later delivery is decided under the old consent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -385,19 +385,31 @@ impl PreferenceManager {
             if !same {
                 let mut next = p.clone();
                 next.version = current.map(|c| c.version).unwrap_or(0) + 1;
-                dir.preferences.retain(|c| c.user != p.user);
-                dir.preferences.push(next.clone());
                 changed.push(next);
             }
         }
+        // One pass each, not one per user: a seed may hold a million users.
+        let replaced: HashSet<&str> = changed.iter().map(|p| p.user.as_str()).collect();
+        dir.preferences
+            .retain(|c| !replaced.contains(c.user.as_str()));
+        // A user named twice keeps the last, where the last one was pushed.
+        let mut seen = HashSet::new();
+        let mut latest: Vec<Preferences> = changed
+            .iter()
+            .rev()
+            .filter(|p| seen.insert(p.user.as_str()))
+            .cloned()
+            .collect();
+        latest.reverse();
+        dir.preferences.extend(latest);
         let kinds = state.kinds.clone();
         let version = self.swap_in_all(&mut state, dir, kinds.clone(), |dir| {
+            let users: HashMap<&str, &User> =
+                dir.users.iter().map(|u| (u.id.as_str(), u)).collect();
             let mut receipts = Vec::new();
             for p in &changed {
-                let user = dir
-                    .users
-                    .iter()
-                    .find(|u| u.id == p.user)
+                let user = *users
+                    .get(p.user.as_str())
                     .ok_or_else(|| PrefError::UnknownUser(p.user.clone()))?;
                 receipts.push(match &self.issuer {
                     Some(i) => Some(
@@ -409,10 +421,8 @@ impl PreferenceManager {
             }
             let mut logins = Vec::new();
             for l in &file.logins {
-                let user = dir
-                    .users
-                    .iter()
-                    .find(|u| u.id == l.user)
+                let user = *users
+                    .get(l.user.as_str())
                     .ok_or_else(|| PrefError::UnknownUser(l.user.clone()))?;
                 let secret = totp_rs::Secret::Encoded(l.totp_secret.clone())
                     .to_bytes()
@@ -444,11 +454,21 @@ impl PreferenceManager {
     }
 }
 
+/// Replaces the items of `into` that `from` names again, in place, and
+/// appends the new ones, in `from`'s order; a later duplicate in `from` wins.
 fn upsert<T: Clone>(into: &mut Vec<T>, from: &[T], id: impl Fn(&T) -> &String) {
+    let mut at: HashMap<String, usize> = into
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (id(x).clone(), i))
+        .collect();
     for item in from {
-        match into.iter_mut().find(|x| id(x) == id(item)) {
-            Some(slot) => *slot = item.clone(),
-            None => into.push(item.clone()),
+        match at.get(id(item)) {
+            Some(&i) => into[i] = item.clone(),
+            None => {
+                at.insert(id(item).clone(), into.len());
+                into.push(item.clone());
+            }
         }
     }
 }
@@ -456,6 +476,17 @@ fn upsert<T: Clone>(into: &mut Vec<T>, from: &[T], id: impl Fn(&T) -> &String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upsert_replaces_in_place_appends_new_and_lets_the_last_duplicate_win() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct Item(String, u32);
+        let item = |id: &str, v| Item(id.to_string(), v);
+        let mut into = vec![item("a", 1), item("b", 1)];
+        let from = [item("b", 2), item("c", 1), item("c", 2), item("a", 2)];
+        upsert(&mut into, &from, |x| &x.0);
+        assert_eq!(into, [item("a", 2), item("b", 2), item("c", 2)]);
+    }
     use crate::act::{Delivery, Principal};
     use crate::model::ShareGrant;
 
