@@ -86,6 +86,20 @@ fn directory(n: usize) -> Directory {
     dir
 }
 
+/// Gives user `i` new preferences (varied by `salt`) and swaps the ACT.
+fn change_user(act: &ActHandle, i: usize, salt: usize) {
+    let user = User {
+        id: format!("u{i}"),
+        time_zone: "Europe/Paris".into(),
+        jurisdiction: None,
+    };
+    let cur = act.load();
+    let next = cur
+        .with_user(cur.version + 1, &user, Some(&prefs(i, salt)))
+        .expect("valid");
+    act.store(next);
+}
+
 /// User i shares heart_rate with two providers and location masked with one.
 fn prefs(i: usize, salt: usize) -> Preferences {
     let mut mask = BTreeMap::new();
@@ -243,17 +257,7 @@ fn decisions(c: &mut Criterion) {
             // change's own time does not lower the rate below 1k/s.
             let mut due = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                let i = (j * 104_729) % n;
-                let user = User {
-                    id: format!("u{i}"),
-                    time_zone: "Europe/Paris".into(),
-                    jurisdiction: None,
-                };
-                let cur = act.load();
-                let next = cur
-                    .with_user(cur.version + 1, &user, Some(&prefs(i, j)))
-                    .expect("valid");
-                act.store(next);
+                change_user(&act, (j * 104_729) % n, j);
                 applied += 1;
                 j += 1;
                 due += Duration::from_millis(1);
@@ -284,17 +288,7 @@ fn decisions(c: &mut Criterion) {
         let mut j = 0usize;
         b.iter(|| {
             j += 1;
-            let i = (j * 7919) % n;
-            let user = User {
-                id: format!("u{i}"),
-                time_zone: "Europe/Paris".into(),
-                jurisdiction: None,
-            };
-            let cur = act.load();
-            let next = cur
-                .with_user(cur.version + 1, &user, Some(&prefs(i, j)))
-                .expect("valid");
-            act.store(next);
+            change_user(&act, (j * 7919) % n, j);
         })
     });
     g.finish();

@@ -163,10 +163,12 @@ impl Backpressure {
             return;
         }
         for lag in self.sessions.load().iter() {
-            let counted =
-                lag.filters.load().iter().any(|f| {
-                    topic::strip_shared(f).is_some_and(|f| topic::filter_matches(f, topic))
-                });
+            // `set_filters` keeps no shared subscriptions: plain filters only.
+            let counted = lag
+                .filters
+                .load()
+                .iter()
+                .any(|f| topic::filter_matches(f, topic));
             if !counted {
                 continue;
             }

@@ -516,12 +516,7 @@ impl Session {
                 code: ConnectReturnCode::Success,
                 properties: None,
             };
-            if self.version == Version::V5 {
-                let props = ack.properties.get_or_insert_with(empty_connack_properties);
-                props.topic_alias_max = Some(ALIAS_MAX);
-                props.max_packet_size = Some(self.shared.server.max_packet_size as u32);
-                props.assigned_client_identifier = assigned;
-            }
+            self.own_connack_properties(&mut ack, assigned);
             self.lazy = Some((connect, login));
             write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
             tracing::debug!(
@@ -539,14 +534,7 @@ impl Session {
             write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
             return Ok(None);
         }
-        if self.version == Version::V5 {
-            let props = ack.properties.get_or_insert_with(empty_connack_properties);
-            props.topic_alias_max = Some(ALIAS_MAX);
-            props.max_packet_size = Some(self.shared.server.max_packet_size as u32);
-            if assigned.is_some() {
-                props.assigned_client_identifier = assigned;
-            }
-        }
+        self.own_connack_properties(&mut ack, assigned);
         write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
         self.set_up_open(true);
         tracing::debug!(
@@ -558,6 +546,18 @@ impl Session {
         // `buf` may already hold what the broker sent right after CONNACK:
         // a persistent session's queued messages.
         Ok(Some((Some(up), buf, keep_alive)))
+    }
+
+    /// What consentry, not the broker, decides in an MQTT 5 CONNACK.
+    fn own_connack_properties(&self, ack: &mut ConnAck, assigned: Option<String>) {
+        if self.version == Version::V5 {
+            let props = ack.properties.get_or_insert_with(empty_connack_properties);
+            props.topic_alias_max = Some(ALIAS_MAX);
+            props.max_packet_size = Some(self.shared.server.max_packet_size as u32);
+            if assigned.is_some() {
+                props.assigned_client_identifier = assigned;
+            }
+        }
     }
 
     /// Opens a broker connection and returns it with its CONNACK and
@@ -671,7 +671,10 @@ impl Session {
         }
         let ping_every = Duration::from_secs(UPSTREAM_KEEP_ALIVE as u64 / 2);
         let mut last_up_write = Instant::now();
-        let mut last_up_read = Instant::now();
+        // Our own pings keep the broker connection alive but do not make
+        // it busy: idleness is measured from the last time it carried
+        // anything of the client's.
+        let mut last_busy = Instant::now();
         let up_idle = Duration::from_secs(self.shared.server.upstream_idle_secs);
         let mut client_read = CLIENT_BUF;
         let mut client_quiet = true;
@@ -709,14 +712,19 @@ impl Session {
             let held = self.held.is_held();
             let client_deadline = keep_alive.filter(|_| !held).map(|k| last_client + k);
             let lag = self.lag.clone();
-            let mut sleep_until = last_up_write + ping_every;
-            if let Some(d) = client_deadline {
-                sleep_until = sleep_until.min(d);
-            }
             let idle = self.up_idle(&pending, &up_buf);
-            if idle {
-                sleep_until = sleep_until.min(last_up_write.max(last_up_read) + up_idle);
+            if !idle {
+                last_busy = Instant::now();
             }
+            // Without a broker connection there is nothing to ping.
+            let wake = [
+                client_deadline,
+                up.is_some().then(|| last_up_write + ping_every),
+                idle.then(|| last_busy + up_idle),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let room = up.is_some() && pending.len() < MAX_PENDING_CHUNKS && self.own_room();
             if room && up_buf.capacity() - up_buf.len() < READ_CHUNK {
                 up_buf.reserve(READ_CHUNK);
@@ -748,9 +756,9 @@ impl Session {
                     if n? == 0 {
                         return Err(End::Upstream("broker closed the connection".into()));
                     }
-                    last_up_read = Instant::now();
+                    let read_at = Instant::now();
                     let go_on = self.on_broker_bytes(&mut up_buf)?;
-                    self.stage(&mut pending, last_up_read);
+                    self.stage(&mut pending, read_at);
                     self.flush_broker(&mut up, &mut up_buf).await?;
                     if !go_on {
                         return self.drain(client, &mut pending).await;
@@ -760,16 +768,16 @@ impl Session {
                     r?;
                     self.write_ready(client, &mut pending).await?;
                 }
-                _ = tokio::time::sleep_until(sleep_until.into()) => {
+                _ = async { match wake { Some(w) => tokio::time::sleep_until(w.into()).await, None => std::future::pending().await } } => {
                     if client_deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(End::KeepAlive);
                     }
-                    if idle && last_up_write.max(last_up_read).elapsed() >= up_idle {
+                    if idle && last_busy.elapsed() >= up_idle {
                         self.go_down(&mut up, &mut up_buf).await;
                     } else if up.is_some() && last_up_write.elapsed() >= ping_every {
                         self.version.write(&Packet::PingReq(v5::PingReq), &mut self.to_broker)?;
+                        last_up_write = Instant::now();
                     }
-                    last_up_write = Instant::now();
                 }
                 _ = tokio::time::sleep(HOLD_POLL), if held => {
                     let kicked = self.shared.backpressure.recheck(&mut self.held);
@@ -818,6 +826,7 @@ impl Session {
 
     /// Decides every complete packet the broker sent. Returns false when the
     /// broker ended the session.
+    ///
     /// Stops early, leaving bytes in `buf`, while the client's window for
     /// our own QoS flow is full.
     fn on_broker_bytes(&mut self, buf: &mut BytesMut) -> Result<bool, End> {
@@ -966,13 +975,7 @@ impl Session {
         if let Some(own) = self.own.as_mut() {
             let answer = match &p {
                 Packet::PubAck(a) => own.on_puback(a.pkid),
-                Packet::PubRec(a) => {
-                    let failed = !matches!(
-                        a.reason,
-                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
-                    );
-                    own.on_pubrec(a.pkid, failed)
-                }
+                Packet::PubRec(a) => own.on_pubrec(a.pkid, pubrec_failed(a)),
                 Packet::PubComp(a) => own.on_pubcomp(a.pkid),
                 _ => Answer::NotOurs,
             };
@@ -1266,12 +1269,7 @@ impl Session {
                         Packet::PubAck(a) => {
                             self.up_flows.remove(&a.pkid);
                         }
-                        Packet::PubRec(a)
-                            if !matches!(
-                                a.reason,
-                                PubRecReason::Success | PubRecReason::NoMatchingSubscribers
-                            ) =>
-                        {
+                        Packet::PubRec(a) if pubrec_failed(a) => {
                             self.up_flows.remove(&a.pkid);
                         }
                         Packet::PubComp(a) => {
@@ -1483,6 +1481,14 @@ impl Session {
         self.delivered += 1;
         self.send_client(&Packet::Publish(publish))
     }
+}
+
+/// A PUBREC with a reason code ≥ 0x80 ends its QoS 2 flow (MQTT 5 §4.3.3).
+fn pubrec_failed(rec: &PubRec) -> bool {
+    !matches!(
+        rec.reason,
+        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+    )
 }
 
 fn empty_connack_properties() -> ConnAckProperties {
