@@ -146,8 +146,9 @@ pub enum CompileError {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum View {
     Deliver,
-    /// Field path → method, sorted by path.
-    Mask(Vec<(String, MaskMethod)>),
+    /// Field path → method, sorted by path. Shared, so that cached masked
+    /// views can hold on to the rules they were made with.
+    Mask(Arc<[(String, MaskMethod)]>),
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]

@@ -91,6 +91,9 @@ pub fn mask(
         // arrive anyway, nothing partial is ever delivered.
         PayloadFormat::Opaque => Err(MaskError::Decode("structured data")),
         PayloadFormat::Json => {
+            if let Some(done) = mask_flat_json(payload, rules, key) {
+                return done;
+            }
             let mut doc = decode_json(payload)?;
             apply_rules(&mut doc, rules, key)?;
             encode_json(&doc)
@@ -129,6 +132,94 @@ fn json_keys_all_declared(payload: &[u8], declared: &[String]) -> bool {
     }
     let mut de = serde_json::Deserializer::from_slice(payload);
     matches!(de.deserialize_map(Check(declared)), Ok(true)) && de.end().is_ok()
+}
+
+/// [`mask`] for the common case: a JSON object and rules that name only
+/// top-level fields. Values the rules do not touch are copied as they came,
+/// never parsed into a document or re-escaped; each masked value is parsed
+/// and rewritten by the same [`Doc`] operations as the general path. Keeps
+/// the payload's field order (the general path sorts). `None` hands the
+/// payload to the general path: nested rule paths, escaped or repeated keys,
+/// or anything that is not one well-formed JSON object.
+fn mask_flat_json(
+    payload: &[u8],
+    rules: &[(String, MaskMethod)],
+    key: &[u8; 32],
+) -> Option<Result<Bytes, MaskError>> {
+    use serde::de::{Deserializer as _, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    if rules.iter().any(|(path, _)| path.contains('.')) {
+        return None;
+    }
+    struct Fields;
+    impl<'de> Visitor<'de> for Fields {
+        type Value = Vec<(&'de str, &'de RawValue)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+            while let Some(k) = map.next_key::<&'de str>()? {
+                fields.push((k, map.next_value::<&'de RawValue>()?));
+            }
+            Ok(fields)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let fields = de.deserialize_map(Fields).ok()?;
+    de.end().ok()?;
+    for (i, (k, _)) in fields.iter().enumerate() {
+        if fields[..i].iter().any(|(seen, _)| seen == k) {
+            return None;
+        }
+    }
+
+    let mut out = Vec::with_capacity(payload.len() + 16);
+    out.push(b'{');
+    // The error of the first failing rule, in rule order, as the general path reports it.
+    let mut failed: Option<(usize, MaskError)> = None;
+    for (name, raw) in fields {
+        let mut value: Option<serde_json::Value> = None;
+        let mut removed = false;
+        for (i, (path, method)) in rules.iter().enumerate() {
+            if path != name || removed {
+                continue;
+            }
+            if matches!(method, MaskMethod::Remove) {
+                removed = true;
+                continue;
+            }
+            let v = match &mut value {
+                Some(v) => v,
+                None => value.insert(serde_json::from_str(raw.get()).ok()?),
+            };
+            if let Err(e) = apply_one(v, path, method, key) {
+                if failed.as_ref().is_none_or(|(j, _)| i < *j) {
+                    failed = Some((i, e));
+                }
+            }
+        }
+        if removed {
+            continue;
+        }
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        // A key borrowed from the payload had no escapes, so it needs none.
+        out.push(b'"');
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+        match value {
+            Some(v) => serde_json::to_writer(&mut out, &v).ok()?,
+            None => out.extend_from_slice(raw.get().as_bytes()),
+        }
+    }
+    out.push(b'}');
+    Some(match failed {
+        Some((_, e)) => Err(e),
+        None => Ok(Bytes::from(out)),
+    })
 }
 
 fn decode_json(payload: &[u8]) -> Result<serde_json::Value, MaskError> {
@@ -374,24 +465,35 @@ fn apply_rules<D: Doc>(
         let Some(value) = parent.child_mut(leaf) else {
             continue;
         };
-        match method {
-            MaskMethod::Remove => {}
-            MaskMethod::Redact => value.set_text(REDACTED),
-            MaskMethod::Generalize { decimals } => {
-                let n = value
-                    .as_number()
-                    .ok_or_else(|| MaskError::NotANumber(path.clone()))?;
-                value.set_number(generalize(n, *decimals));
-            }
-            MaskMethod::Pseudonymize => {
-                let mut mac =
-                    <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| MaskError::Encode)?;
-                mac.update(path.as_bytes());
-                mac.update(&[0]);
-                mac.update(&value.fingerprint());
-                let tag = mac.finalize().into_bytes();
-                value.set_text(&hex::encode(&tag[..16]));
-            }
+        apply_one(value, path, method, key)?;
+    }
+    Ok(())
+}
+
+/// One rule on the value it names (removal is the parent's business).
+fn apply_one<D: Doc>(
+    value: &mut D,
+    path: &str,
+    method: &MaskMethod,
+    key: &[u8; 32],
+) -> Result<(), MaskError> {
+    match method {
+        MaskMethod::Remove => {}
+        MaskMethod::Redact => value.set_text(REDACTED),
+        MaskMethod::Generalize { decimals } => {
+            let n = value
+                .as_number()
+                .ok_or_else(|| MaskError::NotANumber(path.to_string()))?;
+            value.set_number(generalize(n, *decimals));
+        }
+        MaskMethod::Pseudonymize => {
+            let mut mac =
+                <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| MaskError::Encode)?;
+            mac.update(path.as_bytes());
+            mac.update(&[0]);
+            mac.update(&value.fingerprint());
+            let tag = mac.finalize().into_bytes();
+            value.set_text(&hex::encode(&tag[..16]));
         }
     }
     Ok(())
@@ -417,13 +519,19 @@ fn generalize(n: Number, decimals: i32) -> Number {
 /// plaintext payloads in memory only, a bounded few.
 pub struct ViewCache {
     capacity: usize,
+    /// Payload hashes only pick candidates; equality is always checked in full.
+    hasher: foldhash::quality::RandomState,
     entries: std::sync::Mutex<std::collections::VecDeque<CachedView>>,
 }
 
+/// The rules of one masking view, as the ACT shares them between grants.
+pub type MaskRules = Arc<[(String, MaskMethod)]>;
+
 struct CachedView {
+    hash: u64,
     payload: Bytes,
     format: PayloadFormat,
-    rules: Vec<(String, MaskMethod)>,
+    rules: MaskRules,
     key: Option<[u8; 32]>,
     /// Filled by whichever subscriber gets there first; the others (even
     /// ones that arrive while it is being computed) take the result.
@@ -434,6 +542,7 @@ impl ViewCache {
     pub fn new(capacity: usize) -> ViewCache {
         ViewCache {
             capacity,
+            hasher: Default::default(),
             entries: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(capacity)),
         }
     }
@@ -444,21 +553,27 @@ impl ViewCache {
         &self,
         format: PayloadFormat,
         payload: &Bytes,
-        rules: &[(String, MaskMethod)],
+        rules: &MaskRules,
         key: &[u8; 32],
     ) -> Result<(Bytes, bool), MaskError> {
+        use std::hash::BuildHasher;
         // Only pseudonyms depend on who receives the view.
         let key = rules
             .iter()
             .any(|(_, m)| matches!(m, MaskMethod::Pseudonymize))
             .then_some(*key);
+        let hash = self.hasher.hash_one(&payload[..]);
         let (cell, shared) = {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             let found = entries
                 .iter()
                 .rev()
                 .find(|e| {
-                    e.format == format && e.key == key && e.payload == *payload && e.rules == rules
+                    e.hash == hash
+                        && e.format == format
+                        && e.key == key
+                        && e.payload == *payload
+                        && (Arc::ptr_eq(&e.rules, rules) || e.rules == *rules)
                 })
                 .map(|e| e.masked.clone());
             match found {
@@ -469,9 +584,10 @@ impl ViewCache {
                     }
                     let cell = Arc::new(OnceLock::new());
                     entries.push_back(CachedView {
+                        hash,
                         payload: payload.clone(),
                         format,
-                        rules: rules.to_vec(),
+                        rules: rules.clone(),
                         key,
                         masked: cell.clone(),
                     });
@@ -733,15 +849,32 @@ mod tests {
     fn view_cache_shares_equal_views_only() {
         let cache = ViewCache::new(4);
         let p = j(json!({"lat": 48.85661, "id": "x"}));
-        let gen = vec![("lat".to_string(), MaskMethod::Generalize { decimals: 2 })];
+        let rules = |r: &[(&str, MaskMethod)]| -> MaskRules {
+            r.iter().map(|(f, m)| (f.to_string(), m.clone())).collect()
+        };
+        let gen = rules(&[("lat", MaskMethod::Generalize { decimals: 2 })]);
         let (a, hit) = cache.mask(PayloadFormat::Json, &p, &gen, &[1; 32]).unwrap();
         assert!(!hit);
-        // Another provider, same view without pseudonyms: shared.
+        // Another provider, same view without pseudonyms: shared, also when
+        // its grant holds its own copy of the rules.
         let (b, hit) = cache.mask(PayloadFormat::Json, &p, &gen, &[2; 32]).unwrap();
         assert!(hit);
         assert_eq!(a, b);
+        let gen_copy = rules(&[("lat", MaskMethod::Generalize { decimals: 2 })]);
+        let (b, hit) = cache
+            .mask(PayloadFormat::Json, &p, &gen_copy, &[3; 32])
+            .unwrap();
+        assert!(hit);
+        assert_eq!(a, b);
+        // Other rules, other view.
+        let coarser = rules(&[("lat", MaskMethod::Generalize { decimals: 1 })]);
+        let (f, hit) = cache
+            .mask(PayloadFormat::Json, &p, &coarser, &[1; 32])
+            .unwrap();
+        assert!(!hit);
+        assert_ne!(a, f);
         // With pseudonyms the provider key is part of the view.
-        let pse = vec![("id".to_string(), MaskMethod::Pseudonymize)];
+        let pse = rules(&[("id", MaskMethod::Pseudonymize)]);
         let (c, _) = cache.mask(PayloadFormat::Json, &p, &pse, &[1; 32]).unwrap();
         let (d, hit) = cache.mask(PayloadFormat::Json, &p, &pse, &[2; 32]).unwrap();
         assert!(!hit);
@@ -753,6 +886,97 @@ mod tests {
         assert_eq!(back(PayloadFormat::Json, &e)["lat"], json!(1.0));
         // Bounded.
         assert!(cache.entries.lock().unwrap().len() <= 4);
+    }
+
+    /// The flat JSON path must give what the general path gives, value for
+    /// value and error for error, or step aside.
+    #[test]
+    fn flat_json_path_agrees_with_the_general_path() {
+        use MaskMethod::*;
+        let general = |p: &[u8], rules: &[(String, MaskMethod)]| {
+            let mut doc = decode_json(p)?;
+            apply_rules(&mut doc, rules, &KEY)?;
+            encode_json(&doc)
+        };
+        let r = |v: &[(&str, MaskMethod)]| -> Vec<(String, MaskMethod)> {
+            v.iter().map(|(p, m)| (p.to_string(), m.clone())).collect()
+        };
+        let payloads: [&[u8]; 6] = [
+            br#"{"ts": 17, "val": 72.46, "id": "alice-1", "pad": "x\"y\u00e9", "pos": {"lat": 1.5}}"#,
+            br#"{"val":-1234,"id":{"b":[1,2,{"c":null}],"a":true}}"#,
+            br#"{"val":"high","id":3}"#,
+            br#"{}"#,
+            br#" { "id" : [ 1 , 2 ] , "val" : 1e3 } "#,
+            br#"{"val":7}"#,
+        ];
+        let rule_sets = [
+            r(&[("val", Generalize { decimals: -1 })]),
+            r(&[("val", Generalize { decimals: 1 }), ("id", Pseudonymize)]),
+            r(&[("id", Redact), ("pad", Remove), ("pos", Remove)]),
+            r(&[
+                ("id", Pseudonymize),
+                ("val", Redact),
+                ("val", Generalize { decimals: 0 }),
+            ]),
+            r(&[("val", Remove), ("val", Generalize { decimals: 0 })]),
+            r(&[("absent", Redact)]),
+        ];
+        let mut flat_taken = 0;
+        for p in payloads {
+            for rules in &rule_sets {
+                let want = general(p, rules);
+                let Some(got) = mask_flat_json(p, rules, &KEY) else {
+                    continue;
+                };
+                flat_taken += 1;
+                match (got, want) {
+                    (Ok(g), Ok(w)) => {
+                        let g: serde_json::Value = serde_json::from_slice(&g).unwrap();
+                        let w: serde_json::Value = serde_json::from_slice(&w).unwrap();
+                        assert_eq!(g, w, "{} under {rules:?}", String::from_utf8_lossy(p));
+                    }
+                    (g, w) => assert_eq!(g, w, "{} under {rules:?}", String::from_utf8_lossy(p)),
+                }
+            }
+        }
+        assert_eq!(flat_taken, payloads.len() * rule_sets.len());
+        // Field order is the device's, untouched values byte for byte.
+        let out = mask_flat_json(br#"{"z":1,"a":"\u0041"}"#, &r(&[("z", Redact)]), &KEY);
+        assert_eq!(
+            out.unwrap().unwrap(),
+            Bytes::from_static(br#"{"z":"[redacted]","a":"\u0041"}"#)
+        );
+    }
+
+    #[test]
+    fn flat_json_path_steps_aside() {
+        let gen = vec![("val".to_string(), MaskMethod::Generalize { decimals: 0 })];
+        let nested = vec![("pos.lat".to_string(), MaskMethod::Redact)];
+        for (p, rules) in [
+            (&br#"{"val":1,"val":2}"#[..], &gen),
+            (br#"{"v\u0061l":1}"#, &gen),
+            (br#"[1,2]"#, &gen),
+            (br#"{"val":1} x"#, &gen),
+            (br#"{"val":"#, &gen),
+            (br#"{"pos":{"lat":1}}"#, &nested),
+        ] {
+            assert!(
+                mask_flat_json(p, rules, &KEY).is_none(),
+                "{}",
+                String::from_utf8_lossy(p)
+            );
+        }
+        // The general path still decides them: last duplicate wins there.
+        let out = mask(
+            PayloadFormat::Json,
+            &Bytes::from_static(br#"{"val":1,"val":2.4}"#),
+            &gen,
+            &KEY,
+        );
+        assert_eq!(
+            back(PayloadFormat::Json, &out.unwrap()),
+            json!({"val": 2.0})
+        );
     }
 
     #[test]
