@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use rumqttc::v5::mqttbytes::v5::{
     self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, PubAck,
@@ -738,9 +738,13 @@ impl Session {
             if client_buf.capacity() - client_buf.len() < client_read {
                 client_buf.reserve(client_read);
             }
-            let client_spare = client_buf.capacity() - client_buf.len();
+            // At most `client_read` per read, whatever the allocator gave:
+            // what one read brings is decoded and re-encoded for the broker
+            // in one go, so it bounds both buffers.
+            let client_spare = client_read.min(client_buf.capacity() - client_buf.len());
+            let mut client_room = (&mut client_buf).limit(client_read);
             tokio::select! {
-                n = client.read_buf(&mut client_buf), if !held => {
+                n = client.read_buf(&mut client_room), if !held => {
                     let n = n?;
                     if n == 0 {
                         tracing::debug!(session = self.id, "client closed the connection without DISCONNECT");
@@ -913,6 +917,11 @@ impl Session {
         };
         stream.write_all(&self.to_broker).await?;
         self.to_broker.clear();
+        // A burst (a large packet, a long run of acks) should not stay
+        // allocated for the rest of the session.
+        if self.to_broker.capacity() > 4 * READ_CHUNK {
+            self.to_broker = BytesMut::new();
+        }
         Ok(())
     }
 
