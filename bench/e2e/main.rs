@@ -15,10 +15,12 @@ cargo bench --bench e2e -- [--quick] [--scenario NAME,…] [--qos 0,1] [--system
     [--duration SECS] [--repeats N] [--rates 1000,10000] [--no-half-max] [--no-nodelay-variant]
     [--devices N] [--idle-devices N] [--trickle-rate R] [--out DIR]
     [--overload-duration SECS] [--consume-rate R] [--overload-max-messages N]
+    [--consentry-bin PATH]
 scenarios: allow_all refused_half masked fanout3 overload idle
 --duration sets the overload scenario's publishing time too (default 10 s there);
 --overload-duration after it sets that alone. --idle-devices (default 20000) is
-lowered to what the open-file limit allows.";
+lowered to what the open-file limit allows. --consentry-bin runs another
+consentry build in place of this tree's (to compare two builds).";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -117,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             "--idle-devices" => opts.idle_devices = list(it.next())?[0].parse()?,
             "--trickle-rate" => opts.trickle_rate = list(it.next())?[0].parse()?,
             "--out" => opts.out_dir = PathBuf::from(&list(it.next())?[0]),
+            "--consentry-bin" => opts.consentry_bin = PathBuf::from(&list(it.next())?[0]),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
