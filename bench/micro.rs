@@ -305,7 +305,7 @@ fn commit_to_swap(c: &mut Criterion) {
         vec!["pii/{user}/{device}/{kind}".into()],
         &kinds(),
         vec![],
-        &directory(n),
+        directory(n),
         None,
     )
     .unwrap();

@@ -147,7 +147,7 @@ impl PreferenceManager {
         templates: Vec<String>,
         config_kinds: &[Kind],
         acl: Vec<AclRule>,
-        seed: &Directory,
+        seed: Directory,
         issuer: Option<Arc<dyn ReceiptIssuer>>,
     ) -> Result<(PreferenceManager, Arc<ActHandle>, SharedCredentials), PrefError> {
         // Kinds are configuration: the file's declarations win at each start.
@@ -155,7 +155,7 @@ impl PreferenceManager {
             for k in config_kinds {
                 tx.put_kind(k)?;
             }
-            Ok(())
+            Ok::<_, StoreError>(())
         })?;
         let (dir, kinds) = store.directory()?;
         // A store that has never held users or providers is new: seed it.
@@ -372,80 +372,88 @@ impl PreferenceManager {
     /// updated; each user's preferences that differ from the stored ones
     /// become a new version with its history entry and receipt. The whole
     /// file is validated first; nothing is written if it does not compile.
-    pub fn import(&self, file: &Directory, source: &str) -> Result<u64, PrefError> {
+    pub fn import(&self, file: Directory, source: &str) -> Result<u64, PrefError> {
+        let Directory {
+            users,
+            devices,
+            providers,
+            preferences,
+            logins,
+        } = file;
         let mut state = self.lock();
         let mut dir = state.directory();
-        upsert(&mut dir.users, &file.users, |u| &u.id);
-        upsert(&mut dir.devices, &file.devices, |d| &d.id);
-        upsert(&mut dir.providers, &file.providers, |p| &p.id);
+        upsert(&mut dir.users, &users, |u| &u.id);
+        upsert(&mut dir.devices, &devices, |d| &d.id);
+        upsert(&mut dir.providers, &providers, |p| &p.id);
+        // A user named twice: the last entry counts. The file's preferences
+        // are moved, not copied: a seed may hold a million users.
+        let mut seen = HashSet::new();
         let mut changed = Vec::new();
-        for p in &file.preferences {
+        for mut p in preferences.into_iter().rev() {
+            if !seen.insert(p.user.clone()) {
+                continue;
+            }
             let current = state.prefs.get(&p.user);
             let same = current.is_some_and(|c| c.collect == p.collect && c.share == p.share);
             if !same {
-                let mut next = p.clone();
-                next.version = current.map(|c| c.version).unwrap_or(0) + 1;
-                changed.push(next);
+                p.version = current.map(|c| c.version).unwrap_or(0) + 1;
+                changed.push(p);
             }
         }
-        // One pass each, not one per user: a seed may hold a million users.
+        changed.reverse();
         let replaced: HashSet<&str> = changed.iter().map(|p| p.user.as_str()).collect();
         dir.preferences
             .retain(|c| !replaced.contains(c.user.as_str()));
-        // A user named twice keeps the last, where the last one was pushed.
-        let mut seen = HashSet::new();
-        let mut latest: Vec<Preferences> = changed
-            .iter()
-            .rev()
-            .filter(|p| seen.insert(p.user.as_str()))
-            .cloned()
-            .collect();
-        latest.reverse();
-        dir.preferences.extend(latest);
+        drop(replaced);
+        let first_changed = dir.preferences.len();
+        dir.preferences.extend(changed);
         let kinds = state.kinds.clone();
         let version = self.swap_in_all(&mut state, dir, kinds.clone(), |dir| {
-            let users: HashMap<&str, &User> =
+            let by_id: HashMap<&str, &User> =
                 dir.users.iter().map(|u| (u.id.as_str(), u)).collect();
-            let mut receipts = Vec::new();
-            for p in &changed {
-                let user = *users
-                    .get(p.user.as_str())
-                    .ok_or_else(|| PrefError::UnknownUser(p.user.clone()))?;
-                receipts.push(match &self.issuer {
-                    Some(i) => Some(
-                        i.issue(user, p, dir, &kinds, Utc::now())
-                            .map_err(PrefError::Receipt)?,
-                    ),
-                    None => None,
-                });
+            let changed = &dir.preferences[first_changed..];
+            for p in changed {
+                if !by_id.contains_key(p.user.as_str()) {
+                    return Err(PrefError::UnknownUser(p.user.clone()));
+                }
             }
-            let mut logins = Vec::new();
-            for l in &file.logins {
-                let user = *users
+            let mut login_rows = Vec::new();
+            for l in &logins {
+                let user = *by_id
                     .get(l.user.as_str())
                     .ok_or_else(|| PrefError::UnknownUser(l.user.clone()))?;
                 let secret = totp_rs::Secret::Encoded(l.totp_secret.clone())
                     .to_bytes()
                     .map_err(|_| PrefError::BadLogin(l.user.clone()))?;
-                logins.push((user.clone(), l.password_hash.clone(), secret));
+                login_rows.push((user.clone(), l.password_hash.clone(), secret));
             }
             self.store.transaction(|tx| {
-                for u in &file.users {
+                for u in &users {
                     tx.put_user(u, None, false)?;
                 }
-                for (u, hash, secret) in &logins {
+                for (u, hash, secret) in &login_rows {
                     tx.put_user(u, Some((hash, Some(secret))), false)?;
                 }
-                for d in &file.devices {
+                for d in &devices {
                     tx.put_device(d, false)?;
                 }
-                for p in &file.providers {
+                for p in &providers {
                     tx.put_provider(p)?;
                 }
-                for (p, r) in changed.iter().zip(&receipts) {
-                    tx.replace_preferences(p.clone(), None, source, r.as_ref())?;
+                // Each receipt is issued and stored before the next: a seed
+                // of many users never holds all their receipts at once (at
+                // 20k users that was ~250 MB, kept by the allocator after).
+                for p in changed {
+                    let receipt = match &self.issuer {
+                        Some(i) => Some(
+                            i.issue(by_id[p.user.as_str()], p, dir, &kinds, Utc::now())
+                                .map_err(PrefError::Receipt)?,
+                        ),
+                        None => None,
+                    };
+                    tx.replace_preferences(p.clone(), None, source, receipt.as_ref())?;
                 }
-                Ok(())
+                Ok::<_, PrefError>(())
             })?;
             Ok(())
         })?;
@@ -504,7 +512,7 @@ mod tests {
             vec!["pii/{user}/{device}/{kind}".into()],
             &kinds,
             vec![],
-            &dir,
+            dir,
             None,
         )
         .unwrap();
@@ -577,6 +585,45 @@ mod tests {
         ));
     }
 
+    /// Re-importing a directory changes only the users whose preferences
+    /// differ, and a user named twice is decided by the last entry.
+    #[test]
+    fn import_applies_each_users_last_entry_and_only_changes() {
+        let (pm, act) = manager();
+        let (mut file, _) = demo();
+        let alice = pm.preferences("alice").unwrap();
+        let others: Vec<(String, u64)> = file
+            .preferences
+            .iter()
+            .filter(|p| p.user != "alice")
+            .map(|p| (p.user.clone(), pm.preferences(&p.user).unwrap().version))
+            .collect();
+        assert!(!others.is_empty());
+
+        // First entry stops sharing heart rate; the last is as stored: no change.
+        let mut stop = alice.clone();
+        stop.share.retain(|g| g.kind != "heart_rate");
+        file.preferences.insert(0, stop.clone());
+        file.preferences.push(alice.clone());
+        pm.import(file.clone(), "test").unwrap();
+        assert_eq!(pm.preferences("alice").unwrap().version, alice.version);
+        assert!(fitcoach_gets_heart_rate(&act));
+
+        // Now the last entry is the change: it is applied, once.
+        file.preferences.push(stop);
+        pm.import(file, "test").unwrap();
+        let now = pm.preferences("alice").unwrap();
+        assert_eq!(now.version, alice.version + 1);
+        assert!(!fitcoach_gets_heart_rate(&act));
+        assert_eq!(
+            pm.store().history("alice").unwrap().len() as u64,
+            alice.version + 1
+        );
+        for (user, version) in others {
+            assert_eq!(pm.preferences(&user).unwrap().version, version, "{user}");
+        }
+    }
+
     #[test]
     fn reopening_loads_what_was_committed() {
         let dir = tempfile::tempdir().unwrap();
@@ -588,7 +635,7 @@ mod tests {
                 vec!["pii/{user}/{device}/{kind}".into()],
                 &kinds,
                 vec![],
-                &seed,
+                seed.clone(),
                 None,
             )
             .unwrap()

@@ -155,7 +155,7 @@ impl Server {
             config.templates.clone(),
             &config.kinds,
             config.acl.rules.clone(),
-            &config.load_directory()?,
+            config.load_directory()?,
             issuer.clone().map(|i| i as Arc<dyn ReceiptIssuer>),
         )?;
         let upstream = match config.upstream_addr() {
@@ -261,7 +261,7 @@ impl Server {
     /// error nothing changes and the ACT in force stays.
     pub fn reload(&self) -> anyhow::Result<u64> {
         let dir = self.config.load_directory()?;
-        let version = self.prefs.import(&dir, "import")?;
+        let version = self.prefs.import(dir, "import")?;
         tracing::info!(version, "directory reloaded");
         Ok(version)
     }

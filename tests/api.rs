@@ -36,7 +36,7 @@ impl Api {
             vec!["pii/{user}/{device}/{kind}".into()],
             &kinds,
             vec![],
-            &dir,
+            dir,
             None,
         )
         .unwrap();

@@ -171,17 +171,20 @@ impl Store {
         f(&mut conn, &self.cipher)
     }
 
-    /// Runs `f` in one transaction: all of it is committed, or none.
-    pub fn transaction<T>(
+    /// Runs `f` in one transaction: all of it is committed, or none. `f`
+    /// may fail with its caller's own error; the transaction then rolls back.
+    pub fn transaction<T, E: From<StoreError>>(
         &self,
-        f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        self.with(|conn, cipher| {
-            let tx = conn.transaction()?;
-            let out = f(&Tx { tx: &tx, cipher })?;
-            tx.commit()?;
-            Ok(out)
-        })
+        f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction().map_err(StoreError::from)?;
+        let out = f(&Tx {
+            tx: &tx,
+            cipher: &self.cipher,
+        })?;
+        tx.commit().map_err(StoreError::from)?;
+        Ok(out)
     }
 
     /// Everything the ACT and the credentials are compiled from.
