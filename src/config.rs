@@ -333,12 +333,18 @@ impl Config {
         let relay = |e: serde_json::Error| {
             ConfigError::Invalid(format!("{}: re-reading the directory: {e}", path.display()))
         };
+        let parse = || -> Result<Result<Vec<u8>, serde_json::Error>, toml::de::Error> {
+            let dir: Directory = toml::from_str(&text)?;
+            Ok(serde_json::to_vec(&dir))
+        };
         let parsed = std::thread::scope(|s| {
-            s.spawn(|| {
-                let dir: Directory = toml::from_str(&text)?;
-                Ok(serde_json::to_vec(&dir))
-            })
-            .join()
+            match std::thread::Builder::new()
+                .name("directory-parse".into())
+                .spawn_scoped(s, parse)
+            {
+                Ok(t) => t.join().map_err(|_| "the parser thread failed".to_string()),
+                Err(e) => Err(format!("cannot start the parser thread: {e}")),
+            }
         });
         let json = match parsed {
             Ok(Ok(json)) => json.map_err(relay)?,
@@ -348,12 +354,7 @@ impl Config {
                     source,
                 })
             }
-            Err(_) => {
-                return Err(ConfigError::Invalid(format!(
-                    "{}: parser failed",
-                    path.display()
-                )))
-            }
+            Err(why) => return Err(ConfigError::Invalid(format!("{}: {why}", path.display()))),
         };
         drop(text);
         serde_json::from_slice(&json).map_err(relay)

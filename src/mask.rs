@@ -169,10 +169,17 @@ fn mask_flat_json(
     let mut de = serde_json::Deserializer::from_slice(payload);
     let fields = de.deserialize_map(Fields).ok()?;
     de.end().ok()?;
-    for (i, (k, _)) in fields.iter().enumerate() {
-        if fields[..i].iter().any(|(seen, _)| seen == k) {
-            return None;
-        }
+    // A repeated key is the general path's business. A device's handful of
+    // fields is compared pairwise; past that a (SipHash) set keeps the check
+    // linear, since a 256 KiB payload can carry tens of thousands of fields.
+    let repeated = if fields.len() <= 16 {
+        (1..fields.len()).any(|i| fields[..i].iter().any(|(k, _)| *k == fields[i].0))
+    } else {
+        let mut keys = std::collections::HashSet::with_capacity(fields.len());
+        !fields.iter().all(|(k, _)| keys.insert(*k))
+    };
+    if repeated {
+        return None;
     }
 
     let mut out = Vec::with_capacity(payload.len() + 16);
@@ -966,6 +973,15 @@ mod tests {
                 String::from_utf8_lossy(p)
             );
         }
+        // Many fields: still linear, still finds a repeat.
+        let many: String = (0..20_000).map(|i| format!("\"f{i}\":{i},")).collect();
+        let with_repeat = format!("{{{many}\"f19999\":1}}");
+        assert!(mask_flat_json(with_repeat.as_bytes(), &gen, &KEY).is_none());
+        let without = format!("{{{many}\"val\":14}}");
+        let out = mask_flat_json(without.as_bytes(), &gen, &KEY)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back(PayloadFormat::Json, &out)["val"], json!(14));
         // The general path still decides them: last duplicate wins there.
         let out = mask(
             PayloadFormat::Json,
