@@ -20,7 +20,8 @@ scenarios: allow_all refused_half masked fanout3 overload idle
 --duration sets the overload scenario's publishing time too (default 10 s there);
 --overload-duration after it sets that alone. --idle-devices (default 20000) is
 lowered to what the open-file limit allows. --consentry-bin runs another
-consentry build in place of this tree's (to compare two builds).";
+consentry build in place of this tree's (to compare two builds); a wrapper
+script must exec it, since only the direct child is stopped.";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
