@@ -99,6 +99,51 @@ async fn topic_aliases_resolve_before_the_act() {
     }
 }
 
+/// The demo directory as JSON, the way a program would write it.
+fn as_json_directory(toml_text: &str) -> String {
+    let dir: consentry::model::Directory = toml::from_str(toml_text).unwrap();
+    serde_json::to_string_pretty(&dir).unwrap()
+}
+
+#[tokio::test]
+async fn a_json_directory_is_enforced_and_reloaded() {
+    let server = Server::start(Setup {
+        directory: Some(as_json_directory(DEMO_DIRECTORY)),
+        directory_file: Some("directory.json".into()),
+        extra: MARKER_ACL.into(),
+        ..Default::default()
+    });
+    let mut fit = v4::connect(server.mqtt, "fit-j", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/heart_rate", v4::QoS::AtLeastOnce)
+        .await;
+    fit.subscribe("public/#", v4::QoS::AtLeastOnce).await;
+    let mut alice = v4::connect(server.mqtt, "w-j", "alice-watch", "alice-watch-secret").await;
+    let mut send = async |topic: &str, payload: &str| {
+        alice
+            .client
+            .publish(topic, v4::QoS::AtLeastOnce, false, payload.to_string())
+            .await
+            .unwrap();
+        assert!(matches!(alice.next().await, v4::Packet::PubAck(_)));
+    };
+    send(HR, "{\"bpm\":61}").await;
+    send("public/marker", "m").await;
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].topic, HR);
+
+    // SIGHUP re-reads the JSON file: heart rate is no longer shared.
+    server.reload(&as_json_directory(&demo_without_heart_rate_sharing()));
+    send(HR, "{\"bpm\":62}").await;
+    send("public/marker", "m").await;
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(
+        got.len(),
+        1,
+        "delivered after the JSON reload revoked it: {got:?}"
+    );
+}
+
 #[tokio::test]
 async fn retained_messages_follow_the_consent_in_force() {
     let server = Server::demo();

@@ -36,6 +36,9 @@ pub fn free_port() -> u16 {
 pub struct Setup {
     /// Directory TOML; the demo data when `None`.
     pub directory: Option<String>,
+    /// The directory file's name; `directory.toml` when `None` (a name
+    /// ending in `.json` makes consentry read it as JSON).
+    pub directory_file: Option<String>,
     /// Appended to the shipped configuration (ACL rules, kinds…).
     pub extra: String,
     /// `(key, value)` pairs replaced in the shipped configuration's text,
@@ -71,7 +74,9 @@ impl Server {
 
     pub fn start(setup: Setup) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let directory = dir.path().join("directory.toml");
+        let directory = dir
+            .path()
+            .join(setup.directory_file.as_deref().unwrap_or("directory.toml"));
         std::fs::write(
             &directory,
             setup.directory.as_deref().unwrap_or(DEMO_DIRECTORY),
