@@ -670,6 +670,10 @@ mod tests {
 
     const KEY: [u8; 32] = [7; 32];
 
+    fn rules(r: &[(&str, MaskMethod)]) -> Vec<(String, MaskMethod)> {
+        r.iter().map(|(f, m)| (f.to_string(), m.clone())).collect()
+    }
+
     fn both(v: serde_json::Value) -> [(PayloadFormat, Bytes); 2] {
         [
             (PayloadFormat::Json, j(v.clone())),
@@ -856,10 +860,7 @@ mod tests {
     fn view_cache_shares_equal_views_only() {
         let cache = ViewCache::new(4);
         let p = j(json!({"lat": 48.85661, "id": "x"}));
-        let rules = |r: &[(&str, MaskMethod)]| -> MaskRules {
-            r.iter().map(|(f, m)| (f.to_string(), m.clone())).collect()
-        };
-        let gen = rules(&[("lat", MaskMethod::Generalize { decimals: 2 })]);
+        let gen: MaskRules = rules(&[("lat", MaskMethod::Generalize { decimals: 2 })]).into();
         let (a, hit) = cache.mask(PayloadFormat::Json, &p, &gen, &[1; 32]).unwrap();
         assert!(!hit);
         // Another provider, same view without pseudonyms: shared, also when
@@ -867,21 +868,21 @@ mod tests {
         let (b, hit) = cache.mask(PayloadFormat::Json, &p, &gen, &[2; 32]).unwrap();
         assert!(hit);
         assert_eq!(a, b);
-        let gen_copy = rules(&[("lat", MaskMethod::Generalize { decimals: 2 })]);
+        let gen_copy: MaskRules = rules(&[("lat", MaskMethod::Generalize { decimals: 2 })]).into();
         let (b, hit) = cache
             .mask(PayloadFormat::Json, &p, &gen_copy, &[3; 32])
             .unwrap();
         assert!(hit);
         assert_eq!(a, b);
         // Other rules, other view.
-        let coarser = rules(&[("lat", MaskMethod::Generalize { decimals: 1 })]);
+        let coarser: MaskRules = rules(&[("lat", MaskMethod::Generalize { decimals: 1 })]).into();
         let (f, hit) = cache
             .mask(PayloadFormat::Json, &p, &coarser, &[1; 32])
             .unwrap();
         assert!(!hit);
         assert_ne!(a, f);
         // With pseudonyms the provider key is part of the view.
-        let pse = rules(&[("id", MaskMethod::Pseudonymize)]);
+        let pse: MaskRules = rules(&[("id", MaskMethod::Pseudonymize)]).into();
         let (c, _) = cache.mask(PayloadFormat::Json, &p, &pse, &[1; 32]).unwrap();
         let (d, hit) = cache.mask(PayloadFormat::Json, &p, &pse, &[2; 32]).unwrap();
         assert!(!hit);
@@ -905,9 +906,6 @@ mod tests {
             apply_rules(&mut doc, rules, &KEY)?;
             encode_json(&doc)
         };
-        let r = |v: &[(&str, MaskMethod)]| -> Vec<(String, MaskMethod)> {
-            v.iter().map(|(p, m)| (p.to_string(), m.clone())).collect()
-        };
         let payloads: [&[u8]; 6] = [
             br#"{"ts": 17, "val": 72.46, "id": "alice-1", "pad": "x\"y\u00e9", "pos": {"lat": 1.5}}"#,
             br#"{"val":-1234,"id":{"b":[1,2,{"c":null}],"a":true}}"#,
@@ -917,16 +915,16 @@ mod tests {
             br#"{"val":7}"#,
         ];
         let rule_sets = [
-            r(&[("val", Generalize { decimals: -1 })]),
-            r(&[("val", Generalize { decimals: 1 }), ("id", Pseudonymize)]),
-            r(&[("id", Redact), ("pad", Remove), ("pos", Remove)]),
-            r(&[
+            rules(&[("val", Generalize { decimals: -1 })]),
+            rules(&[("val", Generalize { decimals: 1 }), ("id", Pseudonymize)]),
+            rules(&[("id", Redact), ("pad", Remove), ("pos", Remove)]),
+            rules(&[
                 ("id", Pseudonymize),
                 ("val", Redact),
                 ("val", Generalize { decimals: 0 }),
             ]),
-            r(&[("val", Remove), ("val", Generalize { decimals: 0 })]),
-            r(&[("absent", Redact)]),
+            rules(&[("val", Remove), ("val", Generalize { decimals: 0 })]),
+            rules(&[("absent", Redact)]),
         ];
         let mut flat_taken = 0;
         for p in payloads {
@@ -948,7 +946,7 @@ mod tests {
         }
         assert_eq!(flat_taken, payloads.len() * rule_sets.len());
         // Field order is the device's, untouched values byte for byte.
-        let out = mask_flat_json(br#"{"z":1,"a":"\u0041"}"#, &r(&[("z", Redact)]), &KEY);
+        let out = mask_flat_json(br#"{"z":1,"a":"\u0041"}"#, &rules(&[("z", Redact)]), &KEY);
         assert_eq!(
             out.unwrap().unwrap(),
             Bytes::from_static(br#"{"z":"[redacted]","a":"\u0041"}"#)

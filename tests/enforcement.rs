@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use chrono::{Datelike, TimeZone, Utc};
 use common::{v4, v5, Server, Setup, DEMO_DIRECTORY, MARKER_ACL};
 use serde_json::{json, Value};
@@ -20,13 +18,9 @@ fn demo_without_heart_rate_sharing() -> String {
 }
 
 async fn wait_for_providers(server: &Server, n: f64) {
-    for _ in 0..200 {
-        if server.metric("consentry_connected_clients", &[("role", "provider")]) == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("providers connected never became {n}");
+    server
+        .wait_for_metric("consentry_connected_clients", &[("role", "provider")], n)
+        .await;
 }
 
 #[tokio::test]
@@ -480,16 +474,13 @@ async fn held_subscriptions_are_dropped_when_the_act_no_longer_allows_them() {
         })),
     );
     assert_eq!(s, 201, "{body}");
-    for _ in 0..200 {
-        if server.metric("consentry_subscriptions_total", &[("result", "revoked")]) == 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(
-        server.metric("consentry_subscriptions_total", &[("result", "revoked")]),
-        1.0
-    );
+    server
+        .wait_for_metric(
+            "consentry_subscriptions_total",
+            &[("result", "revoked")],
+            1.0,
+        )
+        .await;
     // The subscription is gone at the broker: nothing more even reaches consentry for insureco.
     steps_then_marker(&alice, &mut ins).await;
     assert_eq!(dropped(), 1.0);

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{v4, v5, Server, Setup, MARKER_ACL};
 
@@ -10,21 +10,10 @@ fn broker_connections(server: &Server) -> f64 {
     server.metric("consentry_broker_connections", &[])
 }
 
-/// Polls the gauge until it reads `want` (the server updates it as sessions
-/// open and close their broker connections).
 async fn wait_for_broker_connections(server: &Server, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let got = broker_connections(server);
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "broker connections stayed at {got}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    server
+        .wait_for_metric("consentry_broker_connections", &[], want)
+        .await;
 }
 
 #[tokio::test]

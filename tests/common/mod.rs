@@ -222,6 +222,23 @@ impl Server {
         metric_sum(&self.metrics_text(), name, labels)
     }
 
+    /// Polls a metric until it reads `want` (up to 15 s); panics with the
+    /// last value otherwise.
+    pub async fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = self.metric(name, labels);
+            if got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} {labels:?} stayed at {got}, expected {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub fn act_version(&self) -> f64 {
         self.metric("consentry_act_version", &[])
     }

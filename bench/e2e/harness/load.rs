@@ -304,6 +304,15 @@ impl Fleet {
         }
     }
 
+    /// "N devices lost their connection: <first error>", if any did.
+    pub fn lost_connections(&self) -> Option<String> {
+        let n = self.errors.load(Ordering::Relaxed);
+        (n > 0).then(|| {
+            let first = self.first_error.lock().unwrap().clone().unwrap_or_default();
+            format!("{n} devices lost their connection: {first}")
+        })
+    }
+
     pub fn close(self) {
         for t in self.tasks {
             t.abort();

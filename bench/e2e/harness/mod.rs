@@ -721,18 +721,7 @@ async fn run_throughput(opts: &Options, sys: &mut System, spec: &RunSpec) -> Run
     let delivered = receivers
         .delivered
         .load(std::sync::atomic::Ordering::Relaxed);
-    let device_errors = fleet.errors.load(std::sync::atomic::Ordering::Relaxed);
-    if device_errors > 0 {
-        r.errors.push(format!(
-            "{device_errors} devices lost their connection: {}",
-            fleet
-                .first_error
-                .lock()
-                .unwrap()
-                .clone()
-                .unwrap_or_default()
-        ));
-    }
+    r.errors.extend(fleet.lost_connections());
     fleet.close();
     let got = receivers.finish().await;
     r.errors
@@ -975,18 +964,7 @@ async fn run_overload(opts: &Options, sys: &mut System) -> RunResult {
     let _ = stop_sampling.send(true);
     let rss_samples = sampler.await.unwrap_or_default();
     fleet.stop().await;
-    let device_errors = fleet.errors.load(Relaxed);
-    if device_errors > 0 {
-        r.errors.push(format!(
-            "{device_errors} devices lost their connection: {}",
-            fleet
-                .first_error
-                .lock()
-                .unwrap()
-                .clone()
-                .unwrap_or_default()
-        ));
-    }
+    r.errors.extend(fleet.lost_connections());
     let counts = rx.counts.clone();
     let got = rx.finish().await;
     r.errors
