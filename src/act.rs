@@ -22,6 +22,7 @@ use thiserror::Error;
 
 use crate::acl::{Access, Acl};
 use crate::model::{Directory, Kind, MaskMethod, PayloadFormat, Preferences, ProviderRole, Window};
+use crate::short_eq::{self, same};
 use crate::topic::{self, Resolved, Template};
 
 /// Who a session is, as established at CONNECT.
@@ -200,7 +201,7 @@ pub struct Act {
     pub version: u64,
     templates: Vec<Template>,
     kinds: Vec<Kind>,
-    kind_ids: FastMap<String, u16>,
+    kind_ids: KindIds,
     providers: FastMap<String, ProviderRules>,
     /// Provider ids by index.
     provider_ids: Vec<String>,
@@ -215,6 +216,41 @@ pub struct Act {
     /// One hash per id and lookup: its low bits choose the shard, its high
     /// half is the slot tag inside the shard.
     hasher: foldhash::fast::RandomState,
+}
+
+/// Kind name → kind id. A decision looks up the kind its topic names.
+/// Kinds are few, and bucketed by the length of their names a lookup is
+/// nearly always one comparison: cheaper than hashing the name.
+#[derive(Debug, Clone, Default)]
+struct KindIds {
+    by_len: Vec<Vec<(Box<str>, u16)>>,
+}
+
+/// Names this long or longer share the last bucket.
+const LONG_KIND: usize = 64;
+
+impl KindIds {
+    /// False if `name` is already there.
+    fn insert(&mut self, name: &str, id: u16) -> bool {
+        if self.get(name).is_some() {
+            return false;
+        }
+        let b = name.len().min(LONG_KIND);
+        if self.by_len.len() <= b {
+            self.by_len.resize_with(b + 1, Vec::new);
+        }
+        self.by_len[b].push((name.into(), id));
+        true
+    }
+
+    #[inline]
+    fn get(&self, name: &str) -> Option<u16> {
+        self.by_len
+            .get(name.len().min(LONG_KIND))?
+            .iter()
+            .find(|(n, _)| same(n.as_bytes(), name.as_bytes()))
+            .map(|&(_, id)| id)
+    }
 }
 
 /// consentry's own messages to a provider (e.g. disputes of its records) go
@@ -357,7 +393,7 @@ impl Table {
             if s == 0 {
                 return None;
             }
-            if s >> 32 == tag && self.record(slot_offset(s)).key == key {
+            if s >> 32 == tag && same(self.record(slot_offset(s)).key, key) {
                 return Some((i, slot_offset(s)));
             }
             i = (i + 1) & mask;
@@ -627,7 +663,7 @@ impl<'a> UserRef<'a> {
     fn has_device(&self, device: &str) -> bool {
         let mut list = Reader(Reader(self.body).field());
         while !list.is_empty() {
-            if list.field() == device.as_bytes() {
+            if same(list.field(), device.as_bytes()) {
                 return true;
             }
         }
@@ -641,7 +677,11 @@ impl<'a> UserRef<'a> {
         let mut r = self.grants();
         for _ in 0..r.varint() {
             let (p, k, i) = (r.varint(), r.varint(), r.varint());
-            if k == usize::from(kind) && providers.get(p).is_some_and(|p| p == id) {
+            if k == usize::from(kind)
+                && providers
+                    .get(p)
+                    .is_some_and(|p| same(p.as_bytes(), id.as_bytes()))
+            {
                 return self.shard.rules[i].0.as_deref();
             }
         }
@@ -695,9 +735,9 @@ impl Act {
             .iter()
             .map(|t| Template::parse(t))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut kind_ids = FastMap::default();
+        let mut kind_ids = KindIds::default();
         for (i, k) in kinds.iter().enumerate() {
-            if kind_ids.insert(k.name.clone(), i as u16).is_some() {
+            if !kind_ids.insert(&k.name, i as u16) {
                 return Err(CompileError::DuplicateKind(k.name.clone()));
             }
         }
@@ -708,7 +748,7 @@ impl Act {
             for purpose in &p.purposes {
                 let mut ids = Vec::new();
                 for k in &purpose.kinds {
-                    let id = *kind_ids.get(k).ok_or_else(|| CompileError::PurposeKind {
+                    let id = kind_ids.get(k).ok_or_else(|| CompileError::PurposeKind {
                         provider: p.id.clone(),
                         purpose: purpose.id.clone(),
                         kind: k.clone(),
@@ -989,7 +1029,6 @@ impl Act {
         let kind_id = |kind: &str| {
             self.kind_ids
                 .get(kind)
-                .copied()
                 .ok_or_else(|| CompileError::PrefKind {
                     user: user.into(),
                     kind: kind.into(),
@@ -1077,7 +1116,7 @@ impl Act {
     }
 
     pub fn kind(&self, name: &str) -> Option<&Kind> {
-        self.kind_ids.get(name).map(|&i| &self.kinds[i as usize])
+        self.kind_ids.get(name).map(|i| &self.kinds[i as usize])
     }
 
     /// The user a device is bound to.
@@ -1100,7 +1139,7 @@ impl Act {
     }
 
     fn classify<'t>(&self, topic: &'t str) -> Class<'t> {
-        if let Some(provider) = topic.strip_prefix(NOTICE_PREFIX) {
+        if let Some(provider) = short_eq::strip_prefix(topic, NOTICE_PREFIX) {
             return Class::Notice(provider);
         }
         let mut claimed = false;
@@ -1108,7 +1147,7 @@ impl Act {
             // Resolving first: on the hot path nearly every topic resolves,
             // and then the prefix check is already done.
             if let Some(r) = t.resolve(topic) {
-                if let Some(&id) = self.kind_ids.get(r.kind) {
+                if let Some(id) = self.kind_ids.get(r.kind) {
                     return Class::Personal(r, id);
                 }
                 claimed = true;
@@ -1148,7 +1187,7 @@ impl Act {
                 let user = match who {
                     // The binding in force, not the one seen at CONNECT: the
                     // device must be in the user's record now.
-                    Principal::Device { id, .. } => (id == r.device)
+                    Principal::Device { id, .. } => same(id.as_bytes(), r.device.as_bytes())
                         .then(|| self.user(r.user))
                         .flatten()
                         .filter(|u| u.has_device(r.device))
@@ -1447,6 +1486,33 @@ mod tests {
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 23, 10, 0, 0).unwrap() // a Monday
+    }
+
+    #[test]
+    fn kind_ids_find_every_name_and_only_those() {
+        let long_a = "a".repeat(LONG_KIND + 5);
+        let long_b = format!("{}b", "a".repeat(LONG_KIND + 4));
+        let names = ["steps", "sleep", "x", "heart_rate", &long_a, &long_b];
+        let mut ids = KindIds::default();
+        for (i, n) in names.iter().enumerate() {
+            assert!(ids.insert(n, i as u16), "{n}");
+        }
+        for (i, n) in names.iter().enumerate() {
+            assert_eq!(ids.get(n), Some(i as u16), "{n}");
+        }
+        // Same length as a kind, a prefix of one, longer, empty: none is one.
+        for n in [
+            "steep",
+            "heart_rat",
+            "heart_rates",
+            "",
+            &"a".repeat(LONG_KIND),
+        ] {
+            assert_eq!(ids.get(n), None, "{n:?}");
+        }
+        assert!(!ids.insert("sleep", 9), "a second `sleep`");
+        assert!(!ids.insert(&long_b, 9), "a second long name");
+        assert_eq!(ids.get("sleep"), Some(1));
     }
 
     #[test]

@@ -45,5 +45,6 @@ pub mod receipt;
 pub mod secrets;
 pub mod server;
 pub mod session;
+pub mod short_eq;
 pub mod store;
 pub mod topic;

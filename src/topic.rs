@@ -8,6 +8,8 @@
 
 use thiserror::Error;
 
+use crate::short_eq;
+
 #[derive(Debug, Error, PartialEq)]
 pub enum TemplateError {
     #[error("template {0:?} is empty")]
@@ -114,11 +116,11 @@ impl Template {
 
     pub fn resolve<'a>(&self, topic: &'a str) -> Option<Resolved<'a>> {
         let (mut user, mut device, mut kind) = (None, None, None);
-        let mut parts = levels(topic.strip_prefix(self.prefix.as_str())?);
+        let mut parts = levels(short_eq::strip_prefix(topic, &self.prefix)?);
         for level in &self.levels[self.prefix_len..] {
             let part = parts.next()?;
             match level {
-                Level::Literal(lit) if lit == part => {}
+                Level::Literal(lit) if short_eq::same(lit.as_bytes(), part.as_bytes()) => {}
                 Level::Literal(_) => return None,
                 // An empty id would let `pii//x/k` name nobody in particular.
                 _ if part.is_empty() => return None,
