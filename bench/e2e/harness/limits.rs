@@ -10,7 +10,9 @@ use super::systems::SystemKind;
 
 /// Descriptors kept aside for everything but device connections (listeners,
 /// logs, the ledger's files, pipes, the providers, the metrics endpoint).
-const RESERVE: u64 = 1_000;
+/// consentry holds 32 once started (12 of them sockets) and the brokers
+/// fewer; the rest is margin for what opens during a run.
+const RESERVE: u64 = 300;
 
 /// What the harness found and did about `RLIMIT_NOFILE`.
 #[derive(Debug, Clone, Serialize)]
@@ -129,8 +131,7 @@ pub fn surely_fits(limit: &FdLimit, n: u64) -> bool {
 
 /// The most idle devices that every system (at its `costs`) and the harness
 /// (one socket per device) can hold under `limit`, when at most `active` of
-/// them publish during the trickle; rounded down to a thousand (exact below
-/// 1000).
+/// them publish during the trickle; rounded down to a hundred.
 pub fn idle_fit(limit: &FdLimit, costs: &[(SystemKind, FdCost)], active: u64) -> u64 {
     let budget = limit.soft.min(limit.hard).saturating_sub(RESERVE) as f64;
     // Each device needs a local port towards one listener (consentry's
@@ -147,8 +148,8 @@ pub fn idle_fit(limit: &FdLimit, costs: &[(SystemKind, FdCost)], active: u64) ->
         n = n.min(fit.max(0.0));
     }
     let n = n as u64;
-    if n >= 1_000 {
-        n / 1_000 * 1_000
+    if n >= 100 {
+        n / 100 * 100
     } else {
         n
     }
