@@ -64,7 +64,8 @@ const HOLD_POLL: Duration = Duration::from_millis(2);
 const CLIENT_BUF: usize = 1024;
 /// Reads from the broker shorter than this are acknowledged at once (see
 /// [`ack_at_once`]). A flood arrives in full segments, which Nagle does not
-/// hold, and the extra ACKs and system calls would cost it ~5 % (measured).
+/// hold, and there the extra ACKs and system calls cost throughput
+/// (bench/README.md, fourth session).
 const QUICKACK_BELOW: usize = 16 * 1024;
 
 /// Client-bound bytes and the ledger records they wait for.
@@ -81,9 +82,9 @@ struct Chunk {
 /// by default), so a delivery it writes while an earlier one is still
 /// unacknowledged waits in its Nagle buffer for our ACK, which Linux delays
 /// by up to 40 ms when we have nothing to send back, as with QoS 0. That
-/// wait was most of consentry's QoS 0 latency at moderate rates (10k msg/s:
-/// p50 ~8 ms, p99 ~26 ms; with this, ~0.9 and ~2–3.5 ms). Linux drops out
-/// of quick-ACK mode by itself, so it is asked again after every read.
+/// wait was most of consentry's QoS 0 latency at moderate rates (measured
+/// in bench/README.md, fourth session). Linux drops out of quick-ACK mode
+/// by itself, so it is asked again after every read.
 #[cfg(target_os = "linux")]
 fn ack_at_once(up: &TcpStream) {
     if let Err(e) = socket2::SockRef::from(up).set_tcp_quickack(true) {
