@@ -18,6 +18,7 @@ mod codec;
 mod entry;
 mod error;
 mod keys;
+mod purge;
 mod read;
 mod record;
 mod recover;

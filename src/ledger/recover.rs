@@ -17,6 +17,8 @@ pub(crate) struct Recovered {
     pub active: Option<(u64, PathBuf, u64)>,
     /// Highest boot counter seen in a nonce on disk: a lost state file must not reset it.
     pub max_boot: u32,
+    /// The newest record time in the active segment (µs), for retention once it is closed.
+    pub newest_us: i64,
 }
 
 pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recovered, LedgerError> {
@@ -45,6 +47,7 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
             head: [0; 32],
             active: None,
             max_boot: 0,
+            newest_us: i64::MIN,
         });
     };
 
@@ -54,6 +57,7 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
     let mut prev: Option<[u8; 32]> = None;
     let mut max_boot = 0u32;
     let mut bad_at: Option<usize> = None;
+    let mut newest_us = i64::MIN;
     loop {
         match next_frame(&data, off) {
             Next::End => break,
@@ -76,6 +80,7 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
                     Err(e) => return Err(e),
                 }
                 max_boot = max_boot.max(f.header.boot());
+                newest_us = newest_us.max(f.header.time_us);
                 prev = Some(f.hash());
                 expected = expected.saturating_add(1);
                 off = f.end;
@@ -105,6 +110,7 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
         head,
         active: Some((first, path, size)),
         max_boot,
+        newest_us,
     })
 }
 

@@ -573,6 +573,107 @@ async fn retention_purges_old_segments_and_verification_passes() {
 }
 
 #[tokio::test]
+async fn retention_reads_segments_from_an_earlier_run_off_the_writer() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let small = LedgerConfig {
+        segment_bytes: 2048,
+        ..cfg(tmp.path())
+    };
+    // Without retention, old records fill several closed segments.
+    let ledger = Ledger::open(small.clone(), k.clone()).expect("open");
+    let old = Utc::now() - TimeDelta::days(3);
+    for i in 0..30 {
+        let mut r = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", i);
+        r.time = old;
+        ledger.submit(r).expect("submit").await.expect("durable");
+    }
+    ledger.shutdown().await;
+    let before = list_segments(tmp.path()).expect("list");
+    assert!(before.len() >= 3, "several segments: {before:?}");
+    // Damage the newest closed segment: it and everything after it stay.
+    let damaged = &before[before.len() - 2];
+    let mut bytes = std::fs::read(&damaged.1).expect("read");
+    bytes.truncate(bytes.len() - 5);
+    std::fs::write(&damaged.1, &bytes).expect("write");
+
+    // Reopened with retention, this writer closed none of them: the scanner reads them, and
+    // its answer (not a minute's tick) sets the purge going.
+    let ledger = Ledger::open(
+        LedgerConfig {
+            retention: Some(Duration::from_secs(24 * 3600)),
+            ..small
+        },
+        k.clone(),
+    )
+    .expect("reopen");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let purged = loop {
+        let now = list_segments(tmp.path()).expect("list");
+        if now[0].0 == damaged.0 {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segments before the damaged one were not purged: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        purged.len(),
+        2,
+        "the damaged segment and the active one stay"
+    );
+    ledger.shutdown().await;
+    // The checkpoint signed before each deletion anchors the chain at the gap.
+    let report = verify_dir(tmp.path(), &k);
+    assert!(
+        matches!(report, Err(LedgerError::Tampered { .. })),
+        "the damage itself is still reported: {report:?}"
+    );
+}
+
+#[test]
+fn segment_summary_reads_newest_time_last_record_and_damage() {
+    use super::purge::Summary;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let ledger = Ledger::open(cfg(tmp.path()), keys()).expect("open");
+    let t0 = Utc::now() - TimeDelta::days(1);
+    rt.block_on(async {
+        // Times out of order: the newest need not be the last.
+        for (i, age) in [5i64, 1, 3].into_iter().enumerate() {
+            let mut r = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", i as u64);
+            r.time = t0 - TimeDelta::hours(age);
+            ledger.submit(r).expect("submit").await.expect("durable");
+        }
+    });
+    rt.block_on(ledger.shutdown());
+    let seg = &list_segments(tmp.path()).expect("list")[0].1;
+    let data = std::fs::read(seg).expect("read");
+    let s = Summary::of(&data);
+    assert!(s.clean);
+    assert_eq!(
+        s.newest_us,
+        (t0 - TimeDelta::hours(1)).timestamp_micros(),
+        "newest of the three"
+    );
+    let mut off = 0;
+    let mut last = None;
+    while let Next::Frame(f) = next_frame(&data, off) {
+        off = f.end;
+        last = Some((f.header.seq, f.hash()));
+    }
+    assert_eq!(s.last, last);
+    assert_eq!(s.last.map(|l| l.0), Some(3));
+
+    let torn = Summary::of(&data[..data.len() - 1]);
+    assert!(!torn.clean);
+    assert_eq!(Summary::of(&[]).last, None);
+    assert!(Summary::of(&[]).clean);
+}
+
+#[tokio::test]
 async fn fails_closed_on_enospc() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let ledger = Ledger::open(cfg(tmp.path()), keys()).expect("open");

@@ -22,9 +22,10 @@ use super::checkpoint::{self, Checkpoint, CheckpointLog};
 use super::entry::Entry;
 use super::error::LedgerError;
 use super::keys::Keyring;
-use super::record::{next_frame, seal, Header, Next};
+use super::purge::{Purger, Summary};
+use super::record::{seal, Header};
 use super::recover::recover;
-use super::segment::{fsync_dir, list_segments, read_opt, segment_path, State};
+use super::segment::{fsync_dir, list_segments, segment_path, State};
 use super::LedgerConfig;
 
 /// NIST SP 800-38D bounds GCM invocations per key at 2^32 for random IVs; our IVs are
@@ -52,6 +53,8 @@ pub(crate) struct Queue {
     pub shutdown: bool,
     pub failed: Option<String>,
     pub flush_blocked: bool,
+    /// A closed segment's summary arrived from the scanner: retention can go on.
+    pub purge_ready: bool,
 }
 
 pub(crate) struct Shared {
@@ -112,6 +115,9 @@ pub(crate) struct Writer {
     seg: File,
     seg_first: u64,
     seg_size: u64,
+    /// The newest record time in the active segment (µs), for retention once it is closed.
+    seg_newest: i64,
+    purger: Purger,
     next_seq: u64,
     head: [u8; 32],
     cp: CheckpointLog,
@@ -168,6 +174,15 @@ impl Writer {
         state.store(&dir)?;
 
         let cp = CheckpointLog::open(&dir, cps.torn_at)?;
+        let wake = {
+            let shared = Arc::downgrade(&shared);
+            Arc::new(move || {
+                if let Some(shared) = shared.upgrade() {
+                    shared.lock().purge_ready = true;
+                    shared.cv.notify_one();
+                }
+            })
+        };
         let (seg, seg_first, seg_size) = match rec.active {
             Some((first, path, size)) => (open_append(&path, false)?, first, size),
             None => {
@@ -192,6 +207,8 @@ impl Writer {
             seg,
             seg_first,
             seg_size,
+            seg_newest: rec.newest_us,
+            purger: Purger::new(wake),
             next_seq: rec.next_seq,
             head: rec.head,
             cp,
@@ -218,7 +235,7 @@ impl Writer {
 
     fn run_inner(&mut self) -> Result<(), LedgerError> {
         loop {
-            let (mut batch, shutting_down, flush_req) = self.next_batch();
+            let (mut batch, shutting_down, flush_req, purge_ready) = self.next_batch();
             let flush_due =
                 self.last_blocked_flush.elapsed() >= self.shared.cfg.blocked_flush_every;
             if shutting_down || flush_req || flush_due {
@@ -246,7 +263,7 @@ impl Writer {
                 self.checkpoint()?;
             }
             if self.shared.cfg.retention.is_some()
-                && self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY)
+                && (purge_ready || self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY))
             {
                 self.last_purge = Some(Instant::now());
                 self.purge()?;
@@ -264,12 +281,12 @@ impl Writer {
     }
 
     /// Waits for work and takes up to `max_batch` queued records.
-    fn next_batch(&mut self) -> (Vec<Pending>, bool, bool) {
+    fn next_batch(&mut self) -> (Vec<Pending>, bool, bool, bool) {
         let shared = Arc::clone(&self.shared);
         let cfg = &shared.cfg;
         let mut q = shared.lock();
         loop {
-            if !q.items.is_empty() || q.shutdown || q.flush_blocked {
+            if !q.items.is_empty() || q.shutdown || q.flush_blocked || q.purge_ready {
                 break;
             }
             let mut wait = cfg
@@ -291,6 +308,7 @@ impl Writer {
                 .unwrap_or_else(|e| e.into_inner().0);
         }
         let flush_req = std::mem::take(&mut q.flush_blocked);
+        let purge_ready = std::mem::take(&mut q.purge_ready);
         let mut batch = std::mem::take(&mut self.spare);
         batch.clear();
         if q.items.len() <= cfg.max_batch {
@@ -299,7 +317,7 @@ impl Writer {
             batch.extend(q.items.drain(..cfg.max_batch));
         }
         let shutting_down = q.shutdown && q.items.is_empty();
-        (batch, shutting_down, flush_req)
+        (batch, shutting_down, flush_req, purge_ready)
     }
 
     fn next_nonce(&mut self) -> Result<[u8; 12], LedgerError> {
@@ -350,6 +368,7 @@ impl Writer {
                     self.flush_buf()?;
                     self.rotate()?;
                 }
+                self.seg_newest = self.seg_newest.max(p.time_us);
                 let header = Header {
                     entry_type: p.entry_type,
                     seq: self.next_seq,
@@ -415,6 +434,17 @@ impl Writer {
         let f = open_append(&path, true)?;
         // The new file's directory entry must be durable before records in it are acknowledged.
         fsync_dir(&self.dir)?;
+        // Everything up to here is flushed: the closing segment ends at the chain's head.
+        let last = (self.next_seq > self.seg_first).then_some((self.next_seq - 1, self.head));
+        self.purger.closed(
+            self.seg_first,
+            Summary {
+                newest_us: self.seg_newest,
+                last,
+                clean: true,
+            },
+        );
+        self.seg_newest = i64::MIN;
         self.seg = f;
         self.seg_first = self.next_seq;
         self.seg_size = 0;
@@ -448,38 +478,22 @@ impl Writer {
             if first >= self.seg_first {
                 break;
             }
-            let Some(data) = read_opt(&path)? else {
-                continue;
+            let Some(summary) = self.purger.summary(first, &path) else {
+                // Being read on the scanner thread; it wakes us when done.
+                break;
             };
-            let mut off = 0;
-            let mut last = None;
-            let mut newest = i64::MIN;
-            let clean = loop {
-                match next_frame(&data, off) {
-                    Next::Frame(f) => {
-                        newest = newest.max(f.header.time_us);
-                        last = Some((f.header.seq, f.hash()));
-                        off = f.end;
-                    }
-                    Next::End => break true,
-                    Next::Torn | Next::Bad => break false,
-                }
-            };
-            if !clean {
-                // Damaged history is evidence; leave it for verify_dir to report.
-                tracing::warn!(segment = %path.display(), "not purging a damaged segment");
+            // Damaged history is evidence; leave it for verify_dir to report.
+            if !summary.clean || summary.newest_us >= cutoff {
                 break;
             }
-            if newest >= cutoff {
-                break;
-            }
-            if let Some((seq, hash)) = last {
+            if let Some((seq, hash)) = summary.last {
                 let cp = Checkpoint::sign(&self.shared.keys, seq, hash, now_us());
                 self.cp.append(&cp)?;
             }
             std::fs::remove_file(&path)
                 .map_err(|e| LedgerError::io(format!("purge {}", path.display()), e))?;
             fsync_dir(&self.dir)?;
+            self.purger.forget(first);
             tracing::info!(segment = %path.display(), "purged segment past retention");
         }
         Ok(())
