@@ -26,6 +26,33 @@ fn serve_rumqttd_child() {
 }
 
 #[test]
+fn fsync_histogram_is_read_from_prometheus_text() {
+    use harness::systems::Fsyncs;
+    let text = "\
+# HELP consentry_ledger_fsync_seconds fsync time
+# TYPE consentry_ledger_fsync_seconds histogram
+consentry_ledger_fsync_seconds_bucket{le=\"0.001\"} 90
+consentry_ledger_fsync_seconds_bucket{le=\"0.005\"} 97
+consentry_ledger_fsync_seconds_bucket{le=\"0.01\"} 99
+consentry_ledger_fsync_seconds_bucket{le=\"+Inf\"} 100
+consentry_ledger_fsync_seconds_sum 0.2
+consentry_ledger_fsync_seconds_count 100
+consentry_ledger_appends_total 400
+";
+    let f = Fsyncs::parse(text).expect("parsed");
+    assert_eq!((f.count, f.over_5ms, f.over_10ms), (100, 3, 1));
+    let later = Fsyncs {
+        count: 150,
+        over_5ms: 4,
+        over_10ms: 1,
+    };
+    let d = later.since(f);
+    assert_eq!((d.count, d.over_5ms, d.over_10ms), (50, 1, 0));
+    // No histogram yet (no fsync so far) or another exporter: no figure.
+    assert!(Fsyncs::parse("consentry_ledger_appends_total 0\n").is_none());
+}
+
+#[test]
 fn payload_is_256_bytes_of_json_with_a_timestamp() {
     let p = harness::load::payload(123_456_789, 7);
     assert_eq!(p.len(), harness::load::PAYLOAD_BYTES);
@@ -102,6 +129,24 @@ fn quick_run_completes_and_writes_results() {
         assert!(n("acked") <= n("went_out") && n("went_out") <= n("sent") + 1);
         assert!(n("lost") <= n("acked"));
         assert!(o["rss_samples"].as_array().is_some_and(|s| !s.is_empty()));
+    }
+    // consentry's ledger fsyncs are read from its metrics for every
+    // throughput run (each delivery waits for one); the brokers have none.
+    // (The idle fleet's trickle is not a throughput run.)
+    let throughput = |r: &&serde_json::Value| {
+        (r["mode"] == "max" || r["mode"] == "rate") && r["scenario"] != "idle"
+    };
+    for r in runs.iter().filter(throughput) {
+        let f = &r["ledger_fsyncs"];
+        if r["system"] == "consentry" {
+            let count = f["count"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("consentry run has ledger_fsyncs: {r}"));
+            assert!(count > 0 || r["delivered"] == 0, "no fsyncs counted: {r}");
+            assert!(f["over_5ms"].as_u64() <= Some(count));
+        } else {
+            assert!(f.is_null(), "{} has no ledger", r["system"]);
+        }
     }
     assert!(json["fd_limit"]["hard"].as_u64().is_some());
     assert!(json["summary"].as_array().is_some_and(|s| !s.is_empty()));

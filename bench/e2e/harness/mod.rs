@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use load::{Fleet, Pace, PacedReceiver, Receivers};
 use systems::{
-    cpu_seconds, memory_kib, open_fds, reset_peak, Credentials, RumqttdCommand, System, SystemKind,
-    KINDS,
+    cpu_seconds, memory_kib, open_fds, reset_peak, Credentials, Fsyncs, RumqttdCommand, System,
+    SystemKind, KINDS,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -289,6 +289,9 @@ pub struct RunResult {
     /// Overload scenario only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub overload: Option<OverloadResult>,
+    /// consentry only: its ledger fsyncs during the run, slow ones counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger_fsyncs: Option<Fsyncs>,
     pub errors: Vec<String>,
 }
 
@@ -632,6 +635,7 @@ fn blank(spec: &RunSpec, sys: &System, devices: usize, providers: usize) -> RunR
         fds_before: None,
         fds_connected: None,
         overload: None,
+        ledger_fsyncs: None,
         errors: Vec::new(),
     }
 }
@@ -700,6 +704,7 @@ async fn run_throughput(opts: &Options, sys: &mut System, spec: &RunSpec) -> Run
     reset_peak(pid);
     let (cpu0, h0) = (cpu_seconds(Some(pid)), cpu_seconds(None));
     r.rss_before_kib = memory_kib(pid).1;
+    let fsyncs0 = sys.fsyncs();
     // Bounded in count as well as time.
     let cap = opts.max_messages / opts.devices.max(1) as u64 + 1;
     let (sent, start) = load::drive(
@@ -718,6 +723,7 @@ async fn run_throughput(opts: &Options, sys: &mut System, spec: &RunSpec) -> Run
         .await;
     let (cpu1, h1) = (cpu_seconds(Some(pid)), cpu_seconds(None));
     r.peak_rss_kib = memory_kib(pid).0;
+    r.ledger_fsyncs = sys.fsyncs().zip(fsyncs0).map(|(a, b)| a.since(b));
     let delivered = receivers
         .delivered
         .load(std::sync::atomic::Ordering::Relaxed);

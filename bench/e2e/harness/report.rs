@@ -105,6 +105,8 @@ pub struct Summary {
     pub ratio_vs_rumqttd: Option<f64>,
     pub ratio_vs_mosquitto: Option<f64>,
     pub added_p99_us_vs_rumqttd: Option<f64>,
+    /// consentry: its ledger fsyncs over all the runs, slow ones counted.
+    pub ledger_fsyncs: Option<super::systems::Fsyncs>,
     pub errors: usize,
 }
 
@@ -154,6 +156,13 @@ pub fn summarize(runs: &[RunResult]) -> Vec<Summary> {
                 ratio_vs_rumqttd: None,
                 ratio_vs_mosquitto: None,
                 added_p99_us_vs_rumqttd: None,
+                ledger_fsyncs: rs.iter().filter_map(|r| r.ledger_fsyncs).reduce(|a, b| {
+                    super::systems::Fsyncs {
+                        count: a.count + b.count,
+                        over_5ms: a.over_5ms + b.over_5ms,
+                        over_10ms: a.over_10ms + b.over_10ms,
+                    }
+                }),
                 errors: rs.iter().map(|r| r.errors.len()).sum(),
             }
         })
@@ -281,15 +290,15 @@ pub fn markdown(results: &Results) -> String {
         s,
         "\n### Fixed offered rate (one run each): latency from publish() to receipt\n"
     );
-    let _ = writeln!(s, "| scenario | QoS | offered msg/s | client NODELAY | system | delivered msg/s | not delivered | p50 ms | p99 ms | p999 ms | added p99 vs rumqttd ms | CPU | peak RSS MiB |");
+    let _ = writeln!(s, "| scenario | QoS | offered msg/s | client NODELAY | system | delivered msg/s | not delivered | p50 ms | p99 ms | p999 ms | added p99 vs rumqttd ms | ledger fsyncs > 5 ms (> 10 ms) of all | CPU | peak RSS MiB |");
     let _ = writeln!(
         s,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for x in sum.iter().filter(|x| is_fixed_rate(x)) {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} ({}) | {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.0}% | {} |",
+            "| {} | {} | {:.0} ({}) | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.0}% | {} |",
             x.scenario_name(),
             x.qos,
             x.offered_per_s.unwrap_or(0.0),
@@ -302,6 +311,10 @@ pub fn markdown(results: &Results) -> String {
             ms(x.p99_us),
             ms(x.p999_us),
             x.added_p99_us_vs_rumqttd.map_or("–".into(), ms),
+            x.ledger_fsyncs.map_or("–".into(), |f| format!(
+                "{} ({}) of {}",
+                f.over_5ms, f.over_10ms, f.count
+            )),
             x.cpu_share * 100.0,
             mib(x.peak_rss_kib),
         );

@@ -227,6 +227,62 @@ pub struct System {
     pub addr: SocketAddr,
     child: Child,
     pub log: PathBuf,
+    /// consentry's Prometheus endpoint.
+    metrics: Option<SocketAddr>,
+}
+
+/// consentry's ledger fsyncs so far, from its `consentry_ledger_fsync_seconds`
+/// histogram: every delivery waits for one, so slow ones show in latency.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Fsyncs {
+    pub count: u64,
+    pub over_5ms: u64,
+    pub over_10ms: u64,
+}
+
+impl Fsyncs {
+    pub fn since(self, before: Fsyncs) -> Fsyncs {
+        Fsyncs {
+            count: self.count.saturating_sub(before.count),
+            over_5ms: self.over_5ms.saturating_sub(before.over_5ms),
+            over_10ms: self.over_10ms.saturating_sub(before.over_10ms),
+        }
+    }
+
+    /// Reads the histogram out of a Prometheus text exposition.
+    pub fn parse(text: &str) -> Option<Fsyncs> {
+        let name = "consentry_ledger_fsync_seconds";
+        let mut count = None;
+        let (mut le_5ms, mut le_10ms) = (None, None);
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            if series == format!("{name}_count") {
+                count = Some(value as u64);
+            } else if let Some(le) = series
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix("_bucket{le=\""))
+                .and_then(|r| r.strip_suffix("\"}"))
+                .and_then(|le| le.parse::<f64>().ok())
+            {
+                if (le - 0.005).abs() < 1e-9 {
+                    le_5ms = Some(value as u64);
+                } else if (le - 0.01).abs() < 1e-9 {
+                    le_10ms = Some(value as u64);
+                }
+            }
+        }
+        let count = count?;
+        Some(Fsyncs {
+            count,
+            over_5ms: count.saturating_sub(le_5ms?),
+            over_10ms: count.saturating_sub(le_10ms?),
+        })
+    }
 }
 
 impl System {
@@ -245,6 +301,7 @@ impl System {
                 .open(&log)?
                 .into())
         };
+        let mut metrics = None;
         let (child, addr) = match kind {
             SystemKind::Rumqttd => {
                 let (v4, v5) = (free_port(), free_port());
@@ -279,6 +336,8 @@ impl System {
                 (child, SocketAddr::from(([127, 0, 0, 1], port)))
             }
             SystemKind::Consentry => {
+                metrics = Some(SocketAddr::from(([127, 0, 0, 1], free_port())));
+                let metrics = metrics.expect("just set");
                 let data = creds.dir.join(format!("data-{}", rand::random::<u32>()));
                 let mut child = Command::new(consentry_bin)
                     .arg("--config")
@@ -287,7 +346,7 @@ impl System {
                     .arg("--listen")
                     .arg("127.0.0.1:0")
                     .arg("--metrics-listen")
-                    .arg(format!("127.0.0.1:{}", free_port()))
+                    .arg(metrics.to_string())
                     // Not the default 8080: runs may overlap with others.
                     .arg("--api-listen")
                     .arg("127.0.0.1:0")
@@ -325,6 +384,7 @@ impl System {
             addr,
             child,
             log,
+            metrics,
         };
         // rumqttd and Mosquitto print nothing when ready: wait for the port.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -347,6 +407,20 @@ impl System {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// consentry's ledger fsyncs so far; `None` for the brokers, or when the
+    /// scrape fails (then the run simply has no such figure).
+    pub fn fsyncs(&self) -> Option<Fsyncs> {
+        let addr = self.metrics?;
+        let text = ureq::get(&format!("http://{addr}/metrics"))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()?;
+        // The histogram appears with the first fsync; before it there were none.
+        Some(Fsyncs::parse(&text).unwrap_or_default())
     }
 
     pub fn alive(&mut self) -> bool {
