@@ -148,6 +148,23 @@ fn quick_run_completes_and_writes_results() {
             assert!(f.is_null(), "{} has no ledger", r["system"]);
         }
     }
+    // One round each in a quick run: the round's ratio is the headline ratio.
+    let summary = json["summary"].as_array().expect("summary");
+    let max_consentry: Vec<_> = summary
+        .iter()
+        .filter(|x| x["system"] == "consentry" && x["label"] == "max")
+        .collect();
+    assert!(!max_consentry.is_empty());
+    for x in max_consentry {
+        let rounds = x["ratio_vs_rumqttd_by_round"].as_array().expect("by round");
+        match x["ratio_vs_rumqttd"].as_f64() {
+            Some(r) => {
+                assert_eq!(rounds.len(), 1, "{x}");
+                assert!((rounds[0].as_f64().unwrap() - r).abs() < 1e-9, "{x}");
+            }
+            None => assert!(rounds.is_empty(), "{x}"),
+        }
+    }
     assert!(json["fd_limit"]["hard"].as_u64().is_some());
     assert!(json["summary"].as_array().is_some_and(|s| !s.is_empty()));
     let svg = std::fs::read_to_string(out.path().join("latest.svg")).unwrap();
