@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 
 use super::record::{next_frame, Next};
 use super::segment::read_opt;
@@ -50,6 +51,9 @@ impl Summary {
     }
 }
 
+/// Called by the scanner after each reply, so the writer purges without waiting a minute.
+pub(crate) type Wake = Arc<dyn Fn() + Send + Sync>;
+
 type Request = (u64, PathBuf);
 type Reply = (u64, Option<Summary>);
 
@@ -58,12 +62,11 @@ pub(crate) struct Purger {
     known: HashMap<u64, Summary>,
     asked: HashSet<u64>,
     scanner: Option<(Sender<Request>, Receiver<Reply>)>,
-    /// Called by the scanner after each reply, so the writer purges without waiting a minute.
-    wake: std::sync::Arc<dyn Fn() + Send + Sync>,
+    wake: Wake,
 }
 
 impl Purger {
-    pub fn new(wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Purger {
+    pub fn new(wake: Wake) -> Purger {
         Purger {
             known: HashMap::new(),
             asked: HashSet::new(),
@@ -119,7 +122,7 @@ impl Purger {
     }
 }
 
-fn spawn(wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> (Sender<Request>, Receiver<Reply>) {
+fn spawn(wake: Wake) -> (Sender<Request>, Receiver<Reply>) {
     let (req_tx, req_rx) = channel::<Request>();
     let (rep_tx, rep_rx) = channel::<Reply>();
     let started = std::thread::Builder::new()

@@ -49,6 +49,15 @@ fn keys() -> Keyring {
     Keyring::generate().expect("generate keyring")
 }
 
+/// One durable share record per time given.
+async fn write_at(ledger: &Ledger, times: impl IntoIterator<Item = chrono::DateTime<Utc>>) {
+    for (i, time) in times.into_iter().enumerate() {
+        let mut r = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", i as u64);
+        r.time = time;
+        ledger.submit(r).expect("submit").await.expect("durable");
+    }
+}
+
 async fn write_n(ledger: &Ledger, n: u64) -> Vec<u64> {
     let mut ds = Vec::new();
     for i in 0..n {
@@ -535,11 +544,7 @@ async fn retention_purges_old_segments_and_verification_passes() {
     };
     let ledger = Ledger::open(c.clone(), k.clone()).expect("open");
     let old = Utc::now() - TimeDelta::days(3);
-    for i in 0..30 {
-        let mut r = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", i);
-        r.time = old;
-        ledger.submit(r).expect("submit").await.expect("durable");
-    }
+    write_at(&ledger, [old; 30]).await;
     write_n(&ledger, 12).await;
     ledger.shutdown().await;
 
@@ -583,11 +588,7 @@ async fn retention_reads_segments_from_an_earlier_run_off_the_writer() {
     // Without retention, old records fill several closed segments.
     let ledger = Ledger::open(small.clone(), k.clone()).expect("open");
     let old = Utc::now() - TimeDelta::days(3);
-    for i in 0..30 {
-        let mut r = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", i);
-        r.time = old;
-        ledger.submit(r).expect("submit").await.expect("durable");
-    }
+    write_at(&ledger, [old; 30]).await;
     ledger.shutdown().await;
     let before = list_segments(tmp.path()).expect("list");
     assert!(before.len() >= 3, "several segments: {before:?}");
@@ -640,14 +641,11 @@ fn segment_summary_reads_newest_time_last_record_and_damage() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let ledger = Ledger::open(cfg(tmp.path()), keys()).expect("open");
     let t0 = Utc::now() - TimeDelta::days(1);
-    rt.block_on(async {
-        // Times out of order: the newest need not be the last.
-        for (i, age) in [5i64, 1, 3].into_iter().enumerate() {
-            let mut r = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", i as u64);
-            r.time = t0 - TimeDelta::hours(age);
-            ledger.submit(r).expect("submit").await.expect("durable");
-        }
-    });
+    // Times out of order: the newest need not be the last.
+    rt.block_on(write_at(
+        &ledger,
+        [5, 1, 3].map(|h| t0 - TimeDelta::hours(h)),
+    ));
     rt.block_on(ledger.shutdown());
     let seg = &list_segments(tmp.path()).expect("list")[0].1;
     let data = std::fs::read(seg).expect("read");

@@ -160,13 +160,10 @@ pub fn summarize(runs: &[RunResult]) -> Vec<Summary> {
                 ratio_vs_rumqttd_by_round: Vec::new(),
                 ratio_vs_mosquitto: None,
                 added_p99_us_vs_rumqttd: None,
-                ledger_fsyncs: rs.iter().filter_map(|r| r.ledger_fsyncs).reduce(|a, b| {
-                    super::systems::Fsyncs {
-                        count: a.count + b.count,
-                        over_5ms: a.over_5ms + b.over_5ms,
-                        over_10ms: a.over_10ms + b.over_10ms,
-                    }
-                }),
+                ledger_fsyncs: rs
+                    .iter()
+                    .filter_map(|r| r.ledger_fsyncs)
+                    .reduce(|a, b| a.plus(b)),
                 errors: rs.iter().map(|r| r.errors.len()).sum(),
             }
         })

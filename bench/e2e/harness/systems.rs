@@ -241,6 +241,14 @@ pub struct Fsyncs {
 }
 
 impl Fsyncs {
+    pub fn plus(self, other: Fsyncs) -> Fsyncs {
+        Fsyncs {
+            count: self.count + other.count,
+            over_5ms: self.over_5ms + other.over_5ms,
+            over_10ms: self.over_10ms + other.over_10ms,
+        }
+    }
+
     pub fn since(self, before: Fsyncs) -> Fsyncs {
         Fsyncs {
             count: self.count.saturating_sub(before.count),
@@ -252,6 +260,7 @@ impl Fsyncs {
     /// Reads the histogram out of a Prometheus text exposition.
     pub fn parse(text: &str) -> Option<Fsyncs> {
         let name = "consentry_ledger_fsync_seconds";
+        let count_series = format!("{name}_count");
         let mut count = None;
         let (mut le_5ms, mut le_10ms) = (None, None);
         for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -261,7 +270,7 @@ impl Fsyncs {
             let Ok(value) = value.parse::<f64>() else {
                 continue;
             };
-            if series == format!("{name}_count") {
+            if series == count_series {
                 count = Some(value as u64);
             } else if let Some(le) = series
                 .strip_prefix(name)
