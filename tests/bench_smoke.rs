@@ -165,6 +165,14 @@ fn quick_run_completes_and_writes_results() {
             None => assert!(rounds.is_empty(), "{x}"),
         }
     }
+    // The load generator's share of the machine is given for every load
+    // (in clock ticks: a tiny run may round to zero, not all of them).
+    let shares: Vec<f64> = summary
+        .iter()
+        .map(|x| x["harness_cpu_share"].as_f64().expect("harness_cpu_share"))
+        .collect();
+    assert!(shares.iter().all(|h| (0.0..64.0).contains(h)), "{shares:?}");
+    assert!(shares.iter().any(|h| *h > 0.0), "{shares:?}");
     assert!(json["fd_limit"]["hard"].as_u64().is_some());
     assert!(json["summary"].as_array().is_some_and(|s| !s.is_empty()));
     let svg = std::fs::read_to_string(out.path().join("latest.svg")).unwrap();

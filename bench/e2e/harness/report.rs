@@ -100,6 +100,9 @@ pub struct Summary {
     pub p99_us: f64,
     pub p999_us: f64,
     pub cpu_share: f64,
+    /// The load generator's (this harness process's) CPU over the same
+    /// runs: with it, how much of the machine the load took.
+    pub harness_cpu_share: f64,
     pub cpu_us_per_delivery: f64,
     pub peak_rss_kib: u64,
     pub ratio_vs_rumqttd: Option<f64>,
@@ -154,6 +157,7 @@ pub fn summarize(runs: &[RunResult]) -> Vec<Summary> {
                 p99_us: f(&|r| r.latency.p99_us as f64),
                 p999_us: f(&|r| r.latency.p999_us as f64),
                 cpu_share: f(&|r| r.cpu_share),
+                harness_cpu_share: f(&|r| r.harness_cpu_s / r.duration_s.max(1e-9)),
                 cpu_us_per_delivery: f(&|r| r.cpu_s * 1e6 / (r.delivered.max(1) as f64)),
                 peak_rss_kib: rs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0),
                 ratio_vs_rumqttd: None,
@@ -324,7 +328,7 @@ pub fn markdown(results: &Results) -> String {
         s,
         "\n### Fixed offered rate (one run each): latency from publish() to receipt\n"
     );
-    let _ = writeln!(s, "| scenario | QoS | offered msg/s | client NODELAY | system | delivered msg/s | not delivered | p50 ms | p99 ms | p999 ms | added p99 vs rumqttd ms | ledger fsyncs > 5 ms (> 10 ms) of all | CPU | peak RSS MiB |");
+    let _ = writeln!(s, "| scenario | QoS | offered msg/s | client NODELAY | system | delivered msg/s | not delivered | p50 ms | p99 ms | p999 ms | added p99 vs rumqttd ms | ledger fsyncs > 5 ms (> 10 ms) of all | CPU (load generator) | peak RSS MiB |");
     let _ = writeln!(
         s,
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -332,7 +336,7 @@ pub fn markdown(results: &Results) -> String {
     for x in sum.iter().filter(|x| is_fixed_rate(x)) {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} ({}) | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.0}% | {} |",
+            "| {} | {} | {:.0} ({}) | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.0}% ({:.0}%) | {} |",
             x.scenario_name(),
             x.qos,
             x.offered_per_s.unwrap_or(0.0),
@@ -350,6 +354,7 @@ pub fn markdown(results: &Results) -> String {
                 f.over_5ms, f.over_10ms, f.count
             )),
             x.cpu_share * 100.0,
+            x.harness_cpu_share * 100.0,
             mib(x.peak_rss_kib),
         );
     }
@@ -555,11 +560,14 @@ pub fn targets(results: &Results) -> Vec<String> {
             if let Some(x) = find(Scenario::AllowAll, q, "half_max", nodelay) {
                 if let Some(d) = x.added_p99_us_vs_rumqttd {
                     out.push(format!(
-                        "allow_all QoS {q} at half of consentry's max ({:.0} msg/s), client NODELAY {}: added p99 = {} ms (target ≤ 1 ms): {}",
+                        "allow_all QoS {q} at half of consentry's max ({:.0} msg/s), client NODELAY {}: added p99 = {} ms (target ≤ 1 ms): {} (CPU: consentry {:.0}% + load generator {:.0}% of {}%)",
                         x.offered_per_s.unwrap_or(0.0),
                         if nodelay { "on" } else { "off" },
                         ms(d),
-                        verdict(d <= 1000.0)
+                        verdict(d <= 1000.0),
+                        x.cpu_share * 100.0,
+                        x.harness_cpu_share * 100.0,
+                        100 * results.machine.nproc,
                     ));
                 }
             }
