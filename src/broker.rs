@@ -62,14 +62,30 @@ impl Upstream {
     }
 }
 
+/// How long a client of the broker waits, after its DISCONNECT, for the
+/// broker to close the connection before closing it itself.
+pub const DISCONNECT_LINGER: Duration = Duration::from_secs(2);
+
 /// A full MQTT login, so the broker's log shows no half-open probe.
 fn answers_connect(addr: SocketAddr, version: Version, user: &str, password: &str) -> bool {
-    use rumqttc::v5::mqttbytes::v5::{Connect, Disconnect, DisconnectReasonCode, Login};
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+    let Some(mut s) = login(addr, version, user, password) else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    disconnect(&mut s, version);
+    true
+}
+
+/// A connection to the broker that got its CONNACK.
+fn login(
+    addr: SocketAddr,
+    version: Version,
+    user: &str,
+    password: &str,
+) -> Option<std::net::TcpStream> {
+    use rumqttc::v5::mqttbytes::v5::{Connect, Login};
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     let mut out = bytes::BytesMut::new();
     let connect = Packet::Connect(
         Connect {
@@ -81,27 +97,35 @@ fn answers_connect(addr: SocketAddr, version: Version, user: &str, password: &st
         None,
         Some(Login::new(user, password)),
     );
-    if version.write(&connect, &mut out).is_err() || s.write_all(&out).is_err() {
-        return false;
-    }
+    version.write(&connect, &mut out).ok()?;
+    s.write_all(&out).ok()?;
     let mut buf = bytes::BytesMut::new();
     let mut chunk = [0u8; 256];
     loop {
         match version.read(&mut buf, 1 << 16) {
-            Ok(Some(Packet::ConnAck(_))) => break,
+            Ok(Some(Packet::ConnAck(_))) => return Some(s),
             Ok(None) => {}
-            _ => return false,
+            _ => return None,
         }
         match s.read(&mut chunk) {
             Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return false,
+            _ => return None,
         }
     }
-    out.clear();
+}
+
+/// Sends DISCONNECT and lets the broker close first, as sessions do
+/// (`session::linger`).
+fn disconnect(s: &mut std::net::TcpStream, version: Version) {
+    use rumqttc::v5::mqttbytes::v5::{Disconnect, DisconnectReasonCode};
+    use std::io::{Read, Write};
+    let mut out = bytes::BytesMut::new();
     let bye = Packet::Disconnect(Disconnect::new(DisconnectReasonCode::NormalDisconnection));
-    let _ = version.write(&bye, &mut out);
-    let _ = s.write_all(&out);
-    true
+    if version.write(&bye, &mut out).is_ok() && s.write_all(&out).is_ok() {
+        let _ = s.set_read_timeout(Some(DISCONNECT_LINGER));
+        let mut sink = [0u8; 256];
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    }
 }
 
 fn free_port() -> Result<SocketAddr, BrokerError> {
@@ -187,4 +211,70 @@ pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
         username: Some(user),
         password: Some(password),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How many fresh connections the broker closed around their CONNACK
+    /// while other clients were connecting and disconnecting: eight
+    /// clients, half of them on each listener (each listener runs on its own
+    /// thread), `rounds` connections each.
+    fn fresh_connections_closed(rounds: usize, linger: bool) -> usize {
+        use rumqttc::v5::mqttbytes::v5::{Disconnect, DisconnectReasonCode};
+        use std::io::{Read, Write};
+        let cfg: ConsentryConfig =
+            toml::from_str(include_str!("../config/consentry.toml")).unwrap();
+        let up = start_embedded(&cfg).unwrap();
+        let (user, password) = (up.username.clone().unwrap(), up.password.clone().unwrap());
+        let clients: Vec<_> = (0..8)
+            .map(|i| {
+                let (user, password) = (user.clone(), password.clone());
+                let version = if i % 2 == 0 { Version::V4 } else { Version::V5 };
+                let addr: SocketAddr = up.addr(version).parse().unwrap();
+                std::thread::spawn(move || {
+                    let mut closed = 0;
+                    for _ in 0..rounds {
+                        // Closed before its CONNACK, or right after it.
+                        let Some(mut s) = login(addr, version, &user, &password) else {
+                            closed += 1;
+                            continue;
+                        };
+                        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                        if matches!(s.read(&mut [0u8; 16]), Ok(0)) {
+                            closed += 1;
+                            continue;
+                        }
+                        if linger {
+                            disconnect(&mut s, version);
+                        } else {
+                            let mut out = bytes::BytesMut::new();
+                            let bye = Packet::Disconnect(Disconnect::new(
+                                DisconnectReasonCode::NormalDisconnection,
+                            ));
+                            version.write(&bye, &mut out).unwrap();
+                            s.write_all(&out).unwrap();
+                        }
+                    }
+                    closed
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).sum()
+    }
+
+    #[test]
+    fn a_disconnect_does_not_end_the_next_connection() {
+        assert_eq!(fresh_connections_closed(50, true), 0);
+    }
+
+    /// What the test above guards against, shown: rumqttd 0.20 ends new
+    /// connections when clients close right after DISCONNECT. Ignored
+    /// because it depends on a race; run with `--ignored`.
+    #[test]
+    #[ignore]
+    fn closing_right_after_disconnect_ends_later_connections() {
+        assert!(fresh_connections_closed(50, false) > 0);
+    }
 }

@@ -96,6 +96,23 @@ fn ack_at_once(up: &TcpStream) {
 #[cfg(not(target_os = "linux"))]
 fn ack_at_once(_up: &TcpStream) {}
 
+/// Keeps a broker connection we sent DISCONNECT on open until the broker
+/// closes it, for at most [`crate::broker::DISCONNECT_LINGER`].
+///
+/// rumqttd 0.20 takes a DISCONNECT followed by the client's close as two
+/// disconnections. By the time the second one reaches its router, the
+/// connection id may belong to a new connection, which it then ends; a
+/// session whose broker connection ends that way ends too. When the broker
+/// closes first there is no second one. Other brokers close on DISCONNECT
+/// as well (MQTT 3.1.1 3.14.4, MQTT 5 3.14.4), so they lose nothing by it.
+async fn linger(mut up: TcpStream) {
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(crate::broker::DISCONNECT_LINGER, async {
+        while matches!(up.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
 /// Waits until the chunk's records are durable. Cancel-safe: a record is
 /// removed only once its future has completed, with no await in between.
 async fn durable(chunk: Option<&mut Chunk>) -> Result<(), End> {
@@ -713,6 +730,10 @@ impl Session {
                 if !self.on_client_packet(p)? {
                     self.stage(&mut pending, Instant::now());
                     self.flush_broker(&mut up, &mut up_buf).await?;
+                    // The client's DISCONNECT went up with the rest.
+                    if let Some(u) = up.take() {
+                        tokio::spawn(linger(u));
+                    }
                     return self.drain(client, &mut pending).await;
                 }
             }
@@ -849,10 +870,10 @@ impl Session {
                     &mut bye,
                 )
                 .is_ok()
+                && s.write_all(&bye).await.is_ok()
             {
-                let _ = s.write_all(&bye).await;
+                tokio::spawn(linger(s));
             }
-            let _ = s.shutdown().await;
         }
         *up_buf = BytesMut::new();
         self.set_up_open(false);
