@@ -21,6 +21,7 @@
 //! | [`config`] | `config/consentry.toml` | — |
 //! | [`admin`] | operator commands: ledger verify/show, key rotation | history log access (9.2.3) |
 //! | [`metrics`] | Prometheus names and the exporter | — |
+//! | [`logging`] | the process's log, without the embedded broker's noise | — |
 //! | [`secrets`] | keys generated on first run, owner-only | encryption (9.1.1) |
 #![forbid(unsafe_code)]
 
@@ -35,6 +36,7 @@ pub mod client_ids;
 pub mod codec;
 pub mod config;
 pub mod ledger;
+pub mod logging;
 pub mod mask;
 pub mod metrics;
 pub mod model;

@@ -134,26 +134,7 @@ fn load_with_data_dir(path: &std::path::Path, data_dir: Option<PathBuf>) -> anyh
 }
 
 fn main() -> anyhow::Result<()> {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
-    let env = tracing_subscriber::EnvFilter::try_from_env("CONSENTRY_LOG")
-        .unwrap_or_else(|_| "info,rumqttd=warn".into());
-    // rumqttd opens an ERROR-level span per publish that Debug-formats the
-    // topic byte by byte; a level filter cannot tell it from an error
-    // event, and it cost the embedded router a quarter of its time.
-    let no_broker_spans = tracing_subscriber::filter::filter_fn(|meta| {
-        !(meta.is_span() && meta.target().starts_with("rumqttd"))
-    });
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_filter(env)
-                .with_filter(no_broker_spans),
-        )
-        .init();
+    consentry::logging::init();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve {

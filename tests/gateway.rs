@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{v4, v5, Server};
 use serde_json::{json, Value};
 
@@ -161,6 +163,22 @@ async fn demo_scenario_mqtt311_with_qos_flows() {
     assert_eq!(got[0].topic, HR);
     assert_eq!(got[0].qos, v4::QoS::ExactlyOnce);
     assert_eq!(as_json(&got[0].payload), json!({"bpm": 80}));
+
+    // Clean session ends are not errors in the operator's log (the embedded
+    // rumqttd reports each as a connection "already gone").
+    alice.disconnect().await;
+    fit.disconnect().await;
+    server
+        .wait_for_metric("consentry_broker_connections", &[], 0.0)
+        .await;
+    for _ in 0..10 {
+        let log = server.log();
+        assert!(
+            !log.lines().any(|l| l.contains(" ERROR ")),
+            "an error logged for a clean run:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
