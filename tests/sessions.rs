@@ -114,3 +114,57 @@ async fn a_new_connection_with_the_same_client_id_takes_the_session_over() {
         "the taken-over 3.1.1 connection stayed open"
     );
 }
+
+/// rumqttd 0.20 can end a new connection when another client's clean
+/// disconnect reaches it at the wrong moment (README, "Embedded rumqttd");
+/// clients coming and going over both MQTT versions are not dropped.
+#[tokio::test]
+async fn clients_coming_and_going_are_not_dropped() {
+    const ROUNDS: usize = 40;
+    let server = Server::demo();
+    let addr = server.mqtt;
+    let logins = [
+        ("alice-watch", "alice-watch-secret", 4),
+        ("bob-phone", "bob-phone-secret", 5),
+        ("fitcoach", "fitcoach-secret", 4),
+        ("insureco", "insureco-secret", 5),
+    ];
+    let clients: Vec<_> = logins
+        .into_iter()
+        .map(|(user, pass, version)| {
+            tokio::spawn(async move {
+                let topic = format!("public/churn/{user}");
+                for n in 0..ROUNDS {
+                    // Each publish opens the session's broker connection;
+                    // each DISCONNECT ends it.
+                    if version == 4 {
+                        let mut c = v4::connect(addr, user, user, pass).await;
+                        c.client
+                            .publish(&topic, v4::QoS::AtLeastOnce, false, n.to_string())
+                            .await
+                            .unwrap();
+                        while !matches!(c.next().await, v4::Packet::PubAck(_)) {}
+                        c.disconnect().await;
+                    } else {
+                        let mut c = v5::connect(addr, user, user, pass).await;
+                        c.client
+                            .publish(&topic, v5::QoS::AtLeastOnce, false, n.to_string())
+                            .await
+                            .unwrap();
+                        while !matches!(c.next().await, v5::Packet::PubAck(_)) {}
+                        c.disconnect().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.expect("a client's session was dropped");
+    }
+    let dropped = server.metric("consentry_protocol_errors_total", &[("kind", "upstream")]);
+    assert_eq!(dropped, 0.0, "{}", server.log());
+    assert_eq!(
+        server.metric("consentry_connections_total", &[("result", "accepted")]),
+        (4 * ROUNDS) as f64
+    );
+}
