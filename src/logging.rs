@@ -38,8 +38,9 @@ pub fn init() {
 ///   errors: the router sees the DISCONNECT and then the closed socket as
 ///   two disconnections (its own comment says so) and reports the second
 ///   as "no-connection id N is already gone"; and the connection's task,
-///   whose link the router dropped, reports "router-drop" (when the router
-///   drops a link for a fault, it logs the fault itself).
+///   whose link the router dropped, reports "router-drop". When the router
+///   drops a link for a fault it logs the fault itself (all but an unknown
+///   PUBREL), and the session whose broker connection ended logs a warning.
 pub struct BrokerNoise;
 
 impl<S> Filter<S> for BrokerNoise {

@@ -327,7 +327,12 @@ pub async fn serve<S>(
         if !matches!(e, End::Io(_)) {
             metrics::counter!(m::PROTOCOL_ERRORS, "kind" => e.kind()).increment(1);
         }
-        tracing::debug!(session = id, role, error = %e, "session ended");
+        if matches!(e, End::Upstream(_)) {
+            // Not the client's doing: the broker ended its side.
+            tracing::warn!(session = id, role, error = %e, "session ended");
+        } else {
+            tracing::debug!(session = id, role, error = %e, "session ended");
+        }
         session.close_with(&mut client, &e).await;
     }
 }
