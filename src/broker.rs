@@ -117,15 +117,20 @@ fn login(
 /// Sends DISCONNECT and lets the broker close first, as sessions do
 /// (`session::linger`).
 fn disconnect(s: &mut std::net::TcpStream, version: Version) {
-    use rumqttc::v5::mqttbytes::v5::{Disconnect, DisconnectReasonCode};
-    use std::io::{Read, Write};
-    let mut out = bytes::BytesMut::new();
-    let bye = Packet::Disconnect(Disconnect::new(DisconnectReasonCode::NormalDisconnection));
-    if version.write(&bye, &mut out).is_ok() && s.write_all(&out).is_ok() {
+    use std::io::Read;
+    if send_disconnect(s, version) {
         let _ = s.set_read_timeout(Some(DISCONNECT_LINGER));
         let mut sink = [0u8; 256];
         while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
     }
+}
+
+fn send_disconnect(s: &mut std::net::TcpStream, version: Version) -> bool {
+    use rumqttc::v5::mqttbytes::v5::{Disconnect, DisconnectReasonCode};
+    use std::io::Write;
+    let mut out = bytes::BytesMut::new();
+    let bye = Packet::Disconnect(Disconnect::new(DisconnectReasonCode::NormalDisconnection));
+    version.write(&bye, &mut out).is_ok() && s.write_all(&out).is_ok()
 }
 
 fn free_port() -> Result<SocketAddr, BrokerError> {
@@ -222,8 +227,7 @@ mod tests {
     /// clients, half of them on each listener (each listener runs on its own
     /// thread), `rounds` connections each.
     fn fresh_connections_closed(rounds: usize, linger: bool) -> usize {
-        use rumqttc::v5::mqttbytes::v5::{Disconnect, DisconnectReasonCode};
-        use std::io::{Read, Write};
+        use std::io::Read;
         let cfg: ConsentryConfig =
             toml::from_str(include_str!("../config/consentry.toml")).unwrap();
         let up = start_embedded(&cfg).unwrap();
@@ -249,12 +253,7 @@ mod tests {
                         if linger {
                             disconnect(&mut s, version);
                         } else {
-                            let mut out = bytes::BytesMut::new();
-                            let bye = Packet::Disconnect(Disconnect::new(
-                                DisconnectReasonCode::NormalDisconnection,
-                            ));
-                            version.write(&bye, &mut out).unwrap();
-                            s.write_all(&out).unwrap();
+                            assert!(send_disconnect(&mut s, version));
                         }
                     }
                     closed

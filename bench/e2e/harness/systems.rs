@@ -345,8 +345,8 @@ impl System {
                 (child, SocketAddr::from(([127, 0, 0, 1], port)))
             }
             SystemKind::Consentry => {
-                metrics = Some(SocketAddr::from(([127, 0, 0, 1], free_port())));
-                let metrics = metrics.expect("just set");
+                let endpoint = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                metrics = Some(endpoint);
                 let data = creds.dir.join(format!("data-{}", rand::random::<u32>()));
                 let mut child = Command::new(consentry_bin)
                     .arg("--config")
@@ -355,7 +355,7 @@ impl System {
                     .arg("--listen")
                     .arg("127.0.0.1:0")
                     .arg("--metrics-listen")
-                    .arg(metrics.to_string())
+                    .arg(endpoint.to_string())
                     // Not the default 8080: runs may overlap with others.
                     .arg("--api-listen")
                     .arg("127.0.0.1:0")
