@@ -277,8 +277,9 @@ fn parse_tz(user: &str, tz: &str) -> Result<Tz, CompileError> {
 // Millions of users each with a map entry, boxed id strings and boxed
 // slices cost ~440 bytes a user and a cache miss per pointer followed (six
 // or more per decision at 1M users). Instead each shard packs its records
-// into one buffer, and an open-addressing index of 8-byte slots finds them:
-// a lookup reads one slot and the one or two cache lines of its record.
+// into one buffer, grouped in hash buckets, and an array of bucket bounds
+// finds them: a lookup reads one pair of bounds and the one or two cache
+// lines of its bucket.
 
 /// Appends `v` in LEB128: ids, counts and indexes are almost always < 128,
 /// so one byte each.
@@ -341,130 +342,195 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// One shard of a keyed table: records `[key][body]` (each a length-prefixed
-/// field) back to back in `data`.
-#[derive(Debug, Clone, Default)]
+/// One shard of a keyed table, in buckets: a key's bucket holds its record
+/// and the records of the few keys that share the bucket, back to back.
+///
+/// A record is `[tag][key][body]`: the tag (four bytes, little-endian) is
+/// the high half of the key's hash, whose low bits pick the bucket; key and
+/// body are fields. A whole tag must match before a key is compared.
+///
+/// With at least as many buckets as keys, a bucket holds one or two records
+/// on average, and its bounds cost 4 to 8 bytes a key: less than an index
+/// of 8-byte slots kept under 3/4 full, and a lookup scans adjacent bytes
+/// rather than probing slots that each point elsewhere.
+#[derive(Debug, Clone)]
 struct Table {
-    /// `tag << 32 | (offset + 1)`, 0 when free; the tag is the high half of
-    /// the key's hash and its low bits the home slot. Linear probing, at
-    /// most 3/4 full; a whole tag must match before a key is compared.
-    slots: Box<[u64]>,
+    /// Bucket `b` is `data[starts[b]..starts[b + 1]]`. The bucket count,
+    /// `starts.len() - 1`, is a power of two and at least `len`.
+    starts: Box<[u32]>,
     len: usize,
-    data: Vec<u8>,
+    data: Box<[u8]>,
 }
 
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            starts: vec![0; 2].into_boxed_slice(),
+            len: 0,
+            data: Box::default(),
+        }
+    }
+}
+
+fn tag_of(hash: u64) -> u32 {
+    (hash >> 32) as u32
+}
+
+fn offset(at: usize) -> u32 {
+    u32::try_from(at).expect("an ACT shard holds under 4 GiB")
+}
+
+/// A record, found.
 struct Record<'a> {
+    tag: u32,
     key: &'a [u8],
     body: &'a [u8],
-    end: usize,
 }
 
-fn slot(hash: u64, offset: usize) -> u64 {
-    let offset = u32::try_from(offset + 1).expect("an ACT shard holds under 4 GiB");
-    (hash >> 32) << 32 | u64::from(offset)
+/// The records of a run of buckets, in order.
+struct Records<'a>(&'a [u8]);
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Record<'a>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Record<'a>> {
+        let (tag, rest) = self.0.split_first_chunk::<4>()?;
+        let mut r = Reader(rest);
+        let (key, body) = (r.field(), r.field());
+        self.0 = r.0;
+        Some(Record {
+            tag: u32::from_le_bytes(*tag),
+            key,
+            body,
+        })
+    }
 }
 
-fn slot_offset(slot: u64) -> usize {
-    (slot as u32 - 1) as usize
+fn put_record(out: &mut Vec<u8>, tag: u32, key: &[u8], body: &[u8]) {
+    out.extend_from_slice(&tag.to_le_bytes());
+    put_field(out, key);
+    put_field(out, body);
 }
 
 impl Table {
-    fn record(&self, offset: usize) -> Record<'_> {
-        let mut r = Reader(&self.data[offset..]);
-        let key = r.field();
-        let body = r.field();
-        Record {
-            key,
-            body,
-            end: self.data.len() - r.0.len(),
-        }
+    fn bucket(&self, tag: u32) -> usize {
+        tag as usize & (self.starts.len() - 2)
     }
 
-    /// The slot index and record offset of `key`, whose hash is `hash`.
-    fn find(&self, hash: u64, key: &[u8]) -> Option<(usize, usize)> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let tag = hash >> 32;
-        let mask = self.slots.len() - 1;
-        let mut i = tag as usize & mask;
-        loop {
-            let s = self.slots[i];
-            if s == 0 {
-                return None;
-            }
-            if s >> 32 == tag && same(self.record(slot_offset(s)).key, key) {
-                return Some((i, slot_offset(s)));
-            }
-            i = (i + 1) & mask;
-        }
+    /// Bucket `b`'s bytes and where they start.
+    #[inline]
+    fn bucket_bytes(&self, b: usize) -> (usize, &[u8]) {
+        let (from, to) = (self.starts[b] as usize, self.starts[b + 1] as usize);
+        (from, &self.data[from..to])
     }
 
+    #[inline]
     fn get(&self, hash: u64, key: &[u8]) -> Option<&[u8]> {
-        self.find(hash, key).map(|(_, o)| self.record(o).body)
+        let tag = tag_of(hash);
+        Records(self.bucket_bytes(self.bucket(tag)).1)
+            .find(|r| r.tag == tag && same(r.key, key))
+            .map(|r| r.body)
     }
 
-    /// Adds a record for a key that is not in the table.
-    fn push(&mut self, hash: u64, key: &[u8], body: &[u8]) {
-        if (self.len + 1) * 4 > self.slots.len() * 3 {
-            let size = (self.slots.len() * 2).max(8);
-            let old = std::mem::replace(&mut self.slots, vec![0; size].into_boxed_slice());
-            for s in old.iter().filter(|&&s| s != 0) {
-                self.place(*s);
+    /// The byte range of `key`'s record, whose hash is `hash`.
+    fn find(&self, hash: u64, key: &[u8]) -> Option<std::ops::Range<usize>> {
+        let tag = tag_of(hash);
+        let (from, bytes) = self.bucket_bytes(self.bucket(tag));
+        let end = from + bytes.len();
+        let mut records = Records(bytes);
+        loop {
+            let start = end - records.0.len();
+            let r = records.next()?;
+            if r.tag == tag && same(r.key, key) {
+                return Some(start..end - records.0.len());
             }
         }
-        let offset = self.data.len();
-        put_field(&mut self.data, key);
-        put_field(&mut self.data, body);
-        self.len += 1;
-        self.place(slot(hash, offset));
-    }
-
-    fn place(&mut self, s: u64) {
-        let mask = self.slots.len() - 1;
-        let mut i = (s >> 32) as usize & mask;
-        while self.slots[i] != 0 {
-            i = (i + 1) & mask;
-        }
-        self.slots[i] = s;
     }
 
     /// A copy with `key`'s record replaced by `body`, or added. Built at its
     /// exact size: a shard copy is kept for as long as its snapshot lives.
     fn with(&self, hash: u64, key: &[u8], body: &[u8]) -> Table {
-        let added = key.len() + body.len() + 20;
-        let Some((i, offset)) = self.find(hash, key) else {
-            let mut data = Vec::with_capacity(self.data.len() + added);
-            data.extend_from_slice(&self.data);
-            let mut t = Table {
-                slots: self.slots.clone(),
-                len: self.len,
-                data,
-            };
-            t.push(hash, key, body);
-            return t;
-        };
-        let end = self.record(offset).end;
-        let removed = end - offset;
-        let mut data = Vec::with_capacity(self.data.len() - removed + added);
-        data.extend_from_slice(&self.data[..offset]);
-        data.extend_from_slice(&self.data[end..]);
-        let mut slots = self.slots.clone();
-        for s in slots.iter_mut() {
-            // Records after the old one move down by its length; the low
-            // half is at least `end + 1`, so this never borrows from the tag.
-            if *s != 0 && slot_offset(*s) > offset {
-                *s -= removed as u64;
+        let tag = tag_of(hash);
+        let (replaced, len) = match self.find(hash, key) {
+            Some(range) => (range, self.len),
+            None if self.len < self.starts.len() - 1 => {
+                let end = self.starts[self.bucket(tag) + 1] as usize;
+                (end..end, self.len + 1)
             }
+            // Full: rebuilt with twice the buckets.
+            None => {
+                let mut b = TableBuilder::default();
+                for r in Records(&self.data) {
+                    b.push(r.tag, r.key, r.body);
+                }
+                b.push(tag, key, body);
+                return b.finish().expect("the added key is new");
+            }
+        };
+        let mut data = Vec::with_capacity(self.data.len() + key.len() + body.len() + 24);
+        data.extend_from_slice(&self.data[..replaced.start]);
+        put_record(&mut data, tag, key, body);
+        let grown = data.len() - replaced.start;
+        data.extend_from_slice(&self.data[replaced.end..]);
+        let mut starts = self.starts.clone();
+        for s in &mut starts[self.bucket(tag) + 1..] {
+            *s = offset(*s as usize + grown - replaced.len());
         }
-        slots[i] = slot(hash, data.len());
-        put_field(&mut data, key);
-        put_field(&mut data, body);
         Table {
-            slots,
-            len: self.len,
-            data,
+            starts,
+            len,
+            data: data.into_boxed_slice(),
         }
+    }
+}
+
+/// Records gathered in any order, then laid out in buckets at once: adding
+/// them one by one to a [`Table`] would move the records behind each.
+#[derive(Debug, Default)]
+struct TableBuilder {
+    data: Vec<u8>,
+    /// (tag, where the record starts in `data`).
+    records: Vec<(u32, u32)>,
+}
+
+impl TableBuilder {
+    fn push(&mut self, tag: u32, key: &[u8], body: &[u8]) {
+        self.records.push((tag, offset(self.data.len())));
+        put_record(&mut self.data, tag, key, body);
+    }
+
+    /// The table, or the first key found twice.
+    fn finish(mut self) -> Result<Table, Vec<u8>> {
+        let buckets = self.records.len().next_power_of_two().max(1);
+        let bucket = |tag: u32| tag as usize & (buckets - 1);
+        // Sorted by bucket and within one by tag, so that equal tags sit
+        // side by side for the duplicate check.
+        self.records
+            .sort_unstable_by_key(|&(tag, at)| (bucket(tag), tag, at));
+        let record = |at: u32| Records(&self.data[at as usize..]).next().expect("pushed");
+        let mut data = Vec::with_capacity(self.data.len());
+        let mut starts = vec![0u32; buckets + 1];
+        for (i, &(tag, at)) in self.records.iter().enumerate() {
+            let r = record(at);
+            let same_tag = self.records[..i].iter().rev().take_while(|p| p.0 == tag);
+            for &(_, earlier) in same_tag {
+                if record(earlier).key == r.key {
+                    return Err(r.key.to_vec());
+                }
+            }
+            put_record(&mut data, tag, r.key, r.body);
+            starts[bucket(tag) + 1] = offset(data.len());
+        }
+        // Empty buckets end where the bucket before them does.
+        for b in 1..starts.len() {
+            starts[b] = starts[b].max(starts[b - 1]);
+        }
+        Ok(Table {
+            starts: starts.into_boxed_slice(),
+            len: self.records.len(),
+            data: data.into_boxed_slice(),
+        })
     }
 }
 
@@ -803,7 +869,8 @@ impl Act {
         }
         drop(user_index);
 
-        let mut users: Vec<UserShard> = (0..SHARDS).map(|_| UserShard::default()).collect();
+        let mut tables: Vec<TableBuilder> = (0..SHARDS).map(|_| TableBuilder::default()).collect();
+        let mut rules: Vec<Vec<(Option<Arc<ShareRule>>, u32)>> = vec![Vec::new(); SHARDS];
         // Equal rules are one allocation, whatever their shards: a decision
         // then reads a rule that is already in cache. Each shard's index of
         // a rule is found by its address (`UserShard::grant` scans, which
@@ -818,15 +885,9 @@ impl Act {
         let (mut devices, mut body) = (Vec::new(), Vec::new());
         for (i, u) in dir.users.iter().enumerate() {
             let tz = parse_tz(&u.id, &u.time_zone)?;
-            let rules = act.user_rules(&u.id, tz, prefs.get(u.id.as_str()).copied())?;
+            let user_rules = act.user_rules(&u.id, tz, prefs.get(u.id.as_str()).copied())?;
             let hash = act.hash(&u.id);
             let s = hash as usize % SHARDS;
-            if users[s].table.find(hash, u.id.as_bytes()).is_some() {
-                return Err(CompileError::Duplicate {
-                    what: "user",
-                    id: u.id.clone(),
-                });
-            }
             devices.clear();
             let mut j = first_device[i];
             while j != u32::MAX {
@@ -834,10 +895,10 @@ impl Act {
                 j = next_device[j as usize];
             }
             body.clear();
-            let shard = &mut users[s];
+            let shard_rules = &mut rules[s];
             pack_user(
                 &devices,
-                rules,
+                user_rules,
                 |rule| {
                     let rule = match interned.get(&rule) {
                         Some(r) => r.clone(),
@@ -848,62 +909,67 @@ impl Act {
                         }
                     };
                     let i = *known.entry((s, Arc::as_ptr(&rule))).or_insert_with(|| {
-                        shard.rules.push((Some(rule), 0));
-                        shard.rules.len() - 1
+                        shard_rules.push((Some(rule), 0));
+                        shard_rules.len() - 1
                     });
-                    shard.rules[i].1 += 1;
+                    shard_rules[i].1 += 1;
                     i
                 },
                 &mut body,
             );
-            shard.table.push(hash, u.id.as_bytes(), &body);
+            tables[s].push(tag_of(hash), u.id.as_bytes(), &body);
         }
         drop((interned, known, first_device, next_device));
-        let user_exists = |users: &[UserShard], id: &str| act.user_in(users, id).is_some();
+        let duplicate = |what, key: Vec<u8>| CompileError::Duplicate {
+            what,
+            id: String::from_utf8_lossy(&key).into_owned(),
+        };
+        let users = tables
+            .into_iter()
+            .map(|t| t.finish().map_err(|key| duplicate("user", key)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let user_exists = |id: &str| {
+            let hash = act.hash(id);
+            users[hash as usize % SHARDS]
+                .get(hash, id.as_bytes())
+                .is_some()
+        };
         for p in &dir.preferences {
-            if !user_exists(&users, &p.user) {
+            if !user_exists(&p.user) {
                 return Err(CompileError::PrefUser(p.user.clone()));
             }
         }
-        let mut device_shards: Vec<Table> = (0..SHARDS).map(|_| Table::default()).collect();
+        let mut device_tables: Vec<TableBuilder> =
+            (0..SHARDS).map(|_| TableBuilder::default()).collect();
         for d in &dir.devices {
-            if !user_exists(&users, &d.user) {
+            if !user_exists(&d.user) {
                 return Err(CompileError::DeviceUser {
                     device: d.id.clone(),
                     user: d.user.clone(),
                 });
             }
             let hash = act.hash(&d.id);
-            let shard = &mut device_shards[hash as usize % SHARDS];
-            if shard.find(hash, d.id.as_bytes()).is_some() {
-                return Err(CompileError::Duplicate {
-                    what: "device",
-                    id: d.id.clone(),
-                });
-            }
-            shard.push(hash, d.id.as_bytes(), d.user.as_bytes());
+            device_tables[hash as usize % SHARDS].push(
+                tag_of(hash),
+                d.id.as_bytes(),
+                d.user.as_bytes(),
+            );
         }
+        act.devices = device_tables
+            .into_iter()
+            .map(|t| t.finish().map(Arc::new))
+            .collect::<Result<_, _>>()
+            .map_err(|key| duplicate("device", key))?;
         // The small parts of the shards, which every decision reads, are
         // allocated last and in one run, so they sit together in memory.
-        for s in &mut users {
-            s.table.data.shrink_to_fit();
-        }
-        let rules: Vec<_> = users.iter().map(|s| s.rules.clone()).collect();
         act.users = users
             .into_iter()
             .zip(rules)
-            .map(|(s, rules)| {
+            .map(|(table, rules)| {
                 Arc::new(UserShard {
-                    table: s.table,
-                    rules,
+                    table,
+                    rules: rules.clone(),
                 })
-            })
-            .collect();
-        act.devices = device_shards
-            .into_iter()
-            .map(|mut t| {
-                t.data.shrink_to_fit();
-                Arc::new(t)
             })
             .collect();
         Ok(act)
@@ -1009,11 +1075,6 @@ impl Act {
         let shard = &*self.users[hash as usize % SHARDS];
         let body = shard.table.get(hash, id.as_bytes())?;
         Some(UserRef { shard, body })
-    }
-
-    fn user_in<'s>(&self, users: &'s [UserShard], id: &str) -> Option<&'s [u8]> {
-        let hash = self.hash(id);
-        users[hash as usize % SHARDS].table.get(hash, id.as_bytes())
     }
 
     /// Compiles and validates one user's preferences.
@@ -1933,40 +1994,56 @@ mod tests {
     #[test]
     fn tables_grow_and_replace() {
         let hasher = foldhash::fast::RandomState::default();
+        let hash = |k: &str| hasher.hash_one(k.as_bytes());
         let key = |i: usize| format!("key-{i}-{}", "x".repeat(i % 200));
-        let mut t = Table::default();
-        for i in 0..2000 {
-            let k = key(i);
-            t.push(
-                hasher.hash_one(k.as_bytes()),
-                k.as_bytes(),
-                &vec![i as u8; i % 300],
-            );
+        let value = |i: usize| vec![i as u8; i % 300];
+        // Half built at once, half added one by one (growing the table).
+        let mut b = TableBuilder::default();
+        for i in 0..1000 {
+            b.push(tag_of(hash(&key(i))), key(i).as_bytes(), &value(i));
+        }
+        let mut t = b.finish().expect("no duplicates");
+        for i in 1000..2000 {
+            t = t.with(hash(&key(i)), key(i).as_bytes(), &value(i));
         }
         for i in (0..2000).step_by(7) {
-            let k = key(i);
-            t = t.with(hasher.hash_one(k.as_bytes()), k.as_bytes(), &[1, 2, 3]);
+            t = t.with(hash(&key(i)), key(i).as_bytes(), &[1, 2, 3]);
         }
         let k = key(5000);
-        t = t.with(hasher.hash_one(k.as_bytes()), k.as_bytes(), b"new");
+        t = t.with(hash(&k), k.as_bytes(), b"new");
         assert_eq!(t.len, 2001);
+        assert!(t.starts.len() > t.len, "at least as many buckets as keys");
         for i in 0..2000 {
-            let k = key(i);
-            let want = if i % 7 == 0 {
-                vec![1, 2, 3]
-            } else {
-                vec![i as u8; i % 300]
-            };
-            assert_eq!(
-                t.get(hasher.hash_one(k.as_bytes()), k.as_bytes()),
-                Some(&want[..])
-            );
+            let want = if i % 7 == 0 { vec![1, 2, 3] } else { value(i) };
+            assert_eq!(t.get(hash(&key(i)), key(i).as_bytes()), Some(&want[..]));
         }
-        assert_eq!(
-            t.get(hasher.hash_one(k.as_bytes()), k.as_bytes()),
-            Some(&b"new"[..])
-        );
-        assert_eq!(t.get(hasher.hash_one(&b"absent"[..]), b"absent"), None);
+        assert_eq!(t.get(hash(&k), k.as_bytes()), Some(&b"new"[..]));
+        assert_eq!(t.get(hash("absent"), b"absent"), None);
+        assert_eq!(Table::default().get(hash("absent"), b"absent"), None);
+        assert_eq!(Records(&t.data).count(), 2001);
+    }
+
+    #[test]
+    fn tables_find_keys_that_share_a_tag() {
+        // Equal tags (as from a hash collision) are told apart by the key.
+        let mut b = TableBuilder::default();
+        b.push(7, b"a", b"1");
+        b.push(7, b"b", b"2");
+        let t = b.finish().expect("distinct keys");
+        let hash = 7u64 << 32;
+        assert_eq!(t.get(hash, b"a"), Some(&b"1"[..]));
+        assert_eq!(t.get(hash, b"b"), Some(&b"2"[..]));
+        assert_eq!(t.get(hash, b"c"), None);
+        let t = t.with(hash, b"a", b"3").with(hash, b"c", b"4");
+        assert_eq!(t.get(hash, b"a"), Some(&b"3"[..]));
+        assert_eq!(t.get(hash, b"b"), Some(&b"2"[..]));
+        assert_eq!(t.get(hash, b"c"), Some(&b"4"[..]));
+
+        let mut b = TableBuilder::default();
+        b.push(7, b"a", b"1");
+        b.push(9, b"b", b"2");
+        b.push(7, b"a", b"3");
+        assert_eq!(b.finish().err(), Some(b"a".to_vec()));
     }
 
     #[test]
