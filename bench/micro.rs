@@ -275,10 +275,28 @@ fn decisions(c: &mut Criterion) {
             black_box(d.is_ok())
         })
     });
+    g.bench_function("collect (ingress decision) while 1k updates/s apply", |b| {
+        b.iter(|| {
+            k = k.wrapping_add(1);
+            let i = k % topics.len();
+            let a = act.load();
+            black_box(a.ingress(&devices[i], &topics[i], now).is_ok())
+        })
+    });
+    g.bench_function("may_subscribe while 1k updates/s apply", |b| {
+        b.iter(|| {
+            k = k.wrapping_add(1);
+            let a = act.load();
+            black_box(
+                a.subscribe(&providers[k % PROVIDERS], "pii/+/+/heart_rate")
+                    .is_ok(),
+            )
+        })
+    });
     stop.store(true, Ordering::Relaxed);
     let applied = writer.join().unwrap_or(0);
     eprintln!(
-        "updates applied during that benchmark: {applied} in {:.1?} ({:.0}/s)",
+        "updates applied during those benchmarks: {applied} in {:.1?} ({:.0}/s)",
         started.elapsed(),
         applied as f64 / started.elapsed().as_secs_f64()
     );

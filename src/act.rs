@@ -1282,7 +1282,9 @@ impl Act {
             return Err(Deny::Invalid);
         }
         if let Principal::Provider { id } = who {
-            if filter.strip_prefix(NOTICE_PREFIX) == Some(id.as_str()) {
+            if short_eq::strip_prefix(filter, NOTICE_PREFIX)
+                .is_some_and(|p| same(p.as_bytes(), id.as_bytes()))
+            {
                 return Ok(());
             }
         }
