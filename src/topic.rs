@@ -266,12 +266,9 @@ pub fn strip_shared(filter: &str) -> Option<&str> {
 
 pub fn valid_topic_name(topic: &str) -> bool {
     // Bytes rather than chars: the three are ASCII, which UTF-8 never uses
-    // inside a multi-byte character. A fold, not `any`: without the early
-    // exit the loop is vectorized, and this runs on every publish.
-    let bad = topic
-        .bytes()
-        .fold(false, |bad, b| bad | (b == b'+') | (b == b'#') | (b == 0));
-    !topic.is_empty() && !bad
+    // inside a multi-byte character. memchr compares 16 or 32 bytes at a
+    // time, and this runs on every publish.
+    !topic.is_empty() && memchr::memchr3(b'+', b'#', 0, topic.as_bytes()).is_none()
 }
 
 /// A wildcard must fill its level alone, and `#` must be the last level.
