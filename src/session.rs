@@ -113,6 +113,17 @@ async fn linger(mut up: TcpStream) {
     .await;
 }
 
+/// Closes the broker connection of a session that ended without the
+/// client's DISCONNECT: the broker sees the connection end (and publishes
+/// the client's will), as if the socket had been dropped. Half-closing and
+/// reading until the broker closes, rather than dropping it, spares a reset
+/// when the broker had sent more than the session read (a cut-off slow
+/// consumer's backlog, say), which rumqttd would log as an error.
+async fn hang_up(mut up: TcpStream) {
+    let _ = up.shutdown().await;
+    linger(up).await;
+}
+
 /// Waits until the chunk's records are durable. Cancel-safe: a record is
 /// removed only once its future has completed, with no await in between.
 async fn durable(chunk: Option<&mut Chunk>) -> Result<(), End> {
@@ -318,10 +329,13 @@ pub async fn serve<S>(
     };
     metrics::counter!(m::CONNECTIONS, "role" => role, "result" => "accepted").increment(1);
     metrics::gauge!(m::CONNECTED, "role" => role).increment(1.0);
-    let (up, up_buf, keep_alive) = upstream;
+    let (mut up, up_buf, keep_alive) = upstream;
     let result = session
-        .run(&mut client, up, buf, up_buf, keep_alive, &mut shutdown)
+        .run(&mut client, &mut up, buf, up_buf, keep_alive, &mut shutdown)
         .await;
+    if let Some(u) = up.take() {
+        tokio::spawn(hang_up(u));
+    }
     metrics::gauge!(m::CONNECTED, "role" => role).decrement(1.0);
     if let Err(e) = result {
         if !matches!(e, End::Io(_)) {
@@ -695,7 +709,7 @@ impl Session {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         client: &mut S,
-        mut up: Option<TcpStream>,
+        up: &mut Option<TcpStream>,
         mut client_buf: BytesMut,
         mut up_buf: BytesMut,
         keep_alive: Option<Duration>,
@@ -712,7 +726,7 @@ impl Session {
         let mut pending: VecDeque<Chunk> = VecDeque::new();
         let go_on = self.on_broker_bytes(&mut up_buf)?;
         self.stage(&mut pending, Instant::now());
-        self.flush_broker(&mut up, &mut up_buf).await?;
+        self.flush_broker(up, &mut up_buf).await?;
         if !go_on {
             return self.drain(client, &mut pending).await;
         }
@@ -734,7 +748,7 @@ impl Session {
                 };
                 if !self.on_client_packet(p)? {
                     self.stage(&mut pending, Instant::now());
-                    self.flush_broker(&mut up, &mut up_buf).await?;
+                    self.flush_broker(up, &mut up_buf).await?;
                     // The client's DISCONNECT went up with the rest.
                     if let Some(u) = up.take() {
                         tokio::spawn(linger(u));
@@ -747,7 +761,7 @@ impl Session {
                 let go_on = self.on_broker_bytes(&mut up_buf)?;
                 self.stage(&mut pending, Instant::now());
                 if !go_on {
-                    self.flush_broker(&mut up, &mut up_buf).await?;
+                    self.flush_broker(up, &mut up_buf).await?;
                     return self.drain(client, &mut pending).await;
                 }
             }
@@ -755,7 +769,7 @@ impl Session {
                 last_up_write = Instant::now();
             }
             self.stage(&mut pending, Instant::now());
-            self.flush_broker(&mut up, &mut up_buf).await?;
+            self.flush_broker(up, &mut up_buf).await?;
             // What waits on no record goes out at once if nothing is ahead.
             self.write_ready(client, &mut pending).await?;
 
@@ -820,7 +834,7 @@ impl Session {
                     let read_at = Instant::now();
                     let go_on = self.on_broker_bytes(&mut up_buf)?;
                     self.stage(&mut pending, read_at);
-                    self.flush_broker(&mut up, &mut up_buf).await?;
+                    self.flush_broker(up, &mut up_buf).await?;
                     if !go_on {
                         return self.drain(client, &mut pending).await;
                     }
@@ -834,7 +848,7 @@ impl Session {
                         return Err(End::KeepAlive);
                     }
                     if idle && last_busy.elapsed() >= up_idle {
-                        self.go_down(&mut up, &mut up_buf).await;
+                        self.go_down(up, &mut up_buf).await;
                     } else if up.is_some() && last_up_write.elapsed() >= ping_every {
                         self.version.write(&Packet::PingReq(v5::PingReq), &mut self.to_broker)?;
                         last_up_write = Instant::now();

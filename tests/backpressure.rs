@@ -141,4 +141,14 @@ async fn a_subscriber_that_reads_nothing_is_disconnected_and_releases_the_publis
         server.metric("consentry_slow_consumers_disconnected_total", &[]),
         1.0
     );
+    // consentry says why it cut the subscriber off; its broker connection,
+    // with the broker's unread messages in it, is closed without a reset,
+    // so the embedded broker has no error to log.
+    assert!(server.log().contains("disconnecting a slow consumer"));
+    for _ in 0..10 {
+        let log = server.log();
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+        assert!(errors.is_empty(), "errors logged: {errors:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
