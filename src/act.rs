@@ -346,8 +346,9 @@ impl<'a> Reader<'a> {
 /// and the records of the few keys that share the bucket, back to back.
 ///
 /// A record is `[tag][key][body]`: the tag (four bytes, little-endian) is
-/// the high half of the key's hash, whose low bits pick the bucket; key and
-/// body are fields. A whole tag must match before a key is compared.
+/// the high half of the key's hash (the low half picks the shard), and its
+/// low bits pick the bucket; key and body are fields. A whole tag must match
+/// before a key is compared.
 ///
 /// With at least as many buckets as keys, a bucket holds one or two records
 /// on average, and its bounds cost 4 to 8 bytes a key: less than an index
@@ -415,6 +416,7 @@ fn put_record(out: &mut Vec<u8>, tag: u32, key: &[u8], body: &[u8]) {
 
 impl Table {
     fn bucket(&self, tag: u32) -> usize {
+        // `starts.len() - 1` buckets, a power of two: one less is the mask.
         tag as usize & (self.starts.len() - 2)
     }
 
