@@ -4,8 +4,10 @@
 use std::fmt::Debug;
 
 use tracing::field::{Field, Visit};
+use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata};
 use tracing_subscriber::layer::{Context, Filter};
+use tracing_subscriber::Layer;
 
 /// What `CONSENTRY_LOG` defaults to.
 pub const DEFAULT_FILTER: &str = "info,rumqttd=warn";
@@ -14,18 +16,26 @@ pub const DEFAULT_FILTER: &str = "info,rumqttd=warn";
 pub fn init() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
     let env = tracing_subscriber::EnvFilter::try_from_env("CONSENTRY_LOG")
         .unwrap_or_else(|_| DEFAULT_FILTER.into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_filter(env)
-                .with_filter(BrokerNoise),
-        )
+        .with(stderr_layer(env, std::io::stderr, ansi))
         .init();
+}
+
+/// The log's one layer: formatted lines to `writer`, filtered by `env`, with
+/// the broker's noise out.
+fn stderr_layer<S, W>(env: tracing_subscriber::EnvFilter, writer: W, ansi: bool) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi)
+        .with_filter(env)
+        .with_filter(BrokerNoise)
 }
 
 /// Drops what the embedded rumqttd 0.20 logs that is not news.
@@ -45,7 +55,19 @@ pub struct BrokerNoise;
 
 impl<S> Filter<S> for BrokerNoise {
     fn enabled(&self, meta: &Metadata<'_>, _cx: &Context<'_, S>) -> bool {
-        !(meta.is_span() && meta.target().starts_with("rumqttd"))
+        !is_broker_span(meta)
+    }
+
+    /// Decided once per call site, so that a broker span is never even
+    /// created. Said only in `enabled`, the registry still made each one
+    /// (the `EnvFilter` inside this filter had enabled it) and its router
+    /// paid for that on every publish.
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        if is_broker_span(meta) {
+            Interest::never()
+        } else {
+            Interest::sometimes()
+        }
     }
 
     fn event_enabled(&self, event: &Event<'_>, _cx: &Context<'_, S>) -> bool {
@@ -66,6 +88,10 @@ impl<S> Filter<S> for BrokerNoise {
     }
 }
 
+fn is_broker_span(meta: &Metadata<'_>) -> bool {
+    meta.is_span() && meta.target().starts_with("rumqttd")
+}
+
 struct Message(Option<String>);
 
 impl Visit for Message {
@@ -82,7 +108,6 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::Layer;
 
     use super::*;
 
@@ -103,12 +128,11 @@ mod tests {
     fn broker_noise_is_dropped_and_nothing_else() {
         let out = Captured::default();
         let writer = out.clone();
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(move || writer.clone())
-                .with_filter(BrokerNoise),
-        );
+        let subscriber = tracing_subscriber::registry().with(stderr_layer(
+            tracing_subscriber::EnvFilter::new("trace"),
+            move || writer.clone(),
+            false,
+        ));
         tracing::subscriber::with_default(subscriber, || {
             // As rumqttd's router words them.
             tracing::error!(target: "rumqttd::router::routing", "no-connection id {} is already gone", 7);
@@ -128,5 +152,23 @@ mod tests {
         assert!(log.contains("Failed to append to commitlog"), "{log}");
         assert!(log.contains("id 8 is already gone"), "{log}");
         assert!(log.contains("id 9 is already gone"), "{log}");
+    }
+
+    #[test]
+    fn broker_spans_are_never_created() {
+        // rumqttd's router opens a span per publish. Filtered out of the
+        // log is not enough: the registry would still allocate, enter, exit
+        // and close each one.
+        let subscriber = tracing_subscriber::registry().with(stderr_layer(
+            tracing_subscriber::EnvFilter::new(DEFAULT_FILTER),
+            std::io::sink,
+            false,
+        ));
+        tracing::subscriber::with_default(subscriber, || {
+            let broker = tracing::error_span!(target: "rumqttd::router::routing", "publish");
+            assert!(broker.is_disabled());
+            let ours = tracing::info_span!(target: "consentry::session", "session");
+            assert!(!ours.is_disabled());
+        });
     }
 }
