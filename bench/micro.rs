@@ -194,6 +194,22 @@ fn decisions(c: &mut Criterion) {
         })
         .collect();
     let now = Utc::now();
+    // The three decisions, for the k-th call: each measured alone and
+    // again while updates apply.
+    let share = |k: usize| {
+        let a = act.load();
+        let d = a.deliver(&providers[k % PROVIDERS], &topics[k % topics.len()], now);
+        matches!(d, Ok(Delivery::Personal { .. }))
+    };
+    let collect = |k: usize| {
+        let i = k % topics.len();
+        act.load().ingress(&devices[i], &topics[i], now).is_ok()
+    };
+    let may_subscribe = |k: usize| {
+        act.load()
+            .subscribe(&providers[k % PROVIDERS], "pii/+/+/heart_rate")
+            .is_ok()
+    };
     let mut g = c.benchmark_group("act");
     g.measurement_time(Duration::from_secs(4));
     let mut k = 0usize;
@@ -202,9 +218,7 @@ fn decisions(c: &mut Criterion) {
     g.bench_function("share (deliver decision), 1M users", |b| {
         b.iter(|| {
             k = k.wrapping_add(1);
-            let a = act.load();
-            let d = a.deliver(&providers[k % PROVIDERS], &topics[k % topics.len()], now);
-            black_box(matches!(d, Ok(Delivery::Personal { .. })))
+            black_box(share(k))
         })
     });
     // The same over 256k users: nearly every lookup misses the caches and
@@ -230,19 +244,13 @@ fn decisions(c: &mut Criterion) {
     g.bench_function("collect (ingress decision), 1M users", |b| {
         b.iter(|| {
             k = k.wrapping_add(1);
-            let i = k % topics.len();
-            let a = act.load();
-            black_box(a.ingress(&devices[i], &topics[i], now).is_ok())
+            black_box(collect(k))
         })
     });
     g.bench_function("may_subscribe", |b| {
         b.iter(|| {
             k = k.wrapping_add(1);
-            let a = act.load();
-            black_box(
-                a.subscribe(&providers[k % PROVIDERS], "pii/+/+/heart_rate")
-                    .is_ok(),
-            )
+            black_box(may_subscribe(k))
         })
     });
 
@@ -270,27 +278,19 @@ fn decisions(c: &mut Criterion) {
     g.bench_function("share (deliver decision) while 1k updates/s apply", |b| {
         b.iter(|| {
             k = k.wrapping_add(1);
-            let a = act.load();
-            let d = a.deliver(&providers[k % PROVIDERS], &topics[k % topics.len()], now);
-            black_box(d.is_ok())
+            black_box(share(k))
         })
     });
     g.bench_function("collect (ingress decision) while 1k updates/s apply", |b| {
         b.iter(|| {
             k = k.wrapping_add(1);
-            let i = k % topics.len();
-            let a = act.load();
-            black_box(a.ingress(&devices[i], &topics[i], now).is_ok())
+            black_box(collect(k))
         })
     });
     g.bench_function("may_subscribe while 1k updates/s apply", |b| {
         b.iter(|| {
             k = k.wrapping_add(1);
-            let a = act.load();
-            black_box(
-                a.subscribe(&providers[k % PROVIDERS], "pii/+/+/heart_rate")
-                    .is_ok(),
-            )
+            black_box(may_subscribe(k))
         })
     });
     stop.store(true, Ordering::Relaxed);

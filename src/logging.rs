@@ -20,13 +20,13 @@ pub fn init() {
         .unwrap_or_else(|_| DEFAULT_FILTER.into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::registry()
-        .with(stderr_layer(env, std::io::stderr, ansi))
+        .with(log_layer(env, std::io::stderr, ansi))
         .init();
 }
 
 /// The log's one layer: formatted lines to `writer`, filtered by `env`, with
 /// the broker's noise out.
-fn stderr_layer<S, W>(env: tracing_subscriber::EnvFilter, writer: W, ansi: bool) -> impl Layer<S>
+fn log_layer<S, W>(env: tracing_subscriber::EnvFilter, writer: W, ansi: bool) -> impl Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + 'static,
@@ -128,7 +128,7 @@ mod tests {
     fn broker_noise_is_dropped_and_nothing_else() {
         let out = Captured::default();
         let writer = out.clone();
-        let subscriber = tracing_subscriber::registry().with(stderr_layer(
+        let subscriber = tracing_subscriber::registry().with(log_layer(
             tracing_subscriber::EnvFilter::new("trace"),
             move || writer.clone(),
             false,
@@ -159,7 +159,7 @@ mod tests {
         // rumqttd's router opens a span per publish. Filtered out of the
         // log is not enough: the registry would still allocate, enter, exit
         // and close each one.
-        let subscriber = tracing_subscriber::registry().with(stderr_layer(
+        let subscriber = tracing_subscriber::registry().with(log_layer(
             tracing_subscriber::EnvFilter::new(DEFAULT_FILTER),
             std::io::sink,
             false,
