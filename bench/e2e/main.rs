@@ -12,7 +12,7 @@ use harness::{Options, Scenario};
 
 const USAGE: &str = "\
 cargo bench --bench e2e -- [--quick] [--scenario NAME,…] [--qos 0,1] [--systems rumqttd,consentry,mosquitto]
-    [--duration SECS] [--repeats N] [--rates 1000,10000] [--no-half-max] [--no-nodelay-variant]
+    [--duration SECS] [--drain-limit SECS] [--repeats N] [--rates 1000,10000] [--no-half-max] [--no-nodelay-variant]
     [--devices N] [--idle-devices N] [--trickle-rate R] [--out DIR]
     [--overload-duration SECS] [--consume-rate R] [--overload-max-messages N]
     [--consentry-bin PATH]
@@ -21,7 +21,9 @@ scenarios: allow_all refused_half masked fanout3 overload idle
 --overload-duration after it sets that alone. --idle-devices (default 20000) is
 lowered to what the open-file limit allows. --consentry-bin runs another
 consentry build in place of this tree's (to compare two builds); a wrapper
-script must exec it, since only the direct child is stopped.";
+script must exec it, since only the direct child is stopped. --drain-limit
+(default 10 s) bounds how long the providers may go on receiving after the
+devices stop; what arrives later counts as not delivered.";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -99,6 +101,9 @@ fn main() -> anyhow::Result<()> {
             "--duration" => {
                 opts.duration = Duration::from_secs_f64(list(it.next())?[0].parse()?);
                 opts.overload_duration = opts.duration;
+            }
+            "--drain-limit" => {
+                opts.drain_limit = Duration::from_secs_f64(list(it.next())?[0].parse()?)
             }
             "--overload-duration" => {
                 opts.overload_duration = Duration::from_secs_f64(list(it.next())?[0].parse()?)
