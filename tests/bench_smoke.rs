@@ -147,6 +147,18 @@ fn quick_run_completes_and_writes_results() {
         } else {
             assert!(f.is_null(), "{} has no ledger", r["system"]);
         }
+        // CPU by thread: every system's throughput run names its threads,
+        // and no group can exceed the process's own CPU time.
+        let threads = r["cpu_by_thread_s"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no cpu_by_thread_s: {r}"));
+        assert!(!threads.is_empty(), "{r}");
+        let sum: f64 = threads.values().filter_map(|v| v.as_f64()).sum();
+        assert!(sum <= r["cpu_s"].as_f64().unwrap() + 0.05, "{r}");
+        if r["system"] == "consentry" {
+            assert!(threads.contains_key("tokio-rt-worker"), "{r}");
+            assert!(threads.contains_key("consentry-ledge"), "{r}");
+        }
     }
     // One round each in a quick run: the round's ratio is the headline ratio.
     let summary = json["summary"].as_array().expect("summary");
@@ -180,4 +192,5 @@ fn quick_run_completes_and_writes_results() {
     let md = std::fs::read_to_string(out.path().join("latest.md")).unwrap();
     assert!(md.contains("### Maximum rate"));
     assert!(md.contains("### Overload"));
+    assert!(md.contains("### consentry's CPU by thread at fixed rates"));
 }

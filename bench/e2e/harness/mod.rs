@@ -10,6 +10,7 @@ pub mod report;
 pub mod rumqttd;
 pub mod systems;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,8 @@ use serde::Serialize;
 
 use load::{Fleet, Pace, PacedReceiver, Receivers};
 use systems::{
-    cpu_seconds, memory_kib, open_fds, reset_peak, Credentials, Fsyncs, RumqttdCommand, System,
-    SystemKind, KINDS,
+    cpu_by_thread, cpu_seconds, memory_kib, open_fds, reset_peak, Credentials, Fsyncs,
+    RumqttdCommand, System, SystemKind, KINDS,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -278,6 +279,10 @@ pub struct RunResult {
     pub late_sends: u64,
     pub cpu_s: f64,
     pub cpu_share: f64,
+    /// Throughput runs: the system's CPU seconds by thread name, for the
+    /// threads alive at the end of the run.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cpu_by_thread_s: BTreeMap<String, f64>,
     pub harness_cpu_s: f64,
     pub peak_rss_kib: u64,
     pub rss_before_kib: u64,
@@ -631,6 +636,7 @@ fn blank(spec: &RunSpec, sys: &System, devices: usize, providers: usize) -> RunR
         late_sends: 0,
         cpu_s: 0.0,
         cpu_share: 0.0,
+        cpu_by_thread_s: BTreeMap::new(),
         harness_cpu_s: 0.0,
         peak_rss_kib: 0,
         rss_before_kib: 0,
@@ -707,6 +713,7 @@ async fn run_throughput(opts: &Options, sys: &mut System, spec: &RunSpec) -> Run
     let pid = sys.pid();
     reset_peak(pid);
     let (cpu0, h0) = (cpu_seconds(Some(pid)), cpu_seconds(None));
+    let threads0 = cpu_by_thread(pid);
     r.rss_before_kib = memory_kib(pid).1;
     let fsyncs0 = sys.fsyncs();
     // Bounded in count as well as time.
@@ -726,6 +733,15 @@ async fn run_throughput(opts: &Options, sys: &mut System, spec: &RunSpec) -> Run
         .drain(expected, opts.quiet, opts.drain_limit)
         .await;
     let (cpu1, h1) = (cpu_seconds(Some(pid)), cpu_seconds(None));
+    r.cpu_by_thread_s = cpu_by_thread(pid)
+        .into_iter()
+        .map(|(name, t)| {
+            let before = threads0.get(&name).copied().unwrap_or(0.0);
+            // To the millisecond (clock ticks are coarser), without the
+            // float noise of the subtraction.
+            (name, ((t - before).max(0.0) * 1000.0).round() / 1000.0)
+        })
+        .collect();
     r.peak_rss_kib = memory_kib(pid).0;
     r.ledger_fsyncs = sys.fsyncs().zip(fsyncs0).map(|(a, b)| a.since(b));
     let delivered = receivers

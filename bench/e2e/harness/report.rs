@@ -359,6 +359,50 @@ pub fn markdown(results: &Results) -> String {
         );
     }
 
+    let by_thread: Vec<&RunResult> = results
+        .runs
+        .iter()
+        .filter(|r| {
+            r.system == SystemKind::Consentry && r.mode == "rate" && !r.cpu_by_thread_s.is_empty()
+        })
+        .collect();
+    if !by_thread.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n### consentry's CPU by thread at fixed rates: % of a core (µs per delivered message)\n\n\
+             Threads alive at the end of each run; the embedded rumqttd is its `v4`, `v5`, \
+             `router-*` and `rumqttd` threads.\n"
+        );
+        let _ = writeln!(s, "| scenario | QoS | offered msg/s | client NODELAY | sessions (tokio workers) | ledger | embedded rumqttd | other |");
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+        for r in by_thread {
+            let mut groups = [0.0f64; 4];
+            for (name, secs) in &r.cpu_by_thread_s {
+                groups[thread_group(name)] += secs;
+            }
+            let cell = |secs: f64| {
+                format!(
+                    "{:.1}% ({:.1})",
+                    secs / r.duration_s.max(1e-9) * 100.0,
+                    secs * 1e6 / r.delivered.max(1) as f64
+                )
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} ({}) | {} | {} | {} | {} | {} |",
+                r.scenario_name(),
+                r.qos,
+                r.offered_per_s.unwrap_or(0.0),
+                r.label,
+                if r.client_nodelay { "on" } else { "off" },
+                cell(groups[0]),
+                cell(groups[1]),
+                cell(groups[2]),
+                cell(groups[3]),
+            );
+        }
+    }
+
     let overload: Vec<(&RunResult, &super::OverloadResult)> = results
         .runs
         .iter()
@@ -484,6 +528,20 @@ impl Summary {
 }
 
 /// A row of the fixed-offered-rate table and latency panels.
+/// Which of consentry's thread groups a thread name belongs to: its
+/// sessions, its ledger writer, the embedded rumqttd, anything else.
+fn thread_group(name: &str) -> usize {
+    match name {
+        "tokio-rt-worker" => 0,
+        // `comm` keeps 15 bytes: the writer ("consentry-ledger") and the
+        // retention scan ("consentry-ledger-scan") both read so.
+        n if n.starts_with("consentry-ledge") => 1,
+        "v4" | "v5" | "rumqttd" => 2,
+        n if n.starts_with("router-") => 2,
+        _ => 3,
+    }
+}
+
 fn is_fixed_rate(x: &Summary) -> bool {
     x.label != "max" && !matches!(x.scenario, Scenario::Idle | Scenario::Overload)
 }

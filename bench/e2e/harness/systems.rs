@@ -482,6 +482,29 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
     (ticks(11) + ticks(12)) / clock_ticks()
 }
 
+/// CPU seconds of each thread of `pid`, summed by thread name (`comm`),
+/// for the threads alive now: a thread that has exited is no longer listed,
+/// and its time is only in [`cpu_seconds`].
+pub fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(text) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (text.find('('), text.rfind(')')) else {
+            continue;
+        };
+        let name = text[open + 1..close].to_string();
+        let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / clock_ticks();
+    }
+    out
+}
+
 fn clock_ticks() -> f64 {
     static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TCK.get_or_init(|| {
