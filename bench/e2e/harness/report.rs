@@ -336,12 +336,14 @@ pub fn markdown(results: &Results) -> String {
     for x in sum.iter().filter(|x| is_fixed_rate(x)) {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} ({}) | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.0}% ({:.0}%) | {} |",
-            x.scenario_name(),
-            x.qos,
-            x.offered_per_s.unwrap_or(0.0),
-            x.label,
-            if x.client_nodelay { "on" } else { "off" },
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.0}% ({:.0}%) | {} |",
+            load_cells(
+                x.scenario_name(),
+                x.qos,
+                x.offered_per_s,
+                &x.label,
+                x.client_nodelay
+            ),
             x.system.name(),
             x.delivered_per_s,
             pct(x.not_delivered_share),
@@ -389,12 +391,14 @@ pub fn markdown(results: &Results) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} ({}) | {} | {} | {} | {} | {} |",
-                r.scenario_name(),
-                r.qos,
-                r.offered_per_s.unwrap_or(0.0),
-                r.label,
-                if r.client_nodelay { "on" } else { "off" },
+                "| {} | {} | {} | {} | {} |",
+                load_cells(
+                    r.scenario_name(),
+                    r.qos,
+                    r.offered_per_s,
+                    &r.label,
+                    r.client_nodelay
+                ),
                 cell(groups[0]),
                 cell(groups[1]),
                 cell(groups[2]),
@@ -527,7 +531,16 @@ impl Summary {
     }
 }
 
-/// A row of the fixed-offered-rate table and latency panels.
+/// The cells naming a fixed-rate load: scenario, QoS, offered rate (label),
+/// client NODELAY.
+fn load_cells(scenario: &str, qos: u8, offered: Option<f64>, label: &str, nodelay: bool) -> String {
+    format!(
+        "{scenario} | {qos} | {:.0} ({label}) | {}",
+        offered.unwrap_or(0.0),
+        if nodelay { "on" } else { "off" }
+    )
+}
+
 /// Which of consentry's thread groups a thread name belongs to: its
 /// sessions, its ledger writer, the embedded rumqttd, anything else.
 fn thread_group(name: &str) -> usize {
@@ -542,6 +555,7 @@ fn thread_group(name: &str) -> usize {
     }
 }
 
+/// A row of the fixed-offered-rate table and latency panels.
 fn is_fixed_rate(x: &Summary) -> bool {
     x.label != "max" && !matches!(x.scenario, Scenario::Idle | Scenario::Overload)
 }

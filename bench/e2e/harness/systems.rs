@@ -471,15 +471,23 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
         Some(p) => format!("/proc/{p}/stat"),
         None => "/proc/self/stat".to_string(),
     };
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return f64::NAN;
-    };
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| stat_cpu(&text).map(|(_, secs)| secs))
+        .unwrap_or(f64::NAN)
+}
+
+/// The command name and user + system CPU seconds of a `/proc/…/stat` line.
+fn stat_cpu(text: &str) -> Option<(&str, f64)> {
+    let (open, close) = (text.find('(')?, text.rfind(')')?);
     // Fields after the parenthesized command name; utime and stime are the
     // 14th and 15th fields of the whole line.
-    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / clock_ticks()
+    Some((
+        &text[open + 1..close],
+        (ticks(11) + ticks(12)) / clock_ticks(),
+    ))
 }
 
 /// CPU seconds of each thread of `pid`, summed by thread name (`comm`),
@@ -494,13 +502,9 @@ pub fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
         let Ok(text) = std::fs::read_to_string(t.path().join("stat")) else {
             continue;
         };
-        let (Some(open), Some(close)) = (text.find('('), text.rfind(')')) else {
-            continue;
-        };
-        let name = text[open + 1..close].to_string();
-        let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / clock_ticks();
+        if let Some((name, secs)) = stat_cpu(&text) {
+            *out.entry(name.to_string()).or_insert(0.0) += secs;
+        }
     }
     out
 }
