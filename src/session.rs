@@ -44,7 +44,7 @@ use crate::mask;
 use crate::metrics as m;
 use crate::model::Undeclared;
 use crate::own_flow::{Answer, OwnFlow};
-use crate::topic;
+use crate::topic::{self, TopicName};
 
 /// Topic aliases a client may set up with us (MQTT 5). They never reach the
 /// broker: every forwarded PUBLISH carries its full topic.
@@ -511,8 +511,12 @@ impl Session {
         // The will is a publish that happens later: it passes ingress now,
         // under the same rules, or the CONNECT is refused.
         if let Some(w) = will.as_mut() {
-            let topic = String::from_utf8(w.topic.to_vec()).map_err(|_| End::TopicName)?;
-            match self.check_ingress(&topic, &w.message) {
+            let topic = std::str::from_utf8(&w.topic).map_err(|_| End::TopicName)?;
+            let checked = match TopicName::new(topic) {
+                Some(name) => self.check_ingress(name, &w.message),
+                None => Err(Deny::Invalid.as_str()),
+            };
+            match checked {
                 Ok(payload) => w.message = payload,
                 Err(deny) => {
                     tracing::info!(session = self.id, reason = deny, "will message refused");
@@ -1019,7 +1023,7 @@ impl Session {
     }
 
     /// Collection check plus data minimization. Returns the payload to forward.
-    fn check_ingress(&self, topic: &str, payload: &Bytes) -> Result<Bytes, &'static str> {
+    fn check_ingress(&self, topic: TopicName, payload: &Bytes) -> Result<Bytes, &'static str> {
         let started = Instant::now();
         let act = self.shared.act.load();
         let decision = act.ingress(&self.who, topic, self.now());
@@ -1144,10 +1148,8 @@ impl Session {
             }
         }
         let topic = std::str::from_utf8(&publish.topic).map_err(|_| End::TopicName)?;
-        if !topic::valid_topic_name(topic) {
-            return Err(End::TopicName);
-        }
-        match self.check_ingress(topic, &publish.payload) {
+        let name = TopicName::new(topic).ok_or(End::TopicName)?;
+        match self.check_ingress(name, &publish.payload) {
             Ok(payload) => {
                 self.shared.hot.forwarded.increment(1);
                 let was_held = self.held.is_held();

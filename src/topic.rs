@@ -264,6 +264,22 @@ pub fn strip_shared(filter: &str) -> Option<&str> {
     }
 }
 
+/// A topic name that passed [`valid_topic_name`]. The session checks each
+/// PUBLISH's name once, to answer a bad one with the protocol's error, and
+/// the ACT takes this as the proof rather than scanning the name again.
+#[derive(Clone, Copy, Debug)]
+pub struct TopicName<'a>(&'a str);
+
+impl<'a> TopicName<'a> {
+    pub fn new(topic: &'a str) -> Option<Self> {
+        valid_topic_name(topic).then_some(Self(topic))
+    }
+
+    pub fn as_str(self) -> &'a str {
+        self.0
+    }
+}
+
 pub fn valid_topic_name(topic: &str) -> bool {
     // Bytes rather than chars: the three are ASCII, which UTF-8 never uses
     // inside a multi-byte character. memchr compares 16 or 32 bytes at a
@@ -439,6 +455,8 @@ mod tests {
 
     #[test]
     fn validity() {
+        assert_eq!(TopicName::new("a/b").map(TopicName::as_str), Some("a/b"));
+        assert!(TopicName::new("a/+").is_none());
         assert!(valid_topic_name("a/b"));
         assert!(!valid_topic_name("a/+"));
         assert!(!valid_topic_name(""));

@@ -264,6 +264,22 @@ async fn will_messages_pass_ingress_and_egress() {
     let refused = v4::connect_with(o).await;
     assert!(refused.is_err_and(|e| e.contains("NotAuthorized")));
 
+    // A will whose topic is not a topic name is refused too, even under
+    // `public/#`, which the ACL opens to everybody.
+    let mut o = v4::options(
+        server.mqtt,
+        "w-wild",
+        Some(("alice-watch", "alice-watch-secret")),
+    );
+    o.set_last_will(v4::LastWill::new(
+        "public/+",
+        "{\"bpm\":0}",
+        v4::QoS::AtLeastOnce,
+        false,
+    ));
+    let refused = v4::connect_with(o).await;
+    assert!(refused.is_err_and(|e| e.contains("NotAuthorized")));
+
     // An allowed will is minimized like any publish and delivered on a crash.
     let mut o = v4::options(
         server.mqtt,
