@@ -47,6 +47,19 @@ impl From<StoreError> for PrefError {
     }
 }
 
+/// The consent history's source for versions a directory import made.
+pub const IMPORT_SOURCE: &str = "import";
+
+/// How a version of a user's preferences came about; its receipt says so
+/// (Kantara `moc`), since only one of the two is the user acting here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// The user, through the preference manager.
+    User,
+    /// The operator's directory file, for a user who has not set any.
+    Directory,
+}
+
 /// Documents a consent: builds and signs the receipt for a user's new
 /// preferences. Implemented by the receipt module; a trait so the manager
 /// is tested without keys.
@@ -55,6 +68,7 @@ pub trait ReceiptIssuer: Send + Sync {
         &self,
         user: &User,
         prefs: &Preferences,
+        channel: Channel,
         dir: &Directory,
         kinds: &[Kind],
         now: DateTime<Utc>,
@@ -78,6 +92,10 @@ struct State {
     providers: Vec<Provider>,
     kinds: Vec<Kind>,
     act_version: u64,
+    /// Users whose latest preferences they set themselves. A directory
+    /// import never overrides those: the preferences are the user's, and an
+    /// unchanged file re-applied on SIGHUP would otherwise undo a withdrawal.
+    self_set: HashSet<String>,
 }
 
 impl State {
@@ -93,6 +111,7 @@ impl State {
             providers: dir.providers,
             kinds,
             act_version: 1,
+            self_set: HashSet::new(),
         }
     }
 
@@ -158,6 +177,7 @@ impl PreferenceManager {
             Ok::<_, StoreError>(())
         })?;
         let (dir, kinds) = store.directory()?;
+        let self_set = store.self_set_users(IMPORT_SOURCE)?;
         // A store that has never held users or providers is new: seed it.
         let seeded = dir.users.is_empty() && dir.providers.is_empty();
         let (act, creds) = compile(&templates, &kinds, &dir, &acl, 1)?;
@@ -170,10 +190,13 @@ impl PreferenceManager {
             templates,
             acl,
             issuer,
-            state: Mutex::new(State::new(dir, kinds)),
+            state: Mutex::new(State {
+                self_set,
+                ..State::new(dir, kinds)
+            }),
         };
         if seeded {
-            pm.import(seed, "import")?;
+            pm.import(seed)?;
         }
         Ok((pm, act, creds))
     }
@@ -198,8 +221,10 @@ impl PreferenceManager {
         self.creds.store(Arc::new(creds));
         self.act.store(act);
         let act_version = state.act_version;
+        let self_set = std::mem::take(&mut state.self_set);
         *state = State::new(dir, kinds);
         state.act_version = act_version + 1;
+        state.self_set = self_set;
         Ok(version)
     }
 
@@ -278,6 +303,7 @@ impl PreferenceManager {
                     .issue(
                         &u,
                         &prefs,
+                        Channel::User,
                         &state.providers_only(),
                         &state.kinds,
                         Utc::now(),
@@ -291,6 +317,7 @@ impl PreferenceManager {
         })?;
         self.act.store(act);
         state.prefs.insert(user.into(), prefs.clone());
+        state.self_set.insert(user.into());
         state.act_version = act_version;
         tracing::info!(act_version, source, "preferences changed");
         Ok(Applied {
@@ -370,9 +397,12 @@ impl PreferenceManager {
 
     /// Applies a directory file: users, devices and providers are created or
     /// updated; each user's preferences that differ from the stored ones
-    /// become a new version with its history entry and receipt. The whole
-    /// file is validated first; nothing is written if it does not compile.
-    pub fn import(&self, file: Directory, source: &str) -> Result<u64, PrefError> {
+    /// become a new version with its history entry and receipt, unless the
+    /// user set their preferences themselves since the last import. The
+    /// whole file is validated first; nothing is written if it does not
+    /// compile.
+    pub fn import(&self, file: Directory) -> Result<u64, PrefError> {
+        let source = IMPORT_SOURCE;
         let Directory {
             users,
             devices,
@@ -389,8 +419,13 @@ impl PreferenceManager {
         // are moved, not copied: a seed may hold a million users.
         let mut seen = HashSet::new();
         let mut changed = Vec::new();
+        let mut left_to_users = 0usize;
         for mut p in preferences.into_iter().rev() {
             if !seen.insert(p.user.clone()) {
+                continue;
+            }
+            if state.self_set.contains(&p.user) {
+                left_to_users += 1;
                 continue;
             }
             let current = state.prefs.get(&p.user);
@@ -446,8 +481,15 @@ impl PreferenceManager {
                 for p in changed {
                     let receipt = match &self.issuer {
                         Some(i) => Some(
-                            i.issue(by_id[p.user.as_str()], p, dir, &kinds, Utc::now())
-                                .map_err(PrefError::Receipt)?,
+                            i.issue(
+                                by_id[p.user.as_str()],
+                                p,
+                                Channel::Directory,
+                                dir,
+                                &kinds,
+                                Utc::now(),
+                            )
+                            .map_err(PrefError::Receipt)?,
                         ),
                         None => None,
                     };
@@ -457,6 +499,14 @@ impl PreferenceManager {
             })?;
             Ok(())
         })?;
+        if left_to_users > 0 {
+            // Not a warning: this is the rule, but an operator who edited
+            // those users' entries should see why nothing changed.
+            tracing::info!(
+                users = left_to_users,
+                "directory preferences not applied: those users set their own"
+            );
+        }
         tracing::info!(act_version = version, source, "directory imported");
         Ok(version)
     }
@@ -605,13 +655,13 @@ mod tests {
         stop.share.retain(|g| g.kind != "heart_rate");
         file.preferences.insert(0, stop.clone());
         file.preferences.push(alice.clone());
-        pm.import(file.clone(), "test").unwrap();
+        pm.import(file.clone()).unwrap();
         assert_eq!(pm.preferences("alice").unwrap().version, alice.version);
         assert!(fitcoach_gets_heart_rate(&act));
 
         // Now the last entry is the change: it is applied, once.
         file.preferences.push(stop);
-        pm.import(file, "test").unwrap();
+        pm.import(file).unwrap();
         let now = pm.preferences("alice").unwrap();
         assert_eq!(now.version, alice.version + 1);
         assert!(!fitcoach_gets_heart_rate(&act));
@@ -622,6 +672,64 @@ mod tests {
         for (user, version) in others {
             assert_eq!(pm.preferences(&user).unwrap().version, version, "{user}");
         }
+    }
+
+    /// The bug this guards: an unchanged directory re-applied on SIGHUP gave
+    /// back a grant the user had withdrawn through the API.
+    #[test]
+    fn import_leaves_preferences_users_set_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (seed, kinds) = demo();
+        let open = || {
+            PreferenceManager::open(
+                Store::open(&path, &[7; 32]).unwrap(),
+                vec!["pii/{user}/{device}/{kind}".into()],
+                &kinds,
+                vec![],
+                seed.clone(),
+                None,
+            )
+            .unwrap()
+        };
+        let (pm, act, _) = open();
+        let bob = pm.preferences("bob").unwrap();
+        pm.change("alice", None, "api", |p| {
+            p.share.clear();
+            Ok(())
+        })
+        .unwrap();
+        let alice = pm.preferences("alice").unwrap();
+
+        // The same file again, with bob's entry changed by the operator.
+        let mut file = seed.clone();
+        let at = file
+            .preferences
+            .iter()
+            .position(|p| p.user == "bob")
+            .unwrap();
+        file.preferences[at].collect.clear();
+        pm.import(file.clone()).unwrap();
+        assert_eq!(pm.preferences("alice").unwrap(), alice);
+        assert!(!fitcoach_gets_heart_rate(&act));
+        assert_eq!(pm.preferences("bob").unwrap().version, bob.version + 1);
+        assert!(pm.preferences("bob").unwrap().collect.is_empty());
+
+        // After a restart too: who set their own comes from the history.
+        drop(pm);
+        let (pm, act, _) = open();
+        pm.import(seed).unwrap();
+        assert_eq!(pm.preferences("alice").unwrap(), alice);
+        assert!(!fitcoach_gets_heart_rate(&act));
+        assert_eq!(pm.preferences("bob").unwrap().version, bob.version + 2);
+        let sources: Vec<String> = pm
+            .store()
+            .history("alice")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.source)
+            .collect();
+        assert_eq!(sources, [IMPORT_SOURCE, "api"]);
     }
 
     #[test]

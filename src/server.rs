@@ -261,7 +261,7 @@ impl Server {
     /// error nothing changes and the ACT in force stays.
     pub fn reload(&self) -> anyhow::Result<u64> {
         let dir = self.config.load_directory()?;
-        let version = self.prefs.import(dir, "import")?;
+        let version = self.prefs.import(dir)?;
         tracing::info!(version, "directory reloaded");
         Ok(version)
     }

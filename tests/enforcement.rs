@@ -302,6 +302,66 @@ async fn will_messages_pass_ingress_and_egress() {
     );
 }
 
+/// The directory file seeds preferences; once a user has set theirs
+/// through the API, a reload (SIGHUP) of the same file must not give back
+/// what they withdrew.
+#[tokio::test]
+async fn a_reload_does_not_undo_a_users_withdrawal() {
+    let server = Server::demo();
+    let login = json!({
+        "user": "alice",
+        "password": "alice-api-secret",
+        "totp": common::totp_now("CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA", "alice"),
+    });
+    let (s, session) = common::http(&server, "POST", "/v1/sessions", None, &[], Some(login));
+    assert_eq!(s, 201, "{session}");
+    let token = common::json_of(&session)["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let (s, body) = common::http(
+        &server,
+        "DELETE",
+        "/v1/me/preferences/share/fitcoach/heart_rate",
+        Some(&token),
+        &[],
+        None,
+    );
+    assert_eq!(s, 200, "{body}");
+
+    server.reload(DEMO_DIRECTORY);
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "a", "alice-watch", "alice-watch-secret").await;
+    alice.publish_acked(HR, br#"{"bpm":70}"#).await;
+    alice.publish_acked("public/marker", b"m").await;
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(
+        got.len(),
+        1,
+        "heart rate delivered after the reload: {got:?}"
+    );
+
+    let (_, prefs) = common::http(
+        &server,
+        "GET",
+        "/v1/me/preferences",
+        Some(&token),
+        &[],
+        None,
+    );
+    let prefs = common::json_of(&prefs);
+    assert!(
+        !prefs["share"]
+            .as_array()
+            .expect("share")
+            .iter()
+            .any(|g| g["kind"] == "heart_rate"),
+        "{prefs}"
+    );
+}
+
 /// Seconds to add to now so that it becomes the next `weekday` at `hour`:00
 /// in Paris.
 fn offset_to(weekday: chrono::Weekday, hour: u32) -> i64 {

@@ -7,7 +7,7 @@ use std::sync::{RwLock, RwLockReadGuard};
 use chrono::{DateTime, Utc};
 
 use crate::model::{Directory, Kind, Preferences, User};
-use crate::prefs::ReceiptIssuer;
+use crate::prefs::{Channel, ReceiptIssuer};
 use crate::store::StoredReceipt;
 
 use super::error::ReceiptError;
@@ -74,13 +74,22 @@ impl ReceiptIssuer for Issuer {
         &self,
         user: &User,
         prefs: &Preferences,
+        channel: Channel,
         dir: &Directory,
         kinds: &[Kind],
         now: DateTime<Utc>,
     ) -> Result<StoredReceipt, String> {
-        let signed = self
-            .sign(user, prefs, dir, kinds, now)
-            .map_err(|e| e.to_string())?;
+        let signed = match channel {
+            Channel::User => self.sign(user, prefs, dir, kinds, now),
+            Channel::Directory => {
+                let operator = Operator {
+                    collection_method: self.operator.import_method.clone(),
+                    ..self.operator.clone()
+                };
+                super::issue(&self.keys(), &operator, user, prefs, dir, kinds, now)
+            }
+        }
+        .map_err(|e| e.to_string())?;
         Ok(StoredReceipt {
             jti: signed.receipt.jti.clone(),
             version: prefs.version,
@@ -93,6 +102,7 @@ impl ReceiptIssuer for Issuer {
 
 #[cfg(test)]
 mod tests {
+    use super::super::mapping;
     use super::super::tests::{demo, operator, t0};
     use super::*;
 
@@ -102,9 +112,30 @@ mod tests {
         let issuer = Issuer::new(ReceiptKeys::generate(), operator());
         let issuer_dyn: &dyn ReceiptIssuer = &issuer;
         let stored = issuer_dyn
-            .issue(&dir.users[0], &dir.preferences[0], &dir, &kinds, t0())
+            .issue(
+                &dir.users[0],
+                &dir.preferences[0],
+                Channel::User,
+                &dir,
+                &kinds,
+                t0(),
+            )
             .expect("issue");
         assert_eq!(stored.version, dir.preferences[0].version);
+        assert_eq!(stored.json["moc"], mapping::DEFAULT_COLLECTION_METHOD);
+        // A version the directory made says so, and verifies the same way.
+        let imported = issuer_dyn
+            .issue(
+                &dir.users[0],
+                &dir.preferences[0],
+                Channel::Directory,
+                &dir,
+                &kinds,
+                t0(),
+            )
+            .expect("issue");
+        assert_eq!(imported.json["moc"], mapping::DEFAULT_IMPORT_METHOD);
+        assert!(super::super::verify(&imported.jws, &issuer.jwks()).is_ok());
         assert_eq!(stored.at, t0());
         let v = super::super::verify(&stored.jws, &issuer.jwks()).expect("verifies");
         assert_eq!(v.receipt.jti, stored.jti);
@@ -119,7 +150,14 @@ mod tests {
         assert_ne!(before, issuer.jwks());
 
         let err = issuer_dyn
-            .issue(&dir.users[1], &dir.preferences[0], &dir, &kinds, t0())
+            .issue(
+                &dir.users[1],
+                &dir.preferences[0],
+                Channel::User,
+                &dir,
+                &kinds,
+                t0(),
+            )
             .expect_err("mismatch");
         assert!(err.contains("not to \"bob\""), "{err}");
     }

@@ -61,6 +61,10 @@ pub struct Operator {
     /// Kantara `moc`.
     #[serde(default = "default_collection_method")]
     pub collection_method: String,
+    /// Kantara `moc` of the versions a directory import made: preferences
+    /// the user did not set in consentry.
+    #[serde(default = "default_import_method")]
+    pub import_method: String,
     /// Termination of the operator's own collection purpose.
     #[serde(default = "default_collection_termination")]
     pub collection_termination: String,
@@ -68,11 +72,17 @@ pub struct Operator {
 
 pub const DEFAULT_COLLECTION_METHOD: &str =
     "PII preferences set by you in the consentry preference manager";
+pub const DEFAULT_IMPORT_METHOD: &str =
+    "PII preferences loaded by the operator from its directory file, not set by you in consentry";
 pub const DEFAULT_COLLECTION_TERMINATION: &str =
     "Until you withdraw it: collection of a kind of data stops as soon as you remove it from your preferences.";
 
 fn default_collection_method() -> String {
     DEFAULT_COLLECTION_METHOD.to_string()
+}
+
+fn default_import_method() -> String {
+    DEFAULT_IMPORT_METHOD.to_string()
 }
 
 fn default_collection_termination() -> String {

@@ -60,7 +60,8 @@ fn or_none(v: Vec<String>, none: &str) -> Vec<String> {
 
 fn consent_type(t: &str) -> String {
     match t.to_ascii_uppercase().as_str() {
-        "EXPLICIT" => "Explicit: you opted in yourself".to_string(),
+        // Explicit, but not necessarily given here: `moc` says where.
+        "EXPLICIT" => "Explicit: given by opting in".to_string(),
         "IMPLICIT" => "Implicit".to_string(),
         "N/A" => "Not applicable: required by law".to_string(),
         _ => t.to_string(),

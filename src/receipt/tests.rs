@@ -45,6 +45,7 @@ pub(crate) fn operator() -> Operator {
         on_behalf: false,
         policy_uri: "https://hub.example/privacy".into(),
         collection_method: mapping::DEFAULT_COLLECTION_METHOD.into(),
+        import_method: mapping::DEFAULT_IMPORT_METHOD.into(),
         collection_termination: mapping::DEFAULT_COLLECTION_TERMINATION.into(),
     }
 }

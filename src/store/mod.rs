@@ -13,6 +13,7 @@
 
 mod cipher;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -272,6 +273,19 @@ impl Store {
 
     pub fn preferences(&self, user: &str) -> Result<Preferences, StoreError> {
         self.transaction(|tx| tx.preferences(user))
+    }
+
+    /// The users whose latest preferences did not come from `import_source`:
+    /// they set them themselves, and a directory import leaves them alone.
+    pub fn self_set_users(&self, import_source: &str) -> Result<HashSet<String>, StoreError> {
+        self.with(|c, _| {
+            let mut st = c.prepare(
+                "SELECT user_id FROM consent_history WHERE seq IN \
+                 (SELECT MAX(seq) FROM consent_history GROUP BY user_id) AND source <> ?1",
+            )?;
+            let users = st.query_map([import_source], |r| r.get::<_, String>(0))?;
+            Ok(users.collect::<Result<HashSet<_>, _>>()?)
+        })
     }
 
     pub fn history(&self, user: &str) -> Result<Vec<HistoryEntry>, StoreError> {
