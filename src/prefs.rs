@@ -382,8 +382,28 @@ impl PreferenceManager {
         Ok(())
     }
 
+    /// Declares a kind, or changes one no user's preferences name. A kind
+    /// that grants name is what those users consented to: another field, or
+    /// no longer sensitive, would change their consent without them.
     pub fn put_kind(&self, kind: Kind) -> Result<(), PrefError> {
         let mut state = self.lock();
+        if let Some(old) = state.kinds.iter().find(|k| k.name == kind.name) {
+            if *old == kind {
+                return Ok(());
+            }
+            let names = |p: &Preferences| {
+                p.collect.iter().any(|g| g.kind == kind.name)
+                    || p.share.iter().any(|g| g.kind == kind.name)
+            };
+            let users = state.prefs.values().filter(|p| names(p)).count();
+            if users > 0 {
+                return Err(PrefError::Exists(format!(
+                    "kind {:?} is named in the preferences of {users} user(s), who consented \
+                     to it as it is; declare the new definition under another name",
+                    kind.name
+                )));
+            }
+        }
         let mut kinds = state.kinds.clone();
         kinds.retain(|k| k.name != kind.name);
         kinds.push(kind.clone());
@@ -672,6 +692,42 @@ mod tests {
         for (user, version) in others {
             assert_eq!(pm.preferences(&user).unwrap().version, version, "{user}");
         }
+    }
+
+    #[test]
+    fn a_kind_users_consented_to_cannot_be_redefined() {
+        let (pm, act) = manager();
+        let heart_rate = pm.kinds().into_iter().find(|k| k.name == "heart_rate");
+        let heart_rate = heart_rate.unwrap();
+        let mut wider = heart_rate.clone();
+        wider.fields.push("x".into());
+        let err = pm.put_kind(wider.clone()).unwrap_err();
+        assert!(matches!(err, PrefError::Exists(_)), "{err}");
+        assert_eq!(
+            pm.kinds().iter().find(|k| k.name == "heart_rate"),
+            Some(&heart_rate)
+        );
+        assert!(fitcoach_gets_heart_rate(&act));
+        // Declaring it again as it is changes nothing and is no error.
+        pm.put_kind(heart_rate.clone()).unwrap();
+        // A kind nobody's preferences name may change; a new one may be added.
+        let mut sleep = heart_rate.clone();
+        sleep.name = "sleep".into();
+        pm.put_kind(sleep.clone()).unwrap();
+        sleep.fields.push("x".into());
+        pm.put_kind(sleep.clone()).unwrap();
+        assert!(pm.kinds().contains(&sleep));
+        // Once nobody names heart_rate any more, it may change too.
+        for user in ["alice", "bob"] {
+            pm.change(user, None, "test", |p| {
+                p.collect.retain(|g| g.kind != "heart_rate");
+                p.share.retain(|g| g.kind != "heart_rate");
+                Ok(())
+            })
+            .unwrap();
+        }
+        pm.put_kind(wider.clone()).unwrap();
+        assert!(pm.kinds().contains(&wider));
     }
 
     /// The bug this guards: an unchanged directory re-applied on SIGHUP gave

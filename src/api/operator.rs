@@ -71,9 +71,10 @@ pub async fn put_provider(
     Ok((StatusCode::CREATED, Json(Created { id: p.id })))
 }
 
-/// Declare or update a kind of data.
+/// Declare a kind of data, or change one that no user's preferences name
+/// (409 otherwise: users consented to it as it is).
 #[utoipa::path(post, path = "/v1/operator/kinds", request_body = Kind, security(("operator" = [])),
-    responses((status = 201, body = Created), (status = 403, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = Created), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn put_kind(
     state: State,
     _: Operator,
