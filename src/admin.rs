@@ -8,15 +8,14 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::ledger::{self, Entry, ExtractRecord, Keyring, Ledger, ReadFilter};
-use crate::server::{ledger_config, ledger_paths, open_keyring};
+use crate::server::{ledger_config, ledger_paths};
 
 /// Walks the chain and the checkpoints. `Err` names the first bad record.
 pub fn verify(cfg: &Config) -> anyhow::Result<String> {
-    let (dir, _) = ledger_paths(cfg);
+    let (dir, keys) = existing_ledger(cfg)?;
     let _lock = ledger::lock_dir(&dir)?;
-    let keys = open_keyring(cfg)?;
     let r = ledger::verify_dir(&dir, &keys)?;
-    Ok(format!(
+    let mut report = format!(
         "ledger OK: {} records (seq {}..={}), {} signed checkpoints, head {}{}",
         r.records,
         r.first_seq.unwrap_or(0),
@@ -26,7 +25,34 @@ pub fn verify(cfg: &Config) -> anyhow::Result<String> {
         r.anchor_seq
             .map(|a| format!(", history before seq {a} purged by retention"))
             .unwrap_or_default()
-    ))
+    );
+    if r.unsigned_tail > 0 {
+        report.push_str(&format!(
+            "\nWARNING: the last {} records (after seq {}) are not signed by a checkpoint, so \
+             records cut from the end would not show. Expected only after a crash: consentry \
+             signs them at its next start.",
+            r.unsigned_tail,
+            r.head_seq - r.unsigned_tail
+        ));
+    }
+    Ok(report)
+}
+
+/// The ledger directory and its keys, both required to exist: these commands read a ledger,
+/// and creating either would only hide a wrong `--data-dir`.
+fn existing_ledger(cfg: &Config) -> anyhow::Result<(std::path::PathBuf, Keyring)> {
+    let (dir, keys) = ledger_paths(cfg);
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "no share ledger at {} (is the data directory right?)",
+            dir.display()
+        );
+    }
+    let keys = match Keyring::from_env()? {
+        Some(k) => k,
+        None => Keyring::load(&keys)?,
+    };
+    Ok((dir, keys))
 }
 
 pub struct ShowArgs {
@@ -43,7 +69,8 @@ pub struct ShowArgs {
 /// the operator (X.1363 9.1.3), so it is recorded, durably, before anything
 /// is shown.
 pub async fn show(cfg: &Config, args: ShowArgs) -> anyhow::Result<Vec<Value>> {
-    let ledger = Ledger::open(ledger_config(cfg), open_keyring(cfg)?)?;
+    let (_, keys) = existing_ledger(cfg)?;
+    let ledger = Ledger::open(ledger_config(cfg), keys)?;
     let filter = ReadFilter {
         from: args.from,
         to: args.to,

@@ -155,6 +155,40 @@ async fn ledger_commands_refuse_to_run_beside_a_live_server() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another process"));
 }
 
+/// A mistyped data directory is an error, not an empty ledger that verifies: nothing is
+/// created there, and a ledger whose checkpoint file was removed fails.
+#[tokio::test]
+async fn ledger_commands_need_an_existing_ledger() {
+    let mut server = Server::demo();
+    server.stop();
+    let missing = server.data_dir().join("no-such-dir");
+    let missing_arg = common::path_str(&missing);
+    for args in [
+        vec!["ledger", "verify", "--data-dir", &missing_arg],
+        vec![
+            "ledger",
+            "show",
+            "--user",
+            "alice",
+            "--data-dir",
+            &missing_arg,
+        ],
+    ] {
+        let out = server.cli(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no share ledger at"), "{args:?}: {err}");
+    }
+    assert!(!missing.exists(), "the mistyped directory was created");
+
+    assert!(verify(&server).starts_with("ledger OK"));
+    std::fs::remove_file(server.data_dir().join("ledger").join("checkpoints.jsonl")).unwrap();
+    let out = server.cli(&["ledger", "verify"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no signed checkpoint"), "{err}");
+}
+
 #[tokio::test]
 async fn every_message_received_before_a_sigkill_has_its_record() {
     let mut server = Server::demo();

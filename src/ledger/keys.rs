@@ -193,6 +193,18 @@ impl Keyring {
         KeyDoc::generate().keyring()
     }
 
+    /// Loads the key file; a missing file is an error (for commands that read an existing
+    /// ledger, where new keys could only mean the wrong directory).
+    pub fn load(path: &Path) -> Result<Keyring, LedgerError> {
+        match read_key_file(path)? {
+            Some(text) => KeyDoc::parse(&text)?.keyring(),
+            None => Err(LedgerError::KeyFile(format!(
+                "{} does not exist (and {KEYS_ENV} is not set)",
+                path.display()
+            ))),
+        }
+    }
+
     /// Loads the key file, or creates it (mode 0600) with fresh keys if it does not exist.
     pub fn load_or_create(path: &Path) -> Result<Keyring, LedgerError> {
         if let Some(text) = read_key_file(path)? {

@@ -224,6 +224,27 @@ fn drop_last_checkpoint(dir: &Path) {
     std::fs::write(&p, out).expect("write checkpoints");
 }
 
+/// Records a crash left after the last checkpoint are signed when the ledger opens again, so a
+/// stopped ledger's head is unsigned only between a crash and the next start.
+#[tokio::test]
+async fn reopening_after_a_crash_signs_the_head() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 5).await;
+    ledger.shutdown().await;
+    drop_last_checkpoint(tmp.path());
+    let report = verify_dir(tmp.path(), &k).expect("verifies");
+    assert_eq!((report.head_seq, report.unsigned_tail), (5, 5));
+
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("reopen");
+    let signed = std::fs::read_to_string(tmp.path().join(CHECKPOINT_FILE)).expect("read");
+    assert!(signed.contains("\"seq\":5,"), "{signed}");
+    ledger.shutdown().await;
+    let report = verify_dir(tmp.path(), &k).expect("verifies");
+    assert_eq!((report.head_seq, report.unsigned_tail), (5, 0));
+}
+
 #[tokio::test]
 async fn torn_tail_is_truncated_and_chain_verifies() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -433,7 +454,11 @@ async fn verify_detects_checkpoint_tampering_and_cut_tail() {
     write_n(&ledger, 10).await;
     ledger.shutdown().await;
     let report = verify_dir(tmp.path(), &k).expect("clean ledger verifies");
-    assert_eq!((report.records, report.checkpoints), (10, 1));
+    // The checkpoint signed when the ledger was created (seq 0) and the one at shutdown.
+    assert_eq!(
+        (report.records, report.checkpoints, report.unsigned_tail),
+        (10, 2, 0)
+    );
 
     // Dropping whole records at the end is caught by the shutdown checkpoint.
     let seg = only_segment(tmp.path());
@@ -446,8 +471,26 @@ async fn verify_detects_checkpoint_tampering_and_cut_tail() {
     );
     std::fs::write(&seg, &original).expect("restore");
 
-    // A forged checkpoint does not verify.
+    // The checkpoint file removed: caught, although the chain itself is whole.
     let p = tmp.path().join(CHECKPOINT_FILE);
+    let saved = std::fs::read_to_string(&p).expect("read");
+    std::fs::remove_file(&p).expect("remove");
+    assert_eq!(
+        tamper(verify_dir(tmp.path(), &k).expect_err("no checkpoints")),
+        (0, TamperKind::CheckpointInvalid)
+    );
+    // Every checkpoint but the first removed, and the last record cut at its boundary: the
+    // chain cannot show that cut, but the report names the records no checkpoint covers.
+    let genesis = saved.lines().next().expect("first checkpoint");
+    std::fs::write(&p, format!("{genesis}\n")).expect("write");
+    let (last, _, _) = frames(&seg)[9];
+    std::fs::write(&seg, &original[..last]).expect("write");
+    let report = verify_dir(tmp.path(), &k).expect("verifies, with an unsigned tail");
+    assert_eq!((report.head_seq, report.unsigned_tail), (9, 9));
+    std::fs::write(&seg, &original).expect("restore");
+    std::fs::write(&p, &saved).expect("restore");
+
+    // A forged checkpoint does not verify.
     let s = std::fs::read_to_string(&p).expect("read");
     std::fs::write(&p, s.replace("\"seq\":10", "\"seq\":11")).expect("write");
     assert_eq!(

@@ -24,6 +24,10 @@ pub struct VerifyReport {
     pub head: [u8; 32],
     /// When old segments were purged: the checkpoint the walk started from.
     pub anchor_seq: Option<u64>,
+    /// Records after the last signed checkpoint. Their end is not pinned: records cut from there
+    /// would not show. consentry signs its head when it closes the ledger and when it opens it
+    /// again after a crash, so a stopped ledger has none unless it crashed since its last start.
+    pub unsigned_tail: u64,
 }
 
 /// Verifies a ledger directory. Meant for a closed ledger: on a live one the writer may be in
@@ -58,6 +62,22 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
         }
         cps.insert(cp.seq, cp.clone());
     }
+    let segments = list_segments(dir)?;
+    if cps.is_empty() {
+        // A ledger's first checkpoint is signed when it is created (at seq 0), before any record.
+        return Err(if segments.is_empty() {
+            LedgerError::Config(format!(
+                "no share ledger in {}: no segments and no checkpoints",
+                dir.display()
+            ))
+        } else {
+            LedgerError::tampered(
+                0,
+                TamperKind::CheckpointInvalid,
+                "no signed checkpoint: checkpoints.jsonl was removed or emptied",
+            )
+        });
+    }
 
     let mut expected: Option<u64> = None;
     let mut prev_hash = [0u8; 32];
@@ -65,7 +85,7 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
     let mut first_seq = None;
     let mut anchor_seq = None;
 
-    for (_, path) in list_segments(dir)? {
+    for (_, path) in segments {
         let Some(data) = read_opt(&path)? else {
             continue;
         };
@@ -155,14 +175,13 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
     }
 
     let head_seq = expected.map_or(0, |e| e - 1);
-    if let Some((&cp_seq, _)) = cps.iter().next_back() {
-        if cp_seq > head_seq {
-            return Err(LedgerError::tampered(
-                head_seq.saturating_add(1),
-                TamperKind::Truncated,
-                format!("a signed checkpoint covers seq {cp_seq} but the chain ends at {head_seq}"),
-            ));
-        }
+    let last_cp = cps.keys().next_back().copied().unwrap_or(0);
+    if last_cp > head_seq {
+        return Err(LedgerError::tampered(
+            head_seq.saturating_add(1),
+            TamperKind::Truncated,
+            format!("a signed checkpoint covers seq {last_cp} but the chain ends at {head_seq}"),
+        ));
     }
     Ok(VerifyReport {
         records,
@@ -171,6 +190,7 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
         head_seq,
         head: prev_hash,
         anchor_seq,
+        unsigned_tail: head_seq - last_cp,
     })
 }
 

@@ -202,7 +202,12 @@ impl Writer {
             key_id = active_key,
             "ledger opened"
         );
-        Ok(Writer {
+        let signed_head = cps
+            .lines
+            .iter()
+            .flatten()
+            .any(|c| c.seq == rec.next_seq - 1);
+        let mut writer = Writer {
             dir,
             seg,
             seg_first,
@@ -224,7 +229,15 @@ impl Writer {
             last_blocked_flush: Instant::now(),
             last_purge: None,
             shared,
-        })
+        };
+        // The head of a closed ledger is always signed: a new ledger gets a checkpoint at seq 0,
+        // and records a crash left after the last checkpoint are signed once recovery accepted
+        // them. So `verify` can tell a removed checkpoint file, and an unsigned head means a
+        // crash since the last start, nothing else.
+        if !signed_head {
+            writer.checkpoint()?;
+        }
+        Ok(writer)
     }
 
     pub fn run(mut self) {
@@ -455,9 +468,6 @@ impl Writer {
 
     fn checkpoint(&mut self) -> Result<(), LedgerError> {
         let seq = self.next_seq - 1;
-        if seq == 0 {
-            return Ok(());
-        }
         let cp = Checkpoint::sign(&self.shared.keys, seq, self.head, now_us());
         self.cp.append(&cp)?;
         self.last_cp_seq = seq;
