@@ -35,6 +35,13 @@ pub enum PrefError {
     Receipt(String),
     #[error("store: {0}")]
     Store(StoreError),
+    /// A change the ACT could compile but that cannot be what the user
+    /// meant (a window on no day, a grant that expired before it was given).
+    #[error("{message}")]
+    Pointless {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl From<StoreError> for PrefError {

@@ -134,6 +134,7 @@ impl From<PrefError> for Problem {
             }
             PrefError::Receipt(e) => Problem::internal_logged(&e),
             PrefError::Store(e) => Problem::internal_logged(&e),
+            PrefError::Pointless { field, message } => Problem::unprocessable(message).field(field),
         }
     }
 }

@@ -60,10 +60,56 @@ async fn change(
     f: impl FnOnce(&mut Preferences) -> Result<(), PrefError> + Send + 'static,
 ) -> Result<Json<Changed>, Problem> {
     let prefs = state.prefs.clone();
-    let applied = tokio::task::spawn_blocking(move || prefs.change(&user, expected, "api", f))
-        .await
-        .map_err(|_| Problem::internal())??;
+    let applied = tokio::task::spawn_blocking(move || {
+        prefs.change(&user, expected, "api", |p| {
+            let before = p.clone();
+            f(p)?;
+            check_grants(&before, p, Utc::now())
+        })
+    })
+    .await
+    .map_err(|_| Problem::internal())??;
     Ok(Json(applied.into()))
+}
+
+/// What the ACT would accept but a user cannot have meant. Only grants the
+/// change adds are held to the expiry rule: a document read back and sent
+/// again may carry a grant that has expired since.
+fn check_grants(
+    before: &Preferences,
+    after: &Preferences,
+    now: DateTime<Utc>,
+) -> Result<(), PrefError> {
+    let pointless = |field, message: String| Err(PrefError::Pointless { field, message });
+    for (i, g) in after.collect.iter().enumerate() {
+        if after.collect[..i].iter().any(|o| o.kind == g.kind) {
+            return pointless(
+                "collect",
+                format!(
+                    "kind {:?} is collected twice: give one grant with all its windows",
+                    g.kind
+                ),
+            );
+        }
+        if g.windows.iter().any(|w| w.days.is_empty()) {
+            return pointless(
+                "collect.windows.days",
+                format!("a window of kind {:?} names no day", g.kind),
+            );
+        }
+    }
+    for g in &after.share {
+        if g.expires.is_some_and(|e| e <= now) && !before.share.contains(g) {
+            return pointless(
+                "share.expires",
+                format!(
+                    "the grant of {:?} to {:?} would expire before it is given",
+                    g.kind, g.provider
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The logged-in user's preferences.
@@ -253,4 +299,85 @@ pub async fn history(
         .map_err(|_| Problem::internal())?
         .map_err(|e| Problem::internal_logged(&e))?;
     Ok(Json(h.into_iter().map(Into::into).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{NaiveTime, Weekday};
+
+    use super::*;
+
+    fn window(days: Vec<Weekday>) -> Window {
+        Window {
+            days,
+            from: NaiveTime::from_hms_opt(9, 0, 0).unwrap(),
+            to: NaiveTime::from_hms_opt(17, 0, 0).unwrap(),
+        }
+    }
+
+    fn collect(kind: &str, windows: Vec<Window>) -> CollectGrant {
+        CollectGrant {
+            kind: kind.into(),
+            windows,
+        }
+    }
+
+    fn share(kind: &str, expires: Option<DateTime<Utc>>) -> ShareGrant {
+        ShareGrant {
+            provider: "fitcoach".into(),
+            purpose: "coaching".into(),
+            kind: kind.into(),
+            mask: BTreeMap::new(),
+            expires,
+        }
+    }
+
+    fn field(r: Result<(), PrefError>) -> Option<&'static str> {
+        match r {
+            Ok(()) => None,
+            Err(PrefError::Pointless { field, .. }) => Some(field),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn pointless_grants_are_refused_and_sensible_ones_pass() {
+        let now = Utc::now();
+        let past = now - chrono::Duration::hours(1);
+        let future = now + chrono::Duration::hours(1);
+        let empty = Preferences::default();
+        let with = |collect, share| Preferences {
+            collect,
+            share,
+            ..Default::default()
+        };
+        let ok = with(
+            vec![
+                collect("heart_rate", vec![window(vec![Weekday::Mon])]),
+                collect("steps", vec![]),
+            ],
+            vec![share("heart_rate", Some(future)), share("steps", None)],
+        );
+        assert_eq!(field(check_grants(&empty, &ok, now)), None);
+
+        let twice = with(
+            vec![collect("steps", vec![]), collect("steps", vec![])],
+            vec![],
+        );
+        assert_eq!(field(check_grants(&empty, &twice, now)), Some("collect"));
+
+        let no_day = with(vec![collect("steps", vec![window(vec![])])], vec![]);
+        assert_eq!(
+            field(check_grants(&empty, &no_day, now)),
+            Some("collect.windows.days")
+        );
+
+        let expired = with(vec![], vec![share("steps", Some(past))]);
+        assert_eq!(
+            field(check_grants(&empty, &expired, now)),
+            Some("share.expires")
+        );
+        // The same grant sent back after it expired is not a new one.
+        assert_eq!(field(check_grants(&expired, &expired, now)), None);
+    }
 }
