@@ -126,6 +126,9 @@ fn prefs(i: usize, salt: usize) -> Preferences {
             share(i + salt + 1, "heart_rate", BTreeMap::new()),
             share(i + salt + 2, "location", mask),
         ],
+        // As with receipts on: every version names its receipt, and the ACT
+        // keeps that id in the user's record.
+        receipt: Some(uuid::Uuid::from_u128(((salt as u128) << 64) | i as u128).to_string()),
     }
 }
 

@@ -19,6 +19,7 @@ use arc_swap::{ArcSwap, Guard};
 use chrono::{DateTime, Datelike, NaiveTime, Timelike, Utc, Weekday};
 use chrono_tz::Tz;
 use thiserror::Error;
+use uuid::Uuid;
 
 use crate::acl::{Access, Acl};
 use crate::model::{Directory, Kind, MaskMethod, PayloadFormat, Preferences, ProviderRole, Window};
@@ -141,6 +142,8 @@ pub enum CompileError {
     },
     #[error("preferences of {user:?}: kind {kind:?} is opaque and can only be shared whole")]
     MaskOpaque { user: String, kind: String },
+    #[error("preferences of {user:?}: receipt {id:?} is not a UUID")]
+    Receipt { user: String, id: String },
 }
 
 /// What a provider sees of one kind.
@@ -192,6 +195,8 @@ pub enum Delivery<'a> {
         kind: &'a Kind,
         resolved: Resolved<'a>,
         rule: &'a ShareRule,
+        /// The consent receipt of the user's preferences in force (its jti).
+        receipt: Option<Uuid>,
     },
     Plain,
 }
@@ -576,8 +581,7 @@ impl UserShard {
 
     /// Forgets the grants of a record that is being replaced.
     fn release(&mut self, body: &[u8]) {
-        let mut r = Reader(body);
-        r.field();
+        let mut r = at_grants(body);
         for _ in 0..r.varint() {
             let (_, _, i) = (r.varint(), r.varint(), r.varint());
             let (rule, refs) = &mut self.rules[i];
@@ -598,12 +602,14 @@ struct UserRules<'p> {
     windows: Vec<(u16, &'p [Window])>,
     /// (provider index, kind id, rule).
     share: Vec<(u16, u16, ShareRule)>,
+    receipt: Option<Uuid>,
 }
 
 /// A user's record body:
 ///
 /// ```text
 /// devices   field: the ids of the devices bound to the user, each a field
+/// receipt   0, or 1 and the 16 bytes of the preferences' receipt id
 /// share     count, then (provider index, kind id, rule index) per grant
 /// always    ceil(kinds / 8) bytes, a bit per kind id
 /// tz        index in chrono_tz::TZ_VARIANTS, two bytes little-endian
@@ -619,6 +625,13 @@ fn pack_user(
     out: &mut Vec<u8>,
 ) {
     put_field(out, devices);
+    match rules.receipt {
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(id.as_bytes());
+        }
+        None => out.push(0),
+    }
     put_varint(out, rules.share.len());
     for (provider, kind, rule) in rules.share {
         put_varint(out, provider.into());
@@ -635,6 +648,16 @@ fn pack_user(
             Span::of(w).write(out);
         }
     }
+}
+
+/// A reader at the grants of a user's record body.
+fn at_grants(body: &[u8]) -> Reader<'_> {
+    let mut r = Reader(body);
+    r.field();
+    if r.bytes(1)[0] != 0 {
+        r.bytes(16);
+    }
+    r
 }
 
 /// A user's record body with `device` removed from its device list, or
@@ -721,11 +744,23 @@ struct UserRef<'a> {
 }
 
 impl<'a> UserRef<'a> {
-    /// A reader past the device list, at the grants.
-    fn grants(&self) -> Reader<'a> {
+    /// A reader past the device list, at the receipt id.
+    fn receipt_at(&self) -> Reader<'a> {
         let mut r = Reader(self.body);
         r.field();
         r
+    }
+
+    fn grants(&self) -> Reader<'a> {
+        at_grants(self.body)
+    }
+
+    fn receipt(&self) -> Option<Uuid> {
+        let mut r = self.receipt_at();
+        match r.bytes(1)[0] {
+            0 => None,
+            _ => Uuid::from_slice(r.bytes(16)).ok(),
+        }
     }
 
     fn has_device(&self, device: &str) -> bool {
@@ -1170,11 +1205,21 @@ impl Act {
             };
             share.push((provider.index, id, rule));
         }
+        // Only consentry writes it, from a UUID it made; anything else is
+        // a bug worth failing the compile for, not a record without it.
+        let receipt = match prefs.and_then(|p| p.receipt.as_deref()) {
+            Some(id) => Some(Uuid::parse_str(id).map_err(|_| CompileError::Receipt {
+                user: user.into(),
+                id: id.into(),
+            })?),
+            None => None,
+        };
         Ok(UserRules {
             tz,
             always,
             windows,
             share,
+            receipt,
         })
     }
 
@@ -1354,6 +1399,7 @@ impl Act {
                     kind: &self.kinds[kind_id as usize],
                     resolved: r,
                     rule,
+                    receipt: user.receipt(),
                 })
             }
         }
@@ -1522,8 +1568,11 @@ mod tests {
                     expires: None,
                 },
             ],
+            receipt: Some(ALICE_RECEIPT.into()),
         }
     }
+
+    const ALICE_RECEIPT: &str = "8a0ee6c2-3f1c-4f43-9d36-0a5e6b8e2a11";
 
     fn act(prefs: Vec<Preferences>, acl: Acl) -> Act {
         Act::compile(
@@ -1702,10 +1751,19 @@ mod tests {
         let ins = prov("insureco");
         let hr = "pii/alice/alice-watch/heart_rate";
         match a.deliver(&fit, hr, now()) {
-            Ok(Delivery::Personal { rule, kind, .. }) => {
+            Ok(Delivery::Personal {
+                rule,
+                kind,
+                receipt,
+                ..
+            }) => {
                 assert_eq!(*rule.view, View::Deliver);
                 assert_eq!(rule.purpose, "coaching");
                 assert_eq!(kind.name, "heart_rate");
+                assert_eq!(
+                    receipt.map(|r| r.to_string()).as_deref(),
+                    Some(ALICE_RECEIPT)
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -1922,7 +1980,29 @@ mod tests {
         let fit = prov("fitcoach");
         let mut prefs = alice_prefs();
         prefs.share.remove(0);
+        prefs.receipt = Some("not a uuid".into());
+        assert!(matches!(
+            a.with_user(2, &user("alice"), Some(&prefs)),
+            Err(CompileError::Receipt { .. })
+        ));
+        let second = "0b7d3a52-9c61-4d2e-8f0a-6f1e2d3c4b5a";
+        prefs.receipt = Some(second.into());
         let b = a.with_user(2, &user("alice"), Some(&prefs)).unwrap();
+        // The record names the new version's receipt, and collection still
+        // reads past it.
+        match b.deliver(&fit, "pii/alice/alice-watch/location", now()) {
+            Ok(Delivery::Personal { receipt, .. }) => {
+                assert_eq!(receipt.map(|r| r.to_string()).as_deref(), Some(second))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(b
+            .ingress(
+                &dev("alice-watch", "alice"),
+                name("pii/alice/alice-watch/steps"),
+                now()
+            )
+            .is_ok());
         assert_eq!(
             b.deliver(&fit, "pii/alice/alice-watch/heart_rate", now())
                 .map(|_| ()),
@@ -2118,6 +2198,7 @@ mod tests {
                 mask: Default::default(),
                 expires: None,
             }],
+            receipt: None,
         }];
         let a = Act::compile(
             1,

@@ -309,6 +309,10 @@ pub struct Preferences {
     pub collect: Vec<CollectGrant>,
     #[serde(default)]
     pub share: Vec<ShareGrant>,
+    /// The id (jti) of the consent receipt documenting this version; each
+    /// share record in the ledger names it. Set by consentry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<String>,
 }
 
 /// API login secrets for a user of a directory file (the demo's users),

@@ -235,6 +235,15 @@ impl PreferenceManager {
         Ok(version)
     }
 
+    /// The id of the receipt a new version will get: chosen before the
+    /// version is compiled, so that the ACT, and through it every share
+    /// record, names the receipt in force.
+    fn new_receipt_id(&self) -> Option<String> {
+        self.issuer
+            .as_ref()
+            .map(|_| uuid::Uuid::new_v4().hyphenated().to_string())
+    }
+
     pub fn providers(&self) -> Vec<Provider> {
         self.lock().providers.clone()
     }
@@ -302,6 +311,7 @@ impl PreferenceManager {
         change(&mut prefs)?;
         prefs.user = user.into();
         prefs.version = expected + 1;
+        prefs.receipt = self.new_receipt_id();
         let act_version = state.act_version + 1;
         let act = self.act.load().with_user(act_version, &u, Some(&prefs))?;
         let receipt = match &self.issuer {
@@ -459,6 +469,7 @@ impl PreferenceManager {
             let same = current.is_some_and(|c| c.collect == p.collect && c.share == p.share);
             if !same {
                 p.version = current.map(|c| c.version).unwrap_or(0) + 1;
+                p.receipt = self.new_receipt_id();
                 changed.push(p);
             }
         }

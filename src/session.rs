@@ -1425,7 +1425,7 @@ impl Session {
             .hot
             .deliver_decision
             .record(started.elapsed().as_secs_f64());
-        let (kind, resolved, rule) = match decision {
+        let (kind, resolved, rule, receipt) = match decision {
             Ok(Delivery::Plain) => {
                 self.counters.plain.increment(1);
                 return self.write_delivery(publish);
@@ -1434,7 +1434,8 @@ impl Session {
                 kind,
                 resolved,
                 rule,
-            }) => (kind, resolved, rule),
+                receipt,
+            }) => (kind, resolved, rule, receipt),
             Err(deny) => {
                 if let (Principal::Provider { id }, Some(r)) = (&self.who, act.resolve(topic)) {
                     self.shared
@@ -1491,7 +1492,7 @@ impl Session {
             action,
             payload_digest: Sha256::digest(&publish.payload).into(),
             qos: publish.qos as u8,
-            receipt_id: None,
+            receipt_id: receipt.map(|id| id.hyphenated().to_string()),
         };
         match self.shared.ledger.submit(record) {
             Ok(durable) => self.durables.push(durable),

@@ -56,6 +56,21 @@ async fn demo_scenario_writes_exactly_the_expected_records() {
     let got = fit.publishes_until("public/marker").await;
     assert_eq!(got.len(), 3);
     assert_eq!(ins.publishes_until("public/marker").await.len(), 1);
+    // The receipt documenting alice's preferences in force, as she reads it.
+    let login = json!({
+        "user": "alice",
+        "password": "alice-api-secret",
+        "totp": common::totp_now("CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA", "alice"),
+    });
+    let (_, session) = common::http(&server, "POST", "/v1/sessions", None, &[], Some(login));
+    let token = common::json_of(&session)["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, receipts) = common::http(&server, "GET", "/v1/me/receipts", Some(&token), &[], None);
+    let receipts = common::json_of(&receipts);
+    let in_force = receipts.as_array().unwrap().last().unwrap()["jti"].clone();
+    assert!(in_force.is_string(), "{receipts}");
     server.stop();
 
     let entries = show(&server, "alice");
@@ -71,6 +86,7 @@ async fn demo_scenario_writes_exactly_the_expected_records() {
     assert_eq!(hr["action"], json!({"t": "Delivered"}));
     assert_eq!(hr["qos"], 1);
     assert_eq!(hr["creator"], "consentry demo operator");
+    assert_eq!(hr["receipt_id"], in_force);
     // The digest is of the payload as fitcoach received it.
     assert_eq!(
         hr["payload_sha256"],
@@ -78,6 +94,7 @@ async fn demo_scenario_writes_exactly_the_expected_records() {
     );
     let loc = shares[1];
     assert_eq!(loc["kind"], "location");
+    assert_eq!(loc["receipt_id"], in_force);
     assert_eq!(
         loc["action"],
         json!({"t": "Masked", "fields": [

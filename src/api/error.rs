@@ -155,6 +155,7 @@ fn compile_problem(c: CompileError) -> Problem {
         CompileError::Duplicate { .. } | CompileError::DuplicateKind(_) => "id",
         CompileError::PrefUser(_) => "user",
         CompileError::Template(_) => "templates",
+        CompileError::Receipt { .. } => "receipt",
     };
     Problem::unprocessable(c.to_string()).field(field)
 }

@@ -123,7 +123,14 @@ pub fn receipt_for(
     kinds: &[Kind],
     now: DateTime<Utc>,
 ) -> Result<ConsentReceipt, ReceiptError> {
-    receipt_with_id(operator, user, prefs, dir, kinds, now, Uuid::new_v4())
+    // The preference manager picks the id before it compiles the version
+    // (the ACT carries it into the share records); otherwise a new one.
+    let jti = prefs
+        .receipt
+        .as_deref()
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .unwrap_or_else(Uuid::new_v4);
+    receipt_with_id(operator, user, prefs, dir, kinds, now, jti)
 }
 
 /// [`receipt_for`] with a given receipt ID (deterministic, for tests).

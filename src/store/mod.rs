@@ -769,6 +769,7 @@ mod tests {
                 })
                 .collect(),
             share: vec![],
+            receipt: None,
         };
         let v1 = s
             .transaction(|tx| tx.replace_preferences(p(1), Some(0), "api", None))
@@ -813,6 +814,7 @@ mod tests {
                             windows: vec![],
                         }],
                         share: vec![],
+                        receipt: None,
                     },
                     None,
                     "api",
