@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::ledger::{self, Entry, ExtractRecord, Keyring, Ledger, ReadFilter};
-use crate::server::{ledger_config, ledger_paths, open_keyring};
+use crate::server::{data_dir, ledger_config, ledger_paths, open_keyring};
 
 /// Walks the chain and the checkpoints. `Err` names the first bad record.
 pub fn verify(cfg: &Config) -> anyhow::Result<String> {
@@ -43,6 +43,7 @@ pub struct ShowArgs {
 /// the operator (X.1363 9.1.3), so it is recorded, durably, before anything
 /// is shown.
 pub async fn show(cfg: &Config, args: ShowArgs) -> anyhow::Result<Vec<Value>> {
+    data_dir(cfg)?;
     let ledger = Ledger::open(ledger_config(cfg), open_keyring(cfg)?)?;
     let filter = ReadFilter {
         from: args.from,
@@ -128,6 +129,7 @@ pub fn rotate_keys(cfg: &Config) -> anyhow::Result<String> {
             ledger::KEYS_ENV
         );
     }
+    data_dir(cfg)?;
     let (dir, path) = ledger_paths(cfg);
     let _lock = ledger::lock_dir(&dir)?;
     if !path.exists() {

@@ -253,7 +253,8 @@ fn main() -> anyhow::Result<()> {
             match command {
                 KeysCommand::Rotate => println!("{}", consentry::admin::rotate_keys(&cfg)?),
                 KeysCommand::RotateReceipts => {
-                    let mut keys = consentry::receipt::ReceiptKeys::open(&cfg.storage.data_dir)?;
+                    let data = consentry::server::data_dir(&cfg)?;
+                    let mut keys = consentry::receipt::ReceiptKeys::open(data)?;
                     println!("new receipt signing key {}", keys.rotate()?);
                 }
             }

@@ -5,7 +5,7 @@
 //! harness all run, so they exercise the same code.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,12 +68,65 @@ pub fn operator_key(cfg: &Config) -> anyhow::Result<String> {
     Ok(key)
 }
 
+/// The data directory, created owner-only (0700) if it does not exist. One
+/// the operator created keeps its mode (see [`secrets::create_private_dir`]).
+pub fn data_dir(cfg: &Config) -> anyhow::Result<&Path> {
+    let data = &cfg.storage.data_dir;
+    secrets::create_private_dir(data)
+        .with_context(|| format!("create data dir {}", data.display()))?;
+    Ok(data)
+}
+
 /// The store's file and its key, derived from the master key.
 pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
-    let data = &cfg.storage.data_dir;
-    std::fs::create_dir_all(data).with_context(|| format!("create data dir {}", data.display()))?;
+    let data = data_dir(cfg)?;
     let key = secrets::derive(&secrets::master_key(data)?, "store v1");
-    Ok(Store::open(&data.join("consentry.db"), &key)?)
+    let path = data.join("consentry.db");
+    owner_only_database(&path)?;
+    Ok(Store::open(&path, &key)?)
+}
+
+/// The store holds user ids and device password hashes. SQLite creates a
+/// database 0644 (less the umask) and gives its `-wal` and `-shm` files the
+/// database's mode, so the database is created 0600 before SQLite opens it
+/// (an empty file is an empty database to SQLite). Files an earlier version
+/// left readable by others are made owner-only.
+fn owner_only_database(db: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(db)
+            .with_context(|| format!("create {}", db.display()))?;
+        let beside = |suffix: &str| {
+            let mut name = db.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        for f in [db.to_path_buf(), beside("-wal"), beside("-shm")] {
+            let f = f.as_path();
+            let Ok(meta) = std::fs::metadata(f) else {
+                continue;
+            };
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode & 0o700))
+                    .with_context(|| format!("make {} owner-only", f.display()))?;
+                tracing::warn!(
+                    path = %f.display(),
+                    mode = %format!("{:o}", mode & 0o777),
+                    "store file was readable by others; made owner-only"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = db;
+    Ok(())
 }
 
 pub fn ledger_paths(cfg: &Config) -> (PathBuf, PathBuf) {
@@ -140,9 +193,7 @@ fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
 impl Server {
     /// Starts everything; returns once the listeners are bound.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
-        let data = &config.storage.data_dir;
-        std::fs::create_dir_all(data)
-            .with_context(|| format!("create data dir {}", data.display()))?;
+        let data = data_dir(&config)?;
         let issuer = match &config.operator {
             Some(op) => Some(Arc::new(Issuer::new(ReceiptKeys::open(data)?, op.clone()))),
             None => {
