@@ -216,7 +216,8 @@ impl Server {
         let ledger = Ledger::open(ledger_config(&config), open_keyring(&config)?)?;
         let pseudonym_master =
             crate::secrets::load_or_create(&data.join("pseudonym.key"), "CONSENTRY_PSEUDONYM_KEY")?;
-        metrics::gauge!("consentry_act_version").set(act.load().version as f64);
+        metrics::gauge!(crate::metrics::ACT_VERSION).set(act.load().version as f64);
+        crate::metrics::register_providers(pm.providers().iter().map(|p| p.id.as_str()));
         let shared = Arc::new(Shared {
             act,
             creds,

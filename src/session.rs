@@ -278,16 +278,11 @@ pub async fn serve<S>(
         }
     };
     let role = who.role();
-    let provider_label = match &who {
-        Principal::Provider { id } => id.clone(),
-        other => other.role().to_string(),
-    };
     let mut session = Session {
         shared: shared.clone(),
         id,
         version,
-        counters: DeliveryCounters::new(&provider_label),
-        provider_label,
+        counters: DeliveryCounters::new(&who),
         who,
         aliases: HashMap::new(),
         refused_qos2_from_client: HashSet::new(),
@@ -413,8 +408,6 @@ struct Session {
     id: u64,
     version: Version,
     who: Principal,
-    /// Metrics label for deliveries: the provider id, or the role.
-    provider_label: String,
     aliases: HashMap<u16, Bytes>,
     /// QoS 2 publishes we refused: their PUBREL is answered here.
     refused_qos2_from_client: HashSet<u16>,
@@ -485,8 +478,8 @@ struct DeliveryCounters {
 }
 
 impl DeliveryCounters {
-    fn new(provider: &str) -> Self {
-        let c = |result: &'static str, reason: &'static str| metrics::counter!(m::DELIVERIES, "provider" => provider.to_string(), "result" => result, "reason" => reason);
+    fn new(who: &Principal) -> Self {
+        let c = |result, reason| m::delivery_counter(who, result, reason);
         DeliveryCounters {
             plain: c("delivered", "acl"),
             delivered: c("delivered", "consent"),
@@ -1508,7 +1501,7 @@ impl Session {
     }
 
     fn drop_delivery(&mut self, publish: &Publish, reason: &'static str) -> Result<(), End> {
-        metrics::counter!(m::DELIVERIES, "provider" => self.provider_label.clone(), "result" => "dropped", "reason" => reason).increment(1);
+        m::delivery_counter(&self.who, "dropped", reason).increment(1);
         tracing::debug!(
             session = self.id,
             role = self.who.role(),
