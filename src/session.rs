@@ -258,6 +258,26 @@ pub async fn serve<S>(
     };
     let (version, packet) = match first {
         Ok(x) => x,
+        Err(End::Codec(CodecError::Protocol(level))) => {
+            // MQTT 3.1 (level 3) or another level we do not speak. MQTT
+            // 3.1.1 §3.1.2.2: answer CONNACK 0x01 (unacceptable protocol
+            // version), then close. rumqttc's parsers refuse such a CONNECT
+            // (InvalidProtocolLevel) before any of it can be read, so
+            // `Version::detect` reads the level byte from the raw header;
+            // the answer is written by rumqttc's 3.1.1 codec, MQTT 3.1's
+            // CONNACK being the same four bytes.
+            metrics::counter!(m::CONNECTIONS, "role" => "unknown", "result" => "unsupported_protocol")
+                .increment(1);
+            tracing::info!(
+                session = id,
+                level,
+                "CONNECT refused: unsupported protocol level (3.1.1 and 5 are spoken)"
+            );
+            let refusal = connack(ConnectReturnCode::UnsupportedProtocolVersion, None);
+            let _ = write_packet(&mut client, Version::V4, &refusal).await;
+            let _ = client.shutdown().await;
+            return;
+        }
         Err(e) => {
             metrics::counter!(m::PROTOCOL_ERRORS, "kind" => e.kind()).increment(1);
             tracing::debug!(session = id, error = %e, "connection closed before CONNECT");

@@ -117,15 +117,70 @@ async fn garbage_before_connect_is_closed() {
         r.send_bytes(junk).await;
         assert!(r.recv().await.is_none());
     }
-    // Protocol level 3 (MQTT 3.1) is not spoken.
-    let mut r = Raw::open(server.mqtt).await;
-    r.send_bytes(&[
-        0x10, 0x0c, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x03, 0x02, 0x00, 0x3c, 0x00, 0x00,
-    ])
-    .await;
-    assert!(r.recv().await.is_none());
     still_serving(&server).await;
-    assert!(server.metric("consentry_protocol_errors_total", &[]) >= 4.0);
+    assert!(server.metric("consentry_protocol_errors_total", &[]) >= 3.0);
+}
+
+/// A CONNECT at protocol level `level` under protocol name `name`.
+fn connect_at_level(name: &[u8], level: u8) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    body.put_u16(name.len() as u16);
+    body.put_slice(name);
+    body.put_u8(level);
+    body.put_u8(0x02); // clean session
+    body.put_u16(60);
+    body.put_u16(4);
+    body.put_slice(b"old1");
+    let mut frame = vec![0x10, body.len() as u8];
+    frame.extend_from_slice(&body);
+    frame
+}
+
+#[tokio::test]
+async fn mqtt_3_1_gets_connack_unacceptable_protocol_version() {
+    let server = Server::demo();
+    // MQTT 3.1 names its protocol MQIsdp; a level the server does not know
+    // gets the same answer (MQTT 3.1.1 §3.1.2.2).
+    for (name, level) in [(&b"MQIsdp"[..], 3), (b"MQTT", 3), (b"MQTT", 6)] {
+        let mut r = Raw::open(server.mqtt).await;
+        r.send_bytes(&connect_at_level(name, level)).await;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), r.s.read_to_end(&mut answer))
+            .await
+            .expect("the server neither answered nor closed")
+            .unwrap();
+        // CONNACK, remaining length 2, no session, 0x01: then closed.
+        assert_eq!(answer, [0x20, 0x02, 0x00, 0x01], "level {level}");
+    }
+    let mut tried = 3.0;
+    // The real thing, when the Mosquitto clients are installed.
+    if let Ok(out) = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt.port().to_string()])
+        .args([
+            "-V",
+            "mqttv31",
+            "-u",
+            "alice-watch",
+            "-P",
+            "alice-watch-secret",
+        ])
+        .args(["-t", "public/x", "-m", "x"])
+        .output()
+    {
+        tried += 1.0;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(err.contains("unacceptable protocol version"), "{err}");
+    }
+    assert_eq!(
+        server.metric(
+            "consentry_connections_total",
+            &[("role", "unknown"), ("result", "unsupported_protocol")]
+        ),
+        tried
+    );
+    assert!(server.log().contains("unsupported protocol level"));
+    still_serving(&server).await;
 }
 
 #[tokio::test]
