@@ -49,7 +49,8 @@ enum Command {
         /// Read from standard input when omitted.
         password: Option<String>,
     },
-    /// Check a configuration and its directory without starting anything.
+    /// Check a configuration and its directory file without starting
+    /// anything or touching the data directory; prints what they hold.
     Check,
     /// The share ledger (run with the server stopped).
     Ledger {
@@ -262,8 +263,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Check => {
             let cfg = Config::load(&cli.config)?;
-            let act = consentry::server::compile(&cfg, 1)?;
-            println!("configuration OK (ACT version {})", act.version);
+            println!("{}", consentry::server::check(&cfg, &cli.config)?);
             Ok(())
         }
     }

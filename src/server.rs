@@ -18,13 +18,12 @@ use tokio::task::JoinSet;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
-use crate::act::Act;
 use crate::api::ApiState;
 use crate::broker::{self, Upstream};
 use crate::config::{Config, TlsConfig};
 use crate::ledger::{Keyring, Ledger, LedgerConfig};
 use crate::notice::Notifier;
-use crate::prefs::{self, PreferenceManager, ReceiptIssuer};
+use crate::prefs::{self, PrefError, PreferenceManager, ReceiptIssuer};
 use crate::receipt::{Issuer, ReceiptKeys};
 use crate::secrets;
 use crate::session::{self, Shared};
@@ -42,12 +41,69 @@ pub struct Server {
     tasks: JoinSet<()>,
 }
 
+/// What `consentry check` found in a valid configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    pub templates: usize,
+    pub kinds: usize,
+    pub acl_rules: usize,
+    pub directory: Option<PathBuf>,
+    pub users: usize,
+    pub devices: usize,
+    pub providers: usize,
+    pub preferences: usize,
+}
+
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |count: usize, one: &str, many: &str| {
+            format!("{count} {}", if count == 1 { one } else { many })
+        };
+        write!(
+            f,
+            "configuration OK: {}, {}, {}; ",
+            n(self.templates, "topic template", "topic templates"),
+            n(self.kinds, "kind", "kinds"),
+            n(self.acl_rules, "ACL rule", "ACL rules"),
+        )?;
+        match &self.directory {
+            Some(path) => write!(
+                f,
+                "directory {}: {}, {}, {}, preferences of {}",
+                path.display(),
+                n(self.users, "user", "users"),
+                n(self.devices, "device", "devices"),
+                n(self.providers, "provider", "providers"),
+                n(self.preferences, "user", "users"),
+            ),
+            None => write!(f, "no directory file"),
+        }
+    }
+}
+
 /// Compiles the ACT from the configuration and its directory file alone,
-/// without the store: what `consentry check` validates.
-pub fn compile(cfg: &Config, version: u64) -> anyhow::Result<Act> {
+/// without the store: what `consentry check` validates. The configuration
+/// is compiled on its own first, so that an error names the file it is in:
+/// `config` (templates, kinds, ACL) or the directory file.
+pub fn check(cfg: &Config, config: &Path) -> anyhow::Result<CheckReport> {
+    let (templates, kinds, acl) = (&cfg.templates, &cfg.kinds, &cfg.acl.rules);
+    prefs::compile(templates, kinds, &Default::default(), acl, 1)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
     let dir = cfg.load_directory()?;
-    let (act, _) = prefs::compile(&cfg.templates, &cfg.kinds, &dir, &cfg.acl.rules, version)?;
-    Ok(act)
+    prefs::compile(templates, kinds, &dir, acl, 1).map_err(|e| match &cfg.directory {
+        Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
+        None => e.into(),
+    })?;
+    Ok(CheckReport {
+        templates: templates.len(),
+        kinds: kinds.len(),
+        acl_rules: acl.len(),
+        directory: cfg.directory.clone(),
+        users: dir.users.len(),
+        devices: dir.devices.len(),
+        providers: dir.providers.len(),
+        preferences: dir.preferences.len(),
+    })
 }
 
 /// The operator's API key: `CONSENTRY_OPERATOR_KEY`, or generated on first
@@ -313,7 +369,16 @@ impl Server {
     /// error nothing changes and the ACT in force stays.
     pub fn reload(&self) -> anyhow::Result<u64> {
         let dir = self.config.load_directory()?;
-        let version = self.prefs.import(dir, "import")?;
+        let version = self.prefs.import(dir, "import").map_err(|e| {
+            match (&e, &self.config.directory) {
+                // What is wrong is in the file: say which.
+                (
+                    PrefError::Invalid(_) | PrefError::Credentials(_) | PrefError::BadLogin(_),
+                    Some(path),
+                ) => anyhow::anyhow!("{}: {e}", path.display()),
+                _ => e.into(),
+            }
+        })?;
         tracing::info!(version, "directory reloaded");
         Ok(version)
     }

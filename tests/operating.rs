@@ -4,6 +4,9 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
 use common::{v4, Server};
 
 #[cfg(unix)]
@@ -124,4 +127,139 @@ async fn deliveries_to_a_device_carry_its_role_and_no_provider_id() {
     for needle in ["alice", "public/", "pii/"] {
         assert!(!text.contains(needle), "{needle} in metrics:\n{text}");
     }
+}
+
+/// A configuration as the tests' servers get it, in a folder of its own,
+/// with `replace` applied to the shipped file's text.
+fn write_config(replace: &[(&str, &str)], directory: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let directory_path = dir.path().join("directory.toml");
+    std::fs::write(&directory_path, directory).unwrap();
+    let mut text = common::SHIPPED_CONFIG.replace(
+        "directory = \"demo.toml\"",
+        &format!("directory = {:?}", directory_path.display().to_string()),
+    );
+    for (from, to) in replace {
+        assert!(text.contains(from), "config has no {from:?}");
+        text = text.replace(from, to);
+    }
+    let config = dir.path().join("consentry.toml");
+    std::fs::write(&config, text).unwrap();
+    (dir, config)
+}
+
+fn run(config: &Path, args: &[&str], data_dir: &Path) -> (bool, String, String) {
+    let out = Command::new(common::bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("CONSENTRY_DATA_DIR", data_dir)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_reports_what_the_configuration_holds() {
+    let (dir, config) = write_config(&[], common::DEMO_DIRECTORY);
+    let data = dir.path().join("data");
+    let (ok, out, err) = run(&config, &["check"], &data);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("configuration OK: 1 topic template, 3 kinds, 0 ACL rules")
+            && out.contains("2 users, 2 devices, 2 providers, preferences of 2 users"),
+        "{out}"
+    );
+    assert!(!out.contains("ACT version"), "{out}");
+    assert!(!data.exists(), "check touched the data directory");
+}
+
+#[test]
+fn check_refuses_what_serve_refuses_and_serve_refuses_before_touching_the_store() {
+    for (from, to, key) in [
+        (
+            "checkpoint_every = 10000",
+            "checkpoint_every = 0",
+            "ledger.checkpoint_every",
+        ),
+        (
+            "login_attempts = 5",
+            "login_attempts = 0",
+            "api.login_attempts",
+        ),
+        (
+            "session_ttl_secs = 3600",
+            "session_ttl_secs = 0",
+            "api.session_ttl_secs",
+        ),
+        ("segment_mib = 64", "segment_mib = 0", "ledger.segment_mib"),
+        (
+            "blocked_flush_secs = 60",
+            "blocked_flush_secs = 0",
+            "ledger.blocked_flush_secs",
+        ),
+        (
+            "retention_days = 1825",
+            "retention_days = 0",
+            "ledger.retention_days",
+        ),
+        (
+            "connect_timeout_secs = 10",
+            "connect_timeout_secs = 0",
+            "server.connect_timeout_secs",
+        ),
+    ] {
+        let (dir, config) = write_config(&[(from, to)], common::DEMO_DIRECTORY);
+        let data = dir.path().join("data");
+        let (ok, _, err) = run(&config, &["check"], &data);
+        assert!(!ok && err.contains(key), "check with {to}: {err}");
+        let (ok, _, err) = run(
+            &config,
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+            &data,
+        );
+        assert!(!ok && err.contains(key), "serve with {to}: {err}");
+        assert!(!data.exists(), "serve with {to} created the data directory");
+    }
+}
+
+#[test]
+fn check_names_the_file_a_semantic_error_is_in() {
+    let bad_directory = common::DEMO_DIRECTORY.replacen(
+        "collect = [{ kind = \"heart_rate\" }",
+        "collect = [{ kind = \"heart_ratex\" }",
+        1,
+    );
+    assert_ne!(bad_directory, common::DEMO_DIRECTORY);
+    let (dir, config) = write_config(&[], &bad_directory);
+    let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
+    assert!(!ok);
+    assert!(
+        err.contains("directory.toml: ") && err.contains("unknown kind \"heart_ratex\""),
+        "{err}"
+    );
+
+    // An error in the configuration's own part names the configuration.
+    let (dir, config) = write_config(
+        &[(
+            "templates = [\"pii/{user}/{device}/{kind}\"]",
+            "templates = [\"pii/{user}/{device}\"]",
+        )],
+        common::DEMO_DIRECTORY,
+    );
+    let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
+    assert!(!ok && err.contains("consentry.toml: template"), "{err}");
 }
