@@ -80,6 +80,9 @@ pub async fn show(cfg: &Config, args: ShowArgs) -> anyhow::Result<Vec<Value>> {
         .collect())
 }
 
+/// One entry as `ledger show` prints it: the field names of the HTTP API's
+/// history (`provider` for the record's recipient), times in UTC, and the
+/// user, whom the operator's reader does not otherwise see.
 pub fn entry_json(seq: u64, e: &Entry) -> Value {
     match e {
         Entry::Share(r) => json!({
@@ -87,7 +90,7 @@ pub fn entry_json(seq: u64, e: &Entry) -> Value {
             "type": "share",
             "time": r.time,
             "creator": r.creator,
-            "recipient": r.recipient,
+            "provider": r.recipient,
             "user": r.user,
             "device": r.device,
             "kind": r.kind,
@@ -103,7 +106,7 @@ pub fn entry_json(seq: u64, e: &Entry) -> Value {
             "type": "blocked",
             "time": b.hour_start,
             "user": b.user,
-            "recipient": b.recipient,
+            "provider": b.recipient,
             "kind": b.kind,
             "reason": b.reason,
             "hour_start": b.hour_start,

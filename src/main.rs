@@ -79,8 +79,9 @@ enum Command {
 enum LedgerCommand {
     /// Walk the hash chain and signed checkpoints; name the first bad record.
     Verify,
-    /// One user's share history, as JSON lines. Recorded in the ledger as an
-    /// extract by the operator.
+    /// One user's share history, as JSON lines with the fields the HTTP
+    /// API's history uses. Recorded in the ledger as an extract by the
+    /// operator.
     Show {
         #[arg(long)]
         user: String,
@@ -88,11 +89,13 @@ enum LedgerCommand {
         provider: Option<String>,
         #[arg(long)]
         kind: Option<String>,
-        /// RFC 3339 time, inclusive.
-        #[arg(long)]
+        /// Inclusive: an RFC 3339 time (2026-11-23T08:00:00+01:00) or a date
+        /// (2026-11-23), which means its start, 00:00 UTC.
+        #[arg(long, value_parser = parse_time)]
         from: Option<chrono::DateTime<chrono::Utc>>,
-        /// RFC 3339 time, exclusive.
-        #[arg(long)]
+        /// Exclusive: an RFC 3339 time or a date, which means its start,
+        /// 00:00 UTC (`--to 2026-11-24` ends with 23 November).
+        #[arg(long, value_parser = parse_time)]
         to: Option<chrono::DateTime<chrono::Utc>>,
         /// Who is reading, for the extract record.
         #[arg(long, env = "USER", default_value = "operator")]
@@ -124,6 +127,18 @@ enum KeysCommand {
     /// JWKS so old receipts verify. A running server signs with the new key
     /// after its next start.
     RotateReceipts,
+}
+
+/// `--from`/`--to` of `ledger show`: an RFC 3339 time, or a date meaning
+/// its start in UTC.
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.to_utc());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    Err("expected an RFC 3339 time (2026-11-23T08:00:00Z) or a date (2026-11-23)".into())
 }
 
 fn load_with_data_dir(path: &std::path::Path, data_dir: Option<PathBuf>) -> anyhow::Result<Config> {
