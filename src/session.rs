@@ -181,10 +181,10 @@ enum End {
     Codec(#[from] CodecError),
     #[error("protocol error: {0}")]
     Protocol(&'static str),
-    #[error("topic alias invalid")]
+    #[error("topic alias invalid: 0 or above the maximum of {ALIAS_MAX}")]
     Alias,
-    #[error("topic name invalid")]
-    TopicName,
+    #[error("topic name invalid: {0}")]
+    TopicName(&'static str),
     #[error("no CONNECT within the connect timeout")]
     ConnectTimeout,
     #[error("keep-alive expired")]
@@ -209,7 +209,7 @@ impl End {
             End::Codec(_) => "malformed",
             End::Protocol(_) => "protocol",
             End::Alias => "topic_alias",
-            End::TopicName => "topic_name",
+            End::TopicName(_) => "topic_name",
             End::ConnectTimeout => "connect_timeout",
             End::KeepAlive => "keep_alive",
             End::Upstream(_) => "upstream",
@@ -226,7 +226,7 @@ impl End {
             End::Codec(_) => DisconnectReasonCode::MalformedPacket,
             End::Protocol(_) => DisconnectReasonCode::ProtocolError,
             End::Alias => DisconnectReasonCode::TopicAliasInvalid,
-            End::TopicName => DisconnectReasonCode::TopicNameInvalid,
+            End::TopicName(_) => DisconnectReasonCode::TopicNameInvalid,
             End::KeepAlive => DisconnectReasonCode::KeepAliveTimeout,
             End::Upstream(_) => DisconnectReasonCode::UnspecifiedError,
             End::Ledger => DisconnectReasonCode::ServerBusy,
@@ -235,6 +235,27 @@ impl End {
             End::TakenOver => DisconnectReasonCode::SessionTakenOver,
             End::Io(_) | End::ConnectTimeout => return None,
         })
+    }
+
+    /// The reason string of the DISCONNECT: a sentence for whoever reads
+    /// the client's log. The broker's own troubles are not the client's
+    /// business beyond their existence.
+    fn reason_string(&self) -> String {
+        match self {
+            End::Upstream(_) => "the broker connection failed".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Why a topic name that [`TopicName::new`] (or UTF-8 decoding) refused is
+/// invalid, for the DISCONNECT's reason string. Only on the error path.
+fn topic_name_fault(topic: &[u8]) -> &'static str {
+    match std::str::from_utf8(topic) {
+        Err(_) => "not UTF-8",
+        Ok("") => "empty",
+        Ok(t) if t.contains(['+', '#']) => "contains a wildcard",
+        Ok(_) => "contains a NUL character",
     }
 }
 
@@ -524,7 +545,8 @@ impl Session {
         // The will is a publish that happens later: it passes ingress now,
         // under the same rules, or the CONNECT is refused.
         if let Some(w) = will.as_mut() {
-            let topic = std::str::from_utf8(&w.topic).map_err(|_| End::TopicName)?;
+            let topic = std::str::from_utf8(&w.topic)
+                .map_err(|_| End::TopicName(topic_name_fault(&w.topic)))?;
             let checked = match TopicName::new(topic) {
                 Some(name) => self.check_ingress(name, &w.message),
                 None => Err(Deny::Invalid.as_str()),
@@ -1016,12 +1038,16 @@ impl Session {
     async fn close_with<S: AsyncWrite + Unpin>(&mut self, client: &mut S, e: &End) {
         if self.version == Version::V5 {
             if let Some(code) = e.reason() {
-                let _ = write_packet(
-                    client,
-                    self.version,
-                    &Packet::Disconnect(Disconnect::new(code)),
-                )
-                .await;
+                let disconnect = Disconnect {
+                    reason_code: code,
+                    properties: Some(v5::DisconnectProperties {
+                        session_expiry_interval: None,
+                        reason_string: Some(e.reason_string()),
+                        user_properties: vec![],
+                        server_reference: None,
+                    }),
+                };
+                let _ = write_packet(client, self.version, &Packet::Disconnect(disconnect)).await;
             }
         }
         let _ = client.shutdown().await;
@@ -1160,8 +1186,9 @@ impl Session {
                 self.aliases.insert(alias, publish.topic.clone());
             }
         }
-        let topic = std::str::from_utf8(&publish.topic).map_err(|_| End::TopicName)?;
-        let name = TopicName::new(topic).ok_or(End::TopicName)?;
+        let fault = || End::TopicName(topic_name_fault(&publish.topic));
+        let topic = std::str::from_utf8(&publish.topic).map_err(|_| fault())?;
+        let name = TopicName::new(topic).ok_or_else(fault)?;
         match self.check_ingress(name, &publish.payload) {
             Ok(payload) => {
                 self.shared.hot.forwarded.increment(1);

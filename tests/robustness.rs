@@ -78,12 +78,20 @@ impl Raw {
         r
     }
 
-    async fn expect_disconnect(&mut self, code: DisconnectReasonCode) {
-        match self.recv().await {
-            Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, code),
+    /// Expects DISCONNECT with `code` and the connection closed; returns
+    /// the DISCONNECT's reason string.
+    async fn expect_disconnect(&mut self, code: DisconnectReasonCode) -> String {
+        let reason = match self.recv().await {
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, code);
+                d.properties
+                    .and_then(|p| p.reason_string)
+                    .unwrap_or_default()
+            }
             other => panic!("expected DISCONNECT {code:?}, got {other:?}"),
-        }
+        };
         assert!(self.recv().await.is_none(), "connection left open");
+        reason
     }
 }
 
@@ -215,15 +223,18 @@ async fn oversized_packets_are_refused_with_0x95() {
         None,
     )))
     .await;
-    r.expect_disconnect(DisconnectReasonCode::PacketTooLarge)
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::PacketTooLarge)
         .await;
+    assert!(why.contains("exceeds the limit of 1024"), "{why}");
     still_serving(&server).await;
 }
 
 #[tokio::test]
 async fn bad_topics_end_the_session_with_a_reason() {
     let server = Server::demo();
-    // A wildcard in a topic name.
+    // A wildcard in a topic name. The reason string is a sentence, not
+    // the reason code's name.
     let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
     r.send(Packet::Publish(Publish::new(
         "pii/+/x",
@@ -232,16 +243,20 @@ async fn bad_topics_end_the_session_with_a_reason() {
         None,
     )))
     .await;
-    r.expect_disconnect(DisconnectReasonCode::TopicNameInvalid)
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::TopicNameInvalid)
         .await;
+    assert_eq!(why, "topic name invalid: contains a wildcard");
 
     // A topic that is not UTF-8.
     let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
     let mut p = Publish::new("x", QoS::AtMostOnce, "{}", None);
     p.topic = Bytes::from_static(b"pii/\xff\xfe");
     r.send(Packet::Publish(p)).await;
-    r.expect_disconnect(DisconnectReasonCode::TopicNameInvalid)
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::TopicNameInvalid)
         .await;
+    assert_eq!(why, "topic name invalid: not UTF-8");
 
     // An alias that was never set up.
     let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
@@ -262,8 +277,10 @@ async fn bad_topics_end_the_session_with_a_reason() {
         ..Default::default()
     });
     r.send(Packet::Publish(p)).await;
-    r.expect_disconnect(DisconnectReasonCode::TopicAliasInvalid)
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::TopicAliasInvalid)
         .await;
+    assert_eq!(why, "topic alias invalid: 0 or above the maximum of 64");
 
     // A second CONNECT.
     let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
@@ -278,8 +295,10 @@ async fn bad_topics_end_the_session_with_a_reason() {
         None,
     ))
     .await;
-    r.expect_disconnect(DisconnectReasonCode::ProtocolError)
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::ProtocolError)
         .await;
+    assert_eq!(why, "protocol error: second CONNECT");
 
     // A packet with a malformed body: PUBLISH claiming a topic longer than itself.
     let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
