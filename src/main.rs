@@ -247,8 +247,16 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     std::fs::read_to_string(&jwks).with_context(|| format!("read {jwks}"))?
                 };
-                let keys = consentry::receipt::Jwks::from_json(&keys)?;
-                Ok(consentry::receipt::verify(&input, &keys)?)
+                // Jwks::from_json reports a bad JWKS in the words of a bad
+                // receipt ("not a readable compact JWS"): name the input at fault.
+                let keys = consentry::receipt::Jwks::from_json(&keys).map_err(|e| match e {
+                    consentry::receipt::ReceiptError::Malformed(why) => {
+                        anyhow::anyhow!("--jwks {jwks}: {why}")
+                    }
+                    other => anyhow::anyhow!("--jwks {jwks}: {other}"),
+                })?;
+                consentry::receipt::verify(&input, &keys)
+                    .with_context(|| format!("receipt {}", file.display()))
             })();
             match result {
                 Ok(v) => {
