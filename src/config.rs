@@ -75,7 +75,9 @@ pub struct ServerConfig {
     pub connect_timeout_secs: u64,
     /// Clients without credentials may connect (they only reach ACL topics).
     pub allow_anonymous: bool,
-    /// Keep-alive consentry grants a client that asked for 0 (none).
+    /// Keep-alive consentry grants an MQTT 5 client that asked for 0
+    /// (none), in its CONNACK's Server Keep Alive; 0 leaves it none. MQTT
+    /// 3.1.1 has no way to tell a client, so it applies to MQTT 5 only.
     pub min_keep_alive_secs: u16,
     /// Time a shutdown waits for sessions to drain.
     pub drain_secs: u64,
@@ -518,6 +520,53 @@ mod tests {
     #[test]
     fn the_shipped_configuration_is_valid() {
         shipped().validate().unwrap();
+    }
+
+    /// The shipped file says every key is listed with its default. serde
+    /// names every field a section accepts when it meets an unknown one;
+    /// each must appear in the shipped file, set or commented out.
+    #[test]
+    fn the_shipped_configuration_lists_every_key() {
+        let text = include_str!("../config/consentry.toml");
+        let listed = |key: &str| {
+            text.lines().any(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                let header = l.starts_with('[')
+                    && l.trim_matches(['[', ']'])
+                        .split('.')
+                        .any(|part| part == key);
+                l.starts_with(&format!("{key} =")) || header
+            })
+        };
+        for probe in [
+            "unknown_key = 1",
+            "[server]\nunknown_key = 1",
+            "[server.tls]\nunknown_key = 1",
+            "[metrics]\nunknown_key = 1",
+            "[api]\nunknown_key = 1",
+            "[broker]\nunknown_key = 1",
+            "[storage]\nunknown_key = 1",
+            "[ledger]\nunknown_key = 1",
+            "[acl]\nunknown_key = 1",
+            "[[acl.rules]]\nunknown_key = 1",
+            "[operator]\nunknown_key = 1",
+            "[[kinds]]\nunknown_key = 1",
+        ] {
+            let e = toml::from_str::<Config>(probe).unwrap_err().to_string();
+            let expected = e
+                .split_once("expected one of ")
+                .or_else(|| e.split_once("expected "))
+                .unwrap_or_else(|| panic!("{probe}: {e}"))
+                .1;
+            let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            assert!(!keys.is_empty(), "{probe}: {e}");
+            for key in keys {
+                assert!(
+                    listed(key),
+                    "{key} (from {probe:?}) is not in config/consentry.toml"
+                );
+            }
+        }
     }
 
     #[test]

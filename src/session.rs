@@ -604,8 +604,14 @@ impl Session {
             _ => None,
         };
         self.claim = Some(self.shared.client_ids.claim(&connect.client_id, self.id));
-        let keep_alive =
-            (client_keep_alive > 0).then(|| Duration::from_millis(client_keep_alive as u64 * 1500));
+        // A client that asked for no keep-alive gets server.min_keep_alive_secs
+        // when it speaks MQTT 5, whose CONNACK can tell it so (Server Keep
+        // Alive, §3.2.2.3.14); MQTT 3.1.1 cannot, so there 0 stays 0.
+        let min = self.shared.server.min_keep_alive_secs;
+        let server_keep_alive =
+            (self.version == Version::V5 && client_keep_alive == 0 && min > 0).then_some(min);
+        let granted = server_keep_alive.unwrap_or(client_keep_alive);
+        let keep_alive = (granted > 0).then(|| Duration::from_millis(granted as u64 * 1500));
 
         // A clean session without a will has no state at the broker until
         // it publishes or subscribes, so it gets no broker connection until
@@ -616,7 +622,7 @@ impl Session {
                 code: ConnectReturnCode::Success,
                 properties: None,
             };
-            self.own_connack_properties(&mut ack, assigned);
+            self.own_connack_properties(&mut ack, assigned, server_keep_alive);
             self.lazy = Some((connect, login));
             write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
             tracing::debug!(
@@ -634,7 +640,7 @@ impl Session {
             write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
             return Ok(None);
         }
-        self.own_connack_properties(&mut ack, assigned);
+        self.own_connack_properties(&mut ack, assigned, server_keep_alive);
         write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
         self.set_up_open(true);
         tracing::debug!(
@@ -649,11 +655,18 @@ impl Session {
     }
 
     /// What consentry, not the broker, decides in an MQTT 5 CONNACK.
-    fn own_connack_properties(&self, ack: &mut ConnAck, assigned: Option<String>) {
+    fn own_connack_properties(
+        &self,
+        ack: &mut ConnAck,
+        assigned: Option<String>,
+        server_keep_alive: Option<u16>,
+    ) {
         if self.version == Version::V5 {
             let props = ack.properties.get_or_insert_with(empty_connack_properties);
             props.topic_alias_max = Some(ALIAS_MAX);
             props.max_packet_size = Some(self.shared.server.max_packet_size as u32);
+            // The broker's, if any, is about consentry's own connection.
+            props.server_keep_alive = server_keep_alive;
             if assigned.is_some() {
                 props.assigned_client_identifier = assigned;
             }

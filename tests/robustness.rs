@@ -335,6 +335,60 @@ async fn keep_alive_zero_is_legal() {
 }
 
 #[tokio::test]
+async fn min_keep_alive_is_granted_to_mqtt5_clients_that_asked_for_none() {
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        replace: vec![(
+            "min_keep_alive_secs = 0".into(),
+            "min_keep_alive_secs = 1".into(),
+        )],
+        ..Default::default()
+    });
+    let mut r = Raw::open(server.mqtt).await;
+    r.send(Packet::Connect(
+        Connect {
+            keep_alive: 0,
+            client_id: format!("ka0-{}", rand_id()),
+            clean_start: true,
+            properties: None,
+        },
+        None,
+        Some(Login::new("alice-watch", "alice-watch-secret")),
+    ))
+    .await;
+    match r.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(
+            a.properties.and_then(|p| p.server_keep_alive),
+            Some(1),
+            "Server Keep Alive"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Silent for 1.5 × 1 s: disconnected.
+    let started = std::time::Instant::now();
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::KeepAliveTimeout)
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(5), "{why}");
+
+    // MQTT 3.1.1 cannot be told: a client that asked for none keeps none.
+    let mut o = v4::options(
+        server.mqtt,
+        "ka0-v4",
+        Some(("alice-watch", "alice-watch-secret")),
+    );
+    o.set_keep_alive(Duration::ZERO);
+    let mut c = v4::connect_with(o).await.expect("keep-alive 0 accepted");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.subscribe("public/#", v4::QoS::AtMostOnce).await;
+    c.client
+        .publish("public/ka", v4::QoS::AtMostOnce, false, "x")
+        .await
+        .unwrap();
+    assert_eq!(c.next_publish().await.topic, "public/ka");
+}
+
+#[tokio::test]
 async fn deliveries_never_exceed_the_subscription_qos() {
     let server = Server::demo();
     let mut sub = v4::connect(server.mqtt, "sub", "fitcoach", "fitcoach-secret").await;
