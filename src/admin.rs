@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::ledger::{self, Entry, ExtractRecord, Keyring, Ledger, ReadFilter};
-use crate::server::{ledger_config, ledger_paths};
+use crate::server::{data_dir, ledger_config, ledger_paths};
 
 /// Walks the chain and the checkpoints. `Err` names the first bad record.
 pub fn verify(cfg: &Config) -> anyhow::Result<String> {
@@ -106,6 +106,9 @@ pub async fn show(cfg: &Config, args: ShowArgs) -> anyhow::Result<Vec<Value>> {
         .collect())
 }
 
+/// One entry as `ledger show` prints it: the field names of the HTTP API's
+/// history (`provider` for the record's recipient), times in UTC, and the
+/// user, whom the operator's reader does not otherwise see.
 pub fn entry_json(seq: u64, e: &Entry) -> Value {
     match e {
         Entry::Share(r) => json!({
@@ -113,7 +116,7 @@ pub fn entry_json(seq: u64, e: &Entry) -> Value {
             "type": "share",
             "time": r.time,
             "creator": r.creator,
-            "recipient": r.recipient,
+            "provider": r.recipient,
             "user": r.user,
             "device": r.device,
             "kind": r.kind,
@@ -129,7 +132,7 @@ pub fn entry_json(seq: u64, e: &Entry) -> Value {
             "type": "blocked",
             "time": b.hour_start,
             "user": b.user,
-            "recipient": b.recipient,
+            "provider": b.recipient,
             "kind": b.kind,
             "reason": b.reason,
             "hour_start": b.hour_start,
@@ -155,6 +158,7 @@ pub fn rotate_keys(cfg: &Config) -> anyhow::Result<String> {
             ledger::KEYS_ENV
         );
     }
+    data_dir(cfg)?;
     let (dir, path) = ledger_paths(cfg);
     let _lock = ledger::lock_dir(&dir)?;
     if !path.exists() {

@@ -124,6 +124,8 @@ impl Version {
             // rumqttc 0.25 frames a DISCONNECT that has a reason code but no
             // properties (or empty ones) wrongly; with a reason string, which
             // also helps whoever reads the client's log, it is framed right.
+            // Sessions give their own (`End::reason_string`); a DISCONNECT
+            // relayed from the broker without one gets the code's meaning.
             Version::V5 => match p {
                 Packet::Disconnect(d)
                     if d.properties.is_none()
@@ -133,7 +135,7 @@ impl Version {
                         reason_code: d.reason_code,
                         properties: Some(v5::DisconnectProperties {
                             session_expiry_interval: None,
-                            reason_string: Some(format!("{:?}", d.reason_code)),
+                            reason_string: Some(reason_sentence(d.reason_code).into()),
                             user_properties: vec![],
                             server_reference: None,
                         }),
@@ -148,6 +150,43 @@ impl Version {
                 .map_err(|e| CodecError::Malformed(e.to_string())),
         };
         r.map(|_| ())
+    }
+}
+
+/// What a DISCONNECT reason code means (MQTT 5 §3.14.2.1), as a phrase
+/// for a reason string.
+fn reason_sentence(code: v5::DisconnectReasonCode) -> &'static str {
+    use v5::DisconnectReasonCode as C;
+    match code {
+        C::NormalDisconnection => "normal disconnection",
+        C::DisconnectWithWillMessage => "disconnect with will message",
+        C::UnspecifiedError => "unspecified error",
+        C::MalformedPacket => "malformed packet",
+        C::ProtocolError => "protocol error",
+        C::ImplementationSpecificError => "implementation specific error",
+        C::NotAuthorized => "not authorized",
+        C::ServerBusy => "server busy",
+        C::ServerShuttingDown => "server shutting down",
+        C::KeepAliveTimeout => "keep-alive timeout",
+        C::SessionTakenOver => "session taken over",
+        C::TopicFilterInvalid => "topic filter invalid",
+        C::TopicNameInvalid => "topic name invalid",
+        C::ReceiveMaximumExceeded => "receive maximum exceeded",
+        C::TopicAliasInvalid => "topic alias invalid",
+        C::PacketTooLarge => "packet too large",
+        C::MessageRateTooHigh => "message rate too high",
+        C::QuotaExceeded => "quota exceeded",
+        C::AdministrativeAction => "administrative action",
+        C::PayloadFormatInvalid => "payload format invalid",
+        C::RetainNotSupported => "retain not supported",
+        C::QoSNotSupported => "QoS not supported",
+        C::UseAnotherServer => "use another server",
+        C::ServerMoved => "server moved",
+        C::SharedSubscriptionNotSupported => "shared subscriptions not supported",
+        C::ConnectionRateExceeded => "connection rate exceeded",
+        C::MaximumConnectTime => "maximum connect time",
+        C::SubscriptionIdentifiersNotSupported => "subscription identifiers not supported",
+        C::WildcardSubscriptionsNotSupported => "wildcard subscriptions not supported",
     }
 }
 
@@ -438,8 +477,8 @@ mod tests {
             v5::DisconnectReasonCode::TopicNameInvalid,
         ));
         Version::V5.write(&d, &mut buf).unwrap();
-        let mut expect = vec![0xE0, 21, 0x90, 19, 0x1F, 0, 16];
-        expect.extend_from_slice(b"TopicNameInvalid");
+        let mut expect = vec![0xE0, 23, 0x90, 21, 0x1F, 0, 18];
+        expect.extend_from_slice(b"topic name invalid");
         assert_eq!(&buf[..], &expect[..]);
         let mut short = BytesMut::from(&[0xE0u8, 0x01, 0x8E][..]);
         assert!(matches!(

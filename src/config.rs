@@ -75,7 +75,9 @@ pub struct ServerConfig {
     pub connect_timeout_secs: u64,
     /// Clients without credentials may connect (they only reach ACL topics).
     pub allow_anonymous: bool,
-    /// Keep-alive consentry grants a client that asked for 0 (none).
+    /// Keep-alive consentry grants an MQTT 5 client that asked for 0
+    /// (none), in its CONNACK's Server Keep Alive; 0 leaves it none. MQTT
+    /// 3.1.1 has no way to tell a client, so it applies to MQTT 5 only.
     pub min_keep_alive_secs: u16,
     /// Time a shutdown waits for sessions to drain.
     pub drain_secs: u64,
@@ -248,6 +250,37 @@ pub struct AclConfig {
     pub rules: Vec<AclRule>,
 }
 
+/// MQTT's largest packet (the Remaining Length's maximum plus its header).
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
+/// Longest duration a `*_secs` key may hold: 100 years. Far beyond any
+/// sensible setting, and far enough from the clock types' limits that
+/// adding it to an instant cannot overflow.
+const MAX_SECS: u64 = 100 * 365 * 86_400;
+
+fn at_least_one(key: &str, value: u64, why: &str) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::Invalid(format!(
+            "{key} must be at least 1, not 0 ({why})"
+        )));
+    }
+    Ok(())
+}
+
+fn seconds(key: &str, value: u64, min: u64, why: &str) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(ConfigError::Invalid(format!(
+            "{key} must be at least {min}, not {value} ({why})"
+        )));
+    }
+    if value > MAX_SECS {
+        return Err(ConfigError::Invalid(format!(
+            "{key} must be at most {MAX_SECS} seconds (100 years), not {value}"
+        )));
+    }
+    Ok(())
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -267,40 +300,150 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Every rule a configuration must meet, so that `consentry check`
+    /// refuses what `consentry serve` would, and `serve` refuses it before
+    /// touching the data directory. Errors name the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.templates.is_empty() {
-            return Err(ConfigError::Invalid(
-                "at least one personal-data topic template is required".into(),
+            return invalid("at least one personal-data topic template is required".into());
+        }
+        let s = &self.server;
+        if !(64..=MQTT_MAX_PACKET).contains(&s.max_packet_size) {
+            return invalid(format!(
+                "server.max_packet_size must be between 64 and {MQTT_MAX_PACKET} bytes (the largest MQTT packet), not {}",
+                s.max_packet_size
             ));
         }
-        if self.server.max_packet_size < 64 {
-            return Err(ConfigError::Invalid(
-                "server.max_packet_size must be at least 64 bytes".into(),
+        at_least_one(
+            "server.max_connections",
+            s.max_connections as u64,
+            "no client could connect",
+        )?;
+        seconds(
+            "server.connect_timeout_secs",
+            s.connect_timeout_secs,
+            1,
+            "every connection would time out",
+        )?;
+        seconds("server.drain_secs", s.drain_secs, 0, "")?;
+        seconds("server.upstream_idle_secs", s.upstream_idle_secs, 0, "")?;
+        if s.clock_offset_secs.unsigned_abs() > MAX_SECS {
+            return invalid(format!(
+                "server.clock_offset_secs must be within ±{MAX_SECS} seconds (100 years), not {}",
+                s.clock_offset_secs
             ));
         }
+
+        let a = &self.api;
+        at_least_one(
+            "api.max_body_bytes",
+            a.max_body_bytes as u64,
+            "every request body would be refused",
+        )?;
+        seconds(
+            "api.session_ttl_secs",
+            a.session_ttl_secs,
+            1,
+            "every login session would expire at once",
+        )?;
+        at_least_one(
+            "api.login_attempts",
+            a.login_attempts as u64,
+            "every login would be refused",
+        )?;
+        seconds(
+            "api.login_window_secs",
+            a.login_window_secs,
+            1,
+            "failed logins would never be counted",
+        )?;
+
         let b = &self.broker;
+        at_least_one(
+            "broker.max_connections",
+            b.max_connections as u64,
+            "the broker would refuse every session",
+        )?;
+        at_least_one(
+            "broker.max_inflight",
+            b.max_inflight as u64,
+            "no QoS 1 or 2 message could be in flight",
+        )?;
         if b.log_segment_mib == 0 || b.log_segments < 2 {
-            return Err(ConfigError::Invalid(
+            return invalid(
                 "broker.log_segment_mib must be at least 1 and broker.log_segments at least 2"
                     .into(),
-            ));
+            );
         }
         // rumqttd drops the oldest whole segment when it needs a new one,
         // so only segments - 1 of them are sure to be kept.
-        if b.max_subscriber_lag_mib > b.log_segment_mib * (b.log_segments - 1) {
-            return Err(ConfigError::Invalid(format!(
-                "broker.max_subscriber_lag_mib ({}) must not exceed log_segment_mib × (log_segments − 1) = {} MiB, \
+        let kept = b
+            .log_segment_mib
+            .checked_mul(b.log_segments - 1)
+            .filter(|k| k.checked_mul(1 << 20).is_some());
+        let Some(kept) = kept else {
+            return invalid("broker.log_segment_mib × broker.log_segments is too large".into());
+        };
+        if b.max_subscriber_lag_mib > kept {
+            return invalid(format!(
+                "broker.max_subscriber_lag_mib ({}) must not exceed log_segment_mib × (log_segments − 1) = {kept} MiB, \
                  or the embedded broker evicts messages a lagging subscriber has not read",
                 b.max_subscriber_lag_mib,
-                b.log_segment_mib * (b.log_segments - 1)
-            )));
+            ));
         }
+        seconds(
+            "broker.slow_subscriber_secs",
+            b.slow_subscriber_secs,
+            1,
+            "any lagging subscriber would be cut off at once (max_subscriber_lag_mib = 0 turns backpressure off)",
+        )?;
         if self.broker.upstream != "embedded" && !self.broker.upstream.starts_with("mqtt://") {
-            return Err(ConfigError::Invalid(format!(
+            return invalid(format!(
                 "broker.upstream must be \"embedded\" or mqtt://host:port, not {:?}",
                 self.broker.upstream
-            )));
+            ));
         }
+
+        let l = &self.ledger;
+        at_least_one(
+            "ledger.checkpoint_every",
+            l.checkpoint_every,
+            "it counts the records between signed checkpoints",
+        )?;
+        at_least_one(
+            "ledger.segment_mib",
+            l.segment_mib,
+            "a ledger segment file is closed at this size",
+        )?;
+        if l.segment_mib.checked_mul(1 << 20).is_none() {
+            return invalid(format!(
+                "ledger.segment_mib ({}) is too large",
+                l.segment_mib
+            ));
+        }
+        match l.retention_days {
+            Some(0) => {
+                return invalid(
+                    "ledger.retention_days must be at least 1 (0 would purge every record); \
+                     remove the key to keep records forever"
+                        .into(),
+                )
+            }
+            Some(d) if d as u64 * 86_400 > MAX_SECS => {
+                return invalid(format!(
+                    "ledger.retention_days must be at most {} (100 years); remove the key to keep records forever",
+                    MAX_SECS / 86_400
+                ))
+            }
+            _ => {}
+        }
+        seconds(
+            "ledger.blocked_flush_secs",
+            l.blocked_flush_secs,
+            1,
+            "refusal counts would be written continuously",
+        )?;
         Ok(())
     }
 
@@ -379,6 +522,53 @@ mod tests {
         shipped().validate().unwrap();
     }
 
+    /// The shipped file says every key is listed with its default. serde
+    /// names every field a section accepts when it meets an unknown one;
+    /// each must appear in the shipped file, set or commented out.
+    #[test]
+    fn the_shipped_configuration_lists_every_key() {
+        let text = include_str!("../config/consentry.toml");
+        let listed = |key: &str| {
+            text.lines().any(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                let header = l.starts_with('[')
+                    && l.trim_matches(['[', ']'])
+                        .split('.')
+                        .any(|part| part == key);
+                l.starts_with(&format!("{key} =")) || header
+            })
+        };
+        for probe in [
+            "unknown_key = 1",
+            "[server]\nunknown_key = 1",
+            "[server.tls]\nunknown_key = 1",
+            "[metrics]\nunknown_key = 1",
+            "[api]\nunknown_key = 1",
+            "[broker]\nunknown_key = 1",
+            "[storage]\nunknown_key = 1",
+            "[ledger]\nunknown_key = 1",
+            "[acl]\nunknown_key = 1",
+            "[[acl.rules]]\nunknown_key = 1",
+            "[operator]\nunknown_key = 1",
+            "[[kinds]]\nunknown_key = 1",
+        ] {
+            let e = toml::from_str::<Config>(probe).unwrap_err().to_string();
+            let expected = e
+                .split_once("expected one of ")
+                .or_else(|| e.split_once("expected "))
+                .unwrap_or_else(|| panic!("{probe}: {e}"))
+                .1;
+            let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            assert!(!keys.is_empty(), "{probe}: {e}");
+            for key in keys {
+                assert!(
+                    listed(key),
+                    "{key} (from {probe:?}) is not in config/consentry.toml"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_lag_limit_beyond_what_the_broker_keeps_is_refused() {
         let mut c = shipped();
@@ -392,6 +582,59 @@ mod tests {
         c.broker.log_segments = 1;
         c.broker.max_subscriber_lag_mib = 0;
         assert!(c.validate().is_err(), "one segment keeps nothing for sure");
+    }
+
+    #[test]
+    fn values_that_make_no_sense_are_refused_naming_the_key() {
+        type Set = fn(&mut Config);
+        let cases: [(&str, Set); 17] = [
+            ("server.max_connections", |c| c.server.max_connections = 0),
+            ("server.connect_timeout_secs", |c| {
+                c.server.connect_timeout_secs = 0
+            }),
+            ("server.upstream_idle_secs", |c| {
+                c.server.upstream_idle_secs = u64::MAX
+            }),
+            ("server.clock_offset_secs", |c| {
+                c.server.clock_offset_secs = i64::MIN
+            }),
+            ("server.max_packet_size", |c| {
+                c.server.max_packet_size = usize::MAX
+            }),
+            ("api.max_body_bytes", |c| c.api.max_body_bytes = 0),
+            ("api.session_ttl_secs", |c| c.api.session_ttl_secs = 0),
+            ("api.login_attempts", |c| c.api.login_attempts = 0),
+            ("api.login_window_secs", |c| c.api.login_window_secs = 0),
+            ("broker.max_connections", |c| c.broker.max_connections = 0),
+            ("broker.max_inflight", |c| c.broker.max_inflight = 0),
+            ("broker.slow_subscriber_secs", |c| {
+                c.broker.slow_subscriber_secs = 0
+            }),
+            ("broker.log_segment_mib", |c| {
+                c.broker.log_segment_mib = usize::MAX
+            }),
+            ("ledger.checkpoint_every", |c| c.ledger.checkpoint_every = 0),
+            ("ledger.segment_mib", |c| c.ledger.segment_mib = u64::MAX),
+            ("ledger.retention_days", |c| {
+                c.ledger.retention_days = Some(0)
+            }),
+            ("ledger.blocked_flush_secs", |c| {
+                c.ledger.blocked_flush_secs = 0
+            }),
+        ];
+        for (key, set) in cases {
+            let mut c = shipped();
+            set(&mut c);
+            let e = c.validate().expect_err(key).to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        // Zero where it has a meaning stays allowed.
+        let mut c = shipped();
+        c.server.drain_secs = 0;
+        c.server.upstream_idle_secs = 0;
+        c.broker.max_subscriber_lag_mib = 0;
+        c.ledger.retention_days = None;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -49,7 +49,8 @@ enum Command {
         /// Read from standard input when omitted.
         password: Option<String>,
     },
-    /// Check a configuration and its directory without starting anything.
+    /// Check a configuration and its directory file without starting
+    /// anything or touching the data directory; prints what they hold.
     Check,
     /// The share ledger (run with the server stopped).
     Ledger {
@@ -78,8 +79,9 @@ enum Command {
 enum LedgerCommand {
     /// Walk the hash chain and signed checkpoints; name the first bad record.
     Verify,
-    /// One user's share history, as JSON lines. Recorded in the ledger as an
-    /// extract by the operator.
+    /// One user's share history, as JSON lines with the fields the HTTP
+    /// API's history uses. Recorded in the ledger as an extract by the
+    /// operator.
     Show {
         #[arg(long)]
         user: String,
@@ -87,11 +89,13 @@ enum LedgerCommand {
         provider: Option<String>,
         #[arg(long)]
         kind: Option<String>,
-        /// RFC 3339 time, inclusive.
-        #[arg(long)]
+        /// Inclusive: an RFC 3339 time (2026-11-23T08:00:00+01:00) or a date
+        /// (2026-11-23), which means its start, 00:00 UTC.
+        #[arg(long, value_parser = parse_time)]
         from: Option<chrono::DateTime<chrono::Utc>>,
-        /// RFC 3339 time, exclusive.
-        #[arg(long)]
+        /// Exclusive: an RFC 3339 time or a date, which means its start,
+        /// 00:00 UTC (`--to 2026-11-24` ends with 23 November).
+        #[arg(long, value_parser = parse_time)]
         to: Option<chrono::DateTime<chrono::Utc>>,
         /// Who is reading, for the extract record.
         #[arg(long, env = "USER", default_value = "operator")]
@@ -123,6 +127,18 @@ enum KeysCommand {
     /// JWKS so old receipts verify. A running server signs with the new key
     /// after its next start.
     RotateReceipts,
+}
+
+/// `--from`/`--to` of `ledger show`: an RFC 3339 time, or a date meaning
+/// its start in UTC.
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.to_utc());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    Err("expected an RFC 3339 time (2026-11-23T08:00:00Z) or a date (2026-11-23)".into())
 }
 
 fn load_with_data_dir(path: &std::path::Path, data_dir: Option<PathBuf>) -> anyhow::Result<Config> {
@@ -231,8 +247,16 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     std::fs::read_to_string(&jwks).with_context(|| format!("read {jwks}"))?
                 };
-                let keys = consentry::receipt::Jwks::from_json(&keys)?;
-                Ok(consentry::receipt::verify(&input, &keys)?)
+                // Jwks::from_json reports a bad JWKS in the words of a bad
+                // receipt ("not a readable compact JWS"): name the input at fault.
+                let keys = consentry::receipt::Jwks::from_json(&keys).map_err(|e| match e {
+                    consentry::receipt::ReceiptError::Malformed(why) => {
+                        anyhow::anyhow!("--jwks {jwks}: {why}")
+                    }
+                    other => anyhow::anyhow!("--jwks {jwks}: {other}"),
+                })?;
+                consentry::receipt::verify(&input, &keys)
+                    .with_context(|| format!("receipt {}", file.display()))
             })();
             match result {
                 Ok(v) => {
@@ -253,7 +277,8 @@ fn main() -> anyhow::Result<()> {
             match command {
                 KeysCommand::Rotate => println!("{}", consentry::admin::rotate_keys(&cfg)?),
                 KeysCommand::RotateReceipts => {
-                    let mut keys = consentry::receipt::ReceiptKeys::open(&cfg.storage.data_dir)?;
+                    let data = consentry::server::data_dir(&cfg)?;
+                    let mut keys = consentry::receipt::ReceiptKeys::open(data)?;
                     println!("new receipt signing key {}", keys.rotate()?);
                 }
             }
@@ -261,8 +286,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Check => {
             let cfg = Config::load(&cli.config)?;
-            let act = consentry::server::compile(&cfg, 1)?;
-            println!("configuration OK (ACT version {})", act.version);
+            println!("{}", consentry::server::check(&cfg, &cli.config)?);
             Ok(())
         }
     }

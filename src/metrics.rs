@@ -1,6 +1,10 @@
 //! Prometheus metrics. Labels are closed sets — role, result, reason, and the
 //! provider id (registered by the operator, so bounded) — never a user id,
 //! device id or topic.
+//!
+//! Every metric is described and registered when the endpoint starts, so a
+//! scrape finds each of them (counters at 0) before anything happened:
+//! `rate()` has a first sample and `absent()` means the metric is gone.
 
 use std::net::SocketAddr;
 
@@ -18,6 +22,61 @@ pub const VIEWS_SHARED: &str = "consentry_masked_views_shared_total";
 pub const BROKER_CONNECTIONS: &str = "consentry_broker_connections";
 pub const HOLDS: &str = "consentry_publisher_holds_total";
 pub const SLOW_CONSUMERS: &str = "consentry_slow_consumers_disconnected_total";
+pub const ACT_VERSION: &str = "consentry_act_version";
+pub const LEDGER_APPENDS: &str = "consentry_ledger_appends_total";
+pub const LEDGER_APPEND_FAILURES: &str = "consentry_ledger_append_failures_total";
+pub const LEDGER_FSYNC_SECONDS: &str = "consentry_ledger_fsync_seconds";
+pub const LEDGER_BATCH_SIZE: &str = "consentry_ledger_batch_size";
+
+/// Every metric consentry exports.
+pub const ALL: &[&str] = &[
+    PUBLISHES,
+    SUBSCRIPTIONS,
+    DELIVERIES,
+    CONNECTIONS,
+    CONNECTED,
+    PROTOCOL_ERRORS,
+    DECISION_SECONDS,
+    LATENCY_SECONDS,
+    VIEWS_SHARED,
+    BROKER_CONNECTIONS,
+    HOLDS,
+    SLOW_CONSUMERS,
+    ACT_VERSION,
+    LEDGER_APPENDS,
+    LEDGER_APPEND_FAILURES,
+    LEDGER_FSYNC_SECONDS,
+    LEDGER_BATCH_SIZE,
+];
+
+/// Roles of connected clients, the `role` label.
+const ROLES: [&str; 3] = ["device", "provider", "anonymous"];
+
+/// A `consentry_deliveries_total` series. A delivery to a provider carries
+/// the provider's id; a delivery to a device or an anonymous client (of an
+/// ACL topic: they never receive personal data) carries only its role, so
+/// that no provider id is ever confused with a role.
+pub fn delivery_counter(
+    who: &crate::act::Principal,
+    result: &'static str,
+    reason: &'static str,
+) -> metrics::Counter {
+    match who {
+        crate::act::Principal::Provider { id } => metrics::counter!(
+            DELIVERIES,
+            "role" => "provider",
+            "provider" => id.clone(),
+            "result" => result,
+            "reason" => reason
+        ),
+        other => metrics::counter!(
+            DELIVERIES,
+            "role" => other.role(),
+            "result" => result,
+            "reason" => reason
+        ),
+    }
+}
 
 /// Handles for the metrics recorded once per message, registered once:
 /// looking a labelled metric up in the registry on every message costs
@@ -60,16 +119,55 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
             ],
         )?
         .set_buckets_for_metric(
-            Matcher::Full("consentry_ledger_fsync_seconds".into()),
+            Matcher::Full(LEDGER_FSYNC_SECONDS.into()),
             &[1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0],
         )?
         .set_buckets_for_metric(
-            Matcher::Full("consentry_ledger_batch_size".into()),
+            Matcher::Full(LEDGER_BATCH_SIZE.into()),
             &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0],
         )?
         .install()?;
     describe();
+    register();
     Ok(())
+}
+
+/// Registers a series of every metric, so that each is exported from the
+/// start. Labelled metrics get the series of the normal path (and every
+/// role); the others appear as they happen. Per-provider delivery series
+/// are registered by [`register_providers`].
+fn register() {
+    use metrics::{counter, gauge, histogram};
+    counter!(PUBLISHES, "result" => "forwarded", "reason" => "allowed").increment(0);
+    counter!(SUBSCRIPTIONS, "result" => "accepted", "reason" => "allowed").increment(0);
+    for role in ROLES {
+        counter!(CONNECTIONS, "role" => role, "result" => "accepted").increment(0);
+        gauge!(CONNECTED, "role" => role).increment(0.0);
+    }
+    counter!(PROTOCOL_ERRORS, "kind" => "malformed").increment(0);
+    let _ = histogram!(DECISION_SECONDS, "stage" => "ingress");
+    let _ = histogram!(DECISION_SECONDS, "stage" => "deliver");
+    let _ = histogram!(LATENCY_SECONDS);
+    counter!(VIEWS_SHARED).increment(0);
+    gauge!(BROKER_CONNECTIONS).increment(0.0);
+    counter!(HOLDS).increment(0);
+    counter!(SLOW_CONSUMERS).increment(0);
+    gauge!(ACT_VERSION).increment(0.0);
+    counter!(LEDGER_APPENDS).increment(0);
+    counter!(LEDGER_APPEND_FAILURES).increment(0);
+    let _ = histogram!(LEDGER_FSYNC_SECONDS);
+    let _ = histogram!(LEDGER_BATCH_SIZE);
+}
+
+/// Registers the delivery series of each provider known at start (a
+/// provider registered later gets its series with its first session).
+pub fn register_providers<'a>(providers: impl IntoIterator<Item = &'a str>) {
+    for id in providers {
+        let p = crate::act::Principal::Provider { id: id.to_string() };
+        for (result, reason) in [("delivered", "consent"), ("masked", "consent")] {
+            delivery_counter(&p, result, reason).increment(0);
+        }
+    }
 }
 
 fn describe() {
@@ -81,7 +179,8 @@ fn describe() {
     describe_counter!(SUBSCRIPTIONS, "Subscription filters, by result and reason");
     describe_counter!(
         DELIVERIES,
-        "Messages towards clients, by provider, result (delivered, masked, dropped) and reason"
+        "Messages towards clients, by the recipient's role, provider id (providers only), \
+         result (delivered, masked, dropped) and reason"
     );
     describe_counter!(CONNECTIONS, "CONNECT attempts, by role and result");
     describe_gauge!(CONNECTED, "Sessions currently open, by role");
@@ -99,7 +198,7 @@ fn describe() {
         Unit::Seconds,
         "Time from reading a message off the broker to writing it to the client"
     );
-    describe_gauge!("consentry_act_version", "Version of the ACT in force");
+    describe_gauge!(ACT_VERSION, "Version of the ACT in force");
     describe_counter!(
         VIEWS_SHARED,
         "Masked deliveries served from a view another subscriber's delivery already computed"
@@ -115,5 +214,20 @@ fn describe() {
     describe_counter!(
         SLOW_CONSUMERS,
         "Subscribers disconnected for being too far behind and reading nothing"
+    );
+    describe_counter!(LEDGER_APPENDS, "Records appended to the share ledger");
+    describe_counter!(
+        LEDGER_APPEND_FAILURES,
+        "Times the share ledger failed to append (deliveries stop until it recovers)"
+    );
+    describe_histogram!(
+        LEDGER_FSYNC_SECONDS,
+        Unit::Seconds,
+        "Time of each share ledger fsync; every delivery of personal data waits for one"
+    );
+    describe_histogram!(
+        LEDGER_BATCH_SIZE,
+        Unit::Count,
+        "Records made durable by one ledger fsync (group commit)"
     );
 }

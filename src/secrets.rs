@@ -44,11 +44,32 @@ pub fn derive(master: &[u8; 32], purpose: &str) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// Creates the directory `dir` owner-only (0700) if it does not exist;
+/// missing parents are created as `create_dir_all` would. A directory that
+/// already exists keeps its mode: the operator chose it (a group that makes
+/// backups, say), and what consentry writes in it is owner-only anyway.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    match builder.create(dir) {
+        // Created meanwhile by someone else: theirs, as above.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        r => r,
+    }
+}
+
 /// Creates `path` with mode 0600 and writes `bytes`; never overwrites.
 pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        create_private_dir(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
@@ -80,5 +101,25 @@ mod tests {
             assert_eq!(mode & 0o077, 0);
         }
         assert_ne!(derive(&a, "store"), derive(&a, "pseudonym"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn new_directories_are_owner_only_and_existing_ones_keep_their_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        let new = tmp.path().join("a/b/data");
+        create_private_dir(&new).unwrap();
+        assert_eq!(mode(&new), 0o700);
+        create_private_dir(&new).unwrap();
+
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o750)).unwrap();
+        create_private_dir(&theirs).unwrap();
+        write_private(&theirs.join("k"), b"x").unwrap();
+        assert_eq!(mode(&theirs), 0o750);
+        assert_eq!(mode(&theirs.join("k")), 0o600);
     }
 }

@@ -5,7 +5,7 @@
 //! harness all run, so they exercise the same code.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +18,12 @@ use tokio::task::JoinSet;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
-use crate::act::Act;
 use crate::api::ApiState;
 use crate::broker::{self, Upstream};
 use crate::config::{Config, TlsConfig};
 use crate::ledger::{Keyring, Ledger, LedgerConfig};
 use crate::notice::Notifier;
-use crate::prefs::{self, PreferenceManager, ReceiptIssuer};
+use crate::prefs::{self, PrefError, PreferenceManager, ReceiptIssuer};
 use crate::receipt::{Issuer, ReceiptKeys};
 use crate::secrets;
 use crate::session::{self, Shared};
@@ -42,12 +41,69 @@ pub struct Server {
     tasks: JoinSet<()>,
 }
 
+/// What `consentry check` found in a valid configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    pub templates: usize,
+    pub kinds: usize,
+    pub acl_rules: usize,
+    pub directory: Option<PathBuf>,
+    pub users: usize,
+    pub devices: usize,
+    pub providers: usize,
+    pub preferences: usize,
+}
+
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |count: usize, one: &str, many: &str| {
+            format!("{count} {}", if count == 1 { one } else { many })
+        };
+        write!(
+            f,
+            "configuration OK: {}, {}, {}; ",
+            n(self.templates, "topic template", "topic templates"),
+            n(self.kinds, "kind", "kinds"),
+            n(self.acl_rules, "ACL rule", "ACL rules"),
+        )?;
+        match &self.directory {
+            Some(path) => write!(
+                f,
+                "directory {}: {}, {}, {}, preferences of {}",
+                path.display(),
+                n(self.users, "user", "users"),
+                n(self.devices, "device", "devices"),
+                n(self.providers, "provider", "providers"),
+                n(self.preferences, "user", "users"),
+            ),
+            None => write!(f, "no directory file"),
+        }
+    }
+}
+
 /// Compiles the ACT from the configuration and its directory file alone,
-/// without the store: what `consentry check` validates.
-pub fn compile(cfg: &Config, version: u64) -> anyhow::Result<Act> {
+/// without the store: what `consentry check` validates. The configuration
+/// is compiled on its own first, so that an error names the file it is in:
+/// `config` (templates, kinds, ACL) or the directory file.
+pub fn check(cfg: &Config, config: &Path) -> anyhow::Result<CheckReport> {
+    let (templates, kinds, acl) = (&cfg.templates, &cfg.kinds, &cfg.acl.rules);
+    prefs::compile(templates, kinds, &Default::default(), acl, 1)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
     let dir = cfg.load_directory()?;
-    let (act, _) = prefs::compile(&cfg.templates, &cfg.kinds, &dir, &cfg.acl.rules, version)?;
-    Ok(act)
+    prefs::compile(templates, kinds, &dir, acl, 1).map_err(|e| match &cfg.directory {
+        Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
+        None => e.into(),
+    })?;
+    Ok(CheckReport {
+        templates: templates.len(),
+        kinds: kinds.len(),
+        acl_rules: acl.len(),
+        directory: cfg.directory.clone(),
+        users: dir.users.len(),
+        devices: dir.devices.len(),
+        providers: dir.providers.len(),
+        preferences: dir.preferences.len(),
+    })
 }
 
 /// The operator's API key: `CONSENTRY_OPERATOR_KEY`, or generated on first
@@ -68,12 +124,65 @@ pub fn operator_key(cfg: &Config) -> anyhow::Result<String> {
     Ok(key)
 }
 
+/// The data directory, created owner-only (0700) if it does not exist. One
+/// the operator created keeps its mode (see [`secrets::create_private_dir`]).
+pub fn data_dir(cfg: &Config) -> anyhow::Result<&Path> {
+    let data = &cfg.storage.data_dir;
+    secrets::create_private_dir(data)
+        .with_context(|| format!("create data dir {}", data.display()))?;
+    Ok(data)
+}
+
 /// The store's file and its key, derived from the master key.
 pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
-    let data = &cfg.storage.data_dir;
-    std::fs::create_dir_all(data).with_context(|| format!("create data dir {}", data.display()))?;
+    let data = data_dir(cfg)?;
     let key = secrets::derive(&secrets::master_key(data)?, "store v1");
-    Ok(Store::open(&data.join("consentry.db"), &key)?)
+    let path = data.join("consentry.db");
+    owner_only_database(&path)?;
+    Ok(Store::open(&path, &key)?)
+}
+
+/// The store holds user ids and device password hashes. SQLite creates a
+/// database 0644 (less the umask) and gives its `-wal` and `-shm` files the
+/// database's mode, so the database is created 0600 before SQLite opens it
+/// (an empty file is an empty database to SQLite). Files an earlier version
+/// left readable by others are made owner-only.
+fn owner_only_database(db: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(db)
+            .with_context(|| format!("create {}", db.display()))?;
+        let beside = |suffix: &str| {
+            let mut name = db.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        for f in [db.to_path_buf(), beside("-wal"), beside("-shm")] {
+            let f = f.as_path();
+            let Ok(meta) = std::fs::metadata(f) else {
+                continue;
+            };
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode & 0o700))
+                    .with_context(|| format!("make {} owner-only", f.display()))?;
+                tracing::warn!(
+                    path = %f.display(),
+                    mode = %format!("{:o}", mode & 0o777),
+                    "store file was readable by others; made owner-only"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = db;
+    Ok(())
 }
 
 pub fn ledger_paths(cfg: &Config) -> (PathBuf, PathBuf) {
@@ -140,9 +249,7 @@ fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
 impl Server {
     /// Starts everything; returns once the listeners are bound.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
-        let data = &config.storage.data_dir;
-        std::fs::create_dir_all(data)
-            .with_context(|| format!("create data dir {}", data.display()))?;
+        let data = data_dir(&config)?;
         let issuer = match &config.operator {
             Some(op) => Some(Arc::new(Issuer::new(ReceiptKeys::open(data)?, op.clone()))),
             None => {
@@ -165,7 +272,8 @@ impl Server {
         let ledger = Ledger::open(ledger_config(&config), open_keyring(&config)?)?;
         let pseudonym_master =
             crate::secrets::load_or_create(&data.join("pseudonym.key"), "CONSENTRY_PSEUDONYM_KEY")?;
-        metrics::gauge!("consentry_act_version").set(act.load().version as f64);
+        metrics::gauge!(crate::metrics::ACT_VERSION).set(act.load().version as f64);
+        crate::metrics::register_providers(pm.providers().iter().map(|p| p.id.as_str()));
         let shared = Arc::new(Shared {
             act,
             creds,
@@ -261,7 +369,16 @@ impl Server {
     /// error nothing changes and the ACT in force stays.
     pub fn reload(&self) -> anyhow::Result<u64> {
         let dir = self.config.load_directory()?;
-        let version = self.prefs.import(dir)?;
+        let version = self.prefs.import(dir).map_err(|e| {
+            match (&e, &self.config.directory) {
+                // What is wrong is in the file: say which.
+                (
+                    PrefError::Invalid(_) | PrefError::Credentials(_) | PrefError::BadLogin(_),
+                    Some(path),
+                ) => anyhow::anyhow!("{}: {e}", path.display()),
+                _ => e.into(),
+            }
+        })?;
         tracing::info!(version, "directory reloaded");
         Ok(version)
     }

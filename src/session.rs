@@ -181,10 +181,10 @@ enum End {
     Codec(#[from] CodecError),
     #[error("protocol error: {0}")]
     Protocol(&'static str),
-    #[error("topic alias invalid")]
+    #[error("topic alias invalid: 0 or above the maximum of {ALIAS_MAX}")]
     Alias,
-    #[error("topic name invalid")]
-    TopicName,
+    #[error("topic name invalid: {0}")]
+    TopicName(&'static str),
     #[error("no CONNECT within the connect timeout")]
     ConnectTimeout,
     #[error("keep-alive expired")]
@@ -209,7 +209,7 @@ impl End {
             End::Codec(_) => "malformed",
             End::Protocol(_) => "protocol",
             End::Alias => "topic_alias",
-            End::TopicName => "topic_name",
+            End::TopicName(_) => "topic_name",
             End::ConnectTimeout => "connect_timeout",
             End::KeepAlive => "keep_alive",
             End::Upstream(_) => "upstream",
@@ -226,7 +226,7 @@ impl End {
             End::Codec(_) => DisconnectReasonCode::MalformedPacket,
             End::Protocol(_) => DisconnectReasonCode::ProtocolError,
             End::Alias => DisconnectReasonCode::TopicAliasInvalid,
-            End::TopicName => DisconnectReasonCode::TopicNameInvalid,
+            End::TopicName(_) => DisconnectReasonCode::TopicNameInvalid,
             End::KeepAlive => DisconnectReasonCode::KeepAliveTimeout,
             End::Upstream(_) => DisconnectReasonCode::UnspecifiedError,
             End::Ledger => DisconnectReasonCode::ServerBusy,
@@ -235,6 +235,27 @@ impl End {
             End::TakenOver => DisconnectReasonCode::SessionTakenOver,
             End::Io(_) | End::ConnectTimeout => return None,
         })
+    }
+
+    /// The reason string of the DISCONNECT: a sentence for whoever reads
+    /// the client's log. The broker's own troubles are not the client's
+    /// business beyond their existence.
+    fn reason_string(&self) -> String {
+        match self {
+            End::Upstream(_) => "the broker connection failed".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Why a topic name that [`TopicName::new`] (or UTF-8 decoding) refused is
+/// invalid, for the DISCONNECT's reason string. Only on the error path.
+fn topic_name_fault(topic: &[u8]) -> &'static str {
+    match std::str::from_utf8(topic) {
+        Err(_) => "not UTF-8",
+        Ok("") => "empty",
+        Ok(t) if t.contains(['+', '#']) => "contains a wildcard",
+        Ok(_) => "contains a NUL character",
     }
 }
 
@@ -258,6 +279,26 @@ pub async fn serve<S>(
     };
     let (version, packet) = match first {
         Ok(x) => x,
+        Err(End::Codec(CodecError::Protocol(level))) => {
+            // MQTT 3.1 (level 3) or another level we do not speak. MQTT
+            // 3.1.1 §3.1.2.2: answer CONNACK 0x01 (unacceptable protocol
+            // version), then close. rumqttc's parsers refuse such a CONNECT
+            // (InvalidProtocolLevel) before any of it can be read, so
+            // `Version::detect` reads the level byte from the raw header;
+            // the answer is written by rumqttc's 3.1.1 codec, MQTT 3.1's
+            // CONNACK being the same four bytes.
+            metrics::counter!(m::CONNECTIONS, "role" => "unknown", "result" => "unsupported_protocol")
+                .increment(1);
+            tracing::info!(
+                session = id,
+                level,
+                "CONNECT refused: unsupported protocol level (3.1.1 and 5 are spoken)"
+            );
+            let refusal = connack(ConnectReturnCode::UnsupportedProtocolVersion, None);
+            let _ = write_packet(&mut client, Version::V4, &refusal).await;
+            let _ = client.shutdown().await;
+            return;
+        }
         Err(e) => {
             metrics::counter!(m::PROTOCOL_ERRORS, "kind" => e.kind()).increment(1);
             tracing::debug!(session = id, error = %e, "connection closed before CONNECT");
@@ -278,16 +319,11 @@ pub async fn serve<S>(
         }
     };
     let role = who.role();
-    let provider_label = match &who {
-        Principal::Provider { id } => id.clone(),
-        other => other.role().to_string(),
-    };
     let mut session = Session {
         shared: shared.clone(),
         id,
         version,
-        counters: DeliveryCounters::new(&provider_label),
-        provider_label,
+        counters: DeliveryCounters::new(&who),
         who,
         aliases: HashMap::new(),
         refused_qos2_from_client: HashSet::new(),
@@ -413,8 +449,6 @@ struct Session {
     id: u64,
     version: Version,
     who: Principal,
-    /// Metrics label for deliveries: the provider id, or the role.
-    provider_label: String,
     aliases: HashMap<u16, Bytes>,
     /// QoS 2 publishes we refused: their PUBREL is answered here.
     refused_qos2_from_client: HashSet<u16>,
@@ -485,8 +519,8 @@ struct DeliveryCounters {
 }
 
 impl DeliveryCounters {
-    fn new(provider: &str) -> Self {
-        let c = |result: &'static str, reason: &'static str| metrics::counter!(m::DELIVERIES, "provider" => provider.to_string(), "result" => result, "reason" => reason);
+    fn new(who: &Principal) -> Self {
+        let c = |result, reason| m::delivery_counter(who, result, reason);
         DeliveryCounters {
             plain: c("delivered", "acl"),
             delivered: c("delivered", "consent"),
@@ -511,7 +545,8 @@ impl Session {
         // The will is a publish that happens later: it passes ingress now,
         // under the same rules, or the CONNECT is refused.
         if let Some(w) = will.as_mut() {
-            let topic = std::str::from_utf8(&w.topic).map_err(|_| End::TopicName)?;
+            let topic = std::str::from_utf8(&w.topic)
+                .map_err(|_| End::TopicName(topic_name_fault(&w.topic)))?;
             let checked = match TopicName::new(topic) {
                 Some(name) => self.check_ingress(name, &w.message),
                 None => Err(Deny::Invalid.as_str()),
@@ -569,8 +604,14 @@ impl Session {
             _ => None,
         };
         self.claim = Some(self.shared.client_ids.claim(&connect.client_id, self.id));
-        let keep_alive =
-            (client_keep_alive > 0).then(|| Duration::from_millis(client_keep_alive as u64 * 1500));
+        // A client that asked for no keep-alive gets server.min_keep_alive_secs
+        // when it speaks MQTT 5, whose CONNACK can tell it so (Server Keep
+        // Alive, §3.2.2.3.14); MQTT 3.1.1 cannot, so there 0 stays 0.
+        let min = self.shared.server.min_keep_alive_secs;
+        let server_keep_alive =
+            (self.version == Version::V5 && client_keep_alive == 0 && min > 0).then_some(min);
+        let granted = server_keep_alive.unwrap_or(client_keep_alive);
+        let keep_alive = (granted > 0).then(|| Duration::from_millis(granted as u64 * 1500));
 
         // A clean session without a will has no state at the broker until
         // it publishes or subscribes, so it gets no broker connection until
@@ -581,7 +622,7 @@ impl Session {
                 code: ConnectReturnCode::Success,
                 properties: None,
             };
-            self.own_connack_properties(&mut ack, assigned);
+            self.own_connack_properties(&mut ack, assigned, server_keep_alive);
             self.lazy = Some((connect, login));
             write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
             tracing::debug!(
@@ -599,7 +640,7 @@ impl Session {
             write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
             return Ok(None);
         }
-        self.own_connack_properties(&mut ack, assigned);
+        self.own_connack_properties(&mut ack, assigned, server_keep_alive);
         write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
         self.set_up_open(true);
         tracing::debug!(
@@ -614,11 +655,18 @@ impl Session {
     }
 
     /// What consentry, not the broker, decides in an MQTT 5 CONNACK.
-    fn own_connack_properties(&self, ack: &mut ConnAck, assigned: Option<String>) {
+    fn own_connack_properties(
+        &self,
+        ack: &mut ConnAck,
+        assigned: Option<String>,
+        server_keep_alive: Option<u16>,
+    ) {
         if self.version == Version::V5 {
             let props = ack.properties.get_or_insert_with(empty_connack_properties);
             props.topic_alias_max = Some(ALIAS_MAX);
             props.max_packet_size = Some(self.shared.server.max_packet_size as u32);
+            // The broker's, if any, is about consentry's own connection.
+            props.server_keep_alive = server_keep_alive;
             if assigned.is_some() {
                 props.assigned_client_identifier = assigned;
             }
@@ -1003,12 +1051,16 @@ impl Session {
     async fn close_with<S: AsyncWrite + Unpin>(&mut self, client: &mut S, e: &End) {
         if self.version == Version::V5 {
             if let Some(code) = e.reason() {
-                let _ = write_packet(
-                    client,
-                    self.version,
-                    &Packet::Disconnect(Disconnect::new(code)),
-                )
-                .await;
+                let disconnect = Disconnect {
+                    reason_code: code,
+                    properties: Some(v5::DisconnectProperties {
+                        session_expiry_interval: None,
+                        reason_string: Some(e.reason_string()),
+                        user_properties: vec![],
+                        server_reference: None,
+                    }),
+                };
+                let _ = write_packet(client, self.version, &Packet::Disconnect(disconnect)).await;
             }
         }
         let _ = client.shutdown().await;
@@ -1147,8 +1199,9 @@ impl Session {
                 self.aliases.insert(alias, publish.topic.clone());
             }
         }
-        let topic = std::str::from_utf8(&publish.topic).map_err(|_| End::TopicName)?;
-        let name = TopicName::new(topic).ok_or(End::TopicName)?;
+        let fault = || End::TopicName(topic_name_fault(&publish.topic));
+        let topic = std::str::from_utf8(&publish.topic).map_err(|_| fault())?;
+        let name = TopicName::new(topic).ok_or_else(fault)?;
         match self.check_ingress(name, &publish.payload) {
             Ok(payload) => {
                 self.shared.hot.forwarded.increment(1);
@@ -1509,7 +1562,7 @@ impl Session {
     }
 
     fn drop_delivery(&mut self, publish: &Publish, reason: &'static str) -> Result<(), End> {
-        metrics::counter!(m::DELIVERIES, "provider" => self.provider_label.clone(), "result" => "dropped", "reason" => reason).increment(1);
+        m::delivery_counter(&self.who, "dropped", reason).increment(1);
         tracing::debug!(
             session = self.id,
             role = self.who.role(),

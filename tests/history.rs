@@ -382,9 +382,19 @@ async fn receipts_validate_and_verify_independently() {
     );
     let bad = run(&bad_path);
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr)
-        .to_lowercase()
-        .contains("signature"));
+    let why = String::from_utf8_lossy(&bad.stderr);
+    assert!(why.to_lowercase().contains("signature"), "{why}");
+    assert!(why.contains("bad.jws"), "names the receipt: {why}");
+    // A bad JWKS is blamed on the JWKS, not on the receipt.
+    std::fs::write(&jwks_path, "not json").unwrap();
+    let out = run(&jws_path);
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        why.contains(&format!("--jwks {}", jwks_path.display())) && why.contains("not a JWK set"),
+        "{why}"
+    );
+    assert!(!why.contains("compact JWS"), "{why}");
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {

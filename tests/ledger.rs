@@ -77,7 +77,7 @@ async fn demo_scenario_writes_exactly_the_expected_records() {
     let shares: Vec<&Value> = entries.iter().filter(|e| e["type"] == "share").collect();
     assert_eq!(shares.len(), 2, "{entries:#?}");
     let hr = shares[0];
-    assert_eq!(hr["recipient"], "fitcoach");
+    assert_eq!(hr["provider"], "fitcoach");
     assert_eq!(hr["user"], "alice");
     assert_eq!(hr["device"], "alice-watch");
     assert_eq!(hr["kind"], "heart_rate");
@@ -108,13 +108,13 @@ async fn demo_scenario_writes_exactly_the_expected_records() {
     );
 
     // insureco got nothing: no share record, only aggregate refusals.
-    assert!(shares.iter().all(|s| s["recipient"] != "insureco"));
+    assert!(shares.iter().all(|s| s["provider"] != "insureco"));
     let blocked: Vec<(String, String, String, u64)> = entries
         .iter()
         .filter(|e| e["type"] == "blocked")
         .map(|e| {
             (
-                e["recipient"].as_str().unwrap().to_string(),
+                e["provider"].as_str().unwrap().to_string(),
                 e["kind"].as_str().unwrap().to_string(),
                 e["reason"].as_str().unwrap().to_string(),
                 e["count"].as_u64().unwrap(),
@@ -145,6 +145,34 @@ async fn demo_scenario_writes_exactly_the_expected_records() {
     let extracts: Vec<&Value> = again.iter().filter(|e| e["type"] == "extract").collect();
     assert_eq!(extracts.len(), 2);
     assert_eq!(extracts[0]["actor"], "test-operator");
+    // --from and --to take a date, meaning its start (UTC), or a time.
+    let day = hr["time"].as_str().unwrap()[..10].to_string();
+    let next = (chrono::NaiveDate::parse_from_str(&day, "%Y-%m-%d").unwrap()
+        + chrono::Days::new(1))
+    .to_string();
+    let shares_in = |range: &[&str]| {
+        let mut args = vec!["ledger", "show", "--user", "alice"];
+        args.extend_from_slice(range);
+        let out = server.cli(&args);
+        assert!(
+            out.status.success(),
+            "ledger show {range:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"type\":\"share\""))
+            .count()
+    };
+    assert_eq!(shares_in(&["--from", &day]), 2);
+    assert_eq!(shares_in(&["--from", &day, "--to", &next]), 2);
+    assert_eq!(shares_in(&["--to", &day]), 0);
+    assert_eq!(shares_in(&["--from", &next]), 0);
+    assert_eq!(shares_in(&["--from", &format!("{day}T00:00:00Z")]), 2);
+    let out = server.cli(&["ledger", "show", "--user", "alice", "--from", "23/11/2026"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("or a date (2026-11-23)"));
     // bob's history holds none of alice's records.
     let bob = show(&server, "bob");
     assert!(bob.iter().all(|e| e["user"] == "bob"), "{bob:#?}");

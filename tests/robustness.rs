@@ -78,12 +78,20 @@ impl Raw {
         r
     }
 
-    async fn expect_disconnect(&mut self, code: DisconnectReasonCode) {
-        match self.recv().await {
-            Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, code),
+    /// Expects DISCONNECT with `code` and the connection closed; returns
+    /// the DISCONNECT's reason string.
+    async fn expect_disconnect(&mut self, code: DisconnectReasonCode) -> String {
+        let reason = match self.recv().await {
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, code);
+                d.properties
+                    .and_then(|p| p.reason_string)
+                    .unwrap_or_default()
+            }
             other => panic!("expected DISCONNECT {code:?}, got {other:?}"),
-        }
+        };
         assert!(self.recv().await.is_none(), "connection left open");
+        reason
     }
 }
 
@@ -117,15 +125,70 @@ async fn garbage_before_connect_is_closed() {
         r.send_bytes(junk).await;
         assert!(r.recv().await.is_none());
     }
-    // Protocol level 3 (MQTT 3.1) is not spoken.
-    let mut r = Raw::open(server.mqtt).await;
-    r.send_bytes(&[
-        0x10, 0x0c, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x03, 0x02, 0x00, 0x3c, 0x00, 0x00,
-    ])
-    .await;
-    assert!(r.recv().await.is_none());
     still_serving(&server).await;
-    assert!(server.metric("consentry_protocol_errors_total", &[]) >= 4.0);
+    assert!(server.metric("consentry_protocol_errors_total", &[]) >= 3.0);
+}
+
+/// A CONNECT at protocol level `level` under protocol name `name`.
+fn connect_at_level(name: &[u8], level: u8) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    body.put_u16(name.len() as u16);
+    body.put_slice(name);
+    body.put_u8(level);
+    body.put_u8(0x02); // clean session
+    body.put_u16(60);
+    body.put_u16(4);
+    body.put_slice(b"old1");
+    let mut frame = vec![0x10, body.len() as u8];
+    frame.extend_from_slice(&body);
+    frame
+}
+
+#[tokio::test]
+async fn mqtt_3_1_gets_connack_unacceptable_protocol_version() {
+    let server = Server::demo();
+    // MQTT 3.1 names its protocol MQIsdp; a level the server does not know
+    // gets the same answer (MQTT 3.1.1 §3.1.2.2).
+    for (name, level) in [(&b"MQIsdp"[..], 3), (b"MQTT", 3), (b"MQTT", 6)] {
+        let mut r = Raw::open(server.mqtt).await;
+        r.send_bytes(&connect_at_level(name, level)).await;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), r.s.read_to_end(&mut answer))
+            .await
+            .expect("the server neither answered nor closed")
+            .unwrap();
+        // CONNACK, remaining length 2, no session, 0x01: then closed.
+        assert_eq!(answer, [0x20, 0x02, 0x00, 0x01], "level {level}");
+    }
+    let mut tried = 3.0;
+    // The real thing, when the Mosquitto clients are installed.
+    if let Ok(out) = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt.port().to_string()])
+        .args([
+            "-V",
+            "mqttv31",
+            "-u",
+            "alice-watch",
+            "-P",
+            "alice-watch-secret",
+        ])
+        .args(["-t", "public/x", "-m", "x"])
+        .output()
+    {
+        tried += 1.0;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(err.contains("unacceptable protocol version"), "{err}");
+    }
+    assert_eq!(
+        server.metric(
+            "consentry_connections_total",
+            &[("role", "unknown"), ("result", "unsupported_protocol")]
+        ),
+        tried
+    );
+    assert!(server.log().contains("unsupported protocol level"));
+    still_serving(&server).await;
 }
 
 #[tokio::test]
@@ -160,15 +223,18 @@ async fn oversized_packets_are_refused_with_0x95() {
         None,
     )))
     .await;
-    r.expect_disconnect(DisconnectReasonCode::PacketTooLarge)
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::PacketTooLarge)
         .await;
+    assert!(why.contains("exceeds the limit of 1024"), "{why}");
     still_serving(&server).await;
 }
 
 #[tokio::test]
 async fn bad_topics_end_the_session_with_a_reason() {
     let server = Server::demo();
-    // A wildcard in a topic name.
+    // A wildcard in a topic name. The reason string is a sentence, not
+    // the reason code's name.
     let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
     r.send(Packet::Publish(Publish::new(
         "pii/+/x",
@@ -177,16 +243,20 @@ async fn bad_topics_end_the_session_with_a_reason() {
         None,
     )))
     .await;
-    r.expect_disconnect(DisconnectReasonCode::TopicNameInvalid)
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::TopicNameInvalid)
         .await;
+    assert_eq!(why, "topic name invalid: contains a wildcard");
 
     // A topic that is not UTF-8.
     let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
     let mut p = Publish::new("x", QoS::AtMostOnce, "{}", None);
     p.topic = Bytes::from_static(b"pii/\xff\xfe");
     r.send(Packet::Publish(p)).await;
-    r.expect_disconnect(DisconnectReasonCode::TopicNameInvalid)
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::TopicNameInvalid)
         .await;
+    assert_eq!(why, "topic name invalid: not UTF-8");
 
     // An alias that was never set up.
     let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
@@ -207,8 +277,10 @@ async fn bad_topics_end_the_session_with_a_reason() {
         ..Default::default()
     });
     r.send(Packet::Publish(p)).await;
-    r.expect_disconnect(DisconnectReasonCode::TopicAliasInvalid)
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::TopicAliasInvalid)
         .await;
+    assert_eq!(why, "topic alias invalid: 0 or above the maximum of 64");
 
     // A second CONNECT.
     let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
@@ -223,8 +295,10 @@ async fn bad_topics_end_the_session_with_a_reason() {
         None,
     ))
     .await;
-    r.expect_disconnect(DisconnectReasonCode::ProtocolError)
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::ProtocolError)
         .await;
+    assert_eq!(why, "protocol error: second CONNECT");
 
     // A packet with a malformed body: PUBLISH claiming a topic longer than itself.
     let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
@@ -255,6 +329,60 @@ async fn keep_alive_zero_is_legal() {
     c.subscribe("public/#", v4::QoS::AtLeastOnce).await;
     c.client
         .publish("public/ka", v4::QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    assert_eq!(c.next_publish().await.topic, "public/ka");
+}
+
+#[tokio::test]
+async fn min_keep_alive_is_granted_to_mqtt5_clients_that_asked_for_none() {
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        replace: vec![(
+            "min_keep_alive_secs = 0".into(),
+            "min_keep_alive_secs = 1".into(),
+        )],
+        ..Default::default()
+    });
+    let mut r = Raw::open(server.mqtt).await;
+    r.send(Packet::Connect(
+        Connect {
+            keep_alive: 0,
+            client_id: format!("ka0-{}", rand_id()),
+            clean_start: true,
+            properties: None,
+        },
+        None,
+        Some(Login::new("alice-watch", "alice-watch-secret")),
+    ))
+    .await;
+    match r.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(
+            a.properties.and_then(|p| p.server_keep_alive),
+            Some(1),
+            "Server Keep Alive"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Silent for 1.5 × 1 s: disconnected.
+    let started = std::time::Instant::now();
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::KeepAliveTimeout)
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(5), "{why}");
+
+    // MQTT 3.1.1 cannot be told: a client that asked for none keeps none.
+    let mut o = v4::options(
+        server.mqtt,
+        "ka0-v4",
+        Some(("alice-watch", "alice-watch-secret")),
+    );
+    o.set_keep_alive(Duration::ZERO);
+    let mut c = v4::connect_with(o).await.expect("keep-alive 0 accepted");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.subscribe("public/#", v4::QoS::AtMostOnce).await;
+    c.client
+        .publish("public/ka", v4::QoS::AtMostOnce, false, "x")
         .await
         .unwrap();
     assert_eq!(c.next_publish().await.topic, "public/ka");

@@ -410,8 +410,8 @@ impl Writer {
         self.shared
             .durable_seq
             .store(self.next_seq - 1, Ordering::Release);
-        metrics::counter!("consentry_ledger_appends_total").increment(n as u64);
-        metrics::histogram!("consentry_ledger_batch_size").record(n as f64);
+        metrics::counter!(crate::metrics::LEDGER_APPENDS).increment(n as u64);
+        metrics::histogram!(crate::metrics::LEDGER_BATCH_SIZE).record(n as f64);
         for (seq, ack) in self.acks.drain(..) {
             let _ = ack.send(Ok(seq));
         }
@@ -438,7 +438,7 @@ impl Writer {
         self.seg
             .sync_data()
             .map_err(|e| LedgerError::io("fsync segment", e))?;
-        metrics::histogram!("consentry_ledger_fsync_seconds").record(t.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::LEDGER_FSYNC_SECONDS).record(t.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -512,7 +512,7 @@ impl Writer {
     fn fail(&mut self, e: LedgerError) {
         let msg = e.to_string();
         tracing::error!(error = %msg, "ledger write failed; failing closed");
-        metrics::counter!("consentry_ledger_append_failures_total").increment(1);
+        metrics::counter!(crate::metrics::LEDGER_APPEND_FAILURES).increment(1);
         self.shared.healthy.store(false, Ordering::SeqCst);
         let queued = {
             let mut q = self.shared.lock();

@@ -1,0 +1,265 @@
+//! End to end: what an operator meets running consentry — the modes of the
+//! files it creates, the metrics it serves, and `consentry check` agreeing
+//! with `consentry serve`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{v4, Server};
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_fresh_data_directory_and_its_database_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::demo();
+    let data = server.data_dir();
+    let mode = |name: &str| {
+        let p = data.join(name);
+        let m = std::fs::metadata(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode();
+        m & 0o777
+    };
+    assert_eq!(mode(""), 0o700, "data directory");
+    // The WAL and shared-memory files exist while the store is open.
+    for f in [
+        "consentry.db",
+        "consentry.db-wal",
+        "consentry.db-shm",
+        "master.key",
+        "operator.key",
+        "pseudonym.key",
+        "ledger-keys.json",
+        "receipt-keys.json",
+    ] {
+        assert_eq!(mode(f), 0o600, "{f}");
+    }
+}
+
+/// The metric names the README's Operating section lists.
+fn readme_metrics() -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("- Prometheus metrics on")
+        .expect("README lists the metrics");
+    let section = &readme[start..];
+    let end = section[2..].find("\n- ").map_or(section.len(), |e| e + 2);
+    let mut names: Vec<String> = section[..end]
+        .split('`')
+        .filter(|w| {
+            w.starts_with("consentry_") && w.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        })
+        .map(String::from)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn exported(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn every_metric_the_readme_lists_is_described_and_exported_from_the_start() {
+    let server = Server::demo();
+    let text = server.metrics_text();
+    let listed = readme_metrics();
+    assert!(listed.len() >= 15, "README lists {listed:?}");
+    for name in &listed {
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP line:\n{text}"
+        );
+        let sample = text.lines().any(|l| {
+            !l.starts_with('#')
+                && [name.clone(), format!("{name}_count")]
+                    .iter()
+                    .any(|n| l.starts_with(&format!("{n} ")) || l.starts_with(&format!("{n}{{")))
+        });
+        assert!(sample, "{name} has no sample at start:\n{text}");
+    }
+    // And the README lists everything exported.
+    assert_eq!(exported(&text), listed);
+}
+
+#[tokio::test]
+async fn deliveries_to_a_device_carry_its_role_and_no_provider_id() {
+    let server = Server::demo();
+    let mut dev = v4::connect(server.mqtt, "d", "alice-watch", "alice-watch-secret").await;
+    dev.subscribe("public/#", v4::QoS::AtMostOnce).await;
+    let mut fit = v4::connect(server.mqtt, "f", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("public/#", v4::QoS::AtMostOnce).await;
+    dev.client
+        .publish("public/x", v4::QoS::AtMostOnce, false, "x")
+        .await
+        .unwrap();
+    assert_eq!(dev.next_publish().await.topic, "public/x");
+    assert_eq!(fit.next_publish().await.topic, "public/x");
+    let text = server.metrics_text();
+    let deliveries: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("consentry_deliveries_total{"))
+        .collect();
+    let device = deliveries
+        .iter()
+        .find(|l| l.contains("role=\"device\"") && l.ends_with(" 1"))
+        .unwrap_or_else(|| panic!("no device delivery counted: {deliveries:#?}"));
+    assert!(!device.contains("provider="), "{device}");
+    assert!(
+        deliveries.iter().any(|l| l.contains("role=\"provider\"")
+            && l.contains("provider=\"fitcoach\"")
+            && l.ends_with(" 1")),
+        "{deliveries:#?}"
+    );
+    // Labels name roles, results, reasons and providers: never a user,
+    // a device or a topic.
+    for needle in ["alice", "public/", "pii/"] {
+        assert!(!text.contains(needle), "{needle} in metrics:\n{text}");
+    }
+}
+
+/// A configuration as the tests' servers get it, in a folder of its own,
+/// with `replace` applied to the shipped file's text.
+fn write_config(replace: &[(&str, &str)], directory: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let directory_path = dir.path().join("directory.toml");
+    std::fs::write(&directory_path, directory).unwrap();
+    let mut text = common::SHIPPED_CONFIG.replace(
+        "directory = \"demo.toml\"",
+        &format!("directory = {:?}", directory_path.display().to_string()),
+    );
+    for (from, to) in replace {
+        assert!(text.contains(from), "config has no {from:?}");
+        text = text.replace(from, to);
+    }
+    let config = dir.path().join("consentry.toml");
+    std::fs::write(&config, text).unwrap();
+    (dir, config)
+}
+
+fn run(config: &Path, args: &[&str], data_dir: &Path) -> (bool, String, String) {
+    let out = Command::new(common::bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("CONSENTRY_DATA_DIR", data_dir)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_reports_what_the_configuration_holds() {
+    let (dir, config) = write_config(&[], common::DEMO_DIRECTORY);
+    let data = dir.path().join("data");
+    let (ok, out, err) = run(&config, &["check"], &data);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("configuration OK: 1 topic template, 3 kinds, 0 ACL rules")
+            && out.contains("2 users, 2 devices, 2 providers, preferences of 2 users"),
+        "{out}"
+    );
+    assert!(!out.contains("ACT version"), "{out}");
+    assert!(!data.exists(), "check touched the data directory");
+}
+
+#[test]
+fn check_refuses_what_serve_refuses_and_serve_refuses_before_touching_the_store() {
+    for (from, to, key) in [
+        (
+            "checkpoint_every = 10000",
+            "checkpoint_every = 0",
+            "ledger.checkpoint_every",
+        ),
+        (
+            "login_attempts = 5",
+            "login_attempts = 0",
+            "api.login_attempts",
+        ),
+        (
+            "session_ttl_secs = 3600",
+            "session_ttl_secs = 0",
+            "api.session_ttl_secs",
+        ),
+        ("segment_mib = 64", "segment_mib = 0", "ledger.segment_mib"),
+        (
+            "blocked_flush_secs = 60",
+            "blocked_flush_secs = 0",
+            "ledger.blocked_flush_secs",
+        ),
+        (
+            "retention_days = 1825",
+            "retention_days = 0",
+            "ledger.retention_days",
+        ),
+        (
+            "connect_timeout_secs = 10",
+            "connect_timeout_secs = 0",
+            "server.connect_timeout_secs",
+        ),
+    ] {
+        let (dir, config) = write_config(&[(from, to)], common::DEMO_DIRECTORY);
+        let data = dir.path().join("data");
+        let (ok, _, err) = run(&config, &["check"], &data);
+        assert!(!ok && err.contains(key), "check with {to}: {err}");
+        let (ok, _, err) = run(
+            &config,
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+            &data,
+        );
+        assert!(!ok && err.contains(key), "serve with {to}: {err}");
+        assert!(!data.exists(), "serve with {to} created the data directory");
+    }
+}
+
+#[test]
+fn check_names_the_file_a_semantic_error_is_in() {
+    let bad_directory = common::DEMO_DIRECTORY.replacen(
+        "collect = [{ kind = \"heart_rate\" }",
+        "collect = [{ kind = \"heart_ratex\" }",
+        1,
+    );
+    assert_ne!(bad_directory, common::DEMO_DIRECTORY);
+    let (dir, config) = write_config(&[], &bad_directory);
+    let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
+    assert!(!ok);
+    assert!(
+        err.contains("directory.toml: ") && err.contains("unknown kind \"heart_ratex\""),
+        "{err}"
+    );
+
+    // An error in the configuration's own part names the configuration.
+    let (dir, config) = write_config(
+        &[(
+            "templates = [\"pii/{user}/{device}/{kind}\"]",
+            "templates = [\"pii/{user}/{device}\"]",
+        )],
+        common::DEMO_DIRECTORY,
+    );
+    let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
+    assert!(!ok && err.contains("consentry.toml: template"), "{err}");
+}
