@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode};
 use consentry::api::{router, ApiState};
 use consentry::config::ApiConfig;
 use consentry::model::{Directory, Kind};
@@ -45,18 +45,23 @@ impl Api {
     }
 
     async fn call(&self, req: Request<Body>) -> (StatusCode, Value, String) {
-        let resp = self.app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let ctype = resp
-            .headers()
+        let (status, headers, body) = self.call_with_headers(req).await;
+        let ctype = headers
             .get("content-type")
             .map(|v| v.to_str().unwrap().to_string())
             .unwrap_or_default();
+        (status, body, ctype)
+    }
+
+    async fn call_with_headers(&self, req: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, body, ctype)
+        (status, headers, body)
     }
 
     async fn json(
@@ -473,6 +478,156 @@ async fn openapi_document_is_served_and_lists_the_api() {
     // Generated from the handlers: the request schema has the real fields.
     let schema = &doc["components"]["schemas"]["PreferencesDocument"];
     assert!(schema["properties"].get("version").is_some(), "{schema}");
+}
+
+/// A problem document's status, content type and `field`.
+fn problem_of(s: StatusCode, p: &Value, ctype: &str) -> (u16, String, Option<String>) {
+    assert_eq!(p["status"], s.as_u16(), "{p}");
+    (
+        s.as_u16(),
+        ctype.to_string(),
+        p["field"].as_str().map(str::to_string),
+    )
+}
+
+fn problem(status: u16, field: Option<&str>) -> (u16, String, Option<String>) {
+    (
+        status,
+        "application/problem+json".to_string(),
+        field.map(str::to_string),
+    )
+}
+
+#[tokio::test]
+async fn query_and_path_parameters_that_do_not_parse_are_problems_naming_them() {
+    let api = Api::new();
+    let t = api.user("ivan").await;
+    let get = |uri: &str, header: (&str, &str)| {
+        Request::builder()
+            .uri(uri)
+            .header(header.0, header.1)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let bearer = format!("Bearer {t}");
+    let cases = [
+        ("/v1/me/history?limit=abc", "limit"),
+        ("/v1/me/history?from=yesterday", "from"),
+        ("/v1/me/history?to=2024-13-01T00:00:00Z", "to"),
+        ("/v1/me/history?after=-1", "after"),
+        ("/v1/me/history/export?format=json&format=csv", "format"),
+        ("/v1/me/receipts/x?format=json&format=jws", "format"),
+    ];
+    for (uri, field) in cases {
+        let (s, p, ct) = api.call(get(uri, ("authorization", &bearer))).await;
+        assert_eq!(
+            problem_of(s, &p, &ct),
+            problem(400, Some(field)),
+            "{uri}: {p}"
+        );
+        assert!(p["detail"].as_str().unwrap().contains(field), "{p}");
+    }
+    // Path parameters: a dispute id that is not a number, bytes that are
+    // not UTF-8 in a single parameter and in one of two.
+    let (s, p, ct) = api
+        .call(
+            Request::builder()
+                .method("POST")
+                .uri("/v1/operator/disputes/abc/resolve")
+                .header("x-operator-key", OPERATOR_KEY)
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"state": "upheld", "resolution": "ok"}"#))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(problem_of(s, &p, &ct), problem(400, Some("id")), "{p}");
+    let (s, p, ct) = api.call(get("/v1/providers/%FF", ("accept", "*/*"))).await;
+    assert_eq!(problem_of(s, &p, &ct), problem(400, Some("id")), "{p}");
+    let (s, p, ct) = api
+        .call(
+            Request::builder()
+                .method("DELETE")
+                .uri("/v1/me/preferences/share/fitcoach/%C3%28")
+                .header("authorization", &bearer)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(problem_of(s, &p, &ct), problem(400, Some("kind")), "{p}");
+}
+
+#[tokio::test]
+async fn json_bodies_missing_a_field_name_it() {
+    let api = Api::new();
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/users",
+            None,
+            json!({"id": "judy", "password": "correct horse battery"}),
+        )
+        .await;
+    assert_eq!(
+        (s, p["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("time_zone")),
+        "{p}"
+    );
+    let t = api.user("judy").await;
+    let cases = [
+        (json!({"collect": []}), "version"),
+        (
+            json!({"version": 0, "share": [{"provider": "fitcoach", "kind": "steps"}]}),
+            "share[0].purpose",
+        ),
+        (
+            json!({"version": 0, "collect": [{"kind": "steps"}], "collect ": []}),
+            "collect ",
+        ),
+    ];
+    for (doc, field) in cases {
+        let (s, p) = api.json("PUT", "/v1/me/preferences", Some(&t), doc).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+        assert_eq!(p["field"], field, "{p}");
+    }
+    let (s, p) = api
+        .json("POST", "/v1/sessions", None, json!({"user": "judy"}))
+        .await;
+    assert_eq!(
+        (s, p["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("password")),
+        "{p}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_methods_and_unknown_paths_are_problems() {
+    let api = Api::new();
+    let req = |method: &str, uri: &str| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for (method, uri, allow) in [
+        ("PATCH", "/v1/me/preferences", "GET,HEAD,PUT,DELETE"),
+        ("DELETE", "/v1/sessions", "POST"),
+        ("GET", "/v1/users", "POST"),
+        ("POST", "/v1/providers/fitcoach", "GET,HEAD"),
+    ] {
+        let (s, h, p) = api.call_with_headers(req(method, uri)).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+        assert_eq!(h["content-type"], "application/problem+json");
+        assert_eq!(h["allow"], allow, "{method} {uri}");
+        assert_eq!(p["status"], 405, "{p}");
+        assert!(p["detail"].as_str().unwrap().contains(method), "{p}");
+    }
+    for uri in ["/v1/nothing/here", "/", "/v1/providers/fitcoach/extra"] {
+        let (s, h, p) = api.call_with_headers(req("GET", uri)).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(h["content-type"], "application/problem+json");
+        assert_eq!(p["status"], 404, "{p}");
+    }
 }
 
 // === live enforcement through a real listener ===

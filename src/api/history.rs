@@ -2,7 +2,6 @@
 //! is about: filtered, paginated, in the user's time zone, exportable; and
 //! redress: disputing a record, which notifies the provider.
 
-use axum::extract::{Path, Query};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{AuthUser, Body, Operator, Problem, State};
+use super::{AuthUser, Body, Operator, Path, Problem, Query, State};
 use crate::ledger::{Entry, ExtractRecord, Ledger, ReadFilter};
 use crate::store::Dispute;
 

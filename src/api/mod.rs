@@ -18,8 +18,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, RawPathParams, Request};
 use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
@@ -175,6 +176,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/operator/kinds", post(operator::put_kind))
         .route("/v1/openapi.json", get(|| async { Json(openapi()) }))
         .route("/.well-known/jwks.json", get(jwks))
+        // After every route: it is set on the routes registered so far. The
+        // router still adds the `Allow` header to its answer.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -182,6 +186,13 @@ pub fn router(state: ApiState) -> Router {
 
 async fn not_found() -> Problem {
     Problem::not_found("no such resource")
+}
+
+async fn method_not_allowed(method: Method) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on this resource; the Allow header lists what is"),
+    )
 }
 
 async fn jwks(state: State) -> Result<Json<crate::receipt::Jwks>, Problem> {
@@ -207,6 +218,49 @@ where
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
             Err(rejection) => Err(Problem::from_json_rejection(rejection)),
+        }
+    }
+}
+
+/// Query parameters whose rejections are problem documents: 400 naming the
+/// parameter.
+pub struct Query<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| Query(q.0))
+            .map_err(Problem::from_query_rejection)
+    }
+}
+
+/// Path parameters whose rejections are problem documents: 400 naming the
+/// parameter.
+pub struct Path<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(p) => Ok(Path(p.0)),
+            Err(rejection) => {
+                let names: Vec<String> = RawPathParams::from_request_parts(parts, state)
+                    .await
+                    .map(|raw| raw.iter().map(|(name, _)| name.to_string()).collect())
+                    .unwrap_or_default();
+                Err(Problem::from_path_rejection(rejection, &names))
+            }
         }
     }
 }
@@ -310,5 +364,39 @@ impl LoginLimiter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(user);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// The rejections that know a parameter only by position, or not at
+    /// all, are named from the route.
+    #[tokio::test]
+    async fn path_rejections_name_the_parameter_by_position() {
+        let app: Router = Router::new()
+            .route(
+                "/pair/{a}/{b}",
+                get(|Path(_): Path<(String, u32)>| async {}),
+            )
+            .route("/one/{n}", get(|Path(_): Path<u32>| async {}));
+        for (uri, field) in [("/pair/x/y", "b"), ("/one/z", "n"), ("/pair/%FF/1", "a")] {
+            let resp = app
+                .clone()
+                .oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{uri}");
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let p: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(p["field"], field, "{uri}: {p}");
+        }
     }
 }
