@@ -630,6 +630,51 @@ async fn wrong_methods_and_unknown_paths_are_problems() {
     }
 }
 
+#[tokio::test]
+async fn a_rate_limited_login_says_when_to_retry() {
+    let api = Api::new();
+    api.user("kate").await;
+    let attempt = || {
+        Request::builder()
+            .method("POST")
+            .uri("/v1/sessions")
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"user": "kate", "password": "nope nope nope", "totp": "1"}).to_string(),
+            ))
+            .unwrap()
+    };
+    let window = ApiConfig::default().login_window_secs;
+    for _ in 0..ApiConfig::default().login_attempts {
+        let (s, h, _) = api.call_with_headers(attempt()).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(h.get("retry-after").is_none());
+    }
+    let (s, h, p) = api.call_with_headers(attempt()).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{p}");
+    assert_eq!(h["content-type"], "application/problem+json");
+    let secs: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (window - 5..=window).contains(&secs),
+        "Retry-After {secs}, window {window}"
+    );
+    // Another user name is not locked out.
+    let (s, h, _) = api
+        .call_with_headers(
+            Request::builder()
+                .method("POST")
+                .uri("/v1/sessions")
+                .header("content-type", "application/json")
+                .body(Body::from(
+                    json!({"user": "nobody", "password": "x", "totp": "1"}).to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(h.get("retry-after").is_none());
+}
+
 // === live enforcement through a real listener ===
 
 fn http(

@@ -336,15 +336,17 @@ impl LoginLimiter {
         }
     }
 
-    fn blocked(&self, user: &str) -> bool {
+    /// How long `user` stays locked out, if they are: until the window
+    /// that their first counted failure opened has passed.
+    fn locked_for(&self, user: &str) -> Option<Duration> {
         let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         match m.get(user) {
             Some((_, since)) if since.elapsed() > self.window => {
                 m.remove(user);
-                false
+                None
             }
-            Some((n, _)) => *n >= self.max,
-            None => false,
+            Some((n, since)) if *n >= self.max => Some(self.window.saturating_sub(since.elapsed())),
+            _ => None,
         }
     }
 

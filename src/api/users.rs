@@ -124,10 +124,14 @@ pub async fn login(
     state: State,
     Body(l): Body<Login>,
 ) -> Result<(StatusCode, Json<Session>), Problem> {
-    if state.limiter.blocked(&l.user) {
-        return Err(Problem::too_many(
-            "too many failed logins for this user; try again later",
-        ));
+    if let Some(left) = state.limiter.locked_for(&l.user) {
+        // Whole seconds, rounded up: retrying after them is not refused again.
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        let secs = secs.max(1);
+        return Err(Problem::too_many(format!(
+            "too many failed logins for this user; try again in {secs} s"
+        ))
+        .retry_after(secs));
     }
     let prefs = state.prefs.clone();
     let user = l.user.clone();
