@@ -30,9 +30,13 @@ struct Api {
 
 impl Api {
     fn new() -> Api {
+        Api::with_store(Store::in_memory(&rand::random()).unwrap())
+    }
+
+    fn with_store(store: Store) -> Api {
         let (dir, kinds) = demo();
         let (pm, _, _) = PreferenceManager::open(
-            Store::in_memory(&rand::random()).unwrap(),
+            store,
             vec!["pii/{user}/{device}/{kind}".into()],
             &kinds,
             vec![],
@@ -673,6 +677,120 @@ async fn a_rate_limited_login_says_when_to_retry() {
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(h.get("retry-after").is_none());
+}
+
+/// The code of the authenticator enrolled with `secret_b32` at `unix_secs`.
+fn totp_at(secret_b32: &str, unix_secs: u64) -> String {
+    let secret = totp_rs::Secret::Encoded(secret_b32.into())
+        .to_bytes()
+        .unwrap();
+    totp_rs::TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        6,
+        1,
+        30,
+        secret,
+        Some("consentry".into()),
+        "test".into(),
+    )
+    .unwrap()
+    .generate(unix_secs)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn a_totp_code_is_good_for_one_login() {
+    let api = Api::new();
+    let (s, reg) = api
+        .json(
+            "POST",
+            "/v1/users",
+            None,
+            json!({"id": "liam", "password": "correct horse battery", "time_zone": "UTC"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let secret = reg["totp_secret"].as_str().unwrap();
+    let now = unix_now();
+    let login =
+        |code: String| json!({"user": "liam", "password": "correct horse battery", "totp": code});
+    let (s, p) = api
+        .json("POST", "/v1/sessions", None, login(totp_at(secret, now)))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    // The same code again: refused as a wrong one is.
+    let (s, p) = api
+        .json("POST", "/v1/sessions", None, login(totp_at(secret, now)))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    assert_eq!(p["detail"], "wrong user name, password or code");
+    // The previous step's code (within the allowed skew) is older still.
+    let (s, _) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(totp_at(secret, now - 30)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // The next step's code is new.
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(totp_at(secret, now + 30)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+}
+
+#[tokio::test]
+async fn a_used_totp_code_stays_used_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("consentry.db");
+    let key = rand::random();
+    let api = Api::with_store(Store::open(&path, &key).unwrap());
+    let (s, reg) = api
+        .json(
+            "POST",
+            "/v1/users",
+            None,
+            json!({"id": "mia", "password": "correct horse battery", "time_zone": "UTC"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let secret = reg["totp_secret"].as_str().unwrap().to_string();
+    let now = unix_now();
+    let login =
+        |code: String| json!({"user": "mia", "password": "correct horse battery", "totp": code});
+    let (s, p) = api
+        .json("POST", "/v1/sessions", None, login(totp_at(&secret, now)))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    drop(api);
+
+    let api = Api::with_store(Store::open(&path, &key).unwrap());
+    let (s, _) = api
+        .json("POST", "/v1/sessions", None, login(totp_at(&secret, now)))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "replayed after a restart");
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(totp_at(&secret, now + 30)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
 }
 
 // === live enforcement through a real listener ===

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use totp_rs::{Algorithm, Secret, TOTP};
 use utoipa::ToSchema;
 
@@ -53,6 +54,20 @@ fn totp(secret: Vec<u8>, issuer: &str, user: &str) -> Result<TOTP, Problem> {
         user.to_string(),
     )
     .map_err(|e| Problem::internal_logged(&e))
+}
+
+/// The time step whose code `code` is, within the allowed skew around now;
+/// the latest if more than one matches.
+fn code_step(t: &TOTP, code: &str) -> Option<u64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let current = now / t.step;
+    let skew = u64::from(t.skew);
+    (current.saturating_sub(skew)..=current + skew)
+        .rev()
+        .find(|step| bool::from(t.generate(step * t.step).as_bytes().ct_eq(code.as_bytes())))
 }
 
 async fn hash(password: String) -> Result<String, Problem> {
@@ -155,13 +170,20 @@ pub async fn login(
                     .verify_password(l.password.as_bytes(), &h)
                     .is_ok()
             });
-        let code_ok = match auth.totp_secret {
-            Some(secret) => totp(secret, &issuer, &user)?
-                .check_current(l.totp.trim())
-                .unwrap_or(false),
-            None => false,
+        let step = match auth.totp_secret {
+            Some(secret) => code_step(&totp(secret, &issuer, &user)?, l.totp.trim()),
+            None => None,
         };
-        Ok(password_ok && code_ok)
+        let Some(step) = step.filter(|_| password_ok) else {
+            return Ok(false);
+        };
+        // RFC 6238 §5.2: a code is good for one login. Both factors were
+        // right; the code still counts as wrong if its step, or a later one,
+        // was accepted before.
+        prefs
+            .store()
+            .accept_totp_step(&user, step)
+            .map_err(|e| Problem::internal_logged(&e))
     })
     .await
     .map_err(|_| Problem::internal())??;
