@@ -482,6 +482,31 @@ async fn openapi_document_is_served_and_lists_the_api() {
     // Generated from the handlers: the request schema has the real fields.
     let schema = &doc["components"]["schemas"]["PreferencesDocument"];
     assert!(schema["properties"].get("version").is_some(), "{schema}");
+    // Errors as they are sent: problem+json, Retry-After on 429, and a
+    // default problem response for the errors an operation does not list.
+    let login = &doc["paths"]["/v1/sessions"]["post"]["responses"];
+    assert!(
+        login["429"]["content"]
+            .get("application/problem+json")
+            .is_some(),
+        "{login}"
+    );
+    assert!(
+        login["429"]["headers"].get("Retry-After").is_some(),
+        "{login}"
+    );
+    assert!(login["401"]["content"].get("application/json").is_none());
+    assert_eq!(
+        login["default"]["$ref"], "#/components/responses/Problem",
+        "{login}"
+    );
+    let default = &doc["components"]["responses"]["Problem"];
+    assert!(
+        default["content"].get("application/problem+json").is_some(),
+        "{default}"
+    );
+    let history = &doc["paths"]["/v1/me/history"]["get"]["responses"];
+    assert!(history.get("400").is_some(), "{history}");
 }
 
 /// A problem document's status, content type and `field`.

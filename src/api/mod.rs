@@ -83,7 +83,10 @@ pub type State = axum::extract::State<Arc<ApiState>>;
 #[openapi(
     info(
         title = "consentry preference manager",
-        description = "PII preferences, devices and consent receipts (ITU-T X.1363, Kantara Consent Receipt)."
+        description = "PII preferences, devices and consent receipts (ITU-T X.1363, Kantara Consent Receipt).\n\n\
+            Every error is `application/problem+json` (RFC 9457), with `field` naming the request \
+            field, path or query parameter at fault where there is one: also 404 for an unknown \
+            path and 405 (with `Allow`) for a method a path does not have."
     ),
     paths(
         users::register,
@@ -111,7 +114,7 @@ pub type State = axum::extract::State<Arc<ApiState>>;
         operator::put_kind,
     ),
     components(schemas(Problem)),
-    modifiers(&SecuritySchemes)
+    modifiers(&SecuritySchemes, &ProblemResponses)
 )]
 pub struct ApiDoc;
 
@@ -131,6 +134,67 @@ impl utoipa::Modify for SecuritySchemes {
             "operator",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-operator-key"))),
         );
+    }
+}
+
+/// Problem documents as they are sent (`application/problem+json`, where
+/// `body = Problem` alone says JSON), and a `default` response on every
+/// operation for the errors it does not list.
+struct ProblemResponses;
+
+impl utoipa::Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        const PROBLEM: &str = "application/problem+json";
+        let problem_schema = Ref::from_schema_name("Problem");
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.responses.insert(
+            "Problem".to_string(),
+            ResponseBuilder::new()
+                .description(
+                    "Any other error (e.g. 400 for a path or query parameter that does not \
+                     parse, 401, 413, 415, 422 for a body that does not fit), naming the \
+                     field at fault",
+                )
+                .content(
+                    PROBLEM,
+                    ContentBuilder::new()
+                        .schema(Some(problem_schema.clone()))
+                        .build(),
+                )
+                .build()
+                .into(),
+        );
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+                &mut item.head,
+                &mut item.options,
+            ];
+            for op in operations.into_iter().flatten() {
+                for response in op.responses.responses.values_mut() {
+                    let RefOr::T(response) = response else {
+                        continue;
+                    };
+                    let is_problem = response.content.get("application/json").is_some_and(
+                        |c| matches!(&c.schema, Some(RefOr::Ref(r)) if *r == problem_schema),
+                    );
+                    if is_problem {
+                        if let Some(content) = response.content.shift_remove("application/json") {
+                            response.content.insert(PROBLEM.to_string(), content);
+                        }
+                    }
+                }
+                op.responses
+                    .responses
+                    .entry("default".to_string())
+                    .or_insert_with(|| RefOr::Ref(Ref::new("#/components/responses/Problem")));
+            }
+        }
     }
 }
 

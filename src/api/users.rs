@@ -134,7 +134,10 @@ pub struct Session {
 
 /// Log in with password and TOTP code (two factors, X.1363 10.2).
 #[utoipa::path(post, path = "/v1/sessions", request_body = Login,
-    responses((status = 201, body = Session), (status = 401, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 201, body = Session),
+        (status = 401, body = Problem, description = "wrong user name, password or code, or a code already used"),
+        (status = 429, body = Problem, description = "too many failed logins for this user name",
+            headers(("Retry-After" = u64, description = "Whole seconds until the lockout ends")))))]
 pub async fn login(
     state: State,
     Body(l): Body<Login>,
