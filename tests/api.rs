@@ -939,3 +939,84 @@ async fn revocation_through_the_api_stops_the_next_delivery() {
         "delivered after expiry"
     );
 }
+
+/// Like `http`, with the response headers (lower-case names).
+fn http_with_headers(
+    server: &common::Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, std::collections::HashMap<String, String>, Value) {
+    let url = format!("http://{}{}", server.api.expect("API listening"), path);
+    let mut req = ureq::request(method, &url);
+    if let Some(t) = token {
+        req = req.set("authorization", &format!("Bearer {t}"));
+    }
+    let resp = match body {
+        Some(b) => req
+            .set("content-type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let headers = resp
+        .headers_names()
+        .into_iter()
+        .filter_map(|n| Some((n.to_ascii_lowercase(), resp.header(&n)?.to_string())))
+        .collect();
+    let status = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn errors_through_a_real_listener_are_problems_with_their_headers() {
+    let server = common::Server::demo();
+    let (s, reg) = http(
+        &server,
+        "POST",
+        "/v1/users",
+        None,
+        Some(json!({"id": "noah", "password": "correct horse battery", "time_zone": "UTC"})),
+    );
+    assert_eq!(s, 201, "{reg}");
+    let code = totp_now(reg["totp_secret"].as_str().unwrap(), "noah");
+    let login = json!({"user": "noah", "password": "correct horse battery", "totp": code});
+    let (s, sess) = http(&server, "POST", "/v1/sessions", None, Some(login.clone()));
+    assert_eq!(s, 201, "{sess}");
+    let t = sess["token"].as_str().unwrap();
+
+    let problem = |h: &std::collections::HashMap<String, String>| {
+        assert_eq!(h["content-type"], "application/problem+json", "{h:?}");
+    };
+    let (s, h, p) = http_with_headers(&server, "GET", "/v1/me/history?limit=abc", Some(t), None);
+    assert_eq!((s, p["field"].as_str()), (400, Some("limit")), "{p}");
+    problem(&h);
+    let (s, h, p) = http_with_headers(&server, "PATCH", "/v1/me/preferences", Some(t), None);
+    assert_eq!(s, 405, "{p}");
+    assert_eq!(h["allow"], "GET,HEAD,PUT,DELETE");
+    problem(&h);
+    let (s, h, _) = http_with_headers(&server, "GET", "/v1/nothing/here", None, None);
+    assert_eq!(s, 404);
+    problem(&h);
+    // The code just used is refused, and so counts as a failed login.
+    let (s, _, _) = http_with_headers(&server, "POST", "/v1/sessions", None, Some(login.clone()));
+    assert_eq!(s, 401, "a TOTP code is good for one login");
+    for _ in 0..5 {
+        http_with_headers(&server, "POST", "/v1/sessions", None, Some(login.clone()));
+    }
+    let (s, h, p) = http_with_headers(&server, "POST", "/v1/sessions", None, Some(login));
+    assert_eq!(s, 429, "{p}");
+    problem(&h);
+    let secs: u64 = h["retry-after"].parse().unwrap();
+    assert!((1..=900).contains(&secs), "Retry-After {secs}");
+}
