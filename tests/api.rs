@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode};
 use consentry::api::{router, ApiState};
 use consentry::config::ApiConfig;
 use consentry::model::{Directory, Kind};
@@ -30,9 +30,13 @@ struct Api {
 
 impl Api {
     fn new() -> Api {
+        Api::with_store(Store::in_memory(&rand::random()).unwrap())
+    }
+
+    fn with_store(store: Store) -> Api {
         let (dir, kinds) = demo();
         let (pm, _, _) = PreferenceManager::open(
-            Store::in_memory(&rand::random()).unwrap(),
+            store,
             vec!["pii/{user}/{device}/{kind}".into()],
             &kinds,
             vec![],
@@ -45,18 +49,23 @@ impl Api {
     }
 
     async fn call(&self, req: Request<Body>) -> (StatusCode, Value, String) {
-        let resp = self.app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let ctype = resp
-            .headers()
+        let (status, headers, body) = self.call_with_headers(req).await;
+        let ctype = headers
             .get("content-type")
             .map(|v| v.to_str().unwrap().to_string())
             .unwrap_or_default();
+        (status, body, ctype)
+    }
+
+    async fn call_with_headers(&self, req: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, body, ctype)
+        (status, headers, body)
     }
 
     async fn json(
@@ -473,6 +482,340 @@ async fn openapi_document_is_served_and_lists_the_api() {
     // Generated from the handlers: the request schema has the real fields.
     let schema = &doc["components"]["schemas"]["PreferencesDocument"];
     assert!(schema["properties"].get("version").is_some(), "{schema}");
+    // Errors as they are sent: problem+json, Retry-After on 429, and a
+    // default problem response for the errors an operation does not list.
+    let login = &doc["paths"]["/v1/sessions"]["post"]["responses"];
+    assert!(
+        login["429"]["content"]
+            .get("application/problem+json")
+            .is_some(),
+        "{login}"
+    );
+    assert!(
+        login["429"]["headers"].get("Retry-After").is_some(),
+        "{login}"
+    );
+    assert!(login["401"]["content"].get("application/json").is_none());
+    assert_eq!(
+        login["default"]["$ref"], "#/components/responses/Problem",
+        "{login}"
+    );
+    let default = &doc["components"]["responses"]["Problem"];
+    assert!(
+        default["content"].get("application/problem+json").is_some(),
+        "{default}"
+    );
+    let history = &doc["paths"]["/v1/me/history"]["get"]["responses"];
+    assert!(history.get("400").is_some(), "{history}");
+}
+
+/// A problem document's status, content type and `field`.
+fn problem_of(s: StatusCode, p: &Value, ctype: &str) -> (u16, String, Option<String>) {
+    assert_eq!(p["status"], s.as_u16(), "{p}");
+    (
+        s.as_u16(),
+        ctype.to_string(),
+        p["field"].as_str().map(str::to_string),
+    )
+}
+
+fn problem(status: u16, field: Option<&str>) -> (u16, String, Option<String>) {
+    (
+        status,
+        "application/problem+json".to_string(),
+        field.map(str::to_string),
+    )
+}
+
+#[tokio::test]
+async fn query_and_path_parameters_that_do_not_parse_are_problems_naming_them() {
+    let api = Api::new();
+    let t = api.user("ivan").await;
+    let get = |uri: &str, header: (&str, &str)| {
+        Request::builder()
+            .uri(uri)
+            .header(header.0, header.1)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let bearer = format!("Bearer {t}");
+    let cases = [
+        ("/v1/me/history?limit=abc", "limit"),
+        ("/v1/me/history?from=yesterday", "from"),
+        ("/v1/me/history?to=2024-13-01T00:00:00Z", "to"),
+        ("/v1/me/history?after=-1", "after"),
+        ("/v1/me/history/export?format=json&format=csv", "format"),
+        ("/v1/me/receipts/x?format=json&format=jws", "format"),
+    ];
+    for (uri, field) in cases {
+        let (s, p, ct) = api.call(get(uri, ("authorization", &bearer))).await;
+        assert_eq!(
+            problem_of(s, &p, &ct),
+            problem(400, Some(field)),
+            "{uri}: {p}"
+        );
+        assert!(p["detail"].as_str().unwrap().contains(field), "{p}");
+    }
+    // Path parameters: a dispute id that is not a number, bytes that are
+    // not UTF-8 in a single parameter and in one of two.
+    let (s, p, ct) = api
+        .call(
+            Request::builder()
+                .method("POST")
+                .uri("/v1/operator/disputes/abc/resolve")
+                .header("x-operator-key", OPERATOR_KEY)
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"state": "upheld", "resolution": "ok"}"#))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(problem_of(s, &p, &ct), problem(400, Some("id")), "{p}");
+    let (s, p, ct) = api.call(get("/v1/providers/%FF", ("accept", "*/*"))).await;
+    assert_eq!(problem_of(s, &p, &ct), problem(400, Some("id")), "{p}");
+    let (s, p, ct) = api
+        .call(
+            Request::builder()
+                .method("DELETE")
+                .uri("/v1/me/preferences/share/fitcoach/%C3%28")
+                .header("authorization", &bearer)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(problem_of(s, &p, &ct), problem(400, Some("kind")), "{p}");
+}
+
+#[tokio::test]
+async fn json_bodies_missing_a_field_name_it() {
+    let api = Api::new();
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/users",
+            None,
+            json!({"id": "judy", "password": "correct horse battery"}),
+        )
+        .await;
+    assert_eq!(
+        (s, p["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("time_zone")),
+        "{p}"
+    );
+    let t = api.user("judy").await;
+    let cases = [
+        (json!({"collect": []}), "version"),
+        (
+            json!({"version": 0, "share": [{"provider": "fitcoach", "kind": "steps"}]}),
+            "share[0].purpose",
+        ),
+        (
+            json!({"version": 0, "collect": [{"kind": "steps"}], "collect ": []}),
+            "collect ",
+        ),
+    ];
+    for (doc, field) in cases {
+        let (s, p) = api.json("PUT", "/v1/me/preferences", Some(&t), doc).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+        assert_eq!(p["field"], field, "{p}");
+    }
+    let (s, p) = api
+        .json("POST", "/v1/sessions", None, json!({"user": "judy"}))
+        .await;
+    assert_eq!(
+        (s, p["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("password")),
+        "{p}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_methods_and_unknown_paths_are_problems() {
+    let api = Api::new();
+    let req = |method: &str, uri: &str| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for (method, uri, allow) in [
+        ("PATCH", "/v1/me/preferences", "GET,HEAD,PUT,DELETE"),
+        ("DELETE", "/v1/sessions", "POST"),
+        ("GET", "/v1/users", "POST"),
+        ("POST", "/v1/providers/fitcoach", "GET,HEAD"),
+    ] {
+        let (s, h, p) = api.call_with_headers(req(method, uri)).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+        assert_eq!(h["content-type"], "application/problem+json");
+        assert_eq!(h["allow"], allow, "{method} {uri}");
+        assert_eq!(p["status"], 405, "{p}");
+        assert!(p["detail"].as_str().unwrap().contains(method), "{p}");
+    }
+    for uri in ["/v1/nothing/here", "/", "/v1/providers/fitcoach/extra"] {
+        let (s, h, p) = api.call_with_headers(req("GET", uri)).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(h["content-type"], "application/problem+json");
+        assert_eq!(p["status"], 404, "{p}");
+    }
+}
+
+#[tokio::test]
+async fn a_rate_limited_login_says_when_to_retry() {
+    let api = Api::new();
+    api.user("kate").await;
+    let attempt = || {
+        Request::builder()
+            .method("POST")
+            .uri("/v1/sessions")
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"user": "kate", "password": "nope nope nope", "totp": "1"}).to_string(),
+            ))
+            .unwrap()
+    };
+    let window = ApiConfig::default().login_window_secs;
+    for _ in 0..ApiConfig::default().login_attempts {
+        let (s, h, _) = api.call_with_headers(attempt()).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(h.get("retry-after").is_none());
+    }
+    let (s, h, p) = api.call_with_headers(attempt()).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{p}");
+    assert_eq!(h["content-type"], "application/problem+json");
+    let secs: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (window - 5..=window).contains(&secs),
+        "Retry-After {secs}, window {window}"
+    );
+    // Another user name is not locked out.
+    let (s, h, _) = api
+        .call_with_headers(
+            Request::builder()
+                .method("POST")
+                .uri("/v1/sessions")
+                .header("content-type", "application/json")
+                .body(Body::from(
+                    json!({"user": "nobody", "password": "x", "totp": "1"}).to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(h.get("retry-after").is_none());
+}
+
+/// The code of the authenticator enrolled with `secret_b32` at `unix_secs`.
+fn totp_at(secret_b32: &str, unix_secs: u64) -> String {
+    let secret = totp_rs::Secret::Encoded(secret_b32.into())
+        .to_bytes()
+        .unwrap();
+    totp_rs::TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        6,
+        1,
+        30,
+        secret,
+        Some("consentry".into()),
+        "test".into(),
+    )
+    .unwrap()
+    .generate(unix_secs)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn a_totp_code_is_good_for_one_login() {
+    let api = Api::new();
+    let (s, reg) = api
+        .json(
+            "POST",
+            "/v1/users",
+            None,
+            json!({"id": "liam", "password": "correct horse battery", "time_zone": "UTC"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let secret = reg["totp_secret"].as_str().unwrap();
+    let now = unix_now();
+    let login =
+        |code: String| json!({"user": "liam", "password": "correct horse battery", "totp": code});
+    let (s, p) = api
+        .json("POST", "/v1/sessions", None, login(totp_at(secret, now)))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    // The same code again: refused as a wrong one is.
+    let (s, p) = api
+        .json("POST", "/v1/sessions", None, login(totp_at(secret, now)))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    assert_eq!(p["detail"], "wrong user name, password or code");
+    // The previous step's code (within the allowed skew) is older still.
+    let (s, _) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(totp_at(secret, now - 30)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // The next step's code is new.
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(totp_at(secret, now + 30)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+}
+
+#[tokio::test]
+async fn a_used_totp_code_stays_used_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("consentry.db");
+    let key = rand::random();
+    let api = Api::with_store(Store::open(&path, &key).unwrap());
+    let (s, reg) = api
+        .json(
+            "POST",
+            "/v1/users",
+            None,
+            json!({"id": "mia", "password": "correct horse battery", "time_zone": "UTC"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let secret = reg["totp_secret"].as_str().unwrap().to_string();
+    let now = unix_now();
+    let login =
+        |code: String| json!({"user": "mia", "password": "correct horse battery", "totp": code});
+    let (s, p) = api
+        .json("POST", "/v1/sessions", None, login(totp_at(&secret, now)))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    drop(api);
+
+    let api = Api::with_store(Store::open(&path, &key).unwrap());
+    let (s, _) = api
+        .json("POST", "/v1/sessions", None, login(totp_at(&secret, now)))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "replayed after a restart");
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(totp_at(&secret, now + 30)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
 }
 
 // === live enforcement through a real listener ===
@@ -595,4 +938,85 @@ async fn revocation_through_the_api_stops_the_next_delivery() {
         1,
         "delivered after expiry"
     );
+}
+
+/// Like `http`, with the response headers (lower-case names).
+fn http_with_headers(
+    server: &common::Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, std::collections::HashMap<String, String>, Value) {
+    let url = format!("http://{}{}", server.api.expect("API listening"), path);
+    let mut req = ureq::request(method, &url);
+    if let Some(t) = token {
+        req = req.set("authorization", &format!("Bearer {t}"));
+    }
+    let resp = match body {
+        Some(b) => req
+            .set("content-type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let headers = resp
+        .headers_names()
+        .into_iter()
+        .filter_map(|n| Some((n.to_ascii_lowercase(), resp.header(&n)?.to_string())))
+        .collect();
+    let status = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn errors_through_a_real_listener_are_problems_with_their_headers() {
+    let server = common::Server::demo();
+    let (s, reg) = http(
+        &server,
+        "POST",
+        "/v1/users",
+        None,
+        Some(json!({"id": "noah", "password": "correct horse battery", "time_zone": "UTC"})),
+    );
+    assert_eq!(s, 201, "{reg}");
+    let code = totp_now(reg["totp_secret"].as_str().unwrap(), "noah");
+    let login = json!({"user": "noah", "password": "correct horse battery", "totp": code});
+    let (s, sess) = http(&server, "POST", "/v1/sessions", None, Some(login.clone()));
+    assert_eq!(s, 201, "{sess}");
+    let t = sess["token"].as_str().unwrap();
+
+    let problem = |h: &std::collections::HashMap<String, String>| {
+        assert_eq!(h["content-type"], "application/problem+json", "{h:?}");
+    };
+    let (s, h, p) = http_with_headers(&server, "GET", "/v1/me/history?limit=abc", Some(t), None);
+    assert_eq!((s, p["field"].as_str()), (400, Some("limit")), "{p}");
+    problem(&h);
+    let (s, h, p) = http_with_headers(&server, "PATCH", "/v1/me/preferences", Some(t), None);
+    assert_eq!(s, 405, "{p}");
+    assert_eq!(h["allow"], "GET,HEAD,PUT,DELETE");
+    problem(&h);
+    let (s, h, _) = http_with_headers(&server, "GET", "/v1/nothing/here", None, None);
+    assert_eq!(s, 404);
+    problem(&h);
+    // The code just used is refused, and so counts as a failed login.
+    let (s, _, _) = http_with_headers(&server, "POST", "/v1/sessions", None, Some(login.clone()));
+    assert_eq!(s, 401, "a TOTP code is good for one login");
+    for _ in 0..5 {
+        http_with_headers(&server, "POST", "/v1/sessions", None, Some(login.clone()));
+    }
+    let (s, h, p) = http_with_headers(&server, "POST", "/v1/sessions", None, Some(login));
+    assert_eq!(s, 429, "{p}");
+    problem(&h);
+    let secs: u64 = h["retry-after"].parse().unwrap();
+    assert!((1..=900).contains(&secs), "Retry-After {secs}");
 }

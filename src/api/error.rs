@@ -1,8 +1,9 @@
 //! RFC 9457 problem documents. A handler's error names what was wrong and,
 //! for bad input, which field; causes inside consentry are logged, not sent.
 
-use axum::extract::rejection::JsonRejection;
-use axum::http::{header, StatusCode};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -23,6 +24,10 @@ pub struct Problem {
     /// For 409: the version the preferences are at.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_version: Option<u64>,
+    /// For 429: whole seconds until the client may try again, sent as the
+    /// `Retry-After` header (not in the body).
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
 }
 
 impl Problem {
@@ -34,6 +39,7 @@ impl Problem {
             detail: detail.into(),
             field: None,
             current_version: None,
+            retry_after: None,
         }
     }
 
@@ -63,6 +69,11 @@ impl Problem {
     pub fn too_many(detail: impl Into<String>) -> Problem {
         Problem::new(StatusCode::TOO_MANY_REQUESTS, detail)
     }
+    /// Adds `Retry-After: secs` to the response.
+    pub fn retry_after(mut self, secs: u64) -> Problem {
+        self.retry_after = Some(secs);
+        self
+    }
     pub fn internal() -> Problem {
         Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
@@ -75,19 +86,16 @@ impl Problem {
     pub fn from_json_rejection(r: JsonRejection) -> Problem {
         match r {
             JsonRejection::JsonDataError(e) => {
-                // serde's message starts with the path, e.g. "share[0].kind: …".
-                let text = e.body_text();
-                let detail = text
-                    .strip_prefix("Failed to deserialize the JSON body into the target type: ")
-                    .unwrap_or(&text)
-                    .to_string();
-                let field = detail
-                    .split_once(": ")
-                    .map(|(f, _)| f.to_string())
-                    .filter(|f| !f.contains(' '));
-                let mut p = Problem::unprocessable(detail);
-                p.field = field;
-                p
+                match find_source::<serde_path_to_error::Error<serde_json::Error>>(&e) {
+                    // "share[0].kind: unknown variant …", "missing field `version` …"
+                    Some(de) => {
+                        let field = serde_field(de.path(), &de.inner().to_string());
+                        let mut p = Problem::unprocessable(de.to_string());
+                        p.field = field;
+                        p
+                    }
+                    None => Problem::unprocessable(e.body_text()),
+                }
             }
             JsonRejection::JsonSyntaxError(e) => Problem::bad_request(e.body_text()),
             JsonRejection::MissingJsonContentType(_) => Problem::new(
@@ -98,18 +106,95 @@ impl Problem {
             other => Problem::bad_request(other.body_text()),
         }
     }
+
+    /// A query string that does not fit its parameters: 400 naming the
+    /// parameter, e.g. `limit` for `?limit=abc`.
+    pub fn from_query_rejection(r: QueryRejection) -> Problem {
+        type De = serde_path_to_error::Error<serde_urlencoded::de::Error>;
+        let status = r.status();
+        match find_source::<De>(&r) {
+            Some(de) => {
+                let field = serde_field(de.path(), &de.inner().to_string());
+                let mut p = Problem::new(status, de.to_string());
+                p.field = field;
+                p
+            }
+            None => Problem::new(status, r.body_text()),
+        }
+    }
+
+    /// A path segment that does not fit its parameter: 400 naming it.
+    /// `names` are the route's parameter names in order, for the rejections
+    /// that only know an index (tuples) or nothing (a single value).
+    pub fn from_path_rejection(r: PathRejection, names: &[String]) -> Problem {
+        let status = r.status();
+        if status.is_server_error() {
+            // A route and its extractor disagree: ours to fix, not the client's.
+            return Problem::internal_logged(&r);
+        }
+        let field = match &r {
+            PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+                ErrorKind::ParseErrorAtKey { key, .. }
+                | ErrorKind::InvalidUtf8InPathParam { key }
+                | ErrorKind::DeserializeError { key, .. } => Some(key.clone()),
+                ErrorKind::ParseErrorAtIndex { index, .. } => names.get(*index).cloned(),
+                ErrorKind::ParseError { .. } if names.len() == 1 => Some(names[0].clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let mut p = Problem::new(status, r.body_text());
+        p.field = field;
+        p
+    }
+}
+
+/// The first error of type `E` in `e`'s source chain (`e` included): axum's
+/// rejections wrap the deserializer's error.
+fn find_source<'a, E: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// The field a deserialization error is about, as a dotted path: where it
+/// happened, plus the field's name when serde reports a missing or repeated
+/// field, which it does from the struct that lacks it (path `share[0]`,
+/// "missing field `purpose`" → `share[0].purpose`).
+fn serde_field(path: &serde_path_to_error::Path, message: &str) -> Option<String> {
+    let at = (path.iter().len() > 0).then(|| path.to_string());
+    let named = ["missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix)?.split_once('`'))
+        .map(|(name, _)| name.to_string());
+    match (at, named) {
+        (Some(at), Some(name)) => Some(format!("{at}.{name}")),
+        (at, name) => name.or(at),
+    }
 }
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
-        (
+        let mut resp = (
             status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body,
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 

@@ -2,7 +2,6 @@
 //! is about: filtered, paginated, in the user's time zone, exportable; and
 //! redress: disputing a record, which notifies the provider.
 
-use axum::extract::{Path, Query};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{AuthUser, Body, Operator, Problem, State};
+use super::{AuthUser, Body, Operator, Path, Problem, Query, State};
 use crate::ledger::{Entry, ExtractRecord, Ledger, ReadFilter};
 use crate::store::Dispute;
 
@@ -88,7 +87,9 @@ async fn read(state: &State, user: &str, filter: ReadFilter) -> Result<Vec<(u64,
 /// Every share of the user's data, refused shares in hourly counts, and
 /// extracts of their data by others.
 #[utoipa::path(get, path = "/v1/me/history", params(HistoryQuery), security(("session" = [])),
-    responses((status = 200, body = HistoryPage)))]
+    responses((status = 200, body = HistoryPage),
+        (status = 400, body = Problem, description = "a query parameter does not parse; `field` names it"),
+        (status = 422, body = Problem, description = "`limit` is out of range")))]
 pub async fn history(
     state: State,
     AuthUser(user): AuthUser,
@@ -316,7 +317,9 @@ pub struct Resolution {
 /// Resolve a dispute.
 #[utoipa::path(post, path = "/v1/operator/disputes/{id}/resolve", request_body = Resolution,
     params(("id" = i64, Path)), security(("operator" = [])),
-    responses((status = 200, body = Dispute), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = Dispute),
+        (status = 400, body = Problem, description = "`id` is not an integer"),
+        (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn resolve(
     state: State,
     _: Operator,

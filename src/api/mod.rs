@@ -18,8 +18,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, RawPathParams, Request};
 use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
@@ -82,7 +83,10 @@ pub type State = axum::extract::State<Arc<ApiState>>;
 #[openapi(
     info(
         title = "consentry preference manager",
-        description = "PII preferences, devices and consent receipts (ITU-T X.1363, Kantara Consent Receipt)."
+        description = "PII preferences, devices and consent receipts (ITU-T X.1363, Kantara Consent Receipt).\n\n\
+            Every error is `application/problem+json` (RFC 9457), with `field` naming the request \
+            field, path or query parameter at fault where there is one: also 404 for an unknown \
+            path and 405 (with `Allow`) for a method a path does not have."
     ),
     paths(
         users::register,
@@ -110,7 +114,7 @@ pub type State = axum::extract::State<Arc<ApiState>>;
         operator::put_kind,
     ),
     components(schemas(Problem)),
-    modifiers(&SecuritySchemes)
+    modifiers(&SecuritySchemes, &ProblemResponses)
 )]
 pub struct ApiDoc;
 
@@ -130,6 +134,67 @@ impl utoipa::Modify for SecuritySchemes {
             "operator",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-operator-key"))),
         );
+    }
+}
+
+/// Problem documents as they are sent (`application/problem+json`, where
+/// `body = Problem` alone says JSON), and a `default` response on every
+/// operation for the errors it does not list.
+struct ProblemResponses;
+
+impl utoipa::Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        const PROBLEM: &str = "application/problem+json";
+        let problem_schema = Ref::from_schema_name("Problem");
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.responses.insert(
+            "Problem".to_string(),
+            ResponseBuilder::new()
+                .description(
+                    "Any other error (e.g. 400 for a path or query parameter that does not \
+                     parse, 401, 413, 415, 422 for a body that does not fit), naming the \
+                     field at fault",
+                )
+                .content(
+                    PROBLEM,
+                    ContentBuilder::new()
+                        .schema(Some(problem_schema.clone()))
+                        .build(),
+                )
+                .build()
+                .into(),
+        );
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+                &mut item.head,
+                &mut item.options,
+            ];
+            for op in operations.into_iter().flatten() {
+                for response in op.responses.responses.values_mut() {
+                    let RefOr::T(response) = response else {
+                        continue;
+                    };
+                    let is_problem = response.content.get("application/json").is_some_and(
+                        |c| matches!(&c.schema, Some(RefOr::Ref(r)) if *r == problem_schema),
+                    );
+                    if is_problem {
+                        if let Some(content) = response.content.shift_remove("application/json") {
+                            response.content.insert(PROBLEM.to_string(), content);
+                        }
+                    }
+                }
+                op.responses
+                    .responses
+                    .entry("default".to_string())
+                    .or_insert_with(|| RefOr::Ref(Ref::new("#/components/responses/Problem")));
+            }
+        }
     }
 }
 
@@ -175,6 +240,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/operator/kinds", post(operator::put_kind))
         .route("/v1/openapi.json", get(|| async { Json(openapi()) }))
         .route("/.well-known/jwks.json", get(jwks))
+        // After every route: it is set on the routes registered so far. The
+        // router still adds the `Allow` header to its answer.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -182,6 +250,13 @@ pub fn router(state: ApiState) -> Router {
 
 async fn not_found() -> Problem {
     Problem::not_found("no such resource")
+}
+
+async fn method_not_allowed(method: Method) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on this resource; the Allow header lists what is"),
+    )
 }
 
 async fn jwks(state: State) -> Result<Json<crate::receipt::Jwks>, Problem> {
@@ -207,6 +282,49 @@ where
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
             Err(rejection) => Err(Problem::from_json_rejection(rejection)),
+        }
+    }
+}
+
+/// Query parameters whose rejections are problem documents: 400 naming the
+/// parameter.
+pub struct Query<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| Query(q.0))
+            .map_err(Problem::from_query_rejection)
+    }
+}
+
+/// Path parameters whose rejections are problem documents: 400 naming the
+/// parameter.
+pub struct Path<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(p) => Ok(Path(p.0)),
+            Err(rejection) => {
+                let names: Vec<String> = RawPathParams::from_request_parts(parts, state)
+                    .await
+                    .map(|raw| raw.iter().map(|(name, _)| name.to_string()).collect())
+                    .unwrap_or_default();
+                Err(Problem::from_path_rejection(rejection, &names))
+            }
         }
     }
 }
@@ -282,15 +400,17 @@ impl LoginLimiter {
         }
     }
 
-    fn blocked(&self, user: &str) -> bool {
+    /// How long `user` stays locked out, if they are: until the window
+    /// that their first counted failure opened has passed.
+    fn locked_for(&self, user: &str) -> Option<Duration> {
         let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         match m.get(user) {
             Some((_, since)) if since.elapsed() > self.window => {
                 m.remove(user);
-                false
+                None
             }
-            Some((n, _)) => *n >= self.max,
-            None => false,
+            Some((n, since)) if *n >= self.max => Some(self.window.saturating_sub(since.elapsed())),
+            _ => None,
         }
     }
 
@@ -310,5 +430,39 @@ impl LoginLimiter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(user);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// The rejections that know a parameter only by position, or not at
+    /// all, are named from the route.
+    #[tokio::test]
+    async fn path_rejections_name_the_parameter_by_position() {
+        let app: Router = Router::new()
+            .route(
+                "/pair/{a}/{b}",
+                get(|Path(_): Path<(String, u32)>| async {}),
+            )
+            .route("/one/{n}", get(|Path(_): Path<u32>| async {}));
+        for (uri, field) in [("/pair/x/y", "b"), ("/one/z", "n"), ("/pair/%FF/1", "a")] {
+            let resp = app
+                .clone()
+                .oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{uri}");
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let p: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(p["field"], field, "{uri}: {p}");
+        }
     }
 }

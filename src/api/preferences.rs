@@ -4,13 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::Path;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{AuthUser, Body, Problem, State};
+use super::{AuthUser, Body, Path, Problem, State};
 use crate::model::{CollectGrant, MaskMethod, Preferences, ShareGrant, Window};
 use crate::prefs::{Applied, PrefError};
 use crate::store::HistoryEntry;

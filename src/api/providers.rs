@@ -1,12 +1,11 @@
 //! Providers and their T&C, public so users can read them before consenting
 //! (X.1363 9.2.1). Secrets are never part of the view.
 
-use axum::extract::Path;
 use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::{Problem, State};
+use super::{Path, Problem, State};
 use crate::model::{Contact, Provider, ProviderRole, Purpose};
 
 #[derive(Serialize, ToSchema)]

@@ -2,7 +2,6 @@
 //! Mode 2 JSON, the signed compact JWS, and Mode 1 plain language as text
 //! or HTML — chosen by `?format=` or the Accept header.
 
-use axum::extract::{Path, Query};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{AuthUser, Problem, State};
+use super::{AuthUser, Path, Problem, Query, State};
 use crate::receipt::{mode1, ConsentReceipt, ConsentReceiptV11};
 
 #[derive(Serialize, ToSchema)]

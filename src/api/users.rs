@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use totp_rs::{Algorithm, Secret, TOTP};
 use utoipa::ToSchema;
 
@@ -53,6 +54,20 @@ fn totp(secret: Vec<u8>, issuer: &str, user: &str) -> Result<TOTP, Problem> {
         user.to_string(),
     )
     .map_err(|e| Problem::internal_logged(&e))
+}
+
+/// The time step whose code `code` is, within the allowed skew around now;
+/// the latest if more than one matches.
+fn code_step(t: &TOTP, code: &str) -> Option<u64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let current = now / t.step;
+    let skew = u64::from(t.skew);
+    (current.saturating_sub(skew)..=current + skew)
+        .rev()
+        .find(|step| bool::from(t.generate(step * t.step).as_bytes().ct_eq(code.as_bytes())))
 }
 
 async fn hash(password: String) -> Result<String, Problem> {
@@ -119,15 +134,22 @@ pub struct Session {
 
 /// Log in with password and TOTP code (two factors, X.1363 10.2).
 #[utoipa::path(post, path = "/v1/sessions", request_body = Login,
-    responses((status = 201, body = Session), (status = 401, body = Problem), (status = 429, body = Problem)))]
+    responses((status = 201, body = Session),
+        (status = 401, body = Problem, description = "wrong user name, password or code, or a code already used"),
+        (status = 429, body = Problem, description = "too many failed logins for this user name",
+            headers(("Retry-After" = u64, description = "Whole seconds until the lockout ends")))))]
 pub async fn login(
     state: State,
     Body(l): Body<Login>,
 ) -> Result<(StatusCode, Json<Session>), Problem> {
-    if state.limiter.blocked(&l.user) {
-        return Err(Problem::too_many(
-            "too many failed logins for this user; try again later",
-        ));
+    if let Some(left) = state.limiter.locked_for(&l.user) {
+        // Whole seconds, rounded up: retrying after them is not refused again.
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        let secs = secs.max(1);
+        return Err(Problem::too_many(format!(
+            "too many failed logins for this user; try again in {secs} s"
+        ))
+        .retry_after(secs));
     }
     let prefs = state.prefs.clone();
     let user = l.user.clone();
@@ -151,13 +173,20 @@ pub async fn login(
                     .verify_password(l.password.as_bytes(), &h)
                     .is_ok()
             });
-        let code_ok = match auth.totp_secret {
-            Some(secret) => totp(secret, &issuer, &user)?
-                .check_current(l.totp.trim())
-                .unwrap_or(false),
-            None => false,
+        let step = match auth.totp_secret {
+            Some(secret) => code_step(&totp(secret, &issuer, &user)?, l.totp.trim()),
+            None => None,
         };
-        Ok(password_ok && code_ok)
+        let Some(step) = step.filter(|_| password_ok) else {
+            return Ok(false);
+        };
+        // RFC 6238 §5.2: a code is good for one login. Both factors were
+        // right; the code still counts as wrong if its step, or a later one,
+        // was accepted before.
+        prefs
+            .store()
+            .accept_totp_step(&user, step)
+            .map_err(|e| Problem::internal_logged(&e))
     })
     .await
     .map_err(|_| Problem::internal())??;

@@ -12,6 +12,7 @@
 //! Nothing is ever overwritten in `consent_history`.
 
 mod cipher;
+mod totp_steps;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -148,6 +149,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(totp_steps::SCHEMA)?;
         Ok(Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
@@ -158,6 +160,7 @@ impl Store {
     pub fn in_memory(key: &[u8; 32]) -> Result<Store, StoreError> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(totp_steps::SCHEMA)?;
         Ok(Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
