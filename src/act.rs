@@ -609,11 +609,11 @@ struct UserRules<'p> {
 ///
 /// ```text
 /// devices   field: the ids of the devices bound to the user, each a field
-/// receipt   0, or 1 and the 16 bytes of the preferences' receipt id
 /// share     count, then (provider index, kind id, rule index) per grant
 /// always    ceil(kinds / 8) bytes, a bit per kind id
 /// tz        index in chrono_tz::TZ_VARIANTS, two bytes little-endian
 /// windows   count, then (kind id, count, that many spans) per kind
+/// receipt   0, or 1 and the 16 bytes of the preferences' receipt id
 /// ```
 ///
 /// Other integers are varints. Devices and grants come first: a delivery
@@ -625,13 +625,6 @@ fn pack_user(
     out: &mut Vec<u8>,
 ) {
     put_field(out, devices);
-    match rules.receipt {
-        Some(id) => {
-            out.push(1);
-            out.extend_from_slice(id.as_bytes());
-        }
-        None => out.push(0),
-    }
     put_varint(out, rules.share.len());
     for (provider, kind, rule) in rules.share {
         put_varint(out, provider.into());
@@ -648,15 +641,19 @@ fn pack_user(
             Span::of(w).write(out);
         }
     }
+    match rules.receipt {
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(id.as_bytes());
+        }
+        None => out.push(0),
+    }
 }
 
 /// A reader at the grants of a user's record body.
 fn at_grants(body: &[u8]) -> Reader<'_> {
     let mut r = Reader(body);
     r.field();
-    if r.bytes(1)[0] != 0 {
-        r.bytes(16);
-    }
     r
 }
 
@@ -744,19 +741,24 @@ struct UserRef<'a> {
 }
 
 impl<'a> UserRef<'a> {
-    /// A reader past the device list, at the receipt id.
-    fn receipt_at(&self) -> Reader<'a> {
-        let mut r = Reader(self.body);
-        r.field();
-        r
-    }
-
     fn grants(&self) -> Reader<'a> {
         at_grants(self.body)
     }
 
-    fn receipt(&self) -> Option<Uuid> {
-        let mut r = self.receipt_at();
+    /// Last in the record: a decision that does not need it reads nothing
+    /// more, and the grants stay where a delivery looks first.
+    fn receipt(&self, kinds: usize) -> Option<Uuid> {
+        let mut r = self.grants();
+        for _ in 0..r.varint() * 3 {
+            r.varint();
+        }
+        r.bytes(always_len(kinds) + 2);
+        for _ in 0..r.varint() {
+            r.varint();
+            for _ in 0..r.varint() {
+                Span::read(&mut r);
+            }
+        }
         match r.bytes(1)[0] {
             0 => None,
             _ => Uuid::from_slice(r.bytes(16)).ok(),
@@ -1399,7 +1401,7 @@ impl Act {
                     kind: &self.kinds[kind_id as usize],
                     resolved: r,
                     rule,
-                    receipt: user.receipt(),
+                    receipt: user.receipt(self.kinds.len()),
                 })
             }
         }
