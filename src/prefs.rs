@@ -607,6 +607,24 @@ mod tests {
         (pm, act)
     }
 
+    /// A manager over a store file, seeded with `seed` when it is new.
+    fn open_file(
+        path: &std::path::Path,
+        key: u8,
+        seed: &Directory,
+        kinds: &[Kind],
+    ) -> (PreferenceManager, Arc<ActHandle>, SharedCredentials) {
+        PreferenceManager::open(
+            Store::open(path, &[key; 32]).unwrap(),
+            vec!["pii/{user}/{device}/{kind}".into()],
+            kinds,
+            vec![],
+            seed.clone(),
+            None,
+        )
+        .unwrap()
+    }
+
     fn fitcoach_gets_heart_rate(act: &ActHandle) -> bool {
         matches!(
             act.load().deliver(
@@ -755,17 +773,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let (seed, kinds) = demo();
-        let open = || {
-            PreferenceManager::open(
-                Store::open(&path, &[7; 32]).unwrap(),
-                vec!["pii/{user}/{device}/{kind}".into()],
-                &kinds,
-                vec![],
-                seed.clone(),
-                None,
-            )
-            .unwrap()
-        };
+        let open = || open_file(&path, 7, &seed, &kinds);
         let (pm, act, _) = open();
         let bob = pm.preferences("bob").unwrap();
         pm.change("alice", None, "api", |p| {
@@ -811,17 +819,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let (seed, kinds) = demo();
-        let open = || {
-            PreferenceManager::open(
-                Store::open(&path, &[6; 32]).unwrap(),
-                vec!["pii/{user}/{device}/{kind}".into()],
-                &kinds,
-                vec![],
-                seed.clone(),
-                None,
-            )
-            .unwrap()
-        };
+        let open = || open_file(&path, 6, &seed, &kinds);
         {
             let (pm, _, _) = open();
             pm.change("alice", None, "test", |p| {

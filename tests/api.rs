@@ -704,24 +704,6 @@ async fn a_rate_limited_login_says_when_to_retry() {
     assert!(h.get("retry-after").is_none());
 }
 
-/// The code of the authenticator enrolled with `secret_b32` at `unix_secs`.
-fn totp_at(secret_b32: &str, unix_secs: u64) -> String {
-    let secret = totp_rs::Secret::Encoded(secret_b32.into())
-        .to_bytes()
-        .unwrap();
-    totp_rs::TOTP::new(
-        totp_rs::Algorithm::SHA1,
-        6,
-        1,
-        30,
-        secret,
-        Some("consentry".into()),
-        "test".into(),
-    )
-    .unwrap()
-    .generate(unix_secs)
-}
-
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -746,12 +728,22 @@ async fn a_totp_code_is_good_for_one_login() {
     let login =
         |code: String| json!({"user": "liam", "password": "correct horse battery", "totp": code});
     let (s, p) = api
-        .json("POST", "/v1/sessions", None, login(totp_at(secret, now)))
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(common::totp_at(secret, now)),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
     // The same code again: refused as a wrong one is.
     let (s, p) = api
-        .json("POST", "/v1/sessions", None, login(totp_at(secret, now)))
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(common::totp_at(secret, now)),
+        )
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
     assert_eq!(p["detail"], "wrong user name, password or code");
@@ -761,7 +753,7 @@ async fn a_totp_code_is_good_for_one_login() {
             "POST",
             "/v1/sessions",
             None,
-            login(totp_at(secret, now - 30)),
+            login(common::totp_at(secret, now - 30)),
         )
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
@@ -771,7 +763,7 @@ async fn a_totp_code_is_good_for_one_login() {
             "POST",
             "/v1/sessions",
             None,
-            login(totp_at(secret, now + 30)),
+            login(common::totp_at(secret, now + 30)),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
@@ -797,14 +789,24 @@ async fn a_used_totp_code_stays_used_across_a_restart() {
     let login =
         |code: String| json!({"user": "mia", "password": "correct horse battery", "totp": code});
     let (s, p) = api
-        .json("POST", "/v1/sessions", None, login(totp_at(&secret, now)))
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(common::totp_at(&secret, now)),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
     drop(api);
 
     let api = Api::with_store(Store::open(&path, &key).unwrap());
     let (s, _) = api
-        .json("POST", "/v1/sessions", None, login(totp_at(&secret, now)))
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(common::totp_at(&secret, now)),
+        )
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "replayed after a restart");
     let (s, p) = api
@@ -812,7 +814,7 @@ async fn a_used_totp_code_stays_used_across_a_restart() {
             "POST",
             "/v1/sessions",
             None,
-            login(totp_at(&secret, now + 30)),
+            login(common::totp_at(&secret, now + 30)),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{p}");

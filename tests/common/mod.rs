@@ -353,7 +353,16 @@ pub fn json_of(s: &str) -> serde_json::Value {
 }
 
 /// The current code of an authenticator enrolled with `secret_b32`.
-pub fn totp_now(secret_b32: &str, user: &str) -> String {
+pub fn totp_now(secret_b32: &str, _user: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    totp_at(secret_b32, now)
+}
+
+/// The code of that authenticator at `unix_secs`.
+pub fn totp_at(secret_b32: &str, unix_secs: u64) -> String {
     let secret = totp_rs::Secret::Encoded(secret_b32.into())
         .to_bytes()
         .unwrap();
@@ -364,11 +373,10 @@ pub fn totp_now(secret_b32: &str, user: &str) -> String {
         30,
         secret,
         Some("consentry".into()),
-        user.into(),
+        "test".into(),
     )
     .unwrap()
-    .generate_current()
-    .unwrap()
+    .generate(unix_secs)
 }
 
 pub fn path_str(p: &Path) -> String {
