@@ -142,8 +142,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Lifetime of a login session, in seconds.
     pub session_ttl_secs: u64,
-    /// Failed logins allowed per user name within `login_window_secs`
-    /// before further attempts get 429.
+    /// Failed logins allowed within `login_window_secs` before further
+    /// attempts get 429: wrong passwords per user name and peer address,
+    /// wrong codes after the right password per user name (`api::login_limiter`).
     pub login_attempts: u32,
     pub login_window_secs: u64,
     /// Issuer shown in authenticator apps for TOTP enrolment.

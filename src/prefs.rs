@@ -815,6 +815,55 @@ mod tests {
     }
 
     #[test]
+    fn import_leaves_login_secrets_users_own() {
+        let (pm, _) = manager();
+        let (seed, _) = demo();
+        let hash_of = |user: &str| pm.store().user_auth(user).unwrap().unwrap().password_hash;
+        // The operator rotates alice's login in the file: applied, since
+        // alice has not set her own.
+        let mut file = seed.clone();
+        let at = file.logins.iter().position(|l| l.user == "alice").unwrap();
+        file.logins[at].password_hash = "$argon2id$rotated-by-the-operator".into();
+        pm.import(file.clone()).unwrap();
+        assert_eq!(
+            hash_of("alice").as_deref(),
+            Some("$argon2id$rotated-by-the-operator")
+        );
+
+        // She sets her own; the same file again leaves it, and changes
+        // nothing for bob, who has not.
+        pm.store()
+            .set_own_password("alice", "$argon2id$her-own")
+            .unwrap();
+        let bob = hash_of("bob");
+        file.logins[at].password_hash = "$argon2id$rotated-again".into();
+        pm.import(file.clone()).unwrap();
+        assert_eq!(hash_of("alice").as_deref(), Some("$argon2id$her-own"));
+        assert_eq!(hash_of("bob"), bob);
+
+        // A user who registered through the API owns their secrets from the
+        // start.
+        let carol = User {
+            id: "carol".into(),
+            time_zone: "UTC".into(),
+            jurisdiction: None,
+        };
+        pm.register_user(carol.clone(), "$argon2id$carols", b"12345678901234567890")
+            .unwrap();
+        file.users.push(carol);
+        file.logins.push(crate::model::UserLogin {
+            user: "carol".into(),
+            ..file.logins[at].clone()
+        });
+        pm.import(file).unwrap();
+        assert_eq!(hash_of("carol").as_deref(), Some("$argon2id$carols"));
+        assert!(matches!(
+            pm.store().set_own_password("nobody", "x"),
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[test]
     fn reopening_loads_what_was_committed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");

@@ -343,7 +343,9 @@ impl Server {
             api_addr = Some(l.local_addr()?);
             let mut rx = shutdown.subscribe();
             tasks.spawn(async move {
-                let app = crate::api::router(state);
+                // The peer address counts failed logins per source.
+                let app = crate::api::router(state)
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>();
                 let serve = axum::serve(l, app).with_graceful_shutdown(async move {
                     let _ = rx.changed().await;
                 });

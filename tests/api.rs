@@ -473,6 +473,9 @@ async fn openapi_document_is_served_and_lists_the_api() {
     for path in [
         "/v1/users",
         "/v1/sessions",
+        "/v1/sessions/current",
+        "/v1/me/sessions",
+        "/v1/me/password",
         "/v1/me/preferences",
         "/v1/providers",
         "/v1/operator/kinds",
@@ -702,6 +705,366 @@ async fn a_rate_limited_login_says_when_to_retry() {
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(h.get("retry-after").is_none());
+}
+
+/// A JSON request as if it came from `from` (the listener records the
+/// peer address; `oneshot` has none unless the request carries it).
+fn from_addr(
+    from: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Value,
+) -> Request<Body> {
+    let peer: std::net::SocketAddr = format!("{from}:40000").parse().unwrap();
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .extension(axum::extract::ConnectInfo(peer));
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    b.body(Body::from(body.to_string())).unwrap()
+}
+
+/// Registers `id`; returns the TOTP secret.
+async fn register(api: &Api, id: &str) -> String {
+    let (s, reg) = api
+        .json(
+            "POST",
+            "/v1/users",
+            None,
+            json!({"id": id, "password": "correct horse battery", "time_zone": "UTC"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{reg}");
+    reg["totp_secret"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn wrong_passwords_from_one_address_do_not_lock_out_the_owner() {
+    let api = Api::new();
+    let secret = register(&api, "olga").await;
+    let guess = json!({"user": "olga", "password": "guessed wrong", "totp": "000000"});
+    for _ in 0..ApiConfig::default().login_attempts {
+        let (s, _, p) = api
+            .call(from_addr(
+                "203.0.113.9",
+                "POST",
+                "/v1/sessions",
+                None,
+                guess.clone(),
+            ))
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    }
+    let (s, _, p) = api
+        .call(from_addr(
+            "203.0.113.9",
+            "POST",
+            "/v1/sessions",
+            None,
+            guess,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{p}");
+    // The guesser's address is locked out, also with the right secrets ...
+    let right =
+        |code: String| json!({"user": "olga", "password": "correct horse battery", "totp": code});
+    let now = unix_now();
+    let (s, _, p) = api
+        .call(from_addr(
+            "203.0.113.9",
+            "POST",
+            "/v1/sessions",
+            None,
+            right(common::totp_at(&secret, now)),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{p}");
+    // ... but olga, elsewhere, logs in.
+    let (s, _, p) = api
+        .call(from_addr(
+            "198.51.100.20",
+            "POST",
+            "/v1/sessions",
+            None,
+            right(common::totp_at(&secret, now)),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+}
+
+#[tokio::test]
+async fn wrong_codes_after_the_right_password_lock_the_name_everywhere() {
+    let api = Api::new();
+    let secret = register(&api, "pia").await;
+    // A code that is surely not the current one, nor within the skew.
+    let wrong = common::totp_at(&secret, unix_now() - 3600);
+    let attempt = json!({"user": "pia", "password": "correct horse battery", "totp": wrong});
+    for i in 0..ApiConfig::default().login_attempts {
+        let (s, _, p) = api
+            .call(from_addr(
+                &format!("192.0.2.{}", i + 1),
+                "POST",
+                "/v1/sessions",
+                None,
+                attempt.clone(),
+            ))
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    }
+    let right = json!({"user": "pia", "password": "correct horse battery",
+        "totp": common::totp_now(&secret, "pia")});
+    let (s, h, p) = api
+        .call_with_headers(from_addr(
+            "198.51.100.77",
+            "POST",
+            "/v1/sessions",
+            None,
+            right,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{p}");
+    assert!(h.get("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn logging_out_ends_one_session_and_logging_out_everywhere_ends_all() {
+    let api = Api::new();
+    let secret = register(&api, "quinn").await;
+    let now = unix_now();
+    let mut tokens = vec![];
+    for t in [now, now + 30] {
+        let (s, sess) = api
+            .json(
+                "POST",
+                "/v1/sessions",
+                None,
+                json!({"user": "quinn", "password": "correct horse battery",
+                    "totp": common::totp_at(&secret, t)}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{sess}");
+        tokens.push(sess["token"].as_str().unwrap().to_string());
+    }
+    let (s, _) = api.get("/v1/me/preferences", Some(&tokens[0])).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, p) = api
+        .json(
+            "DELETE",
+            "/v1/sessions/current",
+            Some(&tokens[0]),
+            json!(null),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{p}");
+    let (s, p) = api.get("/v1/me/preferences", Some(&tokens[0])).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    let (s, _) = api
+        .json(
+            "DELETE",
+            "/v1/sessions/current",
+            Some(&tokens[0]),
+            json!(null),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "an ended session cannot end again"
+    );
+    // The other session is untouched, until the user logs out everywhere.
+    let other = api.user("rosa").await;
+    let (s, _) = api.get("/v1/me/preferences", Some(&tokens[1])).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, p) = api
+        .json("DELETE", "/v1/me/sessions", Some(&tokens[1]), json!(null))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{p}");
+    let (s, _) = api.get("/v1/me/preferences", Some(&tokens[1])).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Somebody else's session is not theirs to end.
+    let (s, _) = api.get("/v1/me/preferences", Some(&other)).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_password_change_asks_both_factors_and_ends_the_other_sessions() {
+    let api = Api::new();
+    let secret = register(&api, "sam").await;
+    let now = unix_now();
+    let login =
+        |password: &str, code: String| json!({"user": "sam", "password": password, "totp": code});
+    let mut tokens = vec![];
+    for t in [now - 30, now] {
+        let (s, sess) = api
+            .json(
+                "POST",
+                "/v1/sessions",
+                None,
+                login("correct horse battery", common::totp_at(&secret, t)),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{sess}");
+        tokens.push(sess["token"].as_str().unwrap().to_string());
+    }
+    let change = |password: &str, code: String, new: &str| json!({"password": password, "totp": code, "new_password": new});
+    // A session token alone is not enough: the password and a fresh code are
+    // asked again.
+    let (s, p) = api
+        .json(
+            "PUT",
+            "/v1/me/password",
+            Some(&tokens[1]),
+            change(
+                "not the password",
+                common::totp_at(&secret, now + 30),
+                "a brand new passphrase",
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    let (s, p) = api
+        .json(
+            "PUT",
+            "/v1/me/password",
+            Some(&tokens[1]),
+            change(
+                "correct horse battery",
+                common::totp_at(&secret, now),
+                "a brand new passphrase",
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "a used code: {p}");
+    let (s, p) = api
+        .json(
+            "PUT",
+            "/v1/me/password",
+            Some(&tokens[1]),
+            change(
+                "correct horse battery",
+                common::totp_at(&secret, now + 30),
+                "short",
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+    assert_eq!(p["field"], "new_password");
+    let (s, p) = api
+        .json(
+            "PUT",
+            "/v1/me/password",
+            Some(&tokens[1]),
+            change(
+                "correct horse battery",
+                common::totp_at(&secret, now + 30),
+                "a brand new passphrase",
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{p}");
+    // This session goes on; the other one has ended.
+    let (s, _) = api.get("/v1/me/preferences", Some(&tokens[1])).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = api.get("/v1/me/preferences", Some(&tokens[0])).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Which password passes the first factor shows, without waiting for the
+    // next code, in how failures count: a wrong password locks only its
+    // address, the right one with a used code locks the name everywhere.
+    let used = common::totp_at(&secret, now + 30);
+    let attempts = ApiConfig::default().login_attempts;
+    for i in 0..attempts {
+        let (s, _, p) = api
+            .call(from_addr(
+                &format!("192.0.2.{}", i + 1),
+                "POST",
+                "/v1/sessions",
+                None,
+                login("correct horse battery", used.clone()),
+            ))
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "the old password: {p}");
+    }
+    for i in 0..attempts {
+        let (s, _, p) = api
+            .call(from_addr(
+                &format!("198.51.100.{}", i + 1),
+                "POST",
+                "/v1/sessions",
+                None,
+                login("a brand new passphrase", used.clone()),
+            ))
+            .await;
+        assert_eq!(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "old password failures locked the name: {p}"
+        );
+    }
+    let (s, _, p) = api
+        .call(from_addr(
+            "203.0.113.1",
+            "POST",
+            "/v1/sessions",
+            None,
+            login("a brand new passphrase", used),
+        ))
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the new password passes: {p}"
+    );
+}
+
+/// A POST of `body` to the server's API over a socket bound to `source`,
+/// so that the server sees that peer address; the status.
+async fn post_from(server: &common::Server, source: &str, path: &str, body: Value) -> u16 {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let stream = socket
+        .connect(server.api.expect("API listening"))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    sender.send_request(req).await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn the_listener_counts_wrong_passwords_per_peer_address() {
+    let server = common::Server::demo();
+    let guess = json!({"user": "alice", "password": "guessed wrong", "totp": "000000"});
+    for _ in 0..ApiConfig::default().login_attempts {
+        assert_eq!(
+            post_from(&server, "127.0.0.2", "/v1/sessions", guess.clone()).await,
+            401
+        );
+    }
+    assert_eq!(
+        post_from(&server, "127.0.0.2", "/v1/sessions", guess.clone()).await,
+        429
+    );
+    // Another address is not locked out (a wrong guess from it is a 401).
+    assert_eq!(
+        post_from(&server, "127.0.0.3", "/v1/sessions", guess).await,
+        401
+    );
 }
 
 fn unix_now() -> u64 {

@@ -8,26 +8,30 @@
 
 mod error;
 mod history;
+mod login_limiter;
 mod operator;
 mod preferences;
 mod providers;
 mod receipts;
 mod users;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, RawPathParams, Request};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, RawPathParams, Request,
+};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use utoipa::OpenApi;
 
 pub use error::Problem;
+use login_limiter::LoginLimiter;
 
 use crate::config::ApiConfig;
 use crate::ledger::Ledger;
@@ -91,6 +95,9 @@ pub type State = axum::extract::State<Arc<ApiState>>;
     paths(
         users::register,
         users::login,
+        users::logout,
+        users::logout_everywhere,
+        users::change_password,
         users::register_device,
         preferences::get_preferences,
         preferences::put_preferences,
@@ -208,6 +215,9 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/users", post(users::register))
         .route("/v1/sessions", post(users::login))
+        .route("/v1/sessions/current", delete(users::logout))
+        .route("/v1/me/sessions", delete(users::logout_everywhere))
+        .route("/v1/me/password", put(users::change_password))
         .route("/v1/me/devices", post(users::register_device))
         .route(
             "/v1/me/preferences",
@@ -339,6 +349,25 @@ impl FromRequestParts<Arc<ApiState>> for AuthUser {
         parts: &mut Parts,
         state: &Arc<ApiState>,
     ) -> Result<Self, Self::Rejection> {
+        let s = CurrentSession::from_request_parts(parts, state).await?;
+        Ok(AuthUser(s.user))
+    }
+}
+
+/// The session a request is authenticated with: its user, and the hash of
+/// its token (the store keeps no tokens).
+pub struct CurrentSession {
+    pub user: String,
+    pub token_hash: [u8; 32],
+}
+
+impl FromRequestParts<Arc<ApiState>> for CurrentSession {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
         let token = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -353,8 +382,27 @@ impl FromRequestParts<Arc<ApiState>> for AuthUser {
             .await
             .map_err(|_| Problem::internal())?
             .map_err(|e| Problem::internal_logged(&e))?;
-        user.map(AuthUser)
-            .ok_or_else(|| Problem::unauthorized("the session token is unknown or expired"))
+        user.map(|user| CurrentSession {
+            user,
+            token_hash: hash,
+        })
+        .ok_or_else(|| Problem::unauthorized("the session token is unknown, expired or ended"))
+    }
+}
+
+/// The address a request came from, when the listener recorded it.
+pub struct Peer(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
     }
 }
 
@@ -381,55 +429,6 @@ impl FromRequestParts<Arc<ApiState>> for Operator {
         } else {
             Err(Problem::forbidden("wrong operator key"))
         }
-    }
-}
-
-/// Failed logins per user name in a sliding window.
-struct LoginLimiter {
-    max: u32,
-    window: Duration,
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
-}
-
-impl LoginLimiter {
-    fn new(max: u32, window: Duration) -> Self {
-        Self {
-            max,
-            window,
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// How long `user` stays locked out, if they are: until the window
-    /// that their first counted failure opened has passed.
-    fn locked_for(&self, user: &str) -> Option<Duration> {
-        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        match m.get(user) {
-            Some((_, since)) if since.elapsed() > self.window => {
-                m.remove(user);
-                None
-            }
-            Some((n, since)) if *n >= self.max => Some(self.window.saturating_sub(since.elapsed())),
-            _ => None,
-        }
-    }
-
-    fn failed(&self, user: &str) {
-        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        // Bounded: an attacker spraying names cannot grow this without limit.
-        if m.len() > 100_000 {
-            let window = self.window;
-            m.retain(|_, (_, since)| since.elapsed() <= window);
-        }
-        let e = m.entry(user.to_string()).or_insert((0, Instant::now()));
-        e.0 += 1;
-    }
-
-    fn succeeded(&self, user: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(user);
     }
 }
 

@@ -12,7 +12,8 @@ use subtle::ConstantTimeEq;
 use totp_rs::{Algorithm, Secret, TOTP};
 use utoipa::ToSchema;
 
-use super::{AuthUser, Body, Problem, State};
+use super::login_limiter::{Failure, Source};
+use super::{ApiState, AuthUser, Body, CurrentSession, Peer, Problem, State};
 use crate::model::{Device, User};
 
 #[derive(Deserialize, ToSchema)]
@@ -132,17 +133,18 @@ pub struct Session {
     expires_at: DateTime<Utc>,
 }
 
-/// Log in with password and TOTP code (two factors, X.1363 10.2).
-#[utoipa::path(post, path = "/v1/sessions", request_body = Login,
-    responses((status = 201, body = Session),
-        (status = 401, body = Problem, description = "wrong user name, password or code, or a code already used"),
-        (status = 429, body = Problem, description = "too many failed logins for this user name",
-            headers(("Retry-After" = u64, description = "Whole seconds until the lockout ends")))))]
-pub async fn login(
-    state: State,
-    Body(l): Body<Login>,
-) -> Result<(StatusCode, Json<Session>), Problem> {
-    if let Some(left) = state.limiter.locked_for(&l.user) {
+/// Checks `user`'s password and code, both factors of X.1363 10.2, within
+/// the login limits; a code that passes is used up (RFC 6238 §5.2). A
+/// failure is counted, and answered with `wrong`.
+async fn check_factors(
+    state: &ApiState,
+    user: &str,
+    password: String,
+    code: String,
+    from: Source,
+    wrong: &'static str,
+) -> Result<(), Problem> {
+    if let Some(left) = state.limiter.locked_for(user, from) {
         // Whole seconds, rounded up: retrying after them is not refused again.
         let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
         let secs = secs.max(1);
@@ -152,17 +154,17 @@ pub async fn login(
         .retry_after(secs));
     }
     let prefs = state.prefs.clone();
-    let user = l.user.clone();
+    let name = user.to_string();
     let issuer = state.config.totp_issuer.clone();
-    let ok = tokio::task::spawn_blocking(move || -> Result<bool, Problem> {
+    let failure = tokio::task::spawn_blocking(move || -> Result<Option<Failure>, Problem> {
         let auth = prefs
             .store()
-            .user_auth(&user)
+            .user_auth(&name)
             .map_err(|e| Problem::internal_logged(&e))?;
         let Some(auth) = auth else {
             // Same work for unknown names, so timing does not tell.
-            let _ = crate::auth::Credentials::verify_dummy(l.password.as_bytes());
-            return Ok(false);
+            let _ = crate::auth::Credentials::verify_dummy(password.as_bytes());
+            return Ok(Some(Failure::Password));
         };
         let password_ok = auth
             .password_hash
@@ -170,32 +172,67 @@ pub async fn login(
             .and_then(|h| PasswordHash::new(h).ok())
             .is_some_and(|h| {
                 argon2::Argon2::default()
-                    .verify_password(l.password.as_bytes(), &h)
+                    .verify_password(password.as_bytes(), &h)
                     .is_ok()
             });
+        if !password_ok {
+            return Ok(Some(Failure::Password));
+        }
         let step = match auth.totp_secret {
-            Some(secret) => code_step(&totp(secret, &issuer, &user)?, l.totp.trim()),
+            Some(secret) => code_step(&totp(secret, &issuer, &name)?, code.trim()),
             None => None,
         };
-        let Some(step) = step.filter(|_| password_ok) else {
-            return Ok(false);
+        let Some(step) = step else {
+            return Ok(Some(Failure::Code));
         };
-        // RFC 6238 §5.2: a code is good for one login. Both factors were
-        // right; the code still counts as wrong if its step, or a later one,
-        // was accepted before.
-        prefs
+        // The code still counts as wrong if its step, or a later one, was
+        // accepted before.
+        let fresh = prefs
             .store()
-            .accept_totp_step(&user, step)
-            .map_err(|e| Problem::internal_logged(&e))
+            .accept_totp_step(&name, step)
+            .map_err(|e| Problem::internal_logged(&e))?;
+        Ok((!fresh).then_some(Failure::Code))
     })
     .await
     .map_err(|_| Problem::internal())??;
-    if !ok {
-        state.limiter.failed(&l.user);
-        tracing::info!("failed login");
-        return Err(Problem::unauthorized("wrong user name, password or code"));
+    match failure {
+        Some(f) => {
+            state.limiter.failed(user, from, f);
+            tracing::info!(factor = ?f, "failed login");
+            Err(Problem::unauthorized(wrong))
+        }
+        None => {
+            state.limiter.succeeded(user, from);
+            Ok(())
+        }
     }
-    state.limiter.succeeded(&l.user);
+}
+
+/// Log in with password and TOTP code (two factors, X.1363 10.2).
+///
+/// A wrong password counts against the name from the address it came from;
+/// the right password with a wrong or used code counts against the name from
+/// everywhere. Either way, after `api.login_attempts` within
+/// `api.login_window_secs` the answer is 429.
+#[utoipa::path(post, path = "/v1/sessions", request_body = Login,
+    responses((status = 201, body = Session),
+        (status = 401, body = Problem, description = "wrong user name, password or code, or a code already used"),
+        (status = 429, body = Problem, description = "too many failed logins for this user name from this address, or with wrong codes from anywhere",
+            headers(("Retry-After" = u64, description = "Whole seconds until the lockout ends")))))]
+pub async fn login(
+    state: State,
+    Peer(peer): Peer,
+    Body(l): Body<Login>,
+) -> Result<(StatusCode, Json<Session>), Problem> {
+    check_factors(
+        &state,
+        &l.user,
+        l.password,
+        l.totp,
+        Source::of(peer),
+        "wrong user name, password or code",
+    )
+    .await?;
     let mut raw = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut raw);
     let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
@@ -208,6 +245,90 @@ pub async fn login(
         .map_err(|_| Problem::internal())?
         .map_err(|e| Problem::internal_logged(&e))?;
     Ok((StatusCode::CREATED, Json(Session { token, expires_at })))
+}
+
+/// Log out: the token of this request stops working at once.
+#[utoipa::path(delete, path = "/v1/sessions/current", security(("session" = [])),
+    responses((status = 204, description = "the session has ended"),
+        (status = 401, body = Problem, description = "no session, or one that has already ended")))]
+pub async fn logout(state: State, session: CurrentSession) -> Result<StatusCode, Problem> {
+    let prefs = state.prefs.clone();
+    tokio::task::spawn_blocking(move || prefs.store().delete_session(&session.token_hash))
+        .await
+        .map_err(|_| Problem::internal())?
+        .map_err(|e| Problem::internal_logged(&e))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Log out everywhere: every session of the user ends, this one included
+/// (e.g. after losing a phone that was logged in).
+#[utoipa::path(delete, path = "/v1/me/sessions", security(("session" = [])),
+    responses((status = 204, description = "every session of the user has ended")))]
+pub async fn logout_everywhere(
+    state: State,
+    AuthUser(user): AuthUser,
+) -> Result<StatusCode, Problem> {
+    let prefs = state.prefs.clone();
+    let ended = tokio::task::spawn_blocking(move || prefs.store().delete_sessions(&user, None))
+        .await
+        .map_err(|_| Problem::internal())?
+        .map_err(|e| Problem::internal_logged(&e))?;
+    tracing::info!(ended, "logged out everywhere");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChange {
+    /// The current password.
+    password: String,
+    /// The current code of the enrolled authenticator.
+    totp: String,
+    /// At least 12 characters.
+    new_password: String,
+}
+
+/// Change the password. Both current factors are asked again, so that a
+/// session token alone cannot take the account; every other session ends.
+/// From then on the password is the user's own: reloading a directory file
+/// that lists a login for this user no longer replaces it.
+#[utoipa::path(put, path = "/v1/me/password", request_body = PasswordChange, security(("session" = [])),
+    responses((status = 204, description = "changed; the user's other sessions have ended"),
+        (status = 401, body = Problem, description = "wrong password or code, or a code already used"),
+        (status = 422, body = Problem, description = "the new password is too short"),
+        (status = 429, body = Problem, description = "too many failed attempts, as for login",
+            headers(("Retry-After" = u64, description = "Whole seconds until the lockout ends")))))]
+pub async fn change_password(
+    state: State,
+    session: CurrentSession,
+    Peer(peer): Peer,
+    Body(c): Body<PasswordChange>,
+) -> Result<StatusCode, Problem> {
+    if c.new_password.chars().count() < 12 {
+        return Err(Problem::unprocessable("at least 12 characters").field("new_password"));
+    }
+    check_factors(
+        &state,
+        &session.user,
+        c.password,
+        c.totp,
+        Source::of(peer),
+        "wrong password or code",
+    )
+    .await?;
+    let new_hash = hash(c.new_password).await?;
+    let prefs = state.prefs.clone();
+    let ended = tokio::task::spawn_blocking(move || -> Result<usize, crate::store::StoreError> {
+        prefs.store().set_own_password(&session.user, &new_hash)?;
+        prefs
+            .store()
+            .delete_sessions(&session.user, Some(&session.token_hash))
+    })
+    .await
+    .map_err(|_| Problem::internal())?
+    .map_err(|e| Problem::internal_logged(&e))?;
+    tracing::info!(other_sessions_ended = ended, "password changed");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -83,6 +83,9 @@ CREATE TABLE IF NOT EXISTS receipts (
     at TEXT NOT NULL,
     doc BLOB NOT NULL
 );
+-- Users whose login secrets are their own (registered through the API, or
+-- changed their password there): a directory import leaves them alone.
+CREATE TABLE IF NOT EXISTS own_login (user_id TEXT PRIMARY KEY REFERENCES users(id));
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash BLOB PRIMARY KEY,
     user_id TEXT NOT NULL,
@@ -377,6 +380,52 @@ impl Store {
         })
     }
 
+    /// Ends one session; whether it was there.
+    pub fn delete_session(&self, token_hash: &[u8; 32]) -> Result<bool, StoreError> {
+        self.with(|c, _| {
+            Ok(c.execute(
+                "DELETE FROM sessions WHERE token_hash = ?1",
+                [&token_hash[..]],
+            )? > 0)
+        })
+    }
+
+    /// Ends every session of `user` but `keep`; how many ended.
+    pub fn delete_sessions(
+        &self,
+        user: &str,
+        keep: Option<&[u8; 32]>,
+    ) -> Result<usize, StoreError> {
+        self.with(|c, _| {
+            Ok(c.execute(
+                "DELETE FROM sessions WHERE user_id = ?1 AND token_hash IS NOT ?2",
+                params![user, keep.map(|k| &k[..])],
+            )?)
+        })
+    }
+
+    /// Replaces `user`'s password with one they chose: from now on their
+    /// login secrets are their own, and a directory import keeps them.
+    pub fn set_own_password(&self, user: &str, password_hash: &str) -> Result<(), StoreError> {
+        self.transaction(|tx| {
+            let n = tx.tx.execute(
+                "UPDATE users SET password_hash = ?2 WHERE id = ?1",
+                params![user, password_hash],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound {
+                    what: "user",
+                    id: user.to_string(),
+                });
+            }
+            tx.tx.execute(
+                "INSERT OR IGNORE INTO own_login (user_id) VALUES (?1)",
+                [user],
+            )?;
+            Ok(())
+        })
+    }
+
     pub fn session_user(&self, token_hash: &[u8; 32]) -> Result<Option<String>, StoreError> {
         self.with(|c, _| {
             Ok(c.query_row(
@@ -571,8 +620,10 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Creates or updates a user's profile; `auth` replaces the login secrets
-    /// when given.
+    /// Creates or updates a user's profile. `auth` replaces the login secrets
+    /// when given, except a user's own (see `own_login`) on an update: a
+    /// directory import must not give back a password its user replaced.
+    /// Creating a user with `auth` makes the secrets their own.
     pub fn put_user(
         &self,
         user: &User,
@@ -608,7 +659,22 @@ impl Tx<'_> {
                 params![user.id, sealed, Utc::now().to_rfc3339()],
             )?;
         }
-        if let Some((hash, totp)) = auth {
+        let own: bool = self
+            .tx
+            .query_row(
+                "SELECT 1 FROM own_login WHERE user_id = ?1",
+                [&user.id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if let Some((hash, totp)) = auth.filter(|_| !own) {
+            if create_only {
+                self.tx.execute(
+                    "INSERT OR IGNORE INTO own_login (user_id) VALUES (?1)",
+                    [&user.id],
+                )?;
+            }
             let totp = match totp {
                 Some(secret) => Some(
                     self.cipher
