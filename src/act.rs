@@ -492,6 +492,25 @@ impl Table {
     }
 }
 
+impl Table {
+    /// A copy without `key`'s record; `None` if it has none.
+    fn without(&self, hash: u64, key: &[u8]) -> Option<Table> {
+        let removed = self.find(hash, key)?;
+        let mut data = Vec::with_capacity(self.data.len() - removed.len());
+        data.extend_from_slice(&self.data[..removed.start]);
+        data.extend_from_slice(&self.data[removed.end..]);
+        let mut starts = self.starts.clone();
+        for s in &mut starts[self.bucket(tag_of(hash)) + 1..] {
+            *s = offset(*s as usize - removed.len());
+        }
+        Some(Table {
+            starts,
+            len: self.len - 1,
+            data: data.into_boxed_slice(),
+        })
+    }
+}
+
 /// Records gathered in any order, then laid out in buckets at once: adding
 /// them one by one to a [`Table`] would move the records behind each.
 #[derive(Debug, Default)]
@@ -1086,6 +1105,33 @@ impl Act {
         let mut devices = self.devices.clone();
         devices[d] = Arc::new(self.devices[d].with(hash, device.as_bytes(), user.as_bytes()));
         Ok(self.next(version, users, devices))
+    }
+
+    /// A copy in which `device` is bound to nobody: it no longer speaks for
+    /// its user, at ingress or at delivery. Unchanged (at `version`) if it
+    /// was not bound.
+    pub fn without_device(&self, version: u64, device: &str) -> Act {
+        let hash = self.hash(device);
+        let d = hash as usize % SHARDS;
+        let Some(user) = self.devices[d].get(hash, device.as_bytes()) else {
+            return self.next(version, self.users.clone(), self.devices.clone());
+        };
+        let mut users = self.users.clone();
+        let user_hash = self.hasher.hash_one(user);
+        let u = user_hash as usize % SHARDS;
+        let shard = &*users[u];
+        if let Some(body) = shard.table.get(user_hash, user) {
+            let body = with_device(body, device.as_bytes(), false);
+            users[u] = Arc::new(UserShard {
+                table: shard.table.with(user_hash, user, &body),
+                rules: shard.rules.clone(),
+            });
+        }
+        let mut devices = self.devices.clone();
+        if let Some(t) = self.devices[d].without(hash, device.as_bytes()) {
+            devices[d] = Arc::new(t);
+        }
+        self.next(version, users, devices)
     }
 
     fn next(&self, version: u64, users: Vec<Arc<UserShard>>, devices: Vec<Arc<Table>>) -> Act {
@@ -1969,6 +2015,28 @@ mod tests {
                 .map(|_| ()),
             Err(Deny::NoCollectConsent)
         );
+        // Removed: bound to nobody, refused both ways; the user's other
+        // devices are untouched.
+        let gone = a.without_device(5, "alice-watch");
+        assert_eq!(gone.version, 5);
+        assert_eq!(gone.device_user("alice-watch"), None);
+        assert_eq!(
+            gone.deliver(&fit, hr, now()).map(|_| ()),
+            Err(Deny::Misattributed)
+        );
+        assert_eq!(
+            gone.ingress(&dev("alice-watch", "alice"), name(hr), now())
+                .map(|_| ()),
+            Err(Deny::Misattributed)
+        );
+        assert!(gone
+            .deliver(&fit, "pii/alice/alice-phone/heart_rate", now())
+            .is_ok());
+        assert_eq!(
+            gone.without_device(6, "alice-watch")
+                .device_user("alice-phone"),
+            Some("alice")
+        );
         // Alice's other devices and the snapshot before stay as they were.
         assert!(moved
             .deliver(&fit, "pii/alice/alice-phone/heart_rate", now())
@@ -2101,6 +2169,27 @@ mod tests {
         assert_eq!(t.get(hash("absent"), b"absent"), None);
         assert_eq!(Table::default().get(hash("absent"), b"absent"), None);
         assert_eq!(Records(&t.data).count(), 2001);
+
+        // Removing every third key leaves the rest found, and adding after
+        // a removal still works.
+        for i in (0..2000).step_by(3) {
+            t = t
+                .without(hash(&key(i)), key(i).as_bytes())
+                .expect("present");
+        }
+        assert!(t.without(hash(&key(0)), key(0).as_bytes()).is_none());
+        t = t.with(hash(&key(3)), key(3).as_bytes(), b"back");
+        for i in 0..2000 {
+            let got = t.get(hash(&key(i)), key(i).as_bytes());
+            match i {
+                3 => assert_eq!(got, Some(&b"back"[..])),
+                _ if i % 3 == 0 => assert_eq!(got, None, "{i}"),
+                _ if i % 7 == 0 => assert_eq!(got, Some(&[1, 2, 3][..])),
+                _ => assert_eq!(got, Some(&value(i)[..])),
+            }
+        }
+        assert_eq!(t.len, 2001 - 667 + 1);
+        assert_eq!(Records(&t.data).count(), t.len);
     }
 
     #[test]

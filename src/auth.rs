@@ -144,6 +144,26 @@ impl Credentials {
         })
     }
 
+    /// These credentials without a device's password and certificates, and
+    /// without its cached verification.
+    pub fn without_device(&self, id: &str) -> Credentials {
+        let is_it = |p: &Principal| matches!(p, Principal::Device { id: d, .. } if d == id);
+        let mut by_name = self.by_name.clone();
+        if by_name.get(id).is_some_and(|e| is_it(&e.principal)) {
+            by_name.remove(id);
+        }
+        let mut by_cert = self.by_cert.clone();
+        by_cert.retain(|_, p| !is_it(p));
+        let mut verified = self.verified.lock().map(|m| m.clone()).unwrap_or_default();
+        verified.remove(id);
+        Credentials {
+            by_name,
+            by_cert,
+            cache_key: self.cache_key,
+            verified: Mutex::new(verified),
+        }
+    }
+
     pub fn by_certificate(&self, sha256_hex: &str) -> Result<Principal, AuthError> {
         self.by_cert
             .get(&sha256_hex.to_ascii_lowercase())
@@ -281,6 +301,21 @@ mod tests {
                 id: "fitcoach".into()
             })
         );
+    }
+
+    #[test]
+    fn a_removed_device_is_refused_even_from_the_cache() {
+        let c = Credentials::from_directory(&dir()).unwrap();
+        assert!(c.verify_password("alice-watch", b"s3cret").is_ok());
+        let c = c.without_device("alice-watch");
+        assert_eq!(
+            c.verify_password("alice-watch", b"s3cret"),
+            Err(AuthError::BadCredentials)
+        );
+        assert_eq!(c.by_certificate("ab12"), Err(AuthError::UnknownCertificate));
+        // Only devices go: a provider's name is not a device's.
+        let c = c.without_device("fitcoach");
+        assert!(c.verify_password("fitcoach", b"p").is_ok());
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum PrefError {
     UnknownUser(String),
     #[error("{0}")]
     Exists(String),
+    #[error("no such device {0:?}")]
+    UnknownDevice(String),
     #[error("credentials: {0}")]
     Credentials(#[from] AuthError),
     #[error("login of {0:?}: totp_secret is not base32")]
@@ -386,6 +388,39 @@ impl PreferenceManager {
         Ok(())
     }
 
+    /// Removes one of `user`'s devices: its credentials stop working, it no
+    /// longer speaks for `user` (its live connection is closed when the new
+    /// ACT reaches it), and a directory import does not bring it back.
+    pub fn remove_device(&self, user: &str, device: &str) -> Result<(), PrefError> {
+        let mut state = self.lock();
+        if state.devices.get(device).is_none_or(|d| d.user != user) {
+            return Err(PrefError::UnknownDevice(device.to_string()));
+        }
+        let act_version = state.act_version + 1;
+        let act = self.act.load().without_device(act_version, device);
+        let creds = self.creds.load().without_device(device);
+        self.store
+            .transaction(|tx| tx.remove_device(device, user))?;
+        self.creds.store(Arc::new(creds));
+        self.act.store(act);
+        state.devices.remove(device);
+        state.act_version = act_version;
+        Ok(())
+    }
+
+    /// `user`'s devices, by id.
+    pub fn devices_of(&self, user: &str) -> Vec<String> {
+        let state = self.lock();
+        let mut ids: Vec<String> = state
+            .devices
+            .values()
+            .filter(|d| d.user == user)
+            .map(|d| d.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     pub fn put_provider(&self, provider: Provider) -> Result<(), PrefError> {
         let mut state = self.lock();
         let mut dir = state.directory();
@@ -442,12 +477,23 @@ impl PreferenceManager {
         let source = IMPORT_SOURCE;
         let Directory {
             users,
-            devices,
+            mut devices,
             providers,
             preferences,
             logins,
         } = file;
         let mut state = self.lock();
+        // Devices users registered or removed themselves are theirs: the
+        // file does not bring a removed one back or replace a new secret.
+        let managed = self.store.user_managed_devices()?;
+        let listed = devices.len();
+        devices.retain(|d| !managed.contains(&d.id));
+        if devices.len() < listed {
+            tracing::info!(
+                devices = listed - devices.len(),
+                "directory devices not applied: their users manage them"
+            );
+        }
         let mut dir = state.directory();
         upsert(&mut dir.users, &users, |u| &u.id);
         upsert(&mut dir.devices, &devices, |d| &d.id);
@@ -861,6 +907,68 @@ mod tests {
             pm.store().set_own_password("nobody", "x"),
             Err(StoreError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn a_removed_device_stays_removed_across_imports_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (seed, kinds) = demo();
+        let open = || open_file(&path, 9, &seed, &kinds);
+        let (pm, act, creds) = open();
+        assert!(matches!(
+            pm.remove_device("bob", "alice-watch"),
+            Err(PrefError::UnknownDevice(_))
+        ));
+        assert!(matches!(
+            pm.remove_device("alice", "nothing"),
+            Err(PrefError::UnknownDevice(_))
+        ));
+        assert!(creds
+            .load()
+            .verify_password("alice-watch", b"alice-watch-secret")
+            .is_ok());
+        pm.remove_device("alice", "alice-watch").unwrap();
+        assert_eq!(act.load().device_user("alice-watch"), None);
+        assert!(!fitcoach_gets_heart_rate(&act));
+        assert!(creds
+            .load()
+            .verify_password("alice-watch", b"alice-watch-secret")
+            .is_err());
+        assert!(pm.devices_of("alice").is_empty());
+        assert_eq!(pm.devices_of("bob"), ["bob-phone"]);
+
+        pm.import(seed.clone()).unwrap();
+        assert_eq!(act.load().device_user("alice-watch"), None);
+        drop(pm);
+        let (pm, act, creds) = open();
+        pm.import(seed.clone()).unwrap();
+        assert_eq!(act.load().device_user("alice-watch"), None);
+        assert!(creds
+            .load()
+            .verify_password("alice-watch", b"alice-watch-secret")
+            .is_err());
+
+        // Registered again by its user: bound again, and imports keep it
+        // with its new secret, not the file's old one.
+        pm.register_device(Device {
+            id: "alice-watch".into(),
+            user: "alice".into(),
+            password_hash: Some(crate::auth::hash_password("new secret")),
+            cert_sha256: None,
+        })
+        .unwrap();
+        pm.import(seed).unwrap();
+        assert_eq!(act.load().device_user("alice-watch"), Some("alice"));
+        assert!(fitcoach_gets_heart_rate(&act));
+        assert!(creds
+            .load()
+            .verify_password("alice-watch", b"new secret")
+            .is_ok());
+        assert!(creds
+            .load()
+            .verify_password("alice-watch", b"alice-watch-secret")
+            .is_err());
     }
 
     #[test]

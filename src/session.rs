@@ -199,6 +199,8 @@ enum End {
     SlowConsumer,
     #[error("another connection took the client id over")]
     TakenOver,
+    #[error("this device was removed from its user's account")]
+    DeviceRemoved,
 }
 
 impl End {
@@ -217,6 +219,7 @@ impl End {
             End::Shutdown => "shutdown",
             End::SlowConsumer => "slow_consumer",
             End::TakenOver => "taken_over",
+            End::DeviceRemoved => "device_removed",
         }
     }
 
@@ -233,6 +236,7 @@ impl End {
             End::Shutdown => DisconnectReasonCode::ServerShuttingDown,
             End::SlowConsumer => DisconnectReasonCode::QuotaExceeded,
             End::TakenOver => DisconnectReasonCode::SessionTakenOver,
+            End::DeviceRemoved => DisconnectReasonCode::AdministrativeAction,
             End::Io(_) | End::ConnectTimeout => return None,
         })
     }
@@ -923,7 +927,10 @@ impl Session {
                     tracing::info!(session = self.id, "client id taken over by a new connection");
                     return Err(End::TakenOver);
                 }
-                Ok(()) = act_changes.changed() => self.recheck_subscriptions()?,
+                Ok(()) = act_changes.changed() => {
+                    self.recheck_binding()?;
+                    self.recheck_subscriptions()?;
+                }
                 _ = shutdown.changed() => return Err(End::Shutdown),
             }
         }
@@ -1258,6 +1265,19 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A device whose user removed it (or that now belongs to another user)
+    /// no longer speaks for the user it logged in as: its connection ends,
+    /// and its credentials no longer let it back in.
+    fn recheck_binding(&self) -> Result<(), End> {
+        if let Principal::Device { id, user } = &self.who {
+            if self.shared.act.load().device_user(id) != Some(user.as_str()) {
+                tracing::info!(session = self.id, device = %id, "device no longer bound to its user; disconnecting");
+                return Err(End::DeviceRemoved);
+            }
+        }
+        Ok(())
     }
 
     /// A new ACT may no longer allow what this session holds (a provider's

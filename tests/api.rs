@@ -1385,3 +1385,109 @@ async fn errors_through_a_real_listener_are_problems_with_their_headers() {
     let secs: u64 = h["retry-after"].parse().unwrap();
     assert!((1..=900).contains(&secs), "Retry-After {secs}");
 }
+
+/// The demo's alice (config/demo.toml), logged in through the API.
+fn demo_alice_token(server: &common::Server) -> String {
+    const ALICE_TOTP: &str = "CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA";
+    let (s, sess) = http(
+        server,
+        "POST",
+        "/v1/sessions",
+        None,
+        Some(json!({"user": "alice", "password": "alice-api-secret",
+            "totp": totp_now(ALICE_TOTP, "alice")})),
+    );
+    assert_eq!(s, 201, "{sess}");
+    sess["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
+    use common::v5;
+    let server = common::Server::demo();
+    let t = demo_alice_token(&server);
+    let (s, list) = http(&server, "GET", "/v1/me/devices", Some(&t), None);
+    assert_eq!((s, list), (200, json!({"devices": ["alice-watch"]})));
+
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    let mut watch = v5::connect(server.mqtt, "watch", "alice-watch", "alice-watch-secret").await;
+    let topic = "pii/alice/alice-watch/heart_rate";
+    assert_eq!(
+        watch.publish_acked(topic, br#"{"bpm":70}"#).await,
+        v5::PubAckReason::Success
+    );
+    assert_eq!(fit.next_publish().await.topic, topic.as_bytes());
+
+    // Only her own devices are hers to remove; another's is not found.
+    let (s, p) = http(
+        &server,
+        "DELETE",
+        "/v1/me/devices/bob-phone",
+        Some(&t),
+        None,
+    );
+    assert_eq!(s, 404, "{p}");
+    let (s, p) = http(
+        &server,
+        "DELETE",
+        "/v1/me/devices/alice-watch",
+        Some(&t),
+        None,
+    );
+    assert_eq!(s, 204, "{p}");
+
+    // The open connection is closed as an administrative action ...
+    match watch.next().await {
+        v5::Packet::Disconnect(d) => assert_eq!(
+            d.reason_code,
+            rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction
+        ),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    // ... its password no longer lets it in ...
+    let again = || {
+        v5::connect_with(v5::options(
+            server.mqtt,
+            "watch-again",
+            Some(("alice-watch", "alice-watch-secret")),
+        ))
+    };
+    assert!(again().await.is_err(), "a removed device connected");
+    let (s, list) = http(&server, "GET", "/v1/me/devices", Some(&t), None);
+    assert_eq!((s, list), (200, json!({"devices": []})));
+    // ... and reloading the directory file, which still lists it, does not
+    // bring it back.
+    server.reload(common::DEMO_DIRECTORY);
+    assert!(again().await.is_err(), "the directory brought it back");
+    assert!(server.log().contains("their users manage them"));
+
+    // Registering the id again is alice's own choice, with a new password.
+    let (s, dev) = http(
+        &server,
+        "POST",
+        "/v1/me/devices",
+        Some(&t),
+        Some(json!({"id": "alice-watch"})),
+    );
+    assert_eq!(s, 201, "{dev}");
+    let mut watch = v5::connect(
+        server.mqtt,
+        "watch-new",
+        "alice-watch",
+        dev["mqtt_password"].as_str().unwrap(),
+    )
+    .await;
+    assert_eq!(
+        watch.publish_acked(topic, br#"{"bpm":71}"#).await,
+        v5::PubAckReason::Success
+    );
+    assert_eq!(fit.next_publish().await.payload.as_ref(), br#"{"bpm":71}"#);
+    // The file's old secret stays dead after another reload.
+    server.reload(common::DEMO_DIRECTORY);
+    assert!(
+        again().await.is_err(),
+        "the directory restored the old secret"
+    );
+}

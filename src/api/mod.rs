@@ -99,6 +99,8 @@ pub type State = axum::extract::State<Arc<ApiState>>;
         users::logout_everywhere,
         users::change_password,
         users::register_device,
+        users::list_devices,
+        users::remove_device,
         preferences::get_preferences,
         preferences::put_preferences,
         preferences::withdraw_all,
@@ -218,7 +220,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/sessions/current", delete(users::logout))
         .route("/v1/me/sessions", delete(users::logout_everywhere))
         .route("/v1/me/password", put(users::change_password))
-        .route("/v1/me/devices", post(users::register_device))
+        .route(
+            "/v1/me/devices",
+            get(users::list_devices).post(users::register_device),
+        )
+        .route("/v1/me/devices/{id}", delete(users::remove_device))
         .route(
             "/v1/me/preferences",
             get(preferences::get_preferences)

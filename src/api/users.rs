@@ -13,7 +13,7 @@ use totp_rs::{Algorithm, Secret, TOTP};
 use utoipa::ToSchema;
 
 use super::login_limiter::{Failure, Source};
-use super::{ApiState, AuthUser, Body, CurrentSession, Peer, Problem, State};
+use super::{ApiState, AuthUser, Body, CurrentSession, Path, Peer, Problem, State};
 use crate::model::{Device, User};
 
 #[derive(Deserialize, ToSchema)]
@@ -378,4 +378,42 @@ pub async fn register_device(
             mqtt_password: password,
         }),
     ))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeviceList {
+    /// The ids (MQTT user names) of the user's devices, sorted.
+    devices: Vec<String>,
+}
+
+/// The logged-in user's devices.
+#[utoipa::path(get, path = "/v1/me/devices", security(("session" = [])),
+    responses((status = 200, body = DeviceList)))]
+pub async fn list_devices(state: State, AuthUser(user): AuthUser) -> Json<DeviceList> {
+    Json(DeviceList {
+        devices: state.prefs.devices_of(&user),
+    })
+}
+
+/// Remove one of the logged-in user's devices (sold, lost, replaced). Its
+/// MQTT credentials stop working, its open connection is closed (MQTT 5:
+/// DISCONNECT 0x98, administrative action), nothing it publishes is
+/// collected for the user any more, and reloading a directory file that
+/// still lists it does not bring it back. Registering the id again does.
+#[utoipa::path(delete, path = "/v1/me/devices/{id}", security(("session" = [])),
+    params(("id" = String, Path, description = "the device's id")),
+    responses((status = 204, description = "removed"),
+        (status = 404, body = Problem, description = "the user has no such device")))]
+pub async fn remove_device(
+    state: State,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    let prefs = state.prefs.clone();
+    let device = id.clone();
+    tokio::task::spawn_blocking(move || prefs.remove_device(&user, &device))
+        .await
+        .map_err(|_| Problem::internal())??;
+    tracing::info!(device = %id, "device removed by its user");
+    Ok(StatusCode::NO_CONTENT)
 }

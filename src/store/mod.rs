@@ -86,6 +86,14 @@ CREATE TABLE IF NOT EXISTS receipts (
 -- Users whose login secrets are their own (registered through the API, or
 -- changed their password there): a directory import leaves them alone.
 CREATE TABLE IF NOT EXISTS own_login (user_id TEXT PRIMARY KEY REFERENCES users(id));
+-- Device ids their users manage, having registered or removed them through
+-- the API (removed_at set): a directory import leaves them alone, so it
+-- neither brings back a removed device nor replaces a registered one's secret.
+CREATE TABLE IF NOT EXISTS user_devices (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    removed_at TEXT
+);
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash BLOB PRIMARY KEY,
     user_id TEXT NOT NULL,
@@ -377,6 +385,17 @@ impl Store {
                 params![&token_hash[..], user, expires.timestamp()],
             )?;
             Ok(())
+        })
+    }
+
+    /// The ids of devices their users registered or removed themselves.
+    pub fn user_managed_devices(&self) -> Result<HashSet<String>, StoreError> {
+        self.with(|c, _| {
+            let mut stmt = c.prepare("SELECT id FROM user_devices")?;
+            let ids = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<HashSet<String>, _>>()?;
+            Ok(ids)
         })
     }
 
@@ -690,7 +709,25 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Deletes a device and remembers that its user removed it.
+    pub fn remove_device(&self, id: &str, user: &str) -> Result<(), StoreError> {
+        self.tx.execute("DELETE FROM devices WHERE id = ?1", [id])?;
+        self.tx.execute(
+            "INSERT OR REPLACE INTO user_devices (id, user_id, removed_at) VALUES (?1, ?2, ?3)",
+            params![id, user, Utc::now().to_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// Creates or updates a device; creating one (API registration) makes
+    /// it one its user manages.
     pub fn put_device(&self, d: &Device, create_only: bool) -> Result<(), StoreError> {
+        if create_only {
+            self.tx.execute(
+                "INSERT OR REPLACE INTO user_devices (id, user_id, removed_at) VALUES (?1, ?2, NULL)",
+                params![d.id, d.user],
+            )?;
+        }
         let sql = if create_only {
             "INSERT INTO devices (id, user_id, password_hash, cert_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)"
         } else {
