@@ -13,6 +13,8 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
 /// Which factor a failed attempt got wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -52,10 +54,21 @@ enum Scope {
 /// addresses cannot grow the table without limit.
 const SWEEP_ABOVE: usize = 100_000;
 
+/// A user name as counted: a digest, so that an entry costs the same for a
+/// 64 KiB name sent to fill memory as for a real one.
+type Name = [u8; 16];
+
+fn name(user: &str) -> Name {
+    let d = Sha256::digest(user.as_bytes());
+    let mut n = [0u8; 16];
+    n.copy_from_slice(&d[..16]);
+    n
+}
+
 pub struct LoginLimiter {
     max: u32,
     window: Duration,
-    failures: Mutex<HashMap<(String, Scope), (u32, Instant)>>,
+    failures: Mutex<HashMap<(Name, Scope), (u32, Instant)>>,
 }
 
 impl LoginLimiter {
@@ -75,7 +88,7 @@ impl LoginLimiter {
         [Scope::From(from), Scope::Everywhere]
             .into_iter()
             .filter_map(|scope| {
-                let key = (user.to_string(), scope);
+                let key = (name(user), scope);
                 match m.get(&key) {
                     Some((_, since)) if since.elapsed() > self.window => {
                         m.remove(&key);
@@ -100,7 +113,7 @@ impl LoginLimiter {
             Failure::Password => Scope::From(from),
             Failure::Code => Scope::Everywhere,
         };
-        m.entry((user.to_string(), scope))
+        m.entry((name(user), scope))
             .or_insert((0, Instant::now()))
             .0 += 1;
     }
@@ -109,8 +122,8 @@ impl LoginLimiter {
     /// goes. Other sources' counts stay: their guesses were still guesses.
     pub fn succeeded(&self, user: &str, from: Source) {
         let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        m.remove(&(user.to_string(), Scope::From(from)));
-        m.remove(&(user.to_string(), Scope::Everywhere));
+        m.remove(&(name(user), Scope::From(from)));
+        m.remove(&(name(user), Scope::Everywhere));
     }
 }
 
