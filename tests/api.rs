@@ -476,9 +476,12 @@ async fn openapi_document_is_served_and_lists_the_api() {
         "/v1/sessions/current",
         "/v1/me/sessions",
         "/v1/me/password",
+        "/v1/me/totp",
+        "/v1/me/devices/{id}",
         "/v1/me/preferences",
         "/v1/providers",
         "/v1/operator/kinds",
+        "/v1/operator/users/{id}/login-reset",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
     }
@@ -1490,4 +1493,201 @@ async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
         again().await.is_err(),
         "the directory restored the old secret"
     );
+}
+
+/// Waits, if need be, until the current TOTP step has at least 10 s left, so
+/// that codes of the steps around "now" stay within the allowed skew for
+/// the rest of a short test; returns the time.
+async fn unix_now_early_in_a_step() -> u64 {
+    let now = unix_now();
+    if now % 30 >= 20 {
+        tokio::time::sleep(Duration::from_secs(30 - now % 30)).await;
+        return unix_now();
+    }
+    now
+}
+
+#[tokio::test]
+async fn a_new_authenticator_replaces_the_old_only_once_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("consentry.db");
+    let key = rand::random();
+    let api = Api::with_store(Store::open(&path, &key).unwrap());
+    let old = register(&api, "tara").await;
+    let now = unix_now_early_in_a_step().await;
+    let (s, sess) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            json!({"user": "tara", "password": "correct horse battery",
+                "totp": common::totp_at(&old, now - 30)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{sess}");
+    let t = sess["token"].as_str().unwrap().to_string();
+    // A second session, made directly in the store (each login through the
+    // API would use up one of the few codes within the skew).
+    let other = "another-session-token-of-tara";
+    Store::open(&path, &key)
+        .unwrap()
+        .create_session(
+            &<sha2::Sha256 as sha2::Digest>::digest(other.as_bytes()).into(),
+            "tara",
+            chrono::Utc::now() + chrono::Duration::hours(1),
+        )
+        .unwrap();
+    let (s, _) = api.get("/v1/me/preferences", Some(other)).await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Nothing pending yet.
+    let (s, p) = api
+        .json("PUT", "/v1/me/totp", Some(&t), json!({"totp": "123456"}))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{p}");
+    // Starting asks both factors.
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/me/totp",
+            Some(&t),
+            json!({"password": "wrong password!", "totp": common::totp_at(&old, now)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    let (s, pending) = api
+        .json(
+            "POST",
+            "/v1/me/totp",
+            Some(&t),
+            json!({"password": "correct horse battery", "totp": common::totp_at(&old, now)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{pending}");
+    assert!(pending["totp_uri"]
+        .as_str()
+        .unwrap()
+        .starts_with("otpauth://totp/"));
+    let new = pending["totp_secret"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+
+    // A code that is not the new authenticator's is refused, and changes
+    // nothing.
+    let (s, p) = api
+        .json(
+            "PUT",
+            "/v1/me/totp",
+            Some(&t),
+            json!({"totp": common::totp_at(&old, now + 30)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    let (s, p) = api
+        .json(
+            "PUT",
+            "/v1/me/totp",
+            Some(&t),
+            json!({"totp": common::totp_at(&new, now - 30)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{p}");
+    // This session goes on, the other has ended, and nothing is pending.
+    let (s, _) = api.get("/v1/me/preferences", Some(&t)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = api.get("/v1/me/preferences", Some(other)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = api
+        .json(
+            "PUT",
+            "/v1/me/totp",
+            Some(&t),
+            json!({"totp": common::totp_at(&new, now)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // The old authenticator's next code no longer logs in; the new one's does.
+    let login =
+        |code: String| json!({"user": "tara", "password": "correct horse battery", "totp": code});
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(common::totp_at(&old, now + 30)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            login(common::totp_at(&new, now + 30)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+}
+
+#[tokio::test]
+async fn the_operator_resets_a_lost_login_and_every_session_ends() {
+    let api = Api::new();
+    let old = register(&api, "uma").await;
+    let now = unix_now();
+    let (s, sess) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            json!({"user": "uma", "password": "correct horse battery",
+                "totp": common::totp_at(&old, now)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{sess}");
+    let t = sess["token"].as_str().unwrap().to_string();
+    let reset = |id: &str, key: Option<&str>| {
+        let mut b = Request::builder()
+            .method("POST")
+            .uri(format!("/v1/operator/users/{id}/login-reset"));
+        if let Some(k) = key {
+            b = b.header("x-operator-key", k);
+        }
+        b.body(Body::empty()).unwrap()
+    };
+    let (s, _, _) = api.call(reset("uma", None)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = api.call(reset("uma", Some("not the key"))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, p, _) = api.call(reset("nobody", Some(OPERATOR_KEY))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{p}");
+    let (s, r, _) = api.call(reset("uma", Some(OPERATOR_KEY))).await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    let (password, secret) = (
+        r["password"].as_str().unwrap(),
+        r["totp_secret"].as_str().unwrap(),
+    );
+    assert_ne!(secret, old);
+
+    let (s, _) = api.get("/v1/me/preferences", Some(&t)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "a session outlived the reset");
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            json!({"user": "uma", "password": "correct horse battery",
+                "totp": common::totp_at(secret, now + 30)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "the old password: {p}");
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            json!({"user": "uma", "password": password,
+                "totp": common::totp_at(secret, now + 30)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
 }

@@ -98,6 +98,8 @@ pub type State = axum::extract::State<Arc<ApiState>>;
         users::logout,
         users::logout_everywhere,
         users::change_password,
+        users::start_totp_enrolment,
+        users::confirm_totp_enrolment,
         users::register_device,
         users::list_devices,
         users::remove_device,
@@ -121,6 +123,7 @@ pub type State = axum::extract::State<Arc<ApiState>>;
         providers::get_one,
         operator::put_provider,
         operator::put_kind,
+        operator::reset_login,
     ),
     components(schemas(Problem)),
     modifiers(&SecuritySchemes, &ProblemResponses)
@@ -221,6 +224,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/me/sessions", delete(users::logout_everywhere))
         .route("/v1/me/password", put(users::change_password))
         .route(
+            "/v1/me/totp",
+            post(users::start_totp_enrolment).put(users::confirm_totp_enrolment),
+        )
+        .route(
             "/v1/me/devices",
             get(users::list_devices).post(users::register_device),
         )
@@ -254,6 +261,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/providers/{id}", get(providers::get_one))
         .route("/v1/operator/providers", post(operator::put_provider))
         .route("/v1/operator/kinds", post(operator::put_kind))
+        .route(
+            "/v1/operator/users/{id}/login-reset",
+            post(operator::reset_login),
+        )
         .route("/v1/openapi.json", get(|| async { Json(openapi()) }))
         .route("/.well-known/jwks.json", get(jwks))
         // After every route: it is set on the routes registered so far. The

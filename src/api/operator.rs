@@ -5,8 +5,11 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::users::valid_id;
-use super::{Body, Operator, Problem, State};
+use base64::Engine;
+use rand::RngCore;
+
+use super::users::{totp, valid_id};
+use super::{Body, Operator, Path, Problem, State};
 use crate::model::{Contact, Kind, Provider, ProviderRole, Purpose};
 
 #[derive(Deserialize, ToSchema)]
@@ -89,4 +92,61 @@ pub async fn put_kind(
         .await
         .map_err(|_| Problem::internal())??;
     Ok((StatusCode::CREATED, Json(Created { id: name })))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LoginReset {
+    user: String,
+    /// A new random password, shown once: hand it to the user, who should
+    /// change it (`PUT /v1/me/password`).
+    password: String,
+    /// The new authenticator secret, shown once, for the user to scan.
+    totp_uri: String,
+    totp_secret: String,
+}
+
+/// Reset a user's login for a user who lost their password or authenticator,
+/// once the operator has verified who is asking (outside consentry): a new
+/// random password and TOTP secret replace the old ones, and every session
+/// of the user ends. Preferences, devices and history are untouched.
+#[utoipa::path(post, path = "/v1/operator/users/{id}/login-reset", security(("operator" = [])),
+    params(("id" = String, Path, description = "the user's id")),
+    responses((status = 201, body = LoginReset), (status = 403, body = Problem),
+        (status = 404, body = Problem, description = "no such user")))]
+pub async fn reset_login(
+    state: State,
+    _: Operator,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<LoginReset>), Problem> {
+    let mut raw = [0u8; 18];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let password = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+    let secret = totp_rs::Secret::generate_secret()
+        .to_bytes()
+        .map_err(|e| Problem::internal_logged(&e))?;
+    let t = totp(secret.clone(), &state.config.totp_issuer, &id)?;
+    let prefs = state.prefs.clone();
+    let (user, pw) = (id.clone(), password.clone());
+    tokio::task::spawn_blocking(move || {
+        let hash = crate::auth::hash_password(&pw);
+        prefs.store().reset_login(&user, &hash, &secret)
+    })
+    .await
+    .map_err(|_| Problem::internal())?
+    .map_err(|e| match e {
+        crate::store::StoreError::NotFound { .. } => {
+            Problem::not_found(format!("no such user {id:?}"))
+        }
+        e => Problem::internal_logged(&e),
+    })?;
+    tracing::info!(user = %id, "login reset by the operator");
+    Ok((
+        StatusCode::CREATED,
+        Json(LoginReset {
+            user: id,
+            password,
+            totp_uri: t.get_url(),
+            totp_secret: t.get_secret_base32(),
+        }),
+    ))
 }

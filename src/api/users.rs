@@ -44,7 +44,7 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
 }
 
-fn totp(secret: Vec<u8>, issuer: &str, user: &str) -> Result<TOTP, Problem> {
+pub(super) fn totp(secret: Vec<u8>, issuer: &str, user: &str) -> Result<TOTP, Problem> {
     TOTP::new(
         Algorithm::SHA1,
         6,
@@ -133,6 +133,16 @@ pub struct Session {
     expires_at: DateTime<Utc>,
 }
 
+/// The 429 for a lockout with `left` to go.
+fn locked(left: std::time::Duration) -> Problem {
+    // Whole seconds, rounded up: retrying after them is not refused again.
+    let secs = (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1);
+    Problem::too_many(format!(
+        "too many failed logins for this user; try again in {secs} s"
+    ))
+    .retry_after(secs)
+}
+
 /// Checks `user`'s password and code, both factors of X.1363 10.2, within
 /// the login limits; a code that passes is used up (RFC 6238 §5.2). A
 /// failure is counted, and answered with `wrong`.
@@ -145,13 +155,7 @@ async fn check_factors(
     wrong: &'static str,
 ) -> Result<(), Problem> {
     if let Some(left) = state.limiter.locked_for(user, from) {
-        // Whole seconds, rounded up: retrying after them is not refused again.
-        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-        let secs = secs.max(1);
-        return Err(Problem::too_many(format!(
-            "too many failed logins for this user; try again in {secs} s"
-        ))
-        .retry_after(secs));
+        return Err(locked(left));
     }
     let prefs = state.prefs.clone();
     let name = user.to_string();
@@ -415,5 +419,130 @@ pub async fn remove_device(
         .await
         .map_err(|_| Problem::internal())??;
     tracing::info!(device = %id, "device removed by its user");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Factors {
+    /// The current password.
+    password: String,
+    /// The current code of the enrolled authenticator.
+    totp: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PendingTotp {
+    /// Scan into the new authenticator app, then confirm with one of its codes.
+    totp_uri: String,
+    /// The same secret, base32, for typing in.
+    totp_secret: String,
+    /// Confirm before this, or start again.
+    confirm_by: DateTime<Utc>,
+}
+
+/// How long a new authenticator may wait for its confirming code.
+const ENROL_WITHIN_SECS: i64 = 600;
+
+/// Start moving TOTP to a new authenticator (a new phone, say). Both current
+/// factors are asked; the answer is a new secret, which replaces the old
+/// one only once `PUT /v1/me/totp` confirms it with one of its codes. Until
+/// then the old authenticator goes on working.
+#[utoipa::path(post, path = "/v1/me/totp", request_body = Factors, security(("session" = [])),
+    responses((status = 201, body = PendingTotp),
+        (status = 401, body = Problem, description = "wrong password or code, or a code already used"),
+        (status = 429, body = Problem, description = "too many failed attempts, as for login",
+            headers(("Retry-After" = u64, description = "Whole seconds until the lockout ends")))))]
+pub async fn start_totp_enrolment(
+    state: State,
+    AuthUser(user): AuthUser,
+    Peer(peer): Peer,
+    Body(f): Body<Factors>,
+) -> Result<(StatusCode, Json<PendingTotp>), Problem> {
+    check_factors(
+        &state,
+        &user,
+        f.password,
+        f.totp,
+        Source::of(peer),
+        "wrong password or code",
+    )
+    .await?;
+    let secret = Secret::generate_secret()
+        .to_bytes()
+        .map_err(|e| Problem::internal_logged(&e))?;
+    let t = totp(secret.clone(), &state.config.totp_issuer, &user)?;
+    let confirm_by = Utc::now() + chrono::Duration::seconds(ENROL_WITHIN_SECS);
+    let prefs = state.prefs.clone();
+    tokio::task::spawn_blocking(move || prefs.store().set_pending_totp(&user, &secret, confirm_by))
+        .await
+        .map_err(|_| Problem::internal())?
+        .map_err(|e| Problem::internal_logged(&e))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(PendingTotp {
+            totp_uri: t.get_url(),
+            totp_secret: t.get_secret_base32(),
+            confirm_by,
+        }),
+    ))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TotpConfirmation {
+    /// The current code of the new authenticator.
+    totp: String,
+}
+
+/// Confirm the new authenticator with one of its codes: it replaces the old
+/// one, and every other session of the user ends. A wrong code counts as a
+/// failed login with the right password would (for the name, everywhere).
+#[utoipa::path(put, path = "/v1/me/totp", request_body = TotpConfirmation, security(("session" = [])),
+    responses((status = 204, description = "the new authenticator is in use; the user's other sessions have ended"),
+        (status = 401, body = Problem, description = "not a current code of the new authenticator"),
+        (status = 404, body = Problem, description = "no enrolment pending (never started, confirmed, or expired)"),
+        (status = 429, body = Problem, description = "too many failed attempts",
+            headers(("Retry-After" = u64, description = "Whole seconds until the lockout ends")))))]
+pub async fn confirm_totp_enrolment(
+    state: State,
+    session: CurrentSession,
+    Peer(peer): Peer,
+    Body(c): Body<TotpConfirmation>,
+) -> Result<StatusCode, Problem> {
+    let from = Source::of(peer);
+    if let Some(left) = state.limiter.locked_for(&session.user, from) {
+        return Err(locked(left));
+    }
+    let prefs = state.prefs.clone();
+    let user = session.user.clone();
+    let pending = tokio::task::spawn_blocking(move || prefs.store().pending_totp(&user))
+        .await
+        .map_err(|_| Problem::internal())?
+        .map_err(|e| Problem::internal_logged(&e))?
+        .ok_or_else(|| {
+            Problem::not_found("no new authenticator is waiting to be confirmed; start with POST")
+        })?;
+    let t = totp(pending.clone(), &state.config.totp_issuer, &session.user)?;
+    let Some(step) = code_step(&t, c.totp.trim()) else {
+        state.limiter.failed(&session.user, from, Failure::Code);
+        return Err(Problem::unauthorized(
+            "not a current code of the new authenticator",
+        ));
+    };
+    let prefs = state.prefs.clone();
+    let ended = tokio::task::spawn_blocking(move || -> Result<usize, crate::store::StoreError> {
+        prefs.store().activate_totp(&session.user, &pending, step)?;
+        prefs
+            .store()
+            .delete_sessions(&session.user, Some(&session.token_hash))
+    })
+    .await
+    .map_err(|_| Problem::internal())?
+    .map_err(|e| Problem::internal_logged(&e))?;
+    tracing::info!(
+        other_sessions_ended = ended,
+        "new TOTP authenticator enrolled"
+    );
     Ok(StatusCode::NO_CONTENT)
 }

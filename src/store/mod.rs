@@ -12,6 +12,7 @@
 //! Nothing is ever overwritten in `consent_history`.
 
 mod cipher;
+mod totp_enrol;
 mod totp_steps;
 
 use std::collections::HashSet;
@@ -161,6 +162,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(totp_steps::SCHEMA)?;
+        conn.execute_batch(totp_enrol::SCHEMA)?;
         Ok(Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
@@ -172,6 +174,7 @@ impl Store {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(totp_steps::SCHEMA)?;
+        conn.execute_batch(totp_enrol::SCHEMA)?;
         Ok(Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
