@@ -101,6 +101,8 @@ pub enum CompileError {
     Template(#[from] topic::TemplateError),
     #[error("kind {0:?} is declared twice")]
     DuplicateKind(String),
+    #[error("kind {kind:?} gives a type to {field:?}, which is not one of its fields")]
+    TypedField { kind: String, field: String },
     #[error("{what} {id:?} is declared twice")]
     Duplicate { what: &'static str, id: String },
     #[error("user {user:?}: unknown time zone {tz:?}")]
@@ -864,6 +866,13 @@ impl Act {
             if !kind_ids.insert(&k.name, i as u16) {
                 return Err(CompileError::DuplicateKind(k.name.clone()));
             }
+            // Opaque kinds have no fields, so no typed ones either.
+            if let Some(field) = k.types.keys().find(|f| !k.fields.contains(f)) {
+                return Err(CompileError::TypedField {
+                    kind: k.name.clone(),
+                    field: field.clone(),
+                });
+            }
         }
         let mut providers = FastMap::default();
         for (index, p) in dir.providers.iter().enumerate() {
@@ -1517,6 +1526,7 @@ mod tests {
             sensitive: category == PiiCategory::Health,
             format: PayloadFormat::Json,
             fields: fields.iter().map(|s| s.to_string()).collect(),
+            types: Default::default(),
             undeclared: Undeclared::Strip,
             derived: false,
         };
@@ -2226,6 +2236,7 @@ mod tests {
                 sensitive: false,
                 format: PayloadFormat::Json,
                 fields: vec!["v".into()],
+                types: Default::default(),
                 undeclared: Undeclared::Strip,
                 derived: false,
             })

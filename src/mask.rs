@@ -6,6 +6,7 @@
 //! or a rule that cannot be applied to the value it meets, is an error: the
 //! caller does not forward or deliver it (fail closed).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -13,7 +14,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use thiserror::Error;
 
-use crate::model::{MaskMethod, PayloadFormat};
+use crate::model::{FieldType, MaskMethod, PayloadFormat};
 
 #[derive(Debug, Clone, Error, PartialEq)]
 pub enum MaskError {
@@ -23,6 +24,8 @@ pub enum MaskError {
     NotAMap,
     #[error("field {0:?} is not declared for this kind")]
     Undeclared(String),
+    #[error("field {field:?} must be of type {want:?}")]
+    Type { field: String, want: FieldType },
     #[error("field {0:?} is not a number and cannot be generalized")]
     NotANumber(String),
     #[error("could not encode the rewritten payload")]
@@ -38,36 +41,40 @@ pub struct Minimized {
     pub removed: Vec<String>,
 }
 
-/// Keep only the declared field paths. With `strict`, an undeclared field is
-/// an error instead of being removed.
+/// Keep only the declared field paths, and check the typed ones. With
+/// `strict`, an undeclared field is an error instead of being removed.
 pub fn minimize(
     format: PayloadFormat,
     payload: &Bytes,
     declared: &[String],
+    types: &BTreeMap<String, FieldType>,
     strict: bool,
 ) -> Result<Minimized, MaskError> {
+    let untouched = || Minimized {
+        payload: payload.clone(),
+        removed: vec![],
+    };
     match format {
-        PayloadFormat::Opaque => Ok(Minimized {
-            payload: payload.clone(),
-            removed: vec![],
-        }),
-        PayloadFormat::Json if json_keys_all_declared(payload, declared) => Ok(Minimized {
-            payload: payload.clone(),
-            removed: vec![],
-        }),
-        PayloadFormat::Json => {
-            let mut doc = decode_json(payload)?;
-            let removed = keep_declared(&mut doc, declared, strict)?;
-            let payload = if removed.is_empty() {
-                payload.clone()
-            } else {
-                encode_json(&doc)?
-            };
-            Ok(Minimized { payload, removed })
-        }
+        PayloadFormat::Opaque => Ok(untouched()),
+        PayloadFormat::Json => match json_flat_check(payload, declared, types) {
+            Flat::Clean => Ok(untouched()),
+            Flat::Mismatch(field, want) => Err(MaskError::Type { field, want }),
+            Flat::General => {
+                let mut doc = decode_json(payload)?;
+                let removed = keep_declared(&mut doc, declared, strict)?;
+                check_types(&mut doc, types)?;
+                let payload = if removed.is_empty() {
+                    payload.clone()
+                } else {
+                    encode_json(&doc)?
+                };
+                Ok(Minimized { payload, removed })
+            }
+        },
         PayloadFormat::Msgpack => {
             let mut doc = decode_msgpack(payload)?;
             let removed = keep_declared(&mut doc, declared, strict)?;
+            check_types(&mut doc, types)?;
             let payload = if removed.is_empty() {
                 payload.clone()
             } else {
@@ -111,27 +118,123 @@ pub fn mask(
 /// nothing to do, and the common case skips building a document. Anything
 /// else (nested declarations, escaped keys, invalid JSON) says false and
 /// takes the full path, which decides it.
-fn json_keys_all_declared(payload: &[u8], declared: &[String]) -> bool {
-    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+/// What one pass over a flat JSON object found.
+enum Flat {
+    /// Every key declared, every typed value of its type: forward as it is.
+    Clean,
+    /// A top-level field of the wrong type.
+    Mismatch(String, FieldType),
+    /// Anything else (undeclared or escaped keys, nested typed paths, not
+    /// one well-formed object): the general path decides.
+    General,
+}
 
-    struct Check<'d>(&'d [String]);
-    impl<'de> Visitor<'de> for Check<'_> {
+fn json_flat_check(
+    payload: &[u8],
+    declared: &[String],
+    types: &BTreeMap<String, FieldType>,
+) -> Flat {
+    use serde::de::{DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+    if types.keys().any(|path| path.contains('.')) {
+        return Flat::General;
+    }
+    /// Reads one value and says whether it is of the type.
+    struct Typed(FieldType);
+    impl<'de> DeserializeSeed<'de> for Typed {
         type Value = bool;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Typed {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+            Ok(self.0 == FieldType::Boolean)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+            Ok(matches!(self.0, FieldType::Number | FieldType::Integer))
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+            Ok(matches!(self.0, FieldType::Number | FieldType::Integer))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+            Ok(self.0 == FieldType::Number)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+            Ok(self.0 == FieldType::String)
+        }
+        fn visit_unit<E>(self) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(false)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(false)
+        }
+    }
+    struct Check<'d>(&'d [String], &'d BTreeMap<String, FieldType>);
+    impl<'de> Visitor<'de> for Check<'_> {
+        type Value = Flat;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Flat, A::Error> {
+            let mut mismatch = None;
             while let Some(key) = map.next_key::<&'de str>()? {
                 if !self.0.iter().any(|d| d == key) {
-                    return Ok(false);
+                    return Ok(Flat::General);
                 }
-                map.next_value::<IgnoredAny>()?;
+                match self.1.get(key) {
+                    Some(&want) => {
+                        if !map.next_value_seed(Typed(want))? && mismatch.is_none() {
+                            mismatch = Some((key.to_string(), want));
+                        }
+                    }
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
             }
-            Ok(true)
+            Ok(match mismatch {
+                Some((field, want)) => Flat::Mismatch(field, want),
+                None => Flat::Clean,
+            })
         }
     }
     let mut de = serde_json::Deserializer::from_slice(payload);
-    matches!(de.deserialize_map(Check(declared)), Ok(true)) && de.end().is_ok()
+    match de.deserialize_map(Check(declared, types)) {
+        // Only a whole, well-formed object is judged here; a repeated key
+        // would have been judged on one of its values, so the general path
+        // (which refuses repeated keys) has it.
+        Ok(flat) if de.end().is_ok() => flat,
+        _ => Flat::General,
+    }
+}
+
+/// Each typed field that is present must hold a value of its type.
+fn check_types<D: Doc>(doc: &mut D, types: &BTreeMap<String, FieldType>) -> Result<(), MaskError> {
+    for (path, &want) in types {
+        let mut node = Some(&mut *doc);
+        for segment in path.split('.') {
+            node = node.and_then(|n| n.child_mut(segment));
+        }
+        if let Some(value) = node {
+            if !value.has_type(want) {
+                return Err(MaskError::Type {
+                    field: path.clone(),
+                    want,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// [`mask`] for the common case: a JSON object and rules that name only
@@ -267,6 +370,7 @@ trait Doc: Sized {
     fn fingerprint(&self) -> Vec<u8>;
     /// Removes map entries whose key is not a string; returns how many.
     fn drop_non_string_keys(&mut self) -> usize;
+    fn has_type(&self, t: FieldType) -> bool;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -316,6 +420,15 @@ impl Doc for serde_json::Value {
     }
     fn drop_non_string_keys(&mut self) -> usize {
         0
+    }
+    fn has_type(&self, t: FieldType) -> bool {
+        match (self, t) {
+            (serde_json::Value::Number(_), FieldType::Number) => true,
+            (serde_json::Value::Number(n), FieldType::Integer) => n.is_i64() || n.is_u64(),
+            (serde_json::Value::String(_), FieldType::String) => true,
+            (serde_json::Value::Bool(_), FieldType::Boolean) => true,
+            _ => false,
+        }
     }
 }
 
@@ -382,6 +495,18 @@ impl Doc for rmpv::Value {
                 before - m.len()
             }
             _ => 0,
+        }
+    }
+    fn has_type(&self, t: FieldType) -> bool {
+        match (self, t) {
+            (
+                rmpv::Value::Integer(_) | rmpv::Value::F32(_) | rmpv::Value::F64(_),
+                FieldType::Number,
+            ) => true,
+            (rmpv::Value::Integer(_), FieldType::Integer) => true,
+            (rmpv::Value::String(v), FieldType::String) => v.is_str(),
+            (rmpv::Value::Boolean(_), FieldType::Boolean) => true,
+            _ => false,
         }
     }
 }
@@ -626,6 +751,89 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// No typed fields.
+    fn none() -> BTreeMap<String, FieldType> {
+        BTreeMap::new()
+    }
+
+    fn typed(t: &[(&str, FieldType)]) -> BTreeMap<String, FieldType> {
+        t.iter().map(|(f, t)| (f.to_string(), *t)).collect()
+    }
+
+    #[test]
+    fn typed_fields_refuse_other_values_in_json_and_msgpack() {
+        use FieldType::*;
+        let declared: Vec<std::string::String> = ["bpm", "note", "ok", "n", "pos.lat"]
+            .map(std::string::String::from)
+            .to_vec();
+        let types = typed(&[
+            ("bpm", Number),
+            ("note", String),
+            ("ok", Boolean),
+            ("n", Integer),
+            ("pos.lat", Number),
+        ]);
+        let good = json!({"bpm": 72.5, "note": "x", "ok": true, "n": 3, "pos": {"lat": 1}});
+        let partial = json!({"bpm": 72});
+        for f in [PayloadFormat::Json, PayloadFormat::Msgpack] {
+            let enc = |v: &serde_json::Value| match f {
+                PayloadFormat::Json => j(v.clone()),
+                _ => mp(v.clone()),
+            };
+            for ok in [&good, &partial] {
+                let m = minimize(f, &enc(ok), &declared, &types, false).unwrap();
+                assert!(m.removed.is_empty(), "{f:?} {ok}");
+            }
+            for (field, bad) in [
+                ("bpm", json!({"bpm": "high"})),
+                ("bpm", json!({"bpm": {"name": "smuggled"}})),
+                ("bpm", json!({"bpm": [1, 2]})),
+                ("bpm", json!({"bpm": null})),
+                ("note", json!({"note": 1})),
+                ("ok", json!({"ok": "yes"})),
+                ("n", json!({"n": 2.5})),
+                ("pos.lat", json!({"pos": {"lat": "north"}})),
+            ] {
+                let want = types[field];
+                assert_eq!(
+                    minimize(f, &enc(&bad), &declared, &types, false),
+                    Err(MaskError::Type {
+                        field: field.into(),
+                        want
+                    }),
+                    "{f:?} {bad}"
+                );
+            }
+        }
+        // The flat JSON path, typed keys only at the top: refused there too,
+        // also with an undeclared field to strip beside it.
+        let flat = typed(&[("bpm", Number)]);
+        let d = vec!["bpm".to_string()];
+        assert!(matches!(
+            minimize(
+                PayloadFormat::Json,
+                &j(json!({"bpm": "x"})),
+                &d,
+                &flat,
+                false
+            ),
+            Err(MaskError::Type { .. })
+        ));
+        assert!(matches!(
+            minimize(
+                PayloadFormat::Json,
+                &j(json!({"bpm": "x", "extra": 1})),
+                &d,
+                &flat,
+                false
+            ),
+            Err(MaskError::Type { .. })
+        ));
+        // A repeated key is never judged by one of its values alone.
+        let twice = Bytes::from_static(br#"{"bpm": 1, "bpm": "x"}"#);
+        assert!(minimize(PayloadFormat::Json, &twice, &d, &flat, false).is_err());
+    }
+
     fn j(v: serde_json::Value) -> Bytes {
         Bytes::from(serde_json::to_vec(&v).unwrap())
     }
@@ -685,7 +893,7 @@ mod tests {
     fn minimize_strips_undeclared() {
         let declared = vec!["bpm".to_string(), "pos.lat".to_string()];
         for (f, p) in both(json!({"bpm": 72, "name": "Alice", "pos": {"lat": 1.5, "alt": 3}})) {
-            let m = minimize(f, &p, &declared, false).unwrap();
+            let m = minimize(f, &p, &declared, &none(), false).unwrap();
             assert_eq!(back(f, &m.payload), json!({"bpm": 72, "pos": {"lat": 1.5}}));
             assert_eq!(m.removed, vec!["name".to_string(), "pos.alt".to_string()]);
         }
@@ -694,7 +902,7 @@ mod tests {
     #[test]
     fn minimize_untouched_payload_is_not_reencoded() {
         let p = Bytes::from_static(b"{ \"bpm\" : 72 }");
-        let m = minimize(PayloadFormat::Json, &p, &["bpm".into()], false).unwrap();
+        let m = minimize(PayloadFormat::Json, &p, &["bpm".into()], &none(), false).unwrap();
         assert_eq!(m.payload, p);
         assert!(m.removed.is_empty());
     }
@@ -702,7 +910,8 @@ mod tests {
     #[test]
     fn the_one_pass_check_passes_only_what_needs_no_minimizing() {
         let declared: Vec<String> = vec!["bpm".into(), "pos.lat".into()];
-        let yes = |p: &[u8]| json_keys_all_declared(p, &declared);
+        let untyped = none();
+        let yes = |p: &[u8]| matches!(json_flat_check(p, &declared, &untyped), Flat::Clean);
         assert!(yes(br#"{"bpm": 72}"#));
         assert!(yes(br#" {} "#));
         assert!(
@@ -724,11 +933,11 @@ mod tests {
         // And the full path still decides those.
         let p = Bytes::from_static(br#"{"bpm": 72} trailing"#);
         assert_eq!(
-            minimize(PayloadFormat::Json, &p, &declared, false),
+            minimize(PayloadFormat::Json, &p, &declared, &none(), false),
             Err(MaskError::Decode("JSON"))
         );
         let p = Bytes::from_static(br#"{"b\u0070m": 72}"#);
-        let m = minimize(PayloadFormat::Json, &p, &declared, false).unwrap();
+        let m = minimize(PayloadFormat::Json, &p, &declared, &none(), false).unwrap();
         assert!(m.removed.is_empty(), "the escaped key is the declared bpm");
     }
 
@@ -736,7 +945,7 @@ mod tests {
     fn minimize_strict_rejects() {
         for (f, p) in both(json!({"bpm": 72, "name": "Alice"})) {
             assert_eq!(
-                minimize(f, &p, &["bpm".into()], true),
+                minimize(f, &p, &["bpm".into()], &none(), true),
                 Err(MaskError::Undeclared("name".into()))
             );
         }
@@ -746,7 +955,7 @@ mod tests {
     fn undecodable_and_non_map_payloads_fail() {
         let bad = Bytes::from_static(b"{\"bpm\": ");
         assert_eq!(
-            minimize(PayloadFormat::Json, &bad, &[], false),
+            minimize(PayloadFormat::Json, &bad, &[], &none(), false),
             Err(MaskError::Decode("JSON"))
         );
         assert_eq!(
@@ -755,12 +964,13 @@ mod tests {
                 // A map announcing two entries, cut short.
                 &Bytes::from_static(&[0x82, 0xa1]),
                 &[],
+                &none(),
                 false
             ),
             Err(MaskError::Decode("MessagePack"))
         );
         assert_eq!(
-            minimize(PayloadFormat::Json, &j(json!([1, 2])), &[], false),
+            minimize(PayloadFormat::Json, &j(json!([1, 2])), &[], &none(), false),
             Err(MaskError::NotAMap)
         );
         // Trailing garbage after one MessagePack value is not a valid payload.
@@ -770,6 +980,7 @@ mod tests {
             PayloadFormat::Msgpack,
             &Bytes::from(two),
             &["a".into()],
+            &none(),
             false
         )
         .is_err());
@@ -784,15 +995,22 @@ mod tests {
         let mut raw = Vec::new();
         rmpv::encode::write_value(&mut raw, &doc).unwrap();
         let raw = Bytes::from(raw);
-        let m = minimize(PayloadFormat::Msgpack, &raw, &["bpm".into()], false).unwrap();
+        let m = minimize(
+            PayloadFormat::Msgpack,
+            &raw,
+            &["bpm".into()],
+            &none(),
+            false,
+        )
+        .unwrap();
         assert_eq!(back(PayloadFormat::Msgpack, &m.payload), json!({"bpm": 70}));
-        assert!(minimize(PayloadFormat::Msgpack, &raw, &["bpm".into()], true).is_err());
+        assert!(minimize(PayloadFormat::Msgpack, &raw, &["bpm".into()], &none(), true).is_err());
     }
 
     #[test]
     fn opaque_passes_whole() {
         let p = Bytes::from_static(b"\x00\x01binary");
-        let m = minimize(PayloadFormat::Opaque, &p, &[], true).unwrap();
+        let m = minimize(PayloadFormat::Opaque, &p, &[], &none(), true).unwrap();
         assert_eq!(m.payload, p);
         assert!(mask(PayloadFormat::Opaque, &p, &[], &KEY).is_err());
     }

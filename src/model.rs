@@ -112,6 +112,19 @@ pub enum Undeclared {
     Reject,
 }
 
+/// The type a declared field's value must have at ingress. A declared field
+/// without one may hold any value, a whole object included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    /// Any number.
+    Number,
+    /// A whole number.
+    Integer,
+    String,
+    Boolean,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Kind {
@@ -124,6 +137,11 @@ pub struct Kind {
     /// Dotted paths of the fields this kind carries, e.g. `bpm` or `pos.lat`.
     #[serde(default)]
     pub fields: Vec<String>,
+    /// Types of declared fields, by path (e.g. `bpm = "number"`). A payload
+    /// whose field has another type is refused at ingress, so that a
+    /// declared field cannot carry other data past minimization.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub types: BTreeMap<String, FieldType>,
     #[serde(default)]
     pub undeclared: Undeclared,
     /// Produced by the data service provider rather than collected from a

@@ -1095,7 +1095,7 @@ impl Session {
             Ok(Ingress::Plain) => Ok(payload.clone()),
             Ok(Ingress::Personal { kind, .. }) => {
                 let strict = kind.undeclared == Undeclared::Reject;
-                match mask::minimize(kind.format, payload, &kind.fields, strict) {
+                match mask::minimize(kind.format, payload, &kind.fields, &kind.types, strict) {
                     Ok(min) => {
                         if !min.removed.is_empty() {
                             tracing::debug!(
@@ -1107,6 +1107,7 @@ impl Session {
                         Ok(min.payload)
                     }
                     Err(mask::MaskError::Undeclared(_)) => Err("undeclared_field"),
+                    Err(mask::MaskError::Type { .. }) => Err("field_type"),
                     Err(_) => Err("undecodable"),
                 }
             }
@@ -1235,14 +1236,15 @@ impl Session {
                     reason,
                     "publish dropped at ingress"
                 );
-                let (ack, rec) = if reason == "undecodable" || reason == "undeclared_field" {
-                    (
-                        PubAckReason::PayloadFormatInvalid,
-                        PubRecReason::PayloadFormatInvalid,
-                    )
-                } else {
-                    (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
-                };
+                let (ack, rec) =
+                    if matches!(reason, "undecodable" | "undeclared_field" | "field_type") {
+                        (
+                            PubAckReason::PayloadFormatInvalid,
+                            PubRecReason::PayloadFormatInvalid,
+                        )
+                    } else {
+                        (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
+                    };
                 match publish.qos {
                     QoS::AtMostOnce => Ok(()),
                     QoS::AtLeastOnce => self.send_client(&Packet::PubAck(PubAck {

@@ -462,6 +462,39 @@ async fn providers_are_public_and_operator_endpoints_need_the_key() {
     b = b.header("accept", "application/json");
     let (s, _, _) = api.call(b.body(Body::from(bad.to_string())).unwrap()).await;
     assert_eq!(s, StatusCode::CREATED);
+    // A type for a field the kind does not declare, or an unknown type.
+    let kind = |body: Value| {
+        Request::builder()
+            .method("POST")
+            .uri("/v1/operator/kinds")
+            .header("content-type", "application/json")
+            .header("x-operator-key", OPERATOR_KEY)
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let (s, p, _) = api
+        .call(kind(json!({"name": "sleep", "category": "Health",
+            "fields": ["hours"], "types": {"minutes": "number"}})))
+        .await;
+    assert_eq!(
+        (s, p["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("types.minutes")),
+        "{p}"
+    );
+    let (s, p, _) = api
+        .call(kind(json!({"name": "sleep", "category": "Health",
+            "fields": ["hours"], "types": {"hours": "float"}})))
+        .await;
+    assert_eq!(
+        (s, p["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("types.hours")),
+        "{p}"
+    );
+    let (s, p, _) = api
+        .call(kind(json!({"name": "sleep", "category": "Health",
+            "fields": ["hours"], "types": {"hours": "number"}})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
 }
 
 #[tokio::test]

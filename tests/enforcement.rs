@@ -597,3 +597,43 @@ async fn subscribers_with_the_same_view_share_one_masking() {
         1.0
     );
 }
+
+/// The shipped kinds type their fields (heart_rate's `bpm` is a number): a
+/// value of another type is refused at ingress, so a declared field cannot
+/// carry other data past minimization.
+#[tokio::test]
+async fn a_field_of_the_wrong_type_is_refused_at_ingress() {
+    let server = Server::demo();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    for bad in [
+        &br#"{"bpm":"high"}"#[..],
+        br#"{"bpm":{"name":"Alice Example","bpm":72}}"#,
+        br#"{"bpm":[72,73]}"#,
+    ] {
+        assert_eq!(
+            alice.publish_acked(HR, bad).await,
+            v5::PubAckReason::PayloadFormatInvalid,
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    assert_eq!(
+        alice.publish_acked(HR, br#"{"bpm":72}"#).await,
+        v5::PubAckReason::Success
+    );
+    alice.publish_acked("public/marker", b"m").await;
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].payload.as_ref(), br#"{"bpm":72}"#);
+    assert_eq!(
+        server.metric(
+            "consentry_publishes_total",
+            &[("result", "dropped"), ("reason", "field_type")]
+        ),
+        3.0
+    );
+}

@@ -239,6 +239,9 @@ fn compile_problem(c: CompileError) -> Problem {
         CompileError::PurposeKind { .. } => "purposes.kinds",
         CompileError::DeviceUser { .. } => "user",
         CompileError::Duplicate { .. } | CompileError::DuplicateKind(_) => "id",
+        CompileError::TypedField { field, .. } => {
+            return Problem::unprocessable(c.to_string()).field(format!("types.{field}"))
+        }
         CompileError::PrefUser(_) => "user",
         CompileError::Template(_) => "templates",
         CompileError::Receipt { .. } => "receipt",
