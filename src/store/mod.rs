@@ -429,23 +429,7 @@ impl Store {
     /// Replaces `user`'s password with one they chose: from now on their
     /// login secrets are their own, and a directory import keeps them.
     pub fn set_own_password(&self, user: &str, password_hash: &str) -> Result<(), StoreError> {
-        self.transaction(|tx| {
-            let n = tx.tx.execute(
-                "UPDATE users SET password_hash = ?2 WHERE id = ?1",
-                params![user, password_hash],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound {
-                    what: "user",
-                    id: user.to_string(),
-                });
-            }
-            tx.tx.execute(
-                "INSERT OR IGNORE INTO own_login (user_id) VALUES (?1)",
-                [user],
-            )?;
-            Ok(())
-        })
+        self.transaction(|tx| tx.set_own_login(user, Some(password_hash), None))
     }
 
     pub fn session_user(&self, token_hash: &[u8; 32]) -> Result<Option<String>, StoreError> {
@@ -626,6 +610,36 @@ pub struct Tx<'a> {
 }
 
 impl Tx<'_> {
+    /// Replaces whichever of `user`'s login secrets are given and makes them
+    /// the user's own (`own_login`): a directory import no longer replaces
+    /// them.
+    pub(super) fn set_own_login(
+        &self,
+        user: &str,
+        password_hash: Option<&str>,
+        totp_secret: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let sealed = totp_secret
+            .map(|t| self.cipher.seal(&format!("users.totp.{user}"), t))
+            .transpose()?;
+        let n = self.tx.execute(
+            "UPDATE users SET password_hash = coalesce(?2, password_hash), totp = coalesce(?3, totp)
+             WHERE id = ?1",
+            params![user, password_hash, sealed],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "user",
+                id: user.to_string(),
+            });
+        }
+        self.tx.execute(
+            "INSERT OR IGNORE INTO own_login (user_id) VALUES (?1)",
+            [user],
+        )?;
+        Ok(())
+    }
+
     pub fn put_kind(&self, kind: &Kind) -> Result<(), StoreError> {
         self.tx.execute(
             "INSERT INTO kinds (name, doc) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",

@@ -58,21 +58,7 @@ impl Store {
     pub fn activate_totp(&self, user: &str, secret: &[u8], step: u64) -> Result<(), StoreError> {
         let step = i64::try_from(step).unwrap_or(i64::MAX);
         self.transaction(|tx| {
-            let sealed = tx.cipher.seal(&format!("users.totp.{user}"), secret)?;
-            let n = tx.tx.execute(
-                "UPDATE users SET totp = ?2 WHERE id = ?1",
-                params![user, sealed],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound {
-                    what: "user",
-                    id: user.to_string(),
-                });
-            }
-            tx.tx.execute(
-                "INSERT OR IGNORE INTO own_login (user_id) VALUES (?1)",
-                [user],
-            )?;
+            tx.set_own_login(user, None, Some(secret))?;
             tx.tx.execute(
                 "INSERT INTO totp_last_step (user_id, step) VALUES (?1, ?2)
                  ON CONFLICT(user_id) DO UPDATE SET step = max(step, excluded.step)",
@@ -96,23 +82,9 @@ impl Store {
         totp_secret: &[u8],
     ) -> Result<(), StoreError> {
         self.transaction(|tx| {
-            let sealed = tx.cipher.seal(&format!("users.totp.{user}"), totp_secret)?;
-            let n = tx.tx.execute(
-                "UPDATE users SET password_hash = ?2, totp = ?3 WHERE id = ?1",
-                params![user, password_hash, sealed],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound {
-                    what: "user",
-                    id: user.to_string(),
-                });
-            }
             // Kept over a directory reload, which would otherwise give back
             // the secrets that were lost.
-            tx.tx.execute(
-                "INSERT OR IGNORE INTO own_login (user_id) VALUES (?1)",
-                [user],
-            )?;
+            tx.set_own_login(user, Some(password_hash), Some(totp_secret))?;
             tx.tx
                 .execute("DELETE FROM sessions WHERE user_id = ?1", [user])?;
             tx.tx
