@@ -26,6 +26,11 @@ pub enum MaskError {
     Undeclared(String),
     #[error("field {field:?} must be of type {want:?}")]
     Type { field: String, want: FieldType },
+    /// A map names one key twice. Parsers disagree on which copy wins, so
+    /// a check or mask applied to one copy says nothing of what a provider
+    /// reads: such a payload is refused, never forwarded.
+    #[error("key {0:?} appears more than once in one map")]
+    RepeatedKey(String),
     #[error("field {0:?} is not a number and cannot be generalized")]
     NotANumber(String),
     #[error("could not encode the rewritten payload")]
@@ -187,9 +192,13 @@ fn json_flat_check(
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Flat, A::Error> {
             let mut mismatch = None;
+            let mut seen = vec![false; self.0.len()];
             while let Some(key) = map.next_key::<&'de str>()? {
-                if !self.0.iter().any(|d| d == key) {
-                    return Ok(Flat::General);
+                // Undeclared and repeated keys alike are the general path's
+                // to remove or refuse.
+                match self.0.iter().position(|d| d == key) {
+                    Some(i) if !seen[i] => seen[i] = true,
+                    _ => return Ok(Flat::General),
                 }
                 match self.1.get(key) {
                     Some(&want) => {
@@ -210,9 +219,7 @@ fn json_flat_check(
     }
     let mut de = serde_json::Deserializer::from_slice(payload);
     match de.deserialize_map(Check(declared, types)) {
-        // Only a whole, well-formed object is judged here; a repeated key
-        // would have been judged on one of its values, so the general path
-        // (which refuses repeated keys) has it.
+        // Only a whole, well-formed object is judged here.
         Ok(flat) if de.end().is_ok() => flat,
         _ => Flat::General,
     }
@@ -332,8 +339,78 @@ fn mask_flat_json(
     })
 }
 
+/// Reads JSON as `serde_json::Value` does, except that a repeated key in
+/// any object (compared after unescaping, so `"b\u0070m"` repeats `"bpm"`)
+/// is [`MaskError::RepeatedKey`] rather than the last copy silently winning.
 fn decode_json(payload: &[u8]) -> Result<serde_json::Value, MaskError> {
-    serde_json::from_slice(payload).map_err(|_| MaskError::Decode("JSON"))
+    use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
+    use std::cell::RefCell;
+
+    #[derive(Clone, Copy)]
+    struct NoRepeats<'r>(&'r RefCell<Option<String>>);
+    impl<'de> DeserializeSeed<'de> for NoRepeats<'_> {
+        type Value = serde_json::Value;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for NoRepeats<'_> {
+        type Value = serde_json::Value;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+            Ok(b.into())
+        }
+        fn visit_i64<E>(self, i: i64) -> Result<Self::Value, E> {
+            Ok(i.into())
+        }
+        fn visit_u64<E>(self, u: u64) -> Result<Self::Value, E> {
+            Ok(u.into())
+        }
+        fn visit_f64<E>(self, f: f64) -> Result<Self::Value, E> {
+            Ok(serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into))
+        }
+        fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+            Ok(s.into())
+        }
+        fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+            Ok(s.into())
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(serde_json::Value::Null)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+            while let Some(v) = seq.next_element_seed(self)? {
+                items.push(v);
+            }
+            Ok(items.into())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = serde_json::Map::new();
+            while let Some(k) = map.next_key::<String>()? {
+                let v = map.next_value_seed(self)?;
+                if fields.contains_key(&k) {
+                    *self.0.borrow_mut() = Some(k);
+                    return Err(A::Error::custom("repeated key"));
+                }
+                fields.insert(k, v);
+            }
+            Ok(fields.into())
+        }
+    }
+    let repeated = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let doc = NoRepeats(&repeated).deserialize(&mut de).and_then(|doc| {
+        de.end()?;
+        Ok(doc)
+    });
+    match (doc, repeated.into_inner()) {
+        (_, Some(key)) => Err(MaskError::RepeatedKey(key)),
+        (Ok(doc), None) => Ok(doc),
+        (Err(_), None) => Err(MaskError::Decode("JSON")),
+    }
 }
 
 fn encode_json(doc: &serde_json::Value) -> Result<Bytes, MaskError> {
@@ -348,7 +425,42 @@ fn decode_msgpack(payload: &[u8]) -> Result<rmpv::Value, MaskError> {
     if !rd.is_empty() {
         return Err(MaskError::Decode("MessagePack"));
     }
-    Ok(v)
+    match repeated_msgpack_key(&v) {
+        Some(key) => Err(MaskError::RepeatedKey(key)),
+        None => Ok(v),
+    }
+}
+
+/// The first string key that some map in `doc` names twice. Keys that are
+/// not strings are never declared, so minimization removes or refuses them
+/// whatever they repeat. Walks with its own stack: a hostile document can
+/// nest as deep as the decoder allows.
+fn repeated_msgpack_key(doc: &rmpv::Value) -> Option<String> {
+    let mut todo = vec![doc];
+    while let Some(v) = todo.pop() {
+        match v {
+            rmpv::Value::Array(items) => todo.extend(items),
+            rmpv::Value::Map(entries) => {
+                let key = |i: usize| match &entries[i].0 {
+                    rmpv::Value::String(s) => Some(s.as_bytes()),
+                    _ => None,
+                };
+                let repeat = if entries.len() <= 16 {
+                    (1..entries.len())
+                        .find(|&i| key(i).is_some() && (0..i).any(|j| key(j) == key(i)))
+                } else {
+                    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+                    (0..entries.len()).find(|&i| key(i).is_some_and(|k| !seen.insert(k)))
+                };
+                if let Some(i) = repeat {
+                    return Some(String::from_utf8_lossy(key(i).unwrap_or_default()).into_owned());
+                }
+                todo.extend(entries.iter().map(|(_, v)| v));
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 fn encode_msgpack(doc: &rmpv::Value) -> Result<Bytes, MaskError> {
@@ -491,7 +603,9 @@ impl Doc for rmpv::Value {
         match self {
             rmpv::Value::Map(m) => {
                 let before = m.len();
-                m.retain(|(k, _)| k.is_str());
+                // A string key that is not UTF-8 cannot name a declared
+                // field either (`keys` skips it), so it goes too.
+                m.retain(|(k, _)| k.as_str().is_some());
                 before - m.len()
             }
             _ => 0,
@@ -832,6 +946,125 @@ mod tests {
         // A repeated key is never judged by one of its values alone.
         let twice = Bytes::from_static(br#"{"bpm": 1, "bpm": "x"}"#);
         assert!(minimize(PayloadFormat::Json, &twice, &d, &flat, false).is_err());
+    }
+
+    /// A MessagePack map written entry by entry, so it can repeat a key.
+    fn mp_entries(entries: Vec<(rmpv::Value, rmpv::Value)>) -> Bytes {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &rmpv::Value::Map(entries)).unwrap();
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn repeated_keys_are_refused_wherever_they_hide() {
+        let declared: Vec<String> = ["bpm", "name", "pos.lat"].map(String::from).to_vec();
+        let types = typed(&[("bpm", FieldType::Number)]);
+        fn repeated<T>(k: &str) -> Result<T, MaskError> {
+            Err(MaskError::RepeatedKey(k.into()))
+        }
+        let json_cases: [&[u8]; 5] = [
+            // Both copies well typed: the one-pass check must not call it clean.
+            br#"{"bpm":74,"name":"x","bpm":75}"#,
+            // An escape spells the same key.
+            br#"{"bpm":{"name":"Alice"},"b\u0070m":73}"#,
+            br#"{"b\u0070m":73,"bpm":"Alice"}"#,
+            br#"{"pos":{"lat":1,"lat":"Alice"}}"#,
+            br#"{"bpm":1,"extra":[{"a":1,"a":2}]}"#,
+        ];
+        for (payload, key) in json_cases
+            .into_iter()
+            .zip(["bpm", "bpm", "bpm", "lat", "a"])
+        {
+            let payload = Bytes::from_static(payload);
+            for strict in [false, true] {
+                let got = minimize(PayloadFormat::Json, &payload, &declared, &types, strict);
+                // Strict mode may meet the undeclared "extra" first.
+                if !(strict && key == "a") {
+                    assert_eq!(got, repeated(key), "{payload:?}");
+                }
+            }
+            // Top-level rules take the one-pass path, which copies values it
+            // does not mask as they came; a nested rule takes the general one.
+            let top = rules(&[("name", MaskMethod::Redact)]);
+            let nested = rules(&[("pos.lat", MaskMethod::Redact)]);
+            let rules = if key == "bpm" { top } else { nested };
+            assert_eq!(
+                mask(PayloadFormat::Json, &payload, &rules, &[7; 32]),
+                repeated(key),
+                "{payload:?}"
+            );
+        }
+
+        let s = |x: &str| rmpv::Value::from(x);
+        let msgpack_cases = [
+            (
+                mp_entries(vec![(s("bpm"), 72.into()), (s("bpm"), s("Alice Smith"))]),
+                "bpm",
+            ),
+            (
+                mp_entries(vec![
+                    (s("bpm"), 72.into()),
+                    (
+                        s("pos"),
+                        rmpv::Value::Map(vec![(s("lat"), 1.into()), (s("lat"), s("Alice"))]),
+                    ),
+                ]),
+                "lat",
+            ),
+        ];
+        for (payload, key) in msgpack_cases {
+            assert_eq!(
+                minimize(PayloadFormat::Msgpack, &payload, &declared, &types, false),
+                repeated(key)
+            );
+            let rules = rules(&[("bpm", MaskMethod::Redact), ("pos.lat", MaskMethod::Redact)]);
+            assert_eq!(
+                mask(PayloadFormat::Msgpack, &payload, &rules, &[7; 32]),
+                repeated(key)
+            );
+        }
+        // Past sixteen entries the check takes a set; it must find the same.
+        let mut many: Vec<_> = (0..40).map(|i| (s(&format!("k{i}")), i.into())).collect();
+        many.push((s("k3"), s("again")));
+        assert_eq!(
+            minimize(
+                PayloadFormat::Msgpack,
+                &mp_entries(many),
+                &declared,
+                &none(),
+                false
+            ),
+            repeated("k3")
+        );
+        let mut many_json = String::from("{");
+        for i in 0..40 {
+            many_json.push_str(&format!("\"k{i}\":{i},"));
+        }
+        many_json.push_str("\"k3\":0}");
+        assert_eq!(
+            minimize(
+                PayloadFormat::Json,
+                &Bytes::from(many_json),
+                &declared,
+                &none(),
+                false
+            ),
+            repeated("k3")
+        );
+    }
+
+    #[test]
+    fn msgpack_keys_that_are_not_utf8_are_removed_as_undeclared() {
+        let declared = vec!["bpm".to_string()];
+        // {"bpm": 72, "bpm\xff": "Alice"}, written by hand: rmpv will not
+        // build a string that is not UTF-8.
+        let payload = Bytes::from_static(b"\x82\xa3bpm\x48\xa4bpm\xff\xa5Alice");
+        let m = minimize(PayloadFormat::Msgpack, &payload, &declared, &none(), false).unwrap();
+        assert_eq!(back(PayloadFormat::Msgpack, &m.payload), json!({"bpm": 72}));
+        assert!(matches!(
+            minimize(PayloadFormat::Msgpack, &payload, &declared, &none(), true),
+            Err(MaskError::Undeclared(_))
+        ));
     }
 
     fn j(v: serde_json::Value) -> Bytes {
@@ -1198,17 +1431,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(back(PayloadFormat::Json, &out)["val"], json!(14));
-        // The general path still decides them: last duplicate wins there.
+        // The general path decides them: it refuses a repeated key.
         let out = mask(
             PayloadFormat::Json,
             &Bytes::from_static(br#"{"val":1,"val":2.4}"#),
             &gen,
             &KEY,
         );
-        assert_eq!(
-            back(PayloadFormat::Json, &out.unwrap()),
-            json!({"val": 2.0})
-        );
+        assert_eq!(out, Err(MaskError::RepeatedKey("val".into())));
     }
 
     #[test]

@@ -1108,6 +1108,7 @@ impl Session {
                     }
                     Err(mask::MaskError::Undeclared(_)) => Err("undeclared_field"),
                     Err(mask::MaskError::Type { .. }) => Err("field_type"),
+                    Err(mask::MaskError::RepeatedKey(_)) => Err("repeated_key"),
                     Err(_) => Err("undecodable"),
                 }
             }
@@ -1236,15 +1237,17 @@ impl Session {
                     reason,
                     "publish dropped at ingress"
                 );
-                let (ack, rec) =
-                    if matches!(reason, "undecodable" | "undeclared_field" | "field_type") {
-                        (
-                            PubAckReason::PayloadFormatInvalid,
-                            PubRecReason::PayloadFormatInvalid,
-                        )
-                    } else {
-                        (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
-                    };
+                let (ack, rec) = if matches!(
+                    reason,
+                    "undecodable" | "undeclared_field" | "field_type" | "repeated_key"
+                ) {
+                    (
+                        PubAckReason::PayloadFormatInvalid,
+                        PubRecReason::PayloadFormatInvalid,
+                    )
+                } else {
+                    (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
+                };
                 match publish.qos {
                     QoS::AtMostOnce => Ok(()),
                     QoS::AtLeastOnce => self.send_client(&Packet::PubAck(PubAck {

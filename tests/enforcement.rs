@@ -492,6 +492,26 @@ async fn messagepack_payloads_are_masked() {
         .publish_acked("pii/alice/alice-watch/gps", b"\xc1not msgpack")
         .await;
     assert_eq!(r, v5::PubAckReason::PayloadFormatInvalid);
+
+    // A map that names a field twice: a mask on one copy would leave the
+    // other as it came, so the message is refused, not masked.
+    let twice = rmpv::Value::Map(vec![
+        ("note".into(), "fine".into()),
+        ("note".into(), "Alice Smith, 12 Rue X".into()),
+    ]);
+    let mut payload = Vec::new();
+    rmpv::encode::write_value(&mut payload, &twice).unwrap();
+    let r = alice
+        .publish_acked("pii/alice/alice-watch/gps", &payload)
+        .await;
+    assert_eq!(r, v5::PubAckReason::PayloadFormatInvalid);
+    assert_eq!(
+        server.metric(
+            "consentry_publishes_total",
+            &[("result", "dropped"), ("reason", "repeated_key")]
+        ),
+        1.0
+    );
 }
 
 /// alice publishes steps, then a marker; returns once `ins` has the marker.
@@ -613,6 +633,10 @@ async fn a_field_of_the_wrong_type_is_refused_at_ingress() {
         &br#"{"bpm":"high"}"#[..],
         br#"{"bpm":{"name":"Alice Example","bpm":72}}"#,
         br#"{"bpm":[72,73]}"#,
+        // Repeated keys, plain or spelled with an escape: which copy a
+        // provider's parser keeps is not ours to guess.
+        br#"{"bpm":72,"bpm":73}"#,
+        br#"{"bpm":{"name":"Alice Example"},"b\u0070m":73}"#,
     ] {
         assert_eq!(
             alice.publish_acked(HR, bad).await,
@@ -635,5 +659,12 @@ async fn a_field_of_the_wrong_type_is_refused_at_ingress() {
             &[("result", "dropped"), ("reason", "field_type")]
         ),
         3.0
+    );
+    assert_eq!(
+        server.metric(
+            "consentry_publishes_total",
+            &[("result", "dropped"), ("reason", "repeated_key")]
+        ),
+        2.0
     );
 }
