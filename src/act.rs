@@ -103,6 +103,16 @@ pub enum CompileError {
     DuplicateKind(String),
     #[error("kind {kind:?} gives a type to {field:?}, which is not one of its fields")]
     TypedField { kind: String, field: String },
+    #[error("kind {kind:?} is opaque (its payloads are never read), so it cannot type {field:?}")]
+    TypedOpaque { kind: String, field: String },
+    #[error(
+        "kind {kind:?} gives {field:?} a scalar type, but declares fields inside it ({inner:?})"
+    )]
+    TypedParent {
+        kind: String,
+        field: String,
+        inner: String,
+    },
     #[error("{what} {id:?} is declared twice")]
     Duplicate { what: &'static str, id: String },
     #[error("user {user:?}: unknown time zone {tz:?}")]
@@ -866,12 +876,28 @@ impl Act {
             if !kind_ids.insert(&k.name, i as u16) {
                 return Err(CompileError::DuplicateKind(k.name.clone()));
             }
-            // Opaque kinds have no fields, so no typed ones either.
             if let Some(field) = k.types.keys().find(|f| !k.fields.contains(f)) {
                 return Err(CompileError::TypedField {
                     kind: k.name.clone(),
                     field: field.clone(),
                 });
+            }
+            // A type that could never be checked would only look like a guarantee.
+            if let (PayloadFormat::Opaque, Some(field)) = (k.format, k.types.keys().next()) {
+                return Err(CompileError::TypedOpaque {
+                    kind: k.name.clone(),
+                    field: field.clone(),
+                });
+            }
+            for field in k.types.keys() {
+                let below = format!("{field}.");
+                if let Some(inner) = k.fields.iter().find(|f| f.starts_with(&below)) {
+                    return Err(CompileError::TypedParent {
+                        kind: k.name.clone(),
+                        field: field.clone(),
+                        inner: inner.clone(),
+                    });
+                }
             }
         }
         let mut providers = FastMap::default();

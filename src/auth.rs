@@ -179,20 +179,26 @@ impl Credentials {
         mac.finalize().into_bytes().into()
     }
 
-    /// Blocking: may run argon2. Call from `spawn_blocking`.
+    /// The principal, if this very password was verified before: cheap (no
+    /// argon2), so it need not wait for a core.
+    pub fn verified_before(&self, user: &str, password: &[u8]) -> Option<Principal> {
+        let entry = self.by_name.get(user)?;
+        let tag = self.tag(user, password);
+        let hit = self
+            .verified
+            .lock()
+            .map(|m| m.get(user).is_some_and(|t| bool::from(t.ct_eq(&tag))))
+            .unwrap_or(false);
+        hit.then(|| entry.principal.clone())
+    }
+
+    /// Blocking: may run argon2. Call through [`crate::password_work`].
     pub fn verify_password(&self, user: &str, password: &[u8]) -> Result<Principal, AuthError> {
+        if let Some(p) = self.verified_before(user, password) {
+            return Ok(p);
+        }
         let entry = self.by_name.get(user);
         let tag = self.tag(user, password);
-        if let Some(e) = entry {
-            let hit = self
-                .verified
-                .lock()
-                .map(|m| m.get(user).is_some_and(|t| bool::from(t.ct_eq(&tag))))
-                .unwrap_or(false);
-            if hit {
-                return Ok(e.principal.clone());
-            }
-        }
         let ok = match entry.and_then(|e| e.hash.as_deref()) {
             Some(h) => PasswordHash::new(h)
                 .map(|parsed| Argon2::default().verify_password(password, &parsed).is_ok())

@@ -71,6 +71,9 @@ pub struct ServerConfig {
     /// Largest MQTT packet accepted from a client, in bytes.
     pub max_packet_size: usize,
     pub max_connections: usize,
+    /// Password checks (argon2, 19 MiB each) that may wait for a core, MQTT
+    /// and API together; past that a CONNECT or login is answered busy.
+    pub max_waiting_password_checks: usize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout_secs: u64,
     /// Clients without credentials may connect (they only reach ACL topics).
@@ -96,6 +99,7 @@ impl Default for ServerConfig {
             tls: None,
             max_packet_size: 256 * 1024,
             max_connections: 50_000,
+            max_waiting_password_checks: 128,
             connect_timeout_secs: 10,
             allow_anonymous: false,
             min_keep_alive_secs: 0,

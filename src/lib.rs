@@ -42,6 +42,7 @@ pub mod metrics;
 pub mod model;
 pub mod notice;
 pub mod own_flow;
+pub mod password_work;
 pub mod prefs;
 pub mod receipt;
 pub mod secrets;

@@ -27,6 +27,7 @@ pub const LEDGER_APPENDS: &str = "consentry_ledger_appends_total";
 pub const LEDGER_APPEND_FAILURES: &str = "consentry_ledger_append_failures_total";
 pub const LEDGER_FSYNC_SECONDS: &str = "consentry_ledger_fsync_seconds";
 pub const LEDGER_BATCH_SIZE: &str = "consentry_ledger_batch_size";
+pub const PASSWORD_CHECKS: &str = "consentry_password_checks_total";
 
 /// Every metric consentry exports.
 pub const ALL: &[&str] = &[
@@ -47,6 +48,7 @@ pub const ALL: &[&str] = &[
     LEDGER_APPEND_FAILURES,
     LEDGER_FSYNC_SECONDS,
     LEDGER_BATCH_SIZE,
+    PASSWORD_CHECKS,
 ];
 
 /// Roles of connected clients, the `role` label.
@@ -157,6 +159,9 @@ fn register() {
     counter!(LEDGER_APPEND_FAILURES).increment(0);
     let _ = histogram!(LEDGER_FSYNC_SECONDS);
     let _ = histogram!(LEDGER_BATCH_SIZE);
+    for result in ["run", "busy"] {
+        counter!(PASSWORD_CHECKS, "result" => result).increment(0);
+    }
 }
 
 /// Registers the delivery series of each provider known at start (a
@@ -229,5 +234,10 @@ fn describe() {
         LEDGER_BATCH_SIZE,
         Unit::Count,
         "Records made durable by one ledger fsync (group commit)"
+    );
+    describe_counter!(
+        PASSWORD_CHECKS,
+        "argon2 password hashes and checks (MQTT CONNECT and API), by result: run, or busy \
+         (refused at once because too many were waiting)"
     );
 }

@@ -39,6 +39,18 @@ impl Notifier {
         Ok(Notifier { client })
     }
 
+    /// Clears the retained message on each of `topics` (an empty retained
+    /// PUBLISH, MQTT 5 3.3.1.3), so that what a removed device left there
+    /// is not delivered again should its id come back.
+    pub async fn clear_retained(&self, topics: Vec<String>) -> anyhow::Result<()> {
+        for topic in topics {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, true, Vec::new())
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Queues a notice at QoS 1; a provider with a persistent session gets
     /// it when it is next connected.
     pub async fn notify(&self, provider: &str, notice: &Value) -> anyhow::Result<()> {

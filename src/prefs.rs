@@ -391,7 +391,9 @@ impl PreferenceManager {
     /// Removes one of `user`'s devices: its credentials stop working, it no
     /// longer speaks for `user` (its live connection is closed when the new
     /// ACT reaches it), and a directory import does not bring it back.
-    pub fn remove_device(&self, user: &str, device: &str) -> Result<(), PrefError> {
+    /// Returns the topics it may have left retained messages on, for the
+    /// caller to clear at the broker.
+    pub fn remove_device(&self, user: &str, device: &str) -> Result<Vec<String>, PrefError> {
         let mut state = self.lock();
         if state.devices.get(device).is_none_or(|d| d.user != user) {
             return Err(PrefError::UnknownDevice(device.to_string()));
@@ -405,7 +407,18 @@ impl PreferenceManager {
         self.act.store(act);
         state.devices.remove(device);
         state.act_version = act_version;
-        Ok(())
+        let topics = self
+            .templates
+            .iter()
+            .filter_map(|t| crate::topic::Template::parse(t).ok())
+            .flat_map(|t| {
+                state
+                    .kinds
+                    .iter()
+                    .map(move |k| t.topic(user, device, &k.name))
+            })
+            .collect();
+        Ok(topics)
     }
 
     /// `user`'s devices, by id.
@@ -494,10 +507,37 @@ impl PreferenceManager {
                 "directory devices not applied: their users manage them"
             );
         }
+        // A provider the file says the same of as at the last import is not
+        // applied again: a change the operator made since through the API
+        // stands, until the file is edited for that provider.
+        let imported = self.store.imported_providers()?;
+        let mut providers = providers
+            .into_iter()
+            .map(|p| serde_json::to_string(&p).map(|doc| (p, doc)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StoreError::from)?;
+        let current = state.providers.clone();
+        let mut kept = 0usize;
+        providers.retain(|(p, doc)| {
+            let unchanged = imported.get(&p.id) == Some(doc);
+            let differs = current
+                .iter()
+                .any(|c| c.id == p.id && serde_json::to_string(c).ok().as_ref() != Some(doc));
+            kept += usize::from(unchanged && differs);
+            !unchanged
+        });
+        if kept > 0 {
+            tracing::info!(
+                providers = kept,
+                "directory providers not applied: unchanged in the file since the last \
+                 import, so the changes made through the API stand"
+            );
+        }
         let mut dir = state.directory();
         upsert(&mut dir.users, &users, |u| &u.id);
         upsert(&mut dir.devices, &devices, |d| &d.id);
-        upsert(&mut dir.providers, &providers, |p| &p.id);
+        let file_providers: Vec<Provider> = providers.iter().map(|(p, _)| p.clone()).collect();
+        upsert(&mut dir.providers, &file_providers, |p| &p.id);
         // A user named twice: the last entry counts. The file's preferences
         // are moved, not copied: a seed may hold a million users.
         let mut seen = HashSet::new();
@@ -556,8 +596,9 @@ impl PreferenceManager {
                 for d in &devices {
                     tx.put_device(d, false)?;
                 }
-                for p in &providers {
+                for (p, doc) in &providers {
                     tx.put_provider(p)?;
+                    tx.note_imported_provider(&p.id, doc)?;
                 }
                 // Each receipt is issued and stored before the next: a seed
                 // of many users never holds all their receipts at once (at
@@ -860,6 +901,61 @@ mod tests {
         assert_eq!(sources, [IMPORT_SOURCE, "api"]);
     }
 
+    /// The bug this guards: a reload put back the file's provider over the
+    /// operator's change through the API, and once users had granted a
+    /// purpose only the API had added, every reload failed to compile.
+    #[test]
+    fn import_applies_a_provider_only_where_the_file_changed_it() {
+        let (pm, act) = manager();
+        let (seed, _) = demo();
+        let fit = |pm: &PreferenceManager| {
+            pm.providers()
+                .into_iter()
+                .find(|p| p.id == "fitcoach")
+                .unwrap()
+        };
+        let mut changed = fit(&pm);
+        changed.name = "FitCoach, renamed through the API".into();
+        let mut extra = changed.purposes[0].clone();
+        extra.id = "research".into();
+        changed.purposes.push(extra.clone());
+        pm.put_provider(changed.clone()).unwrap();
+        let kind = extra.kinds[0].clone();
+        pm.change("alice", None, "api", |p| {
+            p.share.retain(|g| g.provider != "fitcoach");
+            p.share.push(ShareGrant {
+                provider: "fitcoach".into(),
+                purpose: "research".into(),
+                kind,
+                mask: Default::default(),
+                expires: None,
+            });
+            Ok(())
+        })
+        .unwrap();
+
+        // The same file again: the API's provider stands, and the reload works.
+        pm.import(seed.clone()).unwrap();
+        assert_eq!(fit(&pm).name, changed.name);
+        assert_eq!(fit(&pm).purposes.len(), changed.purposes.len());
+        assert!(act.load().version > 1);
+
+        // The file edited for that provider: the operator's latest word wins.
+        let mut file = seed.clone();
+        let at = file
+            .providers
+            .iter()
+            .position(|p| p.id == "fitcoach")
+            .unwrap();
+        file.providers[at].name = "FitCoach, renamed in the file".into();
+        file.providers[at].purposes = changed.purposes.clone();
+        pm.import(file.clone()).unwrap();
+        assert_eq!(fit(&pm).name, "FitCoach, renamed in the file");
+        // And stays so on the next reload of that file.
+        pm.import(file).unwrap();
+        assert_eq!(fit(&pm).name, "FitCoach, renamed in the file");
+    }
+
     #[test]
     fn import_leaves_login_secrets_users_own() {
         let (pm, _) = manager();
@@ -928,7 +1024,10 @@ mod tests {
             .load()
             .verify_password("alice-watch", b"alice-watch-secret")
             .is_ok());
-        pm.remove_device("alice", "alice-watch").unwrap();
+        // The topics it may have left retained messages on, one per kind.
+        let topics = pm.remove_device("alice", "alice-watch").unwrap();
+        assert_eq!(topics.len(), kinds.len());
+        assert!(topics.contains(&"pii/alice/alice-watch/heart_rate".to_string()));
         assert_eq!(act.load().device_user("alice-watch"), None);
         assert!(!fitcoach_gets_heart_rate(&act));
         assert!(creds

@@ -289,6 +289,9 @@ impl Server {
             // External brokers bound their own queues (and drop from them),
             // which this count would not see.
             client_ids: Default::default(),
+            password_work: Arc::new(crate::password_work::PasswordWork::per_core(
+                config.server.max_waiting_password_checks,
+            )),
             backpressure: crate::backpressure::Backpressure::new(
                 match config.upstream_addr() {
                     None => config.broker.max_subscriber_lag_mib as u64 * 1024 * 1024,
@@ -335,6 +338,7 @@ impl Server {
         let mut api_addr = None;
         if let Some(listen) = config.api.listen {
             let state = ApiState::new(prefs.clone(), config.api.clone(), &operator_key(&config)?)
+                .with_password_work(shared.password_work.clone())
                 .with_receipts(issuer.clone())
                 .with_ledger(shared.ledger.clone(), Notifier::start(&shared.upstream)?);
             let l = TcpListener::bind(listen)

@@ -44,6 +44,7 @@ use crate::mask;
 use crate::metrics as m;
 use crate::model::Undeclared;
 use crate::own_flow::{Answer, OwnFlow};
+use crate::password_work::{PasswordWork, WorkError};
 use crate::topic::{self, TopicName};
 
 /// Topic aliases a client may set up with us (MQTT 5). They never reach the
@@ -164,6 +165,8 @@ pub struct Shared {
     pub hot: m::Hot,
     pub backpressure: Backpressure,
     pub client_ids: ClientIds,
+    /// argon2 runs, bounded; shared with the API.
+    pub password_work: Arc<PasswordWork>,
 }
 
 impl Shared {
@@ -315,9 +318,12 @@ pub async fn serve<S>(
     let who = match authenticate(&shared, login.as_ref(), peer_cert_sha256.as_deref()).await {
         Ok(p) => p,
         Err(code) => {
-            metrics::counter!(m::CONNECTIONS, "role" => "unknown", "result" => "refused")
-                .increment(1);
-            tracing::info!(session = id, "CONNECT refused: bad credentials");
+            let result = match code {
+                ConnectReturnCode::ServerBusy => "busy",
+                _ => "refused",
+            };
+            metrics::counter!(m::CONNECTIONS, "role" => "unknown", "result" => result).increment(1);
+            tracing::info!(session = id, ?code, "CONNECT refused");
             let _ = write_packet(&mut client, version, &connack(code, None)).await;
             return;
         }
@@ -422,11 +428,19 @@ async fn authenticate(
     }
     match login {
         Some(l) => {
+            if let Some(p) = creds.verified_before(&l.username, l.password.as_bytes()) {
+                return Ok(p);
+            }
             let (user, pass) = (l.username.clone(), l.password.clone());
-            tokio::task::spawn_blocking(move || creds.verify_password(&user, pass.as_bytes()))
+            match shared
+                .password_work
+                .run(move || creds.verify_password(&user, pass.as_bytes()))
                 .await
-                .map_err(|_| ConnectReturnCode::ServerUnavailable)?
-                .map_err(|_| ConnectReturnCode::BadUserNamePassword)
+            {
+                Ok(verified) => verified.map_err(|_| ConnectReturnCode::BadUserNamePassword),
+                Err(WorkError::Busy) => Err(ConnectReturnCode::ServerBusy),
+                Err(WorkError::Failed) => Err(ConnectReturnCode::ServerUnavailable),
+            }
         }
         None if shared.server.allow_anonymous => Ok(Principal::Anonymous),
         None => Err(ConnectReturnCode::NotAuthorized),

@@ -105,6 +105,22 @@ impl Template {
         &self.source
     }
 
+    /// The topic this template gives `device` of `user` for `kind`: the
+    /// inverse of [`Template::resolve`].
+    pub fn topic(&self, user: &str, device: &str, kind: &str) -> String {
+        let parts: Vec<&str> = self
+            .levels
+            .iter()
+            .map(|l| match l {
+                Level::Literal(lit) => lit.as_str(),
+                Level::User => user,
+                Level::Device => device,
+                Level::Kind => kind,
+            })
+            .collect();
+        parts.join("/")
+    }
+
     /// Does `topic` fall in the space this template claims?
     pub fn claims(&self, topic: &str) -> bool {
         let mut parts = levels(topic);
@@ -313,6 +329,24 @@ mod tests {
 
     fn demo() -> Template {
         Template::parse("pii/{user}/{device}/{kind}").unwrap()
+    }
+
+    #[test]
+    fn a_templates_topic_resolves_back_to_its_parts() {
+        for source in ["pii/{user}/{device}/{kind}", "a/{kind}/b/{device}/{user}/c"] {
+            let t = Template::parse(source).unwrap();
+            let topic = t.topic("alice", "alice-watch", "heart_rate");
+            assert_eq!(
+                t.resolve(&topic),
+                Some(Resolved {
+                    user: "alice",
+                    device: "alice-watch",
+                    kind: "heart_rate"
+                }),
+                "{topic}"
+            );
+        }
+        assert_eq!(demo().topic("u", "d", "k"), "pii/u/d/k");
     }
 
     #[test]

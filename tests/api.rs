@@ -17,6 +17,8 @@ use consentry::store::Store;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+/// The demo user alice's TOTP secret, from the shipped demo directory.
+const ALICE_TOTP: &str = "CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA";
 const OPERATOR_KEY: &str = "test-operator-key-generated-for-this-test";
 
 fn demo() -> (Directory, Vec<Kind>) {
@@ -127,6 +129,40 @@ impl Api {
 }
 
 use common::totp_now;
+
+/// The scheme is case-insensitive, and a 401 says how to authenticate.
+#[tokio::test]
+async fn bearer_tokens_are_read_as_http_says_and_401_carries_a_challenge() {
+    let api = Api::new();
+    let token = api.user("rita").await;
+    let with = |auth: Option<String>| {
+        let mut b = Request::builder().uri("/v1/me/preferences");
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        b.body(Body::empty()).unwrap()
+    };
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let (s, _, p) = api
+            .call_with_headers(with(Some(format!("{scheme} {token}"))))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{scheme}: {p}");
+    }
+    let (s, h, _) = api.call_with_headers(with(None)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(h["www-authenticate"], r#"Bearer realm="consentry""#);
+    for auth in [format!("Basic {token}"), "Bearer not-a-token".into()] {
+        let (s, h, _) = api.call_with_headers(with(Some(auth.clone()))).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{auth}");
+        assert!(
+            h["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer realm="),
+            "{auth}"
+        );
+    }
+}
 
 #[tokio::test]
 async fn registration_and_two_factor_login() {
@@ -490,6 +526,27 @@ async fn providers_are_public_and_operator_endpoints_need_the_key() {
         (StatusCode::UNPROCESSABLE_ENTITY, Some("types.hours")),
         "{p}"
     );
+    // A type that could never be checked: on an opaque kind, or a scalar
+    // type on a field that has fields of its own.
+    for (body, field) in [
+        (
+            json!({"name": "sleep", "category": "Health", "format": "opaque",
+                "fields": ["hours"], "types": {"hours": "number"}}),
+            "types.hours",
+        ),
+        (
+            json!({"name": "sleep", "category": "Health",
+                "fields": ["pos", "pos.lat"], "types": {"pos": "number", "pos.lat": "number"}}),
+            "types.pos",
+        ),
+    ] {
+        let (s, p, _) = api.call(kind(body)).await;
+        assert_eq!(
+            (s, p["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
+            "{p}"
+        );
+    }
     let (s, p, _) = api
         .call(kind(json!({"name": "sleep", "category": "Health",
             "fields": ["hours"], "types": {"hours": "number"}})))
@@ -1022,7 +1079,11 @@ async fn a_password_change_asks_both_factors_and_ends_the_other_sessions() {
                 login("correct horse battery", used.clone()),
             ))
             .await;
-        assert_eq!(s, StatusCode::UNAUTHORIZED, "the old password: {p}");
+        assert_eq!(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "the old password (the reset ended the lockout): {p}"
+        );
     }
     for i in 0..attempts {
         let (s, _, p) = api
@@ -1059,12 +1120,18 @@ async fn a_password_change_asks_both_factors_and_ends_the_other_sessions() {
 /// A POST of `body` to the server's API over a socket bound to `source`,
 /// so that the server sees that peer address; the status.
 async fn post_from(server: &common::Server, source: &str, path: &str, body: Value) -> u16 {
+    post_to(server.api, source, path, body).await.0
+}
+
+async fn post_to(
+    api: Option<std::net::SocketAddr>,
+    source: &str,
+    path: &str,
+    body: Value,
+) -> (u16, Option<String>) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let stream = socket
-        .connect(server.api.expect("API listening"))
-        .await
-        .unwrap();
+    let stream = socket.connect(api.expect("API listening")).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
@@ -1079,7 +1146,12 @@ async fn post_from(server: &common::Server, source: &str, path: &str, body: Valu
             body.to_string(),
         )))
         .unwrap();
-    sender.send_request(req).await.unwrap().status().as_u16()
+    let r = sender.send_request(req).await.unwrap();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), retry_after)
 }
 
 #[tokio::test]
@@ -1101,6 +1173,76 @@ async fn the_listener_counts_wrong_passwords_per_peer_address() {
         post_from(&server, "127.0.0.3", "/v1/sessions", guess).await,
         401
     );
+}
+
+/// Each request is checked against the limit before its slow password
+/// check and counted after it; parallel requests must not get more guesses
+/// between them than the limit allows one after another.
+#[tokio::test]
+async fn parallel_code_guesses_get_no_more_than_the_limit() {
+    let server = common::Server::demo();
+    let wrong = common::totp_at(ALICE_TOTP, unix_now() - 3600);
+    let guess = json!({"user": "alice", "password": "alice-api-secret", "totp": wrong});
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let (server, guess) = (server.api, guess.clone());
+        set.spawn(async move {
+            post_to(server, &format!("127.0.1.{}", i + 1), "/v1/sessions", guess)
+                .await
+                .0
+        });
+    }
+    let mut answers = std::collections::BTreeMap::<u16, u32>::new();
+    while let Some(s) = set.join_next().await {
+        *answers.entry(s.unwrap()).or_default() += 1;
+    }
+    let limit = ApiConfig::default().login_attempts;
+    assert!(
+        answers.get(&401).copied().unwrap_or(0) <= limit,
+        "more wrong codes judged than the limit: {answers:?}"
+    );
+    assert_eq!(
+        answers.keys().copied().collect::<Vec<_>>(),
+        [401, 429],
+        "{answers:?}"
+    );
+}
+
+/// With no queue for password checks, a burst of logins gets 503 with
+/// Retry-After for those that find every core taken.
+#[tokio::test]
+async fn password_checks_past_the_queue_are_503() {
+    let server = common::Server::start(common::Setup {
+        replace: vec![(
+            "max_waiting_password_checks = 128".into(),
+            "max_waiting_password_checks = 0".into(),
+        )],
+        ..Default::default()
+    });
+    let guess = json!({"user": "bob", "password": "not bob's", "totp": "000000"});
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let (api, guess) = (server.api, guess.clone());
+        set.spawn(async move {
+            post_to(api, &format!("127.0.2.{}", i + 1), "/v1/sessions", guess).await
+        });
+    }
+    let mut busy = 0;
+    while let Some(s) = set.join_next().await {
+        match s.unwrap() {
+            (503, retry) => {
+                assert_eq!(retry.as_deref(), Some("1"));
+                busy += 1
+            }
+            (s, _) => assert_eq!(s, 401),
+        }
+    }
+    assert!(
+        busy > 0,
+        "40 checks at once on a machine's cores, none busy"
+    );
+    // The server still logs users in.
+    demo_alice_token(&server);
 }
 
 fn unix_now() -> u64 {
@@ -1135,7 +1277,8 @@ async fn a_totp_code_is_good_for_one_login() {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
-    // The same code again: refused as a wrong one is.
+    // The same code again: refused, and counted as a wrong one is; the
+    // answer says why (only the holder of both factors can see it).
     let (s, p) = api
         .json(
             "POST",
@@ -1145,7 +1288,10 @@ async fn a_totp_code_is_good_for_one_login() {
         )
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
-    assert_eq!(p["detail"], "wrong user name, password or code");
+    assert_eq!(
+        p["detail"],
+        "this code, or a later one, was already used; wait for the authenticator's next one"
+    );
     // The previous step's code (within the allowed skew) is older still.
     let (s, _) = api
         .json(
@@ -1424,7 +1570,6 @@ async fn errors_through_a_real_listener_are_problems_with_their_headers() {
 
 /// The demo's alice (config/demo.toml), logged in through the API.
 fn demo_alice_token(server: &common::Server) -> String {
-    const ALICE_TOTP: &str = "CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA";
     let (s, sess) = http(
         server,
         "POST",
@@ -1450,10 +1595,13 @@ async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
         .await;
     let mut watch = v5::connect(server.mqtt, "watch", "alice-watch", "alice-watch-secret").await;
     let topic = "pii/alice/alice-watch/heart_rate";
-    assert_eq!(
-        watch.publish_acked(topic, br#"{"bpm":70}"#).await,
-        v5::PubAckReason::Success
-    );
+    // A retained reading: shared now, and not to come back with the id.
+    watch
+        .client
+        .publish(topic, v5::QoS::AtLeastOnce, true, &br#"{"bpm":70}"#[..])
+        .await
+        .unwrap();
+    assert!(matches!(watch.next().await, v5::Packet::PubAck(_)));
     assert_eq!(fit.next_publish().await.topic, topic.as_bytes());
 
     // Only her own devices are hers to remove; another's is not found.
@@ -1515,11 +1663,22 @@ async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
         dev["mqtt_password"].as_str().unwrap(),
     )
     .await;
+    // A provider subscribing now gets no retained reading from before the
+    // removal, only what the device sends from now on.
+    let mut fit2 = v5::connect(server.mqtt, "fit2", "fitcoach", "fitcoach-secret").await;
+    fit2.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
     assert_eq!(
         watch.publish_acked(topic, br#"{"bpm":71}"#).await,
         v5::PubAckReason::Success
     );
     assert_eq!(fit.next_publish().await.payload.as_ref(), br#"{"bpm":71}"#);
+    let first = fit2.next_publish().await;
+    assert_eq!(
+        (first.payload.as_ref(), first.retain),
+        (&br#"{"bpm":71}"#[..], false),
+        "a reading retained before the removal came back"
+    );
     // The file's old secret stays dead after another reload.
     server.reload(common::DEMO_DIRECTORY);
     assert!(
@@ -1687,6 +1846,15 @@ async fn the_operator_resets_a_lost_login_and_every_session_ends() {
         }
         b.body(Body::empty()).unwrap()
     };
+    // uma, having lost her authenticator, guesses codes until she is locked out.
+    let guess = json!({"user": "uma", "password": "correct horse battery",
+        "totp": common::totp_at(&old, now - 3600)});
+    for _ in 0..ApiConfig::default().login_attempts {
+        let (s, p) = api.json("POST", "/v1/sessions", None, guess.clone()).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{p}");
+    }
+    let (s, p) = api.json("POST", "/v1/sessions", None, guess).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{p}");
     let (s, _, _) = api.call(reset("uma", None)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, _, _) = api.call(reset("uma", Some("not the key"))).await;
@@ -1712,7 +1880,11 @@ async fn the_operator_resets_a_lost_login_and_every_session_ends() {
                 "totp": common::totp_at(secret, now + 30)}),
         )
         .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED, "the old password: {p}");
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "the old password (the reset ended the lockout): {p}"
+    );
     let (s, p) = api
         .json(
             "POST",

@@ -181,6 +181,64 @@ async fn demo_scenario_mqtt311_with_qos_flows() {
     }
 }
 
+/// argon2 runs one per core with a bounded queue; with no queue at all,
+/// a burst of CONNECTs needing a check gets "Server busy" (0x89) for those
+/// that find every core taken. The server stays usable: a device whose
+/// password was verified before connects without a check.
+#[tokio::test]
+async fn password_checks_past_the_queue_are_answered_busy() {
+    let server = Server::start(common::Setup {
+        replace: vec![(
+            "max_waiting_password_checks = 128".into(),
+            "max_waiting_password_checks = 0".into(),
+        )],
+        ..Default::default()
+    });
+    // Verified once: later CONNECTs with this password need no argon2.
+    v5::connect(server.mqtt, "w0", "alice-watch", "alice-watch-secret")
+        .await
+        .disconnect()
+        .await;
+    let burst: Vec<_> = (0..40)
+        .map(|i| {
+            tokio::spawn(v5::connect_with(v5::options(
+                server.mqtt,
+                &format!("guess-{i}"),
+                Some(("alice-watch", &format!("guess {i}"))),
+            )))
+        })
+        .collect();
+    let mut busy = 0;
+    for r in burst {
+        let e = r
+            .await
+            .unwrap()
+            .err()
+            .expect("a wrong password never connects");
+        if e.contains("ServerBusy") {
+            busy += 1;
+        } else {
+            assert!(e.contains("BadUserNamePassword"), "{e}");
+        }
+    }
+    assert!(
+        busy > 0,
+        "40 checks at once on a machine's cores, none busy"
+    );
+    assert_eq!(
+        server.metric("consentry_connections_total", &[("result", "busy")]),
+        busy as f64
+    );
+    assert_eq!(
+        server.metric("consentry_password_checks_total", &[("result", "busy")]),
+        busy as f64
+    );
+    v5::connect(server.mqtt, "w1", "alice-watch", "alice-watch-secret")
+        .await
+        .disconnect()
+        .await;
+}
+
 #[tokio::test]
 async fn credentials_are_checked() {
     let server = Server::demo();

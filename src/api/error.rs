@@ -27,7 +27,28 @@ pub struct Problem {
     /// For 429: whole seconds until the client may try again, sent as the
     /// `Retry-After` header (not in the body).
     #[serde(skip)]
-    pub retry_after: Option<u64>,
+    pub retry_after: Option<u32>,
+    /// For 401: the `WWW-Authenticate` challenge (RFC 9110 §11.6.1).
+    #[serde(skip)]
+    pub challenge: Option<Challenge>,
+}
+
+/// What a 401 asks for (RFC 6750 §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// No bearer token was sent.
+    Bearer,
+    /// The token sent is unknown, expired or ended.
+    InvalidToken,
+}
+
+impl Challenge {
+    fn header(self) -> &'static str {
+        match self {
+            Challenge::Bearer => r#"Bearer realm="consentry""#,
+            Challenge::InvalidToken => r#"Bearer realm="consentry", error="invalid_token""#,
+        }
+    }
 }
 
 impl Problem {
@@ -40,6 +61,7 @@ impl Problem {
             field: None,
             current_version: None,
             retry_after: None,
+            challenge: None,
         }
     }
 
@@ -71,7 +93,12 @@ impl Problem {
     }
     /// Adds `Retry-After: secs` to the response.
     pub fn retry_after(mut self, secs: u64) -> Problem {
-        self.retry_after = Some(secs);
+        self.retry_after = Some(u32::try_from(secs).unwrap_or(u32::MAX));
+        self
+    }
+    /// Adds `WWW-Authenticate: challenge` to the response.
+    pub fn challenge(mut self, challenge: Challenge) -> Problem {
+        self.challenge = Some(challenge);
         self
     }
     pub fn internal() -> Problem {
@@ -194,6 +221,12 @@ impl IntoResponse for Problem {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let Some(c) = self.challenge {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(c.header()),
+            );
+        }
         resp
     }
 }
@@ -239,7 +272,9 @@ fn compile_problem(c: CompileError) -> Problem {
         CompileError::PurposeKind { .. } => "purposes.kinds",
         CompileError::DeviceUser { .. } => "user",
         CompileError::Duplicate { .. } | CompileError::DuplicateKind(_) => "id",
-        CompileError::TypedField { field, .. } => {
+        CompileError::TypedField { field, .. }
+        | CompileError::TypedOpaque { field, .. }
+        | CompileError::TypedParent { field, .. } => {
             return Problem::unprocessable(c.to_string()).field(format!("types.{field}"))
         }
         CompileError::PrefUser(_) => "user",

@@ -30,7 +30,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use utoipa::OpenApi;
 
-pub use error::Problem;
+use crate::password_work::{PasswordWork, WorkError};
+pub use error::{Challenge, Problem};
 use login_limiter::LoginLimiter;
 
 use crate::config::ApiConfig;
@@ -51,6 +52,8 @@ pub struct ApiState {
     pub ledger: Option<Ledger>,
     pub notifier: Option<Notifier>,
     limiter: LoginLimiter,
+    /// argon2 runs, bounded; the broker's own when served with it.
+    password_work: Arc<PasswordWork>,
 }
 
 impl ApiState {
@@ -66,7 +69,38 @@ impl ApiState {
             receipts: None,
             ledger: None,
             notifier: None,
+            password_work: Arc::new(PasswordWork::per_core(
+                crate::config::ServerConfig::default().max_waiting_password_checks,
+            )),
         }
+    }
+
+    /// Shares the bound on argon2 runs with the MQTT listener.
+    pub fn with_password_work(mut self, work: Arc<PasswordWork>) -> ApiState {
+        self.password_work = work;
+        self
+    }
+
+    /// Runs `f` (argon2) within the bound; busy is 503 with Retry-After.
+    pub(crate) async fn password_work<T, F>(&self, f: F) -> Result<T, Problem>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.password_work.run(f).await.map_err(|e| match e {
+            WorkError::Busy => Problem::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "too many password checks are waiting; try again shortly",
+            )
+            .retry_after(1),
+            WorkError::Failed => Problem::internal(),
+        })
+    }
+
+    /// An argon2id hash of `password`, within the bound.
+    pub(crate) async fn hash_password(&self, password: String) -> Result<String, Problem> {
+        self.password_work(move || crate::auth::hash_password(&password))
+            .await
     }
 
     pub fn with_receipts(mut self, issuer: Option<Arc<Issuer>>) -> ApiState {
@@ -385,13 +419,17 @@ impl FromRequestParts<Arc<ApiState>> for CurrentSession {
         parts: &mut Parts,
         state: &Arc<ApiState>,
     ) -> Result<Self, Self::Rejection> {
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let token = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .ok_or_else(|| {
                 Problem::unauthorized("a session token is required (Authorization: Bearer …)")
+                    .challenge(Challenge::Bearer)
             })?;
         let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
         let prefs = state.prefs.clone();
@@ -403,7 +441,10 @@ impl FromRequestParts<Arc<ApiState>> for CurrentSession {
             user,
             token_hash: hash,
         })
-        .ok_or_else(|| Problem::unauthorized("the session token is unknown, expired or ended"))
+        .ok_or_else(|| {
+            Problem::unauthorized("the session token is unknown, expired or ended")
+                .challenge(Challenge::InvalidToken)
+        })
     }
 }
 

@@ -49,11 +49,7 @@ pub async fn put_provider(
         );
     }
     let password_hash = match p.mqtt_password {
-        Some(pw) => Some(
-            tokio::task::spawn_blocking(move || crate::auth::hash_password(&pw))
-                .await
-                .map_err(|_| Problem::internal())?,
-        ),
+        Some(pw) => Some(state.hash_password(pw).await?),
         None => None,
     };
     let provider = Provider {
@@ -125,20 +121,20 @@ pub async fn reset_login(
         .to_bytes()
         .map_err(|e| Problem::internal_logged(&e))?;
     let t = totp(secret.clone(), &state.config.totp_issuer, &id)?;
+    let hash = state.hash_password(password.clone()).await?;
     let prefs = state.prefs.clone();
-    let (user, pw) = (id.clone(), password.clone());
-    tokio::task::spawn_blocking(move || {
-        let hash = crate::auth::hash_password(&pw);
-        prefs.store().reset_login(&user, &hash, &secret)
-    })
-    .await
-    .map_err(|_| Problem::internal())?
-    .map_err(|e| match e {
-        crate::store::StoreError::NotFound { .. } => {
-            Problem::not_found(format!("no such user {id:?}"))
-        }
-        e => Problem::internal_logged(&e),
-    })?;
+    let user = id.clone();
+    tokio::task::spawn_blocking(move || prefs.store().reset_login(&user, &hash, &secret))
+        .await
+        .map_err(|_| Problem::internal())?
+        .map_err(|e| match e {
+            crate::store::StoreError::NotFound { .. } => {
+                Problem::not_found(format!("no such user {id:?}"))
+            }
+            e => Problem::internal_logged(&e),
+        })?;
+    // The user's lockout ends with their old secrets.
+    state.limiter.clear(&id);
     tracing::info!(user = %id, "login reset by the operator");
     Ok((
         StatusCode::CREATED,

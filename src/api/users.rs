@@ -12,7 +12,7 @@ use subtle::ConstantTimeEq;
 use totp_rs::{Algorithm, Secret, TOTP};
 use utoipa::ToSchema;
 
-use super::login_limiter::{Failure, Source};
+use super::login_limiter::{Locked, Source};
 use super::{ApiState, AuthUser, Body, CurrentSession, Path, Peer, Problem, State};
 use crate::model::{Device, User};
 
@@ -71,12 +71,6 @@ fn code_step(t: &TOTP, code: &str) -> Option<u64> {
         .find(|step| bool::from(t.generate(step * t.step).as_bytes().ct_eq(code.as_bytes())))
 }
 
-async fn hash(password: String) -> Result<String, Problem> {
-    tokio::task::spawn_blocking(move || crate::auth::hash_password(&password))
-        .await
-        .map_err(|_| Problem::internal())
-}
-
 /// Register a user (the PII principal) and enrol TOTP.
 #[utoipa::path(post, path = "/v1/users", request_body = Registration,
     responses((status = 201, body = Registered), (status = 409, body = Problem), (status = 422, body = Problem)))]
@@ -97,7 +91,7 @@ pub async fn register(
         .to_bytes()
         .map_err(|e| Problem::internal_logged(&e))?;
     let t = totp(secret.clone(), &state.config.totp_issuer, &r.id)?;
-    let password_hash = hash(r.password).await?;
+    let password_hash = state.hash_password(r.password).await?;
     let user = User {
         id: r.id.clone(),
         time_zone: r.time_zone,
@@ -133,8 +127,8 @@ pub struct Session {
     expires_at: DateTime<Utc>,
 }
 
-/// The 429 for a lockout with `left` to go.
-fn locked(left: std::time::Duration) -> Problem {
+/// The 429 for a lockout.
+fn locked(Locked(left): Locked) -> Problem {
     // Whole seconds, rounded up: retrying after them is not refused again.
     let secs = (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1);
     Problem::too_many(format!(
@@ -154,62 +148,72 @@ async fn check_factors(
     from: Source,
     wrong: &'static str,
 ) -> Result<(), Problem> {
-    if let Some(left) = state.limiter.locked_for(user, from) {
-        return Err(locked(left));
-    }
+    // The place is taken before the slow check, so parallel guesses count.
+    let attempt = state.limiter.try_password(user, from).map_err(locked)?;
     let prefs = state.prefs.clone();
     let name = user.to_string();
-    let issuer = state.config.totp_issuer.clone();
-    let failure = tokio::task::spawn_blocking(move || -> Result<Option<Failure>, Problem> {
-        let auth = prefs
-            .store()
-            .user_auth(&name)
-            .map_err(|e| Problem::internal_logged(&e))?;
-        let Some(auth) = auth else {
-            // Same work for unknown names, so timing does not tell.
-            let _ = crate::auth::Credentials::verify_dummy(password.as_bytes());
-            return Ok(Some(Failure::Password));
-        };
-        let password_ok = auth
-            .password_hash
-            .as_deref()
-            .and_then(|h| PasswordHash::new(h).ok())
-            .is_some_and(|h| {
-                argon2::Argon2::default()
-                    .verify_password(password.as_bytes(), &h)
-                    .is_ok()
-            });
-        if !password_ok {
-            return Ok(Some(Failure::Password));
+    // The TOTP secret if the password is right (None: the user has none).
+    let secret = state
+        .password_work(move || -> Result<Option<Option<Vec<u8>>>, Problem> {
+            let auth = prefs
+                .store()
+                .user_auth(&name)
+                .map_err(|e| Problem::internal_logged(&e))?;
+            let Some(auth) = auth else {
+                // Same work for unknown names, so timing does not tell.
+                let _ = crate::auth::Credentials::verify_dummy(password.as_bytes());
+                return Ok(None);
+            };
+            let password_ok = auth
+                .password_hash
+                .as_deref()
+                .and_then(|h| PasswordHash::new(h).ok())
+                .is_some_and(|h| {
+                    argon2::Argon2::default()
+                        .verify_password(password.as_bytes(), &h)
+                        .is_ok()
+                });
+            Ok(password_ok.then_some(auth.totp_secret))
+        })
+        .await??;
+    let Some(secret) = secret else {
+        attempt.failed();
+        tracing::info!(factor = "password", "failed login");
+        return Err(Problem::unauthorized(wrong));
+    };
+    drop(attempt);
+    let attempt = state.limiter.try_code(user).map_err(locked)?;
+    let step = match secret {
+        Some(secret) => code_step(&totp(secret, &state.config.totp_issuer, user)?, code.trim()),
+        None => None,
+    };
+    // The code still counts as wrong if its step, or a later one, was
+    // accepted before.
+    let fresh = match step {
+        Some(step) => {
+            let (prefs, name) = (state.prefs.clone(), user.to_string());
+            tokio::task::spawn_blocking(move || prefs.store().accept_totp_step(&name, step))
+                .await
+                .map_err(|_| Problem::internal())?
+                .map_err(|e| Problem::internal_logged(&e))?
         }
-        let step = match auth.totp_secret {
-            Some(secret) => code_step(&totp(secret, &issuer, &name)?, code.trim()),
-            None => None,
-        };
-        let Some(step) = step else {
-            return Ok(Some(Failure::Code));
-        };
-        // The code still counts as wrong if its step, or a later one, was
-        // accepted before.
-        let fresh = prefs
-            .store()
-            .accept_totp_step(&name, step)
-            .map_err(|e| Problem::internal_logged(&e))?;
-        Ok((!fresh).then_some(Failure::Code))
-    })
-    .await
-    .map_err(|_| Problem::internal())??;
-    match failure {
-        Some(f) => {
-            state.limiter.failed(user, from, f);
-            tracing::info!(factor = ?f, "failed login");
-            Err(Problem::unauthorized(wrong))
-        }
-        None => {
-            state.limiter.succeeded(user, from);
-            Ok(())
-        }
+        None => false,
+    };
+    if !fresh {
+        attempt.failed();
+        tracing::info!(factor = "code", "failed login");
+        // Only someone with the password and a current code gets here, so
+        // saying why tells a guesser nothing, and tells a user to wait.
+        return Err(Problem::unauthorized(match step {
+            Some(_) => {
+                "this code, or a later one, was already used; wait for the authenticator's next one"
+            }
+            None => wrong,
+        }));
     }
+    drop(attempt);
+    state.limiter.succeeded(user, from);
+    Ok(())
 }
 
 /// Log in with password and TOTP code (two factors, X.1363 10.2).
@@ -320,7 +324,7 @@ pub async fn change_password(
         "wrong password or code",
     )
     .await?;
-    let new_hash = hash(c.new_password).await?;
+    let new_hash = state.hash_password(c.new_password).await?;
     let prefs = state.prefs.clone();
     let ended = tokio::task::spawn_blocking(move || -> Result<usize, crate::store::StoreError> {
         prefs.store().set_own_password(&session.user, &new_hash)?;
@@ -367,7 +371,7 @@ pub async fn register_device(
     let device = Device {
         id: d.id.clone(),
         user,
-        password_hash: Some(hash(password.clone()).await?),
+        password_hash: Some(state.hash_password(password.clone()).await?),
         cert_sha256: None,
     };
     let prefs = state.prefs.clone();
@@ -403,7 +407,8 @@ pub async fn list_devices(state: State, AuthUser(user): AuthUser) -> Json<Device
 /// MQTT credentials stop working, its open connection is closed (MQTT 5:
 /// DISCONNECT 0x98, administrative action), nothing it publishes is
 /// collected for the user any more, and reloading a directory file that
-/// still lists it does not bring it back. Registering the id again does.
+/// still lists it does not bring it back. Registering the id again does,
+/// without the retained messages it had left: they are cleared.
 #[utoipa::path(delete, path = "/v1/me/devices/{id}", security(("session" = [])),
     params(("id" = String, Path, description = "the device's id")),
     responses((status = 204, description = "removed"),
@@ -415,9 +420,16 @@ pub async fn remove_device(
 ) -> Result<StatusCode, Problem> {
     let prefs = state.prefs.clone();
     let device = id.clone();
-    tokio::task::spawn_blocking(move || prefs.remove_device(&user, &device))
+    let topics = tokio::task::spawn_blocking(move || prefs.remove_device(&user, &device))
         .await
         .map_err(|_| Problem::internal())??;
+    // The ACT already keeps them from anyone; this keeps them from coming
+    // back if the id is registered again.
+    if let Some(n) = &state.notifier {
+        if let Err(e) = n.clear_retained(topics).await {
+            tracing::warn!(device = %id, error = %e, "retained messages of a removed device not cleared");
+        }
+    }
     tracing::info!(device = %id, "device removed by its user");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -511,9 +523,7 @@ pub async fn confirm_totp_enrolment(
     Body(c): Body<TotpConfirmation>,
 ) -> Result<StatusCode, Problem> {
     let from = Source::of(peer);
-    if let Some(left) = state.limiter.locked_for(&session.user, from) {
-        return Err(locked(left));
-    }
+    let attempt = state.limiter.try_code(&session.user).map_err(locked)?;
     let prefs = state.prefs.clone();
     let user = session.user.clone();
     let pending = tokio::task::spawn_blocking(move || prefs.store().pending_totp(&user))
@@ -525,12 +535,13 @@ pub async fn confirm_totp_enrolment(
         })?;
     let t = totp(pending.clone(), &state.config.totp_issuer, &session.user)?;
     let Some(step) = code_step(&t, c.totp.trim()) else {
-        state.limiter.failed(&session.user, from, Failure::Code);
+        attempt.failed();
         return Err(Problem::unauthorized(
             "not a current code of the new authenticator",
         ));
     };
     let prefs = state.prefs.clone();
+    let user = session.user.clone();
     let ended = tokio::task::spawn_blocking(move || -> Result<usize, crate::store::StoreError> {
         prefs.store().activate_totp(&session.user, &pending, step)?;
         prefs
@@ -540,6 +551,9 @@ pub async fn confirm_totp_enrolment(
     .await
     .map_err(|_| Problem::internal())?
     .map_err(|e| Problem::internal_logged(&e))?;
+    drop(attempt);
+    // A right code from the user's new authenticator ends what wrong ones counted.
+    state.limiter.succeeded(&user, from);
     tracing::info!(
         other_sessions_ended = ended,
         "new TOTP authenticator enrolled"

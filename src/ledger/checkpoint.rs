@@ -136,7 +136,7 @@ impl CheckpointLog {
     pub fn open(dir: &Path, torn_at: Option<u64>) -> Result<CheckpointLog, LedgerError> {
         let path = dir.join(CHECKPOINT_FILE);
         let existed = path.exists();
-        let file = OpenOptions::new()
+        let file = super::owner_only(&mut OpenOptions::new())
             .create(true)
             .append(true)
             .open(&path)

@@ -155,10 +155,18 @@ struct Handle {
     _lock: std::fs::File,
 }
 
+/// `o`, creating files owner-only (0600): the ledger's records are
+/// encrypted, but who shared with whom, and when, is for its owner alone.
+pub(crate) fn owner_only(o: &mut std::fs::OpenOptions) -> &mut std::fs::OpenOptions {
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(o, 0o600);
+    o
+}
+
 /// Takes the directory's exclusive lock, or says who holds it.
 pub fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, LedgerError> {
-    std::fs::create_dir_all(dir).map_err(|e| LedgerError::io("create ledger dir", e))?;
-    let file = std::fs::OpenOptions::new()
+    crate::secrets::create_private_dir(dir).map_err(|e| LedgerError::io("create ledger dir", e))?;
+    let file = owner_only(&mut std::fs::OpenOptions::new())
         .create(true)
         .truncate(false)
         .write(true)

@@ -128,7 +128,7 @@ fn quarantine_and_truncate(
         "torn-{seq:020}-{}.bin",
         chrono::Utc::now().timestamp_micros()
     ));
-    let mut q = OpenOptions::new()
+    let mut q = super::owner_only(&mut OpenOptions::new())
         .write(true)
         .create_new(true)
         .open(&qpath)

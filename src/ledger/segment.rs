@@ -96,7 +96,12 @@ impl State {
     pub fn store(&self, dir: &Path) -> Result<(), LedgerError> {
         let tmp = dir.join("state.json.tmp");
         let bytes = serde_json::to_vec(self)?;
-        let mut f = File::create(&tmp).map_err(|e| LedgerError::io("create state tmp", e))?;
+        let mut f = super::owner_only(&mut std::fs::OpenOptions::new())
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| LedgerError::io("create state tmp", e))?;
         f.write_all(&bytes)
             .and_then(|_| f.sync_all())
             .map_err(|e| LedgerError::io("write state", e))?;

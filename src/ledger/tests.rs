@@ -152,6 +152,40 @@ async fn encryption_round_trip() {
     assert_eq!((report.records, report.head_seq), (1, 1));
 }
 
+/// Records are encrypted, but that a user's data went to a provider at a
+/// time is for the ledger's owner only: nothing in it is readable by others.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_ledger_directory_and_its_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ledger");
+    let ledger = Ledger::open(
+        LedgerConfig {
+            checkpoint_every: 1,
+            ..cfg(&dir)
+        },
+        keys(),
+    )
+    .expect("open");
+    write_n(&ledger, 3).await;
+    ledger.shutdown().await;
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with(CHECKPOINT_FILE)),
+        "{files:?}"
+    );
+    assert!(files.iter().any(|f| f.ends_with(STATE_FILE)), "{files:?}");
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+}
+
 #[tokio::test]
 async fn nonces_unique_across_reopens_crashes_and_lost_state() {
     let tmp = tempfile::tempdir().expect("tempdir");

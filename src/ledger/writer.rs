@@ -140,7 +140,7 @@ fn now_us() -> i64 {
 
 fn open_append(path: &std::path::Path, create_new: bool) -> Result<File, LedgerError> {
     let mut o = OpenOptions::new();
-    o.append(true);
+    super::owner_only(&mut o).append(true);
     if create_new {
         o.create_new(true);
     }
@@ -153,7 +153,7 @@ impl Writer {
     pub fn open(shared: Arc<Shared>) -> Result<Writer, LedgerError> {
         let cfg = &shared.cfg;
         let dir = cfg.dir.clone();
-        std::fs::create_dir_all(&dir)
+        crate::secrets::create_private_dir(&dir)
             .map_err(|e| LedgerError::io(format!("create {}", dir.display()), e))?;
         let cps = checkpoint::load(&dir)?;
         let rec = recover(&dir, &shared.keys, &cps)?;

@@ -15,7 +15,7 @@ mod cipher;
 mod totp_enrol;
 mod totp_steps;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -95,6 +95,10 @@ CREATE TABLE IF NOT EXISTS user_devices (
     user_id TEXT NOT NULL,
     removed_at TEXT
 );
+-- Each provider as the directory file last said it. A reload applies a
+-- provider only where the file changed it since, so a change the operator
+-- made through the API stands until the file is edited for that provider.
+CREATE TABLE IF NOT EXISTS imported_providers (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash BLOB PRIMARY KEY,
     user_id TEXT NOT NULL,
@@ -402,6 +406,17 @@ impl Store {
         })
     }
 
+    /// Each provider as the directory file last said it, as JSON.
+    pub fn imported_providers(&self) -> Result<HashMap<String, String>, StoreError> {
+        self.with(|c, _| {
+            let mut stmt = c.prepare("SELECT id, doc FROM imported_providers")?;
+            let docs = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<HashMap<String, String>, _>>()?;
+            Ok(docs)
+        })
+    }
+
     /// Ends one session; whether it was there.
     pub fn delete_session(&self, token_hash: &[u8; 32]) -> Result<bool, StoreError> {
         self.with(|c, _| {
@@ -652,6 +667,16 @@ impl Tx<'_> {
         self.tx.execute(
             "INSERT INTO providers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
             params![p.id, serde_json::to_string(p)?],
+        )?;
+        Ok(())
+    }
+
+    /// Remembers `doc` (a provider's JSON) as what the directory file says
+    /// of provider `id`.
+    pub fn note_imported_provider(&self, id: &str, doc: &str) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO imported_providers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+            params![id, doc],
         )?;
         Ok(())
     }

@@ -1,0 +1,163 @@
+//! Password hashing and checking, bounded.
+//!
+//! argon2 with its default parameters is built to cost memory (19 MiB) and
+//! tens of milliseconds per check: right against someone who stole the
+//! hashes, ruinous when anyone who reaches the API or the MQTT port can ask
+//! for as many checks at once as they like (400 parallel logins once took
+//! 8 GB and stalled the API for seconds). So every argon2 run goes through
+//! here: at most one per core at a time, and a bounded queue behind them.
+//! Past the queue the caller is told at once that the server is busy (HTTP
+//! 503 with Retry-After, MQTT CONNACK Server busy), which a client retries,
+//! instead of the server taking on work it can only finish too late.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, TryAcquireError};
+
+use crate::metrics as m;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WorkError {
+    #[error("too many password checks are waiting")]
+    Busy,
+    #[error("the password check did not finish")]
+    Failed,
+}
+
+pub struct PasswordWork {
+    running: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+}
+
+impl PasswordWork {
+    /// `parallel` checks at once (at least one), `max_waiting` queued
+    /// behind them (0: none wait; a check runs only when a core is free).
+    pub fn new(parallel: usize, max_waiting: usize) -> Self {
+        Self {
+            running: Arc::new(Semaphore::new(parallel.max(1))),
+            waiting: AtomicUsize::new(0),
+            max_waiting,
+        }
+    }
+
+    /// One check per core.
+    pub fn per_core(max_waiting: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::new(cores, max_waiting)
+    }
+
+    /// Runs `f` (blocking: argon2) when a core is free for it.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, WorkError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        /// Leaves the queue however the wait ends, the caller going away included.
+        struct InQueue<'a>(&'a AtomicUsize);
+        impl Drop for InQueue<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let permit = match self.running.clone().try_acquire_owned() {
+            Ok(free) => free,
+            Err(TryAcquireError::Closed) => return Err(WorkError::Failed),
+            Err(TryAcquireError::NoPermits) => {
+                let ahead = self.waiting.fetch_add(1, Ordering::AcqRel);
+                let _queued = InQueue(&self.waiting);
+                if ahead >= self.max_waiting {
+                    metrics::counter!(m::PASSWORD_CHECKS, "result" => "busy").increment(1);
+                    return Err(WorkError::Busy);
+                }
+                self.running
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| WorkError::Failed)?
+            }
+        };
+        metrics::counter!(m::PASSWORD_CHECKS, "result" => "run").increment(1);
+        // The permit goes with the work: a caller that stops waiting does
+        // not free the core (or the memory) before argon2 is done with it.
+        tokio::task::spawn_blocking(move || {
+            let _running = permit;
+            f()
+        })
+        .await
+        .map_err(|_| WorkError::Failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[tokio::test]
+    async fn past_the_queue_callers_are_told_busy_at_once() {
+        let work = Arc::new(PasswordWork::new(1, 1));
+        let (release, held) = mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let running = tokio::spawn({
+            let work = work.clone();
+            async move {
+                work.run(move || {
+                    let _ = started_tx.send(());
+                    held.recv().ok();
+                    1
+                })
+                .await
+            }
+        });
+        started.await.unwrap();
+        // One may wait for the core...
+        let queued = tokio::spawn({
+            let work = work.clone();
+            async move { work.run(|| 2).await }
+        });
+        while work.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // ...the next is refused without waiting.
+        assert_eq!(work.run(|| 3).await, Err(WorkError::Busy));
+        release.send(()).unwrap();
+        assert_eq!(running.await.unwrap(), Ok(1));
+        assert_eq!(queued.await.unwrap(), Ok(2));
+        // The queue has emptied, so work is taken again.
+        assert_eq!(work.run(|| 4).await, Ok(4));
+        assert_eq!(work.waiting.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn with_no_queue_work_still_runs_on_a_free_core() {
+        let work = PasswordWork::new(1, 0);
+        assert_eq!(work.run(|| 1).await, Ok(1));
+        assert_eq!(work.run(|| 2).await, Ok(2));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_leaves_the_queue() {
+        let work = Arc::new(PasswordWork::new(1, 1));
+        let (release, held) = mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let running = tokio::spawn({
+            let work = work.clone();
+            async move {
+                work.run(move || {
+                    let _ = started_tx.send(());
+                    held.recv().ok();
+                })
+                .await
+            }
+        });
+        started.await.unwrap();
+        let gave_up =
+            tokio::time::timeout(std::time::Duration::from_millis(10), work.run(|| ())).await;
+        assert!(gave_up.is_err(), "the core is held, so it waited");
+        assert_eq!(work.waiting.load(Ordering::Acquire), 0);
+        release.send(()).unwrap();
+        running.await.unwrap().unwrap();
+    }
+}
