@@ -192,12 +192,14 @@ fn json_flat_check(
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Flat, A::Error> {
             let mut mismatch = None;
-            let mut seen = vec![false; self.0.len()];
+            // Which declared fields were met, without allocating per
+            // message; a kind with more than 64 fields takes the general path.
+            let mut seen = 0u64;
             while let Some(key) = map.next_key::<&'de str>()? {
                 // Undeclared and repeated keys alike are the general path's
                 // to remove or refuse.
                 match self.0.iter().position(|d| d == key) {
-                    Some(i) if !seen[i] => seen[i] = true,
+                    Some(i) if i < 64 && seen & (1 << i) == 0 => seen |= 1 << i,
                     _ => return Ok(Flat::General),
                 }
                 match self.1.get(key) {
@@ -436,10 +438,13 @@ fn decode_msgpack(payload: &[u8]) -> Result<rmpv::Value, MaskError> {
 /// whatever they repeat. Walks with its own stack: a hostile document can
 /// nest as deep as the decoder allows.
 fn repeated_msgpack_key(doc: &rmpv::Value) -> Option<String> {
-    let mut todo = vec![doc];
-    while let Some(v) = todo.pop() {
+    // Allocated only when something nests: most payloads are one flat map.
+    let mut todo = Vec::new();
+    let mut next = Some(doc);
+    while let Some(v) = next.take().or_else(|| todo.pop()) {
+        let nested = |v: &&rmpv::Value| matches!(v, rmpv::Value::Array(_) | rmpv::Value::Map(_));
         match v {
-            rmpv::Value::Array(items) => todo.extend(items),
+            rmpv::Value::Array(items) => todo.extend(items.iter().filter(nested)),
             rmpv::Value::Map(entries) => {
                 let key = |i: usize| match &entries[i].0 {
                     rmpv::Value::String(s) => Some(s.as_bytes()),
@@ -455,7 +460,7 @@ fn repeated_msgpack_key(doc: &rmpv::Value) -> Option<String> {
                 if let Some(i) = repeat {
                     return Some(String::from_utf8_lossy(key(i).unwrap_or_default()).into_owned());
                 }
-                todo.extend(entries.iter().map(|(_, v)| v));
+                todo.extend(entries.iter().map(|(_, v)| v).filter(nested));
             }
             _ => {}
         }
@@ -1035,6 +1040,17 @@ mod tests {
                 false
             ),
             repeated("k3")
+        );
+        // Past 64 declared fields the one-pass check steps aside; the
+        // general path still takes clean payloads and refuses repeats.
+        let wide: Vec<String> = (0..70).map(|i| format!("f{i}")).collect();
+        let clean = Bytes::from_static(br#"{"f1":1,"f66":2}"#);
+        let m = minimize(PayloadFormat::Json, &clean, &wide, &none(), true).unwrap();
+        assert_eq!((m.payload, m.removed.len()), (clean, 0));
+        let twice = Bytes::from_static(br#"{"f66":1,"f66":2}"#);
+        assert_eq!(
+            minimize(PayloadFormat::Json, &twice, &wide, &none(), true),
+            repeated("f66")
         );
         let mut many_json = String::from("{");
         for i in 0..40 {
