@@ -822,7 +822,16 @@ fn from_addr(
 }
 
 /// Registers `id`; returns the TOTP secret.
+/// Registers `id` with password "correct horse battery"; the TOTP secret.
 async fn register(api: &Api, id: &str) -> String {
+    registration(api, id).await["totp_secret"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Registers `id` with password "correct horse battery"; the answer.
+async fn registration(api: &Api, id: &str) -> Value {
     let (s, reg) = api
         .json(
             "POST",
@@ -832,7 +841,7 @@ async fn register(api: &Api, id: &str) -> String {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{reg}");
-    reg["totp_secret"].as_str().unwrap().to_string()
+    reg
 }
 
 #[tokio::test]
@@ -1255,15 +1264,7 @@ fn unix_now() -> u64 {
 #[tokio::test]
 async fn a_totp_code_is_good_for_one_login() {
     let api = Api::new();
-    let (s, reg) = api
-        .json(
-            "POST",
-            "/v1/users",
-            None,
-            json!({"id": "liam", "password": "correct horse battery", "time_zone": "UTC"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED);
+    let reg = registration(&api, "liam").await;
     let secret = reg["totp_secret"].as_str().unwrap();
     let now = unix_now();
     let login =
@@ -1895,4 +1896,133 @@ async fn the_operator_resets_a_lost_login_and_every_session_ends() {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
+    // New recovery codes came with the reset.
+    let codes = r["recovery_codes"].as_array().unwrap();
+    assert_eq!(codes.len(), 10);
+    let (s, p) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            json!({"user": "uma", "password": password, "recovery_code": codes[0]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+}
+
+/// A user who lost their authenticator gets back in with a recovery code
+/// (and the password), enrols a new authenticator, and renews the codes;
+/// each code works once, and wrong ones count as wrong TOTP codes do.
+#[tokio::test]
+async fn recovery_codes_let_a_user_who_lost_the_authenticator_back_in() {
+    let api = Api::new();
+    let reg = registration(&api, "vera").await;
+    let codes: Vec<String> = serde_json::from_value(reg["recovery_codes"].clone()).unwrap();
+    assert_eq!(codes.len(), 10);
+    let with_code = |code: &str| json!({"user": "vera", "password": "correct horse battery", "recovery_code": code});
+
+    // Typed sloppily, it still reads; the session says how many are left.
+    let typed = codes[0].to_lowercase().replace('-', " ");
+    let (s, sess) = api
+        .json("POST", "/v1/sessions", None, with_code(&typed))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{sess}");
+    assert_eq!(sess["recovery_codes_left"], 9);
+    let token = sess["token"].as_str().unwrap().to_string();
+    let (s, p) = api
+        .json("POST", "/v1/sessions", None, with_code(&codes[0]))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "a used code: {p}");
+    // The wrong password with a good code gets nowhere, and does not use it.
+    let (s, _) = api
+        .json(
+            "POST",
+            "/v1/sessions",
+            None,
+            json!({"user": "vera", "password": "wrong horse battery", "recovery_code": codes[1]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Exactly one second factor.
+    for (body, field) in [
+        (
+            json!({"user": "vera", "password": "correct horse battery"}),
+            "totp",
+        ),
+        (
+            json!({"user": "vera", "password": "correct horse battery",
+                "totp": "000000", "recovery_code": codes[1]}),
+            "recovery_code",
+        ),
+    ] {
+        let (s, p) = api.json("POST", "/v1/sessions", None, body).await;
+        assert_eq!(
+            (s, p["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
+            "{p}"
+        );
+    }
+
+    // A new authenticator, asked for with a recovery code in place of TOTP.
+    let (s, pending) = api
+        .json(
+            "POST",
+            "/v1/me/totp",
+            Some(&token),
+            json!({"password": "correct horse battery", "recovery_code": codes[1]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{pending}");
+    let new_secret = pending["totp_secret"].as_str().unwrap().to_string();
+    let (s, p) = api
+        .json(
+            "PUT",
+            "/v1/me/totp",
+            Some(&token),
+            json!({"totp": common::totp_now(&new_secret, "vera")}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{p}");
+    let (s, left) = api.get("/v1/me/recovery-codes", Some(&token)).await;
+    assert_eq!((s, left), (StatusCode::OK, json!({"left": 8})));
+
+    // A new set replaces the old.
+    let (s, renewed) = api
+        .json(
+            "POST",
+            "/v1/me/recovery-codes",
+            Some(&token),
+            json!({"password": "correct horse battery", "recovery_code": codes[2]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{renewed}");
+    let new_codes: Vec<String> = serde_json::from_value(renewed["recovery_codes"].clone()).unwrap();
+    assert_eq!(new_codes.len(), 10);
+    let (s, _) = api
+        .json("POST", "/v1/sessions", None, with_code(&codes[3]))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "a code of the old set");
+    let (s, _) = api
+        .json("POST", "/v1/sessions", None, with_code(&new_codes[0]))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    // Wrong codes count against the name as wrong TOTP codes do (the
+    // login just made cleared the count): after the limit even a good code
+    // is refused for the window.
+    for _ in 0..ApiConfig::default().login_attempts {
+        let (s, _) = api
+            .json(
+                "POST",
+                "/v1/sessions",
+                None,
+                with_code("AAAA-AAAA-AAAA-AAAA"),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    let (s, p) = api
+        .json("POST", "/v1/sessions", None, with_code(&new_codes[1]))
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{p}");
 }

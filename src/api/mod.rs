@@ -13,6 +13,7 @@ mod operator;
 mod preferences;
 mod providers;
 mod receipts;
+mod recovery;
 mod users;
 
 use std::net::{IpAddr, SocketAddr};
@@ -134,6 +135,8 @@ pub type State = axum::extract::State<Arc<ApiState>>;
         users::change_password,
         users::start_totp_enrolment,
         users::confirm_totp_enrolment,
+        recovery::renew,
+        recovery::left,
         users::register_device,
         users::list_devices,
         users::remove_device,
@@ -260,6 +263,10 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/me/totp",
             post(users::start_totp_enrolment).put(users::confirm_totp_enrolment),
+        )
+        .route(
+            "/v1/me/recovery-codes",
+            get(recovery::left).post(recovery::renew),
         )
         .route(
             "/v1/me/devices",

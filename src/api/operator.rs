@@ -99,12 +99,15 @@ pub struct LoginReset {
     /// The new authenticator secret, shown once, for the user to scan.
     totp_uri: String,
     totp_secret: String,
+    /// New recovery codes, shown once; the old ones stop working (whoever
+    /// held the lost factor may hold them too).
+    recovery_codes: Vec<String>,
 }
 
 /// Reset a user's login for a user who lost their password or authenticator,
 /// once the operator has verified who is asking (outside consentry): a new
-/// random password and TOTP secret replace the old ones, and every session
-/// of the user ends. Preferences, devices and history are untouched.
+/// random password, TOTP secret and recovery codes replace the old ones,
+/// and every session of the user ends. Preferences, devices and history are untouched.
 #[utoipa::path(post, path = "/v1/operator/users/{id}/login-reset", security(("operator" = [])),
     params(("id" = String, Path, description = "the user's id")),
     responses((status = 201, body = LoginReset), (status = 403, body = Problem),
@@ -133,6 +136,7 @@ pub async fn reset_login(
             }
             e => Problem::internal_logged(&e),
         })?;
+    let recovery_codes = super::recovery::replace(&state, &id).await?;
     // The user's lockout ends with their old secrets.
     state.limiter.clear(&id);
     tracing::info!(user = %id, "login reset by the operator");
@@ -143,6 +147,7 @@ pub async fn reset_login(
             password,
             totp_uri: t.get_url(),
             totp_secret: t.get_secret_base32(),
+            recovery_codes,
         }),
     ))
 }

@@ -35,6 +35,33 @@ pub struct Registered {
     totp_uri: String,
     /// The same secret, base32, for typing in.
     totp_secret: String,
+    /// One-time codes that stand in for a TOTP code if the authenticator is
+    /// lost. Shown once.
+    recovery_codes: Vec<String>,
+}
+
+/// The second factor of a request: a TOTP code, or a recovery code.
+pub enum SecondFactor {
+    Totp(String),
+    Recovery(String),
+}
+
+/// The second factor from a body's `totp` and `recovery_code`: exactly one.
+fn second_factor(
+    totp: Option<String>,
+    recovery_code: Option<String>,
+) -> Result<SecondFactor, Problem> {
+    match (totp, recovery_code) {
+        (Some(t), None) => Ok(SecondFactor::Totp(t)),
+        (None, Some(r)) => Ok(SecondFactor::Recovery(r)),
+        (None, None) => Err(
+            Problem::unprocessable("a TOTP code, or a recovery code, is required").field("totp"),
+        ),
+        (Some(_), Some(_)) => Err(Problem::unprocessable(
+            "send either a TOTP code or a recovery code, not both",
+        )
+        .field("recovery_code")),
+    }
 }
 
 pub fn valid_id(id: &str) -> bool {
@@ -101,12 +128,14 @@ pub async fn register(
     tokio::task::spawn_blocking(move || prefs.register_user(user, &password_hash, &secret))
         .await
         .map_err(|_| Problem::internal())??;
+    let recovery_codes = super::recovery::replace(&state, &r.id).await?;
     Ok((
         StatusCode::CREATED,
         Json(Registered {
             id: r.id,
             totp_uri: t.get_url(),
             totp_secret: t.get_secret_base32(),
+            recovery_codes,
         }),
     ))
 }
@@ -116,8 +145,11 @@ pub async fn register(
 pub struct Login {
     user: String,
     password: String,
-    /// The current 6-digit code of the enrolled authenticator.
-    totp: String,
+    /// The current 6-digit code of the enrolled authenticator; or, instead,
+    /// `recovery_code`.
+    totp: Option<String>,
+    /// One of the user's unused recovery codes, instead of `totp`.
+    recovery_code: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -125,6 +157,9 @@ pub struct Session {
     /// Send as `Authorization: Bearer <token>`.
     token: String,
     expires_at: DateTime<Utc>,
+    /// When a recovery code was used: how many are left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery_codes_left: Option<usize>,
 }
 
 /// The 429 for a lockout.
@@ -137,17 +172,23 @@ fn locked(Locked(left): Locked) -> Problem {
     .retry_after(secs)
 }
 
-/// Checks `user`'s password and code, both factors of X.1363 10.2, within
-/// the login limits; a code that passes is used up (RFC 6238 §5.2). A
-/// failure is counted, and answered with `wrong`.
-async fn check_factors(
+/// What passed [`check_factors`].
+pub struct Passed {
+    /// A recovery code was used: how many the user has left.
+    pub recovery_codes_left: Option<usize>,
+}
+
+/// Checks `user`'s password and second factor, both factors of X.1363
+/// 10.2, within the login limits; a code that passes is used up (RFC 6238
+/// §5.2). A failure is counted, and answered with `wrong`.
+pub(super) async fn check_factors(
     state: &ApiState,
     user: &str,
     password: String,
-    code: String,
+    second: SecondFactor,
     from: Source,
     wrong: &'static str,
-) -> Result<(), Problem> {
+) -> Result<Passed, Problem> {
     // The place is taken before the slow check, so parallel guesses count.
     let attempt = state.limiter.try_password(user, from).map_err(locked)?;
     let prefs = state.prefs.clone();
@@ -183,6 +224,34 @@ async fn check_factors(
     };
     drop(attempt);
     let attempt = state.limiter.try_code(user).map_err(locked)?;
+    let code = match second {
+        SecondFactor::Totp(code) => code,
+        SecondFactor::Recovery(typed) => {
+            let left = match super::recovery::digest_of_typed(user, &typed) {
+                Some(digest) => {
+                    let (prefs, name) = (state.prefs.clone(), user.to_string());
+                    tokio::task::spawn_blocking(move || {
+                        prefs.store().use_recovery_code(&name, &digest)
+                    })
+                    .await
+                    .map_err(|_| Problem::internal())?
+                    .map_err(|e| Problem::internal_logged(&e))?
+                }
+                None => None,
+            };
+            let Some(left) = left else {
+                attempt.failed();
+                tracing::info!(factor = "recovery code", "failed login");
+                return Err(Problem::unauthorized(wrong));
+            };
+            drop(attempt);
+            state.limiter.succeeded(user, from);
+            tracing::info!(left, "recovery code used");
+            return Ok(Passed {
+                recovery_codes_left: Some(left),
+            });
+        }
+    };
     let step = match secret {
         Some(secret) => code_step(&totp(secret, &state.config.totp_issuer, user)?, code.trim()),
         None => None,
@@ -213,7 +282,9 @@ async fn check_factors(
     }
     drop(attempt);
     state.limiter.succeeded(user, from);
-    Ok(())
+    Ok(Passed {
+        recovery_codes_left: None,
+    })
 }
 
 /// Log in with password and TOTP code (two factors, X.1363 10.2).
@@ -232,11 +303,11 @@ pub async fn login(
     Peer(peer): Peer,
     Body(l): Body<Login>,
 ) -> Result<(StatusCode, Json<Session>), Problem> {
-    check_factors(
+    let passed = check_factors(
         &state,
         &l.user,
         l.password,
-        l.totp,
+        second_factor(l.totp, l.recovery_code)?,
         Source::of(peer),
         "wrong user name, password or code",
     )
@@ -252,7 +323,14 @@ pub async fn login(
         .await
         .map_err(|_| Problem::internal())?
         .map_err(|e| Problem::internal_logged(&e))?;
-    Ok((StatusCode::CREATED, Json(Session { token, expires_at })))
+    Ok((
+        StatusCode::CREATED,
+        Json(Session {
+            token,
+            expires_at,
+            recovery_codes_left: passed.recovery_codes_left,
+        }),
+    ))
 }
 
 /// Log out: the token of this request stops working at once.
@@ -290,8 +368,10 @@ pub async fn logout_everywhere(
 pub struct PasswordChange {
     /// The current password.
     password: String,
-    /// The current code of the enrolled authenticator.
-    totp: String,
+    /// The current code of the enrolled authenticator; or `recovery_code`.
+    totp: Option<String>,
+    /// One of the user's unused recovery codes, instead of `totp`.
+    recovery_code: Option<String>,
     /// At least 12 characters.
     new_password: String,
 }
@@ -319,7 +399,7 @@ pub async fn change_password(
         &state,
         &session.user,
         c.password,
-        c.totp,
+        second_factor(c.totp, c.recovery_code)?,
         Source::of(peer),
         "wrong password or code",
     )
@@ -439,8 +519,25 @@ pub async fn remove_device(
 pub struct Factors {
     /// The current password.
     password: String,
-    /// The current code of the enrolled authenticator.
-    totp: String,
+    /// The current code of the enrolled authenticator; or `recovery_code`.
+    totp: Option<String>,
+    /// One of the user's unused recovery codes, instead of `totp`.
+    recovery_code: Option<String>,
+}
+
+impl Factors {
+    /// Checks both factors again for a logged-in `user` (a session token
+    /// alone must not be enough to take over the account).
+    pub(super) async fn check(
+        self,
+        state: &ApiState,
+        user: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Passed, Problem> {
+        let second = second_factor(self.totp, self.recovery_code)?;
+        let wrong = "wrong password or code";
+        check_factors(state, user, self.password, second, Source::of(peer), wrong).await
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -471,15 +568,7 @@ pub async fn start_totp_enrolment(
     Peer(peer): Peer,
     Body(f): Body<Factors>,
 ) -> Result<(StatusCode, Json<PendingTotp>), Problem> {
-    check_factors(
-        &state,
-        &user,
-        f.password,
-        f.totp,
-        Source::of(peer),
-        "wrong password or code",
-    )
-    .await?;
+    f.check(&state, &user, peer).await?;
     let secret = Secret::generate_secret()
         .to_bytes()
         .map_err(|e| Problem::internal_logged(&e))?;

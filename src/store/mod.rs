@@ -12,6 +12,7 @@
 //! Nothing is ever overwritten in `consent_history`.
 
 mod cipher;
+mod recovery_codes;
 mod totp_enrol;
 mod totp_steps;
 
@@ -167,6 +168,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(totp_steps::SCHEMA)?;
         conn.execute_batch(totp_enrol::SCHEMA)?;
+        conn.execute_batch(recovery_codes::SCHEMA)?;
         Ok(Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
@@ -179,6 +181,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(totp_steps::SCHEMA)?;
         conn.execute_batch(totp_enrol::SCHEMA)?;
+        conn.execute_batch(recovery_codes::SCHEMA)?;
         Ok(Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
