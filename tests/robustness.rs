@@ -431,10 +431,12 @@ async fn mutated_packets_after_connect_never_hang_or_crash_the_server() {
         p.write(&mut out, None).unwrap();
         out.to_vec()
     };
-    let mut props = PublishProperties::default();
-    props.topic_alias = Some(3);
-    props.content_type = Some("application/json".into());
-    props.user_properties = vec![("k".into(), "v".into())];
+    let props = PublishProperties {
+        topic_alias: Some(3),
+        content_type: Some("application/json".into()),
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    };
     let mut with_props = Publish::new(
         "pii/alice/alice-watch/heart_rate",
         QoS::AtLeastOnce,
