@@ -416,16 +416,62 @@ async fn deliveries_never_exceed_the_subscription_qos() {
 }
 
 /// Valid packets with bytes flipped, cut short or extended, sent by a
-/// logged-in device and a logged-in provider: whatever the server makes of
-/// each, it answers or closes (never hangs on a half-closed socket), never
-/// panics, and goes on serving. Seeded, so a failure reproduces.
+/// logged-in device and a logged-in provider over MQTT 5 and 3.1.1:
+/// whatever the server makes of each, it answers or closes (never hangs on
+/// a half-closed socket), never panics, and goes on serving. Seeded, so a
+/// failure reproduces.
 #[tokio::test]
 async fn mutated_packets_after_connect_never_hang_or_crash_the_server() {
-    use rumqttc::v5::mqttbytes::v5::{Filter, PubAck, Subscribe, Unsubscribe};
     let server = Server::start(Setup {
         extra: MARKER_ACL.into(),
         ..Default::default()
     });
+    let logins = [
+        ("alice-watch", "alice-watch-secret"),
+        ("fitcoach", "fitcoach-secret"),
+    ];
+    // xorshift64*: deterministic, and no dependency for a test's dice.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    for (version, valid) in [(5, valid_v5_packets()), (4, valid_v4_packets())] {
+        for case in 0..200 {
+            let mut bytes = valid[case % valid.len()].clone();
+            match next() % 4 {
+                // Flip one to three bytes anywhere, the header included.
+                0 | 1 => {
+                    for _ in 0..=(next() % 3) {
+                        let at = (next() as usize) % bytes.len();
+                        bytes[at] ^= (next() % 255 + 1) as u8;
+                    }
+                }
+                2 => bytes.truncate((next() as usize) % bytes.len()),
+                _ => bytes.extend((0..(next() % 8 + 1)).map(|_| next() as u8)),
+            }
+            let (user, pass) = logins[case % 2];
+            let mut s = login_raw(server.mqtt, version, user, pass).await;
+            s.write_all(&bytes).await.unwrap();
+            // End of input: a server waiting for the rest of a packet must see it.
+            s.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer));
+            assert!(
+                read.await.is_ok(),
+                "MQTT {version} case {case}: neither answered nor closed after {bytes:02x?}"
+            );
+        }
+    }
+    still_serving(&server).await;
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+fn valid_v5_packets() -> Vec<Vec<u8>> {
+    use rumqttc::v5::mqttbytes::v5::{Filter, PingReq, PubAck, Subscribe, Unsubscribe};
     let encode = |p: Packet| {
         let mut out = BytesMut::new();
         p.write(&mut out, None).unwrap();
@@ -446,7 +492,7 @@ async fn mutated_packets_after_connect_never_hang_or_crash_the_server() {
     with_props.pkid = 7;
     let mut qos2 = Publish::new("public/x", QoS::ExactlyOnce, "m", None);
     qos2.pkid = 9;
-    let valid = [
+    vec![
         encode(Packet::Publish(with_props)),
         encode(Packet::Publish(qos2)),
         encode(Packet::Subscribe(Subscribe::new(
@@ -455,48 +501,60 @@ async fn mutated_packets_after_connect_never_hang_or_crash_the_server() {
         ))),
         encode(Packet::Unsubscribe(Unsubscribe::new("public/#", None))),
         encode(Packet::PubAck(PubAck::new(1, None))),
-        encode(Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq)),
-    ];
-    // xorshift64*: deterministic, and no dependency for a test's dice.
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut next = move || {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        encode(Packet::PingReq(PingReq)),
+    ]
+}
+
+fn valid_v4_packets() -> Vec<Vec<u8>> {
+    use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish, Subscribe, Unsubscribe};
+    use rumqttc::mqttbytes::QoS;
+    let encode = |p: Packet| {
+        let mut out = BytesMut::new();
+        p.write(&mut out, 1 << 20).unwrap();
+        out.to_vec()
     };
-    for case in 0..240 {
-        let mut bytes = valid[case % valid.len()].clone();
-        match next() % 4 {
-            // Flip one to three bytes anywhere, the header included.
-            0 | 1 => {
-                for _ in 0..=(next() % 3) {
-                    let at = (next() as usize) % bytes.len();
-                    bytes[at] ^= (next() % 255 + 1) as u8;
-                }
-            }
-            2 => bytes.truncate((next() as usize) % bytes.len()),
-            _ => bytes.extend((0..(next() % 8 + 1)).map(|_| next() as u8)),
-        }
-        let (user, pass) = if case % 2 == 0 {
-            ("alice-watch", "alice-watch-secret")
-        } else {
-            ("fitcoach", "fitcoach-secret")
-        };
-        let mut r = Raw::login_v5(server.mqtt, user, pass).await;
-        r.send_bytes(&bytes).await;
-        // End of input: a server waiting for the rest of a packet must see it.
-        r.s.shutdown().await.unwrap();
-        let mut answered = 0;
-        while r.recv().await.is_some() {
-            answered += 1;
-            assert!(
-                answered < 100,
-                "case {case}: endless answers to {bytes:02x?}"
-            );
-        }
+    let mut hr = Publish::new(
+        "pii/alice/alice-watch/heart_rate",
+        QoS::AtLeastOnce,
+        r#"{"bpm":72}"#,
+    );
+    hr.pkid = 7;
+    let mut qos2 = Publish::new("public/x", QoS::ExactlyOnce, "m");
+    qos2.pkid = 9;
+    let mut sub = Subscribe::new("pii/+/+/heart_rate", QoS::AtLeastOnce);
+    sub.pkid = 3;
+    let mut unsub = Unsubscribe::new("public/#");
+    unsub.pkid = 4;
+    vec![
+        encode(Packet::Publish(hr)),
+        encode(Packet::Publish(qos2)),
+        encode(Packet::Subscribe(sub)),
+        encode(Packet::Unsubscribe(unsub)),
+        encode(Packet::PubAck(PubAck::new(1))),
+        encode(Packet::PingReq),
+    ]
+}
+
+/// A raw connection logged in with MQTT `version` (4: 3.1.1, 5), its
+/// CONNACK read.
+async fn login_raw(addr: SocketAddr, version: u8, user: &str, pass: &str) -> TcpStream {
+    if version == 5 {
+        return Raw::login_v5(addr, user, pass).await.s;
     }
-    still_serving(&server).await;
-    let log = server.log();
-    assert!(!log.contains("panicked"), "{log}");
+    use rumqttc::mqttbytes::v4::{Connect, Packet};
+    let mut connect = Connect::new(format!("raw4-{}", rand_id()));
+    connect.keep_alive = 30;
+    connect.set_login(user, pass);
+    let mut out = BytesMut::new();
+    Packet::Connect(connect).write(&mut out, 1 << 20).unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    assert_eq!(
+        connack,
+        [0x20, 0x02, 0x00, 0x00],
+        "CONNACK accepting {user}"
+    );
+    s
 }
