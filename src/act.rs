@@ -853,6 +853,32 @@ impl<'a> UserRef<'a> {
     }
 }
 
+/// The types `k` gives that could never be checked: any on an opaque kind
+/// (its payloads are not read), and a scalar type on a field that has
+/// declared fields inside it.
+pub fn untypable(k: &Kind) -> Vec<CompileError> {
+    k.types
+        .keys()
+        .filter_map(|field| {
+            if k.format == PayloadFormat::Opaque {
+                return Some(CompileError::TypedOpaque {
+                    kind: k.name.clone(),
+                    field: field.clone(),
+                });
+            }
+            let below = format!("{field}.");
+            k.fields
+                .iter()
+                .find(|f| f.starts_with(&below))
+                .map(|inner| CompileError::TypedParent {
+                    kind: k.name.clone(),
+                    field: field.clone(),
+                    inner: inner.clone(),
+                })
+        })
+        .collect()
+}
+
 fn always_len(kinds: usize) -> usize {
     kinds.div_ceil(8).max(1)
 }
@@ -883,21 +909,8 @@ impl Act {
                 });
             }
             // A type that could never be checked would only look like a guarantee.
-            if let (PayloadFormat::Opaque, Some(field)) = (k.format, k.types.keys().next()) {
-                return Err(CompileError::TypedOpaque {
-                    kind: k.name.clone(),
-                    field: field.clone(),
-                });
-            }
-            for field in k.types.keys() {
-                let below = format!("{field}.");
-                if let Some(inner) = k.fields.iter().find(|f| f.starts_with(&below)) {
-                    return Err(CompileError::TypedParent {
-                        kind: k.name.clone(),
-                        field: field.clone(),
-                        inner: inner.clone(),
-                    });
-                }
+            if let Some(e) = untypable(k).into_iter().next() {
+                return Err(e);
             }
         }
         let mut providers = FastMap::default();

@@ -184,6 +184,45 @@ fn json_flat_check(
             Ok(false)
         }
     }
+    /// Reads a scalar and says true; a map or an array it leaves unread,
+    /// which fails the pass (its keys are for the general path to check).
+    struct Scalar;
+    impl<'de> DeserializeSeed<'de> for Scalar {
+        type Value = bool;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Scalar {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+            Ok(true)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+            Ok(true)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+            Ok(true)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+            Ok(true)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+            Ok(true)
+        }
+        fn visit_unit<E>(self) -> Result<bool, E> {
+            Ok(true)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<bool, A::Error> {
+            Ok(false)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<bool, A::Error> {
+            Ok(false)
+        }
+    }
     struct Check<'d>(&'d [String], &'d BTreeMap<String, FieldType>);
     impl<'de> Visitor<'de> for Check<'_> {
         type Value = Flat;
@@ -196,8 +235,11 @@ fn json_flat_check(
             // message; a kind with more than 64 fields takes the general path.
             let mut seen = 0u64;
             while let Some(key) = map.next_key::<&'de str>()? {
-                // Undeclared and repeated keys alike are the general path's
-                // to remove or refuse.
+                // Undeclared, dotted and repeated keys alike are the
+                // general path's to remove or refuse.
+                if key.contains('.') {
+                    return Ok(Flat::General);
+                }
                 match self.0.iter().position(|d| d == key) {
                     Some(i) if i < 64 && seen & (1 << i) == 0 => seen |= 1 << i,
                     _ => return Ok(Flat::General),
@@ -208,8 +250,12 @@ fn json_flat_check(
                             mismatch = Some((key.to_string(), want));
                         }
                     }
+                    // An untyped field holding a map or an array: its keys,
+                    // at any depth, are the general path's to check.
                     None => {
-                        map.next_value::<IgnoredAny>()?;
+                        if !map.next_value_seed(Scalar)? {
+                            return Ok(Flat::General);
+                        }
                     }
                 }
             }
@@ -477,7 +523,9 @@ fn encode_msgpack(doc: &rmpv::Value) -> Result<Bytes, MaskError> {
 /// The operations rules need, over JSON and MessagePack alike.
 trait Doc: Sized {
     fn is_map(&self) -> bool;
-    fn keys(&self) -> Vec<String>;
+    /// Keeps the entries with string keys that `keep` says to keep (and
+    /// every entry whose key is not a string), in one pass.
+    fn retain_entries(&mut self, keep: &mut dyn FnMut(&str, &mut Self) -> bool);
     fn child_mut(&mut self, key: &str) -> Option<&mut Self>;
     fn remove(&mut self, key: &str) -> bool;
     fn as_number(&self) -> Option<Number>;
@@ -500,10 +548,10 @@ impl Doc for serde_json::Value {
     fn is_map(&self) -> bool {
         self.is_object()
     }
-    fn keys(&self) -> Vec<String> {
-        self.as_object()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
+    fn retain_entries(&mut self, keep: &mut dyn FnMut(&str, &mut Self) -> bool) {
+        if let Some(m) = self.as_object_mut() {
+            m.retain(|k, v| keep(k, v));
+        }
     }
     fn child_mut(&mut self, key: &str) -> Option<&mut Self> {
         self.as_object_mut()?.get_mut(key)
@@ -553,14 +601,13 @@ impl Doc for rmpv::Value {
     fn is_map(&self) -> bool {
         self.is_map()
     }
-    fn keys(&self) -> Vec<String> {
-        self.as_map()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, _)| k.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
+    fn retain_entries(&mut self, keep: &mut dyn FnMut(&str, &mut Self) -> bool) {
+        if let rmpv::Value::Map(m) = self {
+            m.retain_mut(|(k, v)| match k.as_str() {
+                Some(k) => keep(k, v),
+                None => true,
+            });
+        }
     }
     fn child_mut(&mut self, key: &str) -> Option<&mut Self> {
         match self {
@@ -646,6 +693,8 @@ fn keep_declared<D: Doc>(
     Ok(removed)
 }
 
+/// One pass over `node`'s entries, whatever their number: a payload may
+/// carry tens of thousands of undeclared keys.
 fn prune<D: Doc>(
     node: &mut D,
     prefix: &str,
@@ -653,29 +702,43 @@ fn prune<D: Doc>(
     strict: bool,
     removed: &mut Vec<String>,
 ) -> Result<(), MaskError> {
-    for key in node.keys() {
-        let path = if prefix.is_empty() {
-            key.clone()
+    let path_of = |key: &str| {
+        if prefix.is_empty() {
+            key.to_string()
         } else {
             format!("{prefix}.{key}")
-        };
-        if declared.contains(&path) {
-            continue;
         }
-        let below = format!("{path}.");
-        let has_children = declared.iter().any(|d| d.starts_with(&below));
-        match node.child_mut(&key) {
-            Some(child) if has_children && child.is_map() => {
-                prune(child, &path, declared, strict, removed)?
+    };
+    let mut failed = None;
+    node.retain_entries(&mut |key, child| {
+        if failed.is_some() {
+            return true;
+        }
+        // A key with a dot in it would read as the path of a nested field
+        // ("pos.lat" beside "pos": {"lat": …}) that the type checks and
+        // masks, which walk the nesting, never reach: it is never declared.
+        if !key.contains('.') {
+            if declared.iter().any(|d| is_path(d, prefix, key)) {
+                return true;
             }
-            _ => {
-                if strict {
-                    return Err(MaskError::Undeclared(path));
+            let path = path_of(key);
+            let below = format!("{path}.");
+            if child.is_map() && declared.iter().any(|d| d.starts_with(&below)) {
+                if let Err(e) = prune(child, &path, declared, strict, removed) {
+                    failed = Some(e);
                 }
-                node.remove(&key);
-                removed.push(path);
+                return true;
             }
         }
+        if strict {
+            failed = Some(MaskError::Undeclared(path_of(key)));
+            return true;
+        }
+        removed.push(path_of(key));
+        false
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
     // Keys that are not strings (MessagePack allows any) are never declared.
     let foreign = node.drop_non_string_keys();
@@ -687,6 +750,17 @@ fn prune<D: Doc>(
         removed.push(path);
     }
     Ok(())
+}
+
+/// Whether `declared` is the path `prefix.key` (or `key` at the top).
+fn is_path(declared: &str, prefix: &str, key: &str) -> bool {
+    if prefix.is_empty() {
+        return declared == key;
+    }
+    declared.len() == prefix.len() + 1 + key.len()
+        && declared.starts_with(prefix)
+        && declared.as_bytes()[prefix.len()] == b'.'
+        && declared.ends_with(key)
 }
 
 fn apply_rules<D: Doc>(
@@ -1069,6 +1143,53 @@ mod tests {
         );
     }
 
+    /// A literal "pos.lat" key is not the nested field pos.lat: the type
+    /// check and the masks walk the nesting and would never see it.
+    #[test]
+    fn a_key_with_a_dot_is_never_a_declared_field() {
+        let declared: Vec<String> = ["pos.lat", "bpm"].map(String::from).to_vec();
+        let types = typed(&[("pos.lat", FieldType::Number)]);
+        let payload = json!({"pos": {"lat": 48.85}, "pos.lat": "Alice Smith, 12 rue X", "bpm": 72});
+        for (f, p) in both(payload) {
+            let m = minimize(f, &p, &declared, &types, false).unwrap();
+            assert_eq!(
+                back(f, &m.payload),
+                json!({"pos": {"lat": 48.85}, "bpm": 72})
+            );
+            assert_eq!(m.removed, vec!["pos.lat".to_string()]);
+            assert_eq!(
+                minimize(f, &p, &declared, &types, true),
+                Err(MaskError::Undeclared("pos.lat".into()))
+            );
+        }
+        // Also nested: {"pos": {"lat.x": …}} has no declared "pos.lat.x".
+        let nested = j(json!({"pos": {"lat": 1.0, "a.b": "x"}}));
+        let m = minimize(PayloadFormat::Json, &nested, &declared, &types, false).unwrap();
+        assert_eq!(m.removed, vec!["pos.a.b".to_string()]);
+    }
+
+    /// Keys nested inside a declared, untyped field are checked for repeats
+    /// too, whichever path the payload takes.
+    #[test]
+    fn repeated_keys_inside_a_declared_field_are_refused() {
+        let declared = vec!["bpm".to_string(), "name".to_string()];
+        for p in [
+            &br#"{"bpm":72,"name":{"a":"Alice","a":"x"}}"#[..],
+            br#"{"bpm":72,"name":[{"a":1,"a":2}]}"#,
+        ] {
+            assert_eq!(
+                minimize(
+                    PayloadFormat::Json,
+                    &Bytes::from_static(p),
+                    &declared,
+                    &none(),
+                    false
+                ),
+                Err(MaskError::RepeatedKey("a".into()))
+            );
+        }
+    }
+
     #[test]
     fn msgpack_keys_that_are_not_utf8_are_removed_as_undeclared() {
         let declared = vec!["bpm".to_string()];
@@ -1164,9 +1285,11 @@ mod tests {
         assert!(yes(br#"{"bpm": 72}"#));
         assert!(yes(br#" {} "#));
         assert!(
-            yes(br#"{"bpm": {"deep": [1, "x"]}}"#),
-            "a declared field's value is not inspected"
+            !yes(br#"{"bpm": {"deep": [1, "x"]}}"#),
+            "a map or array in a declared field has its keys checked"
         );
+        assert!(!yes(br#"{"bpm": [1, 2]}"#));
+        assert!(!yes(br#"{"pos.lat": 1}"#), "a dotted key is never clean");
         assert!(!yes(br#"{"bpm": 72, "name": "A"}"#));
         assert!(
             !yes(br#"{"pos": {"lat": 1}}"#),

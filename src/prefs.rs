@@ -185,7 +185,8 @@ impl PreferenceManager {
             }
             Ok::<_, StoreError>(())
         })?;
-        let (dir, kinds) = store.directory()?;
+        let (dir, mut kinds) = store.directory()?;
+        drop_untypable_types(&mut kinds, config_kinds);
         let self_set = store.self_set_users(IMPORT_SOURCE)?;
         // A store that has never held users or providers is new: seed it.
         let seeded = dir.users.is_empty() && dir.providers.is_empty();
@@ -507,32 +508,7 @@ impl PreferenceManager {
                 "directory devices not applied: their users manage them"
             );
         }
-        // A provider the file says the same of as at the last import is not
-        // applied again: a change the operator made since through the API
-        // stands, until the file is edited for that provider.
-        let imported = self.store.imported_providers()?;
-        let mut providers = providers
-            .into_iter()
-            .map(|p| serde_json::to_string(&p).map(|doc| (p, doc)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(StoreError::from)?;
-        let current = state.providers.clone();
-        let mut kept = 0usize;
-        providers.retain(|(p, doc)| {
-            let unchanged = imported.get(&p.id) == Some(doc);
-            let differs = current
-                .iter()
-                .any(|c| c.id == p.id && serde_json::to_string(c).ok().as_ref() != Some(doc));
-            kept += usize::from(unchanged && differs);
-            !unchanged
-        });
-        if kept > 0 {
-            tracing::info!(
-                providers = kept,
-                "directory providers not applied: unchanged in the file since the last \
-                 import, so the changes made through the API stand"
-            );
-        }
+        let (providers, baselines) = self.providers_to_apply(&state, providers)?;
         let mut dir = state.directory();
         upsert(&mut dir.users, &users, |u| &u.id);
         upsert(&mut dir.devices, &devices, |d| &d.id);
@@ -600,6 +576,9 @@ impl PreferenceManager {
                     tx.put_provider(p)?;
                     tx.note_imported_provider(&p.id, doc)?;
                 }
+                for (id, doc) in &baselines {
+                    tx.note_imported_provider(id, doc)?;
+                }
                 // Each receipt is issued and stored before the next: a seed
                 // of many users never holds all their receipts at once (at
                 // 20k users that was ~250 MB, kept by the allocator after).
@@ -634,6 +613,99 @@ impl PreferenceManager {
         }
         tracing::info!(act_version = version, source, "directory imported");
         Ok(version)
+    }
+}
+
+/// Kinds declared through the API before such types were refused may give
+/// a type that was never checked (on an opaque kind, or on a field with
+/// fields inside it). Refusing to start over them would lock the operator
+/// out of the API that could fix them, so the type goes, with a warning. A
+/// kind of the configuration file is the operator's to fix: it fails.
+fn drop_untypable_types(kinds: &mut [Kind], config_kinds: &[Kind]) {
+    for k in kinds
+        .iter_mut()
+        .filter(|k| !config_kinds.iter().any(|c| c.name == k.name))
+    {
+        for e in crate::act::untypable(k) {
+            let field = match &e {
+                CompileError::TypedOpaque { field, .. }
+                | CompileError::TypedParent { field, .. } => field.clone(),
+                _ => continue,
+            };
+            tracing::warn!(kind = %k.name, reason = %e, "stored kind: a type no payload could be checked against is dropped");
+            k.types.remove(&field);
+        }
+    }
+}
+
+impl PreferenceManager {
+    /// Which of the file's providers an import applies, with their JSON;
+    /// and the (id, JSON) of those it only records as what the file says.
+    ///
+    /// The rule: a provider the file says the same of as at the last import
+    /// is not applied again, so a change the operator made since through
+    /// the API stands until the file is edited for that provider (the
+    /// latest edit wins). One the file names for the first time is applied
+    /// if the store does not hold it; if the store holds a different one
+    /// (made through the API, or a store from before import records were
+    /// kept) the stored one stands and the file's entry becomes the
+    /// baseline, so that no reload reverts it, and none fails forever on
+    /// grants made to it. A provider named twice counts by its last entry.
+    #[allow(clippy::type_complexity)]
+    fn providers_to_apply(
+        &self,
+        state: &State,
+        file: Vec<Provider>,
+    ) -> Result<(Vec<(Provider, String)>, Vec<(String, String)>), PrefError> {
+        let imported = self.store.imported_providers()?;
+        let last: HashMap<String, usize> = file
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id.clone(), i))
+            .collect();
+        let mut apply = Vec::new();
+        let mut baselines = Vec::new();
+        let (mut kept, mut adopted) = (0usize, Vec::new());
+        for (i, p) in file.into_iter().enumerate() {
+            if last[&p.id] != i {
+                continue;
+            }
+            let doc = serde_json::to_string(&p).map_err(StoreError::from)?;
+            let stored = state
+                .providers
+                .iter()
+                .find(|c| c.id == p.id)
+                .map(|c| serde_json::to_string(c).map_err(StoreError::from))
+                .transpose()?;
+            match (imported.get(&p.id), stored) {
+                (Some(before), Some(stored)) if *before == doc => {
+                    kept += usize::from(stored != doc);
+                }
+                (None, Some(stored)) => {
+                    if stored != doc {
+                        adopted.push(p.id.clone());
+                    }
+                    baselines.push((p.id, doc));
+                }
+                _ => apply.push((p, doc)),
+            }
+        }
+        if kept > 0 {
+            tracing::info!(
+                providers = kept,
+                "directory providers not applied: unchanged in the file since the last \
+                 import, so the changes made through the API stand"
+            );
+        }
+        if !adopted.is_empty() {
+            tracing::warn!(
+                providers = ?adopted,
+                "directory providers not applied: the store holds them as they were changed \
+                 through the API, and the file had not been imported with them before; the \
+                 stored ones stand, and an edit of their entries in the file will apply"
+            );
+        }
+        Ok((apply, baselines))
     }
 }
 
@@ -954,6 +1026,101 @@ mod tests {
         // And stays so on the next reload of that file.
         pm.import(file).unwrap();
         assert_eq!(fit(&pm).name, "FitCoach, renamed in the file");
+    }
+
+    /// A store from before import records were kept: the first reload must
+    /// neither revert the API's change nor fail on the grants made to it.
+    #[test]
+    fn the_first_import_without_records_keeps_what_the_store_holds() {
+        let (pm, _) = manager();
+        let (seed, _) = demo();
+        let name_of = |pm: &PreferenceManager, id: &str| {
+            pm.providers()
+                .into_iter()
+                .find(|p| p.id == id)
+                .unwrap()
+                .name
+        };
+        let mut changed = pm
+            .providers()
+            .into_iter()
+            .find(|p| p.id == "fitcoach")
+            .unwrap();
+        changed.name = "FitCoach, renamed through the API".into();
+        pm.put_provider(changed).unwrap();
+        pm.store().forget_imported_providers().unwrap();
+        pm.import(seed.clone()).unwrap();
+        assert_eq!(
+            name_of(&pm, "fitcoach"),
+            "FitCoach, renamed through the API"
+        );
+        // The file's entry is now the baseline: editing it applies.
+        let mut file = seed;
+        let at = file
+            .providers
+            .iter()
+            .position(|p| p.id == "fitcoach")
+            .unwrap();
+        file.providers[at].name = "FitCoach, edited in the file".into();
+        pm.import(file).unwrap();
+        assert_eq!(name_of(&pm, "fitcoach"), "FitCoach, edited in the file");
+    }
+
+    /// A kind stored by an earlier version with a type that can never be
+    /// checked must not keep the server from starting.
+    #[test]
+    fn a_stored_kind_with_an_untypable_type_opens_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (seed, kinds) = demo();
+        let (pm, _, _) = open_file(&path, 4, &seed, &kinds);
+        let blob = Kind {
+            name: "blob".into(),
+            format: crate::model::PayloadFormat::Opaque,
+            fields: vec!["x".into()],
+            types: [("x".to_string(), crate::model::FieldType::Number)].into(),
+            ..kinds[0].clone()
+        };
+        // As an earlier version stored it, past today's checks.
+        pm.store().transaction(|tx| tx.put_kind(&blob)).unwrap();
+        drop(pm);
+        let (pm, _, _) = open_file(&path, 4, &seed, &kinds);
+        let stored = pm.kinds().into_iter().find(|k| k.name == "blob").unwrap();
+        assert!(stored.types.is_empty());
+        drop(pm);
+        // The same in the configuration file is the operator's to fix.
+        let mut with_blob = kinds.clone();
+        with_blob.push(blob);
+        let refused = PreferenceManager::open(
+            Store::open(&path, &[4; 32]).unwrap(),
+            vec!["pii/{user}/{device}/{kind}".into()],
+            &with_blob,
+            vec![],
+            seed.clone(),
+            None,
+        );
+        assert!(refused.is_err());
+    }
+
+    /// Named twice in the file, a provider is its last entry, every reload.
+    #[test]
+    fn a_provider_named_twice_is_its_last_entry_every_time() {
+        let (pm, _) = manager();
+        let (mut file, _) = demo();
+        let mut second = file.providers[0].clone();
+        second.name = "Second entry".into();
+        let id = second.id.clone();
+        file.providers.push(second);
+        for _ in 0..4 {
+            pm.import(file.clone()).unwrap();
+            let name = pm
+                .providers()
+                .into_iter()
+                .find(|p| p.id == id)
+                .unwrap()
+                .name;
+            assert_eq!(name, "Second entry");
+        }
     }
 
     #[test]

@@ -151,6 +151,21 @@ async fn bearer_tokens_are_read_as_http_says_and_401_carries_a_challenge() {
     let (s, h, _) = api.call_with_headers(with(None)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(h["www-authenticate"], r#"Bearer realm="consentry""#);
+    // Every 401 says how to authenticate, a failed login's too.
+    let (s, h, _) = api
+        .call_with_headers(
+            Request::builder()
+                .method("POST")
+                .uri("/v1/sessions")
+                .header("content-type", "application/json")
+                .body(Body::from(
+                    json!({"user": "rita", "password": "wrong", "totp": "000000"}).to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(h.contains_key("www-authenticate"));
     for auth in [format!("Basic {token}"), "Bearer not-a-token".into()] {
         let (s, h, _) = api.call_with_headers(with(Some(auth.clone()))).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{auth}");

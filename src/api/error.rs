@@ -40,6 +40,9 @@ pub enum Challenge {
     Bearer,
     /// The token sent is unknown, expired or ended.
     InvalidToken,
+    /// Operator endpoints take a key in a header of their own, which no
+    /// registered scheme describes; the challenge names it.
+    OperatorKey,
 }
 
 impl Challenge {
@@ -47,6 +50,7 @@ impl Challenge {
         match self {
             Challenge::Bearer => r#"Bearer realm="consentry""#,
             Challenge::InvalidToken => r#"Bearer realm="consentry", error="invalid_token""#,
+            Challenge::OperatorKey => r#"X-Operator-Key realm="consentry operator""#,
         }
     }
 }
@@ -76,8 +80,9 @@ impl Problem {
     pub fn unprocessable(detail: impl Into<String>) -> Problem {
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY, detail)
     }
+    /// A 401 always says how to authenticate (RFC 9110 §15.5.2).
     pub fn unauthorized(detail: impl Into<String>) -> Problem {
-        Problem::new(StatusCode::UNAUTHORIZED, detail)
+        Problem::new(StatusCode::UNAUTHORIZED, detail).challenge(Challenge::Bearer)
     }
     pub fn forbidden(detail: impl Into<String>) -> Problem {
         Problem::new(StatusCode::FORBIDDEN, detail)

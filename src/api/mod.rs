@@ -487,6 +487,7 @@ impl FromRequestParts<Arc<ApiState>> for Operator {
             .map(|v| v.as_bytes())
             .ok_or_else(|| {
                 Problem::unauthorized("the operator key is required (X-Operator-Key)")
+                    .challenge(Challenge::OperatorKey)
             })?;
         let hash: [u8; 32] = Sha256::digest(key).into();
         if bool::from(hash.ct_eq(&state.operator_key_sha256)) {

@@ -163,9 +163,43 @@ pub(crate) fn owner_only(o: &mut std::fs::OpenOptions) -> &mut std::fs::OpenOpti
     o
 }
 
+/// A ledger an earlier version wrote readable by others (0755 / 0644) is
+/// made owner-only, the directory and every file in it.
+fn make_owner_only(dir: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut tightened = 0usize;
+        let mut tighten = |path: &std::path::Path, mode: u32| -> std::io::Result<()> {
+            let now = std::fs::symlink_metadata(path)?.permissions().mode();
+            if now & 0o077 != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+                tightened += 1;
+            }
+            Ok(())
+        };
+        tighten(dir, 0o700)?;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                tighten(&entry.path(), 0o600)?;
+            }
+        }
+        if tightened > 0 {
+            tracing::info!(
+                dir = %dir.display(),
+                tightened,
+                "ledger made owner-only (it was readable by others)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Takes the directory's exclusive lock, or says who holds it.
 pub fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, LedgerError> {
     crate::secrets::create_private_dir(dir).map_err(|e| LedgerError::io("create ledger dir", e))?;
+    make_owner_only(dir).map_err(|e| LedgerError::io("make the ledger owner-only", e))?;
     let file = owner_only(&mut std::fs::OpenOptions::new())
         .create(true)
         .truncate(false)

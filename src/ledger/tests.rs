@@ -160,12 +160,13 @@ async fn the_ledger_directory_and_its_files_are_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("ledger");
+    let k = keys();
     let ledger = Ledger::open(
         LedgerConfig {
             checkpoint_every: 1,
             ..cfg(&dir)
         },
-        keys(),
+        k.clone(),
     )
     .expect("open");
     write_n(&ledger, 3).await;
@@ -181,6 +182,21 @@ async fn the_ledger_directory_and_its_files_are_owner_only() {
         "{files:?}"
     );
     assert!(files.iter().any(|f| f.ends_with(STATE_FILE)), "{files:?}");
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+
+    // One an earlier version left readable by others is made owner-only.
+    let loosen = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    loosen(&dir, 0o755);
+    for f in &files {
+        loosen(f, 0o644);
+    }
+    let ledger = Ledger::open(cfg(&dir), k).expect("reopen");
+    ledger.shutdown().await;
+    assert_eq!(mode(&dir), 0o700);
     for f in &files {
         assert_eq!(mode(f), 0o600, "{}", f.display());
     }

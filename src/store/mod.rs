@@ -409,6 +409,15 @@ impl Store {
         })
     }
 
+    /// Forgets every import record, as a store from before they were kept.
+    #[cfg(test)]
+    pub fn forget_imported_providers(&self) -> Result<(), StoreError> {
+        self.with(|c, _| {
+            c.execute("DELETE FROM imported_providers", [])?;
+            Ok(())
+        })
+    }
+
     /// Each provider as the directory file last said it, as JSON.
     pub fn imported_providers(&self) -> Result<HashMap<String, String>, StoreError> {
         self.with(|c, _| {
