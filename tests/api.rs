@@ -152,17 +152,9 @@ async fn bearer_tokens_are_read_as_http_says_and_401_carries_a_challenge() {
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(h["www-authenticate"], r#"Bearer realm="consentry""#);
     // Every 401 says how to authenticate, a failed login's too.
+    let wrong = json!({"user": "rita", "password": "wrong", "totp": "000000"});
     let (s, h, _) = api
-        .call_with_headers(
-            Request::builder()
-                .method("POST")
-                .uri("/v1/sessions")
-                .header("content-type", "application/json")
-                .body(Body::from(
-                    json!({"user": "rita", "password": "wrong", "totp": "000000"}).to_string(),
-                ))
-                .unwrap(),
-        )
+        .call_with_headers(from_addr("192.0.2.1", "POST", "/v1/sessions", None, wrong))
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(h.contains_key("www-authenticate"));
