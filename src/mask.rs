@@ -184,45 +184,6 @@ fn json_flat_check(
             Ok(false)
         }
     }
-    /// Reads a scalar and says true; a map or an array it leaves unread,
-    /// which fails the pass (its keys are for the general path to check).
-    struct Scalar;
-    impl<'de> DeserializeSeed<'de> for Scalar {
-        type Value = bool;
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-            d.deserialize_any(self)
-        }
-    }
-    impl<'de> Visitor<'de> for Scalar {
-        type Value = bool;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
-            Ok(true)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
-            Ok(true)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
-            Ok(true)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
-            Ok(true)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<bool, E> {
-            Ok(true)
-        }
-        fn visit_unit<E>(self) -> Result<bool, E> {
-            Ok(true)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<bool, A::Error> {
-            Ok(false)
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<bool, A::Error> {
-            Ok(false)
-        }
-    }
     struct Check<'d>(&'d [String], &'d BTreeMap<String, FieldType>);
     impl<'de> Visitor<'de> for Check<'_> {
         type Value = Flat;
@@ -252,8 +213,10 @@ fn json_flat_check(
                     }
                     // An untyped field holding a map or an array: its keys,
                     // at any depth, are the general path's to check.
+                    // (Skipped as raw text: parsing it as a value costs more.)
                     None => {
-                        if !map.next_value_seed(Scalar)? {
+                        let raw = map.next_value::<&'de serde_json::value::RawValue>()?;
+                        if matches!(raw.get().as_bytes().first(), Some(b'{' | b'[')) {
                             return Ok(Flat::General);
                         }
                     }
