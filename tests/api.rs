@@ -2033,3 +2033,28 @@ async fn recovery_codes_let_a_user_who_lost_the_authenticator_back_in() {
         .await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{p}");
 }
+
+/// Through the real listener: a registered user who lost the authenticator
+/// logs in with a recovery code and sees how many are left.
+#[tokio::test]
+async fn a_recovery_code_logs_in_through_the_real_listener() {
+    let server = common::Server::demo();
+    let (s, reg) = http(
+        &server,
+        "POST",
+        "/v1/users",
+        None,
+        Some(json!({"id": "wren", "password": "correct horse battery", "time_zone": "UTC"})),
+    );
+    assert_eq!(s, 201, "{reg}");
+    let code = reg["recovery_codes"][0].as_str().unwrap();
+    let login = json!({"user": "wren", "password": "correct horse battery", "recovery_code": code});
+    let (s, sess) = http(&server, "POST", "/v1/sessions", None, Some(login.clone()));
+    assert_eq!(s, 201, "{sess}");
+    assert_eq!(sess["recovery_codes_left"], 9);
+    let token = sess["token"].as_str().unwrap();
+    let (s, left) = http(&server, "GET", "/v1/me/recovery-codes", Some(token), None);
+    assert_eq!((s, left), (200, json!({"left": 9})));
+    let (s, _) = http(&server, "POST", "/v1/sessions", None, Some(login));
+    assert_eq!(s, 401, "a used code");
+}
