@@ -1533,17 +1533,19 @@ fn http_with_headers(
     )
 }
 
+/// Registers `id` with password "correct horse battery" through the real
+/// listener; the answer.
+fn register_on(server: &common::Server, id: &str) -> Value {
+    let body = json!({"id": id, "password": "correct horse battery", "time_zone": "UTC"});
+    let (s, reg) = http(server, "POST", "/v1/users", None, Some(body));
+    assert_eq!(s, 201, "{reg}");
+    reg
+}
+
 #[tokio::test]
 async fn errors_through_a_real_listener_are_problems_with_their_headers() {
     let server = common::Server::demo();
-    let (s, reg) = http(
-        &server,
-        "POST",
-        "/v1/users",
-        None,
-        Some(json!({"id": "noah", "password": "correct horse battery", "time_zone": "UTC"})),
-    );
-    assert_eq!(s, 201, "{reg}");
+    let reg = register_on(&server, "noah");
     let code = totp_now(reg["totp_secret"].as_str().unwrap(), "noah");
     let login = json!({"user": "noah", "password": "correct horse battery", "totp": code});
     let (s, sess) = http(&server, "POST", "/v1/sessions", None, Some(login.clone()));
@@ -2039,14 +2041,7 @@ async fn recovery_codes_let_a_user_who_lost_the_authenticator_back_in() {
 #[tokio::test]
 async fn a_recovery_code_logs_in_through_the_real_listener() {
     let server = common::Server::demo();
-    let (s, reg) = http(
-        &server,
-        "POST",
-        "/v1/users",
-        None,
-        Some(json!({"id": "wren", "password": "correct horse battery", "time_zone": "UTC"})),
-    );
-    assert_eq!(s, 201, "{reg}");
+    let reg = register_on(&server, "wren");
     let code = reg["recovery_codes"][0].as_str().unwrap();
     let login = json!({"user": "wren", "password": "correct horse battery", "recovery_code": code});
     let (s, sess) = http(&server, "POST", "/v1/sessions", None, Some(login.clone()));
