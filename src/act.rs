@@ -853,28 +853,28 @@ impl<'a> UserRef<'a> {
     }
 }
 
-/// The types `k` gives that could never be checked: any on an opaque kind
-/// (its payloads are not read), and a scalar type on a field that has
-/// declared fields inside it.
-pub fn untypable(k: &Kind) -> Vec<CompileError> {
+/// The typed fields of `k` whose type could never be checked, each with the
+/// error that says why: any on an opaque kind (its payloads are not read),
+/// and a scalar type on a field that has declared fields inside it.
+pub fn untypable(k: &Kind) -> Vec<(&str, CompileError)> {
     k.types
         .keys()
         .filter_map(|field| {
-            if k.format == PayloadFormat::Opaque {
-                return Some(CompileError::TypedOpaque {
+            let why = if k.format == PayloadFormat::Opaque {
+                CompileError::TypedOpaque {
                     kind: k.name.clone(),
                     field: field.clone(),
-                });
-            }
-            let below = format!("{field}.");
-            k.fields
-                .iter()
-                .find(|f| f.starts_with(&below))
-                .map(|inner| CompileError::TypedParent {
+                }
+            } else {
+                let below = format!("{field}.");
+                let inner = k.fields.iter().find(|f| f.starts_with(&below))?;
+                CompileError::TypedParent {
                     kind: k.name.clone(),
                     field: field.clone(),
                     inner: inner.clone(),
-                })
+                }
+            };
+            Some((field.as_str(), why))
         })
         .collect()
 }
@@ -909,8 +909,8 @@ impl Act {
                 });
             }
             // A type that could never be checked would only look like a guarantee.
-            if let Some(e) = untypable(k).into_iter().next() {
-                return Err(e);
+            if let Some((_, why)) = untypable(k).into_iter().next() {
+                return Err(why);
             }
         }
         let mut providers = FastMap::default();

@@ -290,16 +290,8 @@ fn mask_flat_json(
     let mut de = serde_json::Deserializer::from_slice(payload);
     let fields = de.deserialize_map(Fields).ok()?;
     de.end().ok()?;
-    // A repeated key is the general path's business. A device's handful of
-    // fields is compared pairwise; past that a (SipHash) set keeps the check
-    // linear, since a 256 KiB payload can carry tens of thousands of fields.
-    let repeated = if fields.len() <= 16 {
-        (1..fields.len()).any(|i| fields[..i].iter().any(|(k, _)| *k == fields[i].0))
-    } else {
-        let mut keys = std::collections::HashSet::with_capacity(fields.len());
-        !fields.iter().all(|(k, _)| keys.insert(*k))
-    };
-    if repeated {
+    // A repeated key is the general path's business (it refuses it).
+    if first_repeat(fields.len(), |i| Some(fields[i].0)).is_some() {
         return None;
     }
 
@@ -459,15 +451,8 @@ fn repeated_msgpack_key(doc: &rmpv::Value) -> Option<String> {
                     rmpv::Value::String(s) => Some(s.as_bytes()),
                     _ => None,
                 };
-                let repeat = if entries.len() <= 16 {
-                    (1..entries.len())
-                        .find(|&i| key(i).is_some() && (0..i).any(|j| key(j) == key(i)))
-                } else {
-                    let mut seen = std::collections::HashSet::with_capacity(entries.len());
-                    (0..entries.len()).find(|&i| key(i).is_some_and(|k| !seen.insert(k)))
-                };
-                if let Some(i) = repeat {
-                    return Some(String::from_utf8_lossy(key(i).unwrap_or_default()).into_owned());
+                if let Some(k) = first_repeat(entries.len(), key) {
+                    return Some(String::from_utf8_lossy(k).into_owned());
                 }
                 todo.extend(entries.iter().map(|(_, v)| v).filter(nested));
             }
@@ -475,6 +460,32 @@ fn repeated_msgpack_key(doc: &rmpv::Value) -> Option<String> {
         }
     }
     None
+}
+
+/// The first key of `key(0..len)` met a second time (`None` keys are not
+/// compared). A device's handful of fields is compared pairwise; past that
+/// a (SipHash) set keeps the check linear, since a 256 KiB payload can
+/// carry tens of thousands of keys.
+fn first_repeat<K: Eq + std::hash::Hash>(
+    len: usize,
+    key: impl Fn(usize) -> Option<K>,
+) -> Option<K> {
+    if len <= 16 {
+        return (1..len).find_map(|i| {
+            let k = key(i)?;
+            (0..i).any(|j| key(j).as_ref() == Some(&k)).then_some(k)
+        });
+    }
+    let mut seen = std::collections::HashSet::with_capacity(len);
+    (0..len).find_map(|i| {
+        let k = key(i)?;
+        if seen.contains(&k) {
+            Some(k)
+        } else {
+            seen.insert(k);
+            None
+        }
+    })
 }
 
 fn encode_msgpack(doc: &rmpv::Value) -> Result<Bytes, MaskError> {
@@ -619,7 +630,7 @@ impl Doc for rmpv::Value {
             rmpv::Value::Map(m) => {
                 let before = m.len();
                 // A string key that is not UTF-8 cannot name a declared
-                // field either (`keys` skips it), so it goes too.
+                // field either (`retain_entries` passes it by), so it goes too.
                 m.retain(|(k, _)| k.as_str().is_some());
                 before - m.len()
             }

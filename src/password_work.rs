@@ -95,23 +95,33 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
+    /// Starts a check that holds `work`'s one core until the sender is used
+    /// (or dropped); returns once it runs, with its task (answering 1).
+    async fn hold_the_core(
+        work: &Arc<PasswordWork>,
+    ) -> (
+        mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<i32, WorkError>>,
+    ) {
+        let (release, held) = mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let work = work.clone();
+        let running = tokio::spawn(async move {
+            work.run(move || {
+                let _ = started_tx.send(());
+                held.recv().ok();
+                1
+            })
+            .await
+        });
+        started.await.unwrap();
+        (release, running)
+    }
+
     #[tokio::test]
     async fn past_the_queue_callers_are_told_busy_at_once() {
         let work = Arc::new(PasswordWork::new(1, 1));
-        let (release, held) = mpsc::channel::<()>();
-        let (started_tx, started) = tokio::sync::oneshot::channel();
-        let running = tokio::spawn({
-            let work = work.clone();
-            async move {
-                work.run(move || {
-                    let _ = started_tx.send(());
-                    held.recv().ok();
-                    1
-                })
-                .await
-            }
-        });
-        started.await.unwrap();
+        let (release, running) = hold_the_core(&work).await;
         // One may wait for the core...
         let queued = tokio::spawn({
             let work = work.clone();
@@ -140,24 +150,12 @@ mod tests {
     #[tokio::test]
     async fn a_caller_that_gives_up_leaves_the_queue() {
         let work = Arc::new(PasswordWork::new(1, 1));
-        let (release, held) = mpsc::channel::<()>();
-        let (started_tx, started) = tokio::sync::oneshot::channel();
-        let running = tokio::spawn({
-            let work = work.clone();
-            async move {
-                work.run(move || {
-                    let _ = started_tx.send(());
-                    held.recv().ok();
-                })
-                .await
-            }
-        });
-        started.await.unwrap();
+        let (release, running) = hold_the_core(&work).await;
         let gave_up =
             tokio::time::timeout(std::time::Duration::from_millis(10), work.run(|| ())).await;
         assert!(gave_up.is_err(), "the core is held, so it waited");
         assert_eq!(work.waiting.load(Ordering::Acquire), 0);
         release.send(()).unwrap();
-        running.await.unwrap().unwrap();
+        assert_eq!(running.await.unwrap(), Ok(1));
     }
 }

@@ -626,13 +626,12 @@ fn drop_untypable_types(kinds: &mut [Kind], config_kinds: &[Kind]) {
         .iter_mut()
         .filter(|k| !config_kinds.iter().any(|c| c.name == k.name))
     {
-        for e in crate::act::untypable(k) {
-            let field = match &e {
-                CompileError::TypedOpaque { field, .. }
-                | CompileError::TypedParent { field, .. } => field.clone(),
-                _ => continue,
-            };
-            tracing::warn!(kind = %k.name, reason = %e, "stored kind: a type no payload could be checked against is dropped");
+        let untypable: Vec<(String, CompileError)> = crate::act::untypable(k)
+            .into_iter()
+            .map(|(field, why)| (field.to_string(), why))
+            .collect();
+        for (field, why) in untypable {
+            tracing::warn!(kind = %k.name, reason = %why, "stored kind: a type no payload could be checked against is dropped");
             k.types.remove(&field);
         }
     }

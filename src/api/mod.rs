@@ -98,6 +98,19 @@ impl ApiState {
         })
     }
 
+    /// Runs `f` on the store off the async workers (SQLite blocks).
+    pub(crate) async fn with_store<T, F>(&self, f: F) -> Result<T, Problem>
+    where
+        T: Send + 'static,
+        F: FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    {
+        let prefs = self.prefs.clone();
+        tokio::task::spawn_blocking(move || f(prefs.store()))
+            .await
+            .map_err(|_| Problem::internal())?
+            .map_err(|e| Problem::internal_logged(&e))
+    }
+
     /// An argon2id hash of `password`, within the bound.
     pub(crate) async fn hash_password(&self, password: String) -> Result<String, Problem> {
         self.password_work(move || crate::auth::hash_password(&password))

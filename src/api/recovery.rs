@@ -69,12 +69,10 @@ fn digest(user: &str, plain: &str) -> [u8; 32] {
 /// Stores a new set for `user`, replacing the old; returns the codes.
 pub async fn replace(state: &super::ApiState, user: &str) -> Result<Vec<String>, Problem> {
     let fresh = generate(user);
-    let (prefs, name) = (state.prefs.clone(), user.to_string());
-    let digests = fresh.digests;
-    tokio::task::spawn_blocking(move || prefs.store().replace_recovery_codes(&name, &digests))
-        .await
-        .map_err(|_| Problem::internal())?
-        .map_err(|e| Problem::internal_logged(&e))?;
+    let (name, digests) = (user.to_string(), fresh.digests);
+    state
+        .with_store(move |s| s.replace_recovery_codes(&name, &digests))
+        .await?;
     Ok(fresh.codes)
 }
 
@@ -116,11 +114,9 @@ pub async fn left(
     state: State,
     AuthUser(user): AuthUser,
 ) -> Result<Json<RecoveryCodesLeft>, Problem> {
-    let prefs = state.prefs.clone();
-    let left = tokio::task::spawn_blocking(move || prefs.store().recovery_codes_left(&user))
-        .await
-        .map_err(|_| Problem::internal())?
-        .map_err(|e| Problem::internal_logged(&e))?;
+    let left = state
+        .with_store(move |s| s.recovery_codes_left(&user))
+        .await?;
     Ok(Json(RecoveryCodesLeft { left }))
 }
 

@@ -224,67 +224,92 @@ pub(super) async fn check_factors(
     };
     drop(attempt);
     let attempt = state.limiter.try_code(user).map_err(locked)?;
-    let code = match second {
-        SecondFactor::Totp(code) => code,
+    match judge_second(state, user, secret, second).await? {
+        Second::Passed {
+            recovery_codes_left,
+        } => {
+            drop(attempt);
+            state.limiter.succeeded(user, from);
+            if let Some(left) = recovery_codes_left {
+                tracing::info!(left, "recovery code used");
+            }
+            Ok(Passed {
+                recovery_codes_left,
+            })
+        }
+        Second::Wrong => {
+            attempt.failed();
+            tracing::info!(factor = "second", "failed login");
+            Err(Problem::unauthorized(wrong))
+        }
+        Second::Used => {
+            attempt.failed();
+            tracing::info!(factor = "second", "failed login: code already used");
+            // Only someone with the password and a current code gets here, so
+            // saying why tells a guesser nothing, and tells a user to wait.
+            Err(Problem::unauthorized(
+                "this code, or a later one, was already used; wait for the authenticator's next one",
+            ))
+        }
+    }
+}
+
+/// What a second factor came to, once the password was right.
+enum Second {
+    Passed {
+        recovery_codes_left: Option<usize>,
+    },
+    Wrong,
+    /// A current TOTP code whose step, or a later one, was accepted before.
+    Used,
+}
+
+/// Judges `user`'s second factor against their TOTP `secret` (None: they
+/// have none) or their recovery codes; one that passes is used up.
+async fn judge_second(
+    state: &ApiState,
+    user: &str,
+    secret: Option<Vec<u8>>,
+    second: SecondFactor,
+) -> Result<Second, Problem> {
+    let name = user.to_string();
+    match second {
         SecondFactor::Recovery(typed) => {
-            let left = match super::recovery::digest_of_typed(user, &typed) {
-                Some(digest) => {
-                    let (prefs, name) = (state.prefs.clone(), user.to_string());
-                    tokio::task::spawn_blocking(move || {
-                        prefs.store().use_recovery_code(&name, &digest)
-                    })
-                    .await
-                    .map_err(|_| Problem::internal())?
-                    .map_err(|e| Problem::internal_logged(&e))?
+            let Some(digest) = super::recovery::digest_of_typed(user, &typed) else {
+                return Ok(Second::Wrong);
+            };
+            let left = state
+                .with_store(move |s| s.use_recovery_code(&name, &digest))
+                .await?;
+            Ok(match left {
+                Some(left) => Second::Passed {
+                    recovery_codes_left: Some(left),
+                },
+                None => Second::Wrong,
+            })
+        }
+        SecondFactor::Totp(code) => {
+            let step = match secret {
+                Some(secret) => {
+                    code_step(&totp(secret, &state.config.totp_issuer, user)?, code.trim())
                 }
                 None => None,
             };
-            let Some(left) = left else {
-                attempt.failed();
-                tracing::info!(factor = "recovery code", "failed login");
-                return Err(Problem::unauthorized(wrong));
+            let Some(step) = step else {
+                return Ok(Second::Wrong);
             };
-            drop(attempt);
-            state.limiter.succeeded(user, from);
-            tracing::info!(left, "recovery code used");
-            return Ok(Passed {
-                recovery_codes_left: Some(left),
-            });
+            let fresh = state
+                .with_store(move |s| s.accept_totp_step(&name, step))
+                .await?;
+            Ok(if fresh {
+                Second::Passed {
+                    recovery_codes_left: None,
+                }
+            } else {
+                Second::Used
+            })
         }
-    };
-    let step = match secret {
-        Some(secret) => code_step(&totp(secret, &state.config.totp_issuer, user)?, code.trim()),
-        None => None,
-    };
-    // The code still counts as wrong if its step, or a later one, was
-    // accepted before.
-    let fresh = match step {
-        Some(step) => {
-            let (prefs, name) = (state.prefs.clone(), user.to_string());
-            tokio::task::spawn_blocking(move || prefs.store().accept_totp_step(&name, step))
-                .await
-                .map_err(|_| Problem::internal())?
-                .map_err(|e| Problem::internal_logged(&e))?
-        }
-        None => false,
-    };
-    if !fresh {
-        attempt.failed();
-        tracing::info!(factor = "code", "failed login");
-        // Only someone with the password and a current code gets here, so
-        // saying why tells a guesser nothing, and tells a user to wait.
-        return Err(Problem::unauthorized(match step {
-            Some(_) => {
-                "this code, or a later one, was already used; wait for the authenticator's next one"
-            }
-            None => wrong,
-        }));
     }
-    drop(attempt);
-    state.limiter.succeeded(user, from);
-    Ok(Passed {
-        recovery_codes_left: None,
-    })
 }
 
 /// Log in with password and TOTP code (two factors, X.1363 10.2).
