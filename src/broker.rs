@@ -1,10 +1,12 @@
 //! The broker consentry relays to: the embedded rumqttd, or any MQTT broker
 //! named by `broker.upstream`.
 //!
-//! The embedded rumqttd listens on loopback ports chosen at start and
-//! requires a password generated for this process only, so the broker is
-//! reachable through the gateway alone. `Broker::start` blocks and has no
-//! shutdown API, so it runs on a named thread that ends with the process.
+//! Sessions reach the embedded rumqttd in memory (`broker_link`), or, with
+//! `broker.embedded_transport = "tcp"`, on loopback ports chosen at start
+//! that require a password generated for this process only; either way the
+//! broker is reachable through the gateway alone. `Broker::start` blocks and
+//! has no shutdown API, so it runs on a named thread that ends with the
+//! process.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -13,9 +15,12 @@ use std::time::{Duration, Instant};
 use rand::distributions::{Alphanumeric, DistString};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::net::TcpStream;
 
+use crate::broker_link::Linker;
 use crate::codec::{Packet, Version};
-use crate::config::Config as ConsentryConfig;
+use crate::config::{Config as ConsentryConfig, EmbeddedTransport};
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
@@ -32,6 +37,9 @@ pub struct Upstream {
     pub v5: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Set for the embedded broker reached in memory; the addresses are
+    /// then unused.
+    pub link: Option<Linker>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -40,6 +48,7 @@ impl std::fmt::Debug for Upstream {
             .field("v4", &self.v4)
             .field("v5", &self.v5)
             .field("username", &self.username)
+            .field("link", &self.link.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -58,7 +67,76 @@ impl Upstream {
             v5: host_port.to_string(),
             username: cfg.broker.username.clone(),
             password: cfg.broker.password.clone(),
+            link: None,
         }
+    }
+}
+
+/// A session's connection to the broker.
+#[derive(Debug)]
+pub enum Conn {
+    Tcp(TcpStream),
+    Link(DuplexStream),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Conn::Link(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Conn::Link(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Conn::Link(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Conn::Link(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Upstream {
+    /// Opens a connection to the broker for a session speaking `v`.
+    pub async fn open(&self, v: Version) -> std::io::Result<Conn> {
+        if let Some(link) = &self.link {
+            return Ok(Conn::Link(link.connect(v)));
+        }
+        let addr = self.addr(v);
+        let up = TcpStream::connect(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("connect {addr}: {e}")))?;
+        up.set_nodelay(true)?;
+        Ok(Conn::Tcp(up))
     }
 }
 
@@ -180,7 +258,10 @@ pub fn rumqttd_config(
     }
 }
 
-/// Starts rumqttd with one 3.1.1 and one 5 listener on loopback.
+/// Starts the embedded rumqttd: its router, and one 3.1.1 and one 5
+/// listener on loopback (for consentry's own notice client, and for
+/// sessions with `broker.embedded_transport = "tcp"`). Sessions reach it
+/// in memory otherwise.
 pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
     let user = "consentry-gateway".to_string();
     let password = Alphanumeric.sample_string(&mut rand::rngs::OsRng, 32);
@@ -191,15 +272,7 @@ pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
         v5,
         HashMap::from([(user.clone(), password.clone())]),
     );
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            if let Err(e) = broker.start() {
-                tracing::error!(error = %e, "embedded broker stopped");
-            }
-        })
-        .map_err(BrokerError::Port)?;
+    let linker = Linker::start(config).map_err(BrokerError::Port)?;
     for (addr, version) in [(v4, Version::V4), (v5, Version::V5)] {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !answers_connect(addr, version, &user, &password) {
@@ -209,12 +282,14 @@ pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    tracing::info!(%v4, %v5, "embedded rumqttd listening on loopback");
+    let link = (cfg.broker.embedded_transport == EmbeddedTransport::Link).then_some(linker);
+    tracing::info!(%v4, %v5, in_memory = link.is_some(), "embedded rumqttd listening on loopback");
     Ok(Upstream {
         v4: v4.to_string(),
         v5: v5.to_string(),
         username: Some(user),
         password: Some(password),
+        link,
     })
 }
 

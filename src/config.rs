@@ -191,6 +191,18 @@ pub struct BrokerConfig {
     /// A subscriber that far behind which reads nothing for this long is
     /// disconnected, so that it cannot hold publishers forever.
     pub slow_subscriber_secs: u64,
+    /// How sessions reach the embedded rumqttd.
+    pub embedded_transport: EmbeddedTransport,
+}
+
+/// How sessions reach the embedded rumqttd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddedTransport {
+    /// In memory, through a local link to rumqttd's router (`broker_link`).
+    Link,
+    /// A loopback TCP connection to rumqttd's listeners per session.
+    Tcp,
 }
 
 impl Default for BrokerConfig {
@@ -205,6 +217,7 @@ impl Default for BrokerConfig {
             log_segments: 4,
             max_subscriber_lag_mib: 32,
             slow_subscriber_secs: 10,
+            embedded_transport: EmbeddedTransport::Link,
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod api;
 pub mod auth;
 pub mod backpressure;
 pub mod broker;
+pub mod broker_link;
 pub mod client_ids;
 pub mod codec;
 pub mod config;

@@ -29,13 +29,12 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::mqttbytes::QoS;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::act::{ActHandle, Delivery, Deny, Ingress, Principal, View};
 use crate::auth::SharedCredentials;
 use crate::backpressure::{Backpressure, Held, Lag};
-use crate::broker::Upstream;
+use crate::broker::{Conn, Upstream};
 use crate::client_ids::{Claim, ClientIds};
 use crate::codec::{CodecError, Packet, Version};
 use crate::config::ServerConfig;
@@ -87,7 +86,8 @@ struct Chunk {
 /// in bench/README.md, fourth session). Linux drops out of quick-ACK mode
 /// by itself, so it is asked again after every read.
 #[cfg(target_os = "linux")]
-fn ack_at_once(up: &TcpStream) {
+fn ack_at_once(up: &Conn) {
+    let Conn::Tcp(up) = up else { return };
     if let Err(e) = socket2::SockRef::from(up).set_tcp_quickack(true) {
         tracing::debug!(error = %e, "TCP_QUICKACK not set");
     }
@@ -95,7 +95,7 @@ fn ack_at_once(up: &TcpStream) {
 
 /// Other systems have no TCP_QUICKACK; their delayed ACKs stay.
 #[cfg(not(target_os = "linux"))]
-fn ack_at_once(_up: &TcpStream) {}
+fn ack_at_once(_up: &Conn) {}
 
 /// Keeps a broker connection we sent DISCONNECT on open until the broker
 /// closes it, for at most [`crate::broker::DISCONNECT_LINGER`].
@@ -106,7 +106,7 @@ fn ack_at_once(_up: &TcpStream) {}
 /// session whose broker connection ends that way ends too. When the broker
 /// closes first there is no second one. Other brokers close on DISCONNECT
 /// as well (MQTT 3.1.1 3.14.4, MQTT 5 3.14.4), so they lose nothing by it.
-async fn linger(mut up: TcpStream) {
+async fn linger(mut up: Conn) {
     let mut sink = [0u8; 512];
     let _ = tokio::time::timeout(crate::broker::DISCONNECT_LINGER, async {
         while matches!(up.read(&mut sink).await, Ok(n) if n > 0) {}
@@ -120,7 +120,7 @@ async fn linger(mut up: TcpStream) {
 /// reading until the broker closes, rather than dropping it, spares a reset
 /// when the broker had sent more than the session read (a cut-off slow
 /// consumer's backlog, say), which rumqttd would log as an error.
-async fn hang_up(mut up: TcpStream) {
+async fn hang_up(mut up: Conn) {
     let _ = up.shutdown().await;
     linger(up).await;
 }
@@ -559,7 +559,7 @@ impl Session {
         client: &mut S,
         mut connect: v5::Connect,
         mut will: Option<v5::LastWill>,
-    ) -> Result<Option<(Option<TcpStream>, BytesMut, Option<Duration>)>, End> {
+    ) -> Result<Option<(Option<Conn>, BytesMut, Option<Duration>)>, End> {
         // The will is a publish that happens later: it passes ingress now,
         // under the same rules, or the CONNECT is refused.
         if let Some(w) = will.as_mut() {
@@ -698,12 +698,13 @@ impl Session {
         connect: v5::Connect,
         will: Option<v5::LastWill>,
         login: Option<v5::Login>,
-    ) -> Result<(TcpStream, BytesMut, ConnAck), End> {
-        let addr = self.shared.upstream.addr(self.version).to_string();
-        let mut up = TcpStream::connect(&addr)
+    ) -> Result<(Conn, BytesMut, ConnAck), End> {
+        let mut up = self
+            .shared
+            .upstream
+            .open(self.version)
             .await
-            .map_err(|e| End::Upstream(format!("connect {addr}: {e}")))?;
-        up.set_nodelay(true)?;
+            .map_err(|e| End::Upstream(e.to_string()))?;
         write_packet(
             &mut up,
             self.version,
@@ -728,7 +729,7 @@ impl Session {
     /// Opens the deferred broker connection of a lazy session. The client
     /// was told CONNACK already; a broker that refuses now ends the session,
     /// and what the client sent is not acknowledged, so nothing is lost.
-    async fn go_up(&mut self, up_buf: &mut BytesMut) -> Result<TcpStream, End> {
+    async fn go_up(&mut self, up_buf: &mut BytesMut) -> Result<Conn, End> {
         let Some((connect, login)) = self.lazy.clone() else {
             return Err(End::Upstream("no broker connection".into()));
         };
@@ -779,7 +780,7 @@ impl Session {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         client: &mut S,
-        up: &mut Option<TcpStream>,
+        up: &mut Option<Conn>,
         mut client_buf: BytesMut,
         mut up_buf: BytesMut,
         keep_alive: Option<Duration>,
@@ -952,7 +953,7 @@ impl Session {
 
     /// Closes a lazy session's idle broker connection; the next thing to
     /// send opens a new one.
-    async fn go_down(&mut self, up: &mut Option<TcpStream>, up_buf: &mut BytesMut) {
+    async fn go_down(&mut self, up: &mut Option<Conn>, up_buf: &mut BytesMut) {
         if let Some(mut s) = up.take() {
             let mut bye = BytesMut::new();
             if self
@@ -1049,7 +1050,7 @@ impl Session {
 
     async fn flush_broker(
         &mut self,
-        up: &mut Option<TcpStream>,
+        up: &mut Option<Conn>,
         up_buf: &mut BytesMut,
     ) -> Result<(), End> {
         if self.to_broker.is_empty() {

@@ -1,0 +1,562 @@
+//! The in-process transport to the embedded rumqttd.
+//!
+//! A session speaks MQTT bytes to its broker connection whatever the broker
+//! is. For the embedded rumqttd that connection used to be a loopback TCP
+//! socket to rumqttd's listener, whose single thread then handed each
+//! packet to the router: two kernel socket hops and a thread per message,
+//! which made a message at a moderate rate cost consentry several times
+//! what it costs in a flood (bench/README.md). Here the session gets one
+//! end of an in-memory pipe instead, and a bridge task on consentry's own
+//! runtime plays the part of rumqttd's network link at the other end: it
+//! decodes the session's packets with rumqttd's own codec and hands them to
+//! the router over a local link, and encodes the router's notifications back.
+//!
+//! rumqttd's `LinkTx::publish` only makes QoS 0 publishes, but a packet
+//! decoded by rumqttd's codec carries its QoS and packet id, and the router
+//! treats a link's packets exactly as its network link's. What the network
+//! link does besides, the bridge does too: it answers the CONNECT with the
+//! router's CONNACK, wakes the router when a full outgoing buffer was read
+//! (`Unschedule`), ends the router's connection when the pipe closes, and
+//! publishes the will of a connection that ended without DISCONNECT, after
+//! its will delay unless the client id came back first (as rumqttd's
+//! listener does; a local link cannot ask the router to do it).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{
+    self, v4::V4, v5::V5, ConnAck, ConnectReturnCode, LastWill, LastWillProperties, Packet,
+    Protocol,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use crate::codec::Version;
+
+/// Bytes in flight each way in a session's pipe before the writer waits,
+/// as a socket's buffer would make it.
+const PIPE_BYTES: usize = 256 << 10;
+
+type Built = Result<(LinkTx, LinkRx, Notification), LinkError>;
+
+/// A link to open: client id, clean session, and where the answer goes.
+type Open = (String, bool, tokio::sync::oneshot::Sender<Built>);
+
+/// Opens local links to one router. The router's channel names a type
+/// private to rumqttd, so only the opener thread and `router_full` hold it.
+#[derive(Clone)]
+pub struct Linker {
+    /// Links are opened on a thread of their own: the router answers a new
+    /// link on a channel that `LinkBuilder::build` blocks on, and it takes
+    /// connections one at a time anyway. A burst of connections then costs
+    /// no thread each, as `spawn_blocking` would.
+    opener: std::sync::mpsc::Sender<Open>,
+    /// Whether the router's event channel is full: a link's send would
+    /// then block a runtime thread until the router caught up.
+    router_full: Arc<dyn Fn() -> bool + Send + Sync>,
+    max_packet: usize,
+    wills: Arc<Mutex<HashMap<String, Will>>>,
+    will_links: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for Linker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linker")
+            .field("max_packet", &self.max_packet)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A will waiting out its delay.
+struct Will {
+    fire_now: tokio::sync::oneshot::Sender<bool>,
+}
+
+impl Linker {
+    /// Starts rumqttd as `Broker::start` does, a router and a thread per
+    /// listener, keeping the router's channel for local links.
+    pub fn start(config: rumqttd::Config) -> std::io::Result<Linker> {
+        let tx = rumqttd::Router::new(config.id, config.router.clone()).spawn();
+        let mut max_packet = 0;
+        for (settings, v5) in config
+            .v4
+            .iter()
+            .flat_map(|m| m.values().map(|s| (s.clone(), false)))
+            .chain(
+                config
+                    .v5
+                    .iter()
+                    .flat_map(|m| m.values().map(|s| (s.clone(), true))),
+            )
+        {
+            max_packet = max_packet.max(settings.connections.max_payload_size);
+            let tx = tx.clone();
+            std::thread::Builder::new()
+                .name(settings.name.clone())
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "embedded broker listener not started");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        let ended = if v5 {
+                            rumqttd::Server::new(settings, tx, V5)
+                                .start(rumqttd::LinkType::Remote)
+                                .await
+                        } else {
+                            rumqttd::Server::new(settings, tx, V4)
+                                .start(rumqttd::LinkType::Remote)
+                                .await
+                        };
+                        if let Err(e) = ended {
+                            tracing::error!(error = %e, "embedded broker listener stopped");
+                        }
+                    });
+                })?;
+        }
+        let full = tx.clone();
+        let (opener, requests) = std::sync::mpsc::channel::<Open>();
+        std::thread::Builder::new()
+            .name("rumqttd-links".into())
+            .spawn(move || {
+                for (client_id, clean, answer) in requests {
+                    let built = rumqttd::local::LinkBuilder::new(&client_id, tx.clone())
+                        .clean_session(clean)
+                        // As the listeners are configured: a publish to a
+                        // topic nobody subscribed to yet is kept.
+                        .dynamic_filters(true)
+                        .build();
+                    let _ = answer.send(built);
+                }
+            })?;
+        Ok(Linker {
+            opener,
+            router_full: Arc::new(move || full.is_full()),
+            max_packet,
+            wills: Arc::default(),
+            will_links: Arc::default(),
+        })
+    }
+
+    /// A new broker connection speaking `version`: the session's end of
+    /// the pipe. The bridge runs until either end closes.
+    pub fn connect(&self, version: Version) -> DuplexStream {
+        let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+        let linker = self.clone();
+        tokio::spawn(async move {
+            let ended = match version {
+                Version::V4 => Bridge::new(linker, V4, theirs).run().await,
+                Version::V5 => Bridge::new(linker, V5, theirs).run().await,
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "broker link ended");
+            }
+        });
+        ours
+    }
+
+    async fn open(
+        &self,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<(LinkTx, LinkRx, Notification), BridgeError> {
+        let (answer, built) = tokio::sync::oneshot::channel();
+        let gone = || std::io::Error::other("the embedded broker's link opener stopped");
+        self.opener
+            .send((client_id.to_string(), clean, answer))
+            .map_err(|_| gone())?;
+        Ok(built.await.map_err(|_| gone())??)
+    }
+
+    /// A client id is back: a will still waiting for it is published now if
+    /// the new connection starts clean, and dropped if it resumes the
+    /// session (MQTT 5 3.1.3.2.2), as rumqttd's listener does.
+    fn returned(&self, client_id: &str, clean: bool) {
+        let waiting = self.wills.lock().expect("wills lock").remove(client_id);
+        if let Some(w) = waiting {
+            let _ = w.fire_now.send(clean);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BridgeError {
+    #[error("pipe: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("codec: {0:?}")]
+    Codec(protocol::Error),
+    /// Boxed: rumqttd's error holds the router's whole event.
+    #[error("router: {0}")]
+    Link(Box<LinkError>),
+    #[error("expected CONNECT, got {0:?}")]
+    NotConnect(Box<Packet>),
+}
+
+impl From<LinkError> for BridgeError {
+    fn from(e: LinkError) -> Self {
+        BridgeError::Link(Box::new(e))
+    }
+}
+
+impl From<protocol::Error> for BridgeError {
+    fn from(e: protocol::Error) -> Self {
+        BridgeError::Codec(e)
+    }
+}
+
+/// The will of a connection, kept by the bridge to publish if the
+/// connection ends without DISCONNECT.
+struct PendingWill {
+    will: LastWill,
+    properties: Option<LastWillProperties>,
+}
+
+struct Bridge<P> {
+    linker: Linker,
+    codec: P,
+    pipe: DuplexStream,
+    read: BytesMut,
+    write: BytesMut,
+}
+
+/// How the session's side ended.
+enum End {
+    /// It sent DISCONNECT: the router drops the will and the connection.
+    Disconnect,
+    /// It closed without one: the will is due.
+    Closed,
+    /// The router ended the connection (a takeover, or a refused packet).
+    Router,
+}
+
+impl<P: Protocol> Bridge<P> {
+    fn new(linker: Linker, codec: P, pipe: DuplexStream) -> Self {
+        Bridge {
+            linker,
+            codec,
+            pipe,
+            read: BytesMut::with_capacity(4096),
+            write: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// The next whole packet in what was read, if any.
+    fn parse(&mut self) -> Result<Option<Packet>, BridgeError> {
+        match self.codec.read_mut(&mut self.read, self.linker.max_packet) {
+            Ok(p) => Ok(Some(p)),
+            Err(protocol::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn send(&mut self, p: Packet) -> Result<(), BridgeError> {
+        self.write.clear();
+        self.codec.write(p, &mut self.write)?;
+        self.pipe.write_all(&self.write).await?;
+        Ok(())
+    }
+
+    async fn run(mut self) -> Result<(), BridgeError> {
+        let connect = loop {
+            if let Some(p) = self.parse()? {
+                break p;
+            }
+            if self.pipe.read_buf(&mut self.read).await? == 0 {
+                return Ok(());
+            }
+        };
+        let Packet::Connect(connect, _props, will, will_props, _login) = connect else {
+            return Err(BridgeError::NotConnect(Box::new(connect)));
+        };
+        let (client_id, clean) = (connect.client_id, connect.clean_session);
+        if client_id.is_empty() && !clean {
+            let ack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::ClientIdentifierNotValid,
+            };
+            return self.send(Packet::ConnAck(ack, None)).await;
+        }
+        self.linker.returned(&client_id, clean);
+        let asked = std::time::Instant::now();
+        let (mut tx, mut rx, ack) = self.linker.open(&client_id, clean).await?;
+        tracing::debug!(
+            client_id,
+            us = asked.elapsed().as_micros() as u64,
+            "broker link opened"
+        );
+        if let Some(ack) = Option::<Packet>::from(ack) {
+            self.send(ack).await?;
+        }
+        let will = will.map(|will| PendingWill {
+            will,
+            properties: will_props,
+        });
+        let end = self.relay(&mut tx, &mut rx).await;
+        match end {
+            Ok(End::Router) => Ok(()),
+            Ok(End::Disconnect) => Ok(()),
+            Ok(End::Closed) | Err(_) => {
+                // The router's connection must end too, or it stays in the
+                // router for good; DISCONNECT is the only way a local link
+                // can end it, and it drops the router's copy of the will.
+                if let Some(w) = will {
+                    self.linker.publish_will(client_id, w);
+                }
+                let bye = Packet::Disconnect(
+                    protocol::Disconnect {
+                        reason_code: protocol::DisconnectReasonCode::NormalDisconnection,
+                    },
+                    None,
+                );
+                let _ = push(&self.linker, &mut tx, vec![bye]).await;
+                end.map(|_| ())
+            }
+        }
+    }
+
+    /// Carries packets both ways until one side ends.
+    async fn relay(&mut self, tx: &mut LinkTx, rx: &mut LinkRx) -> Result<End, BridgeError> {
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                n = self.pipe.read_buf(&mut self.read) => {
+                    if n? == 0 {
+                        return Ok(End::Closed);
+                    }
+                    let mut bye = false;
+                    while let Some(p) = self.parse()? {
+                        bye = matches!(p, Packet::Disconnect(..));
+                        batch.push(p);
+                        if bye {
+                            break;
+                        }
+                    }
+                    if !batch.is_empty() {
+                        push(&self.linker, tx, std::mem::take(&mut batch)).await?;
+                    }
+                    if bye {
+                        return Ok(End::Disconnect);
+                    }
+                }
+                n = rx.next() => {
+                    // `None` is a wake-up that found nothing new.
+                    let first = match n {
+                        Ok(Some(first)) => first,
+                        Ok(None) => continue,
+                        Err(_) => return Ok(End::Router),
+                    };
+                    self.write.clear();
+                    let mut unscheduled = false;
+                    let mut next = Some(first);
+                    while let Some(n) = next {
+                        match Option::<Packet>::from(n) {
+                            Some(p) => self.codec.write(p, &mut self.write).map(|_| ())?,
+                            None => unscheduled = true,
+                        }
+                        next = ready_now(rx.next()).and_then(|r| r.ok().flatten());
+                    }
+                    self.pipe.write_all(&self.write).await?;
+                    if unscheduled {
+                        rx.wake().await?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands packets to the router: all but the last straight into the link's
+/// buffer, the last with the one event that makes the router read them.
+async fn push(
+    linker: &Linker,
+    tx: &mut LinkTx,
+    mut packets: Vec<Packet>,
+) -> Result<(), BridgeError> {
+    let Some(last) = packets.pop() else {
+        return Ok(());
+    };
+    tx.buffer().extend(packets);
+    // `LinkTx::send` blocks while the router's channel is full; waiting here
+    // keeps the runtime's threads free meanwhile.
+    let mut waits = 0u32;
+    while (linker.router_full)() {
+        waits += 1;
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    if waits > 0 {
+        tracing::debug!(waits, "router channel was full");
+    }
+    tx.send(last).await?;
+    Ok(())
+}
+
+/// `f`'s output if it is ready at once.
+fn ready_now<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
+
+impl Linker {
+    /// Publishes a will through a link of its own, after its delay unless
+    /// the client id comes back first.
+    fn publish_will(&self, client_id: String, w: PendingWill) {
+        let delay = w
+            .properties
+            .as_ref()
+            .and_then(|p| p.delay_interval)
+            .unwrap_or(0);
+        let linker = self.clone();
+        tokio::spawn(async move {
+            if delay > 0 {
+                let (fire_now, rx) = tokio::sync::oneshot::channel();
+                linker
+                    .wills
+                    .lock()
+                    .expect("wills lock")
+                    .insert(client_id.clone(), Will { fire_now });
+                let fire = match tokio::time::timeout(Duration::from_secs(delay.into()), rx).await {
+                    Ok(Ok(fire)) => fire,
+                    // Replaced by a later will of the same id, which decides.
+                    Ok(Err(_)) => false,
+                    Err(_) => {
+                        linker.wills.lock().expect("wills lock").remove(&client_id);
+                        true
+                    }
+                };
+                if !fire {
+                    return;
+                }
+            }
+            if let Err(e) = linker.send_will(w).await {
+                tracing::warn!(client_id, error = %e, "will not published");
+            }
+        });
+    }
+
+    async fn send_will(&self, w: PendingWill) -> Result<(), BridgeError> {
+        let publish = will_publish(w)?;
+        // Its own id, which no session's can be (theirs start with the
+        // role), so that two wills never take each other's link over.
+        let n = self
+            .will_links
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("will:{n}");
+        let (mut tx, _rx, _) = self.open(&id, true).await?;
+        let bye = Packet::Disconnect(
+            protocol::Disconnect {
+                reason_code: protocol::DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        );
+        push(self, &mut tx, vec![publish, bye]).await?;
+        Ok(())
+    }
+}
+
+/// The will as a PUBLISH. rumqttd's `Publish` keeps its QoS private, so it
+/// is written with consentry's codec and read back with rumqttd's.
+fn will_publish(w: PendingWill) -> Result<Packet, BridgeError> {
+    use rumqttc::v5::mqttbytes::v5 as c;
+    let qos = match w.will.qos {
+        protocol::QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        protocol::QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        protocol::QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    };
+    let properties = w.properties.map(|p| c::PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        content_type: p.content_type,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+        ..Default::default()
+    });
+    let mut publish = c::Publish::new(
+        std::str::from_utf8(&w.will.topic).unwrap_or_default(),
+        qos,
+        w.will.message,
+        properties,
+    );
+    publish.retain = w.will.retain;
+    if qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce {
+        publish.pkid = 1;
+    }
+    let mut bytes = BytesMut::new();
+    crate::codec::Version::V5
+        .write(&crate::codec::Packet::Publish(publish), &mut bytes)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(V5.read_mut(&mut bytes, usize::MAX >> 4)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::v5::mqttbytes::QoS;
+
+    /// rumqttd's `Publish` hides its QoS, so the will is read back through
+    /// consentry's codec to see what the router will get.
+    fn round_trip(w: PendingWill) -> rumqttc::v5::mqttbytes::v5::Publish {
+        let mut bytes = BytesMut::new();
+        V5.write(will_publish(w).unwrap(), &mut bytes).unwrap();
+        match Version::V5.read(&mut bytes, usize::MAX >> 4).unwrap() {
+            Some(crate::codec::Packet::Publish(p)) => p,
+            other => panic!("not a publish: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_will_keeps_its_qos_retain_and_properties() {
+        let p = round_trip(PendingWill {
+            will: LastWill {
+                topic: "public/will".into(),
+                message: "gone".into(),
+                qos: protocol::QoS::AtLeastOnce,
+                retain: true,
+            },
+            properties: Some(LastWillProperties {
+                delay_interval: Some(5),
+                payload_format_indicator: Some(1),
+                message_expiry_interval: Some(60),
+                content_type: Some("text/plain".into()),
+                response_topic: None,
+                correlation_data: None,
+                user_properties: vec![("k".into(), "v".into())],
+            }),
+        });
+        assert_eq!(p.topic, "public/will");
+        assert_eq!(p.payload, "gone");
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+        assert!(p.retain);
+        assert_ne!(p.pkid, 0);
+        let props = p.properties.unwrap();
+        assert_eq!(props.message_expiry_interval, Some(60));
+        assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(props.user_properties, vec![("k".into(), "v".into())]);
+
+        let p = round_trip(PendingWill {
+            will: LastWill {
+                topic: "public/w0".into(),
+                message: "".into(),
+                qos: protocol::QoS::AtMostOnce,
+                retain: false,
+            },
+            properties: None,
+        });
+        assert_eq!((p.qos, p.retain, p.pkid), (QoS::AtMostOnce, false, 0));
+    }
+}
