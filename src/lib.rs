@@ -17,6 +17,7 @@
 //! | [`receipt`] | Kantara consent receipts: build, sign, verify | consent record (9.2.2) |
 //! | [`ledger`] | encrypted, hash-chained share history | history log (9.2.3), logging (9.1.3) |
 //! | [`broker`] | the embedded rumqttd, or an external upstream | data service provider's broker |
+//! | [`broker_link`] | sessions' in-memory connections to the embedded rumqttd | — |
 //! | [`server`] | listeners, wiring, reload, shutdown | — |
 //! | [`config`] | `config/consentry.toml` | — |
 //! | [`admin`] | operator commands: ledger verify/show, key rotation | history log access (9.2.3) |
