@@ -373,7 +373,8 @@ pub fn markdown(results: &Results) -> String {
             s,
             "\n### consentry's CPU by thread at fixed rates: % of a core (µs per delivered message)\n\n\
              Threads alive at the end of each run; the embedded rumqttd is its `v4`, `v5`, \
-             `router-*` and `rumqttd` threads.\n"
+             `router-*`, `rumqttd` and `rumqttd-links` threads. The bridges between sessions \
+             and rumqttd's router run on the tokio workers and count as sessions.\n"
         );
         let _ = writeln!(s, "| scenario | QoS | offered msg/s | client NODELAY | sessions (tokio workers) | ledger | embedded rumqttd | other |");
         let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- |");
@@ -549,7 +550,8 @@ fn thread_group(name: &str) -> usize {
         // `comm` keeps 15 bytes: the writer ("consentry-ledger") and the
         // retention scan ("consentry-ledger-scan") both read so.
         n if n.starts_with("consentry-ledge") => 1,
-        "v4" | "v5" | "rumqttd" => 2,
+        // `rumqttd-links` opens consentry's in-memory links to the router.
+        "v4" | "v5" | "rumqttd" | "rumqttd-links" => 2,
         n if n.starts_with("router-") => 2,
         _ => 3,
     }
