@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use rand::distributions::{Alphanumeric, DistString};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::broker_link::Linker;
+use crate::broker_link::{Linker, Pipe};
 use crate::codec::{Packet, Version};
 use crate::config::{Config as ConsentryConfig, EmbeddedTransport};
 
@@ -76,7 +76,7 @@ impl Upstream {
 #[derive(Debug)]
 pub enum Conn {
     Tcp(TcpStream),
-    Link(DuplexStream),
+    Link(Pipe),
 }
 
 impl AsyncRead for Conn {

@@ -35,13 +35,16 @@ use rumqttd::protocol::{
     Protocol,
 };
 use rumqttd::Notification;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 
 use crate::codec::Version;
 
 /// Bytes in flight each way in a session's pipe before the writer waits,
 /// as a socket's buffer would make it.
 const PIPE_BYTES: usize = 256 << 10;
+
+/// The packet id of a will's PUBLISH, on a link of its own.
+const WILL_PKID: u16 = 1;
 
 type Built = Result<(LinkTx, LinkRx, Notification), LinkError>;
 
@@ -61,8 +64,7 @@ pub struct Linker {
     /// then block a runtime thread until the router caught up.
     router_full: Arc<dyn Fn() -> bool + Send + Sync>,
     max_packet: usize,
-    wills: Arc<Mutex<HashMap<String, Will>>>,
-    will_links: Arc<std::sync::atomic::AtomicU64>,
+    ids: Arc<Mutex<HashMap<String, IdState>>>,
 }
 
 impl std::fmt::Debug for Linker {
@@ -73,9 +75,18 @@ impl std::fmt::Debug for Linker {
     }
 }
 
-/// A will waiting out its delay.
-struct Will {
-    fire_now: tokio::sync::oneshot::Sender<bool>,
+/// A client id's connections, as far as wills must know them.
+#[derive(Default)]
+struct IdState {
+    /// Counts the id's connections.
+    epoch: u64,
+    /// Whether the latest one started clean.
+    latest_clean: bool,
+    /// Its bridges still running.
+    live: usize,
+    /// A will waiting out its delay, to be told whether to go now (the id
+    /// came back clean) or never (it resumed the session).
+    waiting: Option<tokio::sync::oneshot::Sender<bool>>,
 }
 
 impl Linker {
@@ -145,26 +156,37 @@ impl Linker {
             opener,
             router_full: Arc::new(move || full.is_full()),
             max_packet,
-            wills: Arc::default(),
-            will_links: Arc::default(),
+            ids: Arc::default(),
         })
     }
 
-    /// A new broker connection speaking `version`: the session's end of
+    /// A new broker connection speaking `version`: the session's ends of
     /// the pipe. The bridge runs until either end closes.
-    pub fn connect(&self, version: Version) -> DuplexStream {
-        let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+    pub fn connect(&self, version: Version) -> Pipe {
+        // One pipe each way, so that the bridge can wait on both at once
+        // without a lock around a shared one.
+        let (up, from_session) = tokio::io::duplex(PIPE_BYTES);
+        let (to_session, down) = tokio::io::duplex(PIPE_BYTES);
         let linker = self.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let ended = match version {
-                Version::V4 => Bridge::new(linker, V4, theirs).run().await,
-                Version::V5 => Bridge::new(linker, V5, theirs).run().await,
+                Version::V4 => {
+                    Bridge::new(linker, V4, true, from_session, to_session)
+                        .run()
+                        .await
+                }
+                Version::V5 => {
+                    Bridge::new(linker, V5, false, from_session, to_session)
+                        .run()
+                        .await
+                }
             };
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "broker link ended");
             }
-        });
-        ours
+        };
+        tokio::spawn(task);
+        Pipe { up, down }
     }
 
     async fn open(
@@ -180,14 +202,91 @@ impl Linker {
         Ok(built.await.map_err(|_| gone())??)
     }
 
-    /// A client id is back: a will still waiting for it is published now if
-    /// the new connection starts clean, and dropped if it resumes the
-    /// session (MQTT 5 3.1.3.2.2), as rumqttd's listener does.
-    fn returned(&self, client_id: &str, clean: bool) {
-        let waiting = self.wills.lock().expect("wills lock").remove(client_id);
-        if let Some(w) = waiting {
-            let _ = w.fire_now.send(clean);
+    /// A connection of `client_id` begins; returns its epoch. A will still
+    /// waiting from an earlier one is published now if this one starts
+    /// clean, and dropped if it resumes the session (MQTT 5 3.1.3.2.2), as
+    /// rumqttd's listener does.
+    fn arrived(&self, client_id: &str, clean: bool) -> u64 {
+        let mut ids = self.ids.lock().expect("ids lock");
+        let id = ids.entry(client_id.to_string()).or_default();
+        id.epoch += 1;
+        id.latest_clean = clean;
+        id.live += 1;
+        if let Some(w) = id.waiting.take() {
+            let _ = w.send(clean);
         }
+        id.epoch
+    }
+
+    /// The connection of `client_id` from `epoch` ended, leaving `will`
+    /// due. If the id already came back (a takeover can end the old
+    /// connection after the new one began), the new connection decides at
+    /// once what `arrived` would have.
+    fn left(&self, client_id: &str, epoch: u64, will: Option<PendingWill>) {
+        let mut ids = self.ids.lock().expect("ids lock");
+        let Some(id) = ids.get_mut(client_id) else {
+            return;
+        };
+        id.live -= 1;
+        let due = match will {
+            None => None,
+            Some(w) if w.delay == 0 => Some((w, None)),
+            Some(w) if id.epoch != epoch => id.latest_clean.then_some((w, None)),
+            Some(w) => {
+                let (tell, told) = tokio::sync::oneshot::channel();
+                id.waiting = Some(tell);
+                Some((w, Some(told)))
+            }
+        };
+        if id.live == 0 && id.waiting.is_none() {
+            ids.remove(client_id);
+        }
+        drop(ids);
+        if let Some((w, told)) = due {
+            self.publish_will(client_id.to_string(), w, told);
+        }
+    }
+}
+
+/// A session's connection to the embedded broker: it writes `up` and
+/// reads `down`.
+#[derive(Debug)]
+pub struct Pipe {
+    up: DuplexStream,
+    down: DuplexStream,
+}
+
+impl AsyncRead for Pipe {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().down).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Pipe {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().up).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().up).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().up).poll_shutdown(cx)
     }
 }
 
@@ -221,13 +320,20 @@ impl From<protocol::Error> for BridgeError {
 struct PendingWill {
     will: LastWill,
     properties: Option<LastWillProperties>,
+    /// Seconds: the will delay, or the session expiry if sooner.
+    delay: u32,
 }
 
 struct Bridge<P> {
     linker: Linker,
     codec: P,
-    pipe: DuplexStream,
+    /// MQTT 3.1.1 has no properties; rumqttd's 3.1.1 encoder panics on a
+    /// packet that carries some (an MQTT 5 publisher's, say).
+    v4: bool,
+    from_session: DuplexStream,
+    to_session: DuplexStream,
     read: BytesMut,
+    /// Encoded for the session, not yet taken by the pipe.
     write: BytesMut,
 }
 
@@ -242,14 +348,29 @@ enum End {
 }
 
 impl<P: Protocol> Bridge<P> {
-    fn new(linker: Linker, codec: P, pipe: DuplexStream) -> Self {
+    fn new(
+        linker: Linker,
+        codec: P,
+        v4: bool,
+        from_session: DuplexStream,
+        to_session: DuplexStream,
+    ) -> Self {
         Bridge {
             linker,
             codec,
-            pipe,
+            v4,
+            from_session,
+            to_session,
             read: BytesMut::with_capacity(4096),
             write: BytesMut::with_capacity(4096),
         }
+    }
+
+    /// Appends `p`, as the session's protocol version can carry it.
+    fn encode(&mut self, p: Packet) -> Result<(), BridgeError> {
+        let p = if self.v4 { without_properties(p) } else { p };
+        self.codec.write(p, &mut self.write)?;
+        Ok(())
     }
 
     /// The next whole packet in what was read, if any.
@@ -262,9 +383,9 @@ impl<P: Protocol> Bridge<P> {
     }
 
     async fn send(&mut self, p: Packet) -> Result<(), BridgeError> {
+        self.encode(p)?;
+        self.to_session.write_all(&self.write).await?;
         self.write.clear();
-        self.codec.write(p, &mut self.write)?;
-        self.pipe.write_all(&self.write).await?;
         Ok(())
     }
 
@@ -273,11 +394,11 @@ impl<P: Protocol> Bridge<P> {
             if let Some(p) = self.parse()? {
                 break p;
             }
-            if self.pipe.read_buf(&mut self.read).await? == 0 {
+            if self.from_session.read_buf(&mut self.read).await? == 0 {
                 return Ok(());
             }
         };
-        let Packet::Connect(connect, _props, will, will_props, _login) = connect else {
+        let Packet::Connect(connect, props, will, will_props, _login) = connect else {
             return Err(BridgeError::NotConnect(Box::new(connect)));
         };
         let (client_id, clean) = (connect.client_id, connect.clean_session);
@@ -288,50 +409,71 @@ impl<P: Protocol> Bridge<P> {
             };
             return self.send(Packet::ConnAck(ack, None)).await;
         }
-        self.linker.returned(&client_id, clean);
+        let epoch = self.linker.arrived(&client_id, clean);
         let asked = std::time::Instant::now();
-        let (mut tx, mut rx, ack) = self.linker.open(&client_id, clean).await?;
+        let opened = self.linker.open(&client_id, clean).await;
+        let (mut tx, mut rx, ack) = match opened {
+            Ok(link) => link,
+            Err(e) => {
+                self.linker.left(&client_id, epoch, None);
+                return Err(e);
+            }
+        };
         tracing::debug!(
             client_id,
             us = asked.elapsed().as_micros() as u64,
             "broker link opened"
         );
-        if let Some(ack) = Option::<Packet>::from(ack) {
-            self.send(ack).await?;
-        }
+        // As rumqttd's listener: the will waits for its delay or for the
+        // session's end, whichever comes first (MQTT 5 3.1.3.2.2).
+        let session_expiry = props
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+            .unwrap_or(0);
         let will = will.map(|will| PendingWill {
+            delay: will_props
+                .as_ref()
+                .and_then(|p| p.delay_interval)
+                .unwrap_or(0)
+                .min(session_expiry),
             will,
             properties: will_props,
         });
-        let end = self.relay(&mut tx, &mut rx).await;
-        match end {
-            Ok(End::Router) => Ok(()),
-            Ok(End::Disconnect) => Ok(()),
-            Ok(End::Closed) | Err(_) => {
-                // The router's connection must end too, or it stays in the
-                // router for good; DISCONNECT is the only way a local link
-                // can end it, and it drops the router's copy of the will.
-                if let Some(w) = will {
-                    self.linker.publish_will(client_id, w);
-                }
-                let bye = Packet::Disconnect(
-                    protocol::Disconnect {
-                        reason_code: protocol::DisconnectReasonCode::NormalDisconnection,
-                    },
-                    None,
-                );
-                let _ = push(&self.linker, &mut tx, vec![bye]).await;
-                end.map(|_| ())
-            }
+        let end = match Option::<Packet>::from(ack) {
+            Some(ack) => match self.send(ack).await {
+                Ok(()) => self.relay(&mut tx, &mut rx).await,
+                Err(e) => Err(e),
+            },
+            None => Ok(End::Router),
+        };
+        // A DISCONNECT from the session is the one end without a will.
+        let will = match end {
+            Ok(End::Disconnect) => None,
+            _ => will,
+        };
+        self.linker.left(&client_id, epoch, will);
+        if !matches!(end, Ok(End::Router | End::Disconnect)) {
+            // The router's connection must end too, or it stays in the
+            // router for good; DISCONNECT is the only way a local link can
+            // end it, and it drops the router's copy of the will.
+            let _ = push(&self.linker, &mut tx, vec![disconnect()]).await;
         }
+        end.map(|_| ())
     }
 
-    /// Carries packets both ways until one side ends.
+    /// Carries packets both ways until one side ends. What the session
+    /// writes is read at all times, also while it is not reading: the
+    /// session may be waiting to write before it reads again, and the
+    /// router never blocks on a link, so the pipe's two ways cannot wait on
+    /// each other. What the router sends is taken only as the pipe takes
+    /// it: the router holds the rest, as it would for a slow socket.
     async fn relay(&mut self, tx: &mut LinkTx, rx: &mut LinkRx) -> Result<End, BridgeError> {
         let mut batch = Vec::new();
+        let mut written = 0;
         loop {
+            let pending = written < self.write.len();
             tokio::select! {
-                n = self.pipe.read_buf(&mut self.read) => {
+                n = self.from_session.read_buf(&mut self.read) => {
                     if n? == 0 {
                         return Ok(End::Closed);
                     }
@@ -350,30 +492,82 @@ impl<P: Protocol> Bridge<P> {
                         return Ok(End::Disconnect);
                     }
                 }
-                n = rx.next() => {
+                n = self.to_session.write(&self.write[written..]), if pending => {
+                    written += wrote(n)?;
+                    if written == self.write.len() {
+                        self.write.clear();
+                        written = 0;
+                    }
+                }
+                n = rx.next(), if !pending => {
                     // `None` is a wake-up that found nothing new.
                     let first = match n {
                         Ok(Some(first)) => first,
                         Ok(None) => continue,
                         Err(_) => return Ok(End::Router),
                     };
-                    self.write.clear();
                     let mut unscheduled = false;
                     let mut next = Some(first);
                     while let Some(n) = next {
                         match Option::<Packet>::from(n) {
-                            Some(p) => self.codec.write(p, &mut self.write).map(|_| ())?,
+                            Some(p) => self.encode(p)?,
                             None => unscheduled = true,
                         }
                         next = ready_now(rx.next()).and_then(|r| r.ok().flatten());
                     }
-                    self.pipe.write_all(&self.write).await?;
+                    // The pipe mostly takes it all at once; what it does
+                    // not take waits for the branch above.
+                    while written < self.write.len() {
+                        match ready_now(self.to_session.write(&self.write[written..])) {
+                            Some(n) => written += wrote(n)?,
+                            None => break,
+                        }
+                    }
+                    if written == self.write.len() {
+                        self.write.clear();
+                        written = 0;
+                    }
                     if unscheduled {
                         rx.wake().await?;
                     }
                 }
             }
         }
+    }
+}
+
+/// A write's count, where nothing written means the session's end is gone.
+fn wrote(n: std::io::Result<usize>) -> std::io::Result<usize> {
+    match n? {
+        0 => Err(std::io::ErrorKind::WriteZero.into()),
+        n => Ok(n),
+    }
+}
+
+fn disconnect() -> Packet {
+    Packet::Disconnect(
+        protocol::Disconnect {
+            reason_code: protocol::DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    )
+}
+
+/// `p` without MQTT 5 properties.
+fn without_properties(p: Packet) -> Packet {
+    match p {
+        Packet::ConnAck(a, _) => Packet::ConnAck(a, None),
+        Packet::Publish(a, _) => Packet::Publish(a, None),
+        Packet::PubAck(a, _) => Packet::PubAck(a, None),
+        Packet::SubAck(a, _) => Packet::SubAck(a, None),
+        Packet::PubRec(a, _) => Packet::PubRec(a, None),
+        Packet::PubRel(a, _) => Packet::PubRel(a, None),
+        Packet::PubComp(a, _) => Packet::PubComp(a, None),
+        Packet::UnsubAck(a, _) => Packet::UnsubAck(a, None),
+        Packet::Disconnect(a, _) => Packet::Disconnect(a, None),
+        Packet::Subscribe(a, _) => Packet::Subscribe(a, None),
+        Packet::Unsubscribe(a, _) => Packet::Unsubscribe(a, None),
+        p => p,
     }
 }
 
@@ -412,59 +606,67 @@ fn ready_now<F: Future>(f: F) -> Option<F::Output> {
 }
 
 impl Linker {
-    /// Publishes a will through a link of its own, after its delay unless
-    /// the client id comes back first.
-    fn publish_will(&self, client_id: String, w: PendingWill) {
-        let delay = w
-            .properties
-            .as_ref()
-            .and_then(|p| p.delay_interval)
-            .unwrap_or(0);
+    /// Publishes a will through a link of its own: now, or when its delay
+    /// ends unless `told` says otherwise first.
+    fn publish_will(
+        &self,
+        client_id: String,
+        w: PendingWill,
+        told: Option<tokio::sync::oneshot::Receiver<bool>>,
+    ) {
         let linker = self.clone();
         tokio::spawn(async move {
-            if delay > 0 {
-                let (fire_now, rx) = tokio::sync::oneshot::channel();
-                linker
-                    .wills
-                    .lock()
-                    .expect("wills lock")
-                    .insert(client_id.clone(), Will { fire_now });
-                let fire = match tokio::time::timeout(Duration::from_secs(delay.into()), rx).await {
-                    Ok(Ok(fire)) => fire,
-                    // Replaced by a later will of the same id, which decides.
-                    Ok(Err(_)) => false,
-                    Err(_) => {
-                        linker.wills.lock().expect("wills lock").remove(&client_id);
-                        true
-                    }
+            if let Some(mut told) = told {
+                let delay = Duration::from_secs(w.delay.into());
+                let fire = match tokio::time::timeout(delay, &mut told).await {
+                    Ok(fire) => fire.unwrap_or(false),
+                    Err(_) => linker.delay_over(&client_id, &mut told),
                 };
                 if !fire {
                     return;
                 }
             }
-            if let Err(e) = linker.send_will(w).await {
+            if let Err(e) = linker.send_will(&client_id, w).await {
                 tracing::warn!(client_id, error = %e, "will not published");
             }
         });
     }
 
-    async fn send_will(&self, w: PendingWill) -> Result<(), BridgeError> {
+    /// A will's delay ended: it goes, unless the id came back just now.
+    fn delay_over(&self, client_id: &str, told: &mut tokio::sync::oneshot::Receiver<bool>) -> bool {
+        let mut ids = self.ids.lock().expect("ids lock");
+        if let Ok(fire) = told.try_recv() {
+            return fire;
+        }
+        if let Some(id) = ids.get_mut(client_id) {
+            id.waiting = None;
+            if id.live == 0 {
+                ids.remove(client_id);
+            }
+        }
+        true
+    }
+
+    async fn send_will(&self, client_id: &str, w: PendingWill) -> Result<(), BridgeError> {
+        let exactly_once = w.will.qos == protocol::QoS::ExactlyOnce;
         let publish = will_publish(w)?;
-        // Its own id, which no session's can be (theirs start with the
-        // role), so that two wills never take each other's link over.
-        let n = self
-            .will_links
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = format!("will:{n}");
-        let (mut tx, _rx, _) = self.open(&id, true).await?;
-        let bye = Packet::Disconnect(
-            protocol::Disconnect {
-                reason_code: protocol::DisconnectReasonCode::NormalDisconnection,
-            },
-            None,
-        );
-        push(self, &mut tx, vec![publish, bye]).await?;
-        Ok(())
+        let mut packets = vec![publish];
+        if exactly_once {
+            // The router keeps a QoS 2 publish until its PUBREL, which a
+            // link that ends at once must send itself.
+            packets.push(Packet::PubRel(
+                protocol::PubRel {
+                    pkid: WILL_PKID,
+                    reason: protocol::PubRelReason::Success,
+                },
+                None,
+            ));
+        }
+        packets.push(disconnect());
+        // An id no session's can be (theirs start with the role), one per
+        // client id, as rumqttd keeps a little state per id it has seen.
+        let (mut tx, _rx, _) = self.open(&format!("will:{client_id}"), true).await?;
+        push(self, &mut tx, packets).await
     }
 }
 
@@ -494,7 +696,7 @@ fn will_publish(w: PendingWill) -> Result<Packet, BridgeError> {
     );
     publish.retain = w.will.retain;
     if qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce {
-        publish.pkid = 1;
+        publish.pkid = WILL_PKID;
     }
     let mut bytes = BytesMut::new();
     crate::codec::Version::V5
@@ -537,6 +739,7 @@ mod tests {
                 correlation_data: None,
                 user_properties: vec![("k".into(), "v".into())],
             }),
+            delay: 5,
         });
         assert_eq!(p.topic, "public/will");
         assert_eq!(p.payload, "gone");
@@ -556,6 +759,7 @@ mod tests {
                 retain: false,
             },
             properties: None,
+            delay: 0,
         });
         assert_eq!((p.qos, p.retain, p.pkid), (QoS::AtMostOnce, false, 0));
     }

@@ -80,12 +80,29 @@ async fn a_will_waits_its_delay_and_a_resumed_session_cancels_it() {
     watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
     let mut marker = v5::connect(server.mqtt, "mark", "alice-watch", "alice-watch-secret").await;
 
-    // Killed with a 2 s will delay: a message published right after comes
-    // first, the will after it.
-    device_with_will(&server, "dying", Some(2)).await.kill();
+    // Killed with a 2 s will delay and a session that outlives it: a
+    // message published right after comes first, the will after it.
+    let mut o = v5::options(
+        server.mqtt,
+        "dying",
+        Some(("bob-phone", "bob-phone-secret")),
+    );
+    o.set_session_expiry_interval(Some(60));
+    o.set_last_will(will_after(Some(2)));
+    v5::connect_with(o).await.unwrap().kill();
     marker.publish_acked("public/marker/1", b"m").await;
     assert_eq!(watcher.next_publish().await.topic, &b"public/marker/1"[..]);
     assert_eq!(watcher.next_publish().await.topic, &b"public/will"[..]);
+
+    // A will delay longer than the session: the session ends with the
+    // connection, and the will goes then, before the marker.
+    device_with_will(&server, "short-lived", Some(30))
+        .await
+        .kill();
+    let will = watcher.next_publish().await;
+    assert_eq!(will.topic, &b"public/will"[..]);
+    marker.publish_acked("public/marker/0", b"m").await;
+    assert_eq!(watcher.next_publish().await.topic, &b"public/marker/0"[..]);
 
     // Killed again, and back within the delay resuming its session: the
     // will is not published (MQTT 5 3.1.3.2.2).
@@ -126,4 +143,118 @@ async fn the_loopback_transport_still_relays() {
     dev.kill();
     assert_eq!(watcher.next_publish().await.topic, &b"public/will"[..]);
     assert!(server.log().contains("in_memory=false"));
+}
+
+#[tokio::test]
+async fn a_qos_2_will_is_published() {
+    let server = server_with(&[]);
+    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
+    watcher.subscribe("public/#", v5::QoS::ExactlyOnce).await;
+    let mut o = v5::options(
+        server.mqtt,
+        "dying",
+        Some(("bob-phone", "bob-phone-secret")),
+    );
+    o.set_last_will(v5::LastWill::new(
+        "public/will",
+        "gone",
+        v5::QoS::ExactlyOnce,
+        false,
+        None,
+    ));
+    v5::connect_with(o).await.unwrap().kill();
+    let will = watcher.next_publish().await;
+    assert_eq!(
+        (will.topic.as_ref(), will.qos),
+        (&b"public/will"[..], v5::QoS::ExactlyOnce)
+    );
+}
+
+/// rumqttd's MQTT 3.1.1 encoder panics on a packet with properties; an MQTT
+/// 5 publisher's user property must not cost a 3.1.1 subscriber its
+/// connection or the message.
+#[tokio::test]
+async fn an_mqtt5_publish_with_properties_reaches_an_mqtt311_subscriber() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let server = server_with(&[]);
+    let mut old = common::v4::connect(server.mqtt, "old", "fitcoach", "fitcoach-secret").await;
+    old.subscribe("public/#", common::v4::QoS::AtLeastOnce)
+        .await;
+    let mut publ = v5::connect(server.mqtt, "new", "alice-watch", "alice-watch-secret").await;
+    let props = PublishProperties {
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    publ.client
+        .publish_with_properties("public/p", v5::QoS::AtLeastOnce, false, &b"one"[..], props)
+        .await
+        .unwrap();
+    assert_eq!(old.next_publish().await.payload.as_ref(), b"one");
+    publ.publish_acked("public/q", b"two").await;
+    assert_eq!(old.next_publish().await.payload.as_ref(), b"two");
+}
+
+/// A subscriber whose receive window is full goes on publishing: consentry
+/// stops reading its deliveries but not its publishes, so the in-memory
+/// pipe's two ways must never wait on each other.
+#[tokio::test]
+async fn a_full_receive_window_does_not_stall_the_subscribers_publishes() {
+    let server = server_with(&[]);
+    let mut o = v5::options(server.mqtt, "slow", Some(("fitcoach", "fitcoach-secret")));
+    o.set_receive_maximum(Some(1));
+    o.set_manual_acks(true);
+    let mut fit = v5::connect_with(o).await.unwrap();
+    fit.subscribe("public/x", v5::QoS::AtLeastOnce).await;
+    let publ = v5::connect(server.mqtt, "bulk", "alice-watch", "alice-watch-secret").await;
+    const N: usize = 300;
+    let big = vec![b'a'; 10_000];
+    for _ in 0..N {
+        publ.client
+            .publish("public/x", v5::QoS::AtLeastOnce, false, big.clone())
+            .await
+            .unwrap();
+    }
+    let first = fit.next_publish().await;
+    // 3 MB from the subscriber while its one delivery waits for its ack.
+    for _ in 0..N {
+        fit.client
+            .publish("public/y", v5::QoS::AtMostOnce, false, big.clone())
+            .await
+            .unwrap();
+    }
+    fit.client.ack(&first).await.unwrap();
+    for _ in 1..N {
+        let p = fit.next_publish().await;
+        fit.client.ack(&p).await.unwrap();
+    }
+}
+
+/// A connection taken over by its client id ends without DISCONNECT: its
+/// own will is published (MQTT 3.1.1 3.1.2.5), not the newcomer's.
+#[tokio::test]
+async fn a_taken_over_connection_leaves_its_will() {
+    use common::v4;
+    let server = server_with(&[]);
+    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
+    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let with_will = |payload: &str| {
+        let mut o = v4::options(
+            server.mqtt,
+            "twice",
+            Some(("bob-phone", "bob-phone-secret")),
+        );
+        o.set_clean_session(false);
+        o.set_last_will(v4::LastWill::new(
+            "public/will",
+            payload,
+            v4::QoS::AtLeastOnce,
+            false,
+        ));
+        o
+    };
+    let _old = v4::connect_with(with_will("old")).await.unwrap();
+    let _new = v4::connect_with(with_will("new")).await.unwrap();
+    let will = watcher.next_publish().await;
+    assert_eq!(will.payload.as_ref(), b"old");
 }
