@@ -43,6 +43,9 @@ use crate::codec::Version;
 /// as a socket's buffer would make it.
 const PIPE_BYTES: usize = 256 << 10;
 
+/// How long a will's link waits for the router to read it and drop it.
+const WILL_LINK_WAIT: Duration = Duration::from_secs(5);
+
 /// The packet id of a will's PUBLISH, on a link of its own.
 const WILL_PKID: u16 = 1;
 
@@ -65,6 +68,10 @@ pub struct Linker {
     router_full: Arc<dyn Fn() -> bool + Send + Sync>,
     max_packet: usize,
     ids: Arc<Mutex<HashMap<String, IdState>>>,
+    /// Held while a client id's will is published: its link's id is the
+    /// client id's, and a second link with it would replace the first
+    /// before the router read the first one's will.
+    will_turns: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl std::fmt::Debug for Linker {
@@ -157,6 +164,7 @@ impl Linker {
             router_full: Arc::new(move || full.is_full()),
             max_packet,
             ids: Arc::default(),
+            will_turns: Arc::default(),
         })
     }
 
@@ -665,8 +673,32 @@ impl Linker {
         packets.push(disconnect());
         // An id no session's can be (theirs start with the role), one per
         // client id, as rumqttd keeps a little state per id it has seen.
-        let (mut tx, _rx, _) = self.open(&format!("will:{client_id}"), true).await?;
-        push(self, &mut tx, packets).await
+        let turn = self
+            .will_turns
+            .lock()
+            .expect("will turns lock")
+            .entry(client_id.to_string())
+            .or_default()
+            .clone();
+        let sent = {
+            let _turn = turn.lock().await;
+            match self.open(&format!("will:{client_id}"), true).await {
+                Ok((mut tx, mut rx, _)) => {
+                    let pushed = push(self, &mut tx, packets).await;
+                    // The router has read the link once it drops it, on
+                    // the DISCONNECT; only then may the next link take the id.
+                    let dropped = async { while let Ok(Some(_)) | Ok(None) = rx.next().await {} };
+                    let _ = tokio::time::timeout(WILL_LINK_WAIT, dropped).await;
+                    pushed
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let mut turns = self.will_turns.lock().expect("will turns lock");
+        if Arc::strong_count(&turn) == 2 {
+            turns.remove(client_id);
+        }
+        sent
     }
 }
 

@@ -258,3 +258,43 @@ async fn a_taken_over_connection_leaves_its_will() {
     let will = watcher.next_publish().await;
     assert_eq!(will.payload.as_ref(), b"old");
 }
+
+/// Two wills of one client id due at once: a takeover's old connection
+/// and the newcomer, both ending without DISCONNECT. Their links share an
+/// id at the router, so each must be read before the next takes it.
+#[tokio::test]
+async fn two_wills_of_one_client_id_due_at_once_are_both_published() {
+    use std::collections::HashSet;
+    let server = server_with(&[]);
+    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
+    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let with_will = |payload: String| {
+        let mut o = v5::options(
+            server.mqtt,
+            "racing",
+            Some(("bob-phone", "bob-phone-secret")),
+        );
+        o.set_last_will(v5::LastWill::new(
+            "public/will",
+            payload,
+            v5::QoS::AtLeastOnce,
+            false,
+            None,
+        ));
+        o
+    };
+    let mut want = HashSet::new();
+    for i in 0..20 {
+        let a = v5::connect_with(with_will(format!("a{i}"))).await.unwrap();
+        let b = v5::connect_with(with_will(format!("b{i}"))).await.unwrap();
+        b.kill();
+        a.kill();
+        want.extend([format!("a{i}"), format!("b{i}")]);
+    }
+    let mut got = HashSet::new();
+    while got.len() < want.len() {
+        let p = watcher.next_publish().await;
+        got.insert(String::from_utf8(p.payload.to_vec()).unwrap());
+    }
+    assert_eq!(got, want);
+}
