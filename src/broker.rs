@@ -4,9 +4,9 @@
 //! Sessions reach the embedded rumqttd in memory (`broker_link`), or, with
 //! `broker.embedded_transport = "tcp"`, on loopback ports chosen at start
 //! that require a password generated for this process only; either way the
-//! broker is reachable through the gateway alone. `Broker::start` blocks and
-//! has no shutdown API, so it runs on a named thread that ends with the
-//! process.
+//! broker is reachable through the gateway alone. rumqttd's router and
+//! listeners have no shutdown API, so they run on named threads that end
+//! with the process (`broker_link::Linker::start`).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -37,8 +37,8 @@ pub struct Upstream {
     pub v5: String,
     pub username: Option<String>,
     pub password: Option<String>,
-    /// Set for the embedded broker reached in memory; the addresses are
-    /// then unused.
+    /// Set for the embedded broker reached in memory: sessions then use it
+    /// instead of the addresses (which consentry's notice client still uses).
     pub link: Option<Linker>,
 }
 
@@ -59,6 +59,19 @@ impl Upstream {
             Version::V4 => &self.v4,
             Version::V5 => &self.v5,
         }
+    }
+
+    /// Opens a connection to the broker for a session speaking `v`.
+    pub async fn open(&self, v: Version) -> std::io::Result<Conn> {
+        if let Some(link) = &self.link {
+            return Ok(Conn::Link(link.connect(v)));
+        }
+        let addr = self.addr(v);
+        let up = TcpStream::connect(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("connect {addr}: {e}")))?;
+        up.set_nodelay(true)?;
+        Ok(Conn::Tcp(up))
     }
 
     pub fn external(cfg: &ConsentryConfig, host_port: &str) -> Upstream {
@@ -122,21 +135,6 @@ impl AsyncWrite for Conn {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Conn::Link(s) => std::pin::Pin::new(s).poll_shutdown(cx),
         }
-    }
-}
-
-impl Upstream {
-    /// Opens a connection to the broker for a session speaking `v`.
-    pub async fn open(&self, v: Version) -> std::io::Result<Conn> {
-        if let Some(link) = &self.link {
-            return Ok(Conn::Link(link.connect(v)));
-        }
-        let addr = self.addr(v);
-        let up = TcpStream::connect(addr)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("connect {addr}: {e}")))?;
-        up.set_nodelay(true)?;
-        Ok(Conn::Tcp(up))
     }
 }
 

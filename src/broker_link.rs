@@ -6,7 +6,7 @@
 //! packet to the router: two kernel socket hops and a thread per message,
 //! which made a message at a moderate rate cost consentry several times
 //! what it costs in a flood (bench/README.md). Here the session gets one
-//! end of an in-memory pipe instead, and a bridge task on consentry's own
+//! end of a pair of in-memory pipes instead, and a bridge task on consentry's own
 //! runtime plays the part of rumqttd's network link at the other end: it
 //! decodes the session's packets with rumqttd's own codec and hands them to
 //! the router over a local link, and encodes the router's notifications back.
@@ -381,6 +381,16 @@ impl<P: Protocol> Bridge<P> {
         Ok(())
     }
 
+    /// The pipe took `n` more of `write`, of which `written` were taken
+    /// before; once it took all, `write` starts over.
+    fn taken(&mut self, written: &mut usize, n: usize) {
+        *written += n;
+        if *written == self.write.len() {
+            self.write.clear();
+            *written = 0;
+        }
+    }
+
     /// The next whole packet in what was read, if any.
     fn parse(&mut self) -> Result<Option<Packet>, BridgeError> {
         match self.codec.read_mut(&mut self.read, self.linker.max_packet) {
@@ -501,11 +511,7 @@ impl<P: Protocol> Bridge<P> {
                     }
                 }
                 n = self.to_session.write(&self.write[written..]), if pending => {
-                    written += wrote(n)?;
-                    if written == self.write.len() {
-                        self.write.clear();
-                        written = 0;
-                    }
+                    self.taken(&mut written, wrote(n)?);
                 }
                 n = rx.next(), if !pending => {
                     // `None` is a wake-up that found nothing new.
@@ -527,13 +533,9 @@ impl<P: Protocol> Bridge<P> {
                     // not take waits for the branch above.
                     while written < self.write.len() {
                         match ready_now(self.to_session.write(&self.write[written..])) {
-                            Some(n) => written += wrote(n)?,
+                            Some(n) => self.taken(&mut written, wrote(n)?),
                             None => break,
                         }
-                    }
-                    if written == self.write.len() {
-                        self.write.clear();
-                        written = 0;
                     }
                     if unscheduled {
                         rx.wake().await?;
