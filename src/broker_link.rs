@@ -347,8 +347,14 @@ struct Bridge<P> {
 
 /// How the session's side ended.
 enum End {
-    /// It sent DISCONNECT: the router drops the will and the connection.
-    Disconnect,
+    /// It sent DISCONNECT: the router drops the connection. The will is
+    /// dropped too, unless the DISCONNECT asked for it (MQTT 5 reason
+    /// 0x04); the DISCONNECT may also shorten the session expiry, and with
+    /// it the will's delay.
+    Disconnect {
+        with_will: bool,
+        session_expiry: Option<u32>,
+    },
     /// It closed without one: the will is due.
     Closed,
     /// The router ended the connection (a takeover, or a refused packet).
@@ -444,10 +450,32 @@ impl<P: Protocol> Bridge<P> {
         );
         // As rumqttd's listener: the will waits for its delay or for the
         // session's end, whichever comes first (MQTT 5 3.1.3.2.2).
-        let session_expiry = props
+        let mut session_expiry = props
             .as_ref()
             .and_then(|p| p.session_expiry_interval)
             .unwrap_or(0);
+        let end = match Option::<Packet>::from(ack) {
+            Some(ack) => match self.send(ack).await {
+                Ok(()) => self.relay(&mut tx, &mut rx).await,
+                Err(e) => Err(e),
+            },
+            None => Ok(End::Router),
+        };
+        // A DISCONNECT from the session is the one end without a will,
+        // unless it asks for the will.
+        let will = match end {
+            Ok(End::Disconnect {
+                with_will: false, ..
+            }) => None,
+            Ok(End::Disconnect {
+                with_will: true,
+                session_expiry: Some(e),
+            }) => {
+                session_expiry = e;
+                will
+            }
+            _ => will,
+        };
         let will = will.map(|will| PendingWill {
             delay: will_props
                 .as_ref()
@@ -457,20 +485,8 @@ impl<P: Protocol> Bridge<P> {
             will,
             properties: will_props,
         });
-        let end = match Option::<Packet>::from(ack) {
-            Some(ack) => match self.send(ack).await {
-                Ok(()) => self.relay(&mut tx, &mut rx).await,
-                Err(e) => Err(e),
-            },
-            None => Ok(End::Router),
-        };
-        // A DISCONNECT from the session is the one end without a will.
-        let will = match end {
-            Ok(End::Disconnect) => None,
-            _ => will,
-        };
         self.linker.left(&client_id, epoch, will);
-        if !matches!(end, Ok(End::Router | End::Disconnect)) {
+        if !matches!(end, Ok(End::Router | End::Disconnect { .. })) {
             // The router's connection must end too, or it stays in the
             // router for good; DISCONNECT is the only way a local link can
             // end it, and it drops the router's copy of the will.
@@ -495,19 +511,27 @@ impl<P: Protocol> Bridge<P> {
                     if n? == 0 {
                         return Ok(End::Closed);
                     }
-                    let mut bye = false;
+                    let mut bye = None;
                     while let Some(p) = self.parse()? {
-                        bye = matches!(p, Packet::Disconnect(..));
+                        if let Packet::Disconnect(d, props) = &p {
+                            bye = Some(End::Disconnect {
+                                with_will: d.reason_code
+                                    == protocol::DisconnectReasonCode::DisconnectWithWillMessage,
+                                session_expiry: props
+                                    .as_ref()
+                                    .and_then(|p| p.session_expiry_interval),
+                            });
+                        }
                         batch.push(p);
-                        if bye {
+                        if bye.is_some() {
                             break;
                         }
                     }
                     if !batch.is_empty() {
                         push(&self.linker, tx, std::mem::take(&mut batch)).await?;
                     }
-                    if bye {
-                        return Ok(End::Disconnect);
+                    if let Some(end) = bye {
+                        return Ok(end);
                     }
                 }
                 n = self.to_session.write(&self.write[written..]), if pending => {
