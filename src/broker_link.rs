@@ -197,25 +197,19 @@ impl Linker {
         Pipe { up, down }
     }
 
-    async fn open(
-        &self,
-        client_id: &str,
-        clean: bool,
-    ) -> Result<(LinkTx, LinkRx, Notification), BridgeError> {
-        let (answer, built) = tokio::sync::oneshot::channel();
-        let gone = || std::io::Error::other("the embedded broker's link opener stopped");
-        self.opener
-            .send((client_id.to_string(), clean, answer))
-            .map_err(|_| gone())?;
-        Ok(built.await.map_err(|_| gone())??)
-    }
-
-    /// A connection of `client_id` begins; returns its epoch. A will still
-    /// waiting from an earlier one is published now if this one starts
-    /// clean, and dropped if it resumes the session (MQTT 5 3.1.3.2.2), as
-    /// rumqttd's listener does.
-    fn arrived(&self, client_id: &str, clean: bool) -> u64 {
+    /// A connection of `client_id` begins: returns its epoch, and its link
+    /// to the router once built. A will still waiting from an earlier
+    /// connection is published now if this one starts clean, and dropped
+    /// if it resumes the session (MQTT 5 3.1.3.2.2), as rumqttd's listener
+    /// does.
+    ///
+    /// The link is asked for under the same lock that hands out epochs, and
+    /// one thread builds links in the order asked: the router sees the
+    /// connections of one id in the order of their epochs, so the one it
+    /// keeps after a takeover is the one with the latest epoch.
+    fn arrive(&self, client_id: &str, clean: bool) -> (u64, Opening) {
         let mut ids = self.ids.lock().expect("ids lock");
+        let opening = self.opening(client_id, clean);
         let id = ids.entry(client_id.to_string()).or_default();
         id.epoch += 1;
         id.latest_clean = clean;
@@ -223,7 +217,14 @@ impl Linker {
         if let Some(w) = id.waiting.take() {
             let _ = w.send(clean);
         }
-        id.epoch
+        (id.epoch, opening)
+    }
+
+    /// Asks the opener thread for a link of `client_id`.
+    fn opening(&self, client_id: &str, clean: bool) -> Opening {
+        let (answer, built) = tokio::sync::oneshot::channel();
+        let asked = self.opener.send((client_id.to_string(), clean, answer));
+        Opening(asked.ok().map(|()| built))
     }
 
     /// The connection of `client_id` from `epoch` ended, leaving `will`
@@ -253,6 +254,18 @@ impl Linker {
         if let Some((w, told)) = due {
             self.publish_will(client_id.to_string(), w, told);
         }
+    }
+}
+
+/// A link being built for a connection.
+/// `None` if the opener thread is gone.
+struct Opening(Option<tokio::sync::oneshot::Receiver<Built>>);
+
+impl Opening {
+    async fn open(self) -> Result<(LinkTx, LinkRx, Notification), BridgeError> {
+        let gone = || std::io::Error::other("the embedded broker's link opener stopped");
+        let built = self.0.ok_or_else(gone)?;
+        Ok(built.await.map_err(|_| gone())??)
     }
 }
 
@@ -433,9 +446,9 @@ impl<P: Protocol> Bridge<P> {
             };
             return self.send(Packet::ConnAck(ack, None)).await;
         }
-        let epoch = self.linker.arrived(&client_id, clean);
         let asked = std::time::Instant::now();
-        let opened = self.linker.open(&client_id, clean).await;
+        let (epoch, opening) = self.linker.arrive(&client_id, clean);
+        let opened = opening.open().await;
         let (mut tx, mut rx, ack) = match opened {
             Ok(link) => link,
             Err(e) => {
@@ -708,7 +721,11 @@ impl Linker {
             .clone();
         let sent = {
             let _turn = turn.lock().await;
-            match self.open(&format!("will:{client_id}"), true).await {
+            match self
+                .opening(&format!("will:{client_id}"), true)
+                .open()
+                .await
+            {
                 Ok((mut tx, mut rx, _)) => {
                     let pushed = push(self, &mut tx, packets).await;
                     // The router has read the link once it drops it, on
