@@ -220,6 +220,27 @@ impl Linker {
         (id.epoch, opening)
     }
 
+    /// A clean start of `client_id` that opens no link yet: a session with
+    /// no will and nothing for the broker gets its broker connection only
+    /// when it first has something to send. It still ends the session the
+    /// id had (MQTT 5 3.1.2.4), so a will waiting out its delay from that
+    /// session is published now, and one the earlier connection leaves
+    /// later is published at once, as after any clean return.
+    pub fn started_clean(&self, client_id: &str) {
+        let mut ids = self.ids.lock().expect("ids lock");
+        let Some(id) = ids.get_mut(client_id) else {
+            return;
+        };
+        id.epoch += 1;
+        id.latest_clean = true;
+        if let Some(w) = id.waiting.take() {
+            let _ = w.send(true);
+        }
+        if id.live == 0 {
+            ids.remove(client_id);
+        }
+    }
+
     /// Asks the opener thread for a link of `client_id`.
     fn opening(&self, client_id: &str, clean: bool) -> Opening {
         let (answer, built) = tokio::sync::oneshot::channel();

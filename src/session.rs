@@ -641,6 +641,9 @@ impl Session {
                 properties: None,
             };
             self.own_connack_properties(&mut ack, assigned, server_keep_alive);
+            if let Some(link) = &self.shared.upstream.link {
+                link.started_clean(&connect.client_id);
+            }
             self.lazy = Some((connect, login));
             write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
             tracing::debug!(

@@ -389,3 +389,32 @@ async fn a_disconnect_that_asks_for_the_will_gets_it() {
     assert_eq!(watcher.next_publish().await.topic, &b"public/will"[..]);
     assert_eq!(watcher.next_publish().await.topic, &b"public/marker/0"[..]);
 }
+
+/// A clean return with no will and nothing to send gets no broker
+/// connection yet (README, "Lazy broker connections"), but it still ends
+/// the earlier session: a will waiting out its delay goes at once (MQTT 5
+/// 3.1.2.4, 3.1.3.2.2), not when its delay ends.
+#[tokio::test]
+async fn a_lazy_clean_return_publishes_the_waiting_will() {
+    let server = server_with(&[]);
+    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
+    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut marker = v5::connect(server.mqtt, "mark", "alice-watch", "alice-watch-secret").await;
+
+    let creds = Some(("bob-phone", "bob-phone-secret"));
+    let mut o = v5::options(server.mqtt, "comes-back", creds);
+    o.set_session_expiry_interval(Some(60));
+    o.set_last_will(will_after(Some(30)));
+    v5::connect_with(o).await.unwrap().kill();
+    // The will waits: a marker published now arrives alone.
+    marker.publish_acked("public/marker/0", b"m").await;
+    assert_eq!(watcher.next_publish().await.topic, &b"public/marker/0"[..]);
+
+    // Back with a clean start, no will, no session expiry: the will goes
+    // now. (`next_publish` gives up long before the 30 s delay.)
+    let back = v5::connect_with(v5::options(server.mqtt, "comes-back", creds))
+        .await
+        .unwrap();
+    assert_eq!(watcher.next_publish().await.topic, &b"public/will"[..]);
+    back.disconnect().await;
+}
