@@ -437,6 +437,11 @@ impl PreferenceManager {
 
     pub fn put_provider(&self, provider: Provider) -> Result<(), PrefError> {
         let mut state = self.lock();
+        if let Some(old) = state.providers.iter().find(|p| p.id == provider.id) {
+            if let Some(refusal) = consent_changes(old, &provider, state.prefs.values()) {
+                return Err(PrefError::Exists(refusal));
+            }
+        }
         let mut dir = state.directory();
         dir.providers.retain(|p| p.id != provider.id);
         dir.providers.push(provider.clone());
@@ -536,6 +541,22 @@ impl PreferenceManager {
             }
         }
         changed.reverse();
+        // Preferences this import re-issues get receipts with the file's
+        // terms; the others stay under the receipts their users have.
+        let reissued: HashSet<&str> = changed.iter().map(|p| p.user.as_str()).collect();
+        for (new, _) in &providers {
+            let Some(old) = state.providers.iter().find(|p| p.id == new.id) else {
+                continue;
+            };
+            let kept = state
+                .prefs
+                .values()
+                .filter(|p| !reissued.contains(p.user.as_str()));
+            if let Some(refusal) = consent_changes(old, new, kept) {
+                return Err(PrefError::Exists(refusal));
+            }
+        }
+        drop(reissued);
         let replaced: HashSet<&str> = changed.iter().map(|p| p.user.as_str()).collect();
         dir.preferences
             .retain(|c| !replaced.contains(c.user.as_str()));
@@ -706,6 +727,52 @@ impl PreferenceManager {
         }
         Ok((apply, baselines))
     }
+}
+
+/// Why `new` may not replace `old`, if so: a purpose the share grants in
+/// `prefs` name would change its statement, category, retention or
+/// termination, and those users consented to it as it was (X.1363 9.1 6),
+/// 9.2 1)-2)). A purpose dropped, or no longer asking for a granted kind,
+/// is refused when the ACT compiles; purposes nobody granted, and new
+/// ones, may change freely.
+fn consent_changes<'p>(
+    old: &Provider,
+    new: &Provider,
+    prefs: impl Iterator<Item = &'p Preferences>,
+) -> Option<String> {
+    let changed: Vec<&str> = old
+        .purposes
+        .iter()
+        .filter(|o| {
+            new.purposes.iter().any(|n| {
+                n.id == o.id
+                    && (n.statement != o.statement
+                        || n.category != o.category
+                        || n.core != o.core
+                        || n.retention_days != o.retention_days
+                        || n.termination != o.termination)
+            })
+        })
+        .map(|o| o.id.as_str())
+        .collect();
+    if changed.is_empty() {
+        return None;
+    }
+    let users = prefs
+        .filter(|p| {
+            p.share
+                .iter()
+                .any(|g| g.provider == old.id && changed.contains(&g.purpose.as_str()))
+        })
+        .count();
+    (users > 0).then(|| {
+        format!(
+            "purpose(s) {changed:?} of provider {:?} are named in the share grants of {users} \
+             user(s), who consented to them as they are; publish the new terms under another \
+             purpose id",
+            old.id
+        )
+    })
 }
 
 /// Replaces the items of `into` that `from` names again, in place, and
@@ -1025,6 +1092,47 @@ mod tests {
         // And stays so on the next reload of that file.
         pm.import(file).unwrap();
         assert_eq!(fit(&pm).name, "FitCoach, renamed in the file");
+    }
+
+    #[test]
+    fn an_import_cannot_restate_a_purpose_users_consented_to() {
+        let (pm, _) = manager();
+        let (seed, _) = demo();
+        let granted = pm
+            .preferences("alice")
+            .unwrap()
+            .share
+            .iter()
+            .find(|g| g.provider == "fitcoach")
+            .unwrap()
+            .purpose
+            .clone();
+        let mut file = seed.clone();
+        let fit = file
+            .providers
+            .iter_mut()
+            .find(|p| p.id == "fitcoach")
+            .unwrap();
+        let purpose = fit.purposes.iter_mut().find(|p| p.id == granted).unwrap();
+        purpose.statement = "Sold to advertisers".into();
+        let err = pm.import(file).unwrap_err();
+        assert!(
+            matches!(err, PrefError::Exists(ref m) if m.contains(&granted)),
+            "{err:?}"
+        );
+        assert_ne!(
+            pm.providers()
+                .iter()
+                .find(|p| p.id == "fitcoach")
+                .unwrap()
+                .purposes
+                .iter()
+                .find(|p| p.id == granted)
+                .unwrap()
+                .statement,
+            "Sold to advertisers"
+        );
+        pm.import(seed).unwrap();
     }
 
     /// A store from before import records were kept: the first reload must

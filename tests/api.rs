@@ -90,6 +90,19 @@ impl Api {
         (s, v)
     }
 
+    /// An operator call: `body` posted to `path` with the operator key.
+    async fn operator(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("content-type", "application/json")
+            .header("x-operator-key", OPERATOR_KEY)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let (s, v, _) = self.call(req).await;
+        (s, v)
+    }
+
     async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
         let mut b = Request::builder().uri(path);
         if let Some(t) = token {
@@ -2052,4 +2065,72 @@ async fn a_recovery_code_logs_in_through_the_real_listener() {
     assert_eq!((s, left), (200, json!({"left": 9})));
     let (s, _) = http(&server, "POST", "/v1/sessions", None, Some(login));
     assert_eq!(s, 401, "a used code");
+}
+
+/// X.1363 9.1 6), 9.2 1)-2): users consent to a provider's purpose as it is
+/// stated. Once a grant names it, its statement, category and retention
+/// are fixed; new terms go under a new purpose id, which needs new consent.
+#[tokio::test]
+async fn a_purpose_users_consented_to_keeps_its_terms() {
+    let api = Api::new();
+    let provider = |statement: &str, days: u32, kinds: &[&str]| {
+        json!({
+            "id": "acme", "name": "Acme", "mqtt_password": "acme-secret-123",
+            "controller": {"company": "Acme Ltd", "email": "dpo@acme.example"},
+            "purposes": [{"id": "stats", "statement": statement,
+                          "category": "Contracted Service", "kinds": kinds,
+                          "retention_days": days}]
+        })
+    };
+    let (s, p) = api
+        .operator(
+            "/v1/operator/providers",
+            provider("Steps for stats", 30, &["steps"]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    // Nobody granted it yet: its terms may still change.
+    let (s, p) = api
+        .operator(
+            "/v1/operator/providers",
+            provider("Steps for statistics", 30, &["steps"]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+
+    let t = api.user("carol").await;
+    let (s, c) = api
+        .json(
+            "PUT",
+            "/v1/me/preferences/share/acme/steps",
+            Some(&t),
+            json!({"purpose": "stats"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+
+    for (statement, days) in [
+        ("Your steps are sold to advertisers", 30),
+        ("Steps for statistics", 36500),
+    ] {
+        let (s, p) = api
+            .operator(
+                "/v1/operator/providers",
+                provider(statement, days, &["steps"]),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{statement}, {days} days: {p}");
+        assert!(p["detail"].as_str().unwrap().contains("stats"), "{p}");
+    }
+    let (_, one) = api.get("/v1/providers/acme", None).await;
+    assert_eq!(one["purposes"][0]["statement"], "Steps for statistics");
+    assert_eq!(one["purposes"][0]["retention_days"], 30);
+    // Asking for one more kind changes nothing the user granted.
+    let (s, p) = api
+        .operator(
+            "/v1/operator/providers",
+            provider("Steps for statistics", 30, &["steps", "heart_rate"]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
 }
