@@ -930,7 +930,14 @@ impl Act {
                         requested.push(id);
                     }
                 }
-                purposes.insert(purpose.id.clone(), ids);
+                // Two purposes under one id: a grant could not say which
+                // one the user agreed to.
+                if purposes.insert(purpose.id.clone(), ids).is_some() {
+                    return Err(CompileError::Duplicate {
+                        what: "purpose",
+                        id: format!("{}/{}", p.id, purpose.id),
+                    });
+                }
             }
             let rules = ProviderRules {
                 index: index as u16,

@@ -435,11 +435,19 @@ impl PreferenceManager {
         ids
     }
 
-    pub fn put_provider(&self, provider: Provider) -> Result<(), PrefError> {
+    /// Registers a provider or updates one: refused while users' grants
+    /// name a purpose whose terms would change (see `consent_changes`).
+    pub fn put_provider(&self, mut provider: Provider) -> Result<(), PrefError> {
         let mut state = self.lock();
         if let Some(old) = state.providers.iter().find(|p| p.id == provider.id) {
             if let Some(refusal) = consent_changes(old, &provider, state.prefs.values()) {
                 return Err(PrefError::Exists(refusal));
+            }
+            // An update that brings no credentials keeps the provider's
+            // login: re-stating its terms must not lock it out.
+            if provider.password_hash.is_none() && provider.cert_sha256.is_none() {
+                provider.password_hash = old.password_hash.clone();
+                provider.cert_sha256 = old.cert_sha256.clone();
             }
         }
         let mut dir = state.directory();

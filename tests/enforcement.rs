@@ -582,6 +582,60 @@ async fn held_subscriptions_are_dropped_when_the_act_no_longer_allows_them() {
     assert_eq!(dropped(), 1.0);
 }
 
+/// Re-stating a provider's terms without its password keeps its MQTT login;
+/// purposes that could not be told apart, or that ask for nothing, are
+/// refused.
+#[tokio::test]
+async fn a_provider_update_keeps_its_login_and_checks_its_purposes() {
+    let server = Server::start(Setup {
+        env: vec![(
+            "CONSENTRY_OPERATOR_KEY".into(),
+            "op-key-for-this-test".into(),
+        )],
+        ..Default::default()
+    });
+    let post = |purposes: serde_json::Value| {
+        common::http(
+            &server,
+            "POST",
+            "/v1/operator/providers",
+            None,
+            &[("x-operator-key", "op-key-for-this-test")],
+            Some(json!({
+                "id": "insureco", "name": "InsureCo",
+                "controller": {"company": "InsureCo Ltd"},
+                "purposes": purposes
+            })),
+        )
+    };
+    let pricing = json!({"id": "pricing", "statement": "Pricing", "category": "Contracted Service",
+                         "kinds": ["heart_rate"], "retention_days": 1825});
+    let (s, body) = post(json!([pricing.clone()]));
+    assert_eq!(s, 201, "{body}");
+    let login = v5::options(
+        server.mqtt,
+        "ins-again",
+        Some(("insureco", "insureco-secret")),
+    );
+    v5::connect_with(login)
+        .await
+        .expect("the update kept insureco's login")
+        .disconnect()
+        .await;
+
+    let mut twice = pricing.clone();
+    twice["kinds"] = json!(["steps"]);
+    let (s, body) = post(json!([pricing.clone(), twice]));
+    assert_eq!(s, 422, "{body}");
+    assert!(body.to_string().contains("pricing"), "{body}");
+    let mut empty = pricing.clone();
+    empty["id"] = json!("nothing");
+    empty["kinds"] = json!([]);
+    let (s, body) = post(json!([pricing, empty]));
+    assert_eq!(s, 422, "{body}");
+    assert!(body.contains("\"field\":\"purposes\""), "{body}");
+}
+
 #[tokio::test]
 async fn subscribers_with_the_same_view_share_one_masking() {
     let server = Server::demo();

@@ -19,7 +19,8 @@ pub struct NewProvider {
     name: String,
     #[serde(default)]
     role: ProviderRole,
-    /// Its MQTT password; only an argon2 hash is kept.
+    /// Its MQTT password; only an argon2 hash is kept. Left out when
+    /// updating a provider, its current MQTT login stays.
     mqtt_password: Option<String>,
     controller: Contact,
     jurisdiction: Option<String>,
@@ -47,6 +48,13 @@ pub async fn put_provider(
         return Err(
             Problem::unprocessable("a provider declares at least one purpose").field("purposes"),
         );
+    }
+    if let Some(empty) = p.purposes.iter().find(|u| u.kinds.is_empty()) {
+        return Err(Problem::unprocessable(format!(
+            "purpose {:?} asks for no kind of data: a purpose names what it needs",
+            empty.id
+        ))
+        .field("purposes"));
     }
     let password_hash = match p.mqtt_password {
         Some(pw) => Some(state.hash_password(pw).await?),
