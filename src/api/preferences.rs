@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -94,6 +94,34 @@ fn check_grants(
             return pointless(
                 "collect.windows.days",
                 format!("a window of kind {:?} names no day", g.kind),
+            );
+        }
+        // Held to the rest only where the change adds or alters the grant,
+        // as expiry below: stored windows stay readable and re-sendable.
+        if before.collect.contains(g) {
+            continue;
+        }
+        // The ACT reads from == to as a whole day (a window that wraps past
+        // midnight back to where it began); nobody writes that meaning so.
+        if g.windows.iter().any(|w| w.from == w.to) {
+            return pointless(
+                "collect.windows",
+                format!(
+                    "a window of kind {:?} closes when it opens; to collect at any time, give \
+                     no windows",
+                    g.kind
+                ),
+            );
+        }
+        // chrono reads "23:59:60" as a leap second, which the receipt would
+        // show as 23:59 and no local clock ever shows.
+        if g.windows
+            .iter()
+            .any(|w| w.from.nanosecond() >= 1_000_000_000 || w.to.nanosecond() >= 1_000_000_000)
+        {
+            return pointless(
+                "collect.windows",
+                format!("a window of kind {:?} has a time with second 60", g.kind),
             );
         }
     }
@@ -369,6 +397,23 @@ mod tests {
         assert_eq!(
             field(check_grants(&empty, &no_day, now)),
             Some("collect.windows.days")
+        );
+
+        let mut closed = window(vec![Weekday::Tue]);
+        closed.to = closed.from;
+        let closed = with(vec![collect("steps", vec![closed])], vec![]);
+        assert_eq!(
+            field(check_grants(&empty, &closed, now)),
+            Some("collect.windows")
+        );
+        // Already stored (say, imported): sent back unchanged, it stands.
+        assert_eq!(field(check_grants(&closed, &closed, now)), None);
+        let mut leap = window(vec![Weekday::Tue]);
+        leap.to = NaiveTime::from_hms_milli_opt(23, 59, 59, 1_500).unwrap();
+        let leap = with(vec![collect("steps", vec![leap])], vec![]);
+        assert_eq!(
+            field(check_grants(&empty, &leap, now)),
+            Some("collect.windows")
         );
 
         let expired = with(vec![], vec![share("steps", Some(past))]);
