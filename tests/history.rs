@@ -233,16 +233,30 @@ async fn history_export_and_disputes() {
     assert_eq!(s, 200);
     assert_eq!(json_of(&all).as_array().unwrap().len(), 1);
     let id = d["id"].as_i64().unwrap();
-    let (s, r) = http(
-        &server,
-        "POST",
-        &format!("/v1/operator/disputes/{id}/resolve"),
-        None,
-        Some(json!({"state": "upheld", "resolution": "fitcoach deleted the record"})),
-    );
+    let resolve = |state: &str, resolution: &str| {
+        http(
+            &server,
+            "POST",
+            &format!("/v1/operator/disputes/{id}/resolve"),
+            None,
+            Some(json!({"state": state, "resolution": resolution})),
+        )
+    };
+    let (s, r) = resolve("rejected", " ");
+    assert_eq!(s, 422, "a resolution says what was decided: {r}");
+    let (s, r) = resolve("upheld", "fitcoach deleted the record");
     assert_eq!(s, 200, "{r}");
+    // Once: a second resolution would erase the first.
+    let (s, r) = resolve("rejected", "");
+    assert_eq!(s, 422, "{r}");
+    let (s, r) = resolve("rejected", "changed our mind");
+    assert_eq!(s, 409, "{r}");
     let (_, mine) = http(&server, "GET", "/v1/me/disputes", Some(&t), None);
     assert_eq!(json_of(&mine)[0]["state"], "upheld");
+    assert_eq!(
+        json_of(&mine)[0]["resolution"],
+        "fitcoach deleted the record"
+    );
     // The operator's reads of ivan's data are in ivan's history.
     let (_, body) = http(&server, "GET", "/v1/me/history?limit=1000", Some(&t), None);
     let extracts = json_of(&body)["entries"]
@@ -252,6 +266,17 @@ async fn history_export_and_disputes() {
         .filter(|e| e["type"] == "extract")
         .count();
     assert_eq!(extracts, 2);
+
+    // A reason's limit is in characters, not bytes.
+    let seq = shares[0]["seq"].as_u64().unwrap();
+    let (s, d) = http(
+        &server,
+        "POST",
+        "/v1/me/disputes",
+        Some(&t),
+        Some(json!({"seq": seq, "reason": "é".repeat(1500)})),
+    );
+    assert_eq!(s, 201, "{d}");
 }
 
 fn schema(rel: &str) -> jsonschema::Validator {

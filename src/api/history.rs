@@ -209,7 +209,7 @@ pub async fn open_dispute(
     AuthUser(user): AuthUser,
     Body(d): Body<NewDispute>,
 ) -> Result<(StatusCode, Json<Dispute>), Problem> {
-    if d.reason.trim().is_empty() || d.reason.len() > 2000 {
+    if !text_of_length(&d.reason, 1, 2000) {
         return Err(Problem::unprocessable("1–2000 characters").field("reason"));
     }
     let filter = ReadFilter {
@@ -306,6 +306,12 @@ async fn record_operator_extracts<'a>(
     Ok(())
 }
 
+/// Text that is not blank and has from `min` to `max` characters (not
+/// bytes: "é" is one).
+fn text_of_length(text: &str, min: usize, max: usize) -> bool {
+    !text.trim().is_empty() && (min..=max).contains(&text.chars().count())
+}
+
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resolution {
@@ -329,6 +335,12 @@ pub async fn resolve(
     if r.state != "upheld" && r.state != "rejected" {
         return Err(Problem::unprocessable("upheld or rejected").field("state"));
     }
+    if !text_of_length(&r.resolution, 1, 2000) {
+        return Err(
+            Problem::unprocessable("1–2000 characters: what was decided, for the user")
+                .field("resolution"),
+        );
+    }
     let prefs = state.prefs.clone();
     let d = tokio::task::spawn_blocking(move || {
         prefs.store().resolve_dispute(id, &r.state, &r.resolution)
@@ -337,6 +349,9 @@ pub async fn resolve(
     .map_err(|_| Problem::internal())?
     .map_err(|e| match e {
         crate::store::StoreError::NotFound { .. } => Problem::not_found(format!("no dispute {id}")),
+        crate::store::StoreError::Exists { .. } => {
+            Problem::conflict(format!("dispute {id} is already resolved"))
+        }
         e => Problem::internal_logged(&e),
     })?;
     record_operator_extracts(

@@ -605,8 +605,11 @@ impl Store {
                 resolution: Some(resolution.to_string()),
             })?;
             let now = Utc::now();
-            c.execute(
-                "UPDATE disputes SET state = ?2, resolved_at = ?3, detail = ?4 WHERE id = ?1",
+            // Once: a resolution is the record of redress (X.1363 9.2 3)),
+            // and a second one would erase the first without a trace.
+            let changed = c.execute(
+                "UPDATE disputes SET state = ?2, resolved_at = ?3, detail = ?4 \
+                 WHERE id = ?1 AND state = 'open'",
                 params![
                     id,
                     state,
@@ -614,6 +617,12 @@ impl Store {
                     cipher.seal(&format!("disputes.detail.{id}"), &detail)?
                 ],
             )?;
+            if changed == 0 {
+                return Err(StoreError::Exists {
+                    what: "resolution of dispute",
+                    id: id.to_string(),
+                });
+            }
             Ok(Dispute {
                 state: state.into(),
                 resolved_at: Some(now),
