@@ -798,7 +798,15 @@ fn apply_one<D: Doc>(
     Ok(())
 }
 
+/// The most decimals a generalization keeps or drops: a double holds 15–17
+/// significant digits, and past about 308 the scale overflows, which would
+/// turn a masked number into null. The API refuses more; a stored grant
+/// from before that is held to it here.
+pub const MAX_DECIMALS: u32 = 15;
+
 fn generalize(n: Number, decimals: i32) -> Number {
+    let max = MAX_DECIMALS as i32;
+    let decimals = decimals.clamp(-max, max);
     let scale = 10f64.powi(decimals);
     match n {
         Number::Float(f) => Number::Float((f * scale).round() / scale),
@@ -1386,6 +1394,19 @@ mod tests {
                 back(f, &out),
                 json!({"lat": 48.86, "lon": 2.35, "count": 1200})
             );
+        }
+    }
+
+    /// A grant stored before the API refused such decimals still masks to
+    /// a number, never to null.
+    #[test]
+    fn generalize_far_past_a_doubles_digits_stays_a_number() {
+        for decimals in [400, 100_000, -400, i32::MIN, i32::MAX] {
+            let rules = vec![("bpm".to_string(), MaskMethod::Generalize { decimals })];
+            for (f, p) in both(json!({"bpm": 72.456})) {
+                let out = back(f, &mask(f, &p, &rules, &KEY).unwrap());
+                assert!(out["bpm"].is_number(), "{decimals}: {out}");
+            }
         }
     }
 

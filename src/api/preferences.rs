@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{AuthUser, Body, Path, Problem, State};
+use crate::mask::MAX_DECIMALS;
 use crate::model::{CollectGrant, MaskMethod, Preferences, ShareGrant, Window};
 use crate::prefs::{Applied, PrefError};
 use crate::store::HistoryEntry;
@@ -126,6 +127,22 @@ fn check_grants(
         }
     }
     for g in &after.share {
+        let generalized = g.mask.iter().find_map(|(field, m)| match m {
+            MaskMethod::Generalize { decimals } if decimals.unsigned_abs() > MAX_DECIMALS => {
+                Some(field)
+            }
+            _ => None,
+        });
+        if let Some(field) = generalized.filter(|_| !before.share.contains(g)) {
+            return pointless(
+                "share.mask",
+                format!(
+                    "{field:?} of {:?} generalized past {MAX_DECIMALS} decimals either way: a \
+                     number has no more digits to keep or drop",
+                    g.kind
+                ),
+            );
+        }
         if g.expires.is_some_and(|e| e <= now) && !before.share.contains(g) {
             return pointless(
                 "share.expires",
@@ -414,6 +431,25 @@ mod tests {
         assert_eq!(
             field(check_grants(&empty, &leap, now)),
             Some("collect.windows")
+        );
+
+        for decimals in [16, -16, 400, i32::MIN] {
+            let mut g = share("location", None);
+            g.mask
+                .insert("lat".into(), MaskMethod::Generalize { decimals });
+            let far = with(vec![], vec![g]);
+            assert_eq!(
+                field(check_grants(&empty, &far, now)),
+                Some("share.mask"),
+                "{decimals}"
+            );
+        }
+        let mut g = share("location", None);
+        g.mask
+            .insert("lat".into(), MaskMethod::Generalize { decimals: -15 });
+        assert_eq!(
+            field(check_grants(&empty, &with(vec![], vec![g]), now)),
+            None
         );
 
         let expired = with(vec![], vec![share("steps", Some(past))]);
