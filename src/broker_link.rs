@@ -478,7 +478,6 @@ impl<P: Protocol> Bridge<P> {
             }
         };
         tracing::debug!(
-            client_id,
             us = asked.elapsed().as_micros() as u64,
             "broker link opened"
         );

@@ -1669,6 +1669,13 @@ async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
     server.reload(common::DEMO_DIRECTORY);
     assert!(again().await.is_err(), "the directory brought it back");
     assert!(server.log().contains("their users manage them"));
+    // The log tells what happened, not to whom (README: logs carry no ids).
+    let log = server.log();
+    assert!(log.contains("device removed by its user"), "{log}");
+    assert!(
+        !log.contains("alice"),
+        "the log names the user or her device:\n{log}"
+    );
 
     // Registering the id again is alice's own choice, with a new password.
     let (s, dev) = http(

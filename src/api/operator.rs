@@ -147,7 +147,7 @@ pub async fn reset_login(
     let recovery_codes = super::recovery::replace(&state, &id).await?;
     // The user's lockout ends with their old secrets.
     state.limiter.clear(&id);
-    tracing::info!(user = %id, "login reset by the operator");
+    tracing::info!("login reset by the operator");
     Ok((
         StatusCode::CREATED,
         Json(LoginReset {

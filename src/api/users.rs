@@ -532,10 +532,11 @@ pub async fn remove_device(
     // back if the id is registered again.
     if let Some(n) = &state.notifier {
         if let Err(e) = n.clear_retained(topics).await {
-            tracing::warn!(device = %id, error = %e, "retained messages of a removed device not cleared");
+            tracing::warn!(error = %e, "retained messages of a removed device not cleared");
         }
     }
-    tracing::info!(device = %id, "device removed by its user");
+    // No id: device ids often name their owner (README, logs carry no ids).
+    tracing::info!("device removed by its user");
     Ok(StatusCode::NO_CONTENT)
 }
 
