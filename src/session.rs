@@ -1296,7 +1296,10 @@ impl Session {
     fn recheck_binding(&self) -> Result<(), End> {
         if let Principal::Device { id, user } = &self.who {
             if self.shared.act.load().device_user(id) != Some(user.as_str()) {
-                tracing::info!(session = self.id, "device no longer bound to its user; disconnecting");
+                tracing::info!(
+                    session = self.id,
+                    "device no longer bound to its user; disconnecting"
+                );
                 return Err(End::DeviceRemoved);
             }
         }

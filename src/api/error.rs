@@ -10,6 +10,9 @@ use serde::Serialize;
 use crate::act::CompileError;
 use crate::prefs::PrefError;
 
+/// When to try again after the store could not write.
+const STORE_RETRY_SECS: u64 = 30;
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     /// Always `about:blank`: the status and title say it all.
@@ -109,9 +112,21 @@ impl Problem {
     pub fn internal() -> Problem {
         Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
-    /// Logs the cause; the client only learns that it was ours.
-    pub fn internal_logged(e: &dyn std::fmt::Display) -> Problem {
+    /// Logs the cause; the client only learns that it was ours. A store
+    /// that cannot write for now (disk full, read-only, locked) is 503
+    /// with `Retry-After` instead: the request was not carried out, and may
+    /// succeed later.
+    pub fn internal_logged<E: std::fmt::Display + 'static>(e: &E) -> Problem {
         tracing::error!(error = %e, "API request failed");
+        let store = (e as &dyn std::any::Any).downcast_ref::<crate::store::StoreError>();
+        if store.is_some_and(crate::store::StoreError::is_unavailable) {
+            return Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store cannot record changes at the moment (full, read-only or \
+                 busy); nothing was changed, try again later",
+            )
+            .retry_after(STORE_RETRY_SECS);
+        }
         Problem::internal()
     }
 
@@ -287,4 +302,37 @@ fn compile_problem(c: CompileError) -> Problem {
         CompileError::Receipt { .. } => "receipt",
     };
     Problem::unprocessable(c.to_string()).field(field)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    fn sqlite(code: std::ffi::c_int) -> StoreError {
+        StoreError::Db(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            None,
+        ))
+    }
+
+    #[test]
+    fn a_store_that_cannot_write_is_503_with_retry_after() {
+        for code in [
+            rusqlite::ffi::SQLITE_FULL,
+            rusqlite::ffi::SQLITE_READONLY,
+            rusqlite::ffi::SQLITE_BUSY,
+        ] {
+            let p = Problem::internal_logged(&sqlite(code));
+            assert_eq!(p.status, 503, "{code}");
+            assert_eq!(p.retry_after, Some(STORE_RETRY_SECS as u32), "{code}");
+        }
+        // Anything else stays ours: 500, and nothing to wait for.
+        for e in [sqlite(rusqlite::ffi::SQLITE_CORRUPT), StoreError::Crypto] {
+            let p = Problem::internal_logged(&e);
+            assert_eq!((p.status, p.retry_after), (500, None), "{e}");
+        }
+        let p = Problem::internal_logged(&"not a store error");
+        assert_eq!(p.status, 500);
+    }
 }

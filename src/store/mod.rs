@@ -47,6 +47,24 @@ pub enum StoreError {
     Conflict { current: u64, expected: u64 },
 }
 
+impl StoreError {
+    /// The database cannot write for now: the disk is full, the file
+    /// read-only or unreadable, or another writer holds it. Nothing was
+    /// changed, and the same request may succeed later.
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        matches!(
+            self,
+            StoreError::Db(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    DiskFull | ReadOnly | CannotOpen | SystemIoFailure | DatabaseBusy
+                        | DatabaseLocked
+                )
+        )
+    }
+}
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS kinds (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS providers (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
