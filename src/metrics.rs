@@ -25,6 +25,7 @@ pub const SLOW_CONSUMERS: &str = "consentry_slow_consumers_disconnected_total";
 pub const ACT_VERSION: &str = "consentry_act_version";
 pub const LEDGER_APPENDS: &str = "consentry_ledger_appends_total";
 pub const LEDGER_APPEND_FAILURES: &str = "consentry_ledger_append_failures_total";
+pub const LEDGER_HEALTHY: &str = "consentry_ledger_healthy";
 pub const LEDGER_FSYNC_SECONDS: &str = "consentry_ledger_fsync_seconds";
 pub const LEDGER_BATCH_SIZE: &str = "consentry_ledger_batch_size";
 pub const PASSWORD_CHECKS: &str = "consentry_password_checks_total";
@@ -46,6 +47,7 @@ pub const ALL: &[&str] = &[
     ACT_VERSION,
     LEDGER_APPENDS,
     LEDGER_APPEND_FAILURES,
+    LEDGER_HEALTHY,
     LEDGER_FSYNC_SECONDS,
     LEDGER_BATCH_SIZE,
     PASSWORD_CHECKS,
@@ -157,6 +159,7 @@ fn register() {
     gauge!(ACT_VERSION).increment(0.0);
     counter!(LEDGER_APPENDS).increment(0);
     counter!(LEDGER_APPEND_FAILURES).increment(0);
+    gauge!(LEDGER_HEALTHY).increment(0.0);
     let _ = histogram!(LEDGER_FSYNC_SECONDS);
     let _ = histogram!(LEDGER_BATCH_SIZE);
     for result in ["run", "busy"] {
@@ -221,6 +224,11 @@ fn describe() {
         "Subscribers disconnected for being too far behind and reading nothing"
     );
     describe_counter!(LEDGER_APPENDS, "Records appended to the share ledger");
+    describe_gauge!(
+        LEDGER_HEALTHY,
+        "1 while the share ledger takes records; 0 after a write failed, until restart \
+         (personal data is not delivered meanwhile)"
+    );
     describe_counter!(
         LEDGER_APPEND_FAILURES,
         "Times the share ledger failed to append (deliveries stop until it recovers)"

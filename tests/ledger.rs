@@ -289,3 +289,63 @@ async fn every_message_received_before_a_sigkill_has_its_record() {
         "{missing} received messages have no ledger record"
     );
 }
+
+/// A share ledger that failed a write stays closed, and says so: personal
+/// data stops, and `consentry_ledger_healthy` drops to 0 (README,
+/// "Operating"). The failure is real: the ledger's directory is replaced by
+/// a file, so opening its next segment fails in the kernel.
+#[tokio::test]
+async fn a_failed_ledger_write_stops_deliveries_and_shows_in_the_gauge() {
+    let server = Server::start(common::Setup {
+        replace: vec![("segment_mib = 64".into(), "segment_mib = 1".into())],
+        ..Default::default()
+    });
+    server
+        .wait_for_metric("consentry_ledger_healthy", &[], 1.0)
+        .await;
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtMostOnce)
+        .await;
+    let mut watch = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    watch.publish_acked(HR, br#"{"bpm":60}"#).await;
+    assert_eq!(fit.next_publish().await.topic, HR.as_bytes());
+
+    let dir = server.data_dir().join("ledger");
+    std::fs::rename(&dir, server.data_dir().join("ledger-moved")).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    // Enough records to fill the 1 MiB segment and need the next one.
+    let mut sent = 0;
+    while server.metric("consentry_ledger_healthy", &[]) == 1.0 {
+        assert!(sent < 200_000, "the ledger never needed a new segment");
+        for _ in 0..500 {
+            watch
+                .client
+                .publish(HR, v5::QoS::AtMostOnce, false, &br#"{"bpm":61}"#[..])
+                .await
+                .unwrap();
+        }
+        sent += 500;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(server.metric("consentry_ledger_append_failures_total", &[]) >= 1.0);
+    // Nothing personal is delivered any more, to a new subscriber either.
+    let mut late = v5::connect(server.mqtt, "late", "fitcoach", "fitcoach-secret").await;
+    late.subscribe("pii/+/+/heart_rate", v5::QoS::AtMostOnce)
+        .await;
+    watch.publish_acked(HR, br#"{"bpm":62}"#).await;
+    // The provider is told the server is busy, and gets no reading.
+    loop {
+        match late.next().await {
+            v5::Packet::Disconnect(d) => {
+                assert_eq!(
+                    d.reason_code,
+                    rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::ServerBusy
+                );
+                break;
+            }
+            v5::Packet::Publish(p) => panic!("personal data delivered: {p:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(server.metric("consentry_ledger_healthy", &[]), 0.0);
+}

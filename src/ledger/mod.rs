@@ -243,6 +243,7 @@ impl Ledger {
     pub fn open(cfg: LedgerConfig, keys: Keyring) -> Result<Ledger, LedgerError> {
         cfg.validate()?;
         let lock = lock_dir(&cfg.dir)?;
+        metrics::gauge!(crate::metrics::LEDGER_HEALTHY).set(1.0);
         let shared = Arc::new(Shared {
             queue: Mutex::new(writer::Queue::default()),
             cv: std::sync::Condvar::new(),

@@ -514,6 +514,7 @@ impl Writer {
         tracing::error!(error = %msg, "ledger write failed; failing closed");
         metrics::counter!(crate::metrics::LEDGER_APPEND_FAILURES).increment(1);
         self.shared.healthy.store(false, Ordering::SeqCst);
+        metrics::gauge!(crate::metrics::LEDGER_HEALTHY).set(0.0);
         let queued = {
             let mut q = self.shared.lock();
             q.failed = Some(msg.clone());
