@@ -293,6 +293,22 @@ async fn every_error_class_is_a_problem_document() {
         (s, p["field"].as_str()),
         (StatusCode::UNPROCESSABLE_ENTITY, Some("id"))
     );
+    // Ids are path segments: "." and ".." would name no reachable resource.
+    for id in [".", "..", "-x", "_x", ".hidden"] {
+        let (s, p) = api
+            .json(
+                "POST",
+                "/v1/users",
+                None,
+                json!({"id": id, "password": "correct horse battery", "time_zone": "UTC"}),
+            )
+            .await;
+        assert_eq!(
+            (s, p["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("id")),
+            "{id}"
+        );
+    }
     let (s, p) = api
         .json(
             "POST",

@@ -42,7 +42,10 @@ pub async fn put_provider(
     Body(p): Body<NewProvider>,
 ) -> Result<(StatusCode, Json<Created>), Problem> {
     if !valid_id(&p.id) {
-        return Err(Problem::unprocessable("use 1–64 of a–z, 0–9, '-', '_', '.'").field("id"));
+        return Err(Problem::unprocessable(
+            "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit",
+        )
+        .field("id"));
     }
     if p.purposes.is_empty() {
         return Err(
@@ -88,7 +91,10 @@ pub async fn put_kind(
     Body(k): Body<Kind>,
 ) -> Result<(StatusCode, Json<Created>), Problem> {
     if !valid_id(&k.name) {
-        return Err(Problem::unprocessable("use 1–64 of a–z, 0–9, '-', '_', '.'").field("name"));
+        return Err(Problem::unprocessable(
+            "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit",
+        )
+        .field("name"));
     }
     let name = k.name.clone();
     let prefs = state.prefs.clone();

@@ -64,8 +64,12 @@ fn second_factor(
     }
 }
 
+/// 1–64 of a–z, 0–9, '-', '_' and '.', starting with a letter or digit: an
+/// id is a path segment of the API (`.` and `..` would name no resource a
+/// client can reach) and a level of MQTT topics.
 pub fn valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
+        && id.as_bytes()[0].is_ascii_alphanumeric()
         && id
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
@@ -106,7 +110,10 @@ pub async fn register(
     Body(r): Body<Registration>,
 ) -> Result<(StatusCode, Json<Registered>), Problem> {
     if !valid_id(&r.id) {
-        return Err(Problem::unprocessable("use 1–64 of a–z, 0–9, '-', '_', '.'").field("id"));
+        return Err(Problem::unprocessable(
+            "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit",
+        )
+        .field("id"));
     }
     if r.password.chars().count() < 12 {
         return Err(Problem::unprocessable("at least 12 characters").field("password"));
@@ -468,7 +475,10 @@ pub async fn register_device(
     Body(d): Body<NewDevice>,
 ) -> Result<(StatusCode, Json<DeviceCredentials>), Problem> {
     if !valid_id(&d.id) {
-        return Err(Problem::unprocessable("use 1–64 of a–z, 0–9, '-', '_', '.'").field("id"));
+        return Err(Problem::unprocessable(
+            "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit",
+        )
+        .field("id"));
     }
     let mut raw = [0u8; 18];
     rand::rngs::OsRng.fill_bytes(&mut raw);
