@@ -445,8 +445,10 @@ impl PreferenceManager {
             }
             // An update that brings no credentials keeps the provider's
             // login: re-stating its terms must not lock it out.
-            if provider.password_hash.is_none() && provider.cert_sha256.is_none() {
+            if provider.password_hash.is_none() {
                 provider.password_hash = old.password_hash.clone();
+            }
+            if provider.cert_sha256.is_none() {
                 provider.cert_sha256 = old.cert_sha256.clone();
             }
         }
@@ -737,17 +739,44 @@ impl PreferenceManager {
     }
 }
 
-/// Why `new` may not replace `old`, if so: a purpose the share grants in
-/// `prefs` name would change its statement, category, retention or
-/// termination, and those users consented to it as it was (X.1363 9.1 6),
-/// 9.2 1)-2)). A purpose dropped, or no longer asking for a granted kind,
-/// is refused when the ACT compiles; purposes nobody granted, and new
-/// ones, may change freely.
+/// Why `new` may not replace `old`, if so: users whose share grants in
+/// `prefs` name the provider consented to it as it was (X.1363 9.1 6),
+/// 9.2 1)-2)), so while they do, neither who it is (its name, controller,
+/// privacy policy and jurisdiction: the receipts name the first two) nor
+/// the terms of a purpose they granted (statement, category, core flag,
+/// retention, termination) may change. Contact details may. A purpose
+/// dropped, or no longer asking for a granted kind, is refused when the
+/// ACT compiles; purposes nobody granted, and new ones, may change freely.
 fn consent_changes<'p>(
     old: &Provider,
     new: &Provider,
-    prefs: impl Iterator<Item = &'p Preferences>,
+    prefs: impl Iterator<Item = &'p Preferences> + Clone,
 ) -> Option<String> {
+    let identity: Vec<&str> = [
+        ("name", old.name != new.name),
+        (
+            "controller.company",
+            old.controller.company != new.controller.company,
+        ),
+        ("privacy_policy", old.privacy_policy != new.privacy_policy),
+        ("jurisdiction", old.jurisdiction != new.jurisdiction),
+    ]
+    .into_iter()
+    .filter_map(|(field, changed)| changed.then_some(field))
+    .collect();
+    if !identity.is_empty() {
+        let users = prefs
+            .clone()
+            .filter(|p| p.share.iter().any(|g| g.provider == old.id))
+            .count();
+        if users > 0 {
+            return Some(format!(
+                "{identity:?} of provider {:?} would change, and {users} user(s) share data with \
+                 it as it is; register the new party under another provider id",
+                old.id
+            ));
+        }
+    }
     let changed: Vec<&str> = old
         .purposes
         .iter()

@@ -2148,6 +2148,31 @@ async fn a_purpose_users_consented_to_keeps_its_terms() {
     let (_, one) = api.get("/v1/providers/acme", None).await;
     assert_eq!(one["purposes"][0]["statement"], "Steps for statistics");
     assert_eq!(one["purposes"][0]["retention_days"], 30);
+    // Nor who the provider is: its receipts name it and its company.
+    let mut renamed = provider("Steps for statistics", 30, &["steps"]);
+    renamed["name"] = json!("DataBroker");
+    let mut sold = provider("Steps for statistics", 30, &["steps"]);
+    sold["controller"]["company"] = json!("DataBroker Inc");
+    let mut policy = provider("Steps for statistics", 30, &["steps"]);
+    policy["privacy_policy"] = json!("https://databroker.example/anything");
+    for changed in [renamed, sold, policy] {
+        let (s, p) = api.operator("/v1/operator/providers", changed).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{p}");
+    }
+    // A new address for its data protection officer is not a new party.
+    let mut moved = provider("Steps for statistics", 30, &["steps"]);
+    moved["controller"]["email"] = json!("privacy@acme.example");
+    let (s, p) = api.operator("/v1/operator/providers", moved.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    // An update that leaves out the role keeps it.
+    moved["role"] = json!("data");
+    let (s, p) = api.operator("/v1/operator/providers", moved.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    moved.as_object_mut().unwrap().remove("role");
+    let (s, p) = api.operator("/v1/operator/providers", moved).await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    let (_, one) = api.get("/v1/providers/acme", None).await;
+    assert_eq!(one["role"], "data", "{one}");
     // Asking for one more kind changes nothing the user granted.
     let (s, p) = api
         .operator(

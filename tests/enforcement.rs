@@ -633,7 +633,20 @@ async fn a_provider_update_keeps_its_login_and_checks_its_purposes() {
     empty["kinds"] = json!([]);
     let (s, body) = post(json!([pricing, empty]));
     assert_eq!(s, 422, "{body}");
-    assert!(body.contains("\"field\":\"purposes\""), "{body}");
+    assert!(body.contains("\"field\":\"purposes[1].kinds\""), "{body}");
+    // Purposes say something, under an id, and name each kind once.
+    for (field, value) in [
+        ("id", json!("../x")),
+        ("statement", json!(" ")),
+        ("kinds", json!(["heart_rate", "heart_rate"])),
+    ] {
+        let mut bad = json!({"id": "p2", "statement": "More", "category": "Contracted Service",
+                             "kinds": ["heart_rate"], "retention_days": 30});
+        bad[field] = value;
+        let (s, body) = post(json!([bad]));
+        assert_eq!(s, 422, "{field}: {body}");
+        assert!(body.contains(&format!("purposes[0].{field}")), "{body}");
+    }
 }
 
 #[tokio::test]

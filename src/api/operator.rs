@@ -17,8 +17,9 @@ use crate::model::{Contact, Kind, Provider, ProviderRole, Purpose};
 pub struct NewProvider {
     id: String,
     name: String,
-    #[serde(default)]
-    role: ProviderRole,
+    /// application (the default for a new provider) or data. Left out when
+    /// updating a provider, its current role stays.
+    role: Option<ProviderRole>,
     /// Its MQTT password; only an argon2 hash is kept. Left out when
     /// updating a provider, its current MQTT login stays.
     mqtt_password: Option<String>,
@@ -52,21 +53,64 @@ pub async fn put_provider(
             Problem::unprocessable("a provider declares at least one purpose").field("purposes"),
         );
     }
-    if let Some(empty) = p.purposes.iter().find(|u| u.kinds.is_empty()) {
-        return Err(Problem::unprocessable(format!(
-            "purpose {:?} asks for no kind of data: a purpose names what it needs",
-            empty.id
-        ))
-        .field("purposes"));
+    for (i, u) in p.purposes.iter().enumerate() {
+        let refuse = |field: &str, detail: String| {
+            Err(Problem::unprocessable(detail).field(format!("purposes[{i}].{field}")))
+        };
+        if !valid_id(&u.id) {
+            return refuse(
+                "id",
+                "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit".into(),
+            );
+        }
+        if u.statement.trim().is_empty() {
+            return refuse(
+                "statement",
+                format!(
+                    "purpose {:?} says nothing: users consent to its statement",
+                    u.id
+                ),
+            );
+        }
+        if u.kinds.is_empty() {
+            return refuse(
+                "kinds",
+                format!(
+                    "purpose {:?} asks for no kind of data: a purpose names what it needs",
+                    u.id
+                ),
+            );
+        }
+        if let Some(k) = u
+            .kinds
+            .iter()
+            .enumerate()
+            .find(|(j, k)| u.kinds[..*j].contains(k))
+        {
+            return refuse(
+                "kinds",
+                format!("purpose {:?} names kind {:?} twice", u.id, k.1),
+            );
+        }
     }
     let password_hash = match p.mqtt_password {
         Some(pw) => Some(state.hash_password(pw).await?),
         None => None,
     };
+    let role = match p.role {
+        Some(role) => role,
+        None => state
+            .prefs
+            .providers()
+            .into_iter()
+            .find(|old| old.id == p.id)
+            .map(|old| old.role)
+            .unwrap_or_default(),
+    };
     let provider = Provider {
         id: p.id.clone(),
         name: p.name,
-        role: p.role,
+        role,
         password_hash,
         cert_sha256: None,
         controller: p.controller,
