@@ -114,15 +114,17 @@ fn check_grants(
                 ),
             );
         }
-        // chrono reads "23:59:60" as a leap second, which the receipt would
-        // show as 23:59 and no local clock ever shows.
-        if g.windows
-            .iter()
-            .any(|w| w.from.nanosecond() >= 1_000_000_000 || w.to.nanosecond() >= 1_000_000_000)
-        {
+        // Whole minutes, as the receipt states them ("Mon 09:00-17:30"): a
+        // window of 01:00:00-01:00:59 would read 01:00-01:00 there. This
+        // also refuses chrono's leap second, "23:59:60".
+        let whole = |t: chrono::NaiveTime| t.second() == 0 && t.nanosecond() == 0;
+        if g.windows.iter().any(|w| !whole(w.from) || !whole(w.to)) {
             return pointless(
                 "collect.windows",
-                format!("a window of kind {:?} has a time with second 60", g.kind),
+                format!(
+                    "a window of kind {:?} is not in whole minutes (give hh:mm or hh:mm:00)",
+                    g.kind
+                ),
             );
         }
     }
@@ -425,13 +427,21 @@ mod tests {
         );
         // Already stored (say, imported): sent back unchanged, it stands.
         assert_eq!(field(check_grants(&closed, &closed, now)), None);
-        let mut leap = window(vec![Weekday::Tue]);
-        leap.to = NaiveTime::from_hms_milli_opt(23, 59, 59, 1_500).unwrap();
-        let leap = with(vec![collect("steps", vec![leap])], vec![]);
-        assert_eq!(
-            field(check_grants(&empty, &leap, now)),
-            Some("collect.windows")
-        );
+        // A leap second, seconds, a fraction: the receipt shows minutes.
+        for to in [
+            NaiveTime::from_hms_milli_opt(23, 59, 59, 1_500).unwrap(),
+            NaiveTime::from_hms_opt(9, 0, 59).unwrap(),
+            NaiveTime::from_hms_nano_opt(9, 0, 0, 1).unwrap(),
+        ] {
+            let mut w = window(vec![Weekday::Tue]);
+            w.to = to;
+            let w = with(vec![collect("steps", vec![w])], vec![]);
+            assert_eq!(
+                field(check_grants(&empty, &w, now)),
+                Some("collect.windows"),
+                "{to}"
+            );
+        }
 
         for decimals in [16, -16, 400, i32::MIN] {
             let mut g = share("location", None);
