@@ -10,14 +10,37 @@ use tracing_subscriber::layer::{Context, Filter};
 use tracing_subscriber::Layer;
 
 /// What `CONSENTRY_LOG` defaults to.
-pub const DEFAULT_FILTER: &str = "info,rumqttd=warn";
+pub const DEFAULT_FILTER: &str = "info";
+
+/// The MQTT crates consentry embeds: their own lines name topics (rumqttd's
+/// router logs every subscription's filter at info, rumqttc each publish
+/// at debug), and consentry's logs carry no topics or user ids. They stay
+/// at warn unless the filter names them.
+const QUIET: [&str; 2] = ["rumqttd", "rumqttc"];
+
+/// `spec`, or the default, with the embedded MQTT crates at warn unless it
+/// names them itself.
+fn filter_spec(spec: Option<&str>) -> String {
+    let mut spec = spec
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or(DEFAULT_FILTER)
+        .to_string();
+    for target in QUIET {
+        if !spec.contains(target) {
+            spec.push_str(&format!(",{target}=warn"));
+        }
+    }
+    spec
+}
 
 /// Installs the global subscriber. Call once, first thing in `main`.
 pub fn init() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let env = tracing_subscriber::EnvFilter::try_from_env("CONSENTRY_LOG")
-        .unwrap_or_else(|_| DEFAULT_FILTER.into());
+    let given = std::env::var("CONSENTRY_LOG").ok();
+    let env = tracing_subscriber::EnvFilter::try_new(filter_spec(given.as_deref()))
+        .unwrap_or_else(|_| filter_spec(None).into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::registry()
         .with(log_layer(env, std::io::stderr, ansi))
@@ -104,6 +127,29 @@ impl Visit for Message {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_embedded_mqtt_crates_stay_at_warn_unless_named() {
+        assert_eq!(filter_spec(None), "info,rumqttd=warn,rumqttc=warn");
+        // README's own example, and a bare level, leave them quiet.
+        assert_eq!(
+            filter_spec(Some("info,consentry=debug")),
+            "info,consentry=debug,rumqttd=warn,rumqttc=warn"
+        );
+        assert_eq!(
+            filter_spec(Some("debug")),
+            "debug,rumqttd=warn,rumqttc=warn"
+        );
+        // Naming one is asking for its lines.
+        assert_eq!(
+            filter_spec(Some("info,rumqttd=debug")),
+            "info,rumqttd=debug,rumqttc=warn"
+        );
+        assert_eq!(filter_spec(Some("  ")), filter_spec(None));
+        for spec in [None, Some("debug"), Some("info,consentry=debug")] {
+            tracing_subscriber::EnvFilter::try_new(filter_spec(spec)).expect("parses");
+        }
+    }
+
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 

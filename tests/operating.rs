@@ -263,3 +263,29 @@ fn check_names_the_file_a_semantic_error_is_in() {
     let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
     assert!(!ok && err.contains("consentry.toml: template"), "{err}");
 }
+
+/// README: logs carry no topics or user ids, at the default filter and at
+/// the README's own example of a more verbose one. The embedded rumqttd and
+/// rumqttc name topics in their own lines, so they stay at warn unless the
+/// filter names them.
+#[tokio::test]
+async fn a_verbose_log_still_names_no_topic_or_user() {
+    use common::v5;
+    let server = Server::start(common::Setup {
+        env: vec![("CONSENTRY_LOG".into(), "info,consentry=debug".into())],
+        ..Default::default()
+    });
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/alice/#", v5::QoS::AtLeastOnce).await;
+    let mut watch = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    watch
+        .publish_acked("pii/alice/alice-watch/heart_rate", br#"{"bpm":70}"#)
+        .await;
+    assert_eq!(
+        fit.next_publish().await.topic,
+        &b"pii/alice/alice-watch/heart_rate"[..]
+    );
+    let log = server.log();
+    assert!(log.contains("DEBUG"), "the filter did not apply:\n{log}");
+    assert!(!log.contains("pii/"), "a topic in the log:\n{log}");
+}
