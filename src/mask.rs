@@ -804,6 +804,18 @@ fn apply_one<D: Doc>(
 /// from before that is held to it here.
 pub const MAX_DECIMALS: u32 = 15;
 
+/// A field of `mask` generalized past [`MAX_DECIMALS`], and to how many.
+pub fn past_max_decimals<'m>(
+    mask: impl IntoIterator<Item = (&'m String, &'m MaskMethod)>,
+) -> Option<(&'m str, i32)> {
+    mask.into_iter().find_map(|(field, m)| match *m {
+        MaskMethod::Generalize { decimals } if decimals.unsigned_abs() > MAX_DECIMALS => {
+            Some((field.as_str(), decimals))
+        }
+        _ => None,
+    })
+}
+
 fn generalize(n: Number, decimals: i32) -> Number {
     let max = MAX_DECIMALS as i32;
     let decimals = decimals.clamp(-max, max);

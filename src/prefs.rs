@@ -5,6 +5,7 @@
 //! in — all before the caller hears "accepted". So when a revocation
 //! returns, no later delivery is decided under the old consent.
 
+use crate::mask::{past_max_decimals, MAX_DECIMALS};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -545,6 +546,18 @@ impl PreferenceManager {
             let current = state.prefs.get(&p.user);
             let same = current.is_some_and(|c| c.collect == p.collect && c.share == p.share);
             if !same {
+                // As the API holds a user's own grants to it.
+                let masks = p.share.iter().flat_map(|g| &g.mask);
+                if let Some((field, decimals)) = past_max_decimals(masks) {
+                    return Err(PrefError::Pointless {
+                        field: "share.mask",
+                        message: format!(
+                            "preferences of {:?}: {field:?} generalized to {decimals} decimals; \
+                             use -{MAX_DECIMALS} to {MAX_DECIMALS}",
+                            p.user
+                        ),
+                    });
+                }
                 p.version = current.map(|c| c.version).unwrap_or(0) + 1;
                 p.receipt = self.new_receipt_id();
                 changed.push(p);
@@ -1090,7 +1103,7 @@ mod tests {
                 .unwrap()
         };
         let mut changed = fit(&pm);
-        changed.name = "FitCoach, renamed through the API".into();
+        changed.controller.email = "dpo@api.fitcoach.example".into();
         let mut extra = changed.purposes[0].clone();
         extra.id = "research".into();
         changed.purposes.push(extra.clone());
@@ -1111,7 +1124,7 @@ mod tests {
 
         // The same file again: the API's provider stands, and the reload works.
         pm.import(seed.clone()).unwrap();
-        assert_eq!(fit(&pm).name, changed.name);
+        assert_eq!(fit(&pm).controller.email, changed.controller.email);
         assert_eq!(fit(&pm).purposes.len(), changed.purposes.len());
         assert!(act.load().version > 1);
 
@@ -1122,13 +1135,13 @@ mod tests {
             .iter()
             .position(|p| p.id == "fitcoach")
             .unwrap();
-        file.providers[at].name = "FitCoach, renamed in the file".into();
+        file.providers[at].controller.email = "dpo@file.fitcoach.example".into();
         file.providers[at].purposes = changed.purposes.clone();
         pm.import(file.clone()).unwrap();
-        assert_eq!(fit(&pm).name, "FitCoach, renamed in the file");
+        assert_eq!(fit(&pm).controller.email, "dpo@file.fitcoach.example");
         // And stays so on the next reload of that file.
         pm.import(file).unwrap();
-        assert_eq!(fit(&pm).name, "FitCoach, renamed in the file");
+        assert_eq!(fit(&pm).controller.email, "dpo@file.fitcoach.example");
     }
 
     #[test]
@@ -1172,32 +1185,59 @@ mod tests {
         pm.import(seed).unwrap();
     }
 
+    #[test]
+    fn an_import_holds_generalization_to_the_apis_range() {
+        let (pm, _) = manager();
+        let (seed, _) = demo();
+        for decimals in [400, i32::MIN] {
+            let mut file = seed.clone();
+            let alice = file
+                .preferences
+                .iter_mut()
+                .find(|p| p.user == "alice")
+                .unwrap();
+            alice.share[0].mask.insert(
+                "bpm".into(),
+                crate::model::MaskMethod::Generalize { decimals },
+            );
+            let err = pm.import(file).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    PrefError::Pointless {
+                        field: "share.mask",
+                        ..
+                    }
+                ),
+                "{decimals}: {err:?}"
+            );
+        }
+    }
+
     /// A store from before import records were kept: the first reload must
     /// neither revert the API's change nor fail on the grants made to it.
     #[test]
     fn the_first_import_without_records_keeps_what_the_store_holds() {
         let (pm, _) = manager();
         let (seed, _) = demo();
-        let name_of = |pm: &PreferenceManager, id: &str| {
+        let email_of = |pm: &PreferenceManager, id: &str| {
             pm.providers()
                 .into_iter()
                 .find(|p| p.id == id)
                 .unwrap()
-                .name
+                .controller
+                .email
         };
         let mut changed = pm
             .providers()
             .into_iter()
             .find(|p| p.id == "fitcoach")
             .unwrap();
-        changed.name = "FitCoach, renamed through the API".into();
+        changed.controller.email = "dpo@api.fitcoach.example".into();
         pm.put_provider(changed).unwrap();
         pm.store().forget_imported_providers().unwrap();
         pm.import(seed.clone()).unwrap();
-        assert_eq!(
-            name_of(&pm, "fitcoach"),
-            "FitCoach, renamed through the API"
-        );
+        assert_eq!(email_of(&pm, "fitcoach"), "dpo@api.fitcoach.example");
         // The file's entry is now the baseline: editing it applies.
         let mut file = seed;
         let at = file
@@ -1205,9 +1245,9 @@ mod tests {
             .iter()
             .position(|p| p.id == "fitcoach")
             .unwrap();
-        file.providers[at].name = "FitCoach, edited in the file".into();
+        file.providers[at].controller.email = "dpo@edited.fitcoach.example".into();
         pm.import(file).unwrap();
-        assert_eq!(name_of(&pm, "fitcoach"), "FitCoach, edited in the file");
+        assert_eq!(email_of(&pm, "fitcoach"), "dpo@edited.fitcoach.example");
     }
 
     /// A kind stored by an earlier version with a type that can never be
@@ -1252,7 +1292,7 @@ mod tests {
         let (pm, _) = manager();
         let (mut file, _) = demo();
         let mut second = file.providers[0].clone();
-        second.name = "Second entry".into();
+        second.controller.email = "second@fitcoach.example".into();
         let id = second.id.clone();
         file.providers.push(second);
         for _ in 0..4 {
@@ -1262,8 +1302,9 @@ mod tests {
                 .into_iter()
                 .find(|p| p.id == id)
                 .unwrap()
-                .name;
-            assert_eq!(name, "Second entry");
+                .controller
+                .email;
+            assert_eq!(name, "second@fitcoach.example");
         }
     }
 

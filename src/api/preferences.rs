@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{AuthUser, Body, Path, Problem, State};
-use crate::mask::MAX_DECIMALS;
+use crate::mask::{past_max_decimals, MAX_DECIMALS};
 use crate::model::{CollectGrant, MaskMethod, Preferences, ShareGrant, Window};
 use crate::prefs::{Applied, PrefError};
 use crate::store::HistoryEntry;
@@ -129,13 +129,8 @@ fn check_grants(
         }
     }
     for g in &after.share {
-        let generalized = g.mask.iter().find_map(|(field, m)| match m {
-            MaskMethod::Generalize { decimals } if decimals.unsigned_abs() > MAX_DECIMALS => {
-                Some(field)
-            }
-            _ => None,
-        });
-        if let Some(field) = generalized.filter(|_| !before.share.contains(g)) {
+        let generalized = past_max_decimals(&g.mask);
+        if let Some((field, _)) = generalized.filter(|_| !before.share.contains(g)) {
             return pointless(
                 "share.mask",
                 format!(
