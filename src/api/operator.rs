@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 use base64::Engine;
 use rand::RngCore;
 
-use super::users::{totp, valid_id};
+use super::users::{totp, valid_id, ID_RULE};
 use super::{Body, Operator, Path, Problem, State};
 use crate::model::{Contact, Kind, Provider, ProviderRole, Purpose};
 
@@ -43,10 +43,7 @@ pub async fn put_provider(
     Body(p): Body<NewProvider>,
 ) -> Result<(StatusCode, Json<Created>), Problem> {
     if !valid_id(&p.id) {
-        return Err(Problem::unprocessable(
-            "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit",
-        )
-        .field("id"));
+        return Err(Problem::unprocessable(ID_RULE).field("id"));
     }
     if p.purposes.is_empty() {
         return Err(
@@ -58,10 +55,7 @@ pub async fn put_provider(
             Err(Problem::unprocessable(detail).field(format!("purposes[{i}].{field}")))
         };
         if !valid_id(&u.id) {
-            return refuse(
-                "id",
-                "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit".into(),
-            );
+            return refuse("id", ID_RULE.into());
         }
         if u.statement.trim().is_empty() {
             return refuse(
@@ -135,10 +129,7 @@ pub async fn put_kind(
     Body(k): Body<Kind>,
 ) -> Result<(StatusCode, Json<Created>), Problem> {
     if !valid_id(&k.name) {
-        return Err(Problem::unprocessable(
-            "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit",
-        )
-        .field("name"));
+        return Err(Problem::unprocessable(ID_RULE).field("name"));
     }
     let name = k.name.clone();
     let prefs = state.prefs.clone();

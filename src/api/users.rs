@@ -19,7 +19,7 @@ use crate::model::{Device, User};
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Registration {
-    /// Login name: 1–64 of a–z, 0–9, `-`, `_`, `.`.
+    /// Login name: 1–64 of a–z, 0–9, `-`, `_`, `.`, starting with a letter or digit.
     id: String,
     /// At least 12 characters.
     password: String,
@@ -63,6 +63,9 @@ fn second_factor(
         .field("recovery_code")),
     }
 }
+
+/// What [`valid_id`] accepts, as an error's detail says it.
+pub const ID_RULE: &str = "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit";
 
 /// 1–64 of a–z, 0–9, '-', '_' and '.', starting with a letter or digit: an
 /// id is a path segment of the API (`.` and `..` would name no resource a
@@ -110,10 +113,7 @@ pub async fn register(
     Body(r): Body<Registration>,
 ) -> Result<(StatusCode, Json<Registered>), Problem> {
     if !valid_id(&r.id) {
-        return Err(Problem::unprocessable(
-            "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit",
-        )
-        .field("id"));
+        return Err(Problem::unprocessable(ID_RULE).field("id"));
     }
     if r.password.chars().count() < 12 {
         return Err(Problem::unprocessable("at least 12 characters").field("password"));
@@ -454,7 +454,8 @@ pub async fn change_password(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewDevice {
-    /// The device's MQTT user name: 1–64 of a–z, 0–9, `-`, `_`, `.`.
+    /// The device's MQTT user name: 1–64 of a–z, 0–9, `-`, `_`, `.`, starting with a
+    /// letter or digit.
     id: String,
 }
 
@@ -475,10 +476,7 @@ pub async fn register_device(
     Body(d): Body<NewDevice>,
 ) -> Result<(StatusCode, Json<DeviceCredentials>), Problem> {
     if !valid_id(&d.id) {
-        return Err(Problem::unprocessable(
-            "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit",
-        )
-        .field("id"));
+        return Err(Problem::unprocessable(ID_RULE).field("id"));
     }
     let mut raw = [0u8; 18];
     rand::rngs::OsRng.fill_bytes(&mut raw);
