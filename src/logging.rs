@@ -27,7 +27,12 @@ fn filter_spec(spec: Option<&str>) -> String {
         .unwrap_or(DEFAULT_FILTER)
         .to_string();
     for target in QUIET {
-        if !spec.contains(target) {
+        // Only a directive for the crate itself counts: one that quiets a
+        // module of it (`rumqttd::server=warn`) does not ask for the rest.
+        let named = spec
+            .split(',')
+            .any(|d| d.trim().split(['=', '[']).next() == Some(target));
+        if !named {
             spec.push_str(&format!(",{target}=warn"));
         }
     }
@@ -145,6 +150,11 @@ mod tests {
             "info,rumqttd=debug,rumqttc=warn"
         );
         assert_eq!(filter_spec(Some("  ")), filter_spec(None));
+        // Quieting one module of it is not asking for the rest.
+        assert_eq!(
+            filter_spec(Some("debug,rumqttd::server=warn")),
+            "debug,rumqttd::server=warn,rumqttd=warn,rumqttc=warn"
+        );
         for spec in [None, Some("debug"), Some("info,consentry=debug")] {
             tracing_subscriber::EnvFilter::try_new(filter_spec(spec)).expect("parses");
         }

@@ -544,7 +544,9 @@ impl PreferenceManager {
                 continue;
             }
             let current = state.prefs.get(&p.user);
-            let same = current.is_some_and(|c| c.collect == p.collect && c.share == p.share);
+            let same = current.is_some_and(|c| {
+                same_grants(&c.collect, &p.collect) && same_grants(&c.share, &p.share)
+            });
             if !same {
                 // As the API holds a user's own grants to it.
                 let masks = p.share.iter().flat_map(|g| &g.mask);
@@ -750,6 +752,12 @@ impl PreferenceManager {
         }
         Ok((apply, baselines))
     }
+}
+
+/// The same grants, in any order: a file that lists them in another order
+/// changes nobody's consent, so it issues no new version or receipt.
+fn same_grants<T: PartialEq>(a: &[T], b: &[T]) -> bool {
+    a.len() == b.len() && a.iter().all(|g| b.contains(g)) && b.iter().all(|g| a.contains(g))
 }
 
 /// Why `new` may not replace `old`, if so: users whose share grants in
@@ -1183,6 +1191,26 @@ mod tests {
             "Sold to advertisers"
         );
         pm.import(seed).unwrap();
+    }
+
+    #[test]
+    fn an_import_that_only_reorders_grants_issues_nothing() {
+        let (pm, _) = manager();
+        let (seed, _) = demo();
+        let before = pm.preferences("alice").unwrap();
+        assert!(before.share.len() > 1, "the demo gives alice two grants");
+        let mut file = seed.clone();
+        let alice = file
+            .preferences
+            .iter_mut()
+            .find(|p| p.user == "alice")
+            .unwrap();
+        alice.share.reverse();
+        alice.collect.reverse();
+        pm.import(file).unwrap();
+        let after = pm.preferences("alice").unwrap();
+        assert_eq!(after.version, before.version);
+        assert_eq!(after.receipt, before.receipt);
     }
 
     #[test]
