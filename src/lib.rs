@@ -37,6 +37,7 @@ pub mod broker_link;
 pub mod client_ids;
 pub mod codec;
 pub mod config;
+pub mod grant_rules;
 pub mod ledger;
 pub mod logging;
 pub mod mask;

@@ -360,3 +360,82 @@ pub struct Directory {
     #[serde(default)]
     pub logins: Vec<UserLogin>,
 }
+
+/// What [`valid_id`] accepts, as an error's detail says it.
+pub const ID_RULE: &str = "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit";
+
+/// 1–64 of a–z, 0–9, '-', '_' and '.', starting with a letter or digit: an
+/// id is a path segment of the API (`.` and `..` would name no resource a
+/// client can reach) and a level of MQTT topics.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+}
+
+/// Why a provider's terms cannot be published: the field at fault
+/// (`purposes[1].kinds`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadTerms {
+    pub field: String,
+    pub message: String,
+}
+
+impl Provider {
+    /// Checks what a user would read and consent to: an id for each
+    /// purpose, a statement that says something, and the kinds it asks
+    /// for, each once. The API and directory imports both hold providers
+    /// to it.
+    pub fn check_terms(&self) -> Result<(), BadTerms> {
+        if self.purposes.is_empty() {
+            return Err(BadTerms {
+                field: "purposes".into(),
+                message: "a provider declares at least one purpose".into(),
+            });
+        }
+        for (i, u) in self.purposes.iter().enumerate() {
+            let bad = |field: &str, message: String| {
+                Err(BadTerms {
+                    field: format!("purposes[{i}].{field}"),
+                    message,
+                })
+            };
+            if !valid_id(&u.id) {
+                return bad("id", ID_RULE.into());
+            }
+            // trim() keeps a zero-width space; a statement has words.
+            if !u.statement.chars().any(char::is_alphanumeric) {
+                return bad(
+                    "statement",
+                    format!(
+                        "purpose {:?} says nothing: users consent to its statement",
+                        u.id
+                    ),
+                );
+            }
+            if u.kinds.is_empty() {
+                return bad(
+                    "kinds",
+                    format!(
+                        "purpose {:?} asks for no kind of data: a purpose names what it needs",
+                        u.id
+                    ),
+                );
+            }
+            if let Some((_, k)) = u
+                .kinds
+                .iter()
+                .enumerate()
+                .find(|(j, k)| u.kinds[..*j].contains(k))
+            {
+                return bad(
+                    "kinds",
+                    format!("purpose {:?} names kind {k:?} twice", u.id),
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -5,7 +5,6 @@
 //! in — all before the caller hears "accepted". So when a revocation
 //! returns, no later delivery is decided under the old consent.
 
-use crate::mask::{past_max_decimals, MAX_DECIMALS};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -44,6 +43,12 @@ pub enum PrefError {
     Pointless {
         field: &'static str,
         message: String,
+    },
+    /// A provider's terms no user could read and consent to.
+    #[error("provider {provider:?}: {}: {}", .terms.field, .terms.message)]
+    BadTerms {
+        provider: String,
+        terms: crate::model::BadTerms,
     },
 }
 
@@ -439,6 +444,12 @@ impl PreferenceManager {
     /// Registers a provider or updates one: refused while users' grants
     /// name a purpose whose terms would change (see `consent_changes`).
     pub fn put_provider(&self, mut provider: Provider) -> Result<(), PrefError> {
+        provider
+            .check_terms()
+            .map_err(|terms| PrefError::BadTerms {
+                provider: provider.id.clone(),
+                terms,
+            })?;
         let mut state = self.lock();
         if let Some(old) = state.providers.iter().find(|p| p.id == provider.id) {
             if let Some(refusal) = consent_changes(old, &provider, state.prefs.values()) {
@@ -525,6 +536,13 @@ impl PreferenceManager {
             );
         }
         let (providers, baselines) = self.providers_to_apply(&state, providers)?;
+        // The terms the file changes are held to what the API requires.
+        for (p, _) in &providers {
+            p.check_terms().map_err(|terms| PrefError::BadTerms {
+                provider: p.id.clone(),
+                terms,
+            })?;
+        }
         let mut dir = state.directory();
         upsert(&mut dir.users, &users, |u| &u.id);
         upsert(&mut dir.devices, &devices, |d| &d.id);
@@ -548,18 +566,16 @@ impl PreferenceManager {
                 same_grants(&c.collect, &p.collect) && same_grants(&c.share, &p.share)
             });
             if !same {
-                // As the API holds a user's own grants to it.
-                let masks = p.share.iter().flat_map(|g| &g.mask);
-                if let Some((field, decimals)) = past_max_decimals(masks) {
-                    return Err(PrefError::Pointless {
-                        field: "share.mask",
-                        message: format!(
-                            "preferences of {:?}: {field:?} generalized to {decimals} decimals; \
-                             use -{MAX_DECIMALS} to {MAX_DECIMALS}",
-                            p.user
-                        ),
-                    });
-                }
+                // The rules the API holds a user's own changes to.
+                let empty = Preferences::default();
+                let before = current.unwrap_or(&empty);
+                crate::grant_rules::check_grants(before, &p, Utc::now()).map_err(|e| match e {
+                    PrefError::Pointless { field, message } => PrefError::Pointless {
+                        field,
+                        message: format!("preferences of {:?}: {message}", p.user),
+                    },
+                    e => e,
+                })?;
                 p.version = current.map(|c| c.version).unwrap_or(0) + 1;
                 p.receipt = self.new_receipt_id();
                 changed.push(p);
@@ -1191,6 +1207,49 @@ mod tests {
             "Sold to advertisers"
         );
         pm.import(seed).unwrap();
+    }
+
+    #[test]
+    fn an_import_holds_a_providers_terms_to_the_apis_rules() {
+        let (pm, _) = manager();
+        let (seed, _) = demo();
+        let mut newco = seed.providers[0].clone();
+        newco.id = "newco".into();
+        newco.purposes[0].statement = "\u{200b}".into();
+        let mut file = seed.clone();
+        file.providers.push(newco);
+        let err = pm.import(file).unwrap_err();
+        assert!(
+            matches!(err, PrefError::BadTerms { ref provider, ref terms }
+                if provider == "newco" && terms.field == "purposes[0].statement"),
+            "{err:?}"
+        );
+        assert!(pm.providers().iter().all(|p| p.id != "newco"));
+    }
+
+    /// The file's preferences are held to the API's rules for grants:
+    /// here, a window the receipt could not state.
+    #[test]
+    fn an_import_holds_windows_to_the_apis_rules() {
+        let (pm, _) = manager();
+        let (seed, _) = demo();
+        let mut file = seed.clone();
+        let bob = file
+            .preferences
+            .iter_mut()
+            .find(|p| p.user == "bob")
+            .unwrap();
+        bob.collect[0].windows = vec![crate::model::Window {
+            days: vec![chrono::Weekday::Tue],
+            from: chrono::NaiveTime::from_hms_opt(1, 0, 0).unwrap(),
+            to: chrono::NaiveTime::from_hms_opt(1, 0, 59).unwrap(),
+        }];
+        let err = pm.import(file).unwrap_err();
+        assert!(
+            matches!(err, PrefError::Pointless { field: "collect.windows", ref message }
+                if message.contains("bob")),
+            "{err:?}"
+        );
     }
 
     #[test]

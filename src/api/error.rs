@@ -274,6 +274,9 @@ impl From<PrefError> for Problem {
             PrefError::Receipt(e) => Problem::internal_logged(&e),
             PrefError::Store(e) => Problem::internal_logged(&e),
             PrefError::Pointless { field, message } => Problem::unprocessable(message).field(field),
+            PrefError::BadTerms { terms, .. } => {
+                Problem::unprocessable(terms.message).field(terms.field)
+            }
         }
     }
 }

@@ -45,52 +45,6 @@ pub async fn put_provider(
     if !valid_id(&p.id) {
         return Err(Problem::unprocessable(ID_RULE).field("id"));
     }
-    if p.purposes.is_empty() {
-        return Err(
-            Problem::unprocessable("a provider declares at least one purpose").field("purposes"),
-        );
-    }
-    for (i, u) in p.purposes.iter().enumerate() {
-        let refuse = |field: &str, detail: String| {
-            Err(Problem::unprocessable(detail).field(format!("purposes[{i}].{field}")))
-        };
-        if !valid_id(&u.id) {
-            return refuse("id", ID_RULE.into());
-        }
-        if u.statement.trim().is_empty() {
-            return refuse(
-                "statement",
-                format!(
-                    "purpose {:?} says nothing: users consent to its statement",
-                    u.id
-                ),
-            );
-        }
-        if u.kinds.is_empty() {
-            return refuse(
-                "kinds",
-                format!(
-                    "purpose {:?} asks for no kind of data: a purpose names what it needs",
-                    u.id
-                ),
-            );
-        }
-        if let Some(k) = u
-            .kinds
-            .iter()
-            .enumerate()
-            .find(|(j, k)| u.kinds[..*j].contains(k))
-        {
-            return refuse(
-                "kinds",
-                format!("purpose {:?} names kind {:?} twice", u.id, k.1),
-            );
-        }
-    }
-    let password_hash = match p.mqtt_password {
-        Some(pw) => Some(state.hash_password(pw).await?),
-        None => None,
-    };
     let role = match p.role {
         Some(role) => role,
         None => state
@@ -101,17 +55,23 @@ pub async fn put_provider(
             .map(|old| old.role)
             .unwrap_or_default(),
     };
-    let provider = Provider {
+    let mut provider = Provider {
         id: p.id.clone(),
         name: p.name,
         role,
-        password_hash,
+        password_hash: None,
         cert_sha256: None,
         controller: p.controller,
         jurisdiction: p.jurisdiction,
         privacy_policy: p.privacy_policy,
         purposes: p.purposes,
     };
+    if let Err(bad) = provider.check_terms() {
+        return Err(Problem::unprocessable(bad.message).field(bad.field));
+    }
+    if let Some(pw) = p.mqtt_password {
+        provider.password_hash = Some(state.hash_password(pw).await?);
+    }
     let prefs = state.prefs.clone();
     tokio::task::spawn_blocking(move || prefs.put_provider(provider))
         .await

@@ -64,19 +64,7 @@ fn second_factor(
     }
 }
 
-/// What [`valid_id`] accepts, as an error's detail says it.
-pub const ID_RULE: &str = "use 1–64 of a–z, 0–9, '-', '_', '.', starting with a letter or digit";
-
-/// 1–64 of a–z, 0–9, '-', '_' and '.', starting with a letter or digit: an
-/// id is a path segment of the API (`.` and `..` would name no resource a
-/// client can reach) and a level of MQTT topics.
-pub fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id.as_bytes()[0].is_ascii_alphanumeric()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-}
+pub use crate::model::{valid_id, ID_RULE};
 
 pub(super) fn totp(secret: Vec<u8>, issuer: &str, user: &str) -> Result<TOTP, Problem> {
     TOTP::new(
