@@ -11,13 +11,15 @@ use crate::mask::{past_max_decimals, MAX_DECIMALS};
 use crate::model::Preferences;
 use crate::prefs::PrefError;
 
-/// What the ACT would accept but a user cannot have meant. Only grants the
-/// change adds are held to the expiry rule: a document read back and sent
-/// again may carry a grant that has expired since.
+/// What the ACT would accept but a user cannot have meant, in the grants
+/// `after` adds to or changes from `before`. Only grants the change adds are
+/// held to the expiry rule, and only with a `now` the change takes effect
+/// at: a document read back and sent again may carry a grant that has
+/// expired since, and a file checked on its own takes effect at no moment.
 pub fn check_grants(
     before: &Preferences,
     after: &Preferences,
-    now: DateTime<Utc>,
+    now: Option<DateTime<Utc>>,
 ) -> Result<(), PrefError> {
     let pointless = |field, message: String| Err(PrefError::Pointless { field, message });
     for (i, g) in after.collect.iter().enumerate() {
@@ -79,7 +81,8 @@ pub fn check_grants(
                 ),
             );
         }
-        if g.expires.is_some_and(|e| e <= now) && !before.share.contains(g) {
+        let expired = g.expires.zip(now).is_some_and(|(e, now)| e <= now);
+        if expired && !before.share.contains(g) {
             return pointless(
                 "share.expires",
                 format!(
@@ -152,17 +155,20 @@ mod tests {
             ],
             vec![share("heart_rate", Some(future)), share("steps", None)],
         );
-        assert_eq!(field(check_grants(&empty, &ok, now)), None);
+        assert_eq!(field(check_grants(&empty, &ok, Some(now))), None);
 
         let twice = with(
             vec![collect("steps", vec![]), collect("steps", vec![])],
             vec![],
         );
-        assert_eq!(field(check_grants(&empty, &twice, now)), Some("collect"));
+        assert_eq!(
+            field(check_grants(&empty, &twice, Some(now))),
+            Some("collect")
+        );
 
         let no_day = with(vec![collect("steps", vec![window(vec![])])], vec![]);
         assert_eq!(
-            field(check_grants(&empty, &no_day, now)),
+            field(check_grants(&empty, &no_day, Some(now))),
             Some("collect.windows.days")
         );
 
@@ -170,11 +176,11 @@ mod tests {
         closed.to = closed.from;
         let closed = with(vec![collect("steps", vec![closed])], vec![]);
         assert_eq!(
-            field(check_grants(&empty, &closed, now)),
+            field(check_grants(&empty, &closed, Some(now))),
             Some("collect.windows")
         );
         // Already stored (say, imported): sent back unchanged, it stands.
-        assert_eq!(field(check_grants(&closed, &closed, now)), None);
+        assert_eq!(field(check_grants(&closed, &closed, Some(now))), None);
         // A leap second, seconds, a fraction: the receipt shows minutes.
         for to in [
             NaiveTime::from_hms_milli_opt(23, 59, 59, 1_500).unwrap(),
@@ -185,7 +191,7 @@ mod tests {
             w.to = to;
             let w = with(vec![collect("steps", vec![w])], vec![]);
             assert_eq!(
-                field(check_grants(&empty, &w, now)),
+                field(check_grants(&empty, &w, Some(now))),
                 Some("collect.windows"),
                 "{to}"
             );
@@ -197,7 +203,7 @@ mod tests {
                 .insert("lat".into(), MaskMethod::Generalize { decimals });
             let far = with(vec![], vec![g]);
             assert_eq!(
-                field(check_grants(&empty, &far, now)),
+                field(check_grants(&empty, &far, Some(now))),
                 Some("share.mask"),
                 "{decimals}"
             );
@@ -206,16 +212,18 @@ mod tests {
         g.mask
             .insert("lat".into(), MaskMethod::Generalize { decimals: -15 });
         assert_eq!(
-            field(check_grants(&empty, &with(vec![], vec![g]), now)),
+            field(check_grants(&empty, &with(vec![], vec![g]), Some(now))),
             None
         );
 
         let expired = with(vec![], vec![share("steps", Some(past))]);
         assert_eq!(
-            field(check_grants(&empty, &expired, now)),
+            field(check_grants(&empty, &expired, Some(now))),
             Some("share.expires")
         );
+        // A file checked on its own takes effect at no moment.
+        assert_eq!(field(check_grants(&empty, &expired, None)), None);
         // The same grant sent back after it expired is not a new one.
-        assert_eq!(field(check_grants(&expired, &expired, now)), None);
+        assert_eq!(field(check_grants(&expired, &expired, Some(now))), None);
     }
 }

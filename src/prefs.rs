@@ -569,13 +569,15 @@ impl PreferenceManager {
                 // The rules the API holds a user's own changes to.
                 let empty = Preferences::default();
                 let before = current.unwrap_or(&empty);
-                crate::grant_rules::check_grants(before, &p, Utc::now()).map_err(|e| match e {
-                    PrefError::Pointless { field, message } => PrefError::Pointless {
-                        field,
-                        message: format!("preferences of {:?}: {message}", p.user),
+                crate::grant_rules::check_grants(before, &p, Some(Utc::now())).map_err(
+                    |e| match e {
+                        PrefError::Pointless { field, message } => PrefError::Pointless {
+                            field,
+                            message: format!("preferences of {:?}: {message}", p.user),
+                        },
+                        e => e,
                     },
-                    e => e,
-                })?;
+                )?;
                 p.version = current.map(|c| c.version).unwrap_or(0) + 1;
                 p.receipt = self.new_receipt_id();
                 changed.push(p);

@@ -84,16 +84,30 @@ impl std::fmt::Display for CheckReport {
 /// Compiles the ACT from the configuration and its directory file alone,
 /// without the store: what `consentry check` validates. The configuration
 /// is compiled on its own first, so that an error names the file it is in:
-/// `config` (templates, kinds, ACL) or the directory file.
+/// `config` (templates, kinds, ACL) or the directory file. The file is also
+/// held to the rules an import applies to what it changes (those the API
+/// applies too), as on a first start, which imports all of it; a later
+/// start re-checks only what changed since.
 pub fn check(cfg: &Config, config: &Path) -> anyhow::Result<CheckReport> {
     let (templates, kinds, acl) = (&cfg.templates, &cfg.kinds, &cfg.acl.rules);
     prefs::compile(templates, kinds, &Default::default(), acl, 1)
         .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
     let dir = cfg.load_directory()?;
-    prefs::compile(templates, kinds, &dir, acl, 1).map_err(|e| match &cfg.directory {
+    let in_file = |e: &dyn std::fmt::Display| match &cfg.directory {
         Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
-        None => e.into(),
-    })?;
+        None => anyhow::anyhow!("{e}"),
+    };
+    prefs::compile(templates, kinds, &dir, acl, 1).map_err(|e| in_file(&e))?;
+    // What an import holds the file to besides, as the API does its users
+    // and operator (a first start imports all of it).
+    for p in &dir.providers {
+        p.check_terms()
+            .map_err(|t| in_file(&format!("provider {:?}: {}: {}", p.id, t.field, t.message)))?;
+    }
+    for p in &dir.preferences {
+        crate::grant_rules::check_grants(&Default::default(), p, None)
+            .map_err(|e| in_file(&format!("preferences of {:?}: {e}", p.user)))?;
+    }
     Ok(CheckReport {
         templates: templates.len(),
         kinds: kinds.len(),

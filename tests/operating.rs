@@ -262,6 +262,22 @@ fn check_names_the_file_a_semantic_error_is_in() {
     );
     let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
     assert!(!ok && err.contains("consentry.toml: template"), "{err}");
+
+    // Grants an import would refuse (as the API would): check says so, as
+    // for a first start, which imports the whole file.
+    let seconds = common::DEMO_DIRECTORY.replacen(
+        "collect = [{ kind = \"heart_rate\" }, { kind = \"steps\" }]",
+        "collect = [{ kind = \"heart_rate\", windows = [{ days = [\"Tue\"], from = \"01:00:00\", to = \"01:00:59\" }] }]",
+        1,
+    );
+    assert_ne!(seconds, common::DEMO_DIRECTORY);
+    let (dir, config) = write_config(&[], &seconds);
+    let data = dir.path().join("data");
+    let (ok, _, err) = run(&config, &["check"], &data);
+    assert!(
+        !ok && err.contains("directory.toml: ") && err.contains("whole minutes"),
+        "{err}"
+    );
 }
 
 /// README: logs carry no topics or user ids, at the default filter and at

@@ -63,7 +63,7 @@ async fn change(
         prefs.change(&user, expected, "api", |p| {
             let before = p.clone();
             f(p)?;
-            crate::grant_rules::check_grants(&before, p, Utc::now())
+            crate::grant_rules::check_grants(&before, p, Some(Utc::now()))
         })
     })
     .await
