@@ -405,6 +405,11 @@ impl Provider {
             if !valid_id(&u.id) {
                 return bad("id", ID_RULE.into());
             }
+            // A grant names its purpose by id: two under one id could not
+            // say which one the user agreed to.
+            if self.purposes[..i].iter().any(|o| o.id == u.id) {
+                return bad("id", format!("purpose {:?} is declared twice", u.id));
+            }
             // trim() keeps a zero-width space; a statement has words.
             if !u.statement.chars().any(char::is_alphanumeric) {
                 return bad(

@@ -627,7 +627,10 @@ async fn a_provider_update_keeps_its_login_and_checks_its_purposes() {
     twice["kinds"] = json!(["steps"]);
     let (s, body) = post(json!([pricing.clone(), twice]));
     assert_eq!(s, 422, "{body}");
-    assert!(body.to_string().contains("pricing"), "{body}");
+    assert!(
+        body.contains("pricing") && body.contains("purposes[1].id"),
+        "{body}"
+    );
     let mut empty = pricing.clone();
     empty["id"] = json!("nothing");
     empty["kinds"] = json!([]);
