@@ -35,7 +35,7 @@ use rumqttd::protocol::{
     Protocol,
 };
 use rumqttd::Notification;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use crate::codec::Version;
 
@@ -194,7 +194,7 @@ impl Linker {
             }
         };
         tokio::spawn(task);
-        Pipe { up, down }
+        tokio::io::join(down, up)
     }
 
     /// A connection of `client_id` begins: returns its epoch, and its link
@@ -290,47 +290,9 @@ impl Opening {
     }
 }
 
-/// A session's connection to the embedded broker: it writes `up` and
-/// reads `down`.
-#[derive(Debug)]
-pub struct Pipe {
-    up: DuplexStream,
-    down: DuplexStream,
-}
-
-impl AsyncRead for Pipe {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().down).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Pipe {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().up).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().up).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().up).poll_shutdown(cx)
-    }
-}
+/// A session's connection to the embedded broker: it reads what the
+/// bridge writes down one pipe and writes up the other.
+pub type Pipe = tokio::io::Join<DuplexStream, DuplexStream>;
 
 #[derive(Debug, thiserror::Error)]
 enum BridgeError {

@@ -69,9 +69,9 @@ pub fn check_grants(
             );
         }
     }
-    for g in &after.share {
-        let generalized = past_max_decimals(&g.mask);
-        if let Some((field, _)) = generalized.filter(|_| !before.share.contains(g)) {
+    // Only grants the change adds or alters, as for collection above.
+    for g in after.share.iter().filter(|g| !before.share.contains(g)) {
+        if let Some((field, _)) = past_max_decimals(&g.mask) {
             return pointless(
                 "share.mask",
                 format!(
@@ -81,8 +81,7 @@ pub fn check_grants(
                 ),
             );
         }
-        let expired = g.expires.zip(now).is_some_and(|(e, now)| e <= now);
-        if expired && !before.share.contains(g) {
+        if g.expires.zip(now).is_some_and(|(e, now)| e <= now) {
             return pointless(
                 "share.expires",
                 format!(

@@ -444,12 +444,7 @@ impl PreferenceManager {
     /// Registers a provider or updates one: refused while users' grants
     /// name a purpose whose terms would change (see `consent_changes`).
     pub fn put_provider(&self, mut provider: Provider) -> Result<(), PrefError> {
-        provider
-            .check_terms()
-            .map_err(|terms| PrefError::BadTerms {
-                provider: provider.id.clone(),
-                terms,
-            })?;
+        check_terms(&provider)?;
         let mut state = self.lock();
         if let Some(old) = state.providers.iter().find(|p| p.id == provider.id) {
             if let Some(refusal) = consent_changes(old, &provider, state.prefs.values()) {
@@ -538,10 +533,7 @@ impl PreferenceManager {
         let (providers, baselines) = self.providers_to_apply(&state, providers)?;
         // The terms the file changes are held to what the API requires.
         for (p, _) in &providers {
-            p.check_terms().map_err(|terms| PrefError::BadTerms {
-                provider: p.id.clone(),
-                terms,
-            })?;
+            check_terms(p)?;
         }
         let mut dir = state.directory();
         upsert(&mut dir.users, &users, |u| &u.id);
@@ -599,11 +591,9 @@ impl PreferenceManager {
                 return Err(PrefError::Exists(refusal));
             }
         }
-        drop(reissued);
-        let replaced: HashSet<&str> = changed.iter().map(|p| p.user.as_str()).collect();
         dir.preferences
-            .retain(|c| !replaced.contains(c.user.as_str()));
-        drop(replaced);
+            .retain(|c| !reissued.contains(c.user.as_str()));
+        drop(reissued);
         let first_changed = dir.preferences.len();
         dir.preferences.extend(changed);
         let kinds = state.kinds.clone();
@@ -772,6 +762,14 @@ impl PreferenceManager {
     }
 }
 
+/// `p`'s terms as a user would read them ([`Provider::check_terms`]).
+pub fn check_terms(p: &Provider) -> Result<(), PrefError> {
+    p.check_terms().map_err(|terms| PrefError::BadTerms {
+        provider: p.id.clone(),
+        terms,
+    })
+}
+
 /// The same grants, in any order: a file that lists them in another order
 /// changes nobody's consent, so it issues no new version or receipt.
 fn same_grants<T: PartialEq>(a: &[T], b: &[T]) -> bool {
@@ -924,6 +922,14 @@ mod tests {
             None,
         )
         .unwrap()
+    }
+
+    /// `user`'s entry in a directory file.
+    fn prefs_in<'f>(file: &'f mut Directory, user: &str) -> &'f mut Preferences {
+        file.preferences
+            .iter_mut()
+            .find(|p| p.user == user)
+            .expect("the user has preferences in the file")
     }
 
     fn fitcoach_gets_heart_rate(act: &ActHandle) -> bool {
@@ -1236,11 +1242,7 @@ mod tests {
         let (pm, _) = manager();
         let (seed, _) = demo();
         let mut file = seed.clone();
-        let bob = file
-            .preferences
-            .iter_mut()
-            .find(|p| p.user == "bob")
-            .unwrap();
+        let bob = prefs_in(&mut file, "bob");
         bob.collect[0].windows = vec![crate::model::Window {
             days: vec![chrono::Weekday::Tue],
             from: chrono::NaiveTime::from_hms_opt(1, 0, 0).unwrap(),
@@ -1261,11 +1263,7 @@ mod tests {
         let before = pm.preferences("alice").unwrap();
         assert!(before.share.len() > 1, "the demo gives alice two grants");
         let mut file = seed.clone();
-        let alice = file
-            .preferences
-            .iter_mut()
-            .find(|p| p.user == "alice")
-            .unwrap();
+        let alice = prefs_in(&mut file, "alice");
         alice.share.reverse();
         alice.collect.reverse();
         pm.import(file).unwrap();
@@ -1280,11 +1278,7 @@ mod tests {
         let (seed, _) = demo();
         for decimals in [400, i32::MIN] {
             let mut file = seed.clone();
-            let alice = file
-                .preferences
-                .iter_mut()
-                .find(|p| p.user == "alice")
-                .unwrap();
+            let alice = prefs_in(&mut file, "alice");
             alice.share[0].mask.insert(
                 "bpm".into(),
                 crate::model::MaskMethod::Generalize { decimals },

@@ -101,8 +101,7 @@ pub fn check(cfg: &Config, config: &Path) -> anyhow::Result<CheckReport> {
     // What an import holds the file to besides, as the API does its users
     // and operator (a first start imports all of it).
     for p in &dir.providers {
-        p.check_terms()
-            .map_err(|t| in_file(&format!("provider {:?}: {}: {}", p.id, t.field, t.message)))?;
+        prefs::check_terms(p).map_err(|e| in_file(&e))?;
     }
     for p in &dir.preferences {
         crate::grant_rules::check_grants(&Default::default(), p, None)

@@ -38,6 +38,13 @@ fn server_with(replace: &[(&str, &str)]) -> Server {
     })
 }
 
+/// A provider session that sees every message on `public/#` at QoS 1.
+async fn watch_public(server: &Server) -> v5::Client {
+    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
+    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    watcher
+}
+
 /// A device session with a will, so that it has a broker connection from
 /// its CONNECT on.
 async fn device_with_will(server: &Server, id: &str, delay: Option<u32>) -> v5::Client {
@@ -52,8 +59,7 @@ async fn device_with_will(server: &Server, id: &str, delay: Option<u32>) -> v5::
 #[tokio::test]
 async fn ended_sessions_leave_the_router() {
     let server = server_with(&[("max_connections = 100000", "max_connections = 4")]);
-    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
-    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut watcher = watch_public(&server).await;
     for i in 0..12 {
         let mut dev = device_with_will(&server, &format!("churn-{i}"), None).await;
         let topic = format!("public/churn/{i}");
@@ -76,8 +82,7 @@ async fn ended_sessions_leave_the_router() {
 #[tokio::test]
 async fn a_will_waits_its_delay_and_a_resumed_session_cancels_it() {
     let server = server_with(&[]);
-    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
-    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut watcher = watch_public(&server).await;
     let mut marker = v5::connect(server.mqtt, "mark", "alice-watch", "alice-watch-secret").await;
 
     // Killed with a 2 s will delay and a session that outlives it: a
@@ -132,8 +137,7 @@ async fn the_loopback_transport_still_relays() {
     assert!(server
         .log()
         .contains("embedded rumqttd listening on loopback"));
-    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
-    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut watcher = watch_public(&server).await;
     let mut dev = device_with_will(&server, "tcp-dev", None).await;
     assert_eq!(
         dev.publish_acked("public/over-tcp", b"x").await,
@@ -236,8 +240,7 @@ async fn a_full_receive_window_does_not_stall_the_subscribers_publishes() {
 async fn a_taken_over_connection_leaves_its_will() {
     use common::v4;
     let server = server_with(&[]);
-    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
-    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut watcher = watch_public(&server).await;
     let with_will = |payload: &str| {
         let mut o = v4::options(
             server.mqtt,
@@ -266,8 +269,7 @@ async fn a_taken_over_connection_leaves_its_will() {
 async fn two_wills_of_one_client_id_due_at_once_are_both_published() {
     use std::collections::HashSet;
     let server = server_with(&[]);
-    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
-    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut watcher = watch_public(&server).await;
     let with_will = |payload: String| {
         let mut o = v5::options(
             server.mqtt,
@@ -375,8 +377,7 @@ async fn disconnect_with_will(
 #[tokio::test]
 async fn a_disconnect_that_asks_for_the_will_gets_it() {
     let server = server_with(&[]);
-    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
-    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut watcher = watch_public(&server).await;
     let mut marker = v5::connect(server.mqtt, "mark", "alice-watch", "alice-watch-secret").await;
 
     disconnect_with_will(&server, "asks", (None, None), will_after(None)).await;
@@ -397,8 +398,7 @@ async fn a_disconnect_that_asks_for_the_will_gets_it() {
 #[tokio::test]
 async fn a_lazy_clean_return_publishes_the_waiting_will() {
     let server = server_with(&[]);
-    let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
-    watcher.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut watcher = watch_public(&server).await;
     let mut marker = v5::connect(server.mqtt, "mark", "alice-watch", "alice-watch-secret").await;
 
     let creds = Some(("bob-phone", "bob-phone-secret"));

@@ -209,7 +209,7 @@ pub async fn open_dispute(
     AuthUser(user): AuthUser,
     Body(d): Body<NewDispute>,
 ) -> Result<(StatusCode, Json<Dispute>), Problem> {
-    if !text_of_length(&d.reason, 1, 2000) {
+    if !text_up_to(&d.reason, 2000) {
         return Err(Problem::unprocessable("1–2000 characters").field("reason"));
     }
     let filter = ReadFilter {
@@ -306,10 +306,10 @@ async fn record_operator_extracts<'a>(
     Ok(())
 }
 
-/// Text that is not blank and has from `min` to `max` characters (not
-/// bytes: "é" is one).
-fn text_of_length(text: &str, min: usize, max: usize) -> bool {
-    !text.trim().is_empty() && (min..=max).contains(&text.chars().count())
+/// Text that is not blank and has at most `max` characters (not bytes:
+/// "é" is one).
+fn text_up_to(text: &str, max: usize) -> bool {
+    !text.trim().is_empty() && text.chars().count() <= max
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -335,7 +335,7 @@ pub async fn resolve(
     if r.state != "upheld" && r.state != "rejected" {
         return Err(Problem::unprocessable("upheld or rejected").field("state"));
     }
-    if !text_of_length(&r.resolution, 1, 2000) {
+    if !text_up_to(&r.resolution, 2000) {
         return Err(
             Problem::unprocessable("1–2000 characters: what was decided, for the user")
                 .field("resolution"),

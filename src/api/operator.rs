@@ -8,9 +8,9 @@ use utoipa::ToSchema;
 use base64::Engine;
 use rand::RngCore;
 
-use super::users::{totp, valid_id, ID_RULE};
+use super::users::totp;
 use super::{Body, Operator, Path, Problem, State};
-use crate::model::{Contact, Kind, Provider, ProviderRole, Purpose};
+use crate::model::{valid_id, Contact, Kind, Provider, ProviderRole, Purpose, ID_RULE};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +66,8 @@ pub async fn put_provider(
         privacy_policy: p.privacy_policy,
         purposes: p.purposes,
     };
+    // Checked again where every provider change is; here first so that a
+    // refused one costs no password hash.
     if let Err(bad) = provider.check_terms() {
         return Err(Problem::unprocessable(bad.message).field(bad.field));
     }

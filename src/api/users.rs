@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use super::login_limiter::{Locked, Source};
 use super::{ApiState, AuthUser, Body, CurrentSession, Path, Peer, Problem, State};
-use crate::model::{Device, User};
+use crate::model::{valid_id, Device, User, ID_RULE};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -63,8 +63,6 @@ fn second_factor(
         .field("recovery_code")),
     }
 }
-
-pub use crate::model::{valid_id, ID_RULE};
 
 pub(super) fn totp(secret: Vec<u8>, issuer: &str, user: &str) -> Result<TOTP, Problem> {
     TOTP::new(
