@@ -359,6 +359,7 @@ pub async fn serve<S>(
         lazy: None,
         up_open: false,
         up_flows: HashSet::new(),
+        will: None,
     };
     let upstream = match session.open_upstream(&mut client, connect, will).await {
         Ok(Some(up)) => up,
@@ -380,7 +381,13 @@ pub async fn serve<S>(
         .run(&mut client, &mut up, buf, up_buf, keep_alive, &mut shutdown)
         .await;
     if let Some(u) = up.take() {
-        tokio::spawn(hang_up(u));
+        // Ending without the client's DISCONNECT makes the will due. The
+        // will is collected now, so it needs consent now.
+        if !session.will_still_allowed() {
+            session.discard_will(u).await;
+        } else {
+            tokio::spawn(hang_up(u));
+        }
     }
     metrics::gauge!(m::CONNECTED, "role" => role).decrement(1.0);
     if let Err(e) = result {
@@ -515,6 +522,10 @@ struct Session {
     lazy: Option<(v5::Connect, Option<v5::Login>)>,
     /// Whether the broker connection is open.
     up_open: bool,
+    /// The will the broker holds (topic, minimized payload). It passed
+    /// ingress at CONNECT, but it is collected when it is published: the
+    /// session decides it again when the connection ends.
+    will: Option<(String, Bytes)>,
     /// The client's QoS 1/2 publishes the broker has not finished
     /// acknowledging (tracked for lazy sessions only).
     up_flows: HashSet<u16>,
@@ -570,7 +581,10 @@ impl Session {
                 None => Err(Deny::Invalid.as_str()),
             };
             match checked {
-                Ok(payload) => w.message = payload,
+                Ok(payload) => {
+                    self.will = Some((topic.to_string(), payload.clone()));
+                    w.message = payload;
+                }
                 Err(deny) => {
                     tracing::info!(session = self.id, reason = deny, "will message refused");
                     metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => deny)
@@ -976,6 +990,48 @@ impl Session {
         tracing::debug!(session = self.id, "idle broker connection closed");
     }
 
+    /// Would the will pass ingress now? A withdrawal, a collection window
+    /// that closed, or a device unbound since CONNECT all stop it. True
+    /// when there is no will left to decide.
+    fn will_still_allowed(&self) -> bool {
+        let Some((topic, payload)) = &self.will else {
+            return true;
+        };
+        let checked = match TopicName::new(topic) {
+            Some(name) => self.check_ingress(name, payload).map(drop),
+            None => Err(Deny::Invalid.as_str()),
+        };
+        match checked {
+            Ok(()) => true,
+            Err(deny) => {
+                tracing::info!(
+                    session = self.id,
+                    reason = deny,
+                    "will message refused at disconnection"
+                );
+                metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => deny)
+                    .increment(1);
+                false
+            }
+        }
+    }
+
+    /// Ends the broker connection with a normal DISCONNECT, which makes the
+    /// broker discard the will (MQTT 3.1.1 3.14.4, MQTT 5 3.1.2.5).
+    async fn discard_will(&mut self, mut up: Conn) {
+        let mut bye = BytesMut::new();
+        let disconnect = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
+        if self
+            .version
+            .write(&Packet::Disconnect(disconnect), &mut bye)
+            .is_ok()
+            && up.write_all(&bye).await.is_ok()
+        {
+            tokio::spawn(linger(up));
+        }
+        self.will = None;
+    }
+
     /// Decides every complete packet the broker sent. Returns false when the
     /// broker ended the session.
     ///
@@ -1188,11 +1244,19 @@ impl Session {
                 self.send_broker(&Packet::Unsubscribe(unsub))?;
             }
             Packet::PingReq(_) => self.send_client(&Packet::PingResp(v5::PingResp))?,
-            p @ Packet::Disconnect(_) => {
+            Packet::Disconnect(mut d) => {
                 tracing::debug!(session = self.id, "client sent DISCONNECT");
+                if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage
+                    && !self.will_still_allowed()
+                {
+                    // A normal DISCONNECT makes the broker discard the will.
+                    d.reason_code = DisconnectReasonCode::NormalDisconnection;
+                }
+                // Decided: the broker publishes it now or drops it.
+                self.will = None;
                 // Not worth opening a broker connection for.
                 if self.up_open {
-                    self.send_broker(&p)?;
+                    self.send_broker(&Packet::Disconnect(d))?;
                 }
                 return Ok(false);
             }

@@ -9,6 +9,8 @@ use std::time::Duration;
 use common::{v5, Server, Setup, MARKER_ACL};
 use rumqttc::v5::mqttbytes::v5::LastWillProperties;
 
+const BOB: (&str, &str) = ("bob-phone", "bob-phone-secret");
+
 fn will_after(delay: Option<u32>) -> v5::LastWill {
     v5::LastWill::new(
         "public/will",
@@ -301,76 +303,6 @@ async fn two_wills_of_one_client_id_due_at_once_are_both_published() {
     assert_eq!(got, want);
 }
 
-/// Connects `id` as a device over a raw socket with `will`, then sends an
-/// MQTT 5 DISCONNECT with reason 0x04, "disconnect with will message",
-/// and `session_expiry` in its properties, if any. rumqttc's client has no
-/// way to send that reason, so its codec writes the packets.
-async fn disconnect_with_will(
-    server: &Server,
-    id: &str,
-    session_expiry: (Option<u32>, Option<u32>),
-    will: v5::LastWill,
-) {
-    use bytes::BytesMut;
-    use rumqttc::v5::mqttbytes::v5::{
-        ConnectProperties, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet,
-    };
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let mut s = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
-    let mut out = BytesMut::new();
-    let properties = session_expiry.0.map(|e| ConnectProperties {
-        session_expiry_interval: Some(e),
-        ..ConnectProperties::new()
-    });
-    Packet::Connect(
-        rumqttc::v5::mqttbytes::v5::Connect {
-            keep_alive: 30,
-            client_id: id.into(),
-            clean_start: true,
-            properties,
-        },
-        Some(will),
-        Some(rumqttc::v5::mqttbytes::v5::Login::new(
-            "bob-phone",
-            "bob-phone-secret",
-        )),
-    )
-    .write(&mut out, None)
-    .unwrap();
-    s.write_all(&out).await.unwrap();
-    let mut buf = BytesMut::new();
-    let connack = loop {
-        if let Ok(p) = Packet::read(&mut buf, None) {
-            break p;
-        }
-        assert_ne!(
-            s.read_buf(&mut buf).await.unwrap(),
-            0,
-            "closed before CONNACK"
-        );
-    };
-    assert!(
-        matches!(connack, Packet::ConnAck(ref a) if a.code == v5::ConnectReturnCode::Success),
-        "{connack:?}"
-    );
-    out.clear();
-    Packet::Disconnect(Disconnect {
-        reason_code: DisconnectReasonCode::DisconnectWithWillMessage,
-        properties: session_expiry.1.map(|e| DisconnectProperties {
-            session_expiry_interval: Some(e),
-            reason_string: None,
-            user_properties: vec![],
-            server_reference: None,
-        }),
-    })
-    .write(&mut out, None)
-    .unwrap();
-    s.write_all(&out).await.unwrap();
-    // The server closes the connection after a DISCONNECT.
-    while s.read_buf(&mut buf).await.is_ok_and(|n| n > 0) {}
-}
-
 /// MQTT 5 3.14.2.1: a DISCONNECT with reason 0x04 ends the connection and
 /// still publishes the will; a DISCONNECT may also shorten the session
 /// expiry, and the will then waits no longer than the session.
@@ -380,12 +312,28 @@ async fn a_disconnect_that_asks_for_the_will_gets_it() {
     let mut watcher = watch_public(&server).await;
     let mut marker = v5::connect(server.mqtt, "mark", "alice-watch", "alice-watch-secret").await;
 
-    disconnect_with_will(&server, "asks", (None, None), will_after(None)).await;
+    v5::disconnect_with_will(
+        server.mqtt,
+        "asks",
+        BOB,
+        (None, None),
+        will_after(None),
+        async {},
+    )
+    .await;
     assert_eq!(watcher.next_publish().await.topic, &b"public/will"[..]);
 
     // A 60 s session and a 30 s will delay, the session ended by the
     // DISCONNECT: the will goes at once, before the marker.
-    disconnect_with_will(&server, "asks-2", (Some(60), Some(0)), will_after(Some(30))).await;
+    v5::disconnect_with_will(
+        server.mqtt,
+        "asks-2",
+        BOB,
+        (Some(60), Some(0)),
+        will_after(Some(30)),
+        async {},
+    )
+    .await;
     marker.publish_acked("public/marker/0", b"m").await;
     assert_eq!(watcher.next_publish().await.topic, &b"public/will"[..]);
     assert_eq!(watcher.next_publish().await.topic, &b"public/marker/0"[..]);

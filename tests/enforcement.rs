@@ -302,6 +302,103 @@ async fn will_messages_pass_ingress_and_egress() {
     );
 }
 
+/// The demo directory with alice's collection of heart_rate withdrawn.
+fn demo_without_heart_rate_collection() -> String {
+    let from = r#"collect = [{ kind = "heart_rate" }, { kind = "location" }, { kind = "steps" }]"#;
+    assert!(DEMO_DIRECTORY.contains(from));
+    DEMO_DIRECTORY.replacen(
+        from,
+        r#"collect = [{ kind = "location" }, { kind = "steps" }]"#,
+        1,
+    )
+}
+
+/// How alice-watch's connection ends.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    /// The socket drops: the will is due.
+    Dropped,
+    /// MQTT 5 DISCONNECT 0x04: the client asks for its will.
+    AsksForWill,
+}
+
+/// alice-watch connects with a heart-rate will while alice collects heart
+/// rate; alice then withdraws that collection (or, as the control, does
+/// not), and the connection ends. Returns whether fitcoach, which alice
+/// shares heart rate with, got the will.
+async fn will_published(transport: &str, ending: Ending, withdraw: bool) -> bool {
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        replace: vec![(
+            "embedded_transport = \"link\"".into(),
+            format!("embedded_transport = {transport:?}"),
+        )],
+        ..Default::default()
+    });
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let will = v5::LastWill::new(HR, r#"{"bpm":0}"#, v5::QoS::AtLeastOnce, false, None);
+    let withdrawal = async {
+        if withdraw {
+            server.reload(&demo_without_heart_rate_collection());
+        }
+    };
+    const ALICE: (&str, &str) = ("alice-watch", "alice-watch-secret");
+    match ending {
+        Ending::Dropped => {
+            let mut o = v5::options(server.mqtt, "w", Some(ALICE));
+            o.set_last_will(will);
+            let alice = v5::connect_with(o).await.unwrap();
+            withdrawal.await;
+            alice.kill();
+        }
+        Ending::AsksForWill => {
+            v5::disconnect_with_will(server.mqtt, "w", ALICE, (None, None), will, withdrawal).await
+        }
+    }
+    if withdraw {
+        // Decided when the connection ended; the marker then comes after
+        // anything the broker would have published.
+        let dropped = [("result", "dropped"), ("reason", "no_collect_consent")];
+        server
+            .wait_for_metric("consentry_publishes_total", &dropped, 1.0)
+            .await;
+        let mut marker = v5::connect(server.mqtt, "m", "bob-phone", "bob-phone-secret").await;
+        marker.publish_acked("public/marker", b"m").await;
+        let got = fit.publishes_until("public/marker").await;
+        got.iter().any(|p| p.topic == HR.as_bytes())
+    } else {
+        fit.next_publish().await.topic == HR.as_bytes()
+    }
+}
+
+/// A will is collected when it is published, not when CONNECT admitted it:
+/// a withdrawal of collection in between stops it (X.1363 10.1), whether
+/// the connection drops or asks for its will, over either transport to the
+/// embedded broker. It is the ingress decision, so a collection window
+/// that closed or a device unbound in between stop it too.
+#[tokio::test]
+async fn a_will_needs_collection_consent_when_it_is_published() {
+    // rumqttd's own listener (the TCP transport) never publishes a will a
+    // DISCONNECT asks for (README), so that case has no control there.
+    let cases = [
+        ("link", Ending::Dropped),
+        ("link", Ending::AsksForWill),
+        ("tcp", Ending::Dropped),
+    ];
+    for (transport, ending) in cases {
+        assert!(
+            will_published(transport, ending, false).await,
+            "control: {transport} {ending:?}"
+        );
+        assert!(
+            !will_published(transport, ending, true).await,
+            "{transport} {ending:?}: the will went out after the withdrawal"
+        );
+    }
+}
+
 /// The directory file seeds preferences; once a user has set theirs
 /// through the API, a reload (SIGHUP) of the same file must not give back
 /// what they withdrew.

@@ -535,6 +535,77 @@ pub mod v5 {
         o
     }
 
+    /// Connects `id` with `login` over a raw socket with `will`, awaits
+    /// `before_disconnect`, then sends an
+    /// MQTT 5 DISCONNECT with reason 0x04, "disconnect with will message",
+    /// and `session_expiry` in its properties, if any. rumqttc's client has no
+    /// way to send that reason, so its codec writes the packets.
+    pub async fn disconnect_with_will(
+        addr: SocketAddr,
+        id: &str,
+        login: (&str, &str),
+        session_expiry: (Option<u32>, Option<u32>),
+        will: LastWill,
+        before_disconnect: impl std::future::Future<Output = ()>,
+    ) {
+        use bytes::BytesMut;
+        use rumqttc::v5::mqttbytes::v5::{
+            ConnectProperties, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet,
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut out = BytesMut::new();
+        let properties = session_expiry.0.map(|e| ConnectProperties {
+            session_expiry_interval: Some(e),
+            ..ConnectProperties::new()
+        });
+        Packet::Connect(
+            rumqttc::v5::mqttbytes::v5::Connect {
+                keep_alive: 30,
+                client_id: id.into(),
+                clean_start: true,
+                properties,
+            },
+            Some(will),
+            Some(rumqttc::v5::mqttbytes::v5::Login::new(login.0, login.1)),
+        )
+        .write(&mut out, None)
+        .unwrap();
+        s.write_all(&out).await.unwrap();
+        let mut buf = BytesMut::new();
+        let connack = loop {
+            if let Ok(p) = Packet::read(&mut buf, None) {
+                break p;
+            }
+            assert_ne!(
+                s.read_buf(&mut buf).await.unwrap(),
+                0,
+                "closed before CONNACK"
+            );
+        };
+        assert!(
+            matches!(connack, Packet::ConnAck(ref a) if a.code == ConnectReturnCode::Success),
+            "{connack:?}"
+        );
+        before_disconnect.await;
+        out.clear();
+        Packet::Disconnect(Disconnect {
+            reason_code: DisconnectReasonCode::DisconnectWithWillMessage,
+            properties: session_expiry.1.map(|e| DisconnectProperties {
+                session_expiry_interval: Some(e),
+                reason_string: None,
+                user_properties: vec![],
+                server_reference: None,
+            }),
+        })
+        .write(&mut out, None)
+        .unwrap();
+        s.write_all(&out).await.unwrap();
+        // The server closes the connection after a DISCONNECT.
+        while s.read_buf(&mut buf).await.is_ok_and(|n| n > 0) {}
+    }
+
     pub async fn connect_with(o: MqttOptions) -> Result<Client, String> {
         let (client, mut el) = AsyncClient::new(o, 100);
         let (tx, events) = mpsc::unbounded_channel();
