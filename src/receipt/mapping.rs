@@ -19,6 +19,9 @@
 //!   of that copy, which the spec's terminology calls a *disclosure* to a
 //!   third party: `thirdPartyDisclosure: true` and `3rdPartyName` = the
 //!   provider's controller company (its name if no company is configured).
+//!   A provider of role "data" is the operator's own processing: sharing
+//!   with it discloses nothing outside the controller (`false`, no name),
+//!   unless it names a controller company other than the operator's.
 //! - `consentType` is "EXPLICIT": every grant is an opt-in the user made.
 //! - The receipt describes the **whole state after the change**, not a diff:
 //!   withdrawing consent shows as the purpose (or service) being absent.
@@ -34,7 +37,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::model::{CollectGrant, Contact, Directory, Kind, Preferences, Provider, User, Window};
+use crate::model::{
+    CollectGrant, Contact, Directory, Kind, Preferences, Provider, ProviderRole, User, Window,
+};
 
 use super::error::ReceiptError;
 use super::v08::{
@@ -206,6 +211,7 @@ pub fn receipt_with_id(
 
     // Directory order, then the provider's purpose order: stable receipts.
     for provider in &dir.providers {
+        let disclosed = is_third_party(provider, &operator.controller);
         let mut purposes = Vec::new();
         for purpose in &provider.purposes {
             let grants: Vec<_> = prefs
@@ -253,8 +259,8 @@ pub fn receipt_with_id(
                 pii_category: categories(shared.iter().copied()),
                 non_core_purpose: !purpose.core,
                 purpose_termination: termination,
-                third_party_disclosure: true,
-                third_party_name: Some(third_party_name(provider)),
+                third_party_disclosure: disclosed,
+                third_party_name: disclosed.then(|| third_party_name(provider)),
             });
         }
         if !purposes.is_empty() {
@@ -288,6 +294,14 @@ pub fn receipt_with_id(
         sensitive: !spi_cat.is_empty(),
         spi_cat,
     })
+}
+
+/// Kantara 3.1.14: a disclosure is one outside the PII controller. The
+/// operator's own processing (role "data") stays inside it, unless the
+/// provider names another company as its controller.
+fn is_third_party(p: &Provider, operator: &Contact) -> bool {
+    let company = p.controller.company.trim();
+    p.role != ProviderRole::Data || !(company.is_empty() || company == operator.company.trim())
 }
 
 fn third_party_name(p: &Provider) -> String {
@@ -338,6 +352,56 @@ fn window(w: &Window) -> String {
 mod tests {
     use super::super::tests::{demo, operator, t0};
     use super::*;
+
+    /// The operator's own processing is not a third party; a "data"
+    /// provider of another company is.
+    #[test]
+    fn a_data_provider_of_the_operator_is_no_third_party() {
+        let (mut dir, kinds) = demo();
+        let op = operator();
+        let fit = dir
+            .providers
+            .iter_mut()
+            .find(|p| p.id == "fitcoach")
+            .unwrap();
+        fit.role = ProviderRole::Data;
+        let disclosure = |dir: &Directory| {
+            let r = receipt_for(&op, &dir.users[0], &dir.preferences[0], dir, &kinds, t0())
+                .expect("receipt");
+            let p = &r.services[1].purposes[0];
+            (p.third_party_disclosure, p.third_party_name.clone())
+        };
+        assert_eq!(
+            disclosure(&dir),
+            (true, Some("FitCoach SAS".into())),
+            "another company"
+        );
+        let fit = dir
+            .providers
+            .iter_mut()
+            .find(|p| p.id == "fitcoach")
+            .unwrap();
+        fit.controller.company = format!(" {} ", op.controller.company);
+        assert_eq!(disclosure(&dir), (false, None), "the operator's company");
+        let fit = dir
+            .providers
+            .iter_mut()
+            .find(|p| p.id == "fitcoach")
+            .unwrap();
+        fit.controller.company = String::new();
+        assert_eq!(disclosure(&dir), (false, None), "no company of its own");
+        let fit = dir
+            .providers
+            .iter_mut()
+            .find(|p| p.id == "fitcoach")
+            .unwrap();
+        fit.role = ProviderRole::Application;
+        assert_eq!(
+            disclosure(&dir),
+            (true, Some("FitCoach".into())),
+            "an application provider always is"
+        );
+    }
 
     #[test]
     fn demo_alice_maps_collection_and_fitcoach() {
