@@ -22,7 +22,10 @@
 //!   A provider of role "data" is the operator's own processing: sharing
 //!   with it discloses nothing outside the controller (`false`, no name),
 //!   unless it names a controller company other than the operator's.
-//! - `consentType` is "EXPLICIT": every grant is an opt-in the user made.
+//! - `consentType` is "EXPLICIT": every grant is an opt-in the user made,
+//!   in consentry's preference manager or, for preferences the directory
+//!   file sets, outside consentry as the operator (the controller signing
+//!   the receipt) states; `moc` says which.
 //! - The receipt describes the **whole state after the change**, not a diff:
 //!   withdrawing consent shows as the purpose (or service) being absent.
 //!   Share grants already expired at `now` are left out for the same reason.
@@ -78,7 +81,7 @@ pub struct Operator {
 pub const DEFAULT_COLLECTION_METHOD: &str =
     "PII preferences set by you in the consentry preference manager";
 pub const DEFAULT_IMPORT_METHOD: &str =
-    "PII preferences loaded by the operator from its directory file, not set by you in consentry";
+    "PII preferences loaded by the operator from its directory file, not set by you in consentry: the operator states that you opted in to them outside consentry";
 pub const DEFAULT_COLLECTION_TERMINATION: &str =
     "Until you withdraw it: collection of a kind of data stops as soon as you remove it from your preferences.";
 

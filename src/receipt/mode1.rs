@@ -60,8 +60,9 @@ fn or_none(v: Vec<String>, none: &str) -> Vec<String> {
 
 fn consent_type(t: &str) -> String {
     match t.to_ascii_uppercase().as_str() {
-        // Explicit, but not necessarily given here: `moc` says where.
-        "EXPLICIT" => "Explicit: given by opting in".to_string(),
+        // Explicit, but not necessarily given in consentry: `moc` says
+        // where, and the text must not say more.
+        "EXPLICIT" => "Explicit: an opt-in (Method of Collection says where)".to_string(),
         "IMPLICIT" => "Implicit".to_string(),
         "N/A" => "Not applicable: required by law".to_string(),
         _ => t.to_string(),
@@ -201,7 +202,7 @@ pub fn fields(r: &ConsentReceipt) -> Vec<Field> {
         ),
         f(
             "Consent Time-Stamp",
-            "When you gave this consent.",
+            "When this consent was recorded.",
             vec![time],
         ),
         f(
