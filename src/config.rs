@@ -63,10 +63,26 @@ pub struct Config {
     pub directory: Option<PathBuf>,
 }
 
+/// A listener's address, or "" for none. A key left out keeps its default
+/// listener, so turning one off takes a value of its own.
+fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not an address:port (\"\" turns the listener off)"
+        ))
+    })
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
+    /// Plain MQTT listener; "" turns it off (e.g. with `tls` set).
+    #[serde(deserialize_with = "listen_addr")]
+    pub listen: Option<SocketAddr>,
     pub tls: Option<TlsConfig>,
     /// Largest MQTT packet accepted from a client, in bytes.
     pub max_packet_size: usize,
@@ -95,7 +111,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            listen: ([127, 0, 0, 1], 1883).into(),
+            listen: Some(([127, 0, 0, 1], 1883).into()),
             tls: None,
             max_packet_size: 256 * 1024,
             max_connections: 50_000,
@@ -125,7 +141,8 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Prometheus scrape address; unset disables the endpoint.
+    /// Prometheus scrape address; "" turns the endpoint off.
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: Option<SocketAddr>,
 }
 
@@ -140,7 +157,8 @@ impl Default for MetricsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
-    /// HTTP API of the preference manager; unset disables it.
+    /// HTTP API of the preference manager; "" turns it off.
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: Option<SocketAddr>,
     /// Largest request body accepted, in bytes (larger: 413).
     pub max_body_bytes: usize,
@@ -153,6 +171,15 @@ pub struct ApiConfig {
     pub login_window_secs: u64,
     /// Issuer shown in authenticator apps for TOTP enrolment.
     pub totp_issuer: String,
+    /// When set, the API speaks HTTPS only.
+    pub tls: Option<ApiTlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for ApiConfig {
@@ -164,6 +191,7 @@ impl Default for ApiConfig {
             login_attempts: 5,
             login_window_secs: 900,
             totp_issuer: "consentry".into(),
+            tls: None,
         }
     }
 }
@@ -327,6 +355,12 @@ impl Config {
             return invalid("at least one personal-data topic template is required".into());
         }
         let s = &self.server;
+        if s.listen.is_none() && s.tls.is_none() {
+            return invalid(
+                "server.listen is off and there is no [server.tls]: no MQTT client could connect"
+                    .into(),
+            );
+        }
         if !(64..=MQTT_MAX_PACKET).contains(&s.max_packet_size) {
             return invalid(format!(
                 "server.max_packet_size must be between 64 and {MQTT_MAX_PACKET} bytes (the largest MQTT packet), not {}",
@@ -538,6 +572,33 @@ mod tests {
     #[test]
     fn the_shipped_configuration_is_valid() {
         shipped().validate().unwrap();
+    }
+
+    /// A listener key left out keeps its default; "" turns it off.
+    #[test]
+    fn listeners_turn_off_with_an_empty_address() {
+        let with = |extra: &str| {
+            toml::from_str::<Config>(&format!(
+                "templates = [\"pii/{{user}}/{{device}}/{{kind}}\"]\n{extra}"
+            ))
+        };
+        let c = with("").unwrap();
+        assert_eq!(c.server.listen, Some(([127, 0, 0, 1], 1883).into()));
+        assert!(c.api.listen.is_some() && c.metrics.listen.is_some());
+        let c = with("[api]\nlisten = \"\"\n[metrics]\nlisten = \"\"").unwrap();
+        assert_eq!((c.api.listen, c.metrics.listen), (None, None));
+        let e = with("[api]\nlisten = \"8080\"").unwrap_err().to_string();
+        assert!(e.contains("not an address:port"), "{e}");
+
+        let off = with("[server]\nlisten = \"\"").unwrap();
+        assert_eq!(off.server.listen, None);
+        let e = off.validate().unwrap_err().to_string();
+        assert!(e.contains("no MQTT client could connect"), "{e}");
+        let tls_only = with(
+            "[server]\nlisten = \"\"\n[server.tls]\nlisten = \"127.0.0.1:8883\"\ncert = \"c.pem\"\nkey = \"k.pem\"",
+        )
+        .unwrap();
+        tls_only.validate().unwrap();
     }
 
     /// The shipped file says every key is listed with its default. serde

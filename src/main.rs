@@ -162,7 +162,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let mut cfg = Config::load(&cli.config)?;
             if let Some(l) = listen {
-                cfg.server.listen = l;
+                cfg.server.listen = Some(l);
             }
             if let Some(a) = api_listen {
                 cfg.api.listen = Some(a);
@@ -309,7 +309,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let server = Server::start(cfg).await?;
     // Tests and scripts read these lines to find the bound ports.
-    println!("consentry listening mqtt={}", server.mqtt_addr);
+    if let Some(mqtt) = server.mqtt_addr {
+        println!("consentry listening mqtt={mqtt}");
+    }
     if let Some(tls) = server.tls_addr {
         println!("consentry listening mqtts={tls}");
     }

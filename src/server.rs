@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::api::ApiState;
 use crate::broker::{self, Upstream};
-use crate::config::{Config, TlsConfig};
+use crate::config::Config;
 use crate::ledger::{Keyring, Ledger, LedgerConfig};
 use crate::notice::Notifier;
 use crate::prefs::{self, PrefError, PreferenceManager, ReceiptIssuer};
@@ -28,10 +28,11 @@ use crate::receipt::{Issuer, ReceiptKeys};
 use crate::secrets;
 use crate::session::{self, Shared};
 use crate::store::Store;
+use axum::serve::ListenerExt;
 
 /// A running consentry.
 pub struct Server {
-    pub mqtt_addr: SocketAddr,
+    pub mqtt_addr: Option<SocketAddr>,
     pub api_addr: Option<SocketAddr>,
     prefs: Arc<PreferenceManager>,
     pub tls_addr: Option<SocketAddr>,
@@ -226,19 +227,23 @@ pub fn open_keyring(cfg: &Config) -> anyhow::Result<Keyring> {
     })
 }
 
-fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> anyhow::Result<TlsAcceptor> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(&tls.cert)
-        .with_context(|| format!("read {}", tls.cert.display()))?
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("read {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parse {}", tls.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key)
-        .with_context(|| format!("read {}", tls.key.display()))?;
+        .with_context(|| format!("parse {}", cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("read {}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let config = match &tls.client_ca {
+    let config = match client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in CertificateDer::pem_file_iter(ca)? {
@@ -257,6 +262,23 @@ fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
         None => builder.with_no_client_auth().with_single_cert(certs, key)?,
     };
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves the HTTP API on `listener` until shutdown.
+async fn serve_api<L>(listener: L, app: axum::Router, mut shutdown: watch::Receiver<bool>)
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+    std::net::SocketAddr:
+        for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
+    // The peer address counts failed logins per source.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = shutdown.changed().await;
+    });
+    if let Err(e) = serve.await {
+        tracing::error!(error = %e, "HTTP API stopped");
+    }
 }
 
 impl Server {
@@ -319,21 +341,24 @@ impl Server {
         let ids = Arc::new(AtomicU64::new(1));
         let mut tasks = JoinSet::new();
 
-        let plain = TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| format!("bind MQTT listener {}", config.server.listen))?;
-        let mqtt_addr = plain.local_addr()?;
-        tasks.spawn(accept_loop(
-            plain,
-            None,
-            shared.clone(),
-            limit.clone(),
-            ids.clone(),
-            shutdown.subscribe(),
-        ));
+        let mut mqtt_addr = None;
+        if let Some(listen) = config.server.listen {
+            let plain = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("bind MQTT listener {listen}"))?;
+            mqtt_addr = Some(plain.local_addr()?);
+            tasks.spawn(accept_loop(
+                plain,
+                None,
+                shared.clone(),
+                limit.clone(),
+                ids.clone(),
+                shutdown.subscribe(),
+            ));
+        }
         let mut tls_addr = None;
         if let Some(tls) = &config.server.tls {
-            let acceptor = tls_acceptor(tls)?;
+            let acceptor = tls_acceptor(&tls.cert, &tls.key, tls.client_ca.as_deref())?;
             let l = TcpListener::bind(tls.listen)
                 .await
                 .with_context(|| format!("bind MQTT/TLS listener {}", tls.listen))?;
@@ -358,20 +383,30 @@ impl Server {
                 .await
                 .with_context(|| format!("bind HTTP API listener {listen}"))?;
             api_addr = Some(l.local_addr()?);
-            let mut rx = shutdown.subscribe();
-            tasks.spawn(async move {
-                // The peer address counts failed logins per source.
-                let app = crate::api::router(state)
-                    .into_make_service_with_connect_info::<std::net::SocketAddr>();
-                let serve = axum::serve(l, app).with_graceful_shutdown(async move {
-                    let _ = rx.changed().await;
-                });
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "HTTP API stopped");
+            let app = crate::api::router(state);
+            let rx = shutdown.subscribe();
+            // Responses are small and one write each: no reason to let
+            // Nagle hold them. (axum also hands peer addresses to tapped
+            // listeners of any kind, which the TLS one needs.)
+            match &config.api.tls {
+                Some(tls) => {
+                    let acceptor = tls_acceptor(&tls.cert, &tls.key, None)?;
+                    let l = crate::api::tls::TlsListener::new(l, acceptor)?.tap_io(
+                        |s: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
+                            let _ = s.get_ref().0.set_nodelay(true);
+                        },
+                    );
+                    tasks.spawn(serve_api(l, app, rx));
                 }
-            });
+                None => {
+                    let l = l.tap_io(|s: &mut tokio::net::TcpStream| {
+                        let _ = s.set_nodelay(true);
+                    });
+                    tasks.spawn(serve_api(l, app, rx));
+                }
+            }
         }
-        tracing::info!(%mqtt_addr, ?tls_addr, ?api_addr, upstream = ?shared.upstream, "consentry listening");
+        tracing::info!(?mqtt_addr, ?tls_addr, ?api_addr, upstream = ?shared.upstream, "consentry listening");
         Ok(Server {
             mqtt_addr,
             api_addr,

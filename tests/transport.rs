@@ -55,6 +55,21 @@ fn pki() -> Pki {
     }
 }
 
+/// Writes the CA and the server's certificate and key into `dir`; returns
+/// their paths.
+fn pki_files(pki: &Pki, dir: &std::path::Path) -> (String, String, String) {
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    (
+        write("ca.pem", &pki.ca_pem),
+        write("server.pem", &pki.server_cert),
+        write("server.key", &pki.server_key),
+    )
+}
+
 fn tls_client(pki: &Pki, with_client_cert: bool) -> rumqttc::TlsConfiguration {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -85,16 +100,7 @@ fn tls_client(pki: &Pki, with_client_cert: bool) -> rumqttc::TlsConfiguration {
 async fn tls_with_passwords_and_client_certificates() {
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    };
-    let (ca, cert, key) = (
-        write("ca.pem", &pki.ca_pem),
-        write("server.pem", &pki.server_cert),
-        write("server.key", &pki.server_key),
-    );
+    let (ca, cert, key) = pki_files(&pki, dir.path());
     let fingerprint = hex::encode(Sha256::digest(&pki.device_cert_der));
     let device = "id = \"alice-watch\"\nuser = \"alice\"\n";
     assert!(DEMO_DIRECTORY.contains(device));
@@ -168,6 +174,83 @@ async fn tls_with_passwords_and_client_certificates() {
         ),
         1.0
     );
+}
+
+/// With the plain listener off (`server.listen = ""`), MQTT reaches
+/// consentry over TLS only (X.1363 9.1.1: PII encrypted in transit).
+#[tokio::test]
+async fn the_plain_listener_can_be_turned_off() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = pki_files(&pki, dir.path());
+    let server = Server::start(Setup {
+        replace: vec![("listen = \"127.0.0.1:1883\"".into(), "listen = \"\"".into())],
+        config_listen: true,
+        extra: format!(
+            "{MARKER_ACL}\n[server.tls]\nlisten = \"127.0.0.1:0\"\ncert = {cert:?}\nkey = {key:?}\n"
+        ),
+        ..Default::default()
+    });
+    assert_eq!(server.mqtt.port(), 0, "a plain MQTT listener was announced");
+    assert!(server.log().contains("mqtt_addr=None"), "{}", server.log());
+    let mut o = v4::options(
+        server.mqtts.expect("TLS listener announced"),
+        "fit-tls",
+        Some(("fitcoach", "fitcoach-secret")),
+    );
+    o.set_transport(rumqttc::Transport::tls_with_config(tls_client(&pki, false)));
+    let mut fit = v4::connect_with(o).await.expect("provider over TLS");
+    fit.subscribe("public/#", v4::QoS::AtLeastOnce).await;
+}
+
+/// With `[api.tls]` the API speaks HTTPS, and only HTTPS: logins, tokens
+/// and receipts are personal data in transit (X.1363 9.1.1).
+#[tokio::test]
+async fn the_api_over_https_only() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = pki_files(&pki, dir.path());
+    let server = Server::start(Setup {
+        extra: format!("\n[api.tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+        ..Default::default()
+    });
+    let api = server.api.expect("API announced");
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let agent = ureq::AgentBuilder::new().tls_config(Arc::new(tls)).build();
+    let resp = agent
+        .get(&format!("https://localhost:{}/v1/providers", api.port()))
+        .call()
+        .expect("HTTPS request");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.into_string().unwrap().contains("fitcoach"));
+    // A login over HTTPS, as users make them.
+    let login = serde_json::json!({
+        "user": "alice",
+        "password": "alice-api-secret",
+        "totp": common::totp_now("CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA", "alice"),
+    });
+    let resp = agent
+        .post(&format!("https://localhost:{}/v1/sessions", api.port()))
+        .set("content-type", "application/json")
+        .send_string(&login.to_string())
+        .expect("login over HTTPS");
+    assert_eq!(resp.status(), 201);
+    // Plain HTTP to the same port gets no answer.
+    let plain = ureq::get(&format!("http://{api}/v1/providers"))
+        .timeout(Duration::from_secs(15))
+        .call();
+    assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
 }
 
 struct Mosquitto {

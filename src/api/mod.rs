@@ -16,6 +16,8 @@ mod receipts;
 mod recovery;
 mod users;
 
+pub mod tls;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;

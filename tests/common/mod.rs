@@ -46,6 +46,8 @@ pub struct Setup {
     pub replace: Vec<(String, String)>,
     pub upstream: Option<String>,
     pub env: Vec<(String, String)>,
+    /// No `--listen` flag: the configuration's `server.listen` decides.
+    pub config_listen: bool,
 }
 
 pub struct Server {
@@ -111,12 +113,11 @@ impl Server {
     fn spawn(&mut self) {
         let metrics_port = free_port();
         let mut cmd = Command::new(bin());
-        cmd.arg("--config")
-            .arg(&self.config)
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--api-listen")
+        cmd.arg("--config").arg(&self.config).arg("serve");
+        if !self.setup.config_listen {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        cmd.arg("--api-listen")
             .arg("127.0.0.1:0")
             .arg("--metrics-listen")
             .arg(format!("127.0.0.1:{metrics_port}"))
