@@ -183,13 +183,50 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // What is deleted or overwritten is zeroed, not left in free space
+        // for someone with the file to read (a dispute's parties in clear,
+        // below; expired sessions). The store writes little, so the extra
+        // writes cost nothing that shows.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(totp_steps::SCHEMA)?;
         conn.execute_batch(totp_enrol::SCHEMA)?;
         conn.execute_batch(recovery_codes::SCHEMA)?;
-        Ok(Store {
+        let store = Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
+        };
+        store.seal_dispute_parties()?;
+        Ok(store)
+    }
+
+    /// Moves the provider and kind of disputes written before they were
+    /// sealed into the sealed detail, in one transaction.
+    fn seal_dispute_parties(&self) -> Result<(), StoreError> {
+        self.with(|c, cipher| {
+            let tx = c.transaction()?;
+            let clear: Vec<(i64, String, String, Vec<u8>)> = tx
+                .prepare("SELECT id, provider, kind, detail FROM disputes WHERE provider != '' OR kind != ''")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<Result<_, _>>()?;
+            for (id, provider, kind, sealed) in &clear {
+                let aad = format!("disputes.detail.{id}");
+                let mut d: DisputeDetail = serde_json::from_slice(&cipher.open(&aad, sealed)?)?;
+                d.provider.get_or_insert_with(|| provider.clone());
+                d.kind.get_or_insert_with(|| kind.clone());
+                tx.execute(
+                    "UPDATE disputes SET provider = '', kind = '', detail = ?2 WHERE id = ?1",
+                    params![id, cipher.seal(&aad, &serde_json::to_vec(&d)?)?],
+                )?;
+            }
+            tx.commit()?;
+            if !clear.is_empty() {
+                // The old pages are in the WAL and the main file until a
+                // checkpoint writes the new ones over them.
+                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                tracing::info!(disputes = clear.len(), "sealed the provider and kind of earlier disputes");
+            }
+            Ok(())
         })
     }
 
@@ -505,10 +542,17 @@ pub struct Dispute {
     pub resolution: Option<String>,
 }
 
+/// A dispute's sealed part. Which provider got which kind of a user's data
+/// is itself what the ledger encrypts, so it is sealed here too; rows from
+/// before that kept both in the clear columns, which now hold "".
 #[derive(Serialize, Deserialize)]
 struct DisputeDetail {
     reason: String,
     resolution: Option<String>,
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
 }
 
 impl Store {
@@ -531,15 +575,15 @@ impl Store {
             let detail = serde_json::to_vec(&DisputeDetail {
                 reason: reason.to_string(),
                 resolution: None,
+                provider: Some(provider.to_string()),
+                kind: Some(kind.to_string()),
             })?;
             tx.execute(
-                "INSERT INTO disputes (id, user_id, ledger_seq, provider, kind, state, created_at, detail) VALUES (?1, ?2, ?3, ?4, ?5, 'open', ?6, ?7)",
+                "INSERT INTO disputes (id, user_id, ledger_seq, provider, kind, state, created_at, detail) VALUES (?1, ?2, ?3, '', '', 'open', ?4, ?5)",
                 params![
                     id,
                     user,
                     ledger_seq as i64,
-                    provider,
-                    kind,
                     now.to_rfc3339(),
                     cipher.seal(&format!("disputes.detail.{id}"), &detail)?
                 ],
@@ -590,8 +634,8 @@ impl Store {
                     id,
                     user,
                     ledger_seq: seq as u64,
-                    provider,
-                    kind,
+                    provider: d.provider.unwrap_or(provider),
+                    kind: d.kind.unwrap_or(kind),
                     state,
                     created_at: parse_time(&created)?,
                     resolved_at: resolved.as_deref().map(parse_time).transpose()?,
@@ -621,6 +665,8 @@ impl Store {
             let detail = serde_json::to_vec(&DisputeDetail {
                 reason: current.reason.clone(),
                 resolution: Some(resolution.to_string()),
+                provider: Some(current.provider.clone()),
+                kind: Some(current.kind.clone()),
             })?;
             let now = Utc::now();
             // Once: a resolution is the record of redress (X.1363 9.2 3)),
@@ -1025,5 +1071,72 @@ mod tests {
         assert_eq!(dir.users[0].time_zone, "Europe/Paris");
         assert_eq!(dir.preferences[0].collect[0].kind, "heart_rate");
         assert!(Store::open(&path, &[3; 32]).unwrap().directory().is_err());
+    }
+
+    /// Reads a store file and its WAL, as someone with the disk would.
+    fn file_bytes(dir: &Path) -> Vec<u8> {
+        ["store.db", "store.db-wal"]
+            .iter()
+            .filter_map(|f| std::fs::read(dir.join(f)).ok())
+            .flatten()
+            .collect()
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    /// Who got which kind of whose data is what the ledger hides; a
+    /// dispute of a share must not give it away in clear columns, and
+    /// disputes written before keep working once their columns are sealed.
+    #[test]
+    fn disputes_seal_the_provider_and_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        {
+            let s = Store::open(&path, &[2; 32]).unwrap();
+            s.add_dispute("alice", 7, "fitcoach", "heart_rate", "not me")
+                .unwrap();
+            // A dispute as the store wrote them before: parties in clear.
+            s.with(|c, cipher| {
+                let detail = br#"{"reason":"old","resolution":null}"#;
+                c.execute(
+                    "INSERT INTO disputes (id, user_id, ledger_seq, provider, kind, state, created_at, detail) \
+                     VALUES (2, 'alice', 8, 'insureco', 'location', 'open', ?1, ?2)",
+                    params![
+                        Utc::now().to_rfc3339(),
+                        cipher.seal("disputes.detail.2", detail)?
+                    ],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert!(contains(&file_bytes(dir.path()), "insureco"));
+        let s = Store::open(&path, &[2; 32]).unwrap();
+        let bytes = file_bytes(dir.path());
+        for needle in ["fitcoach", "heart_rate", "insureco", "location"] {
+            assert!(!contains(&bytes, needle), "{needle} in clear");
+        }
+        let parties = |s: &Store| {
+            s.disputes(Some("alice"))
+                .unwrap()
+                .into_iter()
+                .map(|d| (d.id, d.provider, d.kind, d.reason))
+                .collect::<Vec<_>>()
+        };
+        let want = vec![
+            (1, "fitcoach".into(), "heart_rate".into(), "not me".into()),
+            (2, "insureco".into(), "location".into(), "old".into()),
+        ];
+        assert_eq!(parties(&s), want);
+        let resolved = s.resolve_dispute(2, "upheld", "sorry").unwrap();
+        assert_eq!(
+            (resolved.provider.as_str(), resolved.kind.as_str()),
+            ("insureco", "location")
+        );
+        assert_eq!(parties(&s), want, "a resolution keeps the parties");
     }
 }
