@@ -10,7 +10,13 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio_rustls::{rustls, TlsConnector};
 
 use rand::distributions::{Alphanumeric, DistString};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
@@ -40,6 +46,44 @@ pub struct Upstream {
     /// Set for the embedded broker reached in memory: sessions then use it
     /// instead of the addresses (which consentry's notice client still uses).
     pub link: Option<Linker>,
+    /// Set for an `mqtts://` upstream.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How connections to an `mqtts://` upstream are encrypted and whom they
+/// must reach.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl UpstreamTls {
+    /// Trusts the CA bundle at `ca` for the broker named `host`.
+    fn new(ca: &Path, host: &str) -> anyhow::Result<UpstreamTls> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("read broker.ca {}", ca.display()))?
+        {
+            roots
+                .add(c.with_context(|| format!("parse broker.ca {}", ca.display()))?)
+                .with_context(|| format!("broker.ca {}", ca.display()))?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = ServerName::try_from(host.to_string())
+            .with_context(|| format!("broker.upstream host {host:?}"))?;
+        Ok(UpstreamTls {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -49,6 +93,7 @@ impl std::fmt::Debug for Upstream {
             .field("v5", &self.v5)
             .field("username", &self.username)
             .field("link", &self.link.is_some())
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -71,17 +116,36 @@ impl Upstream {
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("connect {addr}: {e}")))?;
         up.set_nodelay(true)?;
-        Ok(Conn::Tcp(up))
+        match &self.tls {
+            None => Ok(Conn::Tcp(up)),
+            Some(tls) => {
+                let connector = TlsConnector::from(tls.config.clone());
+                let up = connector
+                    .connect(tls.server_name.clone(), up)
+                    .await
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("TLS to {addr}: {e}")))?;
+                Ok(Conn::Tls(Box::new(up)))
+            }
+        }
     }
 
-    pub fn external(cfg: &ConsentryConfig, host_port: &str) -> Upstream {
-        Upstream {
+    pub fn external(cfg: &ConsentryConfig, host_port: &str) -> anyhow::Result<Upstream> {
+        let tls = match (cfg.upstream_tls(), &cfg.broker.ca) {
+            (false, _) => None,
+            (true, Some(ca)) => {
+                let (host, _) = host_port.rsplit_once(':').unwrap_or((host_port, ""));
+                Some(UpstreamTls::new(ca, host)?)
+            }
+            (true, None) => anyhow::bail!("broker.upstream is mqtts:// but broker.ca is not set"),
+        };
+        Ok(Upstream {
             v4: host_port.to_string(),
             v5: host_port.to_string(),
             username: cfg.broker.username.clone(),
             password: cfg.broker.password.clone(),
             link: None,
-        }
+            tls,
+        })
     }
 }
 
@@ -89,6 +153,7 @@ impl Upstream {
 #[derive(Debug)]
 pub enum Conn {
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Link(Pipe),
 }
 
@@ -100,6 +165,7 @@ impl AsyncRead for Conn {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             Conn::Link(s) => std::pin::Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -113,6 +179,7 @@ impl AsyncWrite for Conn {
     ) -> std::task::Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             Conn::Link(s) => std::pin::Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -123,6 +190,7 @@ impl AsyncWrite for Conn {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
             Conn::Link(s) => std::pin::Pin::new(s).poll_flush(cx),
         }
     }
@@ -133,6 +201,7 @@ impl AsyncWrite for Conn {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Conn::Link(s) => std::pin::Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -288,6 +357,7 @@ pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
         username: Some(user),
         password: Some(password),
         link,
+        tls: None,
     })
 }
 

@@ -199,10 +199,14 @@ impl Default for ApiConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// `embedded`, or `mqtt://host:port` of an external broker.
+    /// `embedded`, or `mqtt://host:port` / `mqtts://host:port` of an
+    /// external broker.
     pub upstream: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// CA bundle (PEM) that an `mqtts://` upstream's certificate must chain
+    /// to; its host name must match the certificate.
+    pub ca: Option<PathBuf>,
     /// Limits of the embedded rumqttd.
     pub max_connections: usize,
     pub max_inflight: usize,
@@ -239,6 +243,7 @@ impl Default for BrokerConfig {
             upstream: "embedded".into(),
             username: None,
             password: None,
+            ca: None,
             max_connections: 100_000,
             max_inflight: 100,
             log_segment_mib: 16,
@@ -450,11 +455,20 @@ impl Config {
             1,
             "any lagging subscriber would be cut off at once (max_subscriber_lag_mib = 0 turns backpressure off)",
         )?;
-        if self.broker.upstream != "embedded" && !self.broker.upstream.starts_with("mqtt://") {
+        let has_host = |a: &str| a.rsplit_once(':').is_some_and(|(h, _)| !h.is_empty());
+        let known =
+            self.broker.upstream == "embedded" || self.upstream_addr().is_some_and(has_host);
+        if !known {
             return invalid(format!(
-                "broker.upstream must be \"embedded\" or mqtt://host:port, not {:?}",
+                "broker.upstream must be \"embedded\", mqtt://host:port or mqtts://host:port, not {:?}",
                 self.broker.upstream
             ));
+        }
+        if self.upstream_tls() && self.broker.ca.is_none() {
+            return invalid(
+                "broker.upstream is mqtts:// but broker.ca is not set: the broker's certificate could not be verified"
+                    .into(),
+            );
         }
 
         let l = &self.ledger;
@@ -557,7 +571,14 @@ impl Config {
 
     /// `host:port` of an external upstream, or `None` for the embedded broker.
     pub fn upstream_addr(&self) -> Option<&str> {
-        self.broker.upstream.strip_prefix("mqtt://")
+        let u = &self.broker.upstream;
+        u.strip_prefix("mqtt://")
+            .or_else(|| u.strip_prefix("mqtts://"))
+    }
+
+    /// Whether the external upstream is reached over TLS.
+    pub fn upstream_tls(&self) -> bool {
+        self.broker.upstream.starts_with("mqtts://")
     }
 }
 
@@ -572,6 +593,32 @@ mod tests {
     #[test]
     fn the_shipped_configuration_is_valid() {
         shipped().validate().unwrap();
+    }
+
+    #[test]
+    fn upstreams() {
+        let with = |upstream: &str, ca: &str| {
+            let mut c = shipped();
+            c.broker.upstream = upstream.into();
+            c.broker.ca = (!ca.is_empty()).then(|| ca.into());
+            c.validate()
+                .map(|()| (c.upstream_addr().map(String::from), c.upstream_tls()))
+        };
+        assert_eq!(with("embedded", "").unwrap(), (None, false));
+        assert_eq!(
+            with("mqtt://b:1883", "").unwrap(),
+            (Some("b:1883".into()), false)
+        );
+        assert_eq!(
+            with("mqtts://b:8883", "ca.pem").unwrap(),
+            (Some("b:8883".into()), true)
+        );
+        let e = with("mqtts://b:8883", "").unwrap_err().to_string();
+        assert!(e.contains("broker.ca is not set"), "{e}");
+        for bad in ["tcp://b:1883", "mqtt://b", "mqtts://:8883", "b:1883"] {
+            let e = with(bad, "ca.pem").unwrap_err().to_string();
+            assert!(e.contains("broker.upstream must be"), "{bad}: {e}");
+        }
     }
 
     /// A listener key left out keeps its default; "" turns it off.

@@ -37,7 +37,8 @@ enum Command {
         /// Prometheus listen address (overrides metrics.listen).
         #[arg(long, env = "CONSENTRY_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
-        /// `embedded` or mqtt://host:port (overrides broker.upstream).
+        /// `embedded`, mqtt://host:port or mqtts://host:port (overrides
+        /// broker.upstream; mqtts needs broker.ca).
         #[arg(long, env = "CONSENTRY_UPSTREAM")]
         upstream: Option<String>,
         /// Data directory (overrides storage.data_dir).

@@ -27,6 +27,11 @@ impl Notifier {
         if let Some(u) = &upstream.username {
             opts.set_credentials(u.clone(), upstream.password.clone().unwrap_or_default());
         }
+        if let Some(tls) = &upstream.tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.config.clone()),
+            ));
+        }
         let (client, mut events) = AsyncClient::new(opts, 64);
         tokio::spawn(async move {
             loop {

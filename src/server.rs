@@ -301,7 +301,7 @@ impl Server {
             issuer.clone().map(|i| i as Arc<dyn ReceiptIssuer>),
         )?;
         let upstream = match config.upstream_addr() {
-            Some(addr) => Upstream::external(&config, addr),
+            Some(addr) => Upstream::external(&config, addr)?,
             None => broker::start_embedded(&config)?,
         };
         let ledger = Ledger::open(ledger_config(&config), open_keyring(&config)?)?;

@@ -87,7 +87,11 @@ struct Chunk {
 /// by itself, so it is asked again after every read.
 #[cfg(target_os = "linux")]
 fn ack_at_once(up: &Conn) {
-    let Conn::Tcp(up) = up else { return };
+    let up = match up {
+        Conn::Tcp(s) => s,
+        Conn::Tls(s) => s.get_ref().0,
+        Conn::Link(_) => return,
+    };
     if let Err(e) = socket2::SockRef::from(up).set_tcp_quickack(true) {
         tracing::debug!(error = %e, "TCP_QUICKACK not set");
     }

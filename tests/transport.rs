@@ -267,6 +267,11 @@ impl Drop for Mosquitto {
 }
 
 fn mosquitto() -> Mosquitto {
+    mosquitto_with("")
+}
+
+/// Mosquitto with `listener_conf` added to its one listener's settings.
+fn mosquitto_with(listener_conf: &str) -> Mosquitto {
     let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -276,7 +281,9 @@ fn mosquitto() -> Mosquitto {
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        format!(
+            "listener {port} 127.0.0.1\n{listener_conf}allow_anonymous true\npersistence false\n"
+        ),
     )
     .unwrap();
     let child = Command::new(bin)
@@ -300,6 +307,57 @@ fn mosquitto() -> Mosquitto {
         std::thread::sleep(Duration::from_millis(25));
     }
     panic!("mosquitto did not start");
+}
+
+/// `mqtts://`: personal data leaves consentry for the broker encrypted,
+/// and only to a broker whose certificate chains to `broker.ca`.
+#[tokio::test]
+async fn in_front_of_mosquitto_over_tls() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki_files(&pki, dir.path());
+    let m = mosquitto_with(&format!("cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"));
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        upstream: Some(format!("mqtts://{}", m.addr)),
+        replace: vec![("# ca = \"broker-ca.pem\"".into(), format!("ca = {ca:?}"))],
+        ..Default::default()
+    });
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    assert_eq!(
+        alice.publish_acked(HR, br#"{"bpm":72}"#).await,
+        v5::PubAckReason::Success
+    );
+    let p = fit.next_publish().await;
+    assert_eq!(p.topic, HR.as_bytes());
+    assert_eq!(
+        serde_json::from_slice::<Value>(&p.payload).unwrap(),
+        json!({"bpm": 72})
+    );
+
+    // A broker whose certificate consentry cannot verify gets nothing: the
+    // session is refused rather than relayed in the clear or unverified.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = pki_files(&self::pki(), other_dir.path()).0;
+    let wrong = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        upstream: Some(format!("mqtts://{}", m.addr)),
+        replace: vec![("# ca = \"broker-ca.pem\"".into(), format!("ca = {other:?}"))],
+        ..Default::default()
+    });
+    // A persistent session opens its broker connection at CONNECT.
+    let mut o = v5::options(wrong.mqtt, "fit-p", Some(("fitcoach", "fitcoach-secret")));
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(60));
+    let refused = v5::connect_with(o).await;
+    assert!(refused.is_err(), "connected through an unverified broker");
+    assert!(
+        wrong.log().contains("invalid peer certificate"),
+        "{}",
+        wrong.log()
+    );
 }
 
 fn in_front_of(m: &Mosquitto) -> Server {
