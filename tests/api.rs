@@ -608,6 +608,7 @@ async fn openapi_document_is_served_and_lists_the_api() {
         "/v1/providers",
         "/v1/operator/kinds",
         "/v1/operator/users/{id}/login-reset",
+        "/v1/me/account-events",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
     }
@@ -1953,6 +1954,32 @@ async fn the_operator_resets_a_lost_login_and_every_session_ends() {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
+
+    // Whoever holds the reset's secrets can act as uma: she can see that a
+    // reset happened, and when, next to her own changes.
+    let t = p["token"].as_str().unwrap().to_string();
+    let (s, p) = api
+        .json(
+            "PUT",
+            "/v1/me/password",
+            Some(&t),
+            json!({"password": password, "recovery_code": codes[1],
+                "new_password": "uma's own passphrase"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{p}");
+    let (s, events) = api.get("/v1/me/account-events", Some(&t)).await;
+    assert_eq!(s, StatusCode::OK, "{events}");
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["login_reset_by_operator", "password_changed"]);
+    let at = events[0]["at"].as_str().unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(at).expect("a time");
+    assert!((at.timestamp() - now as i64).abs() < 300, "{at}");
 }
 
 /// A user who lost their authenticator gets back in with a recovery code

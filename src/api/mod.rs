@@ -155,6 +155,7 @@ pub type State = axum::extract::State<Arc<ApiState>>;
         users::register_device,
         users::list_devices,
         users::remove_device,
+        users::account_events,
         preferences::get_preferences,
         preferences::put_preferences,
         preferences::withdraw_all,
@@ -288,6 +289,7 @@ pub fn router(state: ApiState) -> Router {
             get(users::list_devices).post(users::register_device),
         )
         .route("/v1/me/devices/{id}", delete(users::remove_device))
+        .route("/v1/me/account-events", get(users::account_events))
         .route(
             "/v1/me/preferences",
             get(preferences::get_preferences)

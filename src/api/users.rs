@@ -493,6 +493,34 @@ pub struct DeviceList {
     devices: Vec<String>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct AccountEventItem {
+    at: DateTime<Utc>,
+    event: crate::store::AccountEvent,
+}
+
+/// Changes to how the logged-in user logs in, oldest first: their password
+/// and authenticator changes, and every login reset by the operator, whose
+/// new secrets let whoever holds them act as the user.
+#[utoipa::path(get, path = "/v1/me/account-events", security(("session" = [])),
+    responses((status = 200, body = Vec<AccountEventItem>)))]
+pub async fn account_events(
+    state: State,
+    AuthUser(user): AuthUser,
+) -> Result<Json<Vec<AccountEventItem>>, Problem> {
+    let prefs = state.prefs.clone();
+    let events = tokio::task::spawn_blocking(move || prefs.store().account_events(&user))
+        .await
+        .map_err(|_| Problem::internal())?
+        .map_err(|e| Problem::internal_logged(&e))?;
+    Ok(Json(
+        events
+            .into_iter()
+            .map(|(at, event)| AccountEventItem { at, event })
+            .collect(),
+    ))
+}
+
 /// The logged-in user's devices.
 #[utoipa::path(get, path = "/v1/me/devices", security(("session" = [])),
     responses((status = 200, body = DeviceList)))]

@@ -11,10 +11,13 @@
 //! stored in clear because they are the accounts' login names and keys.
 //! Nothing is ever overwritten in `consent_history`.
 
+mod account_events;
 mod cipher;
 mod recovery_codes;
 mod totp_enrol;
 mod totp_steps;
+
+pub use account_events::AccountEvent;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -192,6 +195,7 @@ impl Store {
         conn.execute_batch(totp_steps::SCHEMA)?;
         conn.execute_batch(totp_enrol::SCHEMA)?;
         conn.execute_batch(recovery_codes::SCHEMA)?;
+        conn.execute_batch(account_events::SCHEMA)?;
         let store = Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
@@ -237,6 +241,7 @@ impl Store {
         conn.execute_batch(totp_steps::SCHEMA)?;
         conn.execute_batch(totp_enrol::SCHEMA)?;
         conn.execute_batch(recovery_codes::SCHEMA)?;
+        conn.execute_batch(account_events::SCHEMA)?;
         Ok(Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
@@ -511,7 +516,10 @@ impl Store {
     /// Replaces `user`'s password with one they chose: from now on their
     /// login secrets are their own, and a directory import keeps them.
     pub fn set_own_password(&self, user: &str, password_hash: &str) -> Result<(), StoreError> {
-        self.transaction(|tx| tx.set_own_login(user, Some(password_hash), None))
+        self.transaction(|tx| {
+            tx.set_own_login(user, Some(password_hash), None)?;
+            tx.account_event(user, AccountEvent::PasswordChanged)
+        })
     }
 
     pub fn session_user(&self, token_hash: &[u8; 32]) -> Result<Option<String>, StoreError> {

@@ -66,7 +66,7 @@ impl Store {
             )?;
             tx.tx
                 .execute("DELETE FROM totp_pending WHERE user_id = ?1", [user])?;
-            Ok(())
+            tx.account_event(user, super::AccountEvent::AuthenticatorChanged)
         })
     }
 }
@@ -89,7 +89,7 @@ impl Store {
                 .execute("DELETE FROM sessions WHERE user_id = ?1", [user])?;
             tx.tx
                 .execute("DELETE FROM totp_pending WHERE user_id = ?1", [user])?;
-            Ok(())
+            tx.account_event(user, super::AccountEvent::LoginResetByOperator)
         })
     }
 }
@@ -144,6 +144,23 @@ mod tests {
             s.activate_totp("nobody", b"x", 1),
             Err(StoreError::NotFound { .. })
         ));
+        s.reset_login("alice", "new hash", b"operator's").unwrap();
+        use super::super::AccountEvent::*;
+        let events: Vec<_> = s
+            .account_events("alice")
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
+        assert_eq!(
+            events,
+            [
+                AuthenticatorChanged,
+                AuthenticatorChanged,
+                LoginResetByOperator
+            ]
+        );
+        assert!(s.account_events("nobody").unwrap().is_empty());
     }
 
     #[test]
