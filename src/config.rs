@@ -63,6 +63,24 @@ pub struct Config {
     pub directory: Option<PathBuf>,
 }
 
+/// A number of days, or "forever" for `None`. A key left out keeps its
+/// default, so keeping forever takes a value of its own.
+fn retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Days {
+        Days(u32),
+        Word(String),
+    }
+    match Days::deserialize(d)? {
+        Days::Days(n) => Ok(Some(n)),
+        Days::Word(w) if w == "forever" => Ok(None),
+        Days::Word(w) => Err(serde::de::Error::custom(format!(
+            "a number of days or \"forever\", not {w:?}"
+        ))),
+    }
+}
+
 /// A listener's address, or "" for none. A key left out keeps its default
 /// listener, so turning one off takes a value of its own.
 fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
@@ -275,6 +293,8 @@ impl Default for StorageConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerSection {
     pub checkpoint_every: u64,
+    /// Days a record is kept; `None` ("forever" in the file) keeps it.
+    #[serde(deserialize_with = "retention")]
     pub retention_days: Option<u32>,
     pub segment_mib: u64,
     /// Name of the data service provider written as each record's creator.
@@ -492,13 +512,13 @@ impl Config {
             Some(0) => {
                 return invalid(
                     "ledger.retention_days must be at least 1 (0 would purge every record); \
-                     remove the key to keep records forever"
+                     \"forever\" keeps records forever"
                         .into(),
                 )
             }
             Some(d) if d as u64 * 86_400 > MAX_SECS => {
                 return invalid(format!(
-                    "ledger.retention_days must be at most {} (100 years); remove the key to keep records forever",
+                    "ledger.retention_days must be at most {} (100 years); \"forever\" keeps records forever",
                     MAX_SECS / 86_400
                 ))
             }
@@ -619,6 +639,21 @@ mod tests {
             let e = with(bad, "ca.pem").unwrap_err().to_string();
             assert!(e.contains("broker.upstream must be"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn ledger_retention_is_days_or_forever() {
+        let with = |v: &str| {
+            toml::from_str::<Config>(&format!(
+                "templates = [\"pii/{{user}}/{{device}}/{{kind}}\"]\n[ledger]\n{v}"
+            ))
+            .map(|c| c.ledger.retention_days)
+        };
+        assert_eq!(with("").unwrap(), Some(1825), "left out: the default");
+        assert_eq!(with("retention_days = 30").unwrap(), Some(30));
+        assert_eq!(with("retention_days = \"forever\"").unwrap(), None);
+        let e = with("retention_days = \"never\"").unwrap_err().to_string();
+        assert!(e.contains("a number of days or \"forever\""), "{e}");
     }
 
     /// A listener key left out keeps its default; "" turns it off.

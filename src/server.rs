@@ -286,7 +286,10 @@ impl Server {
     pub async fn start(config: Config) -> anyhow::Result<Server> {
         let data = data_dir(&config)?;
         let issuer = match &config.operator {
-            Some(op) => Some(Arc::new(Issuer::new(ReceiptKeys::open(data)?, op.clone()))),
+            Some(op) => Some(Arc::new(Issuer::new(
+                ReceiptKeys::open(data)?,
+                op.clone().stating_retention(config.ledger.retention_days),
+            ))),
             None => {
                 tracing::warn!("no [operator] configured: consent receipts are not issued");
                 None

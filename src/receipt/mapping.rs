@@ -78,6 +78,24 @@ pub struct Operator {
     pub collection_termination: String,
 }
 
+impl Operator {
+    /// This operator with its collection purpose's termination also saying
+    /// how long its own records about the user's data are kept
+    /// (`ledger.retention_days`; `None`, forever): the user is told the
+    /// retention of every party's copy (X.1363 9.2.1), the operator's too.
+    pub fn stating_retention(mut self, ledger_days: Option<u32>) -> Operator {
+        let shares = match ledger_days {
+            Some(d) => format!("for {d} days, then deleted"),
+            None => "without a time limit".to_string(),
+        };
+        self.collection_termination.push_str(&format!(
+            " The record of each share of your data with a provider is kept {shares}; \
+             your consent history and receipts are kept as the evidence of your consent."
+        ));
+        self
+    }
+}
+
 pub const DEFAULT_COLLECTION_METHOD: &str =
     "PII preferences set by you in the consentry preference manager";
 pub const DEFAULT_IMPORT_METHOD: &str =
@@ -355,6 +373,30 @@ fn window(w: &Window) -> String {
 mod tests {
     use super::super::tests::{demo, operator, t0};
     use super::*;
+
+    #[test]
+    fn the_operators_retention_is_stated() {
+        let (dir, kinds) = demo();
+        let termination = |days| {
+            let r = receipt_for(
+                &operator().stating_retention(days),
+                &dir.users[0],
+                &dir.preferences[0],
+                &dir,
+                &kinds,
+                t0(),
+            )
+            .expect("receipt");
+            r.services[0].purposes[0].purpose_termination.clone()
+        };
+        let kept = termination(Some(1825));
+        assert!(
+            kept.starts_with(&operator().collection_termination),
+            "{kept}"
+        );
+        assert!(kept.contains("kept for 1825 days, then deleted"), "{kept}");
+        assert!(termination(None).contains("kept without a time limit"));
+    }
 
     /// The operator's own processing is not a third party; a "data"
     /// provider of another company is.
