@@ -28,15 +28,16 @@ struct Cli {
 enum Command {
     /// Run the gateway with its broker, ledger and metrics.
     Serve {
-        /// MQTT listen address (overrides server.listen).
+        /// MQTT listen address (overrides server.listen; "" turns the
+        /// plain listener off).
         #[arg(long, env = "CONSENTRY_LISTEN")]
-        listen: Option<SocketAddr>,
-        /// HTTP API listen address (overrides api.listen).
+        listen: Option<Listen>,
+        /// HTTP API listen address (overrides api.listen; "" turns it off).
         #[arg(long, env = "CONSENTRY_API_LISTEN")]
-        api_listen: Option<SocketAddr>,
-        /// Prometheus listen address (overrides metrics.listen).
+        api_listen: Option<Listen>,
+        /// Prometheus listen address (overrides metrics.listen; "" turns it off).
         #[arg(long, env = "CONSENTRY_METRICS_LISTEN")]
-        metrics_listen: Option<SocketAddr>,
+        metrics_listen: Option<Listen>,
         /// `embedded`, mqtt://host:port or mqtts://host:port (overrides
         /// broker.upstream; mqtts needs broker.ca).
         #[arg(long, env = "CONSENTRY_UPSTREAM")]
@@ -150,6 +151,25 @@ fn load_with_data_dir(path: &std::path::Path, data_dir: Option<PathBuf>) -> anyh
     Ok(cfg)
 }
 
+/// A listener flag: an address, or "" for none, as in the configuration.
+/// An image or unit file that sets the flag must be able to turn the
+/// listener off too.
+#[derive(Debug, Clone)]
+struct Listen(Option<SocketAddr>);
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if s.trim().is_empty() {
+            return Ok(Listen(None));
+        }
+        s.parse()
+            .map(|a| Listen(Some(a)))
+            .map_err(|_| format!("{s:?} is not an address:port (\"\" turns the listener off)"))
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     consentry::logging::init();
     let cli = Cli::parse();
@@ -162,14 +182,14 @@ fn main() -> anyhow::Result<()> {
             data_dir,
         } => {
             let mut cfg = Config::load(&cli.config)?;
-            if let Some(l) = listen {
-                cfg.server.listen = Some(l);
+            if let Some(Listen(l)) = listen {
+                cfg.server.listen = l;
             }
-            if let Some(a) = api_listen {
-                cfg.api.listen = Some(a);
+            if let Some(Listen(a)) = api_listen {
+                cfg.api.listen = a;
             }
-            if let Some(m) = metrics_listen {
-                cfg.metrics.listen = Some(m);
+            if let Some(Listen(m)) = metrics_listen {
+                cfg.metrics.listen = m;
             }
             if let Some(u) = upstream {
                 cfg.broker.upstream = u;

@@ -29,6 +29,7 @@ pub const LEDGER_HEALTHY: &str = "consentry_ledger_healthy";
 pub const LEDGER_FSYNC_SECONDS: &str = "consentry_ledger_fsync_seconds";
 pub const LEDGER_BATCH_SIZE: &str = "consentry_ledger_batch_size";
 pub const PASSWORD_CHECKS: &str = "consentry_password_checks_total";
+pub const NOTICES_DROPPED: &str = "consentry_notices_dropped_total";
 
 /// Every metric consentry exports.
 pub const ALL: &[&str] = &[
@@ -51,6 +52,7 @@ pub const ALL: &[&str] = &[
     LEDGER_FSYNC_SECONDS,
     LEDGER_BATCH_SIZE,
     PASSWORD_CHECKS,
+    NOTICES_DROPPED,
 ];
 
 /// Roles of connected clients, the `role` label.
@@ -165,6 +167,7 @@ fn register() {
     for result in ["run", "busy"] {
         counter!(PASSWORD_CHECKS, "result" => result).increment(0);
     }
+    counter!(NOTICES_DROPPED).increment(0);
 }
 
 /// Registers the delivery series of each provider known at start (a
@@ -242,6 +245,12 @@ fn describe() {
         LEDGER_BATCH_SIZE,
         Unit::Count,
         "Records made durable by one ledger fsync (group commit)"
+    );
+    describe_counter!(
+        NOTICES_DROPPED,
+        "consentry's own messages to the broker (dispute notices, clearing a removed \
+         device's retained messages) dropped because the notice client's queue was full: \
+         the broker has been unreachable for a while"
     );
     describe_counter!(
         PASSWORD_CHECKS,

@@ -10,6 +10,10 @@ use crate::act::NOTICE_PREFIX;
 use crate::broker::Upstream;
 use crate::codec::Version;
 
+/// Notices waiting for the broker. Past this they are dropped, and
+/// counted, rather than holding up the API request that made them.
+const QUEUE: usize = 256;
+
 #[derive(Clone)]
 pub struct Notifier {
     client: AsyncClient,
@@ -22,6 +26,9 @@ impl Notifier {
         let (host, port) = addr
             .rsplit_once(':')
             .ok_or_else(|| anyhow::anyhow!("upstream address {addr:?} has no port"))?;
+        // rumqttc wants an IPv6 host bare, as a socket address or TLS
+        // server name, not in the brackets of a URL.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
         let mut opts = MqttOptions::new("consentry-notifier", host, port.parse()?);
         opts.set_keep_alive(std::time::Duration::from_secs(30));
         if let Some(u) = &upstream.username {
@@ -32,7 +39,7 @@ impl Notifier {
                 rumqttc::TlsConfiguration::Rustls(tls.config.clone()),
             ));
         }
-        let (client, mut events) = AsyncClient::new(opts, 64);
+        let (client, mut events) = AsyncClient::new(opts, QUEUE);
         tokio::spawn(async move {
             loop {
                 if let Err(e) = events.poll().await {
@@ -47,26 +54,31 @@ impl Notifier {
     /// Clears the retained message on each of `topics` (an empty retained
     /// PUBLISH, MQTT 5 3.3.1.3), so that what a removed device left there
     /// is not delivered again should its id come back.
-    pub async fn clear_retained(&self, topics: Vec<String>) -> anyhow::Result<()> {
+    pub fn clear_retained(&self, topics: Vec<String>) -> anyhow::Result<()> {
         for topic in topics {
-            self.client
-                .publish(topic, QoS::AtLeastOnce, true, Vec::new())
-                .await?;
+            self.queue(topic, true, Vec::new())?;
         }
         Ok(())
     }
 
     /// Queues a notice at QoS 1; a provider with a persistent session gets
     /// it when it is next connected.
-    pub async fn notify(&self, provider: &str, notice: &Value) -> anyhow::Result<()> {
+    pub fn notify(&self, provider: &str, notice: &Value) -> anyhow::Result<()> {
+        self.queue(
+            format!("{NOTICE_PREFIX}{provider}"),
+            false,
+            serde_json::to_vec(notice)?,
+        )
+    }
+
+    /// Queues without waiting: with the broker unreachable the queue fills,
+    /// and an API request must not wait on it.
+    fn queue(&self, topic: String, retain: bool, payload: Vec<u8>) -> anyhow::Result<()> {
         self.client
-            .publish(
-                format!("{NOTICE_PREFIX}{provider}"),
-                QoS::AtLeastOnce,
-                false,
-                serde_json::to_vec(notice)?,
-            )
-            .await?;
-        Ok(())
+            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+            .map_err(|e| {
+                metrics::counter!(crate::metrics::NOTICES_DROPPED).increment(1);
+                anyhow::anyhow!("notice client's queue is full (broker unreachable?): {e}")
+            })
     }
 }

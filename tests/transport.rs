@@ -35,11 +35,14 @@ fn pki() -> Pki {
     let ca = Issuer::new(ca_params, ca_key);
 
     let server_key = KeyPair::generate().unwrap();
-    let server_cert =
-        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap()
-            .signed_by(&server_key, &ca)
-            .unwrap();
+    let server_cert = CertificateParams::new(vec![
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+        "localhost".to_string(),
+    ])
+    .unwrap()
+    .signed_by(&server_key, &ca)
+    .unwrap();
     let device_key = KeyPair::generate().unwrap();
     let device_cert = CertificateParams::new(vec!["alice-watch".to_string()])
         .unwrap()
@@ -267,11 +270,12 @@ impl Drop for Mosquitto {
 }
 
 fn mosquitto() -> Mosquitto {
-    mosquitto_with("")
+    mosquitto_at("127.0.0.1", "")
 }
 
-/// Mosquitto with `listener_conf` added to its one listener's settings.
-fn mosquitto_with(listener_conf: &str) -> Mosquitto {
+/// Mosquitto listening on `host`, with `listener_conf` added to its one
+/// listener's settings.
+fn mosquitto_at(host: &str, listener_conf: &str) -> Mosquitto {
     let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -281,9 +285,7 @@ fn mosquitto_with(listener_conf: &str) -> Mosquitto {
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(
         &conf,
-        format!(
-            "listener {port} 127.0.0.1\n{listener_conf}allow_anonymous true\npersistence false\n"
-        ),
+        format!("listener {port} {host}\n{listener_conf}allow_anonymous true\npersistence false\n"),
     )
     .unwrap();
     let child = Command::new(bin)
@@ -293,7 +295,7 @@ fn mosquitto_with(listener_conf: &str) -> Mosquitto {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = SocketAddr::new(host.parse().unwrap(), port);
     // Owned from here on, so Drop reaps it on every path, panics included.
     let m = Mosquitto {
         child,
@@ -316,31 +318,71 @@ async fn in_front_of_mosquitto_over_tls() {
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = pki_files(&pki, dir.path());
-    let m = mosquitto_with(&format!("cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"));
-    let server = Server::start(Setup {
-        extra: MARKER_ACL.into(),
-        upstream: Some(format!("mqtts://{}", m.addr)),
-        replace: vec![("# ca = \"broker-ca.pem\"".into(), format!("ca = {ca:?}"))],
-        ..Default::default()
-    });
-    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
-    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
-    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
-    assert_eq!(
-        alice.publish_acked(HR, br#"{"bpm":72}"#).await,
-        v5::PubAckReason::Success
-    );
-    let p = fit.next_publish().await;
-    assert_eq!(p.topic, HR.as_bytes());
-    assert_eq!(
-        serde_json::from_slice::<Value>(&p.payload).unwrap(),
-        json!({"bpm": 72})
-    );
+    let conf = format!("cafile {ca}\ncertfile {cert}\nkeyfile {key}\n");
+    // IPv6 too: a URL writes its host in brackets, a TLS name does not.
+    for host in ["127.0.0.1", "::1"] {
+        let m = mosquitto_at(host, &conf);
+        let server = Server::start(Setup {
+            extra: MARKER_ACL.into(),
+            upstream: Some(format!("mqtts://{}", m.addr)),
+            replace: vec![("# ca = \"broker-ca.pem\"".into(), format!("ca = {ca:?}"))],
+            ..Default::default()
+        });
+        let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+        fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+        fit.subscribe("consentry/notices/fitcoach", v5::QoS::AtLeastOnce)
+            .await;
+        let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+        assert_eq!(
+            alice.publish_acked(HR, br#"{"bpm":72}"#).await,
+            v5::PubAckReason::Success
+        );
+        let p = fit.next_publish().await;
+        assert_eq!(p.topic, HR.as_bytes());
+        assert_eq!(
+            serde_json::from_slice::<Value>(&p.payload).unwrap(),
+            json!({"bpm": 72})
+        );
+        // consentry's notice client reaches the broker over TLS as well:
+        // alice disputes that delivery, and fitcoach hears of it.
+        let login = json!({
+            "user": "alice",
+            "password": "alice-api-secret",
+            "totp": common::totp_now("CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA", "alice"),
+        });
+        let (s, session) = common::http(&server, "POST", "/v1/sessions", None, &[], Some(login));
+        assert_eq!(s, 201, "{session}");
+        let token = common::json_of(&session)["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (_, history) = common::http(&server, "GET", "/v1/me/history", Some(&token), &[], None);
+        let history = common::json_of(&history);
+        let seq = history["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"] == "share")
+            .and_then(|e| e["seq"].as_u64())
+            .unwrap_or_else(|| panic!("no share in {history}"));
+        let (s, d) = common::http(
+            &server,
+            "POST",
+            "/v1/me/disputes",
+            Some(&token),
+            &[],
+            Some(json!({"seq": seq, "reason": "not me"})),
+        );
+        assert_eq!(s, 201, "{d}");
+        let notice = fit.next_publish().await;
+        assert_eq!(notice.topic, &b"consentry/notices/fitcoach"[..], "{host}");
+    }
 
     // A broker whose certificate consentry cannot verify gets nothing: the
     // session is refused rather than relayed in the clear or unverified.
     let other_dir = tempfile::tempdir().unwrap();
     let other = pki_files(&self::pki(), other_dir.path()).0;
+    let m = mosquitto_at("127.0.0.1", &conf);
     let wrong = Server::start(Setup {
         extra: MARKER_ACL.into(),
         upstream: Some(format!("mqtts://{}", m.addr)),

@@ -244,7 +244,7 @@ pub async fn open_dispute(
             "kind": r.kind, "delivered_at": r.time,
             "payload_sha256": hex::encode(r.payload_digest),
         });
-        if let Err(e) = n.notify(&r.recipient, &notice).await {
+        if let Err(e) = n.notify(&r.recipient, &notice) {
             tracing::warn!(error = %e, "dispute notice not sent");
         }
     }

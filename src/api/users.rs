@@ -553,7 +553,7 @@ pub async fn remove_device(
     // The ACT already keeps them from anyone; this keeps them from coming
     // back if the id is registered again.
     if let Some(n) = &state.notifier {
-        if let Err(e) = n.clear_retained(topics).await {
+        if let Err(e) = n.clear_retained(topics) {
             tracing::warn!(error = %e, "retained messages of a removed device not cleared");
         }
     }
