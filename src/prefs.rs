@@ -779,7 +779,8 @@ fn same_grants<T: PartialEq>(a: &[T], b: &[T]) -> bool {
 /// Why `new` may not replace `old`, if so: users whose share grants in
 /// `prefs` name the provider consented to it as it was (X.1363 9.1 6),
 /// 9.2 1)-2)), so while they do, neither who it is (its name, controller,
-/// privacy policy and jurisdiction: the receipts name the first two) nor
+/// privacy policy, jurisdiction, and its role, which with the controller
+/// decides whether the receipts call it a third party) nor
 /// the terms of a purpose they granted (statement, category, core flag,
 /// retention, termination) may change. Contact details may. A purpose
 /// dropped, or no longer asking for a granted kind, is refused when the
@@ -797,6 +798,7 @@ fn consent_changes<'p>(
         ),
         ("privacy_policy", old.privacy_policy != new.privacy_policy),
         ("jurisdiction", old.jurisdiction != new.jurisdiction),
+        ("role", old.role != new.role),
     ]
     .into_iter()
     .filter_map(|(field, changed)| changed.then_some(field))

@@ -2147,6 +2147,21 @@ async fn a_purpose_users_consented_to_keeps_its_terms() {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
+    // So may its role, and an update that leaves the role out keeps it.
+    let mut own = provider("Steps for statistics", 30, &["steps"]);
+    own["role"] = json!("data");
+    for update in [
+        own.clone(),
+        provider("Steps for statistics", 30, &["steps"]),
+    ] {
+        let (s, p) = api.operator("/v1/operator/providers", update).await;
+        assert_eq!(s, StatusCode::CREATED, "{p}");
+        let (_, one) = api.get("/v1/providers/acme", None).await;
+        assert_eq!(one["role"], "data", "{one}");
+    }
+    own["role"] = json!("application");
+    let (s, p) = api.operator("/v1/operator/providers", own).await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
 
     let t = api.user("carol").await;
     let (s, c) = api
@@ -2191,15 +2206,17 @@ async fn a_purpose_users_consented_to_keeps_its_terms() {
     moved["controller"]["email"] = json!("privacy@acme.example");
     let (s, p) = api.operator("/v1/operator/providers", moved.clone()).await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
-    // An update that leaves out the role keeps it.
-    moved["role"] = json!("data");
-    let (s, p) = api.operator("/v1/operator/providers", moved.clone()).await;
-    assert_eq!(s, StatusCode::CREATED, "{p}");
-    moved.as_object_mut().unwrap().remove("role");
-    let (s, p) = api.operator("/v1/operator/providers", moved).await;
-    assert_eq!(s, StatusCode::CREATED, "{p}");
+    // Nor its role: with its company, it decides whether the receipts
+    // call it a third party.
     let (_, one) = api.get("/v1/providers/acme", None).await;
-    assert_eq!(one["role"], "data", "{one}");
+    assert_eq!(one["role"], "application", "{one}");
+    let mut own = moved.clone();
+    own["role"] = json!("data");
+    let (s, p) = api.operator("/v1/operator/providers", own).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("role"), "{p}");
+    let (_, one) = api.get("/v1/providers/acme", None).await;
+    assert_eq!(one["role"], "application", "{one}");
     // Asking for one more kind changes nothing the user granted.
     let (s, p) = api
         .operator(

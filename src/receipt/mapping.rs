@@ -19,9 +19,9 @@
 //!   of that copy, which the spec's terminology calls a *disclosure* to a
 //!   third party: `thirdPartyDisclosure: true` and `3rdPartyName` = the
 //!   provider's controller company (its name if no company is configured).
-//!   A provider of role "data" is the operator's own processing: sharing
-//!   with it discloses nothing outside the controller (`false`, no name),
-//!   unless it names a controller company other than the operator's.
+//!   A provider whose controller company is the operator's, or of role
+//!   "data" (the operator's own processing) naming no company, is inside
+//!   the controller: sharing with it discloses nothing (`false`, no name).
 //! - `consentType` is "EXPLICIT": every grant is an opt-in the user made,
 //!   in consentry's preference manager or, for preferences the directory
 //!   file sets, outside consentry as the operator (the controller signing
@@ -317,12 +317,17 @@ pub fn receipt_with_id(
     })
 }
 
-/// Kantara 3.1.14: a disclosure is one outside the PII controller. The
-/// operator's own processing (role "data") stays inside it, unless the
-/// provider names another company as its controller.
+/// Kantara 3.1.14: a disclosure is one outside the PII controller. A
+/// provider whose controller company is the operator's stays inside it, and
+/// so does the operator's own processing (role "data") naming no company.
 fn is_third_party(p: &Provider, operator: &Contact) -> bool {
     let company = p.controller.company.trim();
-    p.role != ProviderRole::Data || !(company.is_empty() || company == operator.company.trim())
+    let inside = if company.is_empty() {
+        p.role == ProviderRole::Data
+    } else {
+        company == operator.company.trim()
+    };
+    !inside
 }
 
 fn third_party_name(p: &Provider) -> String {
@@ -398,10 +403,10 @@ mod tests {
         assert!(termination(None).contains("kept without a time limit"));
     }
 
-    /// The operator's own processing is not a third party; a "data"
-    /// provider of another company is.
+    /// Inside the controller: any provider of the operator's company, and
+    /// the operator's own processing naming none. Another company is outside.
     #[test]
-    fn a_data_provider_of_the_operator_is_no_third_party() {
+    fn providers_of_the_operators_company_are_no_third_party() {
         let (mut dir, kinds) = demo();
         let op = operator();
         let fit = dir
@@ -444,7 +449,18 @@ mod tests {
         assert_eq!(
             disclosure(&dir),
             (true, Some("FitCoach".into())),
-            "an application provider always is"
+            "an application provider of no stated company"
+        );
+        let fit = dir
+            .providers
+            .iter_mut()
+            .find(|p| p.id == "fitcoach")
+            .unwrap();
+        fit.controller.company = op.controller.company.clone();
+        assert_eq!(
+            disclosure(&dir),
+            (false, None),
+            "an application provider of the operator's company"
         );
     }
 
