@@ -204,22 +204,26 @@ impl Store {
         Ok(store)
     }
 
-    /// Moves the provider and kind of disputes written before they were
-    /// sealed into the sealed detail, in one transaction.
+    /// Moves the provider, kind and record of disputes written before they
+    /// were sealed into the sealed detail, in one transaction.
     fn seal_dispute_parties(&self) -> Result<(), StoreError> {
         self.with(|c, cipher| {
             let tx = c.transaction()?;
-            let clear: Vec<(i64, String, String, Vec<u8>)> = tx
-                .prepare("SELECT id, provider, kind, detail FROM disputes WHERE provider != '' OR kind != ''")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            let clear: Vec<(i64, String, String, i64, Vec<u8>)> = tx
+                .prepare(
+                    "SELECT id, provider, kind, ledger_seq, detail FROM disputes \
+                     WHERE provider != '' OR kind != '' OR ledger_seq != 0",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
                 .collect::<Result<_, _>>()?;
-            for (id, provider, kind, sealed) in &clear {
+            for (id, provider, kind, seq, sealed) in &clear {
                 let aad = format!("disputes.detail.{id}");
                 let mut d: DisputeDetail = serde_json::from_slice(&cipher.open(&aad, sealed)?)?;
                 d.provider.get_or_insert_with(|| provider.clone());
                 d.kind.get_or_insert_with(|| kind.clone());
+                d.ledger_seq.get_or_insert(*seq as u64);
                 tx.execute(
-                    "UPDATE disputes SET provider = '', kind = '', detail = ?2 WHERE id = ?1",
+                    "UPDATE disputes SET provider = '', kind = '', ledger_seq = 0, detail = ?2 WHERE id = ?1",
                     params![id, cipher.seal(&aad, &serde_json::to_vec(&d)?)?],
                 )?;
             }
@@ -228,7 +232,7 @@ impl Store {
                 // The old pages are in the WAL and the main file until a
                 // checkpoint writes the new ones over them.
                 c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-                tracing::info!(disputes = clear.len(), "sealed the provider and kind of earlier disputes");
+                tracing::info!(disputes = clear.len(), "sealed the parties and record of earlier disputes");
             }
             Ok(())
         })
@@ -551,8 +555,10 @@ pub struct Dispute {
 }
 
 /// A dispute's sealed part. Which provider got which kind of a user's data
-/// is itself what the ledger encrypts, so it is sealed here too; rows from
-/// before that kept both in the clear columns, which now hold "".
+/// is itself what the ledger encrypts, and the record's sequence number
+/// would tie the user to its frame, whose blind index finds all their
+/// records: all three are sealed here. Rows from before kept them in the
+/// clear columns, which now hold "" and 0 (no ledger record has seq 0).
 #[derive(Serialize, Deserialize)]
 struct DisputeDetail {
     reason: String,
@@ -561,6 +567,8 @@ struct DisputeDetail {
     provider: Option<String>,
     #[serde(default)]
     kind: Option<String>,
+    #[serde(default)]
+    ledger_seq: Option<u64>,
 }
 
 impl Store {
@@ -585,13 +593,13 @@ impl Store {
                 resolution: None,
                 provider: Some(provider.to_string()),
                 kind: Some(kind.to_string()),
+                ledger_seq: Some(ledger_seq),
             })?;
             tx.execute(
-                "INSERT INTO disputes (id, user_id, ledger_seq, provider, kind, state, created_at, detail) VALUES (?1, ?2, ?3, '', '', 'open', ?4, ?5)",
+                "INSERT INTO disputes (id, user_id, ledger_seq, provider, kind, state, created_at, detail) VALUES (?1, ?2, 0, '', '', 'open', ?3, ?4)",
                 params![
                     id,
                     user,
-                    ledger_seq as i64,
                     now.to_rfc3339(),
                     cipher.seal(&format!("disputes.detail.{id}"), &detail)?
                 ],
@@ -641,7 +649,7 @@ impl Store {
                 out.push(Dispute {
                     id,
                     user,
-                    ledger_seq: seq as u64,
+                    ledger_seq: d.ledger_seq.unwrap_or(seq as u64),
                     provider: d.provider.unwrap_or(provider),
                     kind: d.kind.unwrap_or(kind),
                     state,
@@ -675,6 +683,7 @@ impl Store {
                 resolution: Some(resolution.to_string()),
                 provider: Some(current.provider.clone()),
                 kind: Some(current.kind.clone()),
+                ledger_seq: Some(current.ledger_seq),
             })?;
             let now = Utc::now();
             // Once: a resolution is the record of redress (X.1363 9.2 3)),
@@ -1132,13 +1141,27 @@ mod tests {
             s.disputes(Some("alice"))
                 .unwrap()
                 .into_iter()
-                .map(|d| (d.id, d.provider, d.kind, d.reason))
+                .map(|d| (d.id, d.ledger_seq, d.provider, d.kind, d.reason))
                 .collect::<Vec<_>>()
         };
         let want = vec![
-            (1, "fitcoach".into(), "heart_rate".into(), "not me".into()),
-            (2, "insureco".into(), "location".into(), "old".into()),
+            (
+                1,
+                7,
+                "fitcoach".into(),
+                "heart_rate".into(),
+                "not me".into(),
+            ),
+            (2, 8, "insureco".into(), "location".into(), "old".into()),
         ];
+        let clear_seqs: Vec<i64> = s
+            .with(|c, _| {
+                Ok(c.prepare("SELECT ledger_seq FROM disputes ORDER BY id")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?)
+            })
+            .unwrap();
+        assert_eq!(clear_seqs, [0, 0], "a record's seq in clear");
         assert_eq!(parties(&s), want);
         let resolved = s.resolve_dispute(2, "upheld", "sorry").unwrap();
         assert_eq!(
