@@ -66,19 +66,32 @@ pub struct Config {
 /// A number of days, or "forever" for `None`. A key left out keeps its
 /// default, so keeping forever takes a value of its own.
 fn retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Days {
-        Days(u32),
-        Word(String),
+    struct Days;
+    impl serde::de::Visitor<'_> for Days {
+        type Value = Option<u32>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number of days or \"forever\"")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Option<u32>, E> {
+            u32::try_from(v).map(Some).map_err(|_| {
+                E::custom(format!(
+                    "{v} is not a number of days (1 or more), nor \"forever\""
+                ))
+            })
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Option<u32>, E> {
+            self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<u32>, E> {
+            match v {
+                "forever" => Ok(None),
+                _ => Err(E::custom(format!(
+                    "a whole number of days or \"forever\", not {v:?}"
+                ))),
+            }
+        }
     }
-    match Days::deserialize(d)? {
-        Days::Days(n) => Ok(Some(n)),
-        Days::Word(w) if w == "forever" => Ok(None),
-        Days::Word(w) => Err(serde::de::Error::custom(format!(
-            "a number of days or \"forever\", not {w:?}"
-        ))),
-    }
+    d.deserialize_any(Days)
 }
 
 /// A listener's address, or "" for none. A key left out keeps its default
@@ -652,8 +665,12 @@ mod tests {
         assert_eq!(with("").unwrap(), Some(1825), "left out: the default");
         assert_eq!(with("retention_days = 30").unwrap(), Some(30));
         assert_eq!(with("retention_days = \"forever\"").unwrap(), None);
-        let e = with("retention_days = \"never\"").unwrap_err().to_string();
-        assert!(e.contains("a number of days or \"forever\""), "{e}");
+        for bad in ["\"never\"", "-1", "1.5", "true"] {
+            let e = with(&format!("retention_days = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("days") && e.contains("forever"), "{bad}: {e}");
+        }
     }
 
     /// A listener key left out keeps its default; "" turns it off.

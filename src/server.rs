@@ -108,6 +108,8 @@ pub fn check(cfg: &Config, config: &Path) -> anyhow::Result<CheckReport> {
         crate::grant_rules::check_grants(&Default::default(), p, None)
             .map_err(|e| in_file(&format!("preferences of {:?}: {e}", p.user)))?;
     }
+    // Certificates and keys, as `serve` loads them.
+    tls_material(cfg)?;
     Ok(CheckReport {
         templates: templates.len(),
         kinds: kinds.len(),
@@ -227,6 +229,21 @@ pub fn open_keyring(cfg: &Config) -> anyhow::Result<Keyring> {
     })
 }
 
+/// Loads every certificate, key and CA the configuration names, as `serve`
+/// would; an error names the section.
+fn tls_material(cfg: &Config) -> anyhow::Result<()> {
+    if let Some(t) = &cfg.server.tls {
+        tls_acceptor(&t.cert, &t.key, t.client_ca.as_deref()).context("[server.tls]")?;
+    }
+    if let Some(t) = &cfg.api.tls {
+        tls_acceptor(&t.cert, &t.key, None).context("[api.tls]")?;
+    }
+    if let Some(addr) = cfg.upstream_addr() {
+        Upstream::external(cfg, addr).context("[broker]")?;
+    }
+    Ok(())
+}
+
 fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
@@ -304,7 +321,7 @@ impl Server {
             issuer.clone().map(|i| i as Arc<dyn ReceiptIssuer>),
         )?;
         let upstream = match config.upstream_addr() {
-            Some(addr) => Upstream::external(&config, addr)?,
+            Some(addr) => Upstream::external(&config, addr).context("[broker]")?,
             None => broker::start_embedded(&config)?,
         };
         let ledger = Ledger::open(ledger_config(&config), open_keyring(&config)?)?;
@@ -361,7 +378,8 @@ impl Server {
         }
         let mut tls_addr = None;
         if let Some(tls) = &config.server.tls {
-            let acceptor = tls_acceptor(&tls.cert, &tls.key, tls.client_ca.as_deref())?;
+            let acceptor = tls_acceptor(&tls.cert, &tls.key, tls.client_ca.as_deref())
+                .context("[server.tls]")?;
             let l = TcpListener::bind(tls.listen)
                 .await
                 .with_context(|| format!("bind MQTT/TLS listener {}", tls.listen))?;
@@ -393,7 +411,7 @@ impl Server {
             // listeners of any kind, which the TLS one needs.)
             match &config.api.tls {
                 Some(tls) => {
-                    let acceptor = tls_acceptor(&tls.cert, &tls.key, None)?;
+                    let acceptor = tls_acceptor(&tls.cert, &tls.key, None).context("[api.tls]")?;
                     let l = crate::api::tls::TlsListener::new(l, acceptor)?.tap_io(
                         |s: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
                             let _ = s.get_ref().0.set_nodelay(true);

@@ -236,6 +236,70 @@ fn check_refuses_what_serve_refuses_and_serve_refuses_before_touching_the_store(
     }
 }
 
+/// Certificates, keys and CAs load in `check` as in `serve`, and an error
+/// names the section that points at them.
+#[test]
+fn check_loads_the_tls_material_serve_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let cert_of = |key: &rcgen::KeyPair| {
+        rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(key)
+            .unwrap()
+            .pem()
+    };
+    let (a, b) = (
+        rcgen::KeyPair::generate().unwrap(),
+        rcgen::KeyPair::generate().unwrap(),
+    );
+    let cert = write("a.pem", &cert_of(&a));
+    let (key_a, key_b) = (
+        write("a.key", &a.serialize_pem()),
+        write("b.key", &b.serialize_pem()),
+    );
+    let api_tls = |key: &str| {
+        (
+            "totp_issuer = \"consentry\"".to_string(),
+            format!("totp_issuer = \"consentry\"\n[api.tls]\ncert = {cert:?}\nkey = {key:?}"),
+        )
+    };
+    let check = |replace: &[(String, String)]| {
+        let pairs: Vec<(&str, &str)> = replace
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        let (dir, config) = write_config(&pairs, common::DEMO_DIRECTORY);
+        let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
+        (ok, err)
+    };
+    let (ok, err) = check(&[api_tls(&key_a)]);
+    assert!(ok, "{err}");
+    let (ok, err) = check(&[api_tls(&key_b)]);
+    assert!(
+        !ok && err.contains("[api.tls]"),
+        "a key of another certificate: {err}"
+    );
+    let (ok, err) = check(&[
+        (
+            "upstream = \"embedded\"".into(),
+            "upstream = \"mqtts://localhost:8883\"".into(),
+        ),
+        (
+            "# ca = \"broker-ca.pem\"".into(),
+            "ca = \"no-such-ca.pem\"".into(),
+        ),
+    ]);
+    assert!(
+        !ok && err.contains("[broker]") && err.contains("no-such-ca.pem"),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_names_the_file_a_semantic_error_is_in() {
     let bad_directory = common::DEMO_DIRECTORY.replacen(
