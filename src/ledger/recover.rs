@@ -19,6 +19,9 @@ pub(crate) struct Recovered {
     pub max_boot: u32,
     /// The newest record time in the active segment (µs), for retention once it is closed.
     pub newest_us: i64,
+    /// The oldest record time in the active segment (µs): it is closed once that is
+    /// [`super::writer::SEGMENT_MAX_AGE`] old, so retention can reach it.
+    pub oldest_us: i64,
 }
 
 pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recovered, LedgerError> {
@@ -48,6 +51,7 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
             active: None,
             max_boot: 0,
             newest_us: i64::MIN,
+            oldest_us: i64::MAX,
         });
     };
 
@@ -58,6 +62,7 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
     let mut max_boot = 0u32;
     let mut bad_at: Option<usize> = None;
     let mut newest_us = i64::MIN;
+    let mut oldest_us = i64::MAX;
     loop {
         match next_frame(&data, off) {
             Next::End => break,
@@ -81,6 +86,7 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
                 }
                 max_boot = max_boot.max(f.header.boot());
                 newest_us = newest_us.max(f.header.time_us);
+                oldest_us = oldest_us.min(f.header.time_us);
                 prev = Some(f.hash());
                 expected = expected.saturating_add(1);
                 off = f.end;
@@ -111,6 +117,7 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
         active: Some((first, path, size)),
         max_boot,
         newest_us,
+        oldest_us,
     })
 }
 

@@ -670,6 +670,37 @@ async fn retention_purges_old_segments_and_verification_passes() {
     );
 }
 
+/// At a low rate a segment never fills, and only closed segments are purged: the active one is
+/// closed once its oldest record is a day old, so retention still deletes on time.
+#[tokio::test]
+async fn retention_forgets_on_time_at_a_low_rate() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let c = LedgerConfig {
+        retention: Some(Duration::from_secs(24 * 3600)),
+        ..cfg(tmp.path())
+    };
+    assert!(
+        c.segment_bytes >= 1 << 20,
+        "a segment these records cannot fill"
+    );
+    let ledger = Ledger::open(c.clone(), k.clone()).expect("open");
+    let old = Utc::now() - TimeDelta::days(3);
+    write_at(&ledger, [old; 5]).await;
+    write_n(&ledger, 3).await;
+    ledger.shutdown().await;
+
+    let ledger = Ledger::open(c, k.clone()).expect("reopen");
+    let alice = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read");
+    assert!(alice.iter().all(|(_, e)| e.time() != old), "{alice:?}");
+    assert_eq!(alice.len(), 1, "the fresh record stays");
+    ledger.shutdown().await;
+    assert!(!std::path::Path::new(&super::segment::segment_path(tmp.path(), 1)).exists());
+    verify_dir(tmp.path(), &k).expect("verify after purge");
+}
+
 #[tokio::test]
 async fn retention_reads_segments_from_an_earlier_run_off_the_writer() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -713,10 +744,12 @@ async fn retention_reads_segments_from_an_earlier_run_off_the_writer() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // The segment after it, closed by this writer for its age, stays behind the damage too,
+    // with the new active one.
     assert_eq!(
         purged.len(),
-        2,
-        "the damaged segment and the active one stay"
+        3,
+        "the damaged segment, the one after it and a new active one stay: {purged:?}"
     );
     ledger.shutdown().await;
     // The checkpoint signed before each deletion anchors the chain at the gap.

@@ -37,6 +37,13 @@ const KEY_USE_WARN: u64 = 1 << 30;
 const RESERVE_CHUNK: u64 = 1 << 20;
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
+/// With retention on, the active segment is closed once its oldest record
+/// is this old, whatever its size: only closed segments are purged, and at
+/// a low rate a segment would otherwise stay open, and its records kept,
+/// for months past the retention period. A record is then deleted at most
+/// this long after its retention ends.
+pub(crate) const SEGMENT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
 pub(crate) type Ack = oneshot::Sender<Result<u64, LedgerError>>;
 
 pub(crate) struct Pending {
@@ -117,6 +124,8 @@ pub(crate) struct Writer {
     seg_size: u64,
     /// The newest record time in the active segment (µs), for retention once it is closed.
     seg_newest: i64,
+    /// Oldest record time in the active segment (µs); `i64::MAX` when empty.
+    seg_oldest: i64,
     purger: Purger,
     next_seq: u64,
     head: [u8; 32],
@@ -213,6 +222,7 @@ impl Writer {
             seg_first,
             seg_size,
             seg_newest: rec.newest_us,
+            seg_oldest: rec.oldest_us,
             purger: Purger::new(wake),
             next_seq: rec.next_seq,
             head: rec.head,
@@ -377,11 +387,14 @@ impl Writer {
                     self.acks.push((self.next_seq, ack));
                 }
                 let pending_bytes = self.seg_size + self.buf.len() as u64;
-                if pending_bytes >= self.shared.cfg.segment_bytes && pending_bytes > 0 {
+                if (pending_bytes >= self.shared.cfg.segment_bytes && pending_bytes > 0)
+                    || self.segment_too_old(p.time_us)
+                {
                     self.flush_buf()?;
                     self.rotate()?;
                 }
                 self.seg_newest = self.seg_newest.max(p.time_us);
+                self.seg_oldest = self.seg_oldest.min(p.time_us);
                 let header = Header {
                     entry_type: p.entry_type,
                     seq: self.next_seq,
@@ -458,6 +471,7 @@ impl Writer {
             },
         );
         self.seg_newest = i64::MIN;
+        self.seg_oldest = i64::MAX;
         self.seg = f;
         self.seg_first = self.next_seq;
         self.seg_size = 0;
@@ -474,12 +488,25 @@ impl Writer {
         Ok(())
     }
 
+    /// Whether the active segment, holding records, is to be closed before one of `now_us` is
+    /// added: retention only purges closed segments.
+    fn segment_too_old(&self, now_us: i64) -> bool {
+        self.shared.cfg.retention.is_some()
+            && self.seg_oldest != i64::MAX
+            && now_us.saturating_sub(self.seg_oldest) >= SEGMENT_MAX_AGE.as_micros() as i64
+    }
+
     /// Deletes closed segments whose records are all older than the retention period. Before a
     /// segment goes, a checkpoint is signed at its last record so verification can start from it.
+    /// An active segment too old to stay open is closed first, so that a ledger that sees few or
+    /// no new records still forgets on time.
     fn purge(&mut self) -> Result<(), LedgerError> {
         let Some(retention) = self.shared.cfg.retention else {
             return Ok(());
         };
+        if self.segment_too_old(now_us()) {
+            self.rotate()?;
+        }
         let Ok(retention) = chrono::TimeDelta::from_std(retention) else {
             return Ok(());
         };

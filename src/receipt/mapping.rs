@@ -85,7 +85,8 @@ impl Operator {
     /// retention of every party's copy (X.1363 9.2.1), the operator's too.
     pub fn stating_retention(mut self, ledger_days: Option<u32>) -> Operator {
         let shares = match ledger_days {
-            Some(d) => format!("for {d} days, then deleted"),
+            Some(1) => "for 1 day, then deleted within a day".to_string(),
+            Some(d) => format!("for {d} days, then deleted within a day"),
             None => "without a time limit".to_string(),
         };
         self.collection_termination.push_str(&format!(
@@ -399,7 +400,11 @@ mod tests {
             kept.starts_with(&operator().collection_termination),
             "{kept}"
         );
-        assert!(kept.contains("kept for 1825 days, then deleted"), "{kept}");
+        assert!(
+            kept.contains("kept for 1825 days, then deleted within a day"),
+            "{kept}"
+        );
+        assert!(termination(Some(1)).contains("kept for 1 day,"));
         assert!(termination(None).contains("kept without a time limit"));
     }
 
