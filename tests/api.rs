@@ -1976,7 +1976,16 @@ async fn the_operator_resets_a_lost_login_and_every_session_ends() {
         .iter()
         .map(|e| e["event"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["login_reset_by_operator", "password_changed"]);
+    assert_eq!(
+        kinds,
+        [
+            "login_reset_by_operator",
+            "recovery_codes_replaced",
+            "recovery_code_used",
+            "recovery_code_used",
+            "password_changed",
+        ]
+    );
     let at = events[0]["at"].as_str().unwrap();
     let at = chrono::DateTime::parse_from_rfc3339(at).expect("a time");
     assert!((at.timestamp() - now as i64).abs() < 300, "{at}");
@@ -2078,6 +2087,27 @@ async fn recovery_codes_let_a_user_who_lost_the_authenticator_back_in() {
         .json("POST", "/v1/sessions", None, with_code(&new_codes[0]))
         .await;
     assert_eq!(s, StatusCode::CREATED);
+    // vera can see each code she used and each change they let her make;
+    // the first set, at registration, replaced nothing.
+    let (s, events) = api.get("/v1/me/account-events", Some(&token)).await;
+    assert_eq!(s, StatusCode::OK, "{events}");
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "recovery_code_used",
+            "recovery_code_used",
+            "authenticator_changed",
+            "recovery_code_used",
+            "recovery_codes_replaced",
+            "recovery_code_used",
+        ]
+    );
 
     // Wrong codes count against the name as wrong TOTP codes do (the
     // login just made cleared the count): after the limit even a good code

@@ -459,6 +459,72 @@ async fn a_reload_does_not_undo_a_users_withdrawal() {
     );
 }
 
+/// The operator's file gives alice a new password: like a reset, it ends
+/// her sessions, and she can see that it happened.
+#[tokio::test]
+async fn a_login_the_directory_replaces_ends_sessions_and_shows() {
+    let server = Server::demo();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Each login takes a code of its own: a used one cannot serve twice.
+    let login = |password: &str, at: u64| {
+        let totp = common::totp_at("CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA", at);
+        let body = json!({"user": "alice", "password": password, "totp": totp});
+        common::http(&server, "POST", "/v1/sessions", None, &[], Some(body))
+    };
+    let events = |token: &str| {
+        common::http(
+            &server,
+            "GET",
+            "/v1/me/account-events",
+            Some(token),
+            &[],
+            None,
+        )
+    };
+    let (s, session) = login("alice-api-secret", now);
+    assert_eq!(s, 201, "{session}");
+    let old_token = common::json_of(&session)["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // An unchanged reload changes nothing about her login.
+    server.reload(DEMO_DIRECTORY);
+    assert_eq!(
+        events(&old_token),
+        (200, "[]".to_string()),
+        "an unchanged reload"
+    );
+
+    let old_hash = DEMO_DIRECTORY
+        .split("[[logins]]\nuser = \"alice\"\npassword_hash = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("alice's login in the demo directory")
+        .to_string();
+    let new_hash = consentry::auth::hash_password("the operator's new one");
+    server.reload(&DEMO_DIRECTORY.replacen(&old_hash, &new_hash, 1));
+    assert_eq!(
+        events(&old_token).0,
+        401,
+        "a session outlived the new login"
+    );
+    let (s, session) = login("the operator's new one", now + 30);
+    assert_eq!(s, 201, "{session}");
+    let token = common::json_of(&session)["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, list) = events(&token);
+    assert_eq!(s, 200, "{list}");
+    let list = common::json_of(&list);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["event"], "login_replaced_from_directory");
+}
+
 /// Seconds to add to now so that it becomes the next `weekday` at `hour`:00
 /// in Paris.
 fn offset_to(weekday: chrono::Weekday, hour: u32) -> i64 {

@@ -27,38 +27,61 @@ pub enum AccountEvent {
     /// The operator replaced the password, authenticator and recovery codes
     /// and ended every session.
     LoginResetByOperator,
+    /// A reload of the operator's directory file replaced the password or
+    /// authenticator, and ended every session.
+    LoginReplacedFromDirectory,
     PasswordChanged,
     AuthenticatorChanged,
+    /// A new set replaced the recovery codes.
+    RecoveryCodesReplaced,
+    /// A recovery code stood in for the authenticator.
+    RecoveryCodeUsed,
 }
+
+const ALL: [AccountEvent; 6] = [
+    AccountEvent::LoginResetByOperator,
+    AccountEvent::LoginReplacedFromDirectory,
+    AccountEvent::PasswordChanged,
+    AccountEvent::AuthenticatorChanged,
+    AccountEvent::RecoveryCodesReplaced,
+    AccountEvent::RecoveryCodeUsed,
+];
 
 impl AccountEvent {
     fn as_str(self) -> &'static str {
         match self {
             AccountEvent::LoginResetByOperator => "login_reset_by_operator",
+            AccountEvent::LoginReplacedFromDirectory => "login_replaced_from_directory",
             AccountEvent::PasswordChanged => "password_changed",
             AccountEvent::AuthenticatorChanged => "authenticator_changed",
+            AccountEvent::RecoveryCodesReplaced => "recovery_codes_replaced",
+            AccountEvent::RecoveryCodeUsed => "recovery_code_used",
         }
     }
 
     fn parse(s: &str) -> Option<AccountEvent> {
-        [
-            AccountEvent::LoginResetByOperator,
-            AccountEvent::PasswordChanged,
-            AccountEvent::AuthenticatorChanged,
-        ]
-        .into_iter()
-        .find(|e| e.as_str() == s)
+        ALL.into_iter().find(|e| e.as_str() == s)
     }
+}
+
+/// Records `event` for `user` on `c`, inside the caller's transaction or
+/// statement group, so the event and the change it records go together.
+pub(super) fn record(
+    c: &rusqlite::Connection,
+    user: &str,
+    event: AccountEvent,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO account_events (user_id, at, event) VALUES (?1, ?2, ?3)",
+        params![user, Utc::now().to_rfc3339(), event.as_str()],
+    )?;
+    Ok(())
 }
 
 impl Tx<'_> {
     /// Records `event` for `user`, in the transaction that made the change.
     pub fn account_event(&self, user: &str, event: AccountEvent) -> Result<(), StoreError> {
-        self.tx.execute(
-            "INSERT INTO account_events (user_id, at, event) VALUES (?1, ?2, ?3)",
-            params![user, Utc::now().to_rfc3339(), event.as_str()],
-        )?;
-        Ok(())
+        record(self.tx, user, event)
     }
 }
 

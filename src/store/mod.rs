@@ -838,6 +838,13 @@ impl Tx<'_> {
                     [&user.id],
                 )?;
             }
+            if exists && !create_only && self.login_differs(&user.id, hash, totp)? {
+                // The operator's file gave this user a new login: like a
+                // reset, it ends their sessions, and they can see it.
+                self.tx
+                    .execute("DELETE FROM sessions WHERE user_id = ?1", [&user.id])?;
+                self.account_event(&user.id, AccountEvent::LoginReplacedFromDirectory)?;
+            }
             let totp = match totp {
                 Some(secret) => Some(
                     self.cipher
@@ -851,6 +858,29 @@ impl Tx<'_> {
             )?;
         }
         Ok(())
+    }
+
+    /// Whether `user` had a login and these differ from it. A first login
+    /// replaces nothing: the file's first import inserts the user, then
+    /// sets it.
+    fn login_differs(
+        &self,
+        user: &str,
+        hash: &str,
+        totp: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let (old_hash, old_totp): (Option<String>, Option<Vec<u8>>) = self.tx.query_row(
+            "SELECT password_hash, totp FROM users WHERE id = ?1",
+            [user],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let old_totp = old_totp
+            .map(|sealed| self.cipher.open(&format!("users.totp.{user}"), &sealed))
+            .transpose()?;
+        Ok(
+            old_hash.is_some()
+                && (old_hash.as_deref() != Some(hash) || old_totp.as_deref() != totp),
+        )
     }
 
     /// Deletes a device and remembers that its user removed it.

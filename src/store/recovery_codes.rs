@@ -24,10 +24,18 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.with(|c, _| {
             let tx = c.transaction()?;
-            tx.execute(
+            let replaced = tx.execute(
                 "DELETE FROM recovery_codes WHERE user_id = ?1",
                 params![user],
             )?;
+            // The first set, at registration, replaces nothing.
+            if replaced > 0 {
+                super::account_events::record(
+                    &tx,
+                    user,
+                    super::AccountEvent::RecoveryCodesReplaced,
+                )?;
+            }
             for d in digests {
                 tx.execute(
                     "INSERT OR IGNORE INTO recovery_codes (user_id, digest) VALUES (?1, ?2)",
@@ -47,18 +55,21 @@ impl Store {
         digest: &[u8; 32],
     ) -> Result<Option<usize>, StoreError> {
         self.with(|c, _| {
-            let used = c.execute(
+            let tx = c.transaction()?;
+            let used = tx.execute(
                 "DELETE FROM recovery_codes WHERE user_id = ?1 AND digest = ?2",
                 params![user, &digest[..]],
             )?;
             if used == 0 {
                 return Ok(None);
             }
-            let left: i64 = c.query_row(
+            super::account_events::record(&tx, user, super::AccountEvent::RecoveryCodeUsed)?;
+            let left: i64 = tx.query_row(
                 "SELECT COUNT(*) FROM recovery_codes WHERE user_id = ?1",
                 params![user],
                 |r| r.get(0),
             )?;
+            tx.commit()?;
             Ok(Some(usize::try_from(left).unwrap_or(0)))
         })
     }
