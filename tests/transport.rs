@@ -321,6 +321,10 @@ async fn in_front_of_mosquitto_over_tls() {
     let conf = format!("cafile {ca}\ncertfile {cert}\nkeyfile {key}\n");
     // IPv6 too: a URL writes its host in brackets, a TLS name does not.
     for host in ["127.0.0.1", "::1"] {
+        if host == "::1" && std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("this machine has no IPv6 loopback: the ::1 case is skipped");
+            continue;
+        }
         let m = mosquitto_at(host, &conf);
         let server = Server::start(Setup {
             extra: MARKER_ACL.into(),
