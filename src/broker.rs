@@ -70,6 +70,12 @@ impl UpstreamTls {
                 .add(c.with_context(|| format!("parse broker.ca {}", ca.display()))?)
                 .with_context(|| format!("broker.ca {}", ca.display()))?;
         }
+        if roots.is_empty() {
+            anyhow::bail!(
+                "broker.ca {} holds no certificate: no broker could be verified",
+                ca.display()
+            );
+        }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

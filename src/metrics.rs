@@ -249,8 +249,8 @@ fn describe() {
     describe_counter!(
         NOTICES_DROPPED,
         "consentry's own messages to the broker (dispute notices, clearing a removed \
-         device's retained messages) dropped because the notice client's queue was full: \
-         the broker has been unreachable for a while"
+         device's retained messages) dropped, each counted: none found room in the notice \
+         client's queue for 30 s, as when the broker is unreachable"
     );
     describe_counter!(
         PASSWORD_CHECKS,

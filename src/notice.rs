@@ -10,9 +10,13 @@ use crate::act::NOTICE_PREFIX;
 use crate::broker::Upstream;
 use crate::codec::Version;
 
-/// Notices waiting for the broker. Past this they are dropped, and
-/// counted, rather than holding up the API request that made them.
+/// Messages the client holds for the broker.
 const QUEUE: usize = 256;
+
+/// How long a message may wait for room in that queue before it is
+/// dropped: long enough for a burst to drain while the broker is up,
+/// short enough that an unreachable broker does not pile up waiting tasks.
+const ROOM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct Notifier {
@@ -54,31 +58,39 @@ impl Notifier {
     /// Clears the retained message on each of `topics` (an empty retained
     /// PUBLISH, MQTT 5 3.3.1.3), so that what a removed device left there
     /// is not delivered again should its id come back.
-    pub fn clear_retained(&self, topics: Vec<String>) -> anyhow::Result<()> {
-        for topic in topics {
-            self.queue(topic, true, Vec::new())?;
-        }
-        Ok(())
+    pub fn clear_retained(&self, topics: Vec<String>) {
+        self.send(topics.into_iter().map(|t| (t, true, Vec::new())).collect());
     }
 
     /// Queues a notice at QoS 1; a provider with a persistent session gets
     /// it when it is next connected.
     pub fn notify(&self, provider: &str, notice: &Value) -> anyhow::Result<()> {
-        self.queue(
-            format!("{NOTICE_PREFIX}{provider}"),
-            false,
-            serde_json::to_vec(notice)?,
-        )
+        let payload = serde_json::to_vec(notice)?;
+        self.send(vec![(format!("{NOTICE_PREFIX}{provider}"), false, payload)]);
+        Ok(())
     }
 
-    /// Queues without waiting: with the broker unreachable the queue fills,
-    /// and an API request must not wait on it.
-    fn queue(&self, topic: String, retain: bool, payload: Vec<u8>) -> anyhow::Result<()> {
-        self.client
-            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
-            .map_err(|e| {
-                metrics::counter!(crate::metrics::NOTICES_DROPPED).increment(1);
-                anyhow::anyhow!("notice client's queue is full (broker unreachable?): {e}")
-            })
+    /// Hands `messages` (topic, retain, payload) to the client in order, in
+    /// a task of their own: the API request that made them does not wait.
+    /// A burst larger than the queue waits for room while the broker takes
+    /// messages; what finds no room within [`ROOM_WAIT`] is dropped, counted
+    /// one by one, and logged.
+    fn send(&self, messages: Vec<(String, bool, Vec<u8>)>) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let total = messages.len();
+            for (i, (topic, retain, payload)) in messages.into_iter().enumerate() {
+                let queued = client.publish(topic, QoS::AtLeastOnce, retain, payload);
+                if !matches!(tokio::time::timeout(ROOM_WAIT, queued).await, Ok(Ok(()))) {
+                    let dropped = total - i;
+                    metrics::counter!(crate::metrics::NOTICES_DROPPED).increment(dropped as u64);
+                    tracing::warn!(
+                        dropped,
+                        "notices dropped: the broker took none for {ROOM_WAIT:?}"
+                    );
+                    return;
+                }
+            }
+        });
     }
 }

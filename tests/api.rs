@@ -1622,6 +1622,67 @@ fn demo_alice_token(server: &common::Server) -> String {
     sess["token"].as_str().unwrap().to_string()
 }
 
+/// A removed device's retained messages are cleared on every topic it
+/// could have used, one per kind: with more kinds than the notice client's
+/// queue holds, the clearings wait for room rather than being dropped.
+#[tokio::test]
+async fn a_removed_device_leaves_no_retained_message_with_many_kinds() {
+    use common::v5;
+    // 300 kinds before heart_rate, so its clearing comes after the queue
+    // (256) is full.
+    let many: String = (0..300)
+        .map(|i| {
+            format!(
+                "[[kinds]]\nname = \"k{i:03}\"\ncategory = \"Behavioral\"\nformat = \"opaque\"\n\n"
+            )
+        })
+        .collect();
+    let first = "[[kinds]]\nname = \"heart_rate\"";
+    let server = common::Server::start(common::Setup {
+        extra: common::MARKER_ACL.into(),
+        replace: vec![(first.into(), format!("{many}{first}"))],
+        ..Default::default()
+    });
+    let t = demo_alice_token(&server);
+    let topic = "pii/alice/alice-watch/heart_rate";
+    let mut watch = v5::connect(server.mqtt, "watch", "alice-watch", "alice-watch-secret").await;
+    watch
+        .client
+        .publish(topic, v5::QoS::AtLeastOnce, true, &br#"{"bpm":70}"#[..])
+        .await
+        .unwrap();
+    assert!(matches!(watch.next().await, v5::Packet::PubAck(_)));
+    let (s, p) = http(
+        &server,
+        "DELETE",
+        "/v1/me/devices/alice-watch",
+        Some(&t),
+        None,
+    );
+    assert_eq!(s, 204, "{p}");
+    let (s, dev) = http(
+        &server,
+        "POST",
+        "/v1/me/devices",
+        Some(&t),
+        Some(json!({"id": "alice-watch"})),
+    );
+    assert_eq!(s, 201, "{dev}");
+    let password = dev["mqtt_password"].as_str().unwrap();
+    let mut watch = v5::connect(server.mqtt, "watch-new", "alice-watch", password).await;
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    watch.publish_acked(topic, br#"{"bpm":71}"#).await;
+    let got = fit.next_publish().await;
+    assert_eq!(
+        (got.payload.as_ref(), got.retain),
+        (&br#"{"bpm":71}"#[..], false),
+        "a reading retained before the removal came back"
+    );
+    assert_eq!(server.metric("consentry_notices_dropped_total", &[]), 0.0);
+}
+
 #[tokio::test]
 async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
     use common::v5;

@@ -298,6 +298,16 @@ fn check_loads_the_tls_material_serve_would() {
         !ok && err.contains("[broker]") && err.contains("no-such-ca.pem"),
         "{err}"
     );
+    // A CA file with no certificate in it verifies no broker at all.
+    let empty = write("empty-ca.pem", "");
+    let (ok, err) = check(&[
+        (
+            "upstream = \"embedded\"".into(),
+            "upstream = \"mqtts://localhost:8883\"".into(),
+        ),
+        ("# ca = \"broker-ca.pem\"".into(), format!("ca = {empty:?}")),
+    ]);
+    assert!(!ok && err.contains("holds no certificate"), "{err}");
 }
 
 #[test]

@@ -147,7 +147,7 @@ pub async fn reset_login(
             }
             e => Problem::internal_logged(&e),
         })?;
-    let recovery_codes = super::recovery::replace(&state, &id).await?;
+    let recovery_codes = super::recovery::replace(&state, &id, false).await?;
     // The user's lockout ends with their old secrets.
     state.limiter.clear(&id);
     tracing::info!("login reset by the operator");

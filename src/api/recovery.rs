@@ -67,11 +67,16 @@ fn digest(user: &str, plain: &str) -> [u8; 32] {
 }
 
 /// Stores a new set for `user`, replacing the old; returns the codes.
-pub async fn replace(state: &super::ApiState, user: &str) -> Result<Vec<String>, Problem> {
+/// `first`: the set made at registration.
+pub async fn replace(
+    state: &super::ApiState,
+    user: &str,
+    first: bool,
+) -> Result<Vec<String>, Problem> {
     let fresh = generate(user);
     let (name, digests) = (user.to_string(), fresh.digests);
     state
-        .with_store(move |s| s.replace_recovery_codes(&name, &digests))
+        .with_store(move |s| s.replace_recovery_codes(&name, &digests, first))
         .await?;
     Ok(fresh.codes)
 }
@@ -102,7 +107,7 @@ pub async fn renew(
     Body(f): Body<Factors>,
 ) -> Result<(StatusCode, Json<RecoveryCodes>), Problem> {
     f.check(&state, &user, peer).await?;
-    let recovery_codes = replace(&state, &user).await?;
+    let recovery_codes = replace(&state, &user, false).await?;
     tracing::info!("recovery codes renewed");
     Ok((StatusCode::CREATED, Json(RecoveryCodes { recovery_codes })))
 }

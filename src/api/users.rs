@@ -121,7 +121,7 @@ pub async fn register(
     tokio::task::spawn_blocking(move || prefs.register_user(user, &password_hash, &secret))
         .await
         .map_err(|_| Problem::internal())??;
-    let recovery_codes = super::recovery::replace(&state, &r.id).await?;
+    let recovery_codes = super::recovery::replace(&state, &r.id, true).await?;
     Ok((
         StatusCode::CREATED,
         Json(Registered {
@@ -553,9 +553,7 @@ pub async fn remove_device(
     // The ACT already keeps them from anyone; this keeps them from coming
     // back if the id is registered again.
     if let Some(n) = &state.notifier {
-        if let Err(e) = n.clear_retained(topics) {
-            tracing::warn!(error = %e, "retained messages of a removed device not cleared");
-        }
+        n.clear_retained(topics);
     }
     // No id: device ids often name their owner (README, logs carry no ids).
     tracing::info!("device removed by its user");

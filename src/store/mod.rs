@@ -840,9 +840,13 @@ impl Tx<'_> {
             }
             if exists && !create_only && self.login_differs(&user.id, hash, totp)? {
                 // The operator's file gave this user a new login: like a
-                // reset, it ends their sessions, and they can see it.
+                // reset, it ends their sessions, and they can see it. Their
+                // recovery codes went with the old login (the file has none
+                // to give: the operator's reset hands out new ones).
                 self.tx
                     .execute("DELETE FROM sessions WHERE user_id = ?1", [&user.id])?;
+                self.tx
+                    .execute("DELETE FROM recovery_codes WHERE user_id = ?1", [&user.id])?;
                 self.account_event(&user.id, AccountEvent::LoginReplacedFromDirectory)?;
             }
             let totp = match totp {
@@ -1118,6 +1122,45 @@ mod tests {
         assert_eq!(dir.users[0].time_zone, "Europe/Paris");
         assert_eq!(dir.preferences[0].collect[0].kind, "heart_rate");
         assert!(Store::open(&path, &[3; 32]).unwrap().directory().is_err());
+    }
+
+    /// A reload that replaces a user's login takes their sessions and
+    /// recovery codes with the old one, and says so; a first login, or the
+    /// same one again, does neither.
+    #[test]
+    fn a_login_the_file_replaces_takes_sessions_and_recovery_codes() {
+        let s = Store::in_memory(&[4; 32]).unwrap();
+        let import = |hash: &str| {
+            s.transaction(|tx| {
+                tx.put_user(&user("alice"), None, false)?;
+                tx.put_user(&user("alice"), Some((hash, Some(b"totp"))), false)
+            })
+            .unwrap()
+        };
+        import("h1");
+        s.replace_recovery_codes("alice", &[[1; 32]], false)
+            .unwrap();
+        let soon = Utc::now() + chrono::Duration::hours(1);
+        s.create_session(&[9; 32], "alice", soon).unwrap();
+        import("h1");
+        assert_eq!(s.recovery_codes_left("alice").unwrap(), 1);
+        assert_eq!(s.session_user(&[9; 32]).unwrap().as_deref(), Some("alice"));
+        import("h2");
+        assert_eq!(s.recovery_codes_left("alice").unwrap(), 0);
+        assert_eq!(s.session_user(&[9; 32]).unwrap(), None);
+        let events: Vec<_> = s
+            .account_events("alice")
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
+        assert_eq!(
+            events,
+            [
+                AccountEvent::RecoveryCodesReplaced,
+                AccountEvent::LoginReplacedFromDirectory
+            ]
+        );
     }
 
     /// Reads a store file and its WAL, as someone with the disk would.

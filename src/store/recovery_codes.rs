@@ -16,20 +16,22 @@ CREATE TABLE IF NOT EXISTS recovery_codes (
 ";
 
 impl Store {
-    /// Replaces every recovery code of `user` with these.
+    /// Replaces every recovery code of `user` with these; `first` for the
+    /// set made at registration, which is not an account event.
     pub fn replace_recovery_codes(
         &self,
         user: &str,
         digests: &[[u8; 32]],
+        first: bool,
     ) -> Result<(), StoreError> {
         self.with(|c, _| {
             let tx = c.transaction()?;
-            let replaced = tx.execute(
+            tx.execute(
                 "DELETE FROM recovery_codes WHERE user_id = ?1",
                 params![user],
             )?;
             // The first set, at registration, replaces nothing.
-            if replaced > 0 {
+            if !first {
                 super::account_events::record(
                     &tx,
                     user,
@@ -93,9 +95,9 @@ mod tests {
     #[test]
     fn a_code_is_used_once_and_a_new_set_replaces_the_old() {
         let s = Store::in_memory(&[3; 32]).unwrap();
-        s.replace_recovery_codes("alice", &[[1; 32], [2; 32]])
+        s.replace_recovery_codes("alice", &[[1; 32], [2; 32]], true)
             .unwrap();
-        s.replace_recovery_codes("bob", &[[1; 32]]).unwrap();
+        s.replace_recovery_codes("bob", &[[1; 32]], true).unwrap();
         assert_eq!(s.recovery_codes_left("alice").unwrap(), 2);
         assert_eq!(s.use_recovery_code("alice", &[1; 32]).unwrap(), Some(1));
         assert_eq!(
@@ -106,7 +108,8 @@ mod tests {
         assert_eq!(s.use_recovery_code("alice", &[9; 32]).unwrap(), None);
         // Per user: bob's copy of the same digest is still his.
         assert_eq!(s.use_recovery_code("bob", &[1; 32]).unwrap(), Some(0));
-        s.replace_recovery_codes("alice", &[[7; 32]]).unwrap();
+        s.replace_recovery_codes("alice", &[[7; 32]], false)
+            .unwrap();
         assert_eq!(
             s.use_recovery_code("alice", &[2; 32]).unwrap(),
             None,
