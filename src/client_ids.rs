@@ -57,6 +57,16 @@ impl ClientIds {
         }
     }
 
+    /// Whether `claim` still holds its id: false once a newer session
+    /// claimed it.
+    pub fn holds(&self, claim: &Claim) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&claim.id)
+            .is_some_and(|(s, _)| *s == claim.session)
+    }
+
     pub fn len(&self) -> usize {
         self.held.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -79,6 +89,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), first.taken_over.notified())
             .await
             .expect("the first session is told");
+        assert!(!ids.holds(&first) && ids.holds(&second));
         ids.release(&first);
         assert_eq!(ids.len(), 1, "the newer session still holds the id");
         let other = ids.claim("d:w:c2", 3);

@@ -916,6 +916,13 @@ impl Session {
                 n = async { match up.as_mut() { Some(u) => u.read_buf(&mut up_buf).await, None => std::future::pending().await } }, if room => {
                     let n = n?;
                     if n == 0 {
+                        // A newer connection with this client id makes the
+                        // broker drop this one, at times before the takeover
+                        // notice reaches this session: that is a takeover,
+                        // not a broker fault.
+                        if self.claim.as_ref().is_some_and(|c| !self.shared.client_ids.holds(c)) {
+                            return Err(End::TakenOver);
+                        }
                         return Err(End::Upstream("broker closed the connection".into()));
                     }
                     if n < QUICKACK_BELOW {
