@@ -310,7 +310,6 @@ async fn two_wills_of_one_client_id_due_at_once_are_both_published() {
 async fn a_disconnect_that_asks_for_the_will_gets_it() {
     let server = server_with(&[]);
     let mut watcher = watch_public(&server).await;
-    let mut marker = v5::connect(server.mqtt, "mark", "alice-watch", "alice-watch-secret").await;
 
     v5::disconnect_with_will(
         server.mqtt,
@@ -324,7 +323,9 @@ async fn a_disconnect_that_asks_for_the_will_gets_it() {
     assert_eq!(watcher.next_publish().await.topic, &b"public/will"[..]);
 
     // A 60 s session and a 30 s will delay, the session ended by the
-    // DISCONNECT: the will goes at once, before the marker.
+    // DISCONNECT: the will goes at once. (`next_publish` gives up after
+    // 10 s, so a will that waited its delay fails here. A marker published
+    // after the DISCONNECT raced the will's own link to the router.)
     v5::disconnect_with_will(
         server.mqtt,
         "asks-2",
@@ -334,9 +335,7 @@ async fn a_disconnect_that_asks_for_the_will_gets_it() {
         async {},
     )
     .await;
-    marker.publish_acked("public/marker/0", b"m").await;
     assert_eq!(watcher.next_publish().await.topic, &b"public/will"[..]);
-    assert_eq!(watcher.next_publish().await.topic, &b"public/marker/0"[..]);
 }
 
 /// A clean return with no will and nothing to send gets no broker
