@@ -24,19 +24,9 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 const PROVIDERS: usize = 10;
 const KINDS: [&str; 3] = ["heart_rate", "location", "steps"];
 
-fn users() -> usize {
-    // `cargo test --all-targets` runs benchmarks once, unoptimized, as a
-    // smoke test: a small table keeps that quick.
-    let default = if std::env::args().any(|a| a == "--bench") {
-        1_000_000
-    } else {
-        2_000
-    };
-    std::env::var("CONSENTRY_BENCH_USERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "users.rs"]
+mod users;
+use users::users;
 
 /// A user's whole record in one cache line.
 #[repr(C, align(64))]

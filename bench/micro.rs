@@ -22,19 +22,9 @@ use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion
 
 const PROVIDERS: usize = 10;
 
-fn users() -> usize {
-    // `cargo test --all-targets` runs benchmarks once without `--bench`, as
-    // a smoke test: a small table keeps that quick in a debug build.
-    let default = if std::env::args().any(|a| a == "--bench") {
-        1_000_000
-    } else {
-        2_000
-    };
-    std::env::var("CONSENTRY_BENCH_USERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "users.rs"]
+mod users;
+use users::users;
 
 /// The shipped kinds (heart_rate, location, steps).
 fn kinds() -> Vec<Kind> {

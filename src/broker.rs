@@ -59,7 +59,8 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    /// Trusts the CA bundle at `ca` for the broker named `host`.
+    /// Trusts the CA bundle at `ca` for the broker named `host` (bare, as
+    /// [`crate::config::split_host_port`] gives it).
     fn new(ca: &Path, host: &str) -> anyhow::Result<UpstreamTls> {
         use rustls_pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
@@ -82,7 +83,6 @@ impl UpstreamTls {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         let server_name = ServerName::try_from(host.to_string())
             .with_context(|| format!("broker.upstream host {host:?}"))?;
         Ok(UpstreamTls {
@@ -139,7 +139,8 @@ impl Upstream {
         let tls = match (cfg.upstream_tls(), &cfg.broker.ca) {
             (false, _) => None,
             (true, Some(ca)) => {
-                let (host, _) = host_port.rsplit_once(':').unwrap_or((host_port, ""));
+                let (host, _) = crate::config::split_host_port(host_port)
+                    .ok_or_else(|| anyhow::anyhow!("broker.upstream {host_port:?} has no port"))?;
                 Some(UpstreamTls::new(ca, host)?)
             }
             (true, None) => anyhow::bail!("broker.upstream is mqtts:// but broker.ca is not set"),

@@ -63,6 +63,14 @@ pub struct Config {
     pub directory: Option<PathBuf>,
 }
 
+/// `host:port` as (host, port), the host without the brackets an IPv6
+/// address takes in a URL: socket addresses and TLS server names want it
+/// bare.
+pub fn split_host_port(addr: &str) -> Option<(&str, &str)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    Some((host.trim_start_matches('[').trim_end_matches(']'), port))
+}
+
 /// A number of days, or "forever" for `None`. A key left out keeps its
 /// default, so keeping forever takes a value of its own.
 fn retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
@@ -94,18 +102,31 @@ fn retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::E
     d.deserialize_any(Days)
 }
 
-/// A listener's address, or "" for none. A key left out keeps its default
-/// listener, so turning one off takes a value of its own.
+/// A listener's address, or "" for none: in the configuration and in the
+/// flags that override it. A key left out keeps its default listener, and
+/// an image that sets a flag must be able to turn its listener off, so off
+/// takes a value of its own.
+#[derive(Debug, Clone)]
+pub struct Listen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if s.trim().is_empty() {
+            return Ok(Listen(None));
+        }
+        s.parse()
+            .map(|a| Listen(Some(a)))
+            .map_err(|_| format!("{s:?} is not an address:port (\"\" turns the listener off)"))
+    }
+}
+
 fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
     let s = String::deserialize(d)?;
-    if s.trim().is_empty() {
-        return Ok(None);
-    }
-    s.parse().map(Some).map_err(|_| {
-        serde::de::Error::custom(format!(
-            "{s:?} is not an address:port (\"\" turns the listener off)"
-        ))
-    })
+    s.parse::<Listen>()
+        .map(|l| l.0)
+        .map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -488,7 +509,7 @@ impl Config {
             1,
             "any lagging subscriber would be cut off at once (max_subscriber_lag_mib = 0 turns backpressure off)",
         )?;
-        let has_host = |a: &str| a.rsplit_once(':').is_some_and(|(h, _)| !h.is_empty());
+        let has_host = |a: &str| split_host_port(a).is_some_and(|(h, _)| !h.is_empty());
         let known =
             self.broker.upstream == "embedded" || self.upstream_addr().is_some_and(has_host);
         if !known {

@@ -1,11 +1,10 @@
 //! `consentry`: thin command-line glue over the library.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use consentry::config::Config;
+use consentry::config::{Config, Listen};
 use consentry::server::Server;
 
 #[derive(Parser)]
@@ -149,25 +148,6 @@ fn load_with_data_dir(path: &std::path::Path, data_dir: Option<PathBuf>) -> anyh
         cfg.storage.data_dir = d;
     }
     Ok(cfg)
-}
-
-/// A listener flag: an address, or "" for none, as in the configuration.
-/// An image or unit file that sets the flag must be able to turn the
-/// listener off too.
-#[derive(Debug, Clone)]
-struct Listen(Option<SocketAddr>);
-
-impl std::str::FromStr for Listen {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Listen, String> {
-        if s.trim().is_empty() {
-            return Ok(Listen(None));
-        }
-        s.parse()
-            .map(|a| Listen(Some(a)))
-            .map_err(|_| format!("{s:?} is not an address:port (\"\" turns the listener off)"))
-    }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -27,12 +27,8 @@ impl Notifier {
     /// Connects (and keeps reconnecting) in the background.
     pub fn start(upstream: &Upstream) -> anyhow::Result<Notifier> {
         let addr = upstream.addr(Version::V4);
-        let (host, port) = addr
-            .rsplit_once(':')
+        let (host, port) = crate::config::split_host_port(addr)
             .ok_or_else(|| anyhow::anyhow!("upstream address {addr:?} has no port"))?;
-        // rumqttc wants an IPv6 host bare, as a socket address or TLS
-        // server name, not in the brackets of a URL.
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         let mut opts = MqttOptions::new("consentry-notifier", host, port.parse()?);
         opts.set_keep_alive(std::time::Duration::from_secs(30));
         if let Some(u) = &upstream.username {

@@ -118,6 +118,21 @@ async fn linger(mut up: Conn) {
     .await;
 }
 
+/// Ends a broker connection with a normal DISCONNECT, which also makes the
+/// broker discard any will it holds (MQTT 3.1.1 3.14.4, MQTT 5 3.1.2.5),
+/// then lets the broker close first.
+async fn say_goodbye(mut up: Conn, version: Version) {
+    let mut bye = BytesMut::new();
+    let disconnect = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
+    if version
+        .write(&Packet::Disconnect(disconnect), &mut bye)
+        .is_ok()
+        && up.write_all(&bye).await.is_ok()
+    {
+        tokio::spawn(linger(up));
+    }
+}
+
 /// Closes the broker connection of a session that ended without the
 /// client's DISCONNECT: the broker sees the connection end (and publishes
 /// the client's will), as if the socket had been dropped. Half-closing and
@@ -388,7 +403,7 @@ pub async fn serve<S>(
         // Ending without the client's DISCONNECT makes the will due. The
         // will is collected now, so it needs consent now.
         if !session.will_still_allowed() {
-            session.discard_will(u).await;
+            say_goodbye(u, session.version).await;
         } else {
             tokio::spawn(hang_up(u));
         }
@@ -982,19 +997,8 @@ impl Session {
     /// Closes a lazy session's idle broker connection; the next thing to
     /// send opens a new one.
     async fn go_down(&mut self, up: &mut Option<Conn>, up_buf: &mut BytesMut) {
-        if let Some(mut s) = up.take() {
-            let mut bye = BytesMut::new();
-            if self
-                .version
-                .write(
-                    &Packet::Disconnect(Disconnect::new(DisconnectReasonCode::NormalDisconnection)),
-                    &mut bye,
-                )
-                .is_ok()
-                && s.write_all(&bye).await.is_ok()
-            {
-                tokio::spawn(linger(s));
-            }
+        if let Some(s) = up.take() {
+            say_goodbye(s, self.version).await;
         }
         *up_buf = BytesMut::new();
         self.set_up_open(false);
@@ -1025,22 +1029,6 @@ impl Session {
                 false
             }
         }
-    }
-
-    /// Ends the broker connection with a normal DISCONNECT, which makes the
-    /// broker discard the will (MQTT 3.1.1 3.14.4, MQTT 5 3.1.2.5).
-    async fn discard_will(&mut self, mut up: Conn) {
-        let mut bye = BytesMut::new();
-        let disconnect = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
-        if self
-            .version
-            .write(&Packet::Disconnect(disconnect), &mut bye)
-            .is_ok()
-            && up.write_all(&bye).await.is_ok()
-        {
-            tokio::spawn(linger(up));
-        }
-        self.will = None;
     }
 
     /// Decides every complete packet the broker sent. Returns false when the

@@ -1288,7 +1288,7 @@ async fn password_checks_past_the_queue_are_503() {
         "40 checks at once on a machine's cores, none busy"
     );
     // The server still logs users in.
-    demo_alice_token(&server);
+    common::demo_alice_token(&server);
 }
 
 fn unix_now() -> u64 {
@@ -1608,18 +1608,26 @@ async fn errors_through_a_real_listener_are_problems_with_their_headers() {
     assert!((1..=900).contains(&secs), "Retry-After {secs}");
 }
 
-/// The demo's alice (config/demo.toml), logged in through the API.
-fn demo_alice_token(server: &common::Server) -> String {
-    let (s, sess) = http(
+/// Registers device `id` for the user of `token`: its MQTT password.
+fn register_device(server: &common::Server, token: &str, id: &str) -> String {
+    let (s, dev) = http(
         server,
         "POST",
-        "/v1/sessions",
-        None,
-        Some(json!({"user": "alice", "password": "alice-api-secret",
-            "totp": totp_now(ALICE_TOTP, "alice")})),
+        "/v1/me/devices",
+        Some(token),
+        Some(json!({"id": id})),
     );
-    assert_eq!(s, 201, "{sess}");
-    sess["token"].as_str().unwrap().to_string()
+    assert_eq!(s, 201, "{dev}");
+    dev["mqtt_password"].as_str().unwrap().to_string()
+}
+
+/// Publishes a retained `payload` on `topic` at QoS 1 and waits for its PUBACK.
+async fn publish_retained(c: &mut common::v5::Client, topic: &str, payload: &[u8]) {
+    c.client
+        .publish(topic, common::v5::QoS::AtLeastOnce, true, payload.to_vec())
+        .await
+        .unwrap();
+    assert!(matches!(c.next().await, common::v5::Packet::PubAck(_)));
 }
 
 /// A removed device's retained messages are cleared on every topic it
@@ -1643,15 +1651,10 @@ async fn a_removed_device_leaves_no_retained_message_with_many_kinds() {
         replace: vec![(first.into(), format!("{many}{first}"))],
         ..Default::default()
     });
-    let t = demo_alice_token(&server);
+    let t = common::demo_alice_token(&server);
     let topic = "pii/alice/alice-watch/heart_rate";
     let mut watch = v5::connect(server.mqtt, "watch", "alice-watch", "alice-watch-secret").await;
-    watch
-        .client
-        .publish(topic, v5::QoS::AtLeastOnce, true, &br#"{"bpm":70}"#[..])
-        .await
-        .unwrap();
-    assert!(matches!(watch.next().await, v5::Packet::PubAck(_)));
+    publish_retained(&mut watch, topic, br#"{"bpm":70}"#).await;
     let (s, p) = http(
         &server,
         "DELETE",
@@ -1660,16 +1663,8 @@ async fn a_removed_device_leaves_no_retained_message_with_many_kinds() {
         None,
     );
     assert_eq!(s, 204, "{p}");
-    let (s, dev) = http(
-        &server,
-        "POST",
-        "/v1/me/devices",
-        Some(&t),
-        Some(json!({"id": "alice-watch"})),
-    );
-    assert_eq!(s, 201, "{dev}");
-    let password = dev["mqtt_password"].as_str().unwrap();
-    let mut watch = v5::connect(server.mqtt, "watch-new", "alice-watch", password).await;
+    let password = register_device(&server, &t, "alice-watch");
+    let mut watch = v5::connect(server.mqtt, "watch-new", "alice-watch", &password).await;
     let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
     fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
         .await;
@@ -1687,7 +1682,7 @@ async fn a_removed_device_leaves_no_retained_message_with_many_kinds() {
 async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
     use common::v5;
     let server = common::Server::demo();
-    let t = demo_alice_token(&server);
+    let t = common::demo_alice_token(&server);
     let (s, list) = http(&server, "GET", "/v1/me/devices", Some(&t), None);
     assert_eq!((s, list), (200, json!({"devices": ["alice-watch"]})));
 
@@ -1697,12 +1692,7 @@ async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
     let mut watch = v5::connect(server.mqtt, "watch", "alice-watch", "alice-watch-secret").await;
     let topic = "pii/alice/alice-watch/heart_rate";
     // A retained reading: shared now, and not to come back with the id.
-    watch
-        .client
-        .publish(topic, v5::QoS::AtLeastOnce, true, &br#"{"bpm":70}"#[..])
-        .await
-        .unwrap();
-    assert!(matches!(watch.next().await, v5::Packet::PubAck(_)));
+    publish_retained(&mut watch, topic, br#"{"bpm":70}"#).await;
     assert_eq!(fit.next_publish().await.topic, topic.as_bytes());
 
     // Only her own devices are hers to remove; another's is not found.
@@ -1756,21 +1746,8 @@ async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
     );
 
     // Registering the id again is alice's own choice, with a new password.
-    let (s, dev) = http(
-        &server,
-        "POST",
-        "/v1/me/devices",
-        Some(&t),
-        Some(json!({"id": "alice-watch"})),
-    );
-    assert_eq!(s, 201, "{dev}");
-    let mut watch = v5::connect(
-        server.mqtt,
-        "watch-new",
-        "alice-watch",
-        dev["mqtt_password"].as_str().unwrap(),
-    )
-    .await;
+    let password = register_device(&server, &t, "alice-watch");
+    let mut watch = v5::connect(server.mqtt, "watch-new", "alice-watch", &password).await;
     // A provider subscribing now gets no retained reading from before the
     // removal, only what the device sends from now on.
     let mut fit2 = v5::connect(server.mqtt, "fit2", "fitcoach", "fitcoach-secret").await;

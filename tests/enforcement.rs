@@ -405,17 +405,7 @@ async fn a_will_needs_collection_consent_when_it_is_published() {
 #[tokio::test]
 async fn a_reload_does_not_undo_a_users_withdrawal() {
     let server = Server::demo();
-    let login = json!({
-        "user": "alice",
-        "password": "alice-api-secret",
-        "totp": common::totp_now("CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA", "alice"),
-    });
-    let (s, session) = common::http(&server, "POST", "/v1/sessions", None, &[], Some(login));
-    assert_eq!(s, 201, "{session}");
-    let token = common::json_of(&session)["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
+    let token = common::demo_alice_token(&server);
     let (s, body) = common::http(
         &server,
         "DELETE",

@@ -57,16 +57,7 @@ async fn demo_scenario_writes_exactly_the_expected_records() {
     assert_eq!(got.len(), 3);
     assert_eq!(ins.publishes_until("public/marker").await.len(), 1);
     // The receipt documenting alice's preferences in force, as she reads it.
-    let login = json!({
-        "user": "alice",
-        "password": "alice-api-secret",
-        "totp": common::totp_now("CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA", "alice"),
-    });
-    let (_, session) = common::http(&server, "POST", "/v1/sessions", None, &[], Some(login));
-    let token = common::json_of(&session)["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = common::demo_alice_token(&server);
     let (_, receipts) = common::http(&server, "GET", "/v1/me/receipts", Some(&token), &[], None);
     let receipts = common::json_of(&receipts);
     let in_force = receipts.as_array().unwrap().last().unwrap()["jti"].clone();

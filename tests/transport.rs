@@ -74,6 +74,11 @@ fn pki_files(pki: &Pki, dir: &std::path::Path) -> (String, String, String) {
 }
 
 fn tls_client(pki: &Pki, with_client_cert: bool) -> rumqttc::TlsConfiguration {
+    rumqttc::TlsConfiguration::Rustls(rustls_client(pki, with_client_cert))
+}
+
+/// A client trusting the test CA, with the device's certificate if asked.
+fn rustls_client(pki: &Pki, with_client_cert: bool) -> Arc<rustls::ClientConfig> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
@@ -96,7 +101,7 @@ fn tls_client(pki: &Pki, with_client_cert: bool) -> rumqttc::TlsConfiguration {
     } else {
         builder.with_no_client_auth()
     };
-    rumqttc::TlsConfiguration::Rustls(Arc::new(config))
+    Arc::new(config)
 }
 
 #[tokio::test]
@@ -218,19 +223,9 @@ async fn the_api_over_https_only() {
         ..Default::default()
     });
     let api = server.api.expect("API announced");
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let agent = ureq::AgentBuilder::new().tls_config(Arc::new(tls)).build();
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(rustls_client(&pki, false))
+        .build();
     let resp = agent
         .get(&format!("https://localhost:{}/v1/providers", api.port()))
         .call()
@@ -349,17 +344,7 @@ async fn in_front_of_mosquitto_over_tls() {
         );
         // consentry's notice client reaches the broker over TLS as well:
         // alice disputes that delivery, and fitcoach hears of it.
-        let login = json!({
-            "user": "alice",
-            "password": "alice-api-secret",
-            "totp": common::totp_now("CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA", "alice"),
-        });
-        let (s, session) = common::http(&server, "POST", "/v1/sessions", None, &[], Some(login));
-        assert_eq!(s, 201, "{session}");
-        let token = common::json_of(&session)["token"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let token = common::demo_alice_token(&server);
         let (_, history) = common::http(&server, "GET", "/v1/me/history", Some(&token), &[], None);
         let history = common::json_of(&history);
         let seq = history["entries"]

@@ -416,57 +416,46 @@ mod tests {
         let op = operator();
         let fit = dir
             .providers
-            .iter_mut()
-            .find(|p| p.id == "fitcoach")
+            .iter()
+            .position(|p| p.id == "fitcoach")
             .unwrap();
-        fit.role = ProviderRole::Data;
-        let disclosure = |dir: &Directory| {
-            let r = receipt_for(&op, &dir.users[0], &dir.preferences[0], dir, &kinds, t0())
+        let own = op.controller.company.clone();
+        use ProviderRole::{Application, Data};
+        // (role, controller company, the third party named, if one is)
+        let cases = [
+            (
+                Data,
+                "FitCoach SAS".to_string(),
+                Some("FitCoach SAS"),
+                "another company",
+            ),
+            (Data, format!(" {own} "), None, "the operator's company"),
+            (Data, String::new(), None, "no company of its own"),
+            (
+                Application,
+                String::new(),
+                Some("FitCoach"),
+                "an application provider of no stated company",
+            ),
+            (
+                Application,
+                own.clone(),
+                None,
+                "an application provider of the operator's company",
+            ),
+        ];
+        for (role, company, named, why) in cases {
+            dir.providers[fit].role = role;
+            dir.providers[fit].controller.company = company;
+            let r = receipt_for(&op, &dir.users[0], &dir.preferences[0], &dir, &kinds, t0())
                 .expect("receipt");
             let p = &r.services[1].purposes[0];
-            (p.third_party_disclosure, p.third_party_name.clone())
-        };
-        assert_eq!(
-            disclosure(&dir),
-            (true, Some("FitCoach SAS".into())),
-            "another company"
-        );
-        let fit = dir
-            .providers
-            .iter_mut()
-            .find(|p| p.id == "fitcoach")
-            .unwrap();
-        fit.controller.company = format!(" {} ", op.controller.company);
-        assert_eq!(disclosure(&dir), (false, None), "the operator's company");
-        let fit = dir
-            .providers
-            .iter_mut()
-            .find(|p| p.id == "fitcoach")
-            .unwrap();
-        fit.controller.company = String::new();
-        assert_eq!(disclosure(&dir), (false, None), "no company of its own");
-        let fit = dir
-            .providers
-            .iter_mut()
-            .find(|p| p.id == "fitcoach")
-            .unwrap();
-        fit.role = ProviderRole::Application;
-        assert_eq!(
-            disclosure(&dir),
-            (true, Some("FitCoach".into())),
-            "an application provider of no stated company"
-        );
-        let fit = dir
-            .providers
-            .iter_mut()
-            .find(|p| p.id == "fitcoach")
-            .unwrap();
-        fit.controller.company = op.controller.company.clone();
-        assert_eq!(
-            disclosure(&dir),
-            (false, None),
-            "an application provider of the operator's company"
-        );
+            assert_eq!(
+                (p.third_party_disclosure, p.third_party_name.as_deref()),
+                (named.is_some(), named),
+                "{why}"
+            );
+        }
     }
 
     #[test]

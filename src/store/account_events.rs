@@ -110,3 +110,12 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+impl Store {
+    /// `user`'s account events without their times.
+    pub(super) fn account_event_names(&self, user: &str) -> Vec<AccountEvent> {
+        let events = self.account_events(user).expect("account events");
+        events.into_iter().map(|(_, e)| e).collect()
+    }
+}

@@ -349,6 +349,22 @@ pub fn http(
     (resp.status(), resp.into_string().unwrap_or_default())
 }
 
+/// The demo's alice (config/demo.toml) logged in through the API, at the
+/// current TOTP step: her session token.
+pub fn demo_alice_token(server: &Server) -> String {
+    let login = serde_json::json!({
+        "user": "alice",
+        "password": "alice-api-secret",
+        "totp": totp_now("CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA", "alice"),
+    });
+    let (s, session) = http(server, "POST", "/v1/sessions", None, &[], Some(login));
+    assert_eq!(s, 201, "{session}");
+    json_of(&session)["token"]
+        .as_str()
+        .expect("a session token")
+        .to_string()
+}
+
 pub fn json_of(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|_| panic!("not JSON: {s}"))
 }
