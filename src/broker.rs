@@ -18,10 +18,12 @@ use anyhow::Context;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio_rustls::{rustls, TlsConnector};
 
+use bytes::BytesMut;
 use rand::distributions::{Alphanumeric, DistString};
+use rumqttc::v5::mqttbytes::v5::{ConnAck, Connect, Login};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::broker_link::{Linker, Pipe};
@@ -132,6 +134,42 @@ impl Upstream {
                     .map_err(|e| std::io::Error::new(e.kind(), format!("TLS to {addr}: {e}")))?;
                 Ok(Conn::Tls(Box::new(up)))
             }
+        }
+    }
+
+    /// consentry's own login to the broker, if it has one.
+    pub fn login(&self) -> Option<Login> {
+        self.username
+            .as_ref()
+            .map(|u| Login::new(u.clone(), self.password.clone().unwrap_or_default()))
+    }
+
+    /// Opens a connection and sends `connect` with consentry's login.
+    /// Returns the connection with the broker's CONNACK and whatever the
+    /// broker sent right after it (a persistent session's queued messages).
+    pub async fn dial(
+        &self,
+        v: Version,
+        connect: Connect,
+    ) -> std::io::Result<(Conn, BytesMut, ConnAck)> {
+        let codec = |e: crate::codec::CodecError| std::io::Error::other(e.to_string());
+        let mut up = self.open(v).await?;
+        let mut out = BytesMut::new();
+        v.write(&Packet::Connect(connect, None, self.login()), &mut out)
+            .map_err(codec)?;
+        up.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(256);
+        let answer = loop {
+            if let Some(p) = v.read(&mut buf, usize::MAX >> 4).map_err(codec)? {
+                break p;
+            }
+            if up.read_buf(&mut buf).await? == 0 {
+                return Err(std::io::Error::other("closed during CONNECT"));
+            }
+        };
+        match answer {
+            Packet::ConnAck(ack) => Ok((up, buf, ack)),
+            _ => Err(std::io::Error::other("expected CONNACK")),
         }
     }
 

@@ -16,24 +16,18 @@
 //! treats a link's packets exactly as its network link's. What the network
 //! link does besides, the bridge does too: it answers the CONNECT with the
 //! router's CONNACK, wakes the router when a full outgoing buffer was read
-//! (`Unschedule`), ends the router's connection when the pipe closes, and
-//! publishes the will of a connection that ended without DISCONNECT, after
-//! its will delay unless the client id came back first (as rumqttd's
-//! listener does; a local link cannot ask the router to do it).
+//! (`Unschedule`), and ends the router's connection when the pipe closes.
+//! Wills never reach it: sessions keep them (`crate::will`).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::{
-    self, v4::V4, v5::V5, ConnAck, ConnectReturnCode, LastWill, LastWillProperties, Packet,
-    Protocol,
-};
+use rumqttd::protocol::{self, v4::V4, v5::V5, ConnAck, ConnectReturnCode, Packet, Protocol};
 use rumqttd::Notification;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -42,12 +36,6 @@ use crate::codec::Version;
 /// Bytes in flight each way in a session's pipe before the writer waits,
 /// as a socket's buffer would make it.
 const PIPE_BYTES: usize = 256 << 10;
-
-/// How long a will's link waits for the router to read it and drop it.
-const WILL_LINK_WAIT: Duration = Duration::from_secs(5);
-
-/// The packet id of a will's PUBLISH, on a link of its own.
-const WILL_PKID: u16 = 1;
 
 type Built = Result<(LinkTx, LinkRx, Notification), LinkError>;
 
@@ -67,11 +55,6 @@ pub struct Linker {
     /// then block a runtime thread until the router caught up.
     router_full: Arc<dyn Fn() -> bool + Send + Sync>,
     max_packet: usize,
-    ids: Arc<Mutex<HashMap<String, IdState>>>,
-    /// Held while a client id's will is published: its link's id is the
-    /// client id's, and a second link with it would replace the first
-    /// before the router read the first one's will.
-    will_turns: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl std::fmt::Debug for Linker {
@@ -80,20 +63,6 @@ impl std::fmt::Debug for Linker {
             .field("max_packet", &self.max_packet)
             .finish_non_exhaustive()
     }
-}
-
-/// A client id's connections, as far as wills must know them.
-#[derive(Default)]
-struct IdState {
-    /// Counts the id's connections.
-    epoch: u64,
-    /// Whether the latest one started clean.
-    latest_clean: bool,
-    /// Its bridges still running.
-    live: usize,
-    /// A will waiting out its delay, to be told whether to go now (the id
-    /// came back clean) or never (it resumed the session).
-    waiting: Option<tokio::sync::oneshot::Sender<bool>>,
 }
 
 impl Linker {
@@ -163,8 +132,6 @@ impl Linker {
             opener,
             router_full: Arc::new(move || full.is_full()),
             max_packet,
-            ids: Arc::default(),
-            will_turns: Arc::default(),
         })
     }
 
@@ -197,84 +164,11 @@ impl Linker {
         tokio::io::join(down, up)
     }
 
-    /// A connection of `client_id` begins: returns its epoch, and its link
-    /// to the router once built. A will still waiting from an earlier
-    /// connection is published now if this one starts clean, and dropped
-    /// if it resumes the session (MQTT 5 3.1.3.2.2), as rumqttd's listener
-    /// does.
-    ///
-    /// The link is asked for under the same lock that hands out epochs, and
-    /// one thread builds links in the order asked: the router sees the
-    /// connections of one id in the order of their epochs, so the one it
-    /// keeps after a takeover is the one with the latest epoch.
-    fn arrive(&self, client_id: &str, clean: bool) -> (u64, Opening) {
-        let mut ids = self.ids.lock().expect("ids lock");
-        let opening = self.opening(client_id, clean);
-        let id = ids.entry(client_id.to_string()).or_default();
-        id.epoch += 1;
-        id.latest_clean = clean;
-        id.live += 1;
-        if let Some(w) = id.waiting.take() {
-            let _ = w.send(clean);
-        }
-        (id.epoch, opening)
-    }
-
-    /// A clean start of `client_id` that opens no link yet: a session with
-    /// no will and nothing for the broker gets its broker connection only
-    /// when it first has something to send. It still ends the session the
-    /// id had (MQTT 5 3.1.2.4), so a will waiting out its delay from that
-    /// session is published now, and one the earlier connection leaves
-    /// later is published at once, as after any clean return.
-    pub fn started_clean(&self, client_id: &str) {
-        let mut ids = self.ids.lock().expect("ids lock");
-        let Some(id) = ids.get_mut(client_id) else {
-            return;
-        };
-        id.epoch += 1;
-        id.latest_clean = true;
-        if let Some(w) = id.waiting.take() {
-            let _ = w.send(true);
-        }
-        if id.live == 0 {
-            ids.remove(client_id);
-        }
-    }
-
     /// Asks the opener thread for a link of `client_id`.
     fn opening(&self, client_id: &str, clean: bool) -> Opening {
         let (answer, built) = tokio::sync::oneshot::channel();
         let asked = self.opener.send((client_id.to_string(), clean, answer));
         Opening(asked.ok().map(|()| built))
-    }
-
-    /// The connection of `client_id` from `epoch` ended, leaving `will`
-    /// due. If the id already came back (a takeover can end the old
-    /// connection after the new one began), the new connection decides at
-    /// once what `arrived` would have.
-    fn left(&self, client_id: &str, epoch: u64, will: Option<PendingWill>) {
-        let mut ids = self.ids.lock().expect("ids lock");
-        let Some(id) = ids.get_mut(client_id) else {
-            return;
-        };
-        id.live -= 1;
-        let due = match will {
-            None => None,
-            Some(w) if w.delay == 0 => Some((w, None)),
-            Some(w) if id.epoch != epoch => id.latest_clean.then_some((w, None)),
-            Some(w) => {
-                let (tell, told) = tokio::sync::oneshot::channel();
-                id.waiting = Some(tell);
-                Some((w, Some(told)))
-            }
-        };
-        if id.live == 0 && id.waiting.is_none() {
-            ids.remove(client_id);
-        }
-        drop(ids);
-        if let Some((w, told)) = due {
-            self.publish_will(client_id.to_string(), w, told);
-        }
     }
 }
 
@@ -319,15 +213,6 @@ impl From<protocol::Error> for BridgeError {
     }
 }
 
-/// The will of a connection, kept by the bridge to publish if the
-/// connection ends without DISCONNECT.
-struct PendingWill {
-    will: LastWill,
-    properties: Option<LastWillProperties>,
-    /// Seconds: the will delay, or the session expiry if sooner.
-    delay: u32,
-}
-
 struct Bridge<P> {
     linker: Linker,
     codec: P,
@@ -343,15 +228,9 @@ struct Bridge<P> {
 
 /// How the session's side ended.
 enum End {
-    /// It sent DISCONNECT: the router drops the connection. The will is
-    /// dropped too, unless the DISCONNECT asked for it (MQTT 5 reason
-    /// 0x04); the DISCONNECT may also shorten the session expiry, and with
-    /// it the will's delay.
-    Disconnect {
-        with_will: bool,
-        session_expiry: Option<u32>,
-    },
-    /// It closed without one: the will is due.
+    /// It sent DISCONNECT: the router drops the connection.
+    Disconnect,
+    /// It closed without one.
     Closed,
     /// The router ended the connection (a takeover, or a refused packet).
     Router,
@@ -418,7 +297,8 @@ impl<P: Protocol> Bridge<P> {
                 return Ok(());
             }
         };
-        let Packet::Connect(connect, props, will, will_props, _login) = connect else {
+        // Sessions keep wills themselves and send CONNECT without one.
+        let Packet::Connect(connect, ..) = connect else {
             return Err(BridgeError::NotConnect(Box::new(connect)));
         };
         let (client_id, clean) = (connect.client_id, connect.clean_session);
@@ -430,25 +310,11 @@ impl<P: Protocol> Bridge<P> {
             return self.send(Packet::ConnAck(ack, None)).await;
         }
         let asked = std::time::Instant::now();
-        let (epoch, opening) = self.linker.arrive(&client_id, clean);
-        let opened = opening.open().await;
-        let (mut tx, mut rx, ack) = match opened {
-            Ok(link) => link,
-            Err(e) => {
-                self.linker.left(&client_id, epoch, None);
-                return Err(e);
-            }
-        };
+        let (mut tx, mut rx, ack) = self.linker.opening(&client_id, clean).open().await?;
         tracing::debug!(
             us = asked.elapsed().as_micros() as u64,
             "broker link opened"
         );
-        // As rumqttd's listener: the will waits for its delay or for the
-        // session's end, whichever comes first (MQTT 5 3.1.3.2.2).
-        let mut session_expiry = props
-            .as_ref()
-            .and_then(|p| p.session_expiry_interval)
-            .unwrap_or(0);
         let end = match Option::<Packet>::from(ack) {
             Some(ack) => match self.send(ack).await {
                 Ok(()) => self.relay(&mut tx, &mut rx).await,
@@ -456,35 +322,10 @@ impl<P: Protocol> Bridge<P> {
             },
             None => Ok(End::Router),
         };
-        // A DISCONNECT from the session is the one end without a will,
-        // unless it asks for the will.
-        let will = match end {
-            Ok(End::Disconnect {
-                with_will: false, ..
-            }) => None,
-            Ok(End::Disconnect {
-                with_will: true,
-                session_expiry: Some(e),
-            }) => {
-                session_expiry = e;
-                will
-            }
-            _ => will,
-        };
-        let will = will.map(|will| PendingWill {
-            delay: will_props
-                .as_ref()
-                .and_then(|p| p.delay_interval)
-                .unwrap_or(0)
-                .min(session_expiry),
-            will,
-            properties: will_props,
-        });
-        self.linker.left(&client_id, epoch, will);
-        if !matches!(end, Ok(End::Router | End::Disconnect { .. })) {
+        if !matches!(end, Ok(End::Router | End::Disconnect)) {
             // The router's connection must end too, or it stays in the
             // router for good; DISCONNECT is the only way a local link can
-            // end it, and it drops the router's copy of the will.
+            // end it.
             let _ = push(&self.linker, &mut tx, vec![disconnect()]).await;
         }
         end.map(|_| ())
@@ -508,14 +349,8 @@ impl<P: Protocol> Bridge<P> {
                     }
                     let mut bye = None;
                     while let Some(p) = self.parse()? {
-                        if let Packet::Disconnect(d, props) = &p {
-                            bye = Some(End::Disconnect {
-                                with_will: d.reason_code
-                                    == protocol::DisconnectReasonCode::DisconnectWithWillMessage,
-                                session_expiry: props
-                                    .as_ref()
-                                    .and_then(|p| p.session_expiry_interval),
-                            });
+                        if let Packet::Disconnect(..) = &p {
+                            bye = Some(End::Disconnect);
                         }
                         batch.push(p);
                         if bye.is_some() {
@@ -631,193 +466,5 @@ fn ready_now<F: Future>(f: F) -> Option<F::Output> {
     match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(v) => Some(v),
         Poll::Pending => None,
-    }
-}
-
-impl Linker {
-    /// Publishes a will through a link of its own: now, or when its delay
-    /// ends unless `told` says otherwise first.
-    fn publish_will(
-        &self,
-        client_id: String,
-        w: PendingWill,
-        told: Option<tokio::sync::oneshot::Receiver<bool>>,
-    ) {
-        let linker = self.clone();
-        tokio::spawn(async move {
-            if let Some(mut told) = told {
-                let delay = Duration::from_secs(w.delay.into());
-                let fire = match tokio::time::timeout(delay, &mut told).await {
-                    Ok(fire) => fire.unwrap_or(false),
-                    Err(_) => linker.delay_over(&client_id, &mut told),
-                };
-                if !fire {
-                    return;
-                }
-            }
-            if let Err(e) = linker.send_will(&client_id, w).await {
-                tracing::warn!(client_id, error = %e, "will not published");
-            }
-        });
-    }
-
-    /// A will's delay ended: it goes, unless the id came back just now.
-    fn delay_over(&self, client_id: &str, told: &mut tokio::sync::oneshot::Receiver<bool>) -> bool {
-        let mut ids = self.ids.lock().expect("ids lock");
-        if let Ok(fire) = told.try_recv() {
-            return fire;
-        }
-        if let Some(id) = ids.get_mut(client_id) {
-            id.waiting = None;
-            if id.live == 0 {
-                ids.remove(client_id);
-            }
-        }
-        true
-    }
-
-    async fn send_will(&self, client_id: &str, w: PendingWill) -> Result<(), BridgeError> {
-        let exactly_once = w.will.qos == protocol::QoS::ExactlyOnce;
-        let publish = will_publish(w)?;
-        let mut packets = vec![publish];
-        if exactly_once {
-            // The router keeps a QoS 2 publish until its PUBREL, which a
-            // link that ends at once must send itself.
-            packets.push(Packet::PubRel(
-                protocol::PubRel {
-                    pkid: WILL_PKID,
-                    reason: protocol::PubRelReason::Success,
-                },
-                None,
-            ));
-        }
-        packets.push(disconnect());
-        // An id no session's can be (theirs start with the role), one per
-        // client id, as rumqttd keeps a little state per id it has seen.
-        let turn = self
-            .will_turns
-            .lock()
-            .expect("will turns lock")
-            .entry(client_id.to_string())
-            .or_default()
-            .clone();
-        let sent = {
-            let _turn = turn.lock().await;
-            match self
-                .opening(&format!("will:{client_id}"), true)
-                .open()
-                .await
-            {
-                Ok((mut tx, mut rx, _)) => {
-                    let pushed = push(self, &mut tx, packets).await;
-                    // The router has read the link once it drops it, on
-                    // the DISCONNECT; only then may the next link take the id.
-                    let dropped = async { while let Ok(Some(_)) | Ok(None) = rx.next().await {} };
-                    let _ = tokio::time::timeout(WILL_LINK_WAIT, dropped).await;
-                    pushed
-                }
-                Err(e) => Err(e),
-            }
-        };
-        let mut turns = self.will_turns.lock().expect("will turns lock");
-        if Arc::strong_count(&turn) == 2 {
-            turns.remove(client_id);
-        }
-        sent
-    }
-}
-
-/// The will as a PUBLISH. rumqttd's `Publish` keeps its QoS private, so it
-/// is written with consentry's codec and read back with rumqttd's.
-fn will_publish(w: PendingWill) -> Result<Packet, BridgeError> {
-    use rumqttc::v5::mqttbytes::v5 as c;
-    let qos = match w.will.qos {
-        protocol::QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-        protocol::QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        protocol::QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
-    };
-    let properties = w.properties.map(|p| c::PublishProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
-        content_type: p.content_type,
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data,
-        user_properties: p.user_properties,
-        ..Default::default()
-    });
-    let mut publish = c::Publish::new(
-        std::str::from_utf8(&w.will.topic).unwrap_or_default(),
-        qos,
-        w.will.message,
-        properties,
-    );
-    publish.retain = w.will.retain;
-    if qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce {
-        publish.pkid = WILL_PKID;
-    }
-    let mut bytes = BytesMut::new();
-    crate::codec::Version::V5
-        .write(&crate::codec::Packet::Publish(publish), &mut bytes)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(V5.read_mut(&mut bytes, usize::MAX >> 4)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rumqttc::v5::mqttbytes::QoS;
-
-    /// rumqttd's `Publish` hides its QoS, so the will is read back through
-    /// consentry's codec to see what the router will get.
-    fn round_trip(w: PendingWill) -> rumqttc::v5::mqttbytes::v5::Publish {
-        let mut bytes = BytesMut::new();
-        V5.write(will_publish(w).unwrap(), &mut bytes).unwrap();
-        match Version::V5.read(&mut bytes, usize::MAX >> 4).unwrap() {
-            Some(crate::codec::Packet::Publish(p)) => p,
-            other => panic!("not a publish: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_will_keeps_its_qos_retain_and_properties() {
-        let p = round_trip(PendingWill {
-            will: LastWill {
-                topic: "public/will".into(),
-                message: "gone".into(),
-                qos: protocol::QoS::AtLeastOnce,
-                retain: true,
-            },
-            properties: Some(LastWillProperties {
-                delay_interval: Some(5),
-                payload_format_indicator: Some(1),
-                message_expiry_interval: Some(60),
-                content_type: Some("text/plain".into()),
-                response_topic: None,
-                correlation_data: None,
-                user_properties: vec![("k".into(), "v".into())],
-            }),
-            delay: 5,
-        });
-        assert_eq!(p.topic, "public/will");
-        assert_eq!(p.payload, "gone");
-        assert_eq!(p.qos, QoS::AtLeastOnce);
-        assert!(p.retain);
-        assert_ne!(p.pkid, 0);
-        let props = p.properties.unwrap();
-        assert_eq!(props.message_expiry_interval, Some(60));
-        assert_eq!(props.content_type.as_deref(), Some("text/plain"));
-        assert_eq!(props.user_properties, vec![("k".into(), "v".into())]);
-
-        let p = round_trip(PendingWill {
-            will: LastWill {
-                topic: "public/w0".into(),
-                message: "".into(),
-                qos: protocol::QoS::AtMostOnce,
-                retain: false,
-            },
-            properties: None,
-            delay: 0,
-        });
-        assert_eq!((p.qos, p.retain, p.pkid), (QoS::AtMostOnce, false, 0));
     }
 }

@@ -7,13 +7,21 @@
 //! namespaced ones sent upstream, so a device cannot take over a provider.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
 pub struct ClientIds {
-    held: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    held: Mutex<HashMap<String, Holder>>,
+}
+
+#[derive(Debug)]
+struct Holder {
+    session: u64,
+    taken_over: Arc<Notify>,
+    successor_resumed: Arc<AtomicBool>,
 }
 
 /// A session's claim on its client id; tells it when it was taken over.
@@ -22,27 +30,48 @@ pub struct Claim {
     pub id: String,
     session: u64,
     pub taken_over: Arc<Notify>,
+    /// Set before `taken_over` is told: whether the connection that took
+    /// the id over resumes the session (clean start 0) rather than
+    /// starting a new one. A will waiting out its delay depends on it.
+    successor_resumed: Arc<AtomicBool>,
+}
+
+impl Claim {
+    /// Whether the connection that took the id over resumed the session.
+    /// Meaningful once the id was taken over.
+    pub fn successor_resumed(&self) -> bool {
+        self.successor_resumed.load(Ordering::Acquire)
+    }
 }
 
 impl ClientIds {
     /// Claims `id` for `session`, telling the session that held it, if
-    /// any, that it was taken over.
-    pub fn claim(&self, id: &str, session: u64) -> Claim {
+    /// any, that it was taken over, and whether `clean` started anew.
+    pub fn claim(&self, id: &str, session: u64, clean: bool) -> Claim {
         let taken_over = Arc::new(Notify::new());
-        let previous = self
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), (session, taken_over.clone()));
-        if let Some((_, old)) = previous {
+        let successor_resumed = Arc::new(AtomicBool::new(false));
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = held.insert(
+            id.to_string(),
+            Holder {
+                session,
+                taken_over: taken_over.clone(),
+                successor_resumed: successor_resumed.clone(),
+            },
+        );
+        if let Some(old) = previous {
+            // Under the lock: whoever sees the id taken over (`holds`)
+            // also sees how.
+            old.successor_resumed.store(!clean, Ordering::Release);
             // A permit, so the old session learns of it even if it is not
             // waiting at this moment.
-            old.notify_one();
+            old.taken_over.notify_one();
         }
         Claim {
             id: id.to_string(),
             session,
             taken_over,
+            successor_resumed,
         }
     }
 
@@ -51,7 +80,7 @@ impl ClientIds {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if held
             .get(&claim.id)
-            .is_some_and(|(s, _)| *s == claim.session)
+            .is_some_and(|h| h.session == claim.session)
         {
             held.remove(&claim.id);
         }
@@ -64,7 +93,7 @@ impl ClientIds {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&claim.id)
-            .is_some_and(|(s, _)| *s == claim.session)
+            .is_some_and(|h| h.session == claim.session)
     }
 
     pub fn len(&self) -> usize {
@@ -84,17 +113,21 @@ mod tests {
     #[tokio::test]
     async fn a_second_claim_takes_the_id_over_and_the_first_release_keeps_it() {
         let ids = ClientIds::default();
-        let first = ids.claim("d:w:c1", 1);
-        let second = ids.claim("d:w:c1", 2);
+        let first = ids.claim("d:w:c1", 1, false);
+        let second = ids.claim("d:w:c1", 2, false);
         tokio::time::timeout(Duration::from_secs(1), first.taken_over.notified())
             .await
             .expect("the first session is told");
         assert!(!ids.holds(&first) && ids.holds(&second));
+        assert!(first.successor_resumed());
         ids.release(&first);
         assert_eq!(ids.len(), 1, "the newer session still holds the id");
-        let other = ids.claim("d:w:c2", 3);
+        let other = ids.claim("d:w:c2", 3, true);
         assert_eq!(ids.len(), 2);
+        let third = ids.claim("d:w:c1", 4, true);
+        assert!(!second.successor_resumed(), "a clean start resumes nothing");
         ids.release(&second);
+        ids.release(&third);
         ids.release(&other);
         assert!(ids.is_empty());
     }

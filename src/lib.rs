@@ -54,3 +54,4 @@ pub mod session;
 pub mod short_eq;
 pub mod store;
 pub mod topic;
+pub mod will;

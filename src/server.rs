@@ -344,6 +344,7 @@ impl Server {
             // External brokers bound their own queues (and drop from them),
             // which this count would not see.
             client_ids: Default::default(),
+            wills: Default::default(),
             password_work: Arc::new(crate::password_work::PasswordWork::per_core(
                 config.server.max_waiting_password_checks,
             )),

@@ -45,6 +45,7 @@ use crate::model::Undeclared;
 use crate::own_flow::{Answer, OwnFlow};
 use crate::password_work::{PasswordWork, WorkError};
 use crate::topic::{self, TopicName};
+use crate::will::{self, Will};
 
 /// Topic aliases a client may set up with us (MQTT 5). They never reach the
 /// broker: every forwarded PUBLISH carries its full topic.
@@ -110,7 +111,7 @@ fn ack_at_once(_up: &Conn) {}
 /// session whose broker connection ends that way ends too. When the broker
 /// closes first there is no second one. Other brokers close on DISCONNECT
 /// as well (MQTT 3.1.1 3.14.4, MQTT 5 3.14.4), so they lose nothing by it.
-async fn linger(mut up: Conn) {
+pub(crate) async fn linger(mut up: Conn) {
     let mut sink = [0u8; 512];
     let _ = tokio::time::timeout(crate::broker::DISCONNECT_LINGER, async {
         while matches!(up.read(&mut sink).await, Ok(n) if n > 0) {}
@@ -118,9 +119,8 @@ async fn linger(mut up: Conn) {
     .await;
 }
 
-/// Ends a broker connection with a normal DISCONNECT, which also makes the
-/// broker discard any will it holds (MQTT 3.1.1 3.14.4, MQTT 5 3.1.2.5),
-/// then lets the broker close first.
+/// Ends a broker connection with a normal DISCONNECT, then lets the broker
+/// close first.
 async fn say_goodbye(mut up: Conn, version: Version) {
     let mut bye = BytesMut::new();
     let disconnect = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
@@ -134,8 +134,8 @@ async fn say_goodbye(mut up: Conn, version: Version) {
 }
 
 /// Closes the broker connection of a session that ended without the
-/// client's DISCONNECT: the broker sees the connection end (and publishes
-/// the client's will), as if the socket had been dropped. Half-closing and
+/// client's DISCONNECT: the broker sees the connection end, as if the
+/// socket had been dropped. Half-closing and
 /// reading until the broker closes, rather than dropping it, spares a reset
 /// when the broker had sent more than the session read (a cut-off slow
 /// consumer's backlog, say), which rumqttd would log as an error.
@@ -184,6 +184,7 @@ pub struct Shared {
     pub hot: m::Hot,
     pub backpressure: Backpressure,
     pub client_ids: ClientIds,
+    pub wills: will::Turns,
     /// argon2 runs, bounded; shared with the API.
     pub password_work: Arc<PasswordWork>,
 }
@@ -400,13 +401,12 @@ pub async fn serve<S>(
         .run(&mut client, &mut up, buf, up_buf, keep_alive, &mut shutdown)
         .await;
     if let Some(u) = up.take() {
-        // Ending without the client's DISCONNECT makes the will due. The
-        // will is collected now, so it needs consent now.
-        if !session.will_still_allowed() {
-            say_goodbye(u, session.version).await;
-        } else {
-            tokio::spawn(hang_up(u));
-        }
+        tokio::spawn(hang_up(u));
+    }
+    // Still here: the session ended without a DISCONNECT that drops it.
+    if let (Some(w), Some(claim)) = (session.will.take(), session.claim.take()) {
+        let who = session.who.clone();
+        tokio::spawn(will::keep(shared.clone(), who, session.version, claim, w));
     }
     metrics::gauge!(m::CONNECTED, "role" => role).decrement(1.0);
     if let Err(e) = result {
@@ -488,6 +488,42 @@ async fn write_packet<S: AsyncWrite + Unpin>(s: &mut S, v: Version, p: &Packet) 
     Ok(())
 }
 
+/// What ingress makes of `who` publishing `payload` on `topic` now: the
+/// payload to forward (minimized), or why not.
+pub(crate) fn decide_ingress(
+    shared: &Shared,
+    who: &Principal,
+    topic: TopicName,
+    payload: &Bytes,
+) -> Result<Bytes, &'static str> {
+    let started = Instant::now();
+    let act = shared.act.load();
+    let decision = act.ingress(who, topic, shared.now());
+    shared
+        .hot
+        .ingress_decision
+        .record(started.elapsed().as_secs_f64());
+    match decision {
+        Err(deny) => Err(deny.as_str()),
+        Ok(Ingress::Plain) => Ok(payload.clone()),
+        Ok(Ingress::Personal { kind, .. }) => {
+            let strict = kind.undeclared == Undeclared::Reject;
+            match mask::minimize(kind.format, payload, &kind.fields, &kind.types, strict) {
+                Ok(min) => {
+                    if !min.removed.is_empty() {
+                        tracing::debug!(removed = min.removed.len(), "undeclared fields removed");
+                    }
+                    Ok(min.payload)
+                }
+                Err(mask::MaskError::Undeclared(_)) => Err("undeclared_field"),
+                Err(mask::MaskError::Type { .. }) => Err("field_type"),
+                Err(mask::MaskError::RepeatedKey(_)) => Err("repeated_key"),
+                Err(_) => Err("undecodable"),
+            }
+        }
+    }
+}
+
 struct Session {
     shared: Arc<Shared>,
     id: u64,
@@ -536,15 +572,15 @@ struct Session {
     /// Subscribers this session, as a publisher, waits for.
     held: Held,
     claim: Option<Claim>,
-    /// For a session that ends with its connection and has no will: the
-    /// CONNECT to send the broker when there is something to send.
-    lazy: Option<(v5::Connect, Option<v5::Login>)>,
+    /// For a session that ends with its connection: the CONNECT to send
+    /// the broker when there is something to send.
+    lazy: Option<v5::Connect>,
     /// Whether the broker connection is open.
     up_open: bool,
-    /// The will the broker holds (topic, minimized payload). It passed
-    /// ingress at CONNECT, but it is collected when it is published: the
-    /// session decides it again when the connection ends.
-    will: Option<(String, Bytes)>,
+    /// The client's will. The broker never gets it: it passed ingress at
+    /// CONNECT, but it is collected when it is published, so consentry
+    /// keeps it and decides it again when it is due (`will::keep`).
+    will: Option<Will>,
     /// The client's QoS 1/2 publishes the broker has not finished
     /// acknowledging (tracked for lazy sessions only).
     up_flows: HashSet<u16>,
@@ -588,11 +624,16 @@ impl Session {
         &mut self,
         client: &mut S,
         mut connect: v5::Connect,
-        mut will: Option<v5::LastWill>,
+        will: Option<v5::LastWill>,
     ) -> Result<Option<(Option<Conn>, BytesMut, Option<Duration>)>, End> {
+        let props = connect.properties.as_ref();
+        let session_expiry = match self.version {
+            Version::V4 => 0,
+            Version::V5 => props.and_then(|p| p.session_expiry_interval).unwrap_or(0),
+        };
         // The will is a publish that happens later: it passes ingress now,
         // under the same rules, or the CONNECT is refused.
-        if let Some(w) = will.as_mut() {
+        if let Some(w) = will {
             let topic = std::str::from_utf8(&w.topic)
                 .map_err(|_| End::TopicName(topic_name_fault(&w.topic)))?;
             let checked = match TopicName::new(topic) {
@@ -601,8 +642,8 @@ impl Session {
             };
             match checked {
                 Ok(payload) => {
-                    self.will = Some((topic.to_string(), payload.clone()));
-                    w.message = payload;
+                    let topic = topic.to_string();
+                    self.will = Some(Will::new(w, &topic, payload, session_expiry));
                 }
                 Err(deny) => {
                     tracing::info!(session = self.id, reason = deny, "will message refused");
@@ -629,7 +670,7 @@ impl Session {
         let props = connect.properties.as_ref();
         let persistent = match self.version {
             Version::V4 => !connect.clean_start,
-            Version::V5 => props.and_then(|p| p.session_expiry_interval).unwrap_or(0) > 0,
+            Version::V5 => session_expiry > 0,
         };
         if !persistent {
             self.own = Some(OwnFlow::new(props.and_then(|p| p.receive_maximum)));
@@ -646,15 +687,11 @@ impl Session {
             // Aliases stop at the gateway in both directions.
             props.topic_alias_max = None;
         }
-        let login = match (
-            &self.shared.upstream.username,
-            &self.shared.upstream.password,
-        ) {
-            (Some(u), Some(p)) => Some(v5::Login::new(u.clone(), p.clone())),
-            (Some(u), None) => Some(v5::Login::new(u.clone(), String::new())),
-            _ => None,
-        };
-        self.claim = Some(self.shared.client_ids.claim(&connect.client_id, self.id));
+        self.claim = Some(self.shared.client_ids.claim(
+            &connect.client_id,
+            self.id,
+            connect.clean_start,
+        ));
         // A client that asked for no keep-alive gets server.min_keep_alive_secs
         // when it speaks MQTT 5, whose CONNACK can tell it so (Server Keep
         // Alive, §3.2.2.3.14); MQTT 3.1.1 cannot, so there 0 stays 0.
@@ -664,20 +701,17 @@ impl Session {
         let granted = server_keep_alive.unwrap_or(client_keep_alive);
         let keep_alive = (granted > 0).then(|| Duration::from_millis(granted as u64 * 1500));
 
-        // A clean session without a will has no state at the broker until
-        // it publishes or subscribes, so it gets no broker connection until
-        // then: an idle device costs one socket, not three.
-        if connect.clean_start && !persistent && will.is_none() {
+        // A clean session has no state at the broker until it publishes or
+        // subscribes (its will stays here), so it gets no broker connection
+        // until then: an idle device costs one socket, not three.
+        if connect.clean_start && !persistent {
             let mut ack = ConnAck {
                 session_present: false,
                 code: ConnectReturnCode::Success,
                 properties: None,
             };
             self.own_connack_properties(&mut ack, assigned, server_keep_alive);
-            if let Some(link) = &self.shared.upstream.link {
-                link.started_clean(&connect.client_id);
-            }
-            self.lazy = Some((connect, login));
+            self.lazy = Some(connect);
             write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
             tracing::debug!(
                 session = self.id,
@@ -688,7 +722,7 @@ impl Session {
             return Ok(Some((None, BytesMut::new(), keep_alive)));
         }
 
-        let (up, buf, mut ack) = self.dial(connect, will, login).await?;
+        let (up, buf, mut ack) = self.dial(connect).await?;
         if ack.code != ConnectReturnCode::Success {
             tracing::warn!(session = self.id, code = ?ack.code, "upstream refused CONNECT");
             write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
@@ -729,47 +763,22 @@ impl Session {
 
     /// Opens a broker connection and returns it with its CONNACK and
     /// whatever the broker sent after it.
-    async fn dial(
-        &self,
-        connect: v5::Connect,
-        will: Option<v5::LastWill>,
-        login: Option<v5::Login>,
-    ) -> Result<(Conn, BytesMut, ConnAck), End> {
-        let mut up = self
-            .shared
+    async fn dial(&self, connect: v5::Connect) -> Result<(Conn, BytesMut, ConnAck), End> {
+        self.shared
             .upstream
-            .open(self.version)
+            .dial(self.version, connect)
             .await
-            .map_err(|e| End::Upstream(e.to_string()))?;
-        write_packet(
-            &mut up,
-            self.version,
-            &Packet::Connect(connect, will, login),
-        )
-        .await?;
-        let mut buf = BytesMut::with_capacity(256);
-        let ack = loop {
-            if let Some(p) = self.version.read(&mut buf, usize::MAX >> 4)? {
-                break p;
-            }
-            if up.read_buf(&mut buf).await? == 0 {
-                return Err(End::Upstream("closed during CONNECT".into()));
-            }
-        };
-        let Packet::ConnAck(ack) = ack else {
-            return Err(End::Upstream("expected CONNACK".into()));
-        };
-        Ok((up, buf, ack))
+            .map_err(|e| End::Upstream(e.to_string()))
     }
 
     /// Opens the deferred broker connection of a lazy session. The client
     /// was told CONNACK already; a broker that refuses now ends the session,
     /// and what the client sent is not acknowledged, so nothing is lost.
     async fn go_up(&mut self, up_buf: &mut BytesMut) -> Result<Conn, End> {
-        let Some((connect, login)) = self.lazy.clone() else {
+        let Some(connect) = self.lazy.clone() else {
             return Err(End::Upstream("no broker connection".into()));
         };
-        let (up, buf, ack) = self.dial(connect, None, login).await?;
+        let (up, buf, ack) = self.dial(connect).await?;
         if ack.code != ConnectReturnCode::Success {
             return Err(End::Upstream(format!(
                 "broker refused CONNECT: {:?}",
@@ -1005,32 +1014,6 @@ impl Session {
         tracing::debug!(session = self.id, "idle broker connection closed");
     }
 
-    /// Would the will pass ingress now? A withdrawal, a collection window
-    /// that closed, or a device unbound since CONNECT all stop it. True
-    /// when there is no will left to decide.
-    fn will_still_allowed(&self) -> bool {
-        let Some((topic, payload)) = &self.will else {
-            return true;
-        };
-        let checked = match TopicName::new(topic) {
-            Some(name) => self.check_ingress(name, payload).map(drop),
-            None => Err(Deny::Invalid.as_str()),
-        };
-        match checked {
-            Ok(()) => true,
-            Err(deny) => {
-                tracing::info!(
-                    session = self.id,
-                    reason = deny,
-                    "will message refused at disconnection"
-                );
-                metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => deny)
-                    .increment(1);
-                false
-            }
-        }
-    }
-
     /// Decides every complete packet the broker sent. Returns false when the
     /// broker ended the session.
     ///
@@ -1156,36 +1139,7 @@ impl Session {
 
     /// Collection check plus data minimization. Returns the payload to forward.
     fn check_ingress(&self, topic: TopicName, payload: &Bytes) -> Result<Bytes, &'static str> {
-        let started = Instant::now();
-        let act = self.shared.act.load();
-        let decision = act.ingress(&self.who, topic, self.now());
-        self.shared
-            .hot
-            .ingress_decision
-            .record(started.elapsed().as_secs_f64());
-        match decision {
-            Err(deny) => Err(deny.as_str()),
-            Ok(Ingress::Plain) => Ok(payload.clone()),
-            Ok(Ingress::Personal { kind, .. }) => {
-                let strict = kind.undeclared == Undeclared::Reject;
-                match mask::minimize(kind.format, payload, &kind.fields, &kind.types, strict) {
-                    Ok(min) => {
-                        if !min.removed.is_empty() {
-                            tracing::debug!(
-                                session = self.id,
-                                removed = min.removed.len(),
-                                "undeclared fields removed"
-                            );
-                        }
-                        Ok(min.payload)
-                    }
-                    Err(mask::MaskError::Undeclared(_)) => Err("undeclared_field"),
-                    Err(mask::MaskError::Type { .. }) => Err("field_type"),
-                    Err(mask::MaskError::RepeatedKey(_)) => Err("repeated_key"),
-                    Err(_) => Err("undecodable"),
-                }
-            }
-        }
+        decide_ingress(&self.shared, &self.who, topic, payload)
     }
 
     /// Returns false when the client asked to disconnect.
@@ -1245,14 +1199,19 @@ impl Session {
             Packet::PingReq(_) => self.send_client(&Packet::PingResp(v5::PingResp))?,
             Packet::Disconnect(mut d) => {
                 tracing::debug!(session = self.id, "client sent DISCONNECT");
-                if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage
-                    && !self.will_still_allowed()
-                {
-                    // A normal DISCONNECT makes the broker discard the will.
+                if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
+                    // The will stays due (`will::keep`); the broker holds none.
                     d.reason_code = DisconnectReasonCode::NormalDisconnection;
+                    let expiry = d
+                        .properties
+                        .as_ref()
+                        .and_then(|p| p.session_expiry_interval);
+                    if let (Some(w), Some(secs)) = (self.will.as_mut(), expiry) {
+                        w.set_session_expiry(secs);
+                    }
+                } else {
+                    self.will = None;
                 }
-                // Decided: the broker publishes it now or drops it.
-                self.will = None;
                 // Not worth opening a broker connection for.
                 if self.up_open {
                     self.send_broker(&Packet::Disconnect(d))?;

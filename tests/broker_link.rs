@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::{v5, Server, Setup, MARKER_ACL};
-use rumqttc::v5::mqttbytes::v5::LastWillProperties;
 
 const BOB: (&str, &str) = ("bob-phone", "bob-phone-secret");
 
@@ -17,15 +16,7 @@ fn will_after(delay: Option<u32>) -> v5::LastWill {
         "gone",
         v5::QoS::AtLeastOnce,
         false,
-        delay.map(|d| LastWillProperties {
-            delay_interval: Some(d),
-            payload_format_indicator: None,
-            message_expiry_interval: None,
-            content_type: None,
-            response_topic: None,
-            correlation_data: None,
-            user_properties: vec![],
-        }),
+        delay.map(v5::will_delay),
     )
 }
 

@@ -320,6 +320,9 @@ enum Ending {
     Dropped,
     /// MQTT 5 DISCONNECT 0x04: the client asks for its will.
     AsksForWill,
+    /// The socket drops, and the will waits out a 2 s will delay: the
+    /// withdrawal comes during the delay, after the connection ended.
+    DroppedWithDelay,
 }
 
 /// alice-watch connects with a heart-rate will while alice collects heart
@@ -356,6 +359,19 @@ async fn will_published(transport: &str, ending: Ending, withdraw: bool) -> bool
         Ending::AsksForWill => {
             v5::disconnect_with_will(server.mqtt, "w", ALICE, (None, None), will, withdrawal).await
         }
+        Ending::DroppedWithDelay => {
+            let mut o = v5::options(server.mqtt, "w", Some(ALICE));
+            o.set_session_expiry_interval(Some(60));
+            o.set_last_will(v5::LastWill::new(
+                HR,
+                r#"{"bpm":0}"#,
+                v5::QoS::AtLeastOnce,
+                false,
+                Some(v5::will_delay(2)),
+            ));
+            v5::connect_with(o).await.unwrap().kill();
+            withdrawal.await;
+        }
     }
     if withdraw {
         // Decided when the connection ended; the marker then comes after
@@ -375,17 +391,19 @@ async fn will_published(transport: &str, ending: Ending, withdraw: bool) -> bool
 
 /// A will is collected when it is published, not when CONNECT admitted it:
 /// a withdrawal of collection in between stops it (X.1363 10.1), whether
-/// the connection drops or asks for its will, over either transport to the
-/// embedded broker. It is the ingress decision, so a collection window
-/// that closed or a device unbound in between stop it too.
+/// the connection drops, asks for its will, or ended before the withdrawal
+/// and the will waits out its delay, over either transport to the embedded
+/// broker. It is the ingress decision, so a collection window that closed
+/// or a device unbound in between stop it too.
 #[tokio::test]
 async fn a_will_needs_collection_consent_when_it_is_published() {
-    // rumqttd's own listener (the TCP transport) never publishes a will a
-    // DISCONNECT asks for (README), so that case has no control there.
     let cases = [
         ("link", Ending::Dropped),
         ("link", Ending::AsksForWill),
+        ("link", Ending::DroppedWithDelay),
         ("tcp", Ending::Dropped),
+        ("tcp", Ending::AsksForWill),
+        ("tcp", Ending::DroppedWithDelay),
     ];
     for (transport, ending) in cases {
         assert!(

@@ -576,7 +576,6 @@ async fn in_front_of_mosquitto_subscription_options_and_retained_pass_through() 
 
 #[tokio::test]
 async fn in_front_of_mosquitto_will_delay_is_kept() {
-    use rumqttc::v5::mqttbytes::v5::LastWillProperties;
     let m = mosquitto();
     let server = in_front_of(&m);
     let mut watcher = v5::connect(server.mqtt, "watch", "fitcoach", "fitcoach-secret").await;
@@ -593,15 +592,7 @@ async fn in_front_of_mosquitto_will_delay_is_kept() {
         "gone",
         v5::QoS::AtMostOnce,
         false,
-        Some(LastWillProperties {
-            delay_interval: Some(3),
-            payload_format_indicator: None,
-            message_expiry_interval: None,
-            content_type: None,
-            response_topic: None,
-            correlation_data: None,
-            user_properties: vec![],
-        }),
+        Some(v5::will_delay(3)),
     ));
     let dying = v5::connect_with(o).await.unwrap();
     dying.kill();
@@ -617,4 +608,51 @@ async fn in_front_of_mosquitto_will_delay_is_kept() {
         .await
         .expect("the delayed will arrives");
     assert_eq!(will.topic, &b"public/will"[..]);
+}
+
+/// In front of an external broker the broker never holds a will, so if
+/// consentry dies no will goes out undecided. (The broker used to hold each
+/// will from CONNECT on, and published them all when consentry's
+/// connections dropped.) The control: with consentry alive, the will goes.
+#[tokio::test]
+async fn in_front_of_mosquitto_a_dead_consentry_leaves_no_will() {
+    let m = mosquitto();
+    let mut server = in_front_of(&m);
+    // Straight at the broker: whatever it publishes, decided or not.
+    let mut raw = v5::connect_with(v5::options(m.addr, "raw", None))
+        .await
+        .unwrap();
+    raw.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let bpm = |p: &v5::Publish| serde_json::from_slice::<Value>(&p.payload).unwrap()["bpm"].clone();
+    let device = |id: &str| {
+        let mut o = v5::options(server.mqtt, id, Some(("alice-watch", "alice-watch-secret")));
+        o.set_last_will(v5::LastWill::new(
+            HR,
+            r#"{"bpm":0}"#,
+            v5::QoS::AtLeastOnce,
+            false,
+            None,
+        ));
+        o
+    };
+
+    let mut alive = v5::connect_with(device("w1")).await.unwrap();
+    alive.publish_acked(HR, br#"{"bpm":70}"#).await;
+    assert_eq!(bpm(&raw.next_publish().await), json!(70));
+    alive.kill();
+    assert_eq!(
+        bpm(&raw.next_publish().await),
+        json!(0),
+        "control: the will"
+    );
+
+    let mut orphan = v5::connect_with(device("w2")).await.unwrap();
+    orphan.publish_acked(HR, br#"{"bpm":71}"#).await;
+    assert_eq!(bpm(&raw.next_publish().await), json!(71));
+    server.kill9();
+    // The broker sees consentry's connections close at once; a will it held
+    // would follow within milliseconds.
+    let late = tokio::time::timeout(Duration::from_secs(3), raw.next_publish()).await;
+    assert!(late.is_err(), "published after consentry died: {late:?}");
+    drop(orphan);
 }

@@ -552,6 +552,19 @@ pub mod v5 {
         o
     }
 
+    /// Will properties with a will delay of `secs` and nothing else.
+    pub fn will_delay(secs: u32) -> rumqttc::v5::mqttbytes::v5::LastWillProperties {
+        rumqttc::v5::mqttbytes::v5::LastWillProperties {
+            delay_interval: Some(secs),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: vec![],
+        }
+    }
+
     /// Connects `id` with `login` over a raw socket with `will`, awaits
     /// `before_disconnect`, then sends an
     /// MQTT 5 DISCONNECT with reason 0x04, "disconnect with will message",
