@@ -35,7 +35,7 @@ use crate::act::{ActHandle, Delivery, Deny, Ingress, Principal, View};
 use crate::auth::SharedCredentials;
 use crate::backpressure::{Backpressure, Held, Lag};
 use crate::broker::{Conn, Upstream};
-use crate::client_ids::{Claim, ClientIds};
+use crate::client_ids::{self, Claim, ClientIds};
 use crate::codec::{CodecError, Packet, Version};
 use crate::config::ServerConfig;
 use crate::ledger::{Ledger, MaskedField, ShareAction, ShareRecord};
@@ -184,7 +184,7 @@ pub struct Shared {
     pub hot: m::Hot,
     pub backpressure: Backpressure,
     pub client_ids: ClientIds,
-    pub wills: will::Turns,
+    pub wills: will::Outbox,
     /// argon2 runs, bounded; shared with the API.
     pub password_work: Arc<PasswordWork>,
 }
@@ -406,7 +406,7 @@ pub async fn serve<S>(
     // Still here: the session ended without a DISCONNECT that drops it.
     if let (Some(w), Some(claim)) = (session.will.take(), session.claim.take()) {
         let who = session.who.clone();
-        tokio::spawn(will::keep(shared.clone(), who, session.version, claim, w));
+        will::session_ended(&shared, who, session.version, claim, w);
     }
     metrics::gauge!(m::CONNECTED, "role" => role).decrement(1.0);
     if let Err(e) = result {
@@ -645,6 +645,12 @@ impl Session {
                     let topic = topic.to_string();
                     self.will = Some(Will::new(w, &topic, payload, session_expiry));
                 }
+                Err(deny) if will::decided_when_due(deny) => {
+                    // Not collectable now, perhaps by the time it is due.
+                    tracing::debug!(session = self.id, reason = deny, "will kept undecided");
+                    let (topic, payload) = (topic.to_string(), w.message.clone());
+                    self.will = Some(Will::new(w, &topic, payload, session_expiry));
+                }
                 Err(deny) => {
                     tracing::info!(session = self.id, reason = deny, "will message refused");
                     metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => deny)
@@ -677,11 +683,12 @@ impl Session {
         }
         // Client ids are namespaced by identity so that a device cannot take
         // over a provider's broker session by choosing its client id.
-        connect.client_id = match &self.who {
-            Principal::Device { id, .. } => format!("d:{id}:{}", connect.client_id),
-            Principal::Provider { id } => format!("p:{id}:{}", connect.client_id),
-            Principal::Anonymous => format!("a:{}", connect.client_id),
+        let namespace = match &self.who {
+            Principal::Device { id, .. } => format!("d:{id}:"),
+            Principal::Provider { id } => format!("p:{id}:"),
+            Principal::Anonymous => "a:".to_string(),
         };
+        connect.client_id = client_ids::at_broker(&namespace, &connect.client_id);
         connect.keep_alive = UPSTREAM_KEEP_ALIVE;
         if let Some(props) = connect.properties.as_mut() {
             // Aliases stop at the gateway in both directions.
@@ -691,6 +698,7 @@ impl Session {
             &connect.client_id,
             self.id,
             connect.clean_start,
+            self.will.is_some(),
         ));
         // A client that asked for no keep-alive gets server.min_keep_alive_secs
         // when it speaks MQTT 5, whose CONNACK can tell it so (Server Keep

@@ -11,13 +11,14 @@
 //! the will itself. When the will is due (the connection ended without a
 //! DISCONNECT that drops it, and its delay passed unless the client id came
 //! back first, MQTT 5 3.1.2.5 and 3.1.3.2.2), consentry decides it again
-//! and publishes it over a broker connection of its own. If consentry dies,
-//! the wills it keeps are lost rather than published undecided, as they
-//! are with the embedded broker, which dies with it.
+//! and publishes it over a broker connection of its own: the wills of one
+//! client id in the order they fell due, a broker that cannot take one
+//! tried again for a while. If consentry dies, the wills it keeps are lost
+//! rather than published undecided, as they are with the embedded broker,
+//! which dies with it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::{
@@ -26,18 +27,28 @@ use rumqttc::v5::mqttbytes::v5::{
 };
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
 
-use crate::act::Principal;
+use crate::act::{Deny, Principal};
 use crate::broker::Conn;
-use crate::client_ids::Claim;
+use crate::client_ids::{Claim, Ticket};
 use crate::codec::{Packet, Version};
 use crate::metrics as m;
 use crate::session::{decide_ingress, linger, Shared};
 use crate::topic::TopicName;
 
-/// How long publishing a due will may take, from dialling the broker to
-/// its last acknowledgement.
+/// How long one try at publishing a due will may take, from dialling the
+/// broker to its last acknowledgement.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a due will is tried again while the broker cannot take it (a
+/// broker restarting, say), unless its message expiry is sooner.
+const RETRY_FOR: Duration = Duration::from_secs(600);
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
+
+/// Will connections open at once.
+const MAX_SENDING: usize = 64;
 
 /// The packet id of a will's PUBLISH, on a connection of its own.
 const PKID: u16 = 1;
@@ -97,96 +108,164 @@ impl Will {
         Duration::from_secs(self.delay.min(self.session_expiry).into())
     }
 
-    fn publish(&self, payload: Bytes) -> Publish {
-        let mut p = Publish::new(
-            self.topic.as_str(),
-            self.qos,
-            payload,
-            self.properties.clone(),
-        );
+    /// The will as a PUBLISH, `waited` after it fell due: its message
+    /// expiry counts from then (MQTT 5 3.3.2.3.3). `None` once it expired.
+    fn publish(&self, payload: Bytes, waited: Duration) -> Option<Publish> {
+        let mut properties = self.properties.clone();
+        if let Some(expiry) = properties
+            .as_mut()
+            .and_then(|p| p.message_expiry_interval.as_mut())
+        {
+            let waited = u32::try_from(waited.as_secs()).unwrap_or(u32::MAX);
+            *expiry = expiry.checked_sub(waited).filter(|&left| left > 0)?;
+        }
+        let mut p = Publish::new(self.topic.as_str(), self.qos, payload, properties);
         p.retain = self.retain;
         if self.qos != QoS::AtMostOnce {
             p.pkid = PKID;
         }
-        p
+        Some(p)
     }
 }
 
-/// One will of a client id is published at a time: their connections
-/// share an id derived from the client id, and at a broker the second
-/// would take the first over.
-#[derive(Debug, Default)]
-pub struct Turns(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+/// Whether a will refused at CONNECT for `reason` is kept and decided when
+/// it is due instead: the reasons of the moment (a collection the user has
+/// not consented to yet or withdrew, a collection window that is closed),
+/// which may be gone by then, unlike a topic the device may never publish
+/// or a payload that does not fit its kind. A device is not kept from
+/// connecting at night because its will could not be collected at night.
+pub fn decided_when_due(reason: &str) -> bool {
+    [Deny::NoCollectConsent, Deny::OutsideWindow]
+        .iter()
+        .any(|d| d.as_str() == reason)
+}
 
-impl Turns {
-    fn of(&self, client_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut turns = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        turns.entry(client_id.to_string()).or_default().clone()
-    }
+/// Wills on their way to the broker.
+#[derive(Debug)]
+pub struct Outbox {
+    /// Bounds the will connections open at once: when thousands of devices
+    /// drop together, each will waits its turn here, not while its own
+    /// connection times out among thousands of others.
+    sending: Semaphore,
+}
 
-    /// Forgets `client_id`'s turn once nobody else waits for it.
-    fn done(&self, client_id: &str, turn: Arc<tokio::sync::Mutex<()>>) {
-        let mut turns = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        // The map's and this one.
-        if Arc::strong_count(&turn) == 2 {
-            turns.remove(client_id);
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            sending: Semaphore::new(MAX_SENDING),
         }
     }
 }
 
 /// Takes over the will of a session that ended without a DISCONNECT that
-/// drops it: waits until it is due, decides it again and publishes it.
-/// `claim` is the session's claim on its client id, held meanwhile so that
-/// a connection taking the id over is seen.
-pub async fn keep(shared: Arc<Shared>, who: Principal, version: Version, claim: Claim, will: Will) {
-    let wait = will.wait();
-    let due = if wait.is_zero() {
-        true
+/// drops it. `claim` is the session's claim on its client id, kept while
+/// the will waits out its delay so that a connection taking the id over
+/// is seen.
+pub fn session_ended(
+    shared: &Arc<Shared>,
+    who: Principal,
+    version: Version,
+    claim: Claim,
+    will: Will,
+) {
+    let due_now = if will.wait().is_zero() {
+        Some(true)
     } else if !shared.client_ids.holds(&claim) {
         // Taken over already: a new session ends this one and its will
         // goes now; a resumed one was back before the delay ended.
-        !claim.successor_resumed()
+        Some(!claim.successor_resumed())
     } else {
-        tokio::select! {
-            () = tokio::time::sleep(wait) => true,
-            () = claim.taken_over.notified() => !claim.successor_resumed(),
+        None
+    };
+    let shared = shared.clone();
+    match due_now {
+        Some(true) => {
+            let ticket = shared.client_ids.will_due(claim);
+            tokio::spawn(publish(shared, who, version, ticket, will));
         }
-    };
-    shared.client_ids.release(&claim);
-    if !due {
-        tracing::debug!(
-            client_id = claim.id,
-            "will dropped: the session was resumed"
-        );
-        return;
+        Some(false) => resumed(&shared, claim),
+        None => {
+            tokio::spawn(async move {
+                let due = tokio::select! {
+                    () = tokio::time::sleep(will.wait()) => true,
+                    () = claim.taken_over.notified() => !claim.successor_resumed(),
+                };
+                if due {
+                    let ticket = shared.client_ids.will_due(claim);
+                    publish(shared, who, version, ticket, will).await;
+                } else {
+                    resumed(&shared, claim);
+                }
+            });
+        }
     }
-    let decided = match TopicName::new(&will.topic) {
-        Some(name) => decide_ingress(&shared, &who, name, &will.payload),
-        None => Err(crate::act::Deny::Invalid.as_str()),
-    };
-    let payload = match decided {
-        Ok(p) => p,
-        Err(deny) => {
-            tracing::info!(
-                client_id = claim.id,
-                reason = deny,
-                "will message refused when due"
+}
+
+fn resumed(shared: &Shared, claim: Claim) {
+    tracing::debug!(
+        client_id = claim.id,
+        "will dropped: the session was resumed"
+    );
+    shared.client_ids.release(&claim);
+}
+
+/// Decides a due will and publishes it, in its turn. A broker that cannot
+/// take it is tried again, for [`RETRY_FOR`] or until the will's message
+/// expiry, and the will is decided again before each try: it is collected
+/// when it is published.
+async fn publish(
+    shared: Arc<Shared>,
+    who: Principal,
+    version: Version,
+    ticket: Ticket,
+    will: Will,
+) {
+    let due = Instant::now();
+    ticket.turn().await;
+    let client_id = ticket.client_id();
+    let mut pause = FIRST_RETRY;
+    loop {
+        let decided = match TopicName::new(&will.topic) {
+            Some(name) => decide_ingress(&shared, &who, name, &will.payload),
+            None => Err(Deny::Invalid.as_str()),
+        };
+        let payload = match decided {
+            Ok(p) => p,
+            Err(deny) => {
+                tracing::info!(client_id, reason = deny, "will message refused when due");
+                metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => deny)
+                    .increment(1);
+                return;
+            }
+        };
+        let Some(publish) = will.publish(payload, due.elapsed()) else {
+            not_sent(
+                client_id,
+                "its message expiry passed while the broker was unavailable",
             );
-            metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => deny).increment(1);
+            return;
+        };
+        let sent = {
+            let _permit = shared.wills.sending.acquire().await;
+            tokio::time::timeout(SEND_TIMEOUT, send(&shared, version, client_id, publish)).await
+        };
+        let error = match sent {
+            Ok(Ok(())) => {
+                shared.hot.forwarded.increment(1);
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        if due.elapsed() + pause > RETRY_FOR {
+            not_sent(client_id, &error);
             return;
         }
-    };
-    let turn = shared.wills.of(&claim.id);
-    let sent = {
-        let _turn = turn.lock().await;
-        let publish = will.publish(payload);
-        tokio::time::timeout(SEND_TIMEOUT, send(&shared, version, &claim.id, publish)).await
-    };
-    shared.wills.done(&claim.id, turn);
-    match sent {
-        Ok(Ok(())) => shared.hot.forwarded.increment(1),
-        Ok(Err(e)) => not_sent(&claim.id, &e.to_string()),
-        Err(_) => not_sent(&claim.id, "timed out"),
+        if pause == FIRST_RETRY {
+            tracing::warn!(client_id, error, "will not published yet; trying again");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_RETRY_PAUSE);
     }
 }
 
@@ -314,7 +393,9 @@ mod tests {
             Bytes::from_static(b"min"),
             60,
         );
-        let p = w.publish(Bytes::from_static(b"decided"));
+        let p = w
+            .publish(Bytes::from_static(b"decided"), Duration::ZERO)
+            .unwrap();
         assert_eq!(p.topic, "public/will");
         assert_eq!(p.payload, "decided");
         assert_eq!((p.qos, p.retain, p.pkid), (QoS::AtLeastOnce, true, PKID));
@@ -329,9 +410,22 @@ mod tests {
             Bytes::new(),
             0,
         );
-        let p = w.publish(Bytes::new());
+        let p = w.publish(Bytes::new(), Duration::from_secs(3600)).unwrap();
         assert_eq!((p.qos, p.retain, p.pkid), (QoS::AtMostOnce, false, 0));
-        assert!(p.properties.is_none());
+        assert!(p.properties.is_none(), "no expiry: it never expires");
+    }
+
+    #[test]
+    fn a_will_that_waited_for_the_broker_expires_by_as_much() {
+        let w = Will::new(will(None, QoS::AtLeastOnce), "public/will", Bytes::new(), 0);
+        let left = |secs| {
+            w.publish(Bytes::new(), Duration::from_secs(secs))
+                .map(|p| p.properties.unwrap().message_expiry_interval.unwrap())
+        };
+        assert_eq!(left(0), Some(60));
+        assert_eq!(left(45), Some(15));
+        assert_eq!(left(60), None);
+        assert_eq!(left(u64::MAX), None);
     }
 
     #[test]

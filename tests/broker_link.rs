@@ -356,3 +356,58 @@ async fn a_lazy_clean_return_publishes_the_waiting_will() {
     assert_eq!(watcher.next_publish().await.topic, &b"public/will"[..]);
     back.disconnect().await;
 }
+
+/// The wills of one client id go in the order they fell due: ten
+/// connections, each taking over the one before with a retained will, leave
+/// the last one's will as the retained value (MQTT 5 3.3.1.3).
+#[tokio::test]
+async fn the_wills_of_one_client_id_go_in_order() {
+    let server = server_with(&[]);
+    let mut watcher = watch_public(&server).await;
+    v5::takeovers_with_retained_wills(server.mqtt, "in-turn", BOB, "public/state", 10).await;
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got.push(String::from_utf8(watcher.next_publish().await.payload.to_vec()).unwrap());
+    }
+    let want: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
+    assert_eq!(got, want);
+    let mut late = v5::connect(server.mqtt, "late", "insureco", "insureco-secret").await;
+    late.subscribe("public/state", v5::QoS::AtLeastOnce).await;
+    assert_eq!(late.next_publish().await.payload.as_ref(), b"w9");
+}
+
+/// MQTT lets a client id be any UTF-8 string up to 65 535 bytes; rumqttd
+/// refuses `+ $ # /` in one, and consentry's namespaced id (and its will
+/// connection's) is longer than the client's. Both still reach the broker.
+#[tokio::test]
+async fn any_client_id_reaches_the_embedded_broker() {
+    let server = server_with(&[]);
+    let mut watcher = watch_public(&server).await;
+    for id in ["a/b/+/#".to_string(), "$SYS".into(), "x".repeat(65_000)] {
+        let mut o = v5::options(server.mqtt, &id, Some(BOB));
+        o.set_last_will(v5::LastWill::new(
+            "public/will",
+            "gone",
+            v5::QoS::AtLeastOnce,
+            false,
+            None,
+        ));
+        let mut dev = v5::connect_with(o).await.unwrap();
+        let short = &id[..id.len().min(8)];
+        assert_eq!(
+            dev.publish_acked("public/odd", short.as_bytes()).await,
+            v5::PubAckReason::Success,
+            "{short}"
+        );
+        assert_eq!(
+            watcher.next_publish().await.payload.as_ref(),
+            short.as_bytes()
+        );
+        dev.kill();
+        assert_eq!(
+            watcher.next_publish().await.payload.as_ref(),
+            b"gone",
+            "{short}: the will"
+        );
+    }
+}

@@ -417,6 +417,53 @@ async fn a_will_needs_collection_consent_when_it_is_published() {
     }
 }
 
+/// A will is decided when it is due, so a will that cannot be collected at
+/// CONNECT only for a reason of the moment (collection withdrawn, its
+/// window closed) does not keep the device from connecting: the will is
+/// kept, and goes only if collection is allowed again by the time it is due.
+#[tokio::test]
+async fn a_will_not_collectable_at_connect_is_decided_when_due() {
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        directory: Some(demo_without_heart_rate_collection()),
+        ..Default::default()
+    });
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let alice = |id: &str| v5::alice_watch_with_will(server.mqtt, id, false);
+
+    // Still not collectable when due: dropped.
+    let mut still = v5::connect_with(alice("w1"))
+        .await
+        .expect("CONNECT accepted");
+    still
+        .publish_acked("pii/alice/alice-watch/steps", br#"{"count":10}"#)
+        .await;
+    assert_eq!(
+        fit.next_publish().await.topic,
+        b"pii/alice/alice-watch/steps"[..]
+    );
+    still.kill();
+    let dropped = [("result", "dropped"), ("reason", "no_collect_consent")];
+    server
+        .wait_for_metric("consentry_publishes_total", &dropped, 1.0)
+        .await;
+
+    // Collectable again by the time it is due: published.
+    let again = v5::connect_with(alice("w2"))
+        .await
+        .expect("CONNECT accepted");
+    server.reload(DEMO_DIRECTORY);
+    again.kill();
+    let p = fit.next_publish().await;
+    assert_eq!(p.topic, HR.as_bytes());
+    assert_eq!(
+        serde_json::from_slice::<Value>(&p.payload).unwrap(),
+        json!({"bpm": 0})
+    );
+}
+
 /// The directory file seeds preferences; once a user has set theirs
 /// through the API, a reload (SIGHUP) of the same file must not give back
 /// what they withdrew.

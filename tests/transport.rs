@@ -271,12 +271,15 @@ fn mosquitto() -> Mosquitto {
 /// Mosquitto listening on `host`, with `listener_conf` added to its one
 /// listener's settings.
 fn mosquitto_at(host: &str, listener_conf: &str) -> Mosquitto {
+    mosquitto_on(host, free_port(), listener_conf)
+}
+
+fn mosquitto_on(host: &str, port: u16, listener_conf: &str) -> Mosquitto {
     let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .expect("mosquitto is installed (tests/run.sh installs it)");
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(
         &conf,
@@ -624,17 +627,7 @@ async fn in_front_of_mosquitto_a_dead_consentry_leaves_no_will() {
         .unwrap();
     raw.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
     let bpm = |p: &v5::Publish| serde_json::from_slice::<Value>(&p.payload).unwrap()["bpm"].clone();
-    let device = |id: &str| {
-        let mut o = v5::options(server.mqtt, id, Some(("alice-watch", "alice-watch-secret")));
-        o.set_last_will(v5::LastWill::new(
-            HR,
-            r#"{"bpm":0}"#,
-            v5::QoS::AtLeastOnce,
-            false,
-            None,
-        ));
-        o
-    };
+    let device = |id: &str| v5::alice_watch_with_will(server.mqtt, id, false);
 
     let mut alive = v5::connect_with(device("w1")).await.unwrap();
     alive.publish_acked(HR, br#"{"bpm":70}"#).await;
@@ -655,4 +648,69 @@ async fn in_front_of_mosquitto_a_dead_consentry_leaves_no_will() {
     let late = tokio::time::timeout(Duration::from_secs(3), raw.next_publish()).await;
     assert!(late.is_err(), "published after consentry died: {late:?}");
     drop(orphan);
+}
+
+/// A will that falls due while the broker is down (restarting, say) is
+/// not lost: consentry tries again, deciding it again each time, and it
+/// goes once the broker is back.
+#[tokio::test]
+async fn in_front_of_mosquitto_a_will_waits_for_the_broker_to_come_back() {
+    let m = mosquitto();
+    let port = m.addr.port();
+    let server = in_front_of(&m);
+    // Retained, so a subscriber that comes after the will still sees it.
+    let o = v5::alice_watch_with_will(server.mqtt, "w", true);
+    // A clean session that has sent nothing has no broker connection to
+    // lose, so it outlives the broker.
+    let alice = v5::connect_with(o).await.unwrap();
+    drop(m);
+    alice.kill();
+    let retrying = [("result", "dropped"), ("reason", "broker_unavailable")];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(server
+        .log()
+        .contains("will not published yet; trying again"));
+    let m = mosquitto_on("127.0.0.1", port, "");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let will = loop {
+        let mut raw = v5::connect_with(v5::options(m.addr, "raw", None))
+            .await
+            .unwrap();
+        raw.subscribe(HR, v5::QoS::AtLeastOnce).await;
+        if let Ok(p) = tokio::time::timeout(Duration::from_secs(2), raw.next_publish()).await {
+            break p;
+        }
+        assert!(std::time::Instant::now() < deadline, "the will never came");
+    };
+    assert_eq!(
+        serde_json::from_slice::<Value>(&will.payload).unwrap(),
+        json!({"bpm": 0})
+    );
+    assert_eq!(server.metric("consentry_publishes_total", &retrying), 0.0);
+}
+
+/// The wills of one client id reach the broker in the order they fell
+/// due, so the last one is the retained value (a will's connection takes
+/// longer to reach Mosquitto than the in-memory link, which gives a race
+/// more room).
+#[tokio::test]
+async fn in_front_of_mosquitto_wills_keep_their_order() {
+    let m = mosquitto();
+    let server = in_front_of(&m);
+    for round in 0..5 {
+        let topic = format!("public/state/{round}");
+        let mut raw = v5::connect_with(v5::options(m.addr, "raw", None))
+            .await
+            .unwrap();
+        raw.subscribe(&topic, v5::QoS::AtLeastOnce).await;
+        let login = ("bob-phone", "bob-phone-secret");
+        v5::takeovers_with_retained_wills(server.mqtt, "in-turn", login, &topic, 10).await;
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            got.push(String::from_utf8(raw.next_publish().await.payload.to_vec()).unwrap());
+        }
+        let want: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
+        assert_eq!(got, want, "round {round}");
+        raw.disconnect().await;
+    }
 }

@@ -552,6 +552,47 @@ pub mod v5 {
         o
     }
 
+    /// Connects `id` `n` times, each connection taking over the one before
+    /// and carrying the retained will `w{i}` on `topic`; then drops the
+    /// last. The wills are due in the order `w0` … `w{n-1}`.
+    pub async fn takeovers_with_retained_wills(
+        addr: SocketAddr,
+        id: &str,
+        login: (&str, &str),
+        topic: &str,
+        n: usize,
+    ) {
+        let mut held = Vec::new();
+        for i in 0..n {
+            let mut o = options(addr, id, Some(login));
+            o.set_last_will(LastWill::new(
+                topic,
+                format!("w{i}"),
+                QoS::AtLeastOnce,
+                true,
+                None,
+            ));
+            held.push(connect_with(o).await.unwrap());
+        }
+        if let Some(last) = held.pop() {
+            last.kill();
+        }
+    }
+
+    /// alice-watch's options with a QoS 1 will of heart rate 0 on its own
+    /// heart-rate topic.
+    pub fn alice_watch_with_will(addr: SocketAddr, id: &str, retain: bool) -> MqttOptions {
+        let mut o = options(addr, id, Some(("alice-watch", "alice-watch-secret")));
+        o.set_last_will(LastWill::new(
+            "pii/alice/alice-watch/heart_rate",
+            r#"{"bpm":0}"#,
+            QoS::AtLeastOnce,
+            retain,
+            None,
+        ));
+        o
+    }
+
     /// Will properties with a will delay of `secs` and nothing else.
     pub fn will_delay(secs: u32) -> rumqttc::v5::mqttbytes::v5::LastWillProperties {
         rumqttc::v5::mqttbytes::v5::LastWillProperties {
