@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::{
-    ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, PubRel, Publish,
-    PublishProperties,
+    ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, PubAckReason, PubRecReason,
+    PubRel, Publish, PublishProperties,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -250,8 +250,14 @@ async fn publish(
             tokio::time::timeout(SEND_TIMEOUT, send(&shared, version, client_id, publish)).await
         };
         let error = match sent {
-            Ok(Ok(())) => {
+            Ok(Ok(Sent::Taken)) => {
                 shared.hot.forwarded.increment(1);
+                return;
+            }
+            Ok(Ok(Sent::Refused(reason))) => {
+                tracing::warn!(client_id, reason, "will refused by the broker");
+                metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => "broker_refused")
+                    .increment(1);
                 return;
             }
             Ok(Err(e)) => e.to_string(),
@@ -286,7 +292,7 @@ async fn send(
     version: Version,
     client_id: &str,
     publish: Publish,
-) -> std::io::Result<()> {
+) -> std::io::Result<Sent> {
     let connect = rumqttc::v5::mqttbytes::v5::Connect {
         keep_alive: 30,
         // Unlike every session's, which start with the role.
@@ -303,32 +309,63 @@ async fn send(
     }
     let qos = publish.qos;
     write(&mut up, version, &Packet::Publish(publish)).await?;
-    match qos {
-        QoS::AtMostOnce => {}
-        QoS::AtLeastOnce => {
-            answer(&mut up, &mut buf, version, |p| {
-                matches!(p, Packet::PubAck(_))
-            })
-            .await?;
-        }
-        QoS::ExactlyOnce => {
-            answer(&mut up, &mut buf, version, |p| {
-                matches!(p, Packet::PubRec(_))
-            })
-            .await?;
-            write(&mut up, version, &Packet::PubRel(PubRel::new(PKID, None))).await?;
-            answer(&mut up, &mut buf, version, |p| {
-                matches!(p, Packet::PubComp(_))
-            })
-            .await?;
-        }
-    }
+    let refused = match qos {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => match answer(&mut up, &mut buf, version, |p| {
+            matches!(p, Packet::PubAck(_))
+        })
+        .await?
+        {
+            Packet::PubAck(a)
+                if !matches!(
+                    a.reason,
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                ) =>
+            {
+                Some(format!("{:?}", a.reason))
+            }
+            _ => None,
+        },
+        QoS::ExactlyOnce => match answer(&mut up, &mut buf, version, |p| {
+            matches!(p, Packet::PubRec(_))
+        })
+        .await?
+        {
+            Packet::PubRec(r)
+                if !matches!(
+                    r.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                ) =>
+            {
+                Some(format!("{:?}", r.reason))
+            }
+            _ => {
+                write(&mut up, version, &Packet::PubRel(PubRel::new(PKID, None))).await?;
+                answer(&mut up, &mut buf, version, |p| {
+                    matches!(p, Packet::PubComp(_))
+                })
+                .await?;
+                None
+            }
+        },
+    };
     let bye = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
     write(&mut up, version, &Packet::Disconnect(bye)).await?;
     // Held in the turn until the broker closes: the next will of this
     // client id must not take over a connection still in use.
     linger(up).await;
-    Ok(())
+    Ok(match refused {
+        None => Sent::Taken,
+        Some(reason) => Sent::Refused(reason),
+    })
+}
+
+/// What the broker made of a will it was handed.
+enum Sent {
+    Taken,
+    /// It answered with a failure (its ACL, say); trying again would not
+    /// change its mind.
+    Refused(String),
 }
 
 async fn write(up: &mut Conn, version: Version, p: &Packet) -> std::io::Result<()> {
@@ -339,21 +376,20 @@ async fn write(up: &mut Conn, version: Version, p: &Packet) -> std::io::Result<(
     up.write_all(&out).await
 }
 
-/// Reads until the broker sends the packet `wanted` looks for; a refusal
-/// in it is the broker's to log, the will was handed over either way.
+/// Reads until the broker sends the packet `wanted` looks for.
 async fn answer(
     up: &mut Conn,
     buf: &mut BytesMut,
     version: Version,
     wanted: impl Fn(&Packet) -> bool,
-) -> std::io::Result<()> {
+) -> std::io::Result<Packet> {
     loop {
         while let Some(p) = version
             .read(buf, usize::MAX >> 4)
             .map_err(|e| std::io::Error::other(e.to_string()))?
         {
             if wanted(&p) {
-                return Ok(());
+                return Ok(p);
             }
         }
         if up.read_buf(buf).await? == 0 {

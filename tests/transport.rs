@@ -714,3 +714,29 @@ async fn in_front_of_mosquitto_wills_keep_their_order() {
         raw.disconnect().await;
     }
 }
+
+/// A broker that refuses a will (its ACL, say) is not asked again: the
+/// will is dropped and counted, not retried for ten minutes.
+#[tokio::test]
+async fn in_front_of_mosquitto_a_will_the_broker_refuses_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "topic readwrite pii/#\ntopic readwrite consentry/#\n").unwrap();
+    let m = mosquitto_at("127.0.0.1", &format!("acl_file {}\n", acl.display()));
+    let server = in_front_of(&m);
+    let mut o = v5::options(server.mqtt, "w", Some(("bob-phone", "bob-phone-secret")));
+    o.set_last_will(v5::LastWill::new(
+        "public/closed",
+        "gone",
+        v5::QoS::AtLeastOnce,
+        false,
+        None,
+    ));
+    v5::connect_with(o).await.unwrap().kill();
+    let refused = [("result", "dropped"), ("reason", "broker_refused")];
+    server
+        .wait_for_metric("consentry_publishes_total", &refused, 1.0)
+        .await;
+    assert!(server.log().contains("will refused by the broker"));
+    assert!(!server.log().contains("trying again"));
+}
