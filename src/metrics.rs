@@ -26,6 +26,7 @@ pub const ACT_VERSION: &str = "consentry_act_version";
 pub const LEDGER_APPENDS: &str = "consentry_ledger_appends_total";
 pub const LEDGER_APPEND_FAILURES: &str = "consentry_ledger_append_failures_total";
 pub const LEDGER_HEALTHY: &str = "consentry_ledger_healthy";
+pub const LEDGER_PURGE_FAILURES: &str = "consentry_ledger_purge_failures_total";
 pub const LEDGER_FSYNC_SECONDS: &str = "consentry_ledger_fsync_seconds";
 pub const LEDGER_BATCH_SIZE: &str = "consentry_ledger_batch_size";
 pub const PASSWORD_CHECKS: &str = "consentry_password_checks_total";
@@ -49,6 +50,7 @@ pub const ALL: &[&str] = &[
     LEDGER_APPENDS,
     LEDGER_APPEND_FAILURES,
     LEDGER_HEALTHY,
+    LEDGER_PURGE_FAILURES,
     LEDGER_FSYNC_SECONDS,
     LEDGER_BATCH_SIZE,
     PASSWORD_CHECKS,
@@ -162,6 +164,7 @@ fn register() {
     counter!(LEDGER_APPENDS).increment(0);
     counter!(LEDGER_APPEND_FAILURES).increment(0);
     gauge!(LEDGER_HEALTHY).increment(0.0);
+    counter!(LEDGER_PURGE_FAILURES).increment(0);
     let _ = histogram!(LEDGER_FSYNC_SECONDS);
     let _ = histogram!(LEDGER_BATCH_SIZE);
     for result in ["run", "busy"] {
@@ -231,6 +234,11 @@ fn describe() {
         LEDGER_HEALTHY,
         "1 while the share ledger takes records; 0 after a write failed, until restart \
          (personal data is not delivered meanwhile)"
+    );
+    describe_counter!(
+        LEDGER_PURGE_FAILURES,
+        "Times deleting share records past retention failed; tried again a minute later \
+         (records are kept longer meanwhile; deliveries go on)"
     );
     describe_counter!(
         LEDGER_APPEND_FAILURES,

@@ -30,6 +30,8 @@ use crate::session::{self, Shared};
 use crate::store::Store;
 use axum::serve::ListenerExt;
 
+use crate::api::bounded::{Bounded, Idle};
+
 /// A running consentry.
 pub struct Server {
     pub mqtt_addr: Option<SocketAddr>,
@@ -413,16 +415,17 @@ impl Server {
             match &config.api.tls {
                 Some(tls) => {
                     let acceptor = tls_acceptor(&tls.cert, &tls.key, None).context("[api.tls]")?;
-                    let l = crate::api::tls::TlsListener::new(l, acceptor)?.tap_io(
-                        |s: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
-                            let _ = s.get_ref().0.set_nodelay(true);
+                    let l = crate::api::tls::TlsListener::new(l, acceptor)?;
+                    let l = Bounded::new(l).tap_io(
+                        |s: &mut Idle<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>| {
+                            let _ = s.get_ref().get_ref().0.set_nodelay(true);
                         },
                     );
                     tasks.spawn(serve_api(l, app, rx));
                 }
                 None => {
-                    let l = l.tap_io(|s: &mut tokio::net::TcpStream| {
-                        let _ = s.set_nodelay(true);
+                    let l = Bounded::new(l).tap_io(|s: &mut Idle<tokio::net::TcpStream>| {
+                        let _ = s.get_ref().set_nodelay(true);
                     });
                     tasks.spawn(serve_api(l, app, rx));
                 }

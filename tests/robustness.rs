@@ -558,3 +558,46 @@ async fn login_raw(addr: SocketAddr, version: u8, user: &str, pass: &str) -> Tcp
     );
     s
 }
+
+/// The API shares the process's file descriptors with MQTT and the share
+/// ledger, so it bounds its own: a connection that sends nothing, or stops
+/// halfway through its request, is closed after 20 s idle, and past 512
+/// open connections new ones are closed as they come. Either way the API
+/// answers again once the silent sockets are gone.
+#[tokio::test]
+async fn the_api_closes_idle_connections_and_bounds_how_many_are_open() {
+    let server = Server::demo();
+    let api = server.api.expect("API listening");
+    let ok = |server: &Server| common::http(server, "GET", "/v1/providers", None, &[], None).0;
+    assert_eq!(ok(&server), 200);
+
+    // 512 silent sockets hold every slot; the next ones are closed at once.
+    let mut silent = Vec::new();
+    for _ in 0..512 {
+        silent.push(TcpStream::connect(api).await.unwrap());
+    }
+    let mut over = TcpStream::connect(api).await.unwrap();
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), over.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "a connection past the bound stayed open: {closed:?}"
+    );
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ok(&server), 200);
+
+    // Idle, and halfway through a request: both closed after 20 s.
+    let started = std::time::Instant::now();
+    let mut idle = TcpStream::connect(api).await.unwrap();
+    let mut half = TcpStream::connect(api).await.unwrap();
+    half.write_all(b"GET /v1/providers HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    for s in [&mut idle, &mut half] {
+        let end = tokio::time::timeout(Duration::from_secs(40), s.read(&mut byte)).await;
+        assert!(matches!(end, Ok(Ok(0) | Err(_))), "still open: {end:?}");
+    }
+    assert!(started.elapsed() >= Duration::from_secs(15));
+    assert_eq!(ok(&server), 200);
+}

@@ -16,6 +16,7 @@ mod receipts;
 mod recovery;
 mod users;
 
+pub mod bounded;
 pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};

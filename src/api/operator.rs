@@ -128,6 +128,11 @@ pub async fn reset_login(
     _: Operator,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<LoginReset>), Problem> {
+    // Before any work: an id no user can have (the TOTP label refuses a
+    // colon, say) is not a server fault, and argon2 is not spent on nobody.
+    if !crate::model::valid_id(&id) || state.prefs.user(&id).is_none() {
+        return Err(Problem::not_found(format!("no such user {id:?}")));
+    }
     let mut raw = [0u8; 18];
     rand::rngs::OsRng.fill_bytes(&mut raw);
     let password = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);

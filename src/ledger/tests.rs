@@ -45,6 +45,15 @@ fn cfg(dir: &Path) -> LedgerConfig {
     }
 }
 
+/// Segments of 2 KiB, so a few records close one, and a day's retention.
+fn small_with_retention(dir: &Path) -> LedgerConfig {
+    LedgerConfig {
+        segment_bytes: 2048,
+        retention: Some(Duration::from_secs(24 * 3600)),
+        ..cfg(dir)
+    }
+}
+
 fn keys() -> Keyring {
     Keyring::generate().expect("generate keyring")
 }
@@ -630,11 +639,7 @@ fn key_file_is_owner_only_and_secrets_stay_out_of_debug() {
 async fn retention_purges_old_segments_and_verification_passes() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let c = LedgerConfig {
-        segment_bytes: 2048,
-        retention: Some(Duration::from_secs(24 * 3600)),
-        ..cfg(tmp.path())
-    };
+    let c = small_with_retention(tmp.path());
     let ledger = Ledger::open(c.clone(), k.clone()).expect("open");
     let old = Utc::now() - TimeDelta::days(3);
     write_at(&ledger, [old; 30]).await;
@@ -668,6 +673,40 @@ async fn retention_purges_old_segments_and_verification_passes() {
         tamper(verify_dir(tmp.path(), &k).expect_err("gap")).1,
         TamperKind::Removed
     );
+}
+
+/// Deleting past retention is upkeep: when it fails (the process out of
+/// file descriptors for a moment, say) the ledger keeps taking records and
+/// deletes at a later try, rather than failing closed for good.
+#[tokio::test]
+async fn a_failed_purge_does_not_close_the_ledger() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let c = small_with_retention(tmp.path());
+    let fault = tmp.path().join("test-fail-purge");
+    std::fs::write(&fault, b"").expect("fault");
+    let ledger = Ledger::open(c, k.clone()).expect("open");
+    let old = Utc::now() - TimeDelta::days(3);
+    // Every durable ack here means the ledger still takes records while
+    // each segment it closes sets a purge going that fails.
+    write_at(&ledger, [old; 30]).await;
+    assert!(ledger.is_healthy());
+    assert_eq!(
+        list_segments(tmp.path()).expect("list")[0].0,
+        1,
+        "nothing was deleted while deleting failed"
+    );
+    std::fs::remove_file(&fault).expect("clear fault");
+    // The next segment closed sets the next try going.
+    write_at(&ledger, [old; 10]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while list_segments(tmp.path()).expect("list")[0].0 == 1 {
+        assert!(std::time::Instant::now() < deadline, "never purged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    write_n(&ledger, 12).await;
+    ledger.shutdown().await;
+    verify_dir(tmp.path(), &k).expect("verify after the late purge");
 }
 
 /// At a low rate a segment never fills, and only closed segments are purged: the active one is

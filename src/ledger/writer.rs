@@ -510,6 +510,25 @@ impl Writer {
         let Ok(retention) = chrono::TimeDelta::from_std(retention) else {
             return Ok(());
         };
+        // Deleting is upkeep, not a record: a failure (out of file
+        // descriptors for a moment, say) keeps records longer and is tried
+        // again at the next tick, but does not stop deliveries.
+        if let Err(e) = self.purge_closed(retention) {
+            tracing::error!(error = %e, "could not delete records past retention; trying again");
+            metrics::counter!(crate::metrics::LEDGER_PURGE_FAILURES).increment(1);
+        }
+        Ok(())
+    }
+
+    /// Deletes the closed segments whose records are all past `retention`.
+    fn purge_closed(&mut self, retention: chrono::TimeDelta) -> Result<(), LedgerError> {
+        #[cfg(test)]
+        if self.dir.join("test-fail-purge").exists() {
+            return Err(LedgerError::io(
+                "purge (test fault)",
+                std::io::Error::other("test fault"),
+            ));
+        }
         let cutoff = (Utc::now() - retention).timestamp_micros();
         for (first, path) in list_segments(&self.dir)? {
             if first >= self.seg_first {
