@@ -50,6 +50,9 @@ pub struct Upstream {
     pub link: Option<Linker>,
     /// Set for an `mqtts://` upstream.
     pub tls: Option<UpstreamTls>,
+    /// The embedded rumqttd, over either transport: it keeps no state of a
+    /// client's QoS 2 publish once completed, nor across connections.
+    pub embedded: bool,
 }
 
 /// How connections to an `mqtts://` upstream are encrypted and whom they
@@ -190,6 +193,7 @@ impl Upstream {
             password: cfg.broker.password.clone(),
             link: None,
             tls,
+            embedded: false,
         })
     }
 }
@@ -403,6 +407,7 @@ pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
         password: Some(password),
         link,
         tls: None,
+        embedded: true,
     })
 }
 

@@ -24,7 +24,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use rumqttc::v5::mqttbytes::v5::{
     self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, PubAck,
-    PubAckReason, PubComp, PubRec, PubRecReason, Publish, SubAck, SubscribeReasonCode,
+    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish, SubAck,
+    SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use sha2::{Digest, Sha256};
@@ -379,6 +380,7 @@ pub async fn serve<S>(
         lazy: None,
         up_open: false,
         up_flows: HashSet::new(),
+        qos2_in: HashSet::new(),
         will: None,
     };
     let upstream = match session.open_upstream(&mut client, connect, will).await {
@@ -584,6 +586,9 @@ struct Session {
     /// The client's QoS 1/2 publishes the broker has not finished
     /// acknowledging (tracked for lazy sessions only).
     up_flows: HashSet<u16>,
+    /// The client's QoS 2 publishes the broker has not completed: a PUBREL
+    /// for any other id is a retransmission the broker may not know.
+    qos2_in: HashSet<u16>,
 }
 
 impl Drop for Session {
@@ -634,21 +639,23 @@ impl Session {
         // The will is a publish that happens later: it passes ingress now,
         // under the same rules, or the CONNECT is refused.
         if let Some(w) = will {
+            // A topic that is not UTF-8 is refused like any invalid one, with
+            // a CONNACK: there is no session yet to DISCONNECT.
             let topic = std::str::from_utf8(&w.topic)
-                .map_err(|_| End::TopicName(topic_name_fault(&w.topic)))?;
-            let checked = match TopicName::new(topic) {
+                .unwrap_or_default()
+                .to_string();
+            let checked = match TopicName::new(&topic) {
                 Some(name) => self.check_ingress(name, &w.message),
                 None => Err(Deny::Invalid.as_str()),
             };
             match checked {
                 Ok(payload) => {
-                    let topic = topic.to_string();
                     self.will = Some(Will::new(w, &topic, payload, session_expiry));
                 }
                 Err(deny) if will::decided_when_due(deny) => {
                     // Not collectable now, perhaps by the time it is due.
                     tracing::debug!(session = self.id, reason = deny, "will kept undecided");
-                    let (topic, payload) = (topic.to_string(), w.message.clone());
+                    let payload = w.message.clone();
                     self.will = Some(Will::new(w, &topic, payload, session_expiry));
                 }
                 Err(deny) => {
@@ -1173,8 +1180,15 @@ impl Session {
             Packet::PubRel(rel) => {
                 if self.refused_qos2_from_client.remove(&rel.pkid) {
                     self.send_client(&Packet::PubComp(PubComp::new(rel.pkid, None)))?;
-                } else {
+                } else if self.qos2_in.contains(&rel.pkid) || self.broker_may_know_qos2() {
                     self.send_broker(&Packet::PubRel(rel))?;
+                } else {
+                    // A retransmission of a completed flow (MQTT 4.3.3:
+                    // answered with PUBCOMP, 0x92 in MQTT 5). Passed on,
+                    // rumqttd ends the connection for an unknown id.
+                    let mut comp = PubComp::new(rel.pkid, None);
+                    comp.reason = PubCompReason::PacketIdentifierNotFound;
+                    self.send_client(&Packet::PubComp(comp))?;
                 }
             }
             // Acks of deliveries go to the broker in the order the broker
@@ -1273,6 +1287,9 @@ impl Session {
                 publish.payload = payload;
                 if self.lazy.is_some() && publish.qos != QoS::AtMostOnce {
                     self.up_flows.insert(publish.pkid);
+                }
+                if publish.qos == QoS::ExactlyOnce {
+                    self.qos2_in.insert(publish.pkid);
                 }
                 self.send_broker(&Packet::Publish(publish))
             }
@@ -1475,6 +1492,15 @@ impl Session {
             | Packet::PubRec(_)
             | Packet::PubComp(_)
             | Packet::UnsubAck(_)) => {
+                match &p {
+                    Packet::PubRec(a) if pubrec_failed(a) => {
+                        self.qos2_in.remove(&a.pkid);
+                    }
+                    Packet::PubComp(a) => {
+                        self.qos2_in.remove(&a.pkid);
+                    }
+                    _ => {}
+                }
                 if self.lazy.is_some() {
                     match &p {
                         Packet::PubAck(a) => {
@@ -1520,6 +1546,13 @@ impl Session {
                 )
             }
         }
+    }
+
+    /// Whether the broker may hold a QoS 2 flow of this client that this
+    /// session did not see: one from an earlier connection of a persistent
+    /// session, at a broker that keeps them.
+    fn broker_may_know_qos2(&self) -> bool {
+        self.own.is_none() && !self.shared.upstream.embedded
     }
 
     /// Records the ack for `pkid` and sends every ack at the front of the

@@ -601,3 +601,64 @@ async fn the_api_closes_idle_connections_and_bounds_how_many_are_open() {
     assert!(started.elapsed() >= Duration::from_secs(15));
     assert_eq!(ok(&server), 200);
 }
+
+/// A client that did not see the PUBCOMP sends PUBREL again (MQTT 4.3.3,
+/// and on reconnection 4.4): it gets PUBCOMP, 0x92 in MQTT 5 for an id no
+/// flow holds, and keeps its connection. rumqttd ends a connection that
+/// passes it an unknown PUBREL.
+#[tokio::test]
+async fn a_retransmitted_pubrel_is_completed_not_punished() {
+    use rumqttc::v5::mqttbytes::v5::{PubCompReason, PubRel};
+    let server = Server::demo();
+    let mut r = Raw::login_v5(server.mqtt, "bob-phone", "bob-phone-secret").await;
+    let mut p = Publish::new("public/q2", QoS::ExactlyOnce, "x", None);
+    p.pkid = 9;
+    r.send(Packet::Publish(p)).await;
+    assert!(matches!(r.recv().await, Some(Packet::PubRec(a)) if a.pkid == 9));
+    for expected in [
+        PubCompReason::Success,
+        PubCompReason::PacketIdentifierNotFound,
+    ] {
+        r.send(Packet::PubRel(PubRel::new(9, None))).await;
+        match r.recv().await {
+            Some(Packet::PubComp(c)) => assert_eq!((c.pkid, c.reason), (9, expected)),
+            other => panic!("expected PUBCOMP {expected:?}, got {other:?}"),
+        }
+    }
+    // One never started, too.
+    r.send(Packet::PubRel(PubRel::new(77, None))).await;
+    assert!(matches!(r.recv().await, Some(Packet::PubComp(c)) if c.pkid == 77));
+    r.send(Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq))
+        .await;
+    assert!(matches!(r.recv().await, Some(Packet::PingResp(_))));
+    still_serving(&server).await;
+}
+
+/// A will topic that is not UTF-8 refuses the CONNECT with a CONNACK, as
+/// any invalid will topic does: a DISCONNECT before CONNACK is not MQTT
+/// (MQTT 5 3.2.0-2).
+#[tokio::test]
+async fn a_will_topic_that_is_not_utf8_gets_a_connack() {
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, LastWill};
+    let server = Server::demo();
+    let mut r = Raw::open(server.mqtt).await;
+    let mut will = LastWill::new("x", "gone", QoS::AtMostOnce, false, None);
+    will.topic = Bytes::from_static(&[0xff, 0xfe]);
+    r.send(Packet::Connect(
+        Connect {
+            keep_alive: 30,
+            client_id: "bad-will".into(),
+            clean_start: true,
+            properties: None,
+        },
+        Some(will),
+        Some(Login::new("bob-phone", "bob-phone-secret")),
+    ))
+    .await;
+    match r.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::NotAuthorized),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert!(r.recv().await.is_none());
+    still_serving(&server).await;
+}
