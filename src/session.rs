@@ -381,6 +381,7 @@ pub async fn serve<S>(
         up_open: false,
         up_flows: HashSet::new(),
         qos2_in: HashSet::new(),
+        client_max_packet: None,
         will: None,
     };
     let upstream = match session.open_upstream(&mut client, connect, will).await {
@@ -589,6 +590,8 @@ struct Session {
     /// The client's QoS 2 publishes the broker has not completed: a PUBREL
     /// for any other id is a retransmission the broker may not know.
     qos2_in: HashSet<u16>,
+    /// The client's Maximum Packet Size (MQTT 5), if it set one.
+    client_max_packet: Option<usize>,
 }
 
 impl Drop for Session {
@@ -687,6 +690,9 @@ impl Session {
         };
         if !persistent {
             self.own = Some(OwnFlow::new(props.and_then(|p| p.receive_maximum)));
+        }
+        if self.version == Version::V5 {
+            self.client_max_packet = props.and_then(|p| p.max_packet_size).map(|n| n as usize);
         }
         // Client ids are namespaced by identity so that a device cannot take
         // over a provider's broker session by choosing its client id.
@@ -1589,6 +1595,9 @@ impl Session {
             .record(started.elapsed().as_secs_f64());
         let (kind, resolved, rule, receipt) = match decision {
             Ok(Delivery::Plain) => {
+                if self.too_large_for_client(&publish) {
+                    return self.drop_delivery(&publish, "too_large_for_client");
+                }
                 self.counters.plain.increment(1);
                 return self.write_delivery(publish);
             }
@@ -1642,6 +1651,10 @@ impl Session {
                 (ShareAction::Masked { fields }, "masked")
             }
         };
+        // Not shared, so not recorded: the client could not take it.
+        if self.too_large_for_client(&publish) {
+            return self.drop_delivery(&publish, "too_large_for_client");
+        }
         let record = ShareRecord {
             time: now,
             creator: self.shared.creator.clone(),
@@ -1668,6 +1681,22 @@ impl Session {
             _ => self.counters.delivered.increment(1),
         }
         self.write_delivery(publish)
+    }
+
+    /// Whether `publish` exceeds the Maximum Packet Size the client set: it
+    /// must then be discarded as if it had been sent (MQTT 5 3.1.2.25).
+    fn too_large_for_client(&self, publish: &Publish) -> bool {
+        let Some(max) = self.client_max_packet else {
+            return false;
+        };
+        let mut encoded = BytesMut::new();
+        match self
+            .version
+            .write(&Packet::Publish(publish.clone()), &mut encoded)
+        {
+            Ok(()) => encoded.len() > max,
+            Err(_) => true,
+        }
     }
 
     fn drop_delivery(&mut self, publish: &Publish, reason: &'static str) -> Result<(), End> {

@@ -706,3 +706,30 @@ async fn wrong_passwords_do_not_leave_memory_behind() {
         after.saturating_sub(before)
     );
 }
+
+/// A message larger than the Maximum Packet Size a client set is not sent
+/// to it (MQTT 5 3.1.2-24): it is discarded as if sent, so the broker's
+/// flow completes and later messages still arrive.
+#[tokio::test]
+async fn a_delivery_over_the_clients_maximum_packet_size_is_discarded() {
+    use common::v5;
+    let server = Server::demo();
+    let mut o = v5::options(server.mqtt, "small", Some(("fitcoach", "fitcoach-secret")));
+    o.set_max_packet_size(Some(80));
+    let mut fit = v5::connect_with(o).await.unwrap();
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice.publish_acked("public/big", &[b'x'; 200]).await;
+    alice
+        .publish_acked("pii/alice/alice-watch/heart_rate", br#"{"bpm":72}"#)
+        .await;
+    let p = fit.next_publish().await;
+    assert_eq!(
+        p.topic,
+        &b"pii/alice/alice-watch/heart_rate"[..],
+        "the big one was sent"
+    );
+    let too_large = [("result", "dropped"), ("reason", "too_large_for_client")];
+    assert_eq!(server.metric("consentry_deliveries_total", &too_large), 1.0);
+}
