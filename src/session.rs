@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use rumqttc::v5::mqttbytes::v5::{
     self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, PubAck,
     PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish, SubAck,
-    SubscribeReasonCode,
+    SubscribeReasonCode, UnsubAckReason,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use sha2::{Digest, Sha256};
@@ -1219,10 +1219,34 @@ impl Session {
             }
             Packet::Subscribe(sub) => self.client_subscribe(sub)?,
             Packet::Unsubscribe(unsub) => {
+                // rumqttd answers one UNSUBACK per filter it removed and
+                // none for a filter it did not have, which leaves a client
+                // waiting for good; consentry answers its own broker's
+                // UNSUBSCRIBEs itself, one UNSUBACK, a reason per filter.
+                let own_answer = self.shared.upstream.embedded.then(|| v5::UnsubAck {
+                    pkid: unsub.pkid,
+                    reasons: unsub
+                        .filters
+                        .iter()
+                        .map(|f| {
+                            // A persistent session may hold filters from
+                            // earlier connections that this one never saw.
+                            if self.own.is_none() || self.subs.iter().any(|(g, _)| g == f) {
+                                UnsubAckReason::Success
+                            } else {
+                                UnsubAckReason::NoSubscriptionExisted
+                            }
+                        })
+                        .collect(),
+                    properties: None,
+                });
                 self.subs.retain(|(f, _)| !unsub.filters.contains(f));
                 self.lag_filters.retain(|f| !unsub.filters.contains(f));
                 self.sync_lag();
                 self.send_broker(&Packet::Unsubscribe(unsub))?;
+                if let Some(ack) = own_answer {
+                    self.send_client(&Packet::UnsubAck(ack))?;
+                }
             }
             Packet::PingReq(_) => self.send_client(&Packet::PingResp(v5::PingResp))?,
             Packet::Disconnect(mut d) => {
@@ -1390,7 +1414,11 @@ impl Session {
                 !self.own_unsubscribes.contains(id) && !self.pending_subacks.contains_key(id)
             })
             .unwrap_or(u16::MAX);
-        self.own_unsubscribes.insert(pkid);
+        // The embedded broker's UNSUBACKs are all dropped anyway, and it
+        // may send none (or several) for one UNSUBSCRIBE.
+        if !self.shared.upstream.embedded {
+            self.own_unsubscribes.insert(pkid);
+        }
         self.send_broker(&Packet::Unsubscribe(v5::Unsubscribe {
             pkid,
             filters: gone.into_iter().map(|(f, _)| f).collect(),
@@ -1494,6 +1522,9 @@ impl Session {
             Packet::PingResp(_) => {}
             // The answer to consentry's own UNSUBSCRIBE is not the client's.
             Packet::UnsubAck(a) if self.own_unsubscribes.remove(&a.pkid) => {}
+            // The embedded broker's, answered already (see the client's
+            // UNSUBSCRIBE).
+            Packet::UnsubAck(_) if self.shared.upstream.embedded => {}
             p @ (Packet::PubAck(_)
             | Packet::PubRec(_)
             | Packet::PubComp(_)

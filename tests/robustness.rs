@@ -733,3 +733,49 @@ async fn a_delivery_over_the_clients_maximum_packet_size_is_discarded() {
     let too_large = [("result", "dropped"), ("reason", "too_large_for_client")];
     assert_eq!(server.metric("consentry_deliveries_total", &too_large), 1.0);
 }
+
+/// Every UNSUBSCRIBE gets one UNSUBACK with a reason per filter (MQTT
+/// 3.10.4), also for filters the session does not hold: rumqttd answers
+/// only for filters it removed, which left clients waiting for good.
+#[tokio::test]
+async fn every_unsubscribe_gets_one_unsuback() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, Subscribe, UnsubAckReason, Unsubscribe};
+    let server = Server::demo();
+    let mut r = Raw::login_v5(server.mqtt, "fitcoach", "fitcoach-secret").await;
+    r.send(Packet::Subscribe(Subscribe::new_many(
+        [
+            Filter::new("public/a", QoS::AtMostOnce),
+            Filter::new("public/b", QoS::AtMostOnce),
+        ],
+        None,
+    )))
+    .await;
+    assert!(matches!(r.recv().await, Some(Packet::SubAck(_))));
+    let unsubscribe = |pkid: u16, filters: &[&str]| {
+        let mut u = Unsubscribe::new(filters[0], None);
+        u.filters = filters.iter().map(|f| f.to_string()).collect();
+        u.pkid = pkid;
+        Packet::Unsubscribe(u)
+    };
+    use UnsubAckReason::{NoSubscriptionExisted as None_, Success};
+    for (pkid, filters, reasons) in [
+        (3, &["public/a", "public/never"][..], vec![Success, None_]),
+        (4, &["public/never"][..], vec![None_]),
+        (5, &["public/a"][..], vec![None_]),
+    ] {
+        r.send(unsubscribe(pkid, filters)).await;
+        match r.recv().await {
+            Some(Packet::UnsubAck(a)) => assert_eq!((a.pkid, a.reasons), (pkid, reasons)),
+            other => panic!("expected UNSUBACK {pkid}, got {other:?}"),
+        }
+    }
+    // Only public/b is left, and no stray UNSUBACK follows.
+    let mut alice =
+        common::v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice.publish_acked("public/a", b"gone").await;
+    alice.publish_acked("public/b", b"kept").await;
+    match r.recv().await {
+        Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"kept"),
+        other => panic!("expected the public/b message, got {other:?}"),
+    }
+}
