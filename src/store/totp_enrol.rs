@@ -89,6 +89,10 @@ impl Store {
                 .execute("DELETE FROM sessions WHERE user_id = ?1", [user])?;
             tx.tx
                 .execute("DELETE FROM totp_pending WHERE user_id = ?1", [user])?;
+            // The last step used was the old secret's: the new one's code of
+            // the same 30 s must not be taken for a replay.
+            tx.tx
+                .execute("DELETE FROM totp_last_step WHERE user_id = ?1", [user])?;
             tx.account_event(user, super::AccountEvent::LoginResetByOperator)
         })
     }
