@@ -251,6 +251,44 @@ async fn the_api_over_https_only() {
     assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
 }
 
+/// Silent sockets to the HTTPS API hold a handshake each for up to 10 s;
+/// past 256 under way new ones are closed at once, so they cannot take the
+/// process's file descriptors. The API answers once they are gone.
+#[tokio::test]
+async fn the_https_api_bounds_handshakes_under_way() {
+    use tokio::io::AsyncReadExt;
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = pki_files(&pki, dir.path());
+    let server = Server::start(Setup {
+        extra: format!("\n[api.tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+        ..Default::default()
+    });
+    let api = server.api.expect("API announced");
+    let mut silent = Vec::new();
+    for _ in 0..256 {
+        silent.push(tokio::net::TcpStream::connect(api).await.unwrap());
+    }
+    // Past the bound: closed without waiting for the 10 s handshake timeout.
+    let mut over = tokio::net::TcpStream::connect(api).await.unwrap();
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), over.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "a handshake past the bound was kept: {closed:?}"
+    );
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(rustls_client(&pki, false))
+        .build();
+    let resp = agent
+        .get(&format!("https://localhost:{}/v1/providers", api.port()))
+        .call()
+        .expect("HTTPS request");
+    assert_eq!(resp.status(), 200);
+}
+
 struct Mosquitto {
     child: Child,
     addr: SocketAddr,

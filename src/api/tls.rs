@@ -16,6 +16,10 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 /// Connections that finished their handshake and wait for the server.
 const READY: usize = 64;
 
+/// Handshakes under way at once; connections past them are closed as they
+/// arrive. (Past the handshake, `api::bounded` counts them.)
+pub const MAX_HANDSHAKES: usize = 256;
+
 /// An axum listener whose connections are TLS. Each handshake runs in a
 /// task of its own, so a slow or silent client holds up no other; a failed
 /// one is dropped and logged, as axum expects of a listener.
@@ -28,6 +32,7 @@ impl TlsListener {
     pub fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(READY);
+        let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -44,8 +49,13 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!("HTTPS connection closed: too many handshakes under way");
+                    continue;
+                };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match tokio::time::timeout(HANDSHAKE, acceptor.accept(socket)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
