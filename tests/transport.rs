@@ -211,25 +211,36 @@ async fn the_plain_listener_can_be_turned_off() {
     fit.subscribe("public/#", v4::QoS::AtLeastOnce).await;
 }
 
+/// A server whose API speaks HTTPS with a certificate from `pki`, and an
+/// agent that trusts it.
+fn https_api(pki: &Pki, dir: &std::path::Path) -> (Server, ureq::Agent) {
+    let (_, cert, key) = pki_files(pki, dir);
+    let server = Server::start(Setup {
+        extra: format!("\n[api.tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+        ..Default::default()
+    });
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(rustls_client(pki, false))
+        .build();
+    (server, agent)
+}
+
+fn https_providers(agent: &ureq::Agent, api: SocketAddr) -> ureq::Response {
+    agent
+        .get(&format!("https://localhost:{}/v1/providers", api.port()))
+        .call()
+        .expect("HTTPS request")
+}
+
 /// With `[api.tls]` the API speaks HTTPS, and only HTTPS: logins, tokens
 /// and receipts are personal data in transit (X.1363 9.1.1).
 #[tokio::test]
 async fn the_api_over_https_only() {
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
-    let (_, cert, key) = pki_files(&pki, dir.path());
-    let server = Server::start(Setup {
-        extra: format!("\n[api.tls]\ncert = {cert:?}\nkey = {key:?}\n"),
-        ..Default::default()
-    });
+    let (server, agent) = https_api(&pki, dir.path());
     let api = server.api.expect("API announced");
-    let agent = ureq::AgentBuilder::new()
-        .tls_config(rustls_client(&pki, false))
-        .build();
-    let resp = agent
-        .get(&format!("https://localhost:{}/v1/providers", api.port()))
-        .call()
-        .expect("HTTPS request");
+    let resp = https_providers(&agent, api);
     assert_eq!(resp.status(), 200);
     assert!(resp.into_string().unwrap().contains("fitcoach"));
     // A login over HTTPS, as users make them.
@@ -259,11 +270,7 @@ async fn the_https_api_bounds_handshakes_under_way() {
     use tokio::io::AsyncReadExt;
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
-    let (_, cert, key) = pki_files(&pki, dir.path());
-    let server = Server::start(Setup {
-        extra: format!("\n[api.tls]\ncert = {cert:?}\nkey = {key:?}\n"),
-        ..Default::default()
-    });
+    let (server, agent) = https_api(&pki, dir.path());
     let api = server.api.expect("API announced");
     let mut silent = Vec::new();
     for _ in 0..256 {
@@ -279,14 +286,7 @@ async fn the_https_api_bounds_handshakes_under_way() {
     );
     drop(silent);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let agent = ureq::AgentBuilder::new()
-        .tls_config(rustls_client(&pki, false))
-        .build();
-    let resp = agent
-        .get(&format!("https://localhost:{}/v1/providers", api.port()))
-        .call()
-        .expect("HTTPS request");
-    assert_eq!(resp.status(), 200);
+    assert_eq!(https_providers(&agent, api).status(), 200);
 }
 
 struct Mosquitto {
