@@ -582,7 +582,7 @@ struct Session {
     up_open: bool,
     /// The client's will. The broker never gets it: it passed ingress at
     /// CONNECT, but it is collected when it is published, so consentry
-    /// keeps it and decides it again when it is due (`will::keep`).
+    /// keeps it and decides it again when it is due (`will::session_ended`).
     will: Option<Will>,
     /// The client's QoS 1/2 publishes the broker has not finished
     /// acknowledging (tracked for lazy sessions only).
@@ -1252,7 +1252,7 @@ impl Session {
             Packet::Disconnect(mut d) => {
                 tracing::debug!(session = self.id, "client sent DISCONNECT");
                 if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
-                    // The will stays due (`will::keep`); the broker holds none.
+                    // The will stays due (`will::session_ended`); the broker holds none.
                     d.reason_code = DisconnectReasonCode::NormalDisconnection;
                     let expiry = d
                         .properties
