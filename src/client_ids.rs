@@ -4,7 +4,9 @@
 //! The broker does this for sessions it can see, but a session that has
 //! nothing to say to the broker has no connection there (see
 //! `Session::go_up`), so consentry keeps the map itself. Ids are the
-//! namespaced ones sent upstream, so a device cannot take over a provider.
+//! namespaced ones sent upstream (`at_broker`), so a device cannot take
+//! over a provider. The map also keeps, per id, the order in which the
+//! wills of its sessions fell due (`Ticket`; `crate::will` publishes them).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
