@@ -98,13 +98,10 @@ impl ClientIds {
 
     /// Gives the id back, unless a newer session holds it by now.
     pub fn release(&self, claim: &Claim) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held
-            .get(&claim.id)
-            .is_some_and(|h| h.session == claim.session)
-        {
-            held.remove(&claim.id);
-        }
+        give_back(
+            &mut self.held.lock().unwrap_or_else(|e| e.into_inner()),
+            claim,
+        );
     }
 
     /// The will of `claim`'s session fell due: gives the id back and
@@ -119,12 +116,7 @@ impl ClientIds {
         let ticket = given.unwrap_or_else(|| issue(&self.wills, &claim.id));
         // Under the same lock: no newer session can give this one a
         // second place meanwhile.
-        if held
-            .get(&claim.id)
-            .is_some_and(|h| h.session == claim.session)
-        {
-            held.remove(&claim.id);
-        }
+        give_back(&mut held, &claim);
         ticket
     }
 
@@ -144,6 +136,16 @@ impl ClientIds {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Removes `claim`'s id from `held`, unless a newer session holds it.
+fn give_back(held: &mut HashMap<String, Holder>, claim: &Claim) {
+    if held
+        .get(&claim.id)
+        .is_some_and(|h| h.session == claim.session)
+    {
+        held.remove(&claim.id);
     }
 }
 

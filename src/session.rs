@@ -112,7 +112,7 @@ fn ack_at_once(_up: &Conn) {}
 /// session whose broker connection ends that way ends too. When the broker
 /// closes first there is no second one. Other brokers close on DISCONNECT
 /// as well (MQTT 3.1.1 3.14.4, MQTT 5 3.14.4), so they lose nothing by it.
-pub(crate) async fn linger(mut up: Conn) {
+async fn linger(mut up: Conn) {
     let mut sink = [0u8; 512];
     let _ = tokio::time::timeout(crate::broker::DISCONNECT_LINGER, async {
         while matches!(up.read(&mut sink).await, Ok(n) if n > 0) {}
@@ -122,16 +122,15 @@ pub(crate) async fn linger(mut up: Conn) {
 
 /// Ends a broker connection with a normal DISCONNECT, then lets the broker
 /// close first.
-async fn say_goodbye(mut up: Conn, version: Version) {
+pub(crate) async fn say_goodbye(mut up: Conn, version: Version) -> std::io::Result<()> {
     let mut bye = BytesMut::new();
     let disconnect = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
-    if version
+    version
         .write(&Packet::Disconnect(disconnect), &mut bye)
-        .is_ok()
-        && up.write_all(&bye).await.is_ok()
-    {
-        tokio::spawn(linger(up));
-    }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    up.write_all(&bye).await?;
+    linger(up).await;
+    Ok(())
 }
 
 /// Closes the broker connection of a session that ended without the
@@ -1028,7 +1027,10 @@ impl Session {
     /// send opens a new one.
     async fn go_down(&mut self, up: &mut Option<Conn>, up_buf: &mut BytesMut) {
         if let Some(s) = up.take() {
-            say_goodbye(s, self.version).await;
+            let version = self.version;
+            tokio::spawn(async move {
+                let _ = say_goodbye(s, version).await;
+            });
         }
         *up_buf = BytesMut::new();
         self.set_up_open(false);
@@ -1788,8 +1790,16 @@ impl Session {
     }
 }
 
+/// A PUBACK with a reason code ≥ 0x80: the receiver did not take the message.
+pub(crate) fn puback_failed(ack: &PubAck) -> bool {
+    !matches!(
+        ack.reason,
+        PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+    )
+}
+
 /// A PUBREC with a reason code ≥ 0x80 ends its QoS 2 flow (MQTT 5 §4.3.3).
-fn pubrec_failed(rec: &PubRec) -> bool {
+pub(crate) fn pubrec_failed(rec: &PubRec) -> bool {
     !matches!(
         rec.reason,
         PubRecReason::Success | PubRecReason::NoMatchingSubscribers

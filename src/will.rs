@@ -21,10 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::v5::mqttbytes::v5::{
-    ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, PubAckReason, PubRecReason,
-    PubRel, Publish, PublishProperties,
-};
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, LastWill, PubRel, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
@@ -34,7 +31,7 @@ use crate::broker::Conn;
 use crate::client_ids::{Claim, Ticket};
 use crate::codec::{Packet, Version};
 use crate::metrics as m;
-use crate::session::{decide_ingress, linger, Shared};
+use crate::session::{decide_ingress, puback_failed, pubrec_failed, say_goodbye, Shared};
 use crate::topic::TopicName;
 
 /// How long one try at publishing a due will may take, from dialling the
@@ -316,14 +313,7 @@ async fn send(
         })
         .await?
         {
-            Packet::PubAck(a)
-                if !matches!(
-                    a.reason,
-                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
-                ) =>
-            {
-                Some(format!("{:?}", a.reason))
-            }
+            Packet::PubAck(a) if puback_failed(&a) => Some(format!("{:?}", a.reason)),
             _ => None,
         },
         QoS::ExactlyOnce => match answer(&mut up, &mut buf, version, |p| {
@@ -331,14 +321,7 @@ async fn send(
         })
         .await?
         {
-            Packet::PubRec(r)
-                if !matches!(
-                    r.reason,
-                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
-                ) =>
-            {
-                Some(format!("{:?}", r.reason))
-            }
+            Packet::PubRec(r) if pubrec_failed(&r) => Some(format!("{:?}", r.reason)),
             _ => {
                 write(&mut up, version, &Packet::PubRel(PubRel::new(PKID, None))).await?;
                 answer(&mut up, &mut buf, version, |p| {
@@ -349,11 +332,9 @@ async fn send(
             }
         },
     };
-    let bye = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
-    write(&mut up, version, &Packet::Disconnect(bye)).await?;
-    // Held in the turn until the broker closes: the next will of this
+    // Awaited in the turn until the broker closes: the next will of this
     // client id must not take over a connection still in use.
-    linger(up).await;
+    say_goodbye(up, version).await?;
     Ok(match refused {
         None => Sent::Taken,
         Some(reason) => Sent::Refused(reason),

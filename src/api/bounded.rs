@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ pub const IDLE: Duration = Duration::from_secs(20);
 pub struct Bounded<L> {
     inner: L,
     slots: Arc<Semaphore>,
-    last_warning: Mutex<Option<Instant>>,
+    last_warning: Option<Instant>,
 }
 
 impl<L> Bounded<L> {
@@ -35,15 +35,17 @@ impl<L> Bounded<L> {
         Bounded {
             inner,
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            last_warning: Mutex::new(None),
+            last_warning: None,
         }
     }
 
     /// Once a second at most: a flood of connections is one event.
-    fn warn_full(&self) {
-        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            *last = Some(Instant::now());
+    fn warn_full(&mut self) {
+        if self
+            .last_warning
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.last_warning = Some(Instant::now());
             tracing::warn!(
                 max = MAX_CONNECTIONS,
                 "HTTP API connection closed: too many open"
