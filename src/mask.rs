@@ -846,6 +846,18 @@ pub struct ViewCache {
 /// The rules of one masking view, as the ACT shares them between grants.
 pub type MaskRules = Arc<[(String, MaskMethod)]>;
 
+/// A share record names the fields a view masked and how.
+impl crate::ledger::MaskedFields for MaskRules {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn each(&self, f: &mut dyn FnMut(&str, &str)) {
+        for (field, method) in self.iter() {
+            f(field, method.name());
+        }
+    }
+}
+
 struct CachedView {
     hash: u64,
     payload: Bytes,

@@ -39,7 +39,7 @@ use crate::broker::{Conn, Upstream};
 use crate::client_ids::{self, Claim, ClientIds};
 use crate::codec::{CodecError, Packet, Version};
 use crate::config::ServerConfig;
-use crate::ledger::{Ledger, MaskedField, ShareAction, ShareRecord};
+use crate::ledger::{Ledger, MaskedFields, ShareRef};
 use crate::mask;
 use crate::metrics as m;
 use crate::model::Undeclared;
@@ -1652,8 +1652,8 @@ impl Session {
         let Principal::Provider { id: provider } = &self.who else {
             return self.drop_delivery(&publish, "not_a_provider");
         };
-        let (action, result) = match rule.view.as_ref() {
-            View::Deliver => (ShareAction::Delivered, "delivered"),
+        let masked = match rule.view.as_ref() {
+            View::Deliver => None,
             View::Mask(rules) => {
                 let key = *self.pseudonym_key.get_or_insert_with(|| {
                     mask::provider_key(&self.shared.pseudonym_master, provider)
@@ -1674,44 +1674,38 @@ impl Session {
                         return self.drop_delivery(&publish, "undecodable");
                     }
                 }
-                let fields = rules
-                    .iter()
-                    .map(|(f, m)| MaskedField {
-                        field: f.clone(),
-                        method: m.name().to_string(),
-                    })
-                    .collect();
-                (ShareAction::Masked { fields }, "masked")
+                Some(rules as &dyn MaskedFields)
             }
         };
         // Not shared, so not recorded: the client could not take it.
         if self.too_large_for_client(&publish) {
             return self.drop_delivery(&publish, "too_large_for_client");
         }
-        let record = ShareRecord {
+        let mut receipt_buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let record = ShareRef {
             time: now,
-            creator: self.shared.creator.clone(),
-            recipient: provider.clone(),
-            user: resolved.user.to_string(),
-            device: resolved.device.to_string(),
-            kind: kind.name.clone(),
-            pii_category: kind.category.as_str().to_string(),
-            purpose: rule.purpose.clone(),
-            action,
+            creator: &self.shared.creator,
+            recipient: provider,
+            user: resolved.user,
+            device: resolved.device,
+            kind: &kind.name,
+            pii_category: kind.category.as_str(),
+            purpose: &rule.purpose,
+            masked,
             payload_digest: Sha256::digest(&publish.payload).into(),
             qos: publish.qos as u8,
-            receipt_id: receipt.map(|id| id.hyphenated().to_string()),
+            receipt_id: receipt.map(|id| &*id.hyphenated().encode_lower(&mut receipt_buf)),
         };
-        match self.shared.ledger.submit(record) {
+        match self.shared.ledger.submit_ref(&record) {
             Ok(durable) => self.durables.push(durable),
             Err(e) => {
                 tracing::error!(session = self.id, error = %e, "ledger refused a record; delivery withheld");
                 return Err(End::Ledger);
             }
         }
-        match result {
-            "masked" => self.counters.masked.increment(1),
-            _ => self.counters.delivered.increment(1),
+        match masked {
+            Some(_) => self.counters.masked.increment(1),
+            None => self.counters.delivered.increment(1),
         }
         self.write_delivery(publish)
     }

@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::entry::{MaskedField, ShareAction, ShareRecord};
+use super::entry::{MaskedField, ShareAction, ShareRecord, ShareRef};
 
 const VERSION: u8 = 1;
 
@@ -18,50 +18,60 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-pub(crate) fn encode_share(r: &ShareRecord) -> Vec<u8> {
-    let strings = r.creator.len()
-        + r.recipient.len()
-        + r.user.len()
-        + r.device.len()
-        + r.kind.len()
-        + r.pii_category.len()
-        + r.purpose.len();
-    let mut out = Vec::with_capacity(96 + strings);
+/// Appends the record's encoding to `out`.
+pub(crate) fn encode_share(r: &ShareRef<'_>, out: &mut Vec<u8>) {
+    let strings = [
+        r.creator,
+        r.recipient,
+        r.user,
+        r.device,
+        r.kind,
+        r.pii_category,
+        r.purpose,
+    ];
+    let action = r.masked.map_or(1, |fields| {
+        let mut n = 1 + 4;
+        fields.each(&mut |f, m| n += 4 + f.len() + 4 + m.len());
+        n
+    });
+    // Reserved in one go: growing step by step was a realloc per masked delivery.
+    let len = 1
+        + 12
+        + strings.iter().map(|s| 4 + s.len()).sum::<usize>()
+        + action
+        + 32
+        + 1
+        + 1
+        + r.receipt_id.map_or(0, |id| 4 + id.len());
+    out.reserve(len);
+    let start = out.len();
     out.push(VERSION);
     out.extend_from_slice(&r.time.timestamp().to_be_bytes());
     out.extend_from_slice(&r.time.timestamp_subsec_nanos().to_be_bytes());
-    for s in [
-        &r.creator,
-        &r.recipient,
-        &r.user,
-        &r.device,
-        &r.kind,
-        &r.pii_category,
-        &r.purpose,
-    ] {
-        put_str(&mut out, s);
+    for s in strings {
+        put_str(out, s);
     }
-    match &r.action {
-        ShareAction::Delivered => out.push(0),
-        ShareAction::Masked { fields } => {
+    match r.masked {
+        None => out.push(0),
+        Some(fields) => {
             out.push(1);
-            out.extend_from_slice(&(fields.len() as u32).to_be_bytes());
-            for f in fields {
-                put_str(&mut out, &f.field);
-                put_str(&mut out, &f.method);
-            }
+            out.extend_from_slice(&(fields.count() as u32).to_be_bytes());
+            fields.each(&mut |f, m| {
+                put_str(out, f);
+                put_str(out, m);
+            });
         }
     }
     out.extend_from_slice(&r.payload_digest);
     out.push(r.qos);
-    match &r.receipt_id {
+    match r.receipt_id {
         None => out.push(0),
         Some(id) => {
             out.push(1);
-            put_str(&mut out, id);
+            put_str(out, id);
         }
     }
-    out
+    debug_assert_eq!(out.len() - start, len);
 }
 
 struct Cursor<'a>(&'a [u8]);

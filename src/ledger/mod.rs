@@ -40,13 +40,15 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 
-pub use entry::{BlockedCount, Entry, ExtractRecord, MaskedField, ShareAction, ShareRecord};
+pub use entry::{
+    BlockedCount, Entry, ExtractRecord, MaskedField, MaskedFields, ShareAction, ShareRecord,
+    ShareRef,
+};
 pub use error::{LedgerError, TamperKind};
 pub use keys::{KeyId, Keyring, KEYS_ENV};
 pub use verify::{verify_dir, VerifyReport};
 
-use record::{HEADER_LEN, MAX_BODY, TAG_LEN};
-use writer::{Pending, Shared, Writer};
+use writer::{Shared, Writer};
 
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
@@ -275,37 +277,44 @@ impl Ledger {
     }
 
     fn enqueue(&self, entry: Entry) -> Result<Durable, LedgerError> {
+        let plaintext = entry.encode()?;
+        self.enqueue_with(entry.type_byte(), entry.time(), entry.user(), |out| {
+            out.extend_from_slice(&plaintext)
+        })
+    }
+
+    /// Queues a record whose plaintext `encode` appends to the queue.
+    fn enqueue_with(
+        &self,
+        entry_type: u8,
+        time: DateTime<Utc>,
+        user: &str,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<Durable, LedgerError> {
         let shared = &self.inner.shared;
         // Encoding and the blind index run on the caller's thread so the single writer thread
         // only encrypts, hashes and writes.
-        let blind = shared.keys.blind_index(entry.user());
-        let entry_type = entry.type_byte();
-        let time = entry.time();
-        let plaintext = entry.encode()?;
-        if plaintext.len() + HEADER_LEN + TAG_LEN > MAX_BODY {
-            return Err(LedgerError::Config(format!(
-                "record of {} bytes exceeds the ledger's {MAX_BODY}-byte limit",
-                plaintext.len()
-            )));
-        }
+        let blind = shared.keys.blind_index(user);
         let (tx, rx) = oneshot::channel();
-        shared.push(Pending {
-            entry_type,
-            time_us: time.timestamp_micros(),
-            blind,
-            plaintext,
-            ack: Some(tx),
-        })?;
+        shared.push(entry_type, time.timestamp_micros(), blind, tx, encode)?;
         Ok(Durable(rx))
     }
 
     /// Queues one delivery record. Never waits for the disk; fails at once if the ledger has
     /// failed or is shut down. Await the returned [`Durable`] before delivering.
-    pub fn submit(&self, mut rec: ShareRecord) -> Result<Durable, LedgerError> {
+    pub fn submit(&self, rec: ShareRecord) -> Result<Durable, LedgerError> {
+        self.submit_ref(&rec.as_ref())
+    }
+
+    /// [`Ledger::submit`] for a record whose strings the caller holds.
+    pub fn submit_ref(&self, rec: &ShareRef<'_>) -> Result<Durable, LedgerError> {
+        let mut rec = *rec;
         if rec.creator.is_empty() {
-            rec.creator.clone_from(&self.inner.shared.cfg.creator);
+            rec.creator = &self.inner.shared.cfg.creator;
         }
-        self.enqueue(Entry::Share(rec))
+        self.enqueue_with(Entry::SHARE, rec.time, rec.user, |out| {
+            codec::encode_share(&rec, out)
+        })
     }
 
     /// Counts a refused delivery. Counts are aggregated per (user, recipient, kind, reason,

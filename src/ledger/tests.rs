@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 
-use super::record::{next_frame, Next};
+use super::record::{next_frame, Next, MAX_BODY};
 use super::segment::{list_segments, CHECKPOINT_FILE, STATE_FILE};
 use super::*;
 
@@ -159,6 +159,132 @@ async fn encryption_round_trip() {
     assert!(matches!(f.decrypt(&keys()), Err(LedgerError::Crypto)));
     let report = verify_dir(tmp.path(), &k).expect("verify");
     assert_eq!((report.records, report.head_seq), (1, 1));
+}
+
+/// A delivery logs a borrowed record, its masked fields as the ACT holds
+/// them; it reads back as the owned record with the same content.
+#[tokio::test]
+async fn a_borrowed_record_reads_back_as_the_owned_one() {
+    use crate::model::MaskMethod;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(cfg(tmp.path()), keys()).expect("open");
+    let rules: crate::mask::MaskRules = vec![
+        ("lat".to_string(), MaskMethod::Generalize { decimals: 2 }),
+        ("name".to_string(), MaskMethod::Pseudonymize),
+    ]
+    .into();
+    let time = Utc::now();
+    let borrowed = ShareRef {
+        time,
+        creator: "",
+        recipient: "fitcoach",
+        user: ALICE,
+        device: ALICE_DEVICE,
+        kind: "location",
+        pii_category: "Behavioral",
+        purpose: "coaching",
+        masked: Some(&rules),
+        payload_digest: [7; 32],
+        qos: 0,
+        receipt_id: Some("9f0c2a4e-5b7d-4e1f-8a3c-2d6b9e0f1a7c"),
+    };
+    ledger
+        .submit_ref(&borrowed)
+        .expect("submit")
+        .await
+        .expect("durable");
+    let plain = ShareRef {
+        masked: None,
+        receipt_id: None,
+        ..borrowed
+    };
+    ledger
+        .submit_ref(&plain)
+        .expect("submit")
+        .await
+        .expect("durable");
+    let got = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read");
+    let owned = |action, receipt_id: Option<&str>| ShareRecord {
+        time,
+        creator: "consentry".into(),
+        recipient: "fitcoach".into(),
+        user: ALICE.into(),
+        device: ALICE_DEVICE.into(),
+        kind: "location".into(),
+        pii_category: "Behavioral".into(),
+        purpose: "coaching".into(),
+        action,
+        payload_digest: [7; 32],
+        qos: 0,
+        receipt_id: receipt_id.map(String::from),
+    };
+    let masked = ShareAction::Masked {
+        fields: vec![
+            MaskedField {
+                field: "lat".into(),
+                method: "generalize".into(),
+            },
+            MaskedField {
+                field: "name".into(),
+                method: "pseudonymize".into(),
+            },
+        ],
+    };
+    assert_eq!(
+        got,
+        vec![
+            (1, Entry::Share(owned(masked, borrowed.receipt_id))),
+            (2, Entry::Share(owned(ShareAction::Delivered, None))),
+        ]
+    );
+    ledger.shutdown().await;
+}
+
+/// Records queue back to back in one buffer. A writer that takes the queue
+/// a few at a time (`max_batch`) must cut that buffer between records, and a
+/// record refused for its size must leave nothing behind in it.
+#[tokio::test]
+async fn queued_records_split_into_batches_and_an_oversized_one_leaves_no_trace() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(
+        LedgerConfig {
+            max_batch: 3,
+            ..cfg(tmp.path())
+        },
+        k.clone(),
+    )
+    .expect("open");
+    let mut sent = Vec::new();
+    let mut durables = Vec::new();
+    for i in 0..40u64 {
+        let mut r = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", i);
+        // Records of different lengths, so a cut in the wrong place shows.
+        r.purpose = "p".repeat(i as usize * 7);
+        if i == 20 {
+            let mut huge = r.clone();
+            huge.purpose = "x".repeat(MAX_BODY);
+            assert!(matches!(ledger.submit(huge), Err(LedgerError::Config(_))));
+        }
+        durables.push(ledger.submit(r.clone()).expect("submit"));
+        r.creator = "consentry".into();
+        sent.push(r);
+    }
+    for (i, d) in durables.into_iter().enumerate() {
+        assert_eq!(d.await.expect("durable"), i as u64 + 1);
+    }
+    let got: Vec<_> = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read")
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    assert_eq!(got, sent.into_iter().map(Entry::Share).collect::<Vec<_>>());
+    ledger.shutdown().await;
+    let report = verify_dir(tmp.path(), &k).expect("verify");
+    assert_eq!(report.records, 40);
 }
 
 /// Records are encrypted, but that a user's data went to a provider at a

@@ -23,7 +23,7 @@ use super::entry::Entry;
 use super::error::LedgerError;
 use super::keys::Keyring;
 use super::purge::{Purger, Summary};
-use super::record::{seal, Header};
+use super::record::{seal, Header, HEADER_LEN, MAX_BODY, TAG_LEN};
 use super::recover::recover;
 use super::segment::{fsync_dir, list_segments, segment_path, State};
 use super::LedgerConfig;
@@ -46,17 +46,67 @@ pub(crate) const SEGMENT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 pub(crate) type Ack = oneshot::Sender<Result<u64, LedgerError>>;
 
+/// A queued record; its plaintext is the next `len` bytes of its batch's `bytes`.
 pub(crate) struct Pending {
     pub entry_type: u8,
     pub time_us: i64,
     pub blind: [u8; 32],
-    pub plaintext: Vec<u8>,
+    pub len: usize,
     pub ack: Option<Ack>,
+}
+
+/// Records in queue order, their plaintexts back to back in one buffer: a
+/// record costs no allocation of its own, and no buffer is allocated on a
+/// session's thread to be freed on the writer's (glibc's slow path; the
+/// fifteenth session's profile of a flood).
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub items: Vec<Pending>,
+    pub bytes: Vec<u8>,
+}
+
+impl Batch {
+    /// Appends one record whose plaintext `encode` appends to `bytes`.
+    pub fn push(
+        &mut self,
+        entry_type: u8,
+        time_us: i64,
+        blind: [u8; 32],
+        ack: Option<Ack>,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), LedgerError> {
+        let start = self.bytes.len();
+        encode(&mut self.bytes);
+        let len = self.bytes.len() - start;
+        if len + HEADER_LEN + TAG_LEN > MAX_BODY {
+            self.bytes.truncate(start);
+            return Err(LedgerError::Config(format!(
+                "record of {len} bytes exceeds the ledger's {MAX_BODY}-byte limit"
+            )));
+        }
+        self.items.push(Pending {
+            entry_type,
+            time_us,
+            blind,
+            len,
+            ack,
+        });
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.items.clear();
+        self.bytes.clear();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
 }
 
 #[derive(Default)]
 pub(crate) struct Queue {
-    pub items: Vec<Pending>,
+    pub records: Batch,
     pub shutdown: bool,
     pub failed: Option<String>,
     pub flush_blocked: bool,
@@ -84,7 +134,16 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn push(&self, p: Pending) -> Result<(), LedgerError> {
+    /// Queues one record (see [`Batch::push`]); the plaintext is encoded
+    /// under the queue's lock, straight into the queue.
+    pub fn push(
+        &self,
+        entry_type: u8,
+        time_us: i64,
+        blind: [u8; 32],
+        ack: Ack,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), LedgerError> {
         let mut q = self.lock();
         if let Some(reason) = &q.failed {
             return Err(LedgerError::Unhealthy(reason.clone()));
@@ -92,11 +151,12 @@ impl Shared {
         if q.shutdown {
             return Err(LedgerError::Closed);
         }
-        if q.items.len() >= self.cfg.max_pending {
+        if q.records.items.len() >= self.cfg.max_pending {
             return Err(LedgerError::Overloaded);
         }
-        let was_empty = q.items.is_empty();
-        q.items.push(p);
+        let was_empty = q.records.is_empty();
+        q.records
+            .push(entry_type, time_us, blind, Some(ack), encode)?;
         drop(q);
         // The writer only sleeps on an empty queue, so only the first push needs to wake it.
         if was_empty {
@@ -138,7 +198,7 @@ pub(crate) struct Writer {
     key_used: u64,
     buf: Vec<u8>,
     acks: Vec<(u64, Ack)>,
-    spare: Vec<Pending>,
+    spare: Batch,
     last_blocked_flush: Instant,
     last_purge: Option<Instant>,
 }
@@ -235,7 +295,7 @@ impl Writer {
             key_used,
             buf: Vec::with_capacity(1 << 20),
             acks: Vec::new(),
-            spare: Vec::new(),
+            spare: Batch::default(),
             last_blocked_flush: Instant::now(),
             last_purge: None,
             shared,
@@ -265,13 +325,14 @@ impl Writer {
                 self.last_blocked_flush = Instant::now();
                 for b in self.shared.blocked.take() {
                     let e = Entry::Blocked(b);
-                    batch.push(Pending {
-                        entry_type: e.type_byte(),
-                        time_us: e.time().timestamp_micros(),
-                        blind: self.shared.keys.blind_index(e.user()),
-                        plaintext: e.encode()?,
-                        ack: None,
-                    });
+                    let plaintext = e.encode()?;
+                    batch.push(
+                        e.type_byte(),
+                        e.time().timestamp_micros(),
+                        self.shared.keys.blind_index(e.user()),
+                        None,
+                        |out| out.extend_from_slice(&plaintext),
+                    )?;
                 }
             }
             if !batch.is_empty() {
@@ -304,12 +365,12 @@ impl Writer {
     }
 
     /// Waits for work and takes up to `max_batch` queued records.
-    fn next_batch(&mut self) -> (Vec<Pending>, bool, bool, bool) {
+    fn next_batch(&mut self) -> (Batch, bool, bool, bool) {
         let shared = Arc::clone(&self.shared);
         let cfg = &shared.cfg;
         let mut q = shared.lock();
         loop {
-            if !q.items.is_empty() || q.shutdown || q.flush_blocked || q.purge_ready {
+            if !q.records.is_empty() || q.shutdown || q.flush_blocked || q.purge_ready {
                 break;
             }
             let mut wait = cfg
@@ -334,12 +395,14 @@ impl Writer {
         let purge_ready = std::mem::take(&mut q.purge_ready);
         let mut batch = std::mem::take(&mut self.spare);
         batch.clear();
-        if q.items.len() <= cfg.max_batch {
-            std::mem::swap(&mut q.items, &mut batch);
+        if q.records.items.len() <= cfg.max_batch {
+            std::mem::swap(&mut q.records, &mut batch);
         } else {
-            batch.extend(q.items.drain(..cfg.max_batch));
+            let cut: usize = q.records.items[..cfg.max_batch].iter().map(|p| p.len).sum();
+            batch.items.extend(q.records.items.drain(..cfg.max_batch));
+            batch.bytes.extend(q.records.bytes.drain(..cut));
         }
-        let shutting_down = q.shutdown && q.items.is_empty();
+        let shutting_down = q.shutdown && q.records.is_empty();
         (batch, shutting_down, flush_req, purge_ready)
     }
 
@@ -376,11 +439,12 @@ impl Writer {
         Ok(n)
     }
 
-    fn commit(&mut self, batch: &mut Vec<Pending>) -> Result<(), LedgerError> {
+    fn commit(&mut self, batch: &mut Batch) -> Result<(), LedgerError> {
         self.buf.clear();
         self.acks.clear();
-        let n = batch.len();
-        let mut items = batch.drain(..);
+        let n = batch.items.len();
+        let mut items = batch.items.drain(..);
+        let mut plaintexts = &mut batch.bytes[..];
         let res = (|| {
             for p in items.by_ref() {
                 if let Some(ack) = p.ack {
@@ -404,8 +468,9 @@ impl Writer {
                     blind: p.blind,
                     prev: self.head,
                 };
-                let mut pt = p.plaintext;
-                self.head = seal(&self.shared.keys, &header, &mut pt, &mut self.buf)?;
+                let (pt, rest) = std::mem::take(&mut plaintexts).split_at_mut(p.len);
+                plaintexts = rest;
+                self.head = seal(&self.shared.keys, &header, pt, &mut self.buf)?;
                 self.next_seq += 1;
             }
             self.flush_buf()
@@ -564,7 +629,7 @@ impl Writer {
         let queued = {
             let mut q = self.shared.lock();
             q.failed = Some(msg.clone());
-            std::mem::take(&mut q.items)
+            std::mem::take(&mut q.records).items
         };
         for (_, ack) in self.acks.drain(..) {
             let _ = ack.send(Err(LedgerError::Unhealthy(msg.clone())));
