@@ -174,8 +174,9 @@ pub fn compile(
 }
 
 impl PreferenceManager {
-    /// Loads the store (seeding it from `seed` when it is empty), compiles the
-    /// first ACT and returns it with the manager.
+    /// Loads the store, applies the directory file `seed` to it as
+    /// [`PreferenceManager::import`] does, compiles the ACT and returns it
+    /// with the manager.
     pub fn open(
         store: Store,
         templates: Vec<String>,
@@ -184,7 +185,29 @@ impl PreferenceManager {
         seed: Directory,
         issuer: Option<Arc<dyn ReceiptIssuer>>,
     ) -> Result<(PreferenceManager, Arc<ActHandle>, SharedCredentials), PrefError> {
-        // Kinds are configuration: the file's declarations win at each start.
+        // Kinds are configuration: the file's declarations win at each start,
+        // except over a kind users consented to as it is stored (`put_kind`).
+        let (stored, stored_kinds) = store.directory()?;
+        for k in config_kinds {
+            let Some(old) = stored_kinds.iter().find(|o| o.name == k.name) else {
+                continue;
+            };
+            let users = stored
+                .preferences
+                .iter()
+                .filter(|p| names_kind(p, &k.name))
+                .count();
+            if old != k && users > 0 {
+                return Err(PrefError::Exists(format!(
+                    "[[kinds]] {:?} differs from the definition in the store, which the \
+                     preferences of {users} user(s) name: they consented to it as stored \
+                     ({}). Restore that definition, or declare the new one under another name",
+                    k.name,
+                    serde_json::to_string(old).unwrap_or_default(),
+                )));
+            }
+        }
+        drop((stored, stored_kinds));
         store.transaction(|tx| {
             for k in config_kinds {
                 tx.put_kind(k)?;
@@ -194,8 +217,6 @@ impl PreferenceManager {
         let (dir, mut kinds) = store.directory()?;
         drop_untypable_types(&mut kinds, config_kinds);
         let self_set = store.self_set_users(IMPORT_SOURCE)?;
-        // A store that has never held users or providers is new: seed it.
-        let seeded = dir.users.is_empty() && dir.providers.is_empty();
         let (act, creds) = compile(&templates, &kinds, &dir, &acl, 1)?;
         let act = Arc::new(ActHandle::new(act));
         let creds: SharedCredentials = Arc::new(arc_swap::ArcSwap::from_pointee(creds));
@@ -211,9 +232,9 @@ impl PreferenceManager {
                 ..State::new(dir, kinds)
             }),
         };
-        if seeded {
-            pm.import(seed)?;
-        }
+        // The file is applied at each start as on SIGHUP: an edit made while
+        // consentry was stopped is in force once it runs.
+        pm.import(seed)?;
         Ok((pm, act, creds))
     }
 
@@ -479,11 +500,11 @@ impl PreferenceManager {
             if *old == kind {
                 return Ok(());
             }
-            let names = |p: &Preferences| {
-                p.collect.iter().any(|g| g.kind == kind.name)
-                    || p.share.iter().any(|g| g.kind == kind.name)
-            };
-            let users = state.prefs.values().filter(|p| names(p)).count();
+            let users = state
+                .prefs
+                .values()
+                .filter(|p| names_kind(p, &kind.name))
+                .count();
             if users > 0 {
                 return Err(PrefError::Exists(format!(
                     "kind {:?} is named in the preferences of {users} user(s), who consented \
@@ -675,6 +696,11 @@ impl PreferenceManager {
 /// fields inside it). Refusing to start over them would lock the operator
 /// out of the API that could fix them, so the type goes, with a warning. A
 /// kind of the configuration file is the operator's to fix: it fails.
+/// Whether the preferences collect or share the kind: the user consented to it.
+fn names_kind(p: &Preferences, kind: &str) -> bool {
+    p.collect.iter().any(|g| g.kind == kind) || p.share.iter().any(|g| g.kind == kind)
+}
+
 fn drop_untypable_types(kinds: &mut [Kind], config_kinds: &[Kind]) {
     for k in kinds
         .iter_mut()
@@ -1073,6 +1099,77 @@ mod tests {
         }
         pm.put_kind(wider.clone()).unwrap();
         assert!(pm.kinds().contains(&wider));
+    }
+
+    /// The bug this guards: a grant taken out of the directory file while
+    /// consentry was stopped stayed in force after the start, until a SIGHUP.
+    #[test]
+    fn the_directory_file_is_applied_at_each_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (mut seed, kinds) = demo();
+        let (_, act, _) = open_file(&path, 4, &seed, &kinds);
+        assert!(fitcoach_gets_heart_rate(&act));
+        drop(act);
+        prefs_in(&mut seed, "alice")
+            .share
+            .retain(|g| !(g.provider == "fitcoach" && g.kind == "heart_rate"));
+        let (pm, act, _) = open_file(&path, 4, &seed, &kinds);
+        assert!(!fitcoach_gets_heart_rate(&act));
+        // A new version, with its history entry, as a reload would make.
+        assert_eq!(pm.preferences("alice").unwrap().version, 2);
+        drop((pm, act));
+        // Started again with the same file: nothing new.
+        let (pm, _, _) = open_file(&path, 4, &seed, &kinds);
+        assert_eq!(pm.preferences("alice").unwrap().version, 2);
+    }
+
+    /// The bug this guards: a field added to a kind in the configuration
+    /// file reached providers at the next start under grants users had
+    /// given to the kind as it was (`put_kind` refused the same through the API).
+    #[test]
+    fn a_restart_does_not_redefine_a_kind_users_consented_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (seed, kinds) = demo();
+        drop(open_file(&path, 4, &seed, &kinds));
+        let reopen = |kinds: &[Kind]| {
+            PreferenceManager::open(
+                Store::open(&path, &[4; 32]).unwrap(),
+                vec!["pii/{user}/{device}/{kind}".into()],
+                kinds,
+                vec![],
+                seed.clone(),
+                None,
+            )
+        };
+        let mut wider = kinds.clone();
+        let at = wider.iter().position(|k| k.name == "heart_rate").unwrap();
+        wider[at].fields.push("spo2".into());
+        let Err(err) = reopen(&wider) else {
+            panic!("a redefined kind users consented to was applied at start")
+        };
+        assert!(matches!(err, PrefError::Exists(_)), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("\"heart_rate\"") && message.contains("user(s)"),
+            "{message}"
+        );
+        // Nothing was written: the stored definition is still the old one.
+        let (pm, _, _) = reopen(&kinds).unwrap();
+        assert!(pm.kinds().contains(&kinds[at]));
+        // Once nobody's preferences name it, the file's definition applies.
+        for user in ["alice", "bob"] {
+            pm.change(user, None, "test", |p| {
+                p.collect.retain(|g| g.kind != "heart_rate");
+                p.share.retain(|g| g.kind != "heart_rate");
+                Ok(())
+            })
+            .unwrap();
+        }
+        drop(pm);
+        let (pm, _, _) = reopen(&wider).unwrap();
+        assert!(pm.kinds().contains(&wider[at]));
     }
 
     /// The bug this guards: an unchanged directory re-applied on SIGHUP gave
