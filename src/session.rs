@@ -69,6 +69,9 @@ const CLIENT_BUF: usize = 1024;
 /// hold, and there the extra ACKs and system calls cost throughput
 /// (bench/README.md, fourth session).
 const QUICKACK_BELOW: usize = 16 * 1024;
+/// In a graceful stop, a session ends once the broker has sent it nothing
+/// for this long: what devices published before the stop has reached it.
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
 
 /// Client-bound bytes and the ledger records they wait for.
 struct Chunk {
@@ -384,9 +387,13 @@ pub async fn serve<S>(
         will: None,
     };
     let upstream = match session.open_upstream(&mut client, connect, will).await {
-        Ok(Some(up)) => up,
-        Ok(None) => {
+        Ok(Opened::Session(up)) => up,
+        Ok(Opened::Refused) => {
             metrics::counter!(m::CONNECTIONS, "role" => role, "result" => "refused").increment(1);
+            return;
+        }
+        Ok(Opened::Unavailable) => {
+            metrics::counter!(m::CONNECTIONS, "role" => role, "result" => "error").increment(1);
             return;
         }
         Err(e) => {
@@ -423,6 +430,27 @@ pub async fn serve<S>(
         }
         session.close_with(&mut client, &e).await;
     }
+}
+
+/// How a CONNECT ended: a session, or a failing CONNACK already sent.
+enum Opened {
+    Session((Option<Conn>, BytesMut, Option<Duration>)),
+    /// consentry or the broker refused the client.
+    Refused,
+    /// The broker could not be reached or refused consentry itself.
+    Unavailable,
+}
+
+/// A broker's refusal of the credentials or client id consentry logs in
+/// with, not of the client, whom consentry authenticated itself.
+fn upstream_login_refused(code: ConnectReturnCode) -> bool {
+    matches!(
+        code,
+        ConnectReturnCode::BadUserNamePassword
+            | ConnectReturnCode::NotAuthorized
+            | ConnectReturnCode::BadAuthenticationMethod
+            | ConnectReturnCode::Banned
+    )
 }
 
 async fn read_connect<S: AsyncRead + Unpin>(
@@ -632,7 +660,7 @@ impl Session {
         client: &mut S,
         mut connect: v5::Connect,
         will: Option<v5::LastWill>,
-    ) -> Result<Option<(Option<Conn>, BytesMut, Option<Duration>)>, End> {
+    ) -> Result<Opened, End> {
         let props = connect.properties.as_ref();
         let session_expiry = match self.version {
             Version::V4 => 0,
@@ -670,7 +698,7 @@ impl Session {
                         &connack(ConnectReturnCode::NotAuthorized, None),
                     )
                     .await?;
-                    return Ok(None);
+                    return Ok(Opened::Refused);
                 }
             }
         }
@@ -739,14 +767,31 @@ impl Session {
                 version = self.version.as_str(),
                 "session open, broker connection deferred"
             );
-            return Ok(Some((None, BytesMut::new(), keep_alive)));
+            return Ok(Opened::Session((None, BytesMut::new(), keep_alive)));
         }
 
-        let (up, buf, mut ack) = self.dial(connect).await?;
+        // The client passed consentry's checks; a broker that cannot be
+        // reached, or that refuses consentry's own login, is the server's
+        // trouble: CONNACK "Server unavailable", never a DISCONNECT before
+        // any CONNACK (MQTT-3.2.0-1) nor "Not authorized" for the client.
+        let unavailable = connack(ConnectReturnCode::ServerUnavailable, None);
+        let (up, buf, mut ack) = match self.dial(connect).await {
+            Ok(dialed) => dialed,
+            Err(e) => {
+                tracing::warn!(session = self.id, error = %e, "could not open the upstream session");
+                write_packet(client, self.version, &unavailable).await?;
+                return Ok(Opened::Unavailable);
+            }
+        };
         if ack.code != ConnectReturnCode::Success {
+            if upstream_login_refused(ack.code) {
+                tracing::warn!(session = self.id, code = ?ack.code, "upstream refused consentry's login; check [broker] username, password and the broker's ACL for client ids");
+                write_packet(client, self.version, &unavailable).await?;
+                return Ok(Opened::Unavailable);
+            }
             tracing::warn!(session = self.id, code = ?ack.code, "upstream refused CONNECT");
             write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
-            return Ok(None);
+            return Ok(Opened::Refused);
         }
         self.own_connack_properties(&mut ack, assigned, server_keep_alive);
         write_packet(client, self.version, &Packet::ConnAck(ack)).await?;
@@ -759,7 +804,7 @@ impl Session {
         );
         // `buf` may already hold what the broker sent right after CONNACK:
         // a persistent session's queued messages.
-        Ok(Some((Some(up), buf, keep_alive)))
+        Ok(Opened::Session((Some(up), buf, keep_alive)))
     }
 
     /// What consentry, not the broker, decides in an MQTT 5 CONNACK.
@@ -875,6 +920,10 @@ impl Session {
         let up_idle = Duration::from_secs(self.shared.server.upstream_idle_secs);
         let mut client_read = CLIENT_BUF;
         let mut client_quiet = true;
+        // Set by a graceful stop: the time it began and the time by which
+        // the session stops waiting for the broker.
+        let mut stopping: Option<(Instant, Instant)> = None;
+        let mut last_from_broker = Instant::now();
         loop {
             // Packets that arrived together with CONNECT are handled first.
             // A held publisher's packets wait where they are.
@@ -882,6 +931,13 @@ impl Session {
                 let Some(p) = self.version.read(&mut client_buf, max)? else {
                     break;
                 };
+                if stopping.is_some() && matches!(p, Packet::Publish(_)) {
+                    // Not accepted during a stop: neither forwarded nor
+                    // acknowledged, so the client sends it again later.
+                    self.stage(&mut pending, Instant::now());
+                    self.flush_broker(up, &mut up_buf).await?;
+                    return self.stopped(client, &mut pending).await;
+                }
                 if !self.on_client_packet(p)? {
                     self.stage(&mut pending, Instant::now());
                     self.flush_broker(up, &mut up_buf).await?;
@@ -917,16 +973,23 @@ impl Session {
             if !idle {
                 last_busy = Instant::now();
             }
+            let room = up.is_some() && pending.len() < MAX_PENDING_CHUNKS && self.own_room();
+            if !room {
+                // Not reading is not the broker's silence.
+                last_from_broker = Instant::now();
+            }
+            let stop_at =
+                stopping.map(|(began, until)| until.min(last_from_broker.max(began) + DRAIN_QUIET));
             // Without a broker connection there is nothing to ping.
             let wake = [
                 client_deadline,
                 up.is_some().then(|| last_up_write + ping_every),
                 idle.then(|| last_busy + up_idle),
+                stop_at,
             ]
             .into_iter()
             .flatten()
             .min();
-            let room = up.is_some() && pending.len() < MAX_PENDING_CHUNKS && self.own_room();
             if room && up_buf.capacity() - up_buf.len() < READ_CHUNK {
                 up_buf.reserve(READ_CHUNK);
             }
@@ -975,6 +1038,7 @@ impl Session {
                         }
                     }
                     let read_at = Instant::now();
+                    last_from_broker = read_at;
                     let go_on = self.on_broker_bytes(&mut up_buf)?;
                     self.stage(&mut pending, read_at);
                     self.flush_broker(up, &mut up_buf).await?;
@@ -987,6 +1051,9 @@ impl Session {
                     self.write_ready(client, &mut pending).await?;
                 }
                 _ = async { match wake { Some(w) => tokio::time::sleep_until(w.into()).await, None => std::future::pending().await } } => {
+                    if stop_at.is_some_and(|t| Instant::now() >= t) {
+                        return self.stopped(client, &mut pending).await;
+                    }
                     if client_deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(End::KeepAlive);
                     }
@@ -1018,9 +1085,28 @@ impl Session {
                     self.recheck_binding()?;
                     self.recheck_subscriptions()?;
                 }
-                _ = shutdown.changed() => return Err(End::Shutdown),
+                _ = shutdown.changed(), if stopping.is_none() => {
+                    // A graceful stop delivers what the broker already has
+                    // for this session (what devices were told was accepted)
+                    // before it ends, within most of the drain time; the
+                    // rest of it is for the last ledger records to sync.
+                    let now = Instant::now();
+                    let budget = Duration::from_secs(self.shared.server.drain_secs) * 3 / 4;
+                    stopping = Some((now, now + budget));
+                }
             }
         }
+    }
+
+    /// Ends a session in a graceful stop: what was decided goes out once
+    /// durable, then DISCONNECT "Server shutting down".
+    async fn stopped<S: AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut S,
+        pending: &mut VecDeque<Chunk>,
+    ) -> Result<(), End> {
+        self.drain(client, pending).await?;
+        Err(End::Shutdown)
     }
 
     /// Closes a lazy session's idle broker connection; the next thing to
@@ -1531,6 +1617,18 @@ impl Session {
             | Packet::PubRec(_)
             | Packet::PubComp(_)
             | Packet::UnsubAck(_)) => {
+                let refused = match &p {
+                    Packet::PubAck(a) => puback_failed(a).then(|| format!("{:?}", a.reason)),
+                    Packet::PubRec(a) => pubrec_failed(a).then(|| format!("{:?}", a.reason)),
+                    _ => None,
+                };
+                if let Some(code) = refused {
+                    // Counted as forwarded when it went up; the broker's
+                    // refusal (its ACL, say) is the operator's to see too.
+                    metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => "broker_refused")
+                        .increment(1);
+                    tracing::info!(session = self.id, role = self.who.role(), %code, "the broker refused a publish");
+                }
                 match &p {
                     Packet::PubRec(a) if pubrec_failed(a) => {
                         self.qos2_in.remove(&a.pkid);

@@ -779,3 +779,148 @@ async fn every_unsubscribe_gets_one_unsuback() {
         other => panic!("expected the public/b message, got {other:?}"),
     }
 }
+
+/// With the broker unreachable, a client that needs a broker session at
+/// once (a persistent one) gets CONNACK "Server unavailable" (MQTT 5 0x88,
+/// 3.1.1 return code 3) and the connection closed: the first packet a
+/// server sends is CONNACK (MQTT-3.2.0-1), never a DISCONNECT.
+#[tokio::test]
+async fn an_unreachable_broker_gets_persistent_sessions_connack_server_unavailable() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        upstream: Some(format!("mqtt://127.0.0.1:{port}")),
+        ..Default::default()
+    });
+
+    let mut r = Raw::open(server.mqtt).await;
+    r.send(Packet::Connect(
+        Connect {
+            keep_alive: 30,
+            client_id: "persistent-v5".into(),
+            clean_start: false,
+            properties: Some(rumqttc::v5::mqttbytes::v5::ConnectProperties {
+                session_expiry_interval: Some(600),
+                ..Default::default()
+            }),
+        },
+        None,
+        Some(Login::new("fitcoach", "fitcoach-secret")),
+    ))
+    .await;
+    match r.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(
+            a.code,
+            rumqttc::v5::mqttbytes::v5::ConnectReturnCode::ServerUnavailable
+        ),
+        other => panic!("expected CONNACK 0x88, got {other:?}"),
+    }
+    assert!(r.recv().await.is_none(), "connection left open");
+
+    use rumqttc::mqttbytes::v4;
+    let mut connect = v4::Connect::new("persistent-v4");
+    connect.keep_alive = 30;
+    connect.clean_session = false;
+    connect.set_login("fitcoach", "fitcoach-secret");
+    let mut out = BytesMut::new();
+    v4::Packet::Connect(connect)
+        .write(&mut out, 1 << 20)
+        .unwrap();
+    let mut s = TcpStream::connect(server.mqtt).await.unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("server neither answered nor closed")
+        .unwrap();
+    assert_eq!(
+        answer,
+        [0x20, 0x02, 0x00, 0x03],
+        "CONNACK server unavailable, then close"
+    );
+    let errors = server.metric(
+        "consentry_connections_total",
+        &[("role", "provider"), ("result", "error")],
+    );
+    assert_eq!(errors, 2.0);
+}
+
+/// A graceful stop (SIGTERM) delivers what devices were told was accepted
+/// before the sessions end: here a provider has ten deliveries unacknowledged
+/// and 190 more wait at the broker when the stop begins. It gets all 200,
+/// then DISCONNECT "Server shutting down", and the ledger holds one share
+/// record per delivery: none for a message that never went out.
+#[tokio::test]
+async fn a_graceful_stop_delivers_what_devices_were_told_was_accepted() {
+    use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Filter, PubAck, PubAckReason, Subscribe};
+    let mut server = Server::demo();
+    let mut fit = Raw::open(server.mqtt).await;
+    fit.send(Packet::Connect(
+        Connect {
+            keep_alive: 30,
+            client_id: "slow-fitcoach".into(),
+            clean_start: true,
+            properties: Some(ConnectProperties {
+                receive_maximum: Some(10),
+                ..Default::default()
+            }),
+        },
+        None,
+        Some(Login::new("fitcoach", "fitcoach-secret")),
+    ))
+    .await;
+    assert!(matches!(fit.recv().await, Some(Packet::ConnAck(_))));
+    let filter = Filter::new("pii/alice/#", QoS::AtLeastOnce);
+    fit.send(Packet::Subscribe(Subscribe::new(filter, None)))
+        .await;
+    assert!(matches!(fit.recv().await, Some(Packet::SubAck(_))));
+
+    let mut watch =
+        common::v5::connect(server.mqtt, "watch", "alice-watch", "alice-watch-secret").await;
+    for bpm in 0..200 {
+        let topic = "pii/alice/alice-watch/heart_rate";
+        let payload = format!("{{\"bpm\":{bpm}}}");
+        let ack = watch.publish_acked(topic, payload.as_bytes()).await;
+        assert_eq!(ack, PubAckReason::Success);
+    }
+    server.signal("TERM");
+    let mut got = Vec::new();
+    loop {
+        match fit.recv().await {
+            Some(Packet::Publish(p)) => {
+                got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+                fit.send(Packet::PubAck(PubAck::new(p.pkid, None))).await;
+            }
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, DisconnectReasonCode::ServerShuttingDown);
+                break;
+            }
+            other => panic!("after {} deliveries: {other:?}", got.len()),
+        }
+    }
+    let want: Vec<String> = (0..200).map(|bpm| format!("{{\"bpm\":{bpm}}}")).collect();
+    assert_eq!(got, want);
+    server.stop();
+
+    server.restart();
+    let token = common::demo_alice_token(&server);
+    let (status, body) = common::http(
+        &server,
+        "GET",
+        "/v1/me/history?provider=fitcoach&limit=1000",
+        Some(&token),
+        &[],
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let page = common::json_of(&body);
+    let shares = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "share")
+        .count();
+    assert_eq!(shares, 200, "{page:#}");
+}

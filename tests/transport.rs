@@ -778,3 +778,37 @@ async fn in_front_of_mosquitto_a_will_the_broker_refuses_is_counted() {
     assert!(server.log().contains("will refused by the broker"));
     assert!(!server.log().contains("trying again"));
 }
+
+/// The broker's own refusal of a publish (its ACL) reaches the device as the
+/// broker gave it, and the operator sees it: counted as dropped, reason
+/// `broker_refused`, and logged, not only counted as forwarded.
+#[tokio::test]
+async fn a_publish_the_broker_refuses_is_relayed_counted_and_logged() {
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    std::fs::write(&acl, "topic read #\ntopic write pii/#\n").unwrap();
+    let m = mosquitto_at("127.0.0.1", &format!("acl_file {}\n", acl.display()));
+    let server = in_front_of(&m);
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    assert_eq!(
+        alice.publish_acked("public/marker", b"m").await,
+        v5::PubAckReason::NotAuthorized
+    );
+    let allowed = alice.publish_acked(HR, br#"{"bpm":72}"#).await;
+    assert!(
+        matches!(
+            allowed,
+            v5::PubAckReason::Success | v5::PubAckReason::NoMatchingSubscribers
+        ),
+        "{allowed:?}"
+    );
+    let refused = [("result", "dropped"), ("reason", "broker_refused")];
+    server
+        .wait_for_metric("consentry_publishes_total", &refused, 1.0)
+        .await;
+    assert!(
+        server.log().contains("the broker refused a publish"),
+        "{}",
+        server.log()
+    );
+}
