@@ -170,8 +170,24 @@ fn release_large_blocks() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_large_blocks() {}
 
+/// A file-size limit (RLIMIT_FSIZE) reached while writing sends SIGXFSZ,
+/// whose default action kills the process: the ledger and the store could
+/// not fail closed and be counted. Ignored, the write fails with EFBIG and
+/// takes the same path as a full disk.
+#[cfg(unix)]
+fn file_size_limit_fails_writes() {
+    // SAFETY: sets a signal's disposition to ignore; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+#[cfg(not(unix))]
+fn file_size_limit_fails_writes() {}
+
 fn main() -> anyhow::Result<()> {
     release_large_blocks();
+    file_size_limit_fails_writes();
     consentry::logging::init();
     let cli = Cli::parse();
     match cli.command {

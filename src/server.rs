@@ -157,7 +157,14 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     let key = secrets::derive(&secrets::master_key(data)?, "store v1");
     let path = data.join("consentry.db");
     owner_only_database(&path)?;
-    Ok(Store::open(&path, &key)?)
+    // SQLite words a full or read-only disk as an I/O error of its own
+    // (e.g. in xShmMap); the operator needs the likely cause.
+    Store::open(&path, &key).with_context(|| {
+        format!(
+            "open the store {} (is its disk full or read-only?)",
+            path.display()
+        )
+    })
 }
 
 /// The store holds user ids and device password hashes. SQLite creates a
@@ -169,13 +176,17 @@ fn owner_only_database(db: &Path) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(db)
-            .with_context(|| format!("create {}", db.display()))?;
+        // Only a new database is created here: opening an existing one for
+        // writing would report a read-only disk as "create" failing.
+        if !db.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(db)
+                .with_context(|| format!("create {}", db.display()))?;
+        }
         let beside = |suffix: &str| {
             let mut name = db.as_os_str().to_owned();
             name.push(suffix);
@@ -314,8 +325,24 @@ impl Server {
                 None
             }
         };
+        let store = open_store(&config)?;
+        let ledger = Ledger::open(ledger_config(&config), open_keyring(&config)?)?;
+        // A ledger with records beside an empty store means the store was
+        // lost (deleted, emptied, its WAL gone): seeding it again from the
+        // directory file would bring back consents users had withdrawn.
+        if ledger.durable_seq() > 0 && store.is_empty()? {
+            anyhow::bail!(
+                "the store {} holds no users, providers or consents, but the share ledger \
+                 in {} holds {} records: the store that held users' preferences was lost. \
+                 Restore it from a backup; to start afresh on purpose, move the ledger \
+                 directory away too",
+                data.join("consentry.db").display(),
+                ledger_paths(&config).0.display(),
+                ledger.durable_seq(),
+            );
+        }
         let (pm, act, creds) = PreferenceManager::open(
-            open_store(&config)?,
+            store,
             config.templates.clone(),
             &config.kinds,
             config.acl.rules.clone(),
@@ -326,7 +353,6 @@ impl Server {
             Some(addr) => Upstream::external(&config, addr).context("[broker]")?,
             None => broker::start_embedded(&config)?,
         };
-        let ledger = Ledger::open(ledger_config(&config), open_keyring(&config)?)?;
         let pseudonym_master =
             crate::secrets::load_or_create(&data.join("pseudonym.key"), "CONSENTRY_PSEUDONYM_KEY")?;
         metrics::gauge!(crate::metrics::ACT_VERSION).set(act.load().version as f64);

@@ -77,8 +77,24 @@ const DRAIN_QUIET: Duration = Duration::from_millis(250);
 struct Chunk {
     bytes: BytesMut,
     durables: Vec<crate::ledger::Durable>,
-    delivered: usize,
+    delivered: Delivered,
     read_at: Instant,
+}
+
+/// Deliveries staged for the client, by what let them through. They are
+/// counted once written: a delivery whose ledger record fails is withheld,
+/// not delivered.
+#[derive(Clone, Copy, Default)]
+struct Delivered {
+    plain: u64,
+    consented: u64,
+    masked: u64,
+}
+
+impl Delivered {
+    fn total(&self) -> u64 {
+        self.plain + self.consented + self.masked
+    }
 }
 
 /// Asks the kernel to acknowledge what was just read without delay.
@@ -371,7 +387,7 @@ pub async fn serve<S>(
         to_client: BytesMut::new(),
         to_broker: BytesMut::new(),
         durables: Vec::new(),
-        delivered: 0,
+        delivered: Delivered::default(),
         pseudonym_key: None,
         own: None,
         lag: None,
@@ -520,6 +536,11 @@ async fn write_packet<S: AsyncWrite + Unpin>(s: &mut S, v: Version, p: &Packet) 
 
 /// What ingress makes of `who` publishing `payload` on `topic` now: the
 /// payload to forward (minimized), or why not.
+/// The reason personal data is refused at ingress while the share ledger is
+/// closed (a failed write): it could not be shared, and with the embedded
+/// broker what was accepted would be lost at the restart the ledger needs.
+pub(crate) const LEDGER_UNAVAILABLE: &str = "ledger_unavailable";
+
 pub(crate) fn decide_ingress(
     shared: &Shared,
     who: &Principal,
@@ -536,6 +557,7 @@ pub(crate) fn decide_ingress(
     match decision {
         Err(deny) => Err(deny.as_str()),
         Ok(Ingress::Plain) => Ok(payload.clone()),
+        Ok(Ingress::Personal { .. }) if !shared.ledger.is_healthy() => Err(LEDGER_UNAVAILABLE),
         Ok(Ingress::Personal { kind, .. }) => {
             let strict = kind.undeclared == Undeclared::Reject;
             match mask::minimize(kind.format, payload, &kind.fields, &kind.types, strict) {
@@ -584,7 +606,7 @@ struct Session {
     to_broker: BytesMut,
     durables: Vec<crate::ledger::Durable>,
     /// Publishes written to the client in the current batch.
-    delivered: usize,
+    delivered: Delivered,
     /// This provider's pseudonymization key, derived on first use.
     pseudonym_key: Option<[u8; 32]>,
     /// Per-delivery counters, registered once per session rather than
@@ -661,6 +683,14 @@ impl Session {
         mut connect: v5::Connect,
         will: Option<v5::LastWill>,
     ) -> Result<Opened, End> {
+        if matches!(self.who, Principal::Provider { .. }) && !self.shared.ledger.is_healthy() {
+            // No delivery of personal data can be recorded until a restart:
+            // a provider let in would be disconnected at its first one.
+            tracing::warn!(session = self.id, "provider refused: the share ledger is closed after a failed write; restart consentry once the disk is fixed");
+            let unavailable = connack(ConnectReturnCode::ServerUnavailable, None);
+            write_packet(client, self.version, &unavailable).await?;
+            return Ok(Opened::Unavailable);
+        }
         let props = connect.properties.as_ref();
         let session_expiry = match self.version {
             Version::V4 => 0,
@@ -891,25 +921,56 @@ impl Session {
         &mut self,
         client: &mut S,
         up: &mut Option<Conn>,
-        mut client_buf: BytesMut,
-        mut up_buf: BytesMut,
+        client_buf: BytesMut,
+        up_buf: BytesMut,
         keep_alive: Option<Duration>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), End> {
-        let max = self.shared.server.max_packet_size;
-        let mut last_client = Instant::now();
-        let mut act_changes = self.shared.act.subscribe_changes();
-        let taken_over = self.claim.as_ref().map(|c| c.taken_over.clone());
         // Client-bound bytes waiting for their ledger records, in order. The
         // session keeps reading from the broker meanwhile, so the next group
         // commit fills while this one syncs; past MAX_PENDING_CHUNKS it stops
         // reading and the broker holds the rest.
         let mut pending: VecDeque<Chunk> = VecDeque::new();
+        let result = self
+            .serve_client(
+                client,
+                up,
+                client_buf,
+                up_buf,
+                keep_alive,
+                shutdown,
+                &mut pending,
+            )
+            .await;
+        if matches!(result, Err(End::Ledger)) {
+            // Decided, but never written: their records did not become durable.
+            let withheld =
+                pending.iter().map(|c| c.delivered.total()).sum::<u64>() + self.delivered.total();
+            m::delivery_counter(&self.who, "dropped", "ledger_unavailable").increment(withheld);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        client: &mut S,
+        up: &mut Option<Conn>,
+        mut client_buf: BytesMut,
+        mut up_buf: BytesMut,
+        keep_alive: Option<Duration>,
+        shutdown: &mut watch::Receiver<bool>,
+        pending: &mut VecDeque<Chunk>,
+    ) -> Result<(), End> {
+        let max = self.shared.server.max_packet_size;
+        let mut last_client = Instant::now();
+        let mut act_changes = self.shared.act.subscribe_changes();
+        let taken_over = self.claim.as_ref().map(|c| c.taken_over.clone());
         let go_on = self.on_broker_bytes(&mut up_buf)?;
-        self.stage(&mut pending, Instant::now());
+        self.stage(pending, Instant::now());
         self.flush_broker(up, &mut up_buf).await?;
         if !go_on {
-            return self.drain(client, &mut pending).await;
+            return self.drain(client, pending).await;
         }
         let ping_every = Duration::from_secs(UPSTREAM_KEEP_ALIVE as u64 / 2);
         let mut last_up_write = Instant::now();
@@ -934,42 +995,42 @@ impl Session {
                 if stopping.is_some() && matches!(p, Packet::Publish(_)) {
                     // Not accepted during a stop: neither forwarded nor
                     // acknowledged, so the client sends it again later.
-                    self.stage(&mut pending, Instant::now());
+                    self.stage(pending, Instant::now());
                     self.flush_broker(up, &mut up_buf).await?;
-                    return self.stopped(client, &mut pending).await;
+                    return self.stopped(client, pending).await;
                 }
                 if !self.on_client_packet(p)? {
-                    self.stage(&mut pending, Instant::now());
+                    self.stage(pending, Instant::now());
                     self.flush_broker(up, &mut up_buf).await?;
                     // The client's DISCONNECT went up with the rest.
                     if let Some(u) = up.take() {
                         tokio::spawn(linger(u));
                     }
-                    return self.drain(client, &mut pending).await;
+                    return self.drain(client, pending).await;
                 }
             }
             // Broker bytes left undecoded while the client's window was full.
             if !up_buf.is_empty() && self.own_room() {
                 let go_on = self.on_broker_bytes(&mut up_buf)?;
-                self.stage(&mut pending, Instant::now());
+                self.stage(pending, Instant::now());
                 if !go_on {
                     self.flush_broker(up, &mut up_buf).await?;
-                    return self.drain(client, &mut pending).await;
+                    return self.drain(client, pending).await;
                 }
             }
             if !self.to_broker.is_empty() {
                 last_up_write = Instant::now();
             }
-            self.stage(&mut pending, Instant::now());
+            self.stage(pending, Instant::now());
             self.flush_broker(up, &mut up_buf).await?;
             // What waits on no record goes out at once if nothing is ahead.
-            self.write_ready(client, &mut pending).await?;
+            self.write_ready(client, pending).await?;
 
             // While held, the client's silence is ours: we are not reading.
             let held = self.held.is_held();
             let client_deadline = keep_alive.filter(|_| !held).map(|k| last_client + k);
             let lag = self.lag.clone();
-            let idle = self.up_idle(&pending, &up_buf);
+            let idle = self.up_idle(pending, &up_buf);
             if !idle {
                 last_busy = Instant::now();
             }
@@ -1040,19 +1101,19 @@ impl Session {
                     let read_at = Instant::now();
                     last_from_broker = read_at;
                     let go_on = self.on_broker_bytes(&mut up_buf)?;
-                    self.stage(&mut pending, read_at);
+                    self.stage(pending, read_at);
                     self.flush_broker(up, &mut up_buf).await?;
                     if !go_on {
-                        return self.drain(client, &mut pending).await;
+                        return self.drain(client, pending).await;
                     }
                 }
                 r = durable(pending.front_mut()), if !pending.is_empty() => {
                     r?;
-                    self.write_ready(client, &mut pending).await?;
+                    self.write_ready(client, pending).await?;
                 }
                 _ = async { match wake { Some(w) => tokio::time::sleep_until(w.into()).await, None => std::future::pending().await } } => {
                     if stop_at.is_some_and(|t| Instant::now() >= t) {
-                        return self.stopped(client, &mut pending).await;
+                        return self.stopped(client, pending).await;
                     }
                     if client_deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(End::KeepAlive);
@@ -1174,7 +1235,10 @@ impl Session {
         while pending.front().is_some_and(|c| c.durables.is_empty()) {
             if let Some(c) = pending.pop_front() {
                 client.write_all(&c.bytes).await?;
-                if c.delivered > 0 {
+                self.counters.plain.increment(c.delivered.plain);
+                self.counters.delivered.increment(c.delivered.consented);
+                self.counters.masked.increment(c.delivered.masked);
+                if c.delivered.total() > 0 {
                     self.shared
                         .hot
                         .latency
@@ -1420,6 +1484,15 @@ impl Session {
                     reason,
                     "publish dropped at ingress"
                 );
+                if reason == LEDGER_UNAVAILABLE
+                    && self.version == Version::V4
+                    && publish.qos != QoS::AtMostOnce
+                {
+                    // MQTT 3.1.1 has no failing PUBACK, and a PUBACK would
+                    // say it was accepted: the client keeps it and sends it
+                    // again on its next connection.
+                    return Err(End::Ledger);
+                }
                 let (ack, rec) = if matches!(
                     reason,
                     "undecodable" | "undeclared_field" | "field_type" | "repeated_key"
@@ -1427,6 +1500,11 @@ impl Session {
                     (
                         PubAckReason::PayloadFormatInvalid,
                         PubRecReason::PayloadFormatInvalid,
+                    )
+                } else if reason == LEDGER_UNAVAILABLE {
+                    (
+                        PubAckReason::UnspecifiedError,
+                        PubRecReason::UnspecifiedError,
                     )
                 } else {
                     (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
@@ -1729,7 +1807,7 @@ impl Session {
                 if self.too_large_for_client(&publish) {
                     return self.drop_delivery(&publish, "too_large_for_client");
                 }
-                self.counters.plain.increment(1);
+                self.delivered.plain += 1;
                 return self.write_delivery(publish);
             }
             Ok(Delivery::Personal {
@@ -1798,12 +1876,13 @@ impl Session {
             Ok(durable) => self.durables.push(durable),
             Err(e) => {
                 tracing::error!(session = self.id, error = %e, "ledger refused a record; delivery withheld");
+                m::delivery_counter(&self.who, "dropped", "ledger_unavailable").increment(1);
                 return Err(End::Ledger);
             }
         }
         match masked {
-            Some(_) => self.counters.masked.increment(1),
-            None => self.counters.delivered.increment(1),
+            Some(_) => self.delivered.masked += 1,
+            None => self.delivered.consented += 1,
         }
         self.write_delivery(publish)
     }
@@ -1877,7 +1956,6 @@ impl Session {
         if let Some(props) = publish.properties.as_mut() {
             props.topic_alias = None;
         }
-        self.delivered += 1;
         self.send_client(&Packet::Publish(publish))
     }
 }

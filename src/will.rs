@@ -132,9 +132,10 @@ impl Will {
 /// or a payload that does not fit its kind. A device is not kept from
 /// connecting at night because its will could not be collected at night.
 pub fn decided_when_due(reason: &str) -> bool {
-    [Deny::NoCollectConsent, Deny::OutsideWindow]
-        .iter()
-        .any(|d| d.as_str() == reason)
+    reason == crate::session::LEDGER_UNAVAILABLE
+        || [Deny::NoCollectConsent, Deny::OutsideWindow]
+            .iter()
+            .any(|d| d.as_str() == reason)
 }
 
 /// Wills on their way to the broker.

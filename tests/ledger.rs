@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use common::{v4, v5, Server};
 use serde_json::{json, Value};
@@ -319,14 +320,26 @@ async fn a_failed_ledger_write_stops_deliveries_and_shows_in_the_gauge() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(server.metric("consentry_ledger_append_failures_total", &[]) >= 1.0);
-    // Nothing personal is delivered any more, to a new subscriber either.
-    let mut late = v5::connect(server.mqtt, "late", "fitcoach", "fitcoach-secret").await;
-    late.subscribe("pii/+/+/heart_rate", v5::QoS::AtMostOnce)
-        .await;
-    watch.publish_acked(HR, br#"{"bpm":62}"#).await;
-    // The provider is told the server is busy, and gets no reading.
+    // Nothing personal is delivered any more, to a new subscriber either:
+    // it is told the server is unavailable, and the reading is refused.
+    let late = v5::connect_with(v5::options(
+        server.mqtt,
+        "late",
+        Some(("fitcoach", "fitcoach-secret")),
+    ))
+    .await;
+    assert!(
+        matches!(&late, Err(e) if e.contains("ServerUnavailable")),
+        "{:?}",
+        late.err()
+    );
+    assert_eq!(
+        watch.publish_acked(HR, br#"{"bpm":62}"#).await,
+        v5::PubAckReason::UnspecifiedError
+    );
+    // The subscriber of before was told the server is busy, and got no reading.
     loop {
-        match late.next().await {
+        match fit.next().await {
             v5::Packet::Disconnect(d) => {
                 assert_eq!(
                     d.reason_code,
@@ -334,9 +347,128 @@ async fn a_failed_ledger_write_stops_deliveries_and_shows_in_the_gauge() {
                 );
                 break;
             }
-            v5::Packet::Publish(p) => panic!("personal data delivered: {p:?}"),
+            v5::Packet::Publish(p) => assert_ne!(p.payload, &br#"{"bpm":62}"#[..]),
             _ => {}
         }
     }
     assert_eq!(server.metric("consentry_ledger_healthy", &[]), 0.0);
+}
+
+/// The bug this guards: with `consentry.db` lost (deleted, emptied, or its
+/// WAL gone before a checkpoint), the next start took the empty store for a
+/// first start and seeded it from the directory file, bringing back
+/// consents users had withdrawn. A ledger with records beside an empty
+/// store now stops the start, twice in a row.
+#[tokio::test]
+async fn a_lost_store_beside_a_ledger_with_records_stops_the_start() {
+    let mut server = Server::demo();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice.publish_acked(HR, br#"{"bpm":72}"#).await;
+    fit.next_publish().await;
+    server.stop();
+    for f in ["consentry.db", "consentry.db-wal", "consentry.db-shm"] {
+        let _ = std::fs::remove_file(server.data_dir().join(f));
+    }
+    for _ in 0..2 {
+        let log = server.restart_refused();
+        assert!(
+            log.contains("holds no users, providers or consents")
+                && log.contains("was lost")
+                && log.contains("Restore it from a backup"),
+            "{log}"
+        );
+    }
+}
+
+/// Fails the ledger's next write for real: the kernel refuses to grow any
+/// file of the process (RLIMIT_FSIZE, which consentry meets with EFBIG, as
+/// it would a full disk, since it ignores SIGXFSZ).
+fn refuse_file_growth(server: &Server) {
+    let limit = libc::rlimit {
+        rlim_cur: 1,
+        rlim_max: 1,
+    };
+    // SAFETY: sets a resource limit of a child process; no memory is shared.
+    let rc = unsafe {
+        libc::prlimit(
+            server.pid() as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Once a ledger write has failed, nothing can be shared until a restart,
+/// and with the embedded broker what was accepted meanwhile would be lost
+/// at that restart. So personal data is refused at ingress (MQTT 5: PUBACK
+/// 0x80; 3.1.1, which has no failing PUBACK: the connection is closed, the
+/// message not acknowledged) and providers get CONNACK "Server unavailable"
+/// rather than a session ended at its first delivery.
+#[tokio::test]
+async fn after_a_failed_ledger_write_personal_data_is_refused_at_ingress() {
+    let server = Server::demo();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice.publish_acked(HR, br#"{"bpm":70}"#).await;
+    fit.next_publish().await;
+
+    refuse_file_growth(&server);
+    // Accepted before the failure was known; its delivery is withheld.
+    alice.publish_acked(HR, br#"{"bpm":71}"#).await;
+    server
+        .wait_for_metric("consentry_ledger_healthy", &[], 0.0)
+        .await;
+    // Counted as what happened to it: withheld, not delivered.
+    let withheld = [("result", "dropped"), ("reason", "ledger_unavailable")];
+    server
+        .wait_for_metric("consentry_deliveries_total", &withheld, 1.0)
+        .await;
+    let delivered = [("result", "delivered"), ("reason", "consent")];
+    assert_eq!(server.metric("consentry_deliveries_total", &delivered), 1.0);
+
+    assert_eq!(
+        alice.publish_acked(HR, br#"{"bpm":72}"#).await,
+        v5::PubAckReason::UnspecifiedError
+    );
+    // Data that is not personal still flows.
+    assert_eq!(
+        alice.publish_acked("public/marker", b"m").await,
+        v5::PubAckReason::Success
+    );
+    let refused = [("result", "dropped"), ("reason", "ledger_unavailable")];
+    assert_eq!(server.metric("consentry_publishes_total", &refused), 1.0);
+
+    let mut bob = v4::connect(server.mqtt, "b", "bob-phone", "bob-phone-secret").await;
+    bob.client
+        .publish(
+            "pii/bob/bob-phone/heart_rate",
+            v4::QoS::AtLeastOnce,
+            false,
+            br#"{"bpm":60}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), bob.events.recv()).await {
+            Ok(Some(v4::Packet::PubAck(_))) => panic!("a 3.1.1 publish was acknowledged"),
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(_) => panic!("the 3.1.1 connection stayed open"),
+        }
+    }
+
+    let refused = v5::connect_with(v5::options(
+        server.mqtt,
+        "fit2",
+        Some(("fitcoach", "fitcoach-secret")),
+    ))
+    .await;
+    assert!(refused.is_err(), "a provider got a session");
+    let errors = [("role", "provider"), ("result", "error")];
+    assert_eq!(server.metric("consentry_connections_total", &errors), 1.0);
 }

@@ -463,6 +463,20 @@ impl Store {
     }
 
     /// The ids of devices their users registered or removed themselves.
+    /// Whether the store has never held a user, a provider or a consent:
+    /// a first start, or a store that was lost.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        self.with(|c, _| {
+            let held: bool = c.query_row(
+                "SELECT EXISTS(SELECT 1 FROM users) OR EXISTS(SELECT 1 FROM providers) \
+                 OR EXISTS(SELECT 1 FROM consent_history)",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(!held)
+        })
+    }
+
     pub fn user_managed_devices(&self) -> Result<HashSet<String>, StoreError> {
         self.with(|c, _| {
             let mut stmt = c.prepare("SELECT id FROM user_devices")?;

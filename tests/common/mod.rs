@@ -111,6 +111,13 @@ impl Server {
     }
 
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("consentry did not start:\n{log}");
+        }
+    }
+
+    /// Starts consentry; `Err` with its log if it exits before it is ready.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let metrics_port = free_port();
         let mut cmd = Command::new(bin());
         cmd.arg("--config").arg(&self.config).arg("serve");
@@ -161,10 +168,16 @@ impl Server {
                     "mqtt" => self.mqtt = addr.parse().unwrap(),
                     "mqtts" => self.mqtts = Some(addr.parse().unwrap()),
                     "api" => self.api = Some(addr.parse().unwrap()),
-                    "ready" => return,
-                    _ => panic!("consentry did not start:\n{}", self.log()),
+                    "ready" => return Ok(()),
+                    _ => {
+                        if let Some(mut c) = self.child.take() {
+                            let _ = c.kill();
+                            let _ = c.wait();
+                        }
+                        return Err(self.log());
+                    }
                 },
-                Err(_) => panic!("consentry did not start:\n{}", self.log()),
+                Err(_) => panic!("consentry neither started nor exited:\n{}", self.log()),
             }
         }
     }
@@ -265,6 +278,16 @@ impl Server {
     pub fn restart(&mut self) {
         assert!(self.child.is_none());
         self.spawn();
+    }
+
+    /// Starts the same configuration and data again, expecting consentry
+    /// to refuse to start; returns its log.
+    pub fn restart_refused(&mut self) -> String {
+        assert!(self.child.is_none());
+        match self.try_spawn() {
+            Ok(()) => panic!("consentry started:\n{}", self.log()),
+            Err(log) => log,
+        }
     }
 
     fn signal_pid(&self, pid: u32, sig: &str) {
