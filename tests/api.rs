@@ -973,7 +973,7 @@ async fn wrong_codes_after_the_right_password_lock_the_name_everywhere() {
 async fn logging_out_ends_one_session_and_logging_out_everywhere_ends_all() {
     let api = Api::new();
     let secret = register(&api, "quinn").await;
-    let now = unix_now();
+    let now = unix_now_early_in_a_step().await;
     let mut tokens = vec![];
     for t in [now, now + 30] {
         let (s, sess) = api
@@ -1033,7 +1033,7 @@ async fn logging_out_ends_one_session_and_logging_out_everywhere_ends_all() {
 async fn a_password_change_asks_both_factors_and_ends_the_other_sessions() {
     let api = Api::new();
     let secret = register(&api, "sam").await;
-    let now = unix_now();
+    let now = unix_now_early_in_a_step().await;
     let login =
         |password: &str, code: String| json!({"user": "sam", "password": password, "totp": code});
     let mut tokens = vec![];

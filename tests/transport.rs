@@ -812,3 +812,48 @@ async fn a_publish_the_broker_refuses_is_relayed_counted_and_logged() {
         server.log()
     );
 }
+
+/// A broker that refuses consentry's own login refuses consentry, not the
+/// client, whom consentry authenticated: a persistent session gets CONNACK
+/// "Server unavailable" (0x88), not "Bad user name or password", and it is
+/// counted as an error, not as a refused client.
+#[tokio::test]
+async fn a_broker_refusing_consentrys_login_is_server_unavailable_to_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwd");
+    let made = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args(["consentry", &format!("right-{}", rand::random::<u64>())])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let m = mosquitto_at(
+        "127.0.0.1",
+        &format!("password_file {}\n", passwords.display()),
+    );
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        upstream: Some(format!("mqtt://{}", m.addr)),
+        replace: vec![
+            (
+                "# username = \"consentry\"".into(),
+                "username = \"consentry\"".into(),
+            ),
+            ("# password = \"...\"".into(), "password = \"wrong\"".into()),
+        ],
+        ..Default::default()
+    });
+    let mut o = v5::options(server.mqtt, "fit", Some(("fitcoach", "fitcoach-secret")));
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(60));
+    let refused = v5::connect_with(o).await;
+    assert!(
+        matches!(&refused, Err(e) if e.contains("ServerUnavailable")),
+        "{:?}",
+        refused.err()
+    );
+    let errors = [("role", "provider"), ("result", "error")];
+    assert_eq!(server.metric("consentry_connections_total", &errors), 1.0);
+    assert!(server.log().contains("upstream refused consentry's login"));
+}
