@@ -534,13 +534,13 @@ async fn write_packet<S: AsyncWrite + Unpin>(s: &mut S, v: Version, p: &Packet) 
     Ok(())
 }
 
-/// What ingress makes of `who` publishing `payload` on `topic` now: the
-/// payload to forward (minimized), or why not.
 /// The reason personal data is refused at ingress while the share ledger is
 /// closed (a failed write): it could not be shared, and with the embedded
 /// broker what was accepted would be lost at the restart the ledger needs.
 pub(crate) const LEDGER_UNAVAILABLE: &str = "ledger_unavailable";
 
+/// What ingress makes of `who` publishing `payload` on `topic` now: the
+/// payload to forward (minimized), or why not.
 pub(crate) fn decide_ingress(
     shared: &Shared,
     who: &Principal,
@@ -675,8 +675,8 @@ impl Session {
         self.shared.now()
     }
 
-    /// Connects to the broker on behalf of the client. `Ok(None)`: the
-    /// client was refused and told so.
+    /// Connects to the broker on behalf of the client, or answers the
+    /// CONNECT with a failing CONNACK.
     async fn open_upstream<S: AsyncWrite + Unpin>(
         &mut self,
         client: &mut S,
