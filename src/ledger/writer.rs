@@ -58,7 +58,7 @@ pub(crate) struct Pending {
 /// Records in queue order, their plaintexts back to back in one buffer: a
 /// record costs no allocation of its own, and no buffer is allocated on a
 /// session's thread to be freed on the writer's (glibc's slow path; the
-/// fifteenth session's profile of a flood).
+/// sixteenth session's profile of a flood, bench/README.md).
 #[derive(Default)]
 pub(crate) struct Batch {
     pub items: Vec<Pending>,
@@ -94,9 +94,19 @@ impl Batch {
         Ok(())
     }
 
+    /// Empties the batch for reuse. A burst (a backlog while the disk was
+    /// slow) does not stay allocated: past these sizes the buffers go.
     fn clear(&mut self) {
+        const KEEP_ITEMS: usize = 1 << 16;
+        const KEEP_BYTES: usize = 16 << 20;
         self.items.clear();
         self.bytes.clear();
+        if self.items.capacity() > KEEP_ITEMS {
+            self.items = Vec::new();
+        }
+        if self.bytes.capacity() > KEEP_BYTES {
+            self.bytes = Vec::new();
+        }
     }
 
     fn is_empty(&self) -> bool {
