@@ -65,21 +65,95 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Creates `path` with mode 0600 and writes `bytes`; never overwrites.
+/// Creates `path` with mode 0600 holding `bytes`; never overwrites. Either
+/// the whole file appears or none does (see [`publish_private`]).
 pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
     if let Some(dir) = path.parent() {
         create_private_dir(dir).with_context(|| format!("create {}", dir.display()))?;
     }
+    publish_private(path, bytes, false).with_context(|| format!("create {}", path.display()))
+}
+
+/// Writes `bytes` to `path`, owner-only (0600), so that `path` never exists
+/// short of them: a key file created empty or cut off by a full disk or a
+/// crash is not a missing one, and every later start would refuse it.
+///
+/// The bytes go to a temporary file in the same directory (0600 from its
+/// creation), which is fsynced and then put in place: hard-linked when
+/// `replace` is false, which fails with `AlreadyExists` instead of
+/// overwriting what someone else created meanwhile, renamed when it is true.
+/// The directory is fsynced so the new name survives a crash. On any error
+/// the temporary file is removed.
+pub(crate) fn publish_private(path: &Path, bytes: &[u8], replace: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{:08x}",
+        name.to_string_lossy(),
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    // Not inside the cleanup below: if this fails, the name may be someone else's file.
+    let mut f = opts.open(&tmp)?;
+    let result = (|| {
+        #[cfg(test)]
+        if let Some(room) = DISK_ROOM.with(|r| r.take()) {
+            f.write_all(&bytes[..room.min(bytes.len())])?;
+            return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        if replace {
+            std::fs::rename(&tmp, path)?;
+        } else {
+            match std::fs::hard_link(&tmp, path) {
+                Ok(()) => {}
+                // A file system without hard links (vfat, some network ones): rename, which
+                // would overwrite a file created between this check and the rename.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied
+                    ) && !path.exists() =>
+                {
+                    std::fs::rename(&tmp, path)?
+                }
+                Err(e) => return Err(e),
+            }
+            // `path` is complete and in place; a leftover second name for it is only clutter.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: the next [`publish_private`] on this thread finds room for this many bytes,
+    /// then fails as a full disk does.
+    pub(crate) static DISK_ROOM: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// A new or renamed directory entry is only durable once its directory is fsynced.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
     Ok(())
 }
 
@@ -121,5 +195,48 @@ mod tests {
         write_private(&theirs.join("k"), b"x").unwrap();
         assert_eq!(mode(&theirs), 0o750);
         assert_eq!(mode(&theirs.join("k")), 0o600);
+    }
+
+    /// A full disk at first start left an empty key file that every later start refused
+    /// ("must hold 32 bytes"); now it leaves nothing, and the next start creates the key.
+    #[test]
+    fn a_full_disk_leaves_no_key_file_and_the_next_start_creates_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("master.key");
+        for room in [0, 7] {
+            DISK_ROOM.with(|r| r.set(Some(room)));
+            let err = load_or_create(&p, "CONSENTRY_TEST_UNSET_KEY").expect_err("disk full");
+            assert!(format!("{err:#}").contains("No space left"), "{err:#}");
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert!(left.is_empty(), "left behind: {left:?}");
+        }
+        let a = load_or_create(&p, "CONSENTRY_TEST_UNSET_KEY").expect("room again");
+        assert_eq!(a, load_or_create(&p, "CONSENTRY_TEST_UNSET_KEY").unwrap());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn write_private_never_overwrites_and_replace_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        write_private(&p, b"first").unwrap();
+        let err = write_private(&p, b"second").expect_err("exists");
+        assert_eq!(
+            err.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+            Some(std::io::ErrorKind::AlreadyExists)
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"first");
+        publish_private(&p, b"third", true).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"third");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 use aes_gcm::{Aes256Gcm, KeyInit};
@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::error::LedgerError;
-use super::segment::fsync_parent;
 
 /// Environment variable that may carry the key document instead of a file.
 pub const KEYS_ENV: &str = "CONSENTRY_LEDGER_KEYS";
@@ -170,23 +169,6 @@ fn read_key_file(path: &Path) -> Result<Option<String>, LedgerError> {
     Ok(Some(s))
 }
 
-fn owner_only_options() -> std::fs::OpenOptions {
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(0o600);
-    }
-    o
-}
-
-fn write_new(path: &Path, bytes: &[u8]) -> Result<(), std::io::Error> {
-    let mut f = owner_only_options().open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
 impl Keyring {
     /// Generates a fresh keyring in memory (nothing is written).
     pub fn generate() -> Result<Keyring, LedgerError> {
@@ -212,11 +194,10 @@ impl Keyring {
         }
         let doc = KeyDoc::generate();
         let bytes = serde_json::to_vec_pretty(&doc)?;
-        match write_new(path, &bytes) {
-            Ok(()) => {
-                fsync_parent(path)?;
-                doc.keyring()
-            }
+        // Never a key file that exists but is empty or cut short (a full disk, a crash): every
+        // later start would refuse it.
+        match crate::secrets::publish_private(path, &bytes, false) {
+            Ok(()) => doc.keyring(),
             // Someone else created it first: use theirs, never overwrite keys.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let text = read_key_file(path)?.ok_or_else(|| {
@@ -262,11 +243,8 @@ impl Keyring {
         // Validate before replacing the file so a bad document never lands on disk.
         doc.keyring()?;
         let bytes = serde_json::to_vec_pretty(&doc)?;
-        let tmp = path.with_extension("rotate-tmp");
-        let _ = std::fs::remove_file(&tmp);
-        write_new(&tmp, &bytes).map_err(|e| LedgerError::io("write rotated key file", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| LedgerError::io("replace key file", e))?;
-        fsync_parent(path)?;
+        crate::secrets::publish_private(path, &bytes, true)
+            .map_err(|e| LedgerError::io(format!("replace key file {}", path.display()), e))?;
         Ok(KeyId(id))
     }
 

@@ -63,13 +63,6 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), LedgerError> {
     Ok(())
 }
 
-pub(crate) fn fsync_parent(path: &Path) -> Result<(), LedgerError> {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => fsync_dir(p),
-        _ => fsync_dir(Path::new(".")),
-    }
-}
-
 /// Persisted across opens. `boot` feeds the nonce prefix; `key_uses` is an upper bound on the
 /// number of encryptions done under each data key (reserved ahead of use, so a crash can only
 /// over-count, never under-count).

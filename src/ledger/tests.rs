@@ -1187,3 +1187,26 @@ async fn survives_kill_9() {
     let report = verify_dir(&dir, &k).expect("verify after kill -9");
     assert!(report.head_seq >= acked);
 }
+
+/// A full disk at the first start left an empty key file that every later start refused.
+#[test]
+fn a_full_disk_leaves_no_ledger_key_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("ledger-keys.json");
+    crate::secrets::DISK_ROOM.with(|r| r.set(Some(10)));
+    let err = Keyring::load_or_create(&path).expect_err("disk full");
+    assert!(err.to_string().contains("No space left"), "{err}");
+    assert_eq!(std::fs::read_dir(tmp.path()).expect("list").count(), 0);
+    let k = Keyring::load_or_create(&path).expect("room again");
+    let again = Keyring::load_or_create(&path).expect("reload");
+    assert_eq!(k.verifying_key(), again.verifying_key());
+
+    // Rotation replaces the file whole, or leaves it as it was.
+    crate::secrets::DISK_ROOM.with(|r| r.set(Some(10)));
+    Keyring::rotate(&path).expect_err("disk full");
+    assert_eq!(std::fs::read_dir(tmp.path()).expect("list").count(), 1);
+    assert_eq!(
+        Keyring::load(&path).expect("intact").active_key_id(),
+        KeyId(1)
+    );
+}
