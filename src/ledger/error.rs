@@ -44,6 +44,9 @@ pub enum LedgerError {
     Encoding(#[from] serde_json::Error),
     #[error("invalid key material: {0}")]
     KeyFile(String),
+    /// The keys given are not the ones this ledger was written with (or there were none).
+    #[error("{0}")]
+    WrongKeys(String),
     #[error("key file {path} is readable by others (mode {mode:o}); it must be owner-only (0600)")]
     InsecureKeyFile { path: String, mode: u32 },
     #[error("record uses data key {0}, which is not in the keyring")]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aes_gcm::{Aes256Gcm, KeyInit};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -47,9 +47,22 @@ struct DataKeyDoc {
     created: DateTime<Utc>,
 }
 
+/// Where a keyring came from, so that an error about keys that do not fit a ledger can say
+/// which file (or variable) to look at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// [`Keyring::generate`]: in memory only.
+    Generated,
+    /// [`KEYS_ENV`].
+    Env,
+    /// A key file; `created` when this process has just created it because it did not exist.
+    File { path: PathBuf, created: bool },
+}
+
 /// The ledger's secrets. `Debug` never prints them.
 #[derive(Clone)]
 pub struct Keyring {
+    origin: Origin,
     active: KeyId,
     ciphers: BTreeMap<u32, Aes256Gcm>,
     // Pre-keyed so each blind-index computation skips the HMAC key schedule.
@@ -60,6 +73,7 @@ pub struct Keyring {
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Keyring")
+            .field("origin", &self.origin)
             .field("active", &self.active)
             .field("data_key_ids", &self.ciphers.keys().collect::<Vec<_>>())
             .field(
@@ -99,7 +113,7 @@ impl KeyDoc {
         }
     }
 
-    fn keyring(&self) -> Result<Keyring, LedgerError> {
+    fn keyring(&self, origin: Origin) -> Result<Keyring, LedgerError> {
         if self.version != 1 {
             return Err(LedgerError::KeyFile(format!(
                 "unsupported key document version {}",
@@ -128,6 +142,7 @@ impl KeyDoc {
             .map_err(|_| LedgerError::KeyFile("bad blind key".into()))?;
         let signing = SigningKey::from_bytes(&decode32("signing key", &self.signing_key)?);
         Ok(Keyring {
+            origin,
             active: KeyId(self.active),
             ciphers,
             blind,
@@ -169,17 +184,24 @@ fn read_key_file(path: &Path) -> Result<Option<String>, LedgerError> {
     Ok(Some(s))
 }
 
+fn file_origin(path: &Path, created: bool) -> Origin {
+    Origin::File {
+        path: path.to_path_buf(),
+        created,
+    }
+}
+
 impl Keyring {
     /// Generates a fresh keyring in memory (nothing is written).
     pub fn generate() -> Result<Keyring, LedgerError> {
-        KeyDoc::generate().keyring()
+        KeyDoc::generate().keyring(Origin::Generated)
     }
 
     /// Loads the key file; a missing file is an error (for commands that read an existing
     /// ledger, where new keys could only mean the wrong directory).
     pub fn load(path: &Path) -> Result<Keyring, LedgerError> {
         match read_key_file(path)? {
-            Some(text) => KeyDoc::parse(&text)?.keyring(),
+            Some(text) => KeyDoc::parse(&text)?.keyring(file_origin(path, false)),
             None => Err(LedgerError::KeyFile(format!(
                 "{} does not exist (and {KEYS_ENV} is not set)",
                 path.display()
@@ -190,20 +212,20 @@ impl Keyring {
     /// Loads the key file, or creates it (mode 0600) with fresh keys if it does not exist.
     pub fn load_or_create(path: &Path) -> Result<Keyring, LedgerError> {
         if let Some(text) = read_key_file(path)? {
-            return KeyDoc::parse(&text)?.keyring();
+            return KeyDoc::parse(&text)?.keyring(file_origin(path, false));
         }
         let doc = KeyDoc::generate();
         let bytes = serde_json::to_vec_pretty(&doc)?;
         // Never a key file that exists but is empty or cut short (a full disk, a crash): every
         // later start would refuse it.
         match crate::secrets::publish_private(path, &bytes, false) {
-            Ok(()) => doc.keyring(),
+            Ok(()) => doc.keyring(file_origin(path, true)),
             // Someone else created it first: use theirs, never overwrite keys.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let text = read_key_file(path)?.ok_or_else(|| {
                     LedgerError::KeyFile("key file vanished while being created".into())
                 })?;
-                KeyDoc::parse(&text)?.keyring()
+                KeyDoc::parse(&text)?.keyring(file_origin(path, false))
             }
             Err(e) => Err(LedgerError::io(format!("create {}", path.display()), e)),
         }
@@ -212,7 +234,7 @@ impl Keyring {
     /// Reads the key document from `CONSENTRY_LEDGER_KEYS`, if set.
     pub fn from_env() -> Result<Option<Keyring>, LedgerError> {
         match std::env::var(KEYS_ENV) {
-            Ok(s) => Ok(Some(KeyDoc::parse(&s)?.keyring()?)),
+            Ok(s) => Ok(Some(KeyDoc::parse(&s)?.keyring(Origin::Env)?)),
             Err(std::env::VarError::NotPresent) => Ok(None),
             Err(std::env::VarError::NotUnicode(_)) => Err(LedgerError::KeyFile(format!(
                 "{KEYS_ENV} is not valid UTF-8"
@@ -241,7 +263,7 @@ impl Keyring {
         });
         doc.active = id;
         // Validate before replacing the file so a bad document never lands on disk.
-        doc.keyring()?;
+        doc.keyring(Origin::Generated)?;
         let bytes = serde_json::to_vec_pretty(&doc)?;
         crate::secrets::publish_private(path, &bytes, true)
             .map_err(|e| LedgerError::io(format!("replace key file {}", path.display()), e))?;
@@ -253,8 +275,21 @@ impl Keyring {
         let text = read_key_file(path)?
             .ok_or_else(|| LedgerError::KeyFile(format!("{} does not exist", path.display())))?;
         let doc = KeyDoc::parse(&text)?;
-        doc.keyring()?;
+        doc.keyring(Origin::Generated)?;
         Ok(serde_json::to_string(&doc)?)
+    }
+
+    pub(crate) fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// Names where these keys came from, for an error message.
+    pub(crate) fn source_name(&self) -> String {
+        match &self.origin {
+            Origin::Generated => "the keys given".to_owned(),
+            Origin::Env => format!("the keys in {KEYS_ENV}"),
+            Origin::File { path, .. } => format!("the key file {}", path.display()),
+        }
     }
 
     pub fn verifying_key(&self) -> VerifyingKey {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 
 use super::record::{next_frame, Next, MAX_BODY};
-use super::segment::{list_segments, CHECKPOINT_FILE, STATE_FILE};
+use super::segment::{list_segments, segment_path, CHECKPOINT_FILE, STATE_FILE};
 use super::*;
 
 const ALICE: &str = "alice-7f3a9c-unique-principal";
@@ -1117,7 +1117,7 @@ fn wrong_keyring_is_refused_not_mistaken_for_damage() {
     rt.block_on(ledger.shutdown());
     assert!(matches!(
         Ledger::open(cfg(tmp.path()), keys()),
-        Err(LedgerError::KeyFile(_))
+        Err(LedgerError::WrongKeys(_))
     ));
 }
 
@@ -1186,6 +1186,237 @@ async fn survives_kill_9() {
     ledger.shutdown().await;
     let report = verify_dir(&dir, &k).expect("verify after kill -9");
     assert!(report.head_seq >= acked);
+}
+
+/// Every file's bytes, but `LOCK` (opening takes it): what a refused open must leave as it was.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = all_file_bytes(dir)
+        .into_iter()
+        .filter(|(p, _)| !p.ends_with("LOCK"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn cut_at(seg: &Path, len: usize) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(seg)
+        .expect("open");
+    f.set_len(len as u64).expect("truncate");
+}
+
+/// A segment cut cleanly at a record boundary below what a signed checkpoint covers (a backup
+/// of it restored beside newer checkpoints): `verify` called it truncated, but opening took the
+/// shorter chain and wrote new records under the lost sequence numbers.
+#[tokio::test]
+async fn a_chain_cut_below_a_signed_checkpoint_refuses_to_open_and_writes_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    let seg = only_segment(tmp.path());
+    cut_at(&seg, frames(&seg)[7].0);
+    let before = snapshot(tmp.path());
+    let err = Ledger::open(cfg(tmp.path()), k.clone()).expect_err("must refuse");
+    let msg = err.to_string();
+    assert!(msg.contains("covers seq 10 but the chain"), "{msg}");
+    assert_eq!(tamper(err), (8, TamperKind::Truncated));
+    assert_eq!(
+        snapshot(tmp.path()),
+        before,
+        "a refused open writes nothing"
+    );
+    // As verify says.
+    assert_eq!(
+        tamper(verify_dir(tmp.path(), &k).expect_err("cut")),
+        (8, TamperKind::Truncated)
+    );
+}
+
+/// The same when whole segments are gone: the newest one left ends below the checkpoint, or
+/// an older one ends short of the newest.
+#[tokio::test]
+async fn missing_segments_below_a_signed_checkpoint_refuse_to_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let small = LedgerConfig {
+        segment_bytes: 2048,
+        ..cfg(tmp.path())
+    };
+    let ledger = Ledger::open(small.clone(), k.clone()).expect("open");
+    write_n(&ledger, 40).await;
+    ledger.shutdown().await;
+    let segs = list_segments(tmp.path()).expect("list");
+    assert!(segs.len() >= 3, "{segs:?}");
+
+    let (_, newest) = segs.last().expect("a segment");
+    let saved = std::fs::read(newest).expect("read");
+    std::fs::remove_file(newest).expect("remove");
+    let before = snapshot(tmp.path());
+    let (_, kind) = tamper(Ledger::open(small.clone(), k.clone()).expect_err("must refuse"));
+    assert_eq!(kind, TamperKind::Truncated);
+    assert_eq!(snapshot(tmp.path()), before);
+    std::fs::write(newest, saved).expect("restore");
+
+    // The newest segment empty (as rotation leaves it), the history before it signed (as
+    // retention signs it before purging), and the segment before it cut short: the checkpoint
+    // that anchors a purged segment must not paper over records lost from one still there.
+    let (first, _) = segs[segs.len() - 1];
+    std::fs::write(segment_path(tmp.path(), first), b"").expect("empty newest");
+    let (_, older) = &segs[segs.len() - 2];
+    let data = std::fs::read(older).expect("read");
+    let (last_start, _, last_seq) = *frames(older).last().expect("frame");
+    let Next::Frame(f) = next_frame(&data, last_start) else {
+        panic!("no frame")
+    };
+    assert_eq!(last_seq, first - 1);
+    let cp = tmp.path().join(CHECKPOINT_FILE);
+    let genesis = std::fs::read_to_string(&cp).expect("read");
+    let genesis = genesis.lines().next().expect("seq 0");
+    std::fs::write(&cp, format!("{genesis}\n")).expect("write");
+    let mut log = checkpoint::CheckpointLog::open(tmp.path(), None).expect("log");
+    log.append(&checkpoint::Checkpoint::sign(&k, last_seq, f.hash(), 0))
+        .expect("sign");
+    drop(log);
+    verify_dir(tmp.path(), &k).expect("consistent so far");
+    cut_at(older, last_start);
+    let before = snapshot(tmp.path());
+    let (seq, kind) = tamper(Ledger::open(small, k).expect_err("must refuse"));
+    assert_eq!((seq, kind), (last_seq, TamperKind::Removed));
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+/// A removed (or emptied) checkpoint file let a cut tail pass as a torn one: records were
+/// quarantined and the rest opened as if nothing were missing.
+#[tokio::test]
+async fn records_without_a_checkpoint_file_refuse_to_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    let cp = tmp.path().join(CHECKPOINT_FILE);
+    let seg = only_segment(tmp.path());
+    let (s, e, _) = frames(&seg)[4];
+    cut_at(&seg, s + (e - s) / 2);
+    for emptied in [false, true] {
+        if emptied {
+            std::fs::write(&cp, b"").expect("empty");
+        } else {
+            std::fs::remove_file(&cp).expect("remove");
+        }
+        let before = snapshot(tmp.path());
+        let err = Ledger::open(cfg(tmp.path()), k.clone()).expect_err("must refuse");
+        assert!(err.to_string().contains("checkpoints.jsonl"), "{err}");
+        assert_eq!(tamper(err), (0, TamperKind::CheckpointInvalid));
+        assert_eq!(snapshot(tmp.path()), before, "nothing cut or quarantined");
+    }
+
+    // A crash at the first start, after the first segment was created and before the first
+    // checkpoint was signed, leaves no checkpoint and no record: that opens.
+    let fresh = tempfile::tempdir().expect("tempdir");
+    Ledger::open(cfg(fresh.path()), k.clone())
+        .expect("create")
+        .shutdown()
+        .await;
+    std::fs::remove_file(fresh.path().join(CHECKPOINT_FILE)).expect("remove");
+    let ledger = Ledger::open(cfg(fresh.path()), k.clone()).expect("reopen");
+    write_n(&ledger, 2).await;
+    ledger.shutdown().await;
+    assert_eq!(verify_dir(fresh.path(), &k).expect("verify").head_seq, 2);
+}
+
+/// With its key file gone, a start made new keys, could decrypt nothing and cut the whole
+/// segment as a "torn tail".
+#[tokio::test]
+async fn a_missing_key_file_refuses_to_open_and_cuts_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ledger");
+    let key_path = tmp.path().join("ledger-keys.json");
+    let k = Keyring::load_or_create(&key_path).expect("create keys");
+    let ledger = Ledger::open(cfg(&dir), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    std::fs::remove_file(&key_path).expect("remove keys");
+    for also_checkpoints in [false, true] {
+        if also_checkpoints {
+            std::fs::remove_file(dir.join(CHECKPOINT_FILE)).expect("remove checkpoints");
+        }
+        let before = snapshot(&dir);
+        let fresh = Keyring::load_or_create(&key_path).expect("a start makes new keys");
+        let err = Ledger::open(cfg(&dir), fresh).expect_err("must refuse");
+        let msg = err.to_string();
+        assert!(matches!(err, LedgerError::WrongKeys(_)), "{err:?}");
+        assert!(msg.contains(&key_path.display().to_string()), "{msg}");
+        assert!(msg.contains("missing"), "{msg}");
+        assert_eq!(snapshot(&dir), before, "nothing cut or quarantined");
+        assert!(
+            !key_path.exists(),
+            "the keys made for nothing are not left behind"
+        );
+    }
+}
+
+/// A whole record that fails authentication is damage, not a torn write: it is not cut, nor
+/// anything after it.
+#[tokio::test]
+async fn a_record_that_does_not_authenticate_is_not_taken_for_a_torn_tail() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    // Records 1..10 after the last checkpoint left (seq 0), as a crash leaves them.
+    drop_last_checkpoint(tmp.path());
+    let seg = only_segment(tmp.path());
+    let original = std::fs::read(&seg).expect("read");
+    for (i, want) in [(9usize, None), (0, Some(()))] {
+        let (_, e, seq) = frames(&seg)[i];
+        let mut data = original.clone();
+        data[e - 1] ^= 1; // in the AEAD tag
+        std::fs::write(&seg, &data).expect("write");
+        let before = snapshot(tmp.path());
+        let err = Ledger::open(cfg(tmp.path()), k.clone()).expect_err("must refuse");
+        match want {
+            // After records that authenticate: altered.
+            None => assert_eq!(tamper(err), (seq, TamperKind::Modified)),
+            // The very first one read: more likely the wrong keys, and said so.
+            Some(()) => {
+                assert!(matches!(&err, LedgerError::WrongKeys(m) if m.contains("key file")))
+            }
+        }
+        assert_eq!(snapshot(tmp.path()), before, "nothing cut or quarantined");
+    }
+}
+
+/// `verify` called a complete garbage line in the checkpoint file malformed; opening ignored it.
+/// A torn last line (no newline: a crash mid-append) is still cut.
+#[tokio::test]
+async fn a_malformed_checkpoint_line_refuses_to_open_and_a_torn_one_is_cut() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 5).await;
+    ledger.shutdown().await;
+    let cp = tmp.path().join(CHECKPOINT_FILE);
+    let good = std::fs::read_to_string(&cp).expect("read");
+
+    std::fs::write(&cp, format!("{good}{{not json\n")).expect("write");
+    let before = snapshot(tmp.path());
+    let err = Ledger::open(cfg(tmp.path()), k.clone()).expect_err("must refuse");
+    assert!(err.to_string().contains("line 3 of"), "{err}");
+    assert_eq!(tamper(err), (0, TamperKind::CheckpointInvalid));
+    assert_eq!(snapshot(tmp.path()), before);
+
+    std::fs::write(&cp, format!("{good}{{\"seq\":9")).expect("write");
+    Ledger::open(cfg(tmp.path()), k.clone())
+        .expect("a torn last line is cut")
+        .shutdown()
+        .await;
+    assert_eq!(std::fs::read_to_string(&cp).expect("read"), good);
+    verify_dir(tmp.path(), &k).expect("verify");
 }
 
 /// A full disk at the first start left an empty key file that every later start refused.
