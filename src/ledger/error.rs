@@ -34,11 +34,12 @@ impl fmt::Display for TamperKind {
 /// Every error the ledger module produces.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error("ledger I/O error ({context}): {source}")]
+    // The OS error is in the message and deliberately not also the `source()`: printed with its
+    // chain (`{:#}`, as anyhow does), it would otherwise appear twice.
+    #[error("ledger I/O error ({context}): {error}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("ledger encoding error: {0}")]
     Encoding(#[from] serde_json::Error),
@@ -77,7 +78,7 @@ impl LedgerError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         LedgerError::Io {
             context: context.into(),
-            source,
+            error: source,
         }
     }
 

@@ -166,14 +166,22 @@ pub(crate) fn owner_only(o: &mut std::fs::OpenOptions) -> &mut std::fs::OpenOpti
 }
 
 /// A ledger an earlier version wrote readable by others (0755 / 0644) is
-/// made owner-only, the directory and every file in it.
-fn make_owner_only(dir: &std::path::Path) -> std::io::Result<()> {
+/// made owner-only, the directory and every file in it. Returns how many
+/// were tightened.
+fn make_owner_only(dir: &std::path::Path) -> std::io::Result<usize> {
+    let mut tightened = 0usize;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mut tightened = 0usize;
         let mut tighten = |path: &std::path::Path, mode: u32| -> std::io::Result<()> {
-            let now = std::fs::symlink_metadata(path)?.permissions().mode();
+            // `metadata` follows a symlink: a symlink's own mode is always 0777 and guards
+            // nothing (the ledger looked loose at every start), the directory it points to is
+            // what others can or cannot read. `set_permissions` follows it as well, so it is the
+            // ledger's real directory that is tightened, as it would be without the link, and
+            // only once; the link itself is never changed or replaced. Files are only reached
+            // below when they are regular files, never through a symlink, so a link placed in
+            // the ledger cannot get a file elsewhere chmod-ed.
+            let now = std::fs::metadata(path)?.permissions().mode();
             if now & 0o077 != 0 {
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
                 tightened += 1;
@@ -195,25 +203,103 @@ fn make_owner_only(dir: &std::path::Path) -> std::io::Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(tightened)
 }
 
-/// Takes the directory's exclusive lock, or says who holds it.
-pub fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, LedgerError> {
+const LOCK_FILE: &str = "LOCK";
+
+/// Takes the directory's exclusive lock (creating the directory if need be), or says who
+/// holds it. What the writer takes: it is the only one that writes.
+fn lock_exclusive(dir: &std::path::Path) -> Result<std::fs::File, LedgerError> {
     crate::secrets::create_private_dir(dir).map_err(|e| LedgerError::io("create ledger dir", e))?;
-    make_owner_only(dir).map_err(|e| LedgerError::io("make the ledger owner-only", e))?;
+    lock_exclusive_io(dir)
+        .map_err(|(what, e)| LedgerError::io(what, e))?
+        .map_err(|()| LedgerError::Locked(dir.display().to_string()))
+}
+
+/// `Ok(Err(()))` when someone else holds the lock.
+fn lock_exclusive_io(
+    dir: &std::path::Path,
+) -> Result<Result<std::fs::File, ()>, (&'static str, std::io::Error)> {
+    make_owner_only(dir).map_err(|e| ("make the ledger owner-only", e))?;
     let file = owner_only(&mut std::fs::OpenOptions::new())
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join("LOCK"))
-        .map_err(|e| LedgerError::io("open ledger lock", e))?;
+        .open(dir.join(LOCK_FILE))
+        .map_err(|e| ("open ledger lock", e))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            Err(LedgerError::Locked(dir.display().to_string()))
+        Ok(()) => Ok(Ok(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(Err(())),
+        Err(std::fs::TryLockError::Error(e)) => Err(("lock ledger dir", e)),
+    }
+}
+
+/// The lock an operator command takes on a stopped ledger: the exclusive one, so that it never
+/// runs beside a live server. A directory it cannot write to (a read-only mount, a backup, a
+/// copy it may only read) cannot be written by anyone else either, as far as this user can
+/// tell: there the command takes a shared lock on a `LOCK` file opened read-only (a live
+/// consentry holds it exclusively, so that still refuses beside one), or, when there is no
+/// `LOCK` file to lock, none at all. Either way it logs a warning saying so. `None` when no
+/// lock is held.
+pub fn lock_dir(dir: &std::path::Path) -> Result<Option<std::fs::File>, LedgerError> {
+    crate::secrets::create_private_dir(dir).map_err(|e| LedgerError::io("create ledger dir", e))?;
+    let why = match lock_exclusive_io(dir) {
+        Ok(Ok(file)) => return Ok(Some(file)),
+        Ok(Err(())) => return Err(LedgerError::Locked(dir.display().to_string())),
+        Err((_, e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            e
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(LedgerError::io("lock ledger dir", e)),
+        Err((what, e)) => return Err(LedgerError::io(what, e)),
+    };
+    lock_for_reading(dir, &why)
+}
+
+/// [`lock_dir`] in a directory it cannot write to, for the reason `why`.
+fn lock_for_reading(
+    dir: &std::path::Path,
+    why: &std::io::Error,
+) -> Result<Option<std::fs::File>, LedgerError> {
+    match std::fs::File::open(dir.join(LOCK_FILE)) {
+        Ok(file) => match file.try_lock_shared() {
+            Ok(()) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    reason = %why,
+                    "the ledger directory cannot be written; took a shared lock on its LOCK file \
+                     instead of the exclusive one and reading it as it is"
+                );
+                Ok(Some(file))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(LedgerError::Locked(dir.display().to_string()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    reason = %why,
+                    error = %e,
+                    "the ledger directory cannot be written and its LOCK file cannot be locked; \
+                     going on without a lock"
+                );
+                Ok(None)
+            }
+        },
+        Err(e) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                reason = %why,
+                error = %e,
+                "the ledger directory cannot be written and its LOCK file cannot be opened; \
+                 going on without a lock"
+            );
+            Ok(None)
+        }
     }
 }
 
@@ -244,7 +330,7 @@ impl Ledger {
     /// writer thread.
     pub fn open(cfg: LedgerConfig, keys: Keyring) -> Result<Ledger, LedgerError> {
         cfg.validate()?;
-        let lock = lock_dir(&cfg.dir)?;
+        let lock = lock_exclusive(&cfg.dir)?;
         metrics::gauge!(crate::metrics::LEDGER_HEALTHY).set(1.0);
         let shared = Arc::new(Shared {
             queue: Mutex::new(writer::Queue::default()),

@@ -1441,3 +1441,64 @@ fn a_full_disk_leaves_no_ledger_key_file() {
         KeyId(1)
     );
 }
+
+/// Printed with its chain (as anyhow's `{:#}` does), an I/O error named the OS error twice.
+#[test]
+fn an_io_error_names_the_os_error_once() {
+    let e = LedgerError::io("open ledger lock", std::io::Error::from_raw_os_error(30));
+    let shown = format!("{:#}", anyhow::Error::from(e));
+    assert_eq!(shown.matches("os error 30").count(), 1, "{shown}");
+}
+
+/// A ledger directory reached through a symlink was "made owner-only" at every start: the
+/// symlink's own mode (always 0777) was read instead of its target's.
+#[cfg(unix)]
+#[test]
+fn a_symlinked_ledger_is_tightened_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let real = tmp.path().join("real");
+    std::fs::create_dir(&real).expect("mkdir");
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let link = tmp.path().join("ledger");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    assert_eq!(make_owner_only(&link).expect("tighten"), 1);
+    let mode = std::fs::metadata(&real).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert!(std::fs::symlink_metadata(&link)
+        .expect("lstat")
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        make_owner_only(&link).expect("again"),
+        0,
+        "nothing left to tighten"
+    );
+}
+
+/// Where the directory cannot be written, an operator command takes a shared lock on a LOCK file
+/// opened read-only, which a live writer's exclusive lock still refuses, or goes on without one
+/// when there is no LOCK file.
+#[test]
+fn a_directory_that_cannot_be_written_is_locked_shared_for_reading() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ro = std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem);
+    assert!(lock_for_reading(tmp.path(), &ro)
+        .expect("no LOCK")
+        .is_none());
+    let writer = lock_exclusive(tmp.path()).expect("exclusive");
+    assert!(matches!(
+        lock_for_reading(tmp.path(), &ro),
+        Err(LedgerError::Locked(_))
+    ));
+    drop(writer);
+    let shared = lock_for_reading(tmp.path(), &ro).expect("shared");
+    assert!(shared.is_some());
+    assert!(lock_for_reading(tmp.path(), &ro)
+        .expect("shared twice")
+        .is_some());
+    assert!(matches!(
+        lock_exclusive(tmp.path()),
+        Err(LedgerError::Locked(_))
+    ));
+}
