@@ -239,7 +239,19 @@ fn main() -> anyhow::Result<()> {
                         Ok(())
                     }
                     Err(e) => {
-                        eprintln!("ledger verification FAILED: {e:#}");
+                        // Only a chain that does not check out is a failed
+                        // verification; a file that cannot be read is not.
+                        let tampered = e.chain().any(|c| {
+                            matches!(
+                                c.downcast_ref::<consentry::ledger::LedgerError>(),
+                                Some(consentry::ledger::LedgerError::Tampered { .. })
+                            )
+                        });
+                        if tampered {
+                            eprintln!("ledger verification FAILED: {e:#}");
+                        } else {
+                            eprintln!("ledger verify could not run: {e:#}");
+                        }
                         std::process::exit(1);
                     }
                 },
