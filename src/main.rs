@@ -371,8 +371,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     println!("consentry listening ready=all");
     signals.wait(&server).await?;
     tracing::info!("shutting down");
-    server.shutdown().await;
-    Ok(())
+    // A second SIGTERM or Ctrl-C cuts the drain short. Nothing recorded is
+    // lost: every share record was durable before its delivery, and the
+    // recovery at the next start signs the ledger's head.
+    tokio::select! {
+        () = server.shutdown() => Ok(()),
+        () = signals.again() => {
+            tracing::warn!("second signal: exiting without finishing the drain");
+            std::process::exit(1);
+        }
+    }
 }
 
 #[cfg(unix)]
@@ -407,6 +415,14 @@ impl Signals {
             }
         }
     }
+
+    /// Returns at the next SIGTERM or SIGINT.
+    async fn again(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 #[cfg(not(unix))]
@@ -420,5 +436,9 @@ impl Signals {
 
     async fn wait(&mut self, _server: &Server) -> anyhow::Result<()> {
         tokio::signal::ctrl_c().await.map_err(Into::into)
+    }
+
+    async fn again(&mut self) {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

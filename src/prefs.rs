@@ -197,7 +197,7 @@ impl PreferenceManager {
                 .iter()
                 .filter(|p| names_kind(p, &k.name))
                 .count();
-            if old != k && users > 0 {
+            if !same_definition(old, k) && users > 0 {
                 return Err(PrefError::Exists(format!(
                     "[[kinds]] {:?} differs from the definition in the store, which the \
                      preferences of {users} user(s) name: they consented to it as stored \
@@ -497,7 +497,7 @@ impl PreferenceManager {
     pub fn put_kind(&self, kind: Kind) -> Result<(), PrefError> {
         let mut state = self.lock();
         if let Some(old) = state.kinds.iter().find(|k| k.name == kind.name) {
-            if *old == kind {
+            if same_definition(old, &kind) {
                 return Ok(());
             }
             let users = state
@@ -696,6 +696,19 @@ impl PreferenceManager {
 /// fields inside it). Refusing to start over them would lock the operator
 /// out of the API that could fix them, so the type goes, with a warning. A
 /// kind of the configuration file is the operator's to fix: it fails.
+/// Whether two declarations of a kind say the same: the order its fields
+/// are listed in is no part of what users consented to.
+fn same_definition(a: &Kind, b: &Kind) -> bool {
+    fn fields(k: &Kind) -> std::collections::BTreeSet<&str> {
+        k.fields.iter().map(String::as_str).collect()
+    }
+    let rest = |k: &Kind| Kind {
+        fields: Vec::new(),
+        ..k.clone()
+    };
+    fields(a) == fields(b) && rest(a) == rest(b)
+}
+
 /// Whether the preferences collect or share the kind: the user consented to it.
 fn names_kind(p: &Preferences, kind: &str) -> bool {
     p.collect.iter().any(|g| g.kind == kind) || p.share.iter().any(|g| g.kind == kind)
@@ -1155,6 +1168,12 @@ mod tests {
             message.contains("\"heart_rate\"") && message.contains("user(s)"),
             "{message}"
         );
+        // The same fields listed in another order are the same kind.
+        let mut reordered = kinds.clone();
+        let location = kinds.iter().position(|k| k.name == "location").unwrap();
+        reordered[location].fields.reverse();
+        assert_ne!(reordered[location].fields, kinds[location].fields);
+        drop(reopen(&reordered).unwrap());
         // Nothing was written: the stored definition is still the old one.
         let (pm, _, _) = reopen(&kinds).unwrap();
         assert!(pm.kinds().contains(&kinds[at]));

@@ -554,6 +554,9 @@ async fn accept_loop(
             }
         });
     }
+    // Closed now, so that a client connecting during the drain is refused
+    // rather than left without an answer.
+    drop(listener);
     let _ = tokio::time::timeout(Duration::from_secs(shared.server.drain_secs), async {
         while sessions.join_next().await.is_some() {}
     })

@@ -72,6 +72,10 @@ const QUICKACK_BELOW: usize = 16 * 1024;
 /// In a graceful stop, a session ends once the broker has sent it nothing
 /// for this long: what devices published before the stop has reached it.
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
+/// A provider's session waits at least this much longer: the wills of
+/// devices whose sessions end in the drain are published then, and are for
+/// it to receive.
+const DRAIN_WILLS: Duration = Duration::from_millis(750);
 
 /// Client-bound bytes and the ledger records they wait for.
 struct Chunk {
@@ -981,8 +985,8 @@ impl Session {
         let up_idle = Duration::from_secs(self.shared.server.upstream_idle_secs);
         let mut client_read = CLIENT_BUF;
         let mut client_quiet = true;
-        // Set by a graceful stop: the time it began and the time by which
-        // the session stops waiting for the broker.
+        // Set by a graceful stop: the time from which the broker's silence
+        // counts, and the time by which the session stops waiting for it.
         let mut stopping: Option<(Instant, Instant)> = None;
         let mut last_from_broker = Instant::now();
         loop {
@@ -1153,7 +1157,11 @@ impl Session {
                     // rest of it is for the last ledger records to sync.
                     let now = Instant::now();
                     let budget = Duration::from_secs(self.shared.server.drain_secs) * 3 / 4;
-                    stopping = Some((now, now + budget));
+                    let wills = match self.who {
+                        Principal::Provider { .. } => DRAIN_WILLS.min(budget),
+                        _ => Duration::ZERO,
+                    };
+                    stopping = Some((now + wills, now + budget));
                 }
             }
         }

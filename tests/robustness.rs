@@ -924,3 +924,77 @@ async fn a_graceful_stop_delivers_what_devices_were_told_was_accepted() {
         .count();
     assert_eq!(shares, 200, "{page:#}");
 }
+
+/// A graceful stop ends the devices' sessions without a DISCONNECT from
+/// them, so their wills fall due; the providers' sessions stay long enough
+/// to receive them (found by this session's review: before, a connected
+/// provider's session ended at the same moment and never got one).
+#[tokio::test]
+async fn a_graceful_stop_delivers_the_wills_it_publishes() {
+    use common::v5;
+    let mut server = Server::demo();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let _watch = v5::connect_with(v5::alice_watch_with_will(server.mqtt, "watch", false))
+        .await
+        .unwrap();
+    server.signal("TERM");
+    let mut got = Vec::new();
+    loop {
+        match fit.next().await {
+            v5::Packet::Publish(p) => got.push(String::from_utf8(p.payload.to_vec()).unwrap()),
+            v5::Packet::Disconnect(d) => {
+                assert_eq!(d.reason_code, DisconnectReasonCode::ServerShuttingDown);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(got, [r#"{"bpm":0}"#]);
+    server.stop();
+}
+
+/// A provider that stops reading holds its session in the drain until
+/// `server.drain_secs`; meanwhile new connections are refused, not left
+/// unanswered, and a second SIGTERM ends the process at once.
+#[tokio::test]
+async fn during_a_drain_new_connections_are_refused_and_a_second_sigterm_ends_it() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, Subscribe};
+    let mut server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        replace: vec![("drain_secs = 5".into(), "drain_secs = 60".into())],
+        ..Default::default()
+    });
+    let mut stuck = Raw::login_v5(server.mqtt, "fitcoach", "fitcoach-secret").await;
+    let filter = Filter::new("public/#", QoS::AtMostOnce);
+    stuck
+        .send(Packet::Subscribe(Subscribe::new(filter, None)))
+        .await;
+    assert!(matches!(stuck.recv().await, Some(Packet::SubAck(_))));
+    // Far more than the socket buffers hold, and the provider reads none of it.
+    let watch =
+        common::v5::connect(server.mqtt, "watch", "alice-watch", "alice-watch-secret").await;
+    let big = vec![b'x'; 64 * 1024];
+    for _ in 0..400 {
+        watch
+            .client
+            .publish("public/big", QoS::AtMostOnce, false, big.clone())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        server.wait_exit(Duration::from_millis(500)).is_none(),
+        "the drain did not wait for the stuck provider"
+    );
+    let late = TcpStream::connect(server.mqtt).await;
+    assert!(late.is_err(), "a connection was accepted during the drain");
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("a second SIGTERM did not end the drain");
+    assert!(!status.success(), "{status}");
+    drop(stuck);
+}
