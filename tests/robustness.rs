@@ -902,7 +902,9 @@ async fn a_graceful_stop_delivers_what_devices_were_told_was_accepted() {
     }
     let want: Vec<String> = (0..200).map(|bpm| format!("{{\"bpm\":{bpm}}}")).collect();
     assert_eq!(got, want);
-    server.stop();
+    // The stop under way ends by itself (another SIGTERM would cut it short).
+    let status = server.wait_exit(Duration::from_secs(10)).expect("exit");
+    assert!(status.success(), "{status}");
 
     server.restart();
     let token = common::demo_alice_token(&server);
@@ -951,7 +953,8 @@ async fn a_graceful_stop_delivers_the_wills_it_publishes() {
         }
     }
     assert_eq!(got, [r#"{"bpm":0}"#]);
-    server.stop();
+    let status = server.wait_exit(Duration::from_secs(10)).expect("exit");
+    assert!(status.success(), "{status}");
 }
 
 /// A provider that stops reading holds its session in the drain until
