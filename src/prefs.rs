@@ -973,6 +973,18 @@ mod tests {
             .expect("the user has preferences in the file")
     }
 
+    /// Takes heart_rate out of every demo user's preferences.
+    fn nobody_names_heart_rate(pm: &PreferenceManager) {
+        for user in ["alice", "bob"] {
+            pm.change(user, None, "test", |p| {
+                p.collect.retain(|g| g.kind != "heart_rate");
+                p.share.retain(|g| g.kind != "heart_rate");
+                Ok(())
+            })
+            .unwrap();
+        }
+    }
+
     fn fitcoach_gets_heart_rate(act: &ActHandle) -> bool {
         matches!(
             act.load().deliver(
@@ -1102,14 +1114,7 @@ mod tests {
         pm.put_kind(sleep.clone()).unwrap();
         assert!(pm.kinds().contains(&sleep));
         // Once nobody names heart_rate any more, it may change too.
-        for user in ["alice", "bob"] {
-            pm.change(user, None, "test", |p| {
-                p.collect.retain(|g| g.kind != "heart_rate");
-                p.share.retain(|g| g.kind != "heart_rate");
-                Ok(())
-            })
-            .unwrap();
-        }
+        nobody_names_heart_rate(&pm);
         pm.put_kind(wider.clone()).unwrap();
         assert!(pm.kinds().contains(&wider));
     }
@@ -1178,14 +1183,7 @@ mod tests {
         let (pm, _, _) = reopen(&kinds).unwrap();
         assert!(pm.kinds().contains(&kinds[at]));
         // Once nobody's preferences name it, the file's definition applies.
-        for user in ["alice", "bob"] {
-            pm.change(user, None, "test", |p| {
-                p.collect.retain(|g| g.kind != "heart_rate");
-                p.share.retain(|g| g.kind != "heart_rate");
-                Ok(())
-            })
-            .unwrap();
-        }
+        nobody_names_heart_rate(&pm);
         drop(pm);
         let (pm, _, _) = reopen(&wider).unwrap();
         assert!(pm.kinds().contains(&wider[at]));

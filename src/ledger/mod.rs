@@ -265,7 +265,7 @@ fn lock_for_reading(
     dir: &std::path::Path,
     why: &std::io::Error,
 ) -> Result<Option<std::fs::File>, LedgerError> {
-    match std::fs::File::open(dir.join(LOCK_FILE)) {
+    let failed = match std::fs::File::open(dir.join(LOCK_FILE)) {
         Ok(file) => match file.try_lock_shared() {
             Ok(()) => {
                 tracing::warn!(
@@ -274,33 +274,24 @@ fn lock_for_reading(
                     "the ledger directory cannot be written; took a shared lock on its LOCK file \
                      instead of the exclusive one and reading it as it is"
                 );
-                Ok(Some(file))
+                return Ok(Some(file));
             }
             Err(std::fs::TryLockError::WouldBlock) => {
-                Err(LedgerError::Locked(dir.display().to_string()))
+                return Err(LedgerError::Locked(dir.display().to_string()))
             }
-            Err(std::fs::TryLockError::Error(e)) => {
-                tracing::warn!(
-                    dir = %dir.display(),
-                    reason = %why,
-                    error = %e,
-                    "the ledger directory cannot be written and its LOCK file cannot be locked; \
-                     going on without a lock"
-                );
-                Ok(None)
-            }
+            Err(std::fs::TryLockError::Error(e)) => ("locked", e),
         },
-        Err(e) => {
-            tracing::warn!(
-                dir = %dir.display(),
-                reason = %why,
-                error = %e,
-                "the ledger directory cannot be written and its LOCK file cannot be opened; \
-                 going on without a lock"
-            );
-            Ok(None)
-        }
-    }
+        Err(e) => ("opened", e),
+    };
+    let (what, e) = failed;
+    tracing::warn!(
+        dir = %dir.display(),
+        reason = %why,
+        error = %e,
+        "the ledger directory cannot be written and its LOCK file cannot be {what}; going on \
+         without a lock"
+    );
+    Ok(None)
 }
 
 impl Drop for Handle {
