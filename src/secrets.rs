@@ -93,6 +93,7 @@ pub(crate) fn publish_private(path: &Path, bytes: &[u8], replace: bool) -> std::
     let name = path.file_name().ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
     })?;
+    remove_stale_temps(dir, &name.to_string_lossy());
     let tmp = dir.join(format!(
         ".{}.tmp-{}-{:08x}",
         name.to_string_lossy(),
@@ -139,6 +140,51 @@ pub(crate) fn publish_private(path: &Path, bytes: &[u8], replace: bool) -> std::
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Removes the temporary files of [`publish_private`] for `name` that a
+/// process killed mid-write left behind: they hold key material. A
+/// temporary file of a process still running is its own, and is kept.
+fn remove_stale_temps(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_exists(pid) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(
+                    file = %entry.path().display(),
+                    "removed a temporary key file an interrupted write left"
+                ),
+                Err(e) => tracing::warn!(
+                    file = %entry.path().display(),
+                    error = %e,
+                    "could not remove a temporary key file an interrupted write left"
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn process_exists(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Without /proc, every other process's temporary file is taken as live.
+#[cfg(not(target_os = "linux"))]
+fn process_exists(_pid: u32) -> bool {
+    true
 }
 
 #[cfg(test)]
@@ -218,6 +264,37 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    /// `keys rotate` killed between writing its temporary file and renaming
+    /// it left a copy of the key file beside it for good.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn temporary_key_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ledger-keys.json");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = dir
+            .path()
+            .join(format!(".ledger-keys.json.tmp-{dead}-0badc0de"));
+        let live = dir.path().join(format!(
+            ".ledger-keys.json.tmp-{}-0badc0de",
+            std::process::id()
+        ));
+        let other = dir.path().join(format!(".master.key.tmp-{dead}-0badc0de"));
+        for f in [&stale, &live, &other] {
+            std::fs::write(f, b"old keys").unwrap();
+        }
+        publish_private(&p, b"new keys", true).unwrap();
+        assert!(!stale.exists(), "a dead process's temporary file stayed");
+        assert!(
+            live.exists(),
+            "a running process's temporary file was removed"
+        );
+        assert!(other.exists(), "another file's temporary file was removed");
+        assert_eq!(std::fs::read(&p).unwrap(), b"new keys");
     }
 
     #[test]

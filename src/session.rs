@@ -401,6 +401,7 @@ pub async fn serve<S>(
         claim: None,
         lazy: None,
         up_open: false,
+        awaiting_broker: 0,
         up_flows: HashSet::new(),
         qos2_in: HashSet::new(),
         client_max_packet: None,
@@ -413,7 +414,8 @@ pub async fn serve<S>(
             return;
         }
         Ok(Opened::Unavailable) => {
-            metrics::counter!(m::CONNECTIONS, "role" => role, "result" => "error").increment(1);
+            metrics::counter!(m::CONNECTIONS, "role" => role, "result" => "unavailable")
+                .increment(1);
             return;
         }
         Err(e) => {
@@ -633,6 +635,10 @@ struct Session {
     lazy: Option<v5::Connect>,
     /// Whether the broker connection is open.
     up_open: bool,
+    /// Publishes a lazy session passed at ingress while its broker
+    /// connection was not open yet: counted forwarded once it opens, dropped
+    /// if it cannot.
+    awaiting_broker: u64,
     /// The client's will. The broker never gets it: it passed ingress at
     /// CONNECT, but it is collected when it is published, so consentry
     /// keeps it and decides it again when it is due (`will::session_ended`).
@@ -1280,7 +1286,21 @@ impl Session {
         }
         let stream = match up {
             Some(s) => s,
-            None => up.insert(self.go_up(up_buf).await?),
+            None => {
+                let opened = self.go_up(up_buf).await;
+                let waiting = std::mem::take(&mut self.awaiting_broker);
+                match opened {
+                    Ok(s) => {
+                        self.shared.hot.forwarded.increment(waiting);
+                        up.insert(s)
+                    }
+                    Err(e) => {
+                        metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => "broker_unavailable")
+                            .increment(waiting);
+                        return Err(e);
+                    }
+                }
+            }
         };
         stream.write_all(&self.to_broker).await?;
         self.to_broker.clear();
@@ -1465,7 +1485,11 @@ impl Session {
         let name = TopicName::new(topic).ok_or_else(fault)?;
         match self.check_ingress(name, &publish.payload) {
             Ok(payload) => {
-                self.shared.hot.forwarded.increment(1);
+                if self.lazy.is_some() && !self.up_open {
+                    self.awaiting_broker += 1;
+                } else {
+                    self.shared.hot.forwarded.increment(1);
+                }
                 let was_held = self.held.is_held();
                 let bytes = (publish.topic.len() + payload.len()) as u64;
                 self.shared

@@ -469,6 +469,9 @@ async fn after_a_failed_ledger_write_personal_data_is_refused_at_ingress() {
     ))
     .await;
     assert!(refused.is_err(), "a provider got a session");
-    let errors = [("role", "provider"), ("result", "error")];
-    assert_eq!(server.metric("consentry_connections_total", &errors), 1.0);
+    let unavailable = [("role", "provider"), ("result", "unavailable")];
+    assert_eq!(
+        server.metric("consentry_connections_total", &unavailable),
+        1.0
+    );
 }

@@ -840,11 +840,43 @@ async fn an_unreachable_broker_gets_persistent_sessions_connack_server_unavailab
         [0x20, 0x02, 0x00, 0x03],
         "CONNACK server unavailable, then close"
     );
-    let errors = server.metric(
+    let unavailable = server.metric(
         "consentry_connections_total",
-        &[("role", "provider"), ("result", "error")],
+        &[("role", "provider"), ("result", "unavailable")],
     );
-    assert_eq!(errors, 2.0);
+    assert_eq!(unavailable, 2.0);
+}
+
+/// A clean session opens its broker connection with its first publish.
+/// With the broker unreachable then, the publish was not forwarded: it is
+/// counted dropped (`broker_unavailable`), not forwarded, and the device,
+/// which got no PUBACK, is told the session failed.
+#[tokio::test]
+async fn a_publish_whose_broker_connection_cannot_open_is_not_counted_forwarded() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let server = Server::start(Setup {
+        upstream: Some(format!("mqtt://127.0.0.1:{port}")),
+        ..Default::default()
+    });
+    let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    let mut publish = Publish::new(
+        "pii/alice/alice-watch/heart_rate",
+        QoS::AtLeastOnce,
+        r#"{"bpm":72}"#,
+        None,
+    );
+    publish.pkid = 1;
+    r.send(Packet::Publish(publish)).await;
+    let why = r
+        .expect_disconnect(DisconnectReasonCode::UnspecifiedError)
+        .await;
+    assert_eq!(why, "the broker connection failed");
+    let forwarded = [("result", "forwarded")];
+    assert_eq!(server.metric("consentry_publishes_total", &forwarded), 0.0);
+    let dropped = [("result", "dropped"), ("reason", "broker_unavailable")];
+    assert_eq!(server.metric("consentry_publishes_total", &dropped), 1.0);
 }
 
 /// A graceful stop (SIGTERM) delivers what devices were told was accepted

@@ -853,7 +853,10 @@ async fn a_broker_refusing_consentrys_login_is_server_unavailable_to_the_client(
         "{:?}",
         refused.err()
     );
-    let errors = [("role", "provider"), ("result", "error")];
-    assert_eq!(server.metric("consentry_connections_total", &errors), 1.0);
+    let unavailable = [("role", "provider"), ("result", "unavailable")];
+    assert_eq!(
+        server.metric("consentry_connections_total", &unavailable),
+        1.0
+    );
     assert!(server.log().contains("upstream refused consentry's login"));
 }
