@@ -1782,6 +1782,45 @@ mod tests {
         );
     }
 
+    /// Windows are wall-clock times in the user's zone: on the night clocks
+    /// go forward, a window inside the skipped hour never opens; on the night
+    /// they go back, the hour that happens twice is inside it both times.
+    #[test]
+    fn collection_windows_across_daylight_saving_changes() {
+        let mut prefs = alice_prefs();
+        prefs.collect[0].windows = vec![Window {
+            days: vec![Weekday::Sun],
+            from: NaiveTime::from_hms_opt(2, 0, 0).unwrap(),
+            to: NaiveTime::from_hms_opt(3, 0, 0).unwrap(),
+        }];
+        let a = act(vec![prefs], Acl::deny_all());
+        let alice = dev("alice-watch", "alice");
+        let topic = name("pii/alice/alice-watch/heart_rate");
+        let open = |y, m, d, h, min| {
+            let at = Utc.with_ymd_and_hms(y, m, d, h, min, 0).unwrap();
+            match a.ingress(&alice, topic, at) {
+                Ok(_) => true,
+                Err(Deny::OutsideWindow) => false,
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        // Sunday 29 March 2026, Paris: 01:00 UTC is 02:00 CET, which becomes 03:00 CEST.
+        for (h, min) in [(0, 30), (0, 59), (1, 0), (1, 30), (2, 0)] {
+            assert!(!open(2026, 3, 29, h, min), "{h:02}:{min:02} UTC, 29 March");
+        }
+        // A week later the window opens at 02:00 CEST, 00:00 UTC.
+        assert!(open(2026, 4, 5, 0, 0));
+        // Sunday 25 October 2026: 01:00 UTC is 03:00 CEST, which becomes 02:00 CET.
+        assert!(!open(2026, 10, 24, 23, 59), "01:59 CEST");
+        for (h, min) in [(0, 0), (0, 59), (1, 0), (1, 59)] {
+            assert!(
+                open(2026, 10, 25, h, min),
+                "{h:02}:{min:02} UTC, 25 October"
+            );
+        }
+        assert!(!open(2026, 10, 25, 2, 0), "03:00 CET");
+    }
+
     #[test]
     fn collection_windows_in_user_time_zone() {
         let mut prefs = alice_prefs();
