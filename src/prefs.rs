@@ -533,13 +533,40 @@ impl PreferenceManager {
     pub fn import(&self, file: Directory) -> Result<u64, PrefError> {
         let source = IMPORT_SOURCE;
         let Directory {
-            users,
+            mut users,
             mut devices,
             providers,
             preferences,
             logins,
         } = file;
         let mut state = self.lock();
+        // Windows are read in the user's zone, so a new zone changes what a
+        // user consented to: it stays the user's where the preferences are
+        // theirs, and re-issues the preferences where they are the file's.
+        let mut zones_kept = 0usize;
+        let mut rezoned = HashSet::new();
+        for u in &mut users {
+            let Some(stored) = state.users.get(&u.id) else {
+                continue;
+            };
+            let windowed = state.prefs.get(&u.id).is_some_and(has_windows);
+            if stored.time_zone == u.time_zone || !windowed {
+                continue;
+            }
+            if state.self_set.contains(&u.id) {
+                zones_kept += 1;
+                u.time_zone = stored.time_zone.clone();
+            } else {
+                rezoned.insert(u.id.clone());
+            }
+        }
+        if zones_kept > 0 {
+            tracing::info!(
+                users = zones_kept,
+                "directory time zones not applied: those users set their own preferences, \
+                 whose collection windows are read in the zone they have"
+            );
+        }
         // Devices users registered or removed themselves are theirs: the
         // file does not bring a removed one back or replace a new secret.
         let managed = self.store.user_managed_devices()?;
@@ -574,6 +601,7 @@ impl PreferenceManager {
                 left_to_users += 1;
                 continue;
             }
+            let rezone = rezoned.remove(&p.user);
             let current = state.prefs.get(&p.user);
             let same = current.is_some_and(|c| {
                 same_grants(&c.collect, &p.collect) && same_grants(&c.share, &p.share)
@@ -592,6 +620,20 @@ impl PreferenceManager {
                     },
                 )?;
                 p.version = current.map(|c| c.version).unwrap_or(0) + 1;
+                p.receipt = self.new_receipt_id();
+                changed.push(p);
+            } else if rezone {
+                p.version = current.map(|c| c.version).unwrap_or(0) + 1;
+                p.receipt = self.new_receipt_id();
+                changed.push(p);
+            }
+        }
+        // Users the file gives a new zone but no preferences: the stored
+        // ones, under a receipt that states the new zone.
+        for user in rezoned {
+            if let Some(current) = state.prefs.get(&user) {
+                let mut p = current.clone();
+                p.version += 1;
                 p.receipt = self.new_receipt_id();
                 changed.push(p);
             }
@@ -689,6 +731,12 @@ impl PreferenceManager {
         tracing::info!(act_version = version, source, "directory imported");
         Ok(version)
     }
+}
+
+/// Whether any collection grant is limited to windows, which are read in
+/// the user's time zone.
+fn has_windows(p: &Preferences) -> bool {
+    p.collect.iter().any(|g| !g.windows.is_empty())
 }
 
 /// Kinds declared through the API before such types were refused may give
@@ -1235,6 +1283,71 @@ mod tests {
             .map(|e| e.source)
             .collect();
         assert_eq!(sources, [IMPORT_SOURCE, "api"]);
+    }
+
+    /// The bug this guards (outside review, seventeenth session): a reload
+    /// that gave a user another time zone moved the collection windows they
+    /// had consented to, with no new version and no receipt stating it.
+    #[test]
+    fn a_time_zone_from_the_file_never_moves_windows_without_a_receipt() {
+        use chrono::{NaiveTime, TimeZone, Weekday};
+        let (pm, act) = manager();
+        let (seed, _) = demo();
+        let night = crate::model::Window {
+            days: vec![
+                Weekday::Mon,
+                Weekday::Tue,
+                Weekday::Wed,
+                Weekday::Thu,
+                Weekday::Fri,
+                Weekday::Sat,
+                Weekday::Sun,
+            ],
+            from: NaiveTime::from_hms_opt(1, 0, 0).unwrap(),
+            to: NaiveTime::from_hms_opt(5, 0, 0).unwrap(),
+        };
+        // alice sets her own window; bob's comes from the file.
+        pm.change("alice", None, "api", |p| {
+            p.collect[0].windows = vec![night.clone()];
+            Ok(())
+        })
+        .unwrap();
+        let mut file = seed.clone();
+        let bob_at = file
+            .preferences
+            .iter()
+            .position(|p| p.user == "bob")
+            .unwrap();
+        file.preferences[bob_at].collect[0].windows = vec![night];
+        pm.import(file.clone()).unwrap();
+        let alice = pm.preferences("alice").unwrap();
+        let bob = pm.preferences("bob").unwrap();
+
+        for u in &mut file.users {
+            u.time_zone = "Pacific/Auckland".into();
+        }
+        pm.import(file.clone()).unwrap();
+        assert_eq!(pm.user("alice").unwrap().time_zone, "Europe/Paris");
+        assert_eq!(pm.preferences("alice").unwrap(), alice);
+        // 13:30 UTC on 24 November 2026 is 02:30 in Auckland, 14:30 in Paris.
+        let at = Utc.with_ymd_and_hms(2026, 11, 24, 13, 30, 0).unwrap();
+        let topic = crate::topic::TopicName::new("pii/alice/alice-watch/heart_rate").unwrap();
+        let watch = Principal::Device {
+            id: "alice-watch".into(),
+            user: "alice".into(),
+        };
+        assert!(
+            act.load().ingress(&watch, topic, at).is_err(),
+            "alice's window moved to Auckland time"
+        );
+
+        assert_eq!(pm.user("bob").unwrap().time_zone, "Pacific/Auckland");
+        let rezoned = pm.preferences("bob").unwrap();
+        assert_eq!(rezoned.version, bob.version + 1);
+        assert!(same_grants(&rezoned.collect, &bob.collect));
+        // The same file again changes nothing more.
+        pm.import(file).unwrap();
+        assert_eq!(pm.preferences("bob").unwrap().version, rezoned.version);
     }
 
     /// The bug this guards: a reload put back the file's provider over the
