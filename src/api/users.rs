@@ -77,18 +77,21 @@ pub(super) fn totp(secret: Vec<u8>, issuer: &str, user: &str) -> Result<TOTP, Pr
     .map_err(|e| Problem::internal_logged(&e))
 }
 
-/// The time step whose code `code` is, within the allowed skew around now;
-/// the latest if more than one matches.
-fn code_step(t: &TOTP, code: &str) -> Option<u64> {
+/// The time step whose code `code` is, within the allowed skew around now
+/// (the latest if more than one matches), and the latest step any code is
+/// accepted for now.
+fn code_step(t: &TOTP, code: &str) -> Option<(u64, u64)> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()?
         .as_secs();
     let current = now / t.step;
     let skew = u64::from(t.skew);
-    (current.saturating_sub(skew)..=current + skew)
+    let newest = current + skew;
+    (current.saturating_sub(skew)..=newest)
         .rev()
         .find(|step| bool::from(t.generate(step * t.step).as_bytes().ct_eq(code.as_bytes())))
+        .map(|step| (step, newest))
 }
 
 /// Register a user (the PII principal) and enrol TOTP.
@@ -288,11 +291,11 @@ async fn judge_second(
                 }
                 None => None,
             };
-            let Some(step) = step else {
+            let Some((step, newest)) = step else {
                 return Ok(Second::Wrong);
             };
             let fresh = state
-                .with_store(move |s| s.accept_totp_step(&name, step))
+                .with_store(move |s| s.accept_totp_step(&name, step, newest))
                 .await?;
             Ok(if fresh {
                 Second::Passed {
@@ -669,7 +672,7 @@ pub async fn confirm_totp_enrolment(
             Problem::not_found("no new authenticator is waiting to be confirmed; start with POST")
         })?;
     let t = totp(pending.clone(), &state.config.totp_issuer, &session.user)?;
-    let Some(step) = code_step(&t, c.totp.trim()) else {
+    let Some((step, _)) = code_step(&t, c.totp.trim()) else {
         attempt.failed();
         return Err(Problem::unauthorized(
             "not a current code of the new authenticator",

@@ -132,18 +132,18 @@ mod tests {
         let auth = s.user_auth("alice").unwrap().unwrap();
         assert_eq!(auth.totp_secret.as_deref(), Some(&b"old secret"[..]));
 
-        assert!(s.accept_totp_step("alice", 100).unwrap());
+        assert!(s.accept_totp_step("alice", 100, 101).unwrap());
         // Confirmed by a code of an earlier step than the last login's: the
         // last step used does not go back.
         s.activate_totp("alice", b"new secret", 99).unwrap();
         let auth = s.user_auth("alice").unwrap().unwrap();
         assert_eq!(auth.totp_secret.as_deref(), Some(&b"new secret"[..]));
         assert_eq!(s.pending_totp("alice").unwrap(), None);
-        assert!(!s.accept_totp_step("alice", 100).unwrap());
+        assert!(!s.accept_totp_step("alice", 100, 101).unwrap());
         // A later confirming step is used up.
         s.activate_totp("alice", b"newer", 105).unwrap();
-        assert!(!s.accept_totp_step("alice", 105).unwrap());
-        assert!(s.accept_totp_step("alice", 106).unwrap());
+        assert!(!s.accept_totp_step("alice", 105, 106).unwrap());
+        assert!(s.accept_totp_step("alice", 106, 107).unwrap());
         assert!(matches!(
             s.activate_totp("nobody", b"x", 1),
             Err(StoreError::NotFound { .. })
