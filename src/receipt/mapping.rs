@@ -263,10 +263,7 @@ pub fn receipt_with_id(
             };
             let ends: Vec<String> = grants
                 .iter()
-                .filter_map(|g| {
-                    g.expires
-                        .map(|e| format!("{} at {}", g.kind, e.format("%Y-%m-%d %H:%M UTC")))
-                })
+                .filter_map(|g| g.expires.map(|e| format!("{} at {}", g.kind, end_time(e))))
                 .collect();
             if !ends.is_empty() {
                 termination.push_str(&format!(
@@ -373,6 +370,21 @@ fn window(w: &Window) -> String {
         w.from.format("%H:%M"),
         w.to.format("%H:%M")
     )
+}
+
+/// When a grant ends, to the minute when it ends on one; otherwise as
+/// precisely as it was given, so the receipt never states an end earlier
+/// than the one enforced.
+fn end_time(e: DateTime<Utc>) -> String {
+    use chrono::Timelike;
+    let format = if e.nanosecond() != 0 {
+        "%Y-%m-%d %H:%M:%S%.f UTC"
+    } else if e.second() != 0 {
+        "%Y-%m-%d %H:%M:%S UTC"
+    } else {
+        "%Y-%m-%d %H:%M UTC"
+    };
+    e.format(format).to_string()
 }
 
 #[cfg(test)]
@@ -537,6 +549,22 @@ mod tests {
         assert!(r.services[1].purposes[0]
             .purpose_termination
             .contains("ends by itself for heart_rate at"));
+    }
+
+    /// Found by an outside review: an end given to the second was stated to
+    /// the minute, so data went on being shared after the stated end.
+    #[test]
+    fn an_end_is_stated_as_precisely_as_it_was_given() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(end_time(at("2026-11-24T13:52:00Z")), "2026-11-24 13:52 UTC");
+        assert_eq!(
+            end_time(at("2026-11-24T13:52:18Z")),
+            "2026-11-24 13:52:18 UTC"
+        );
+        assert_eq!(
+            end_time(at("2026-11-24T13:52:18.5Z")),
+            "2026-11-24 13:52:18.500 UTC"
+        );
     }
 
     #[test]
