@@ -156,7 +156,8 @@ pub struct ServerConfig {
     /// first has something to send, and closes it after this long with
     /// nothing in flight.
     pub upstream_idle_secs: u64,
-    /// Shifts the clock collection windows are judged by. For testing only.
+    /// Shifts the clock collection windows and grant expiry are judged by;
+    /// share records keep the real time. For testing only.
     pub clock_offset_secs: i64,
 }
 

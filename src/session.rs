@@ -681,10 +681,6 @@ impl DeliveryCounters {
 }
 
 impl Session {
-    fn now(&self) -> DateTime<Utc> {
-        self.shared.now()
-    }
-
     /// Connects to the broker on behalf of the client, or answers the
     /// CONNECT with a failing CONNACK.
     async fn open_upstream<S: AsyncWrite + Unpin>(
@@ -1825,7 +1821,10 @@ impl Session {
     fn deliver(&mut self, mut publish: Publish) -> Result<(), End> {
         let started = Instant::now();
         let act = self.shared.act.load();
-        let now = self.now();
+        // The record is stamped by the real clock; only decisions take the
+        // test offset.
+        let wall = Utc::now();
+        let now = wall + self.shared.clock_offset;
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return self.drop_delivery(&publish, "invalid_topic");
         };
@@ -1891,7 +1890,7 @@ impl Session {
         }
         let mut receipt_buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let record = ShareRef {
-            time: now,
+            time: wall,
             creator: &self.shared.creator,
             recipient: provider,
             user: resolved.user,

@@ -523,6 +523,50 @@ async fn demo_users_read_their_own_history_through_the_api() {
     assert_eq!(s, 404, "alice can read bob's receipt");
 }
 
+/// `server.clock_offset_secs` shifts the clock decisions are taken by, for
+/// tests of windows; it stamped share records too, and a record dated a
+/// year back was then purged as past retention (outside review, seventeenth
+/// session). Records keep the real time.
+#[tokio::test]
+async fn share_records_keep_the_real_time_under_a_clock_offset() {
+    let year_back = -366 * 24 * 3600;
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        replace: vec![(
+            "clock_offset_secs = 0".into(),
+            format!("clock_offset_secs = {year_back}"),
+        )],
+        ..Default::default()
+    });
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    let before = chrono::Utc::now();
+    alice
+        .publish_acked("pii/alice/alice-watch/heart_rate", br#"{"bpm":72}"#)
+        .await;
+    fit.next_publish().await;
+    let a = login(
+        &server,
+        "alice",
+        "alice-api-secret",
+        "CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA",
+    );
+    let (_, body) = http(&server, "GET", "/v1/me/history", Some(&a), None);
+    let entries = json_of(&body)["entries"].as_array().unwrap().clone();
+    let share = entries
+        .iter()
+        .find(|e| e["type"] == "share")
+        .unwrap_or_else(|| panic!("no share record: {entries:#?}"));
+    let time: chrono::DateTime<chrono::FixedOffset> =
+        share["time"].as_str().unwrap().parse().unwrap();
+    let late = (before - time.with_timezone(&chrono::Utc)).num_seconds();
+    assert!(
+        late < 60,
+        "the record is dated {time}, {late} s before the delivery"
+    );
+}
+
 #[tokio::test]
 async fn receipt_keys_rotate_and_old_receipts_still_verify() {
     let mut server = server();
