@@ -17,10 +17,12 @@ use crate::store::Dispute;
 
 #[derive(Deserialize, IntoParams)]
 pub struct HistoryQuery {
-    /// RFC 3339, inclusive.
-    from: Option<DateTime<Utc>>,
-    /// RFC 3339, exclusive.
-    to: Option<DateTime<Utc>>,
+    /// Inclusive. An RFC 3339 time (a `+` in its offset may arrive as a
+    /// space, as an unencoded `+` does), a local time without an offset, or
+    /// a date (its first moment), the last two in the user's time zone.
+    from: Option<String>,
+    /// Exclusive; written as `from` is.
+    to: Option<String>,
     provider: Option<String>,
     kind: Option<String>,
     /// Continue after this sequence number (from `next_after`).
@@ -49,6 +51,55 @@ fn zone(state: &State, user: &str) -> Tz {
         .user(user)
         .and_then(|u| u.time_zone.parse().ok())
         .unwrap_or(chrono_tz::UTC)
+}
+
+/// Which moment a local time that happens twice (clocks going back) means:
+/// the bounds of a range take the wider reading.
+#[derive(Clone, Copy)]
+enum Edge {
+    Earliest,
+    Latest,
+}
+
+/// A history bound as users write it: the times the history shows them
+/// (RFC 3339 with their offset), or a local time or date in their zone.
+fn time_arg(field: &str, s: &str, tz: Tz, edge: Edge) -> Result<DateTime<Utc>, Problem> {
+    use chrono::{LocalResult, NaiveDate, NaiveDateTime, TimeZone};
+    let s = s.trim();
+    let bad = |why: String| Problem::bad_request(format!("{field}: {why}")).field(field);
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    // `?from=2026-11-24T14:50:34+01:00` unencoded: the query's `+` is a space.
+    if let Some(t) = s
+        .rfind(' ')
+        .map(|i| format!("{}+{}", &s[..i], &s[i + 1..]))
+        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+    {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let local = NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+        .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M"))
+        .or_else(|_| {
+            NaiveDate::parse_from_str(s, "%Y-%m-%d").map(|d| d.and_time(chrono::NaiveTime::MIN))
+        })
+        .map_err(|_| {
+            bad(format!(
+                "{s:?} is not an RFC 3339 time, a local time (2026-11-24T14:50) or a date \
+                 (2026-11-24)"
+            ))
+        })?;
+    match tz.from_local_datetime(&local) {
+        LocalResult::Single(t) => Ok(t.with_timezone(&Utc)),
+        LocalResult::Ambiguous(a, b) => Ok(match edge {
+            Edge::Earliest => a.min(b),
+            Edge::Latest => a.max(b),
+        }
+        .with_timezone(&Utc)),
+        LocalResult::None => Err(bad(format!(
+            "{local} does not exist in {tz}: the clocks went forward past it"
+        ))),
+    }
 }
 
 /// One entry for the user it is about, times in their zone. The user and
@@ -99,9 +150,16 @@ pub async fn history(
     if !(1..=1000).contains(&limit) {
         return Err(Problem::unprocessable("between 1 and 1000").field("limit"));
     }
+    let tz = zone(&state, &user);
     let filter = ReadFilter {
-        from: q.from,
-        to: q.to,
+        from: q
+            .from
+            .map(|t| time_arg("from", &t, tz, Edge::Earliest))
+            .transpose()?,
+        to: q
+            .to
+            .map(|t| time_arg("to", &t, tz, Edge::Latest))
+            .transpose()?,
         recipient: q.provider,
         kind: q.kind,
         after_seq: q.after,
@@ -111,7 +169,6 @@ pub async fn history(
     let mut rows = read(&state, &user, filter).await?;
     let more = rows.len() > limit;
     rows.truncate(limit);
-    let tz = zone(&state, &user);
     Ok(Json(HistoryPage {
         next_after: if more {
             rows.last().map(|(s, _)| *s)
@@ -361,4 +418,53 @@ pub async fn resolve(
     )
     .await?;
     Ok(Json(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(field: &str, s: &str, edge: Edge) -> Result<String, String> {
+        time_arg(field, s, chrono_tz::Europe::Paris, edge)
+            .map(|t| t.to_rfc3339())
+            .map_err(|p| format!("{p:?}"))
+    }
+
+    /// Found by an outside review: the times the history shows could not be
+    /// given back as bounds (an unencoded `+` arrives as a space), nor could
+    /// a date or a local time.
+    #[test]
+    fn bounds_are_read_as_users_write_them() {
+        let utc = "2026-11-24T13:50:34.660+00:00";
+        for s in [
+            "2026-11-24T14:50:34.66+01:00",
+            "2026-11-24T14:50:34.66 01:00",
+            "2026-11-24T13:50:34.66Z",
+            "2026-11-24T14:50:34.66",
+        ] {
+            assert_eq!(at("from", s, Edge::Earliest).as_deref(), Ok(utc), "{s}");
+        }
+        assert_eq!(
+            at("from", "2026-11-24", Edge::Earliest).as_deref(),
+            Ok("2026-11-23T23:00:00+00:00")
+        );
+        assert_eq!(
+            at("to", "2026-11-24T15:00", Edge::Latest).as_deref(),
+            Ok("2026-11-24T14:00:00+00:00")
+        );
+        // 02:30 on 25 October 2026 happens twice in Paris: a range takes both.
+        assert_eq!(
+            at("from", "2026-10-25T02:30", Edge::Earliest).as_deref(),
+            Ok("2026-10-25T00:30:00+00:00")
+        );
+        assert_eq!(
+            at("to", "2026-10-25T02:30", Edge::Latest).as_deref(),
+            Ok("2026-10-25T01:30:00+00:00")
+        );
+        // 02:30 on 29 March 2026 never happens there.
+        let gap = at("from", "2026-03-29T02:30", Edge::Earliest).unwrap_err();
+        assert!(gap.contains("does not exist in Europe/Paris"), "{gap}");
+        let bad = at("to", "yesterday", Edge::Latest).unwrap_err();
+        assert!(bad.contains("to: \\\"yesterday\\\""), "{bad}");
+    }
 }
