@@ -374,6 +374,70 @@ impl PreferenceManager {
         })
     }
 
+    /// Moves a user to another time zone, at their request. Their
+    /// collection windows are read in it, so preferences with a window are
+    /// issued again under a receipt that states the new zone. The profile is
+    /// then the user's: a directory import leaves it alone. Returns the
+    /// new preferences if they were issued again.
+    pub fn set_time_zone(&self, user: &str, time_zone: &str) -> Result<Option<Applied>, PrefError> {
+        let mut state = self.lock();
+        let mut u = state
+            .users
+            .get(user)
+            .cloned()
+            .ok_or_else(|| PrefError::UnknownUser(user.into()))?;
+        if u.time_zone == time_zone {
+            return Ok(None);
+        }
+        u.time_zone = time_zone.into();
+        let act_version = state.act_version + 1;
+        let current = state.prefs.get(user).cloned();
+        let reissued = current.as_ref().filter(|p| has_windows(p)).map(|p| {
+            let mut p = p.clone();
+            p.version += 1;
+            p.receipt = self.new_receipt_id();
+            p
+        });
+        let in_force = reissued.as_ref().or(current.as_ref());
+        let act = self.act.load().with_user(act_version, &u, in_force)?;
+        let receipt = match (&self.issuer, &reissued) {
+            (Some(issuer), Some(p)) => Some(
+                issuer
+                    .issue(
+                        &u,
+                        p,
+                        Channel::User,
+                        &state.providers_only(),
+                        &state.kinds,
+                        Utc::now(),
+                    )
+                    .map_err(PrefError::Receipt)?,
+            ),
+            _ => None,
+        };
+        self.store.transaction(|tx| {
+            tx.put_user(&u, None, false)?;
+            tx.set_own_profile(user)?;
+            if let Some(p) = &reissued {
+                tx.replace_preferences(p.clone(), Some(p.version - 1), "api", receipt.as_ref())?;
+            }
+            Ok::<_, PrefError>(())
+        })?;
+        self.act.store(act);
+        state.users.insert(user.into(), u);
+        state.act_version = act_version;
+        tracing::info!(act_version, "time zone changed");
+        Ok(reissued.map(|p| {
+            state.prefs.insert(user.into(), p.clone());
+            state.self_set.insert(user.into());
+            Applied {
+                preferences: p,
+                receipt,
+                act_version,
+            }
+        }))
+    }
+
     /// Registers a user with login secrets (argon2 hash, TOTP secret).
     pub fn register_user(
         &self,
@@ -387,8 +451,10 @@ impl PreferenceManager {
         }
         let act_version = state.act_version + 1;
         let act = self.act.load().with_user(act_version, &user, None)?;
-        self.store
-            .transaction(|tx| tx.put_user(&user, Some((password_hash, Some(totp_secret))), true))?;
+        self.store.transaction(|tx| {
+            tx.put_user(&user, Some((password_hash, Some(totp_secret))), true)?;
+            tx.set_own_profile(&user.id)
+        })?;
         self.act.store(act);
         state.users.insert(user.id.clone(), user);
         state.act_version = act_version;
@@ -543,14 +609,22 @@ impl PreferenceManager {
         // Windows are read in the user's zone, so a new zone changes what a
         // user consented to: it stays the user's where the preferences are
         // theirs, and re-issues the preferences where they are the file's.
+        let own_profiles = self.store.own_profiles()?;
         let mut zones_kept = 0usize;
         let mut rezoned = HashSet::new();
         for u in &mut users {
             let Some(stored) = state.users.get(&u.id) else {
                 continue;
             };
-            let windowed = state.prefs.get(&u.id).is_some_and(has_windows);
-            if stored.time_zone == u.time_zone || !windowed {
+            if stored.time_zone == u.time_zone {
+                continue;
+            }
+            if own_profiles.contains(&u.id) {
+                zones_kept += 1;
+                u.time_zone = stored.time_zone.clone();
+                continue;
+            }
+            if !state.prefs.get(&u.id).is_some_and(has_windows) {
                 continue;
             }
             if state.self_set.contains(&u.id) {
@@ -563,8 +637,8 @@ impl PreferenceManager {
         if zones_kept > 0 {
             tracing::info!(
                 users = zones_kept,
-                "directory time zones not applied: those users set their own preferences, \
-                 whose collection windows are read in the zone they have"
+                "directory time zones not applied: those users set their own zone, or their \
+                 own preferences, whose collection windows are read in the zone they have"
             );
         }
         // Devices users registered or removed themselves are theirs: the

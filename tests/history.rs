@@ -567,6 +567,113 @@ async fn share_records_keep_the_real_time_under_a_clock_offset() {
     );
 }
 
+/// A user moves to another time zone through the API: their windows are
+/// then read in it, at once, under a new version whose receipt states the
+/// zone; and a directory reload does not move them back.
+#[tokio::test]
+async fn a_user_moves_to_another_time_zone_and_a_receipt_states_it() {
+    use chrono::Timelike;
+    let server = server();
+    let t = user(&server, "carol");
+    let (s, d) = http(
+        &server,
+        "POST",
+        "/v1/me/devices",
+        Some(&t),
+        Some(json!({"id": "carol-band"})),
+    );
+    assert_eq!(s, 201, "{d}");
+    let band_secret = json_of(&d)["mqtt_password"].as_str().unwrap().to_string();
+    // A two-hour window that is open now in Auckland, and not in Paris,
+    // twelve hours behind.
+    let hour = chrono::Utc::now()
+        .with_timezone(&chrono_tz::Pacific::Auckland)
+        .hour();
+    let window = json!({"windows": [{
+        "days": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"],
+        "from": format!("{hour:02}:00:00"),
+        "to": format!("{:02}:00:00", (hour + 2) % 24),
+    }]});
+    let (s, c) = http(
+        &server,
+        "PUT",
+        "/v1/me/preferences/collect/heart_rate",
+        Some(&t),
+        Some(window),
+    );
+    assert_eq!(s, 200, "{c}");
+    let version = json_of(&c)["preferences"]["version"].as_u64().unwrap();
+    let mut band = v5::connect(server.mqtt, "band", "carol-band", &band_secret).await;
+    let topic = "pii/carol/carol-band/heart_rate";
+    assert_eq!(
+        band.publish_acked(topic, br#"{"bpm":60}"#).await,
+        v5::PubAckReason::NotAuthorized,
+        "collected outside the window in Paris"
+    );
+
+    let (s, z) = http(
+        &server,
+        "PUT",
+        "/v1/me/time_zone",
+        Some(&t),
+        Some(json!({"time_zone": "Pacific/Auckland"})),
+    );
+    assert_eq!(s, 200, "{z}");
+    let z = json_of(&z);
+    assert_eq!(z["preferences"]["preferences"]["version"], version + 1);
+    let jti = z["preferences"]["receipt"]["jti"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, text) = http(
+        &server,
+        "GET",
+        &format!("/v1/me/receipts/{jti}?format=text"),
+        Some(&t),
+        None,
+    );
+    assert!(text.contains("Pacific/Auckland"), "{text}");
+    assert_eq!(
+        band.publish_acked(topic, br#"{"bpm":61}"#).await,
+        v5::PubAckReason::Success,
+        "not collected inside the window in Auckland"
+    );
+    let (_, got) = http(&server, "GET", "/v1/me/time_zone", Some(&t), None);
+    assert_eq!(json_of(&got)["time_zone"], "Pacific/Auckland");
+
+    // The same zone again changes nothing; an unknown one is refused.
+    let (s, z) = http(
+        &server,
+        "PUT",
+        "/v1/me/time_zone",
+        Some(&t),
+        Some(json!({"time_zone": "Pacific/Auckland"})),
+    );
+    assert_eq!((s, json_of(&z)["preferences"].clone()), (200, Value::Null));
+    let (s, p) = http(
+        &server,
+        "PUT",
+        "/v1/me/time_zone",
+        Some(&t),
+        Some(json!({"time_zone": "Mars/Olympus_Mons"})),
+    );
+    assert_eq!((s, json_of(&p)["field"].clone()), (422, json!("time_zone")));
+
+    // A directory file naming carol in Paris does not move her back, nor
+    // dave, who registered in Paris and has no preferences, to Tokyo: their
+    // profiles are their own.
+    let d = user(&server, "dave");
+    let directory = std::fs::read_to_string(&server.directory).unwrap();
+    server.reload(&format!(
+        "{directory}\n[[users]]\nid = \"carol\"\ntime_zone = \"Europe/Paris\"\n\
+         \n[[users]]\nid = \"dave\"\ntime_zone = \"Asia/Tokyo\"\n"
+    ));
+    let (_, got) = http(&server, "GET", "/v1/me/time_zone", Some(&t), None);
+    assert_eq!(json_of(&got)["time_zone"], "Pacific/Auckland");
+    let (_, got) = http(&server, "GET", "/v1/me/time_zone", Some(&d), None);
+    assert_eq!(json_of(&got)["time_zone"], "Europe/Paris");
+}
+
 #[tokio::test]
 async fn receipt_keys_rotate_and_old_receipts_still_verify() {
     let mut server = server();

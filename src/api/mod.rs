@@ -157,6 +157,8 @@ pub type State = axum::extract::State<Arc<ApiState>>;
         users::list_devices,
         users::remove_device,
         users::account_events,
+        preferences::get_time_zone,
+        preferences::put_time_zone,
         preferences::get_preferences,
         preferences::put_preferences,
         preferences::withdraw_all,
@@ -306,6 +308,10 @@ pub fn router(state: ApiState) -> Router {
             put(preferences::put_collect_grant).delete(preferences::delete_collect_grant),
         )
         .route("/v1/me/preferences/history", get(preferences::history))
+        .route(
+            "/v1/me/time_zone",
+            get(preferences::get_time_zone).put(preferences::put_time_zone),
+        )
         .route("/v1/me/history", get(history::history))
         .route("/v1/me/history/export", get(history::export))
         .route(

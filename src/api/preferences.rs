@@ -71,6 +71,58 @@ async fn change(
     Ok(Json(applied.into()))
 }
 
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Zone {
+    /// IANA time zone; collection windows are read in it.
+    time_zone: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ZoneChanged {
+    time_zone: String,
+    /// Present when preferences with a collection window were issued again,
+    /// with a receipt stating the new zone.
+    preferences: Option<Changed>,
+}
+
+/// The logged-in user's time zone.
+#[utoipa::path(get, path = "/v1/me/time_zone", security(("session" = [])),
+    responses((status = 200, body = Zone)))]
+pub async fn get_time_zone(state: State, AuthUser(user): AuthUser) -> Result<Json<Zone>, Problem> {
+    let u = state
+        .prefs
+        .user(&user)
+        .ok_or_else(|| Problem::from(PrefError::UnknownUser(user)))?;
+    Ok(Json(Zone {
+        time_zone: u.time_zone,
+    }))
+}
+
+/// Move to another time zone. Collection windows are read in it, so
+/// preferences with a window become a new version, with a receipt that
+/// states the new zone; a directory reload no longer changes the zone.
+#[utoipa::path(put, path = "/v1/me/time_zone", request_body = Zone, security(("session" = [])),
+    responses((status = 200, body = ZoneChanged), (status = 422, body = Problem)))]
+pub async fn put_time_zone(
+    state: State,
+    AuthUser(user): AuthUser,
+    Body(z): Body<Zone>,
+) -> Result<Json<ZoneChanged>, Problem> {
+    if z.time_zone.parse::<chrono_tz::Tz>().is_err() {
+        return Err(Problem::unprocessable("not an IANA time zone").field("time_zone"));
+    }
+    let prefs = state.prefs.clone();
+    let zone = z.time_zone.clone();
+    let applied = tokio::task::spawn_blocking(move || prefs.set_time_zone(&user, &zone))
+        .await
+        .map_err(|_| Problem::internal())??;
+    Ok(Json(ZoneChanged {
+        time_zone: z.time_zone,
+        preferences: applied.map(Changed::from),
+    }))
+}
+
 /// The logged-in user's preferences.
 #[utoipa::path(get, path = "/v1/me/preferences", security(("session" = [])),
     responses((status = 200, body = Preferences), (status = 401, body = Problem)))]

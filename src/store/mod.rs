@@ -109,6 +109,9 @@ CREATE TABLE IF NOT EXISTS receipts (
 -- Users whose login secrets are their own (registered through the API, or
 -- changed their password there): a directory import leaves them alone.
 CREATE TABLE IF NOT EXISTS own_login (user_id TEXT PRIMARY KEY REFERENCES users(id));
+-- Users whose profile (time zone) is their own: registered through the API,
+-- or changed it there. A directory import leaves their profile alone.
+CREATE TABLE IF NOT EXISTS own_profile (user_id TEXT PRIMARY KEY REFERENCES users(id));
 -- Device ids their users manage, having registered or removed them through
 -- the API (removed_at set): a directory import leaves them alone, so it
 -- neither brings back a removed device nor replaces a registered one's secret.
@@ -477,6 +480,17 @@ impl Store {
         })
     }
 
+    /// Users whose profile is their own (see `own_profile`).
+    pub fn own_profiles(&self) -> Result<HashSet<String>, StoreError> {
+        self.with(|c, _| {
+            let mut stmt = c.prepare("SELECT user_id FROM own_profile")?;
+            let ids = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<HashSet<String>, _>>()?;
+            Ok(ids)
+        })
+    }
+
     pub fn user_managed_devices(&self) -> Result<HashSet<String>, StoreError> {
         self.with(|c, _| {
             let mut stmt = c.prepare("SELECT id FROM user_devices")?;
@@ -766,6 +780,16 @@ impl Tx<'_> {
         }
         self.tx.execute(
             "INSERT OR IGNORE INTO own_login (user_id) VALUES (?1)",
+            [user],
+        )?;
+        Ok(())
+    }
+
+    /// Makes `user`'s profile their own: a directory import no longer
+    /// replaces it.
+    pub fn set_own_profile(&self, user: &str) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT OR IGNORE INTO own_profile (user_id) VALUES (?1)",
             [user],
         )?;
         Ok(())
