@@ -15,15 +15,17 @@ pub fn verify(cfg: &Config) -> anyhow::Result<String> {
     let (dir, keys) = existing_ledger(cfg)?;
     let _lock = ledger::lock_dir(&dir)?;
     let r = ledger::verify_dir(&dir, &keys)?;
+    let records = match r.first_seq {
+        Some(first) => format!("{} records (seq {first}..={})", r.records, r.head_seq),
+        None => format!("{} records", r.records),
+    };
     let mut report = format!(
-        "ledger OK: {} records (seq {}..={}), {} signed checkpoints, head {}{}",
-        r.records,
-        r.first_seq.unwrap_or(0),
-        r.head_seq,
+        "ledger OK: {records}, {} signed checkpoints, head {} at seq {}{}",
         r.checkpoints,
         hex::encode(r.head),
+        r.head_seq,
         r.anchor_seq
-            .map(|a| format!(", history before seq {a} purged by retention"))
+            .map(|a| format!(", records up to seq {a} purged by retention"))
             .unwrap_or_default()
     );
     if r.unsigned_tail > 0 {

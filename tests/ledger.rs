@@ -475,3 +475,66 @@ async fn after_a_failed_ledger_write_personal_data_is_refused_at_ingress() {
         1.0
     );
 }
+
+/// A quiet gateway with retention: once every record was purged, `ledger verify` failed
+/// ("a signed checkpoint covers seq 3 but the chain ends at 0") while the server itself started
+/// on the same ledger. It verifies, saying what was purged, before and after another start.
+#[tokio::test]
+async fn a_ledger_purged_of_every_record_verifies() {
+    use consentry::ledger::{Keyring, Ledger, LedgerConfig, ShareAction, ShareRecord};
+    let mut server = Server::start(common::Setup {
+        extra: common::MARKER_ACL.into(),
+        replace: vec![("retention_days = 1825".into(), "retention_days = 1".into())],
+        ..Default::default()
+    });
+    server.stop();
+    // Three records four days old, written as the gateway writes them.
+    let data = server.data_dir();
+    let keys = Keyring::load(&data.join("ledger-keys.json")).unwrap();
+    let dir = data.join("ledger");
+    let ledger = Ledger::open(
+        LedgerConfig {
+            dir: dir.clone(),
+            ..LedgerConfig::default()
+        },
+        keys,
+    )
+    .unwrap();
+    for i in 0..3u8 {
+        let rec = ShareRecord {
+            time: chrono::Utc::now() - chrono::TimeDelta::days(4),
+            creator: String::new(),
+            recipient: "fitcoach".into(),
+            user: "alice".into(),
+            device: "alice-watch".into(),
+            kind: "heart_rate".into(),
+            pii_category: "Health".into(),
+            purpose: "coaching".into(),
+            action: ShareAction::Delivered,
+            payload_digest: [i; 32],
+            qos: 1,
+            receipt_id: None,
+        };
+        ledger.submit(rec).unwrap().await.unwrap();
+    }
+    ledger.shutdown().await;
+    assert!(verify(&server).starts_with("ledger OK: 3 records"));
+
+    // The server closes their segment for its age and purges it at start.
+    server.restart();
+    let first = dir.join(format!("seg-{:020}.log", 1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while first.exists() {
+        assert!(std::time::Instant::now() < deadline, "never purged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop();
+    let out = verify(&server);
+    assert!(out.starts_with("ledger OK: 0 records"), "{out}");
+    assert!(out.contains("up to seq 3 purged by retention"), "{out}");
+
+    server.restart();
+    server.stop();
+    let out = verify(&server);
+    assert!(out.starts_with("ledger OK: 0 records"), "{out}");
+}

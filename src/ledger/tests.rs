@@ -866,6 +866,153 @@ async fn retention_forgets_on_time_at_a_low_rate() {
     verify_dir(tmp.path(), &k).expect("verify after purge");
 }
 
+/// Five records a day old past retention, then a reopen with retention that closes their
+/// segment for its age and purges it: every record gone, the newest segment empty.
+async fn purge_everything(dir: &Path, k: &Keyring) -> LedgerConfig {
+    let c = LedgerConfig {
+        retention: Some(Duration::from_secs(24 * 3600)),
+        ..cfg(dir)
+    };
+    let ledger = Ledger::open(c.clone(), k.clone()).expect("open");
+    write_at(&ledger, [Utc::now() - TimeDelta::days(3); 5]).await;
+    ledger.shutdown().await;
+    let ledger = Ledger::open(c.clone(), k.clone()).expect("reopen");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while segment_path(dir, 1).exists() {
+        assert!(std::time::Instant::now() < deadline, "never purged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ledger.shutdown().await;
+    let segs = list_segments(dir).expect("list");
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(segs[0].0, 6);
+    assert_eq!(std::fs::metadata(&segs[0].1).expect("stat").len(), 0);
+    c
+}
+
+/// A quiet gateway's ledger, every record purged by retention, failed `verify` ("a signed
+/// checkpoint covers seq 5 but the chain ends at 0") while the server opened it: with no record
+/// on disk, verify took the head to be seq 0 and ignored the newest segment's name.
+#[tokio::test]
+async fn a_ledger_whose_every_record_was_purged_verifies_and_reopens() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let c = purge_everything(tmp.path(), &k).await;
+    let purged = |r: VerifyReport| {
+        assert_eq!(
+            (
+                r.records,
+                r.first_seq,
+                r.head_seq,
+                r.anchor_seq,
+                r.unsigned_tail
+            ),
+            (0, None, 5, Some(5), 0),
+            "{r:?}"
+        );
+    };
+    purged(verify_dir(tmp.path(), &k).expect("verify a fully purged ledger"));
+
+    // A restart changes nothing: the head was signed before the purge.
+    let ledger = Ledger::open(c.clone(), k.clone()).expect("restart");
+    assert_eq!(ledger.durable_seq(), 5);
+    ledger.shutdown().await;
+    purged(verify_dir(tmp.path(), &k).expect("verify after a restart"));
+
+    // New records continue the chain from the checkpoint.
+    let ledger = Ledger::open(c, k.clone()).expect("restart");
+    assert_eq!(write_n(&ledger, 2).await, vec![6, 7]);
+    ledger.shutdown().await;
+    let r = verify_dir(tmp.path(), &k).expect("verify after new records");
+    assert_eq!(
+        (r.records, r.first_seq, r.head_seq, r.anchor_seq),
+        (2, Some(6), 7, Some(5))
+    );
+}
+
+/// What a purge cannot leave, both verify and start refuse, on a fully purged ledger as on one
+/// with records.
+#[tokio::test]
+async fn verify_and_start_agree_on_a_fully_purged_ledger_changed_afterwards() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let c = purge_everything(tmp.path(), &k).await;
+    let saved = snapshot(tmp.path());
+    let restore = || {
+        for (p, _) in snapshot(tmp.path()) {
+            std::fs::remove_file(p).expect("rm");
+        }
+        for (p, b) in &saved {
+            std::fs::write(p, b).expect("restore");
+        }
+    };
+    let empty = segment_path(tmp.path(), 6);
+    let cp = tmp.path().join(CHECKPOINT_FILE);
+    let only_genesis = || {
+        let text = std::fs::read_to_string(&cp).expect("read");
+        let keep: String = text
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["seq"] == 0)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&cp, keep).expect("write");
+    };
+    let variants: [(&str, &dyn Fn()); 4] = [
+        ("the checkpoint at the cut removed", &only_genesis),
+        ("the empty segment renamed above the cut", &|| {
+            std::fs::rename(&empty, segment_path(tmp.path(), 9)).expect("mv")
+        }),
+        ("the empty segment renamed below the cut", &|| {
+            std::fs::rename(&empty, segment_path(tmp.path(), 3)).expect("mv")
+        }),
+        ("the empty segment removed", &|| {
+            std::fs::remove_file(&empty).expect("rm")
+        }),
+    ];
+    for (what, change) in variants {
+        restore();
+        verify_dir(tmp.path(), &k).expect("the purged ledger verifies");
+        change();
+        let v = verify_dir(tmp.path(), &k);
+        assert!(
+            matches!(v, Err(LedgerError::Tampered { .. })),
+            "{what}: verify {v:?}"
+        );
+        let o = Ledger::open(c.clone(), k.clone());
+        assert!(
+            matches!(o, Err(LedgerError::Tampered { .. })),
+            "{what}: open {:?}",
+            o.map(|_| ())
+        );
+    }
+}
+
+/// Segments are named for their first record and purged whole, oldest first: an empty newest
+/// segment whose name skips records after the chain's end is records removed. Start refused it
+/// and verify, looking at records only, passed it.
+#[tokio::test]
+async fn a_gap_before_an_empty_newest_segment_fails_verify_as_it_fails_start() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let small = LedgerConfig {
+        segment_bytes: 2048,
+        ..cfg(tmp.path())
+    };
+    let ledger = Ledger::open(small.clone(), k.clone()).expect("open");
+    write_n(&ledger, 20).await;
+    ledger.shutdown().await;
+    verify_dir(tmp.path(), &k).expect("verifies");
+    std::fs::write(segment_path(tmp.path(), 22), b"").expect("empty segment past a gap");
+    assert_eq!(
+        tamper(verify_dir(tmp.path(), &k).expect_err("gap")),
+        (21, TamperKind::Removed)
+    );
+    assert_eq!(
+        tamper(Ledger::open(small, k).expect_err("gap")),
+        (21, TamperKind::Removed)
+    );
+}
+
 #[tokio::test]
 async fn retention_reads_segments_from_an_earlier_run_off_the_writer() {
     let tmp = tempfile::tempdir().expect("tempdir");

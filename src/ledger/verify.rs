@@ -84,8 +84,9 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
     let mut records = 0u64;
     let mut first_seq = None;
     let mut anchor_seq = None;
+    let newest_segment = segments.last().map(|(first, _)| *first);
 
-    for (_, path) in segments {
+    for (first, path) in segments {
         let Some(data) = read_opt(&path)? else {
             continue;
         };
@@ -102,6 +103,41 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
                 Next::Bad => break Some((TamperKind::Modified, "unparseable record frame")),
             }
         };
+        // A segment is named for the first record it holds, or, empty, for the next record the
+        // chain takes (the writer opens the next segment before writing to it, and retention
+        // deletes whole segments, never the newest). So once the chain has started, each name
+        // must continue it: a gap between names is records removed even where the segment
+        // after the gap holds none, as recovery refuses it.
+        if let Some(exp) = expected {
+            if first != exp {
+                return Err(LedgerError::tampered(
+                    exp,
+                    if first > exp {
+                        TamperKind::Removed
+                    } else {
+                        TamperKind::Reordered
+                    },
+                    format!(
+                        "the chain ends at seq {} but the next segment, {}, starts at {first}",
+                        exp - 1,
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(f) = frames.first() {
+            if f.header.seq != first {
+                return Err(LedgerError::tampered(
+                    f.header.seq,
+                    TamperKind::Modified,
+                    format!(
+                        "{} is named for seq {first} but its first record is seq {}",
+                        path.display(),
+                        f.header.seq
+                    ),
+                ));
+            }
+        }
         for (j, f) in frames.iter().enumerate() {
             let seq = f.header.seq;
             match expected {
@@ -115,7 +151,7 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
                             ));
                         }
                     } else {
-                        anchor_seq = Some(anchor(&cps, f)?);
+                        anchor_seq = Some(anchor(&cps, seq, Some(f.header.prev))?.0);
                     }
                 }
                 Some(exp) if seq != exp => {
@@ -174,6 +210,18 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
         }
     }
 
+    if expected.is_none() {
+        // No record on disk. Either a new ledger (its one segment, empty, is seg-1) or one whose
+        // every record was purged by retention: its newest segment, empty, is named for the
+        // next record, and a checkpoint signed before the purge pins the chain's head just
+        // below it (as recovery takes it when it opens the ledger).
+        if let Some(first) = newest_segment.filter(|&f| f > 1) {
+            let (at, head) = anchor(&cps, first, None)?;
+            anchor_seq = Some(at);
+            prev_hash = head;
+            expected = Some(first);
+        }
+    }
     let head_seq = expected.map_or(0, |e| e - 1);
     let last_cp = cps.keys().next_back().copied().unwrap_or(0);
     if last_cp > head_seq {
@@ -194,10 +242,15 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
     })
 }
 
-/// The first record on disk is not seq 1: old segments were purged (or removed). Only a signed
-/// checkpoint at exactly the cut, whose head is this record's prev hash, makes that legitimate.
-fn anchor(cps: &BTreeMap<u64, Checkpoint>, f: &RawFrame<'_>) -> Result<u64, LedgerError> {
-    let seq = f.header.seq;
+/// The chain on disk starts at `seq` > 1, the next record after an older part that was purged
+/// (or removed). Only a signed checkpoint at exactly the cut (`seq - 1`) makes that legitimate,
+/// and when the record at `seq` is on disk, its prev hash (`prev`) must be that checkpoint's
+/// head. Returns the checkpoint's seq and head.
+fn anchor(
+    cps: &BTreeMap<u64, Checkpoint>,
+    seq: u64,
+    prev: Option<[u8; 32]>,
+) -> Result<(u64, [u8; 32]), LedgerError> {
     let Some(before) = seq.checked_sub(1) else {
         return Err(LedgerError::tampered(
             0,
@@ -206,7 +259,7 @@ fn anchor(cps: &BTreeMap<u64, Checkpoint>, f: &RawFrame<'_>) -> Result<u64, Ledg
         ));
     };
     match cps.get(&before) {
-        Some(cp) if cp.head == f.header.prev => Ok(before),
+        Some(cp) if prev.is_none_or(|p| p == cp.head) => Ok((before, cp.head)),
         Some(_) => Err(LedgerError::tampered(
             seq,
             TamperKind::Modified,
