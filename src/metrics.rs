@@ -29,6 +29,7 @@ pub const LEDGER_HEALTHY: &str = "consentry_ledger_healthy";
 pub const LEDGER_PURGE_FAILURES: &str = "consentry_ledger_purge_failures_total";
 pub const LEDGER_FSYNC_SECONDS: &str = "consentry_ledger_fsync_seconds";
 pub const LEDGER_BATCH_SIZE: &str = "consentry_ledger_batch_size";
+pub const LEDGER_CLOCK_BEHIND: &str = "consentry_ledger_clock_behind_seconds";
 pub const PASSWORD_CHECKS: &str = "consentry_password_checks_total";
 pub const NOTICES_DROPPED: &str = "consentry_notices_dropped_total";
 
@@ -53,6 +54,7 @@ pub const ALL: &[&str] = &[
     LEDGER_PURGE_FAILURES,
     LEDGER_FSYNC_SECONDS,
     LEDGER_BATCH_SIZE,
+    LEDGER_CLOCK_BEHIND,
     PASSWORD_CHECKS,
     NOTICES_DROPPED,
 ];
@@ -167,6 +169,7 @@ fn register() {
     counter!(LEDGER_PURGE_FAILURES).increment(0);
     let _ = histogram!(LEDGER_FSYNC_SECONDS);
     let _ = histogram!(LEDGER_BATCH_SIZE);
+    gauge!(LEDGER_CLOCK_BEHIND).increment(0.0);
     for result in ["run", "busy"] {
         counter!(PASSWORD_CHECKS, "result" => result).increment(0);
     }
@@ -248,6 +251,13 @@ fn describe() {
         LEDGER_FSYNC_SECONDS,
         Unit::Seconds,
         "Time of each share ledger fsync; every delivery of personal data waits for one"
+    );
+    describe_gauge!(
+        LEDGER_CLOCK_BEHIND,
+        Unit::Seconds,
+        "How far the wall clock is behind the latest time the share ledger has written (0 when \
+         it is not): records are stamped no earlier than that time meanwhile, so they are kept \
+         past retention by as much"
     );
     describe_histogram!(
         LEDGER_BATCH_SIZE,

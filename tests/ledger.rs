@@ -488,10 +488,12 @@ async fn a_ledger_purged_of_every_record_verifies() {
         ..Default::default()
     });
     server.stop();
-    // Three records four days old, written as the gateway writes them.
+    // A new ledger of three records four days old, written as the gateway writes them (in a
+    // ledger that has seen a later time, older stamps are taken for a clock set back).
     let data = server.data_dir();
     let keys = Keyring::load(&data.join("ledger-keys.json")).unwrap();
     let dir = data.join("ledger");
+    std::fs::remove_dir_all(&dir).unwrap();
     let ledger = Ledger::open(
         LedgerConfig {
             dir: dir.clone(),

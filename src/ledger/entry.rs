@@ -169,11 +169,12 @@ impl Entry {
     }
 
     pub(crate) const SHARE: u8 = 1;
+    pub(crate) const BLOCKED: u8 = 2;
 
     pub(crate) fn type_byte(&self) -> u8 {
         match self {
             Entry::Share(_) => Self::SHARE,
-            Entry::Blocked(_) => 2,
+            Entry::Blocked(_) => Self::BLOCKED,
             Entry::Extract(_) => 3,
         }
     }

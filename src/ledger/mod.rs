@@ -32,7 +32,7 @@ mod tests;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -328,11 +328,14 @@ impl Ledger {
             cv: std::sync::Condvar::new(),
             healthy: AtomicBool::new(true),
             durable_seq: AtomicU64::new(0),
+            clock_behind_us: AtomicI64::new(0),
             blocked: aggregate::Aggregator::default(),
             keys,
             cfg,
             #[cfg(test)]
             fault_dev_full: AtomicBool::new(false),
+            #[cfg(test)]
+            clock_skew_us: AtomicI64::new(0),
         });
         let writer = Writer::open(Arc::clone(&shared))?;
         let (done_tx, done_rx) = oneshot::channel();

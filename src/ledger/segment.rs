@@ -70,6 +70,10 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), LedgerError> {
 pub(crate) struct State {
     pub boot: u32,
     pub key_uses: BTreeMap<u32, u64>,
+    /// The latest record time (µs since the epoch) the ledger has written: record times in the
+    /// chain do not go back far below it (see the writer).
+    #[serde(default)]
+    pub time_hwm_us: i64,
 }
 
 impl State {

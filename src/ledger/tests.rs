@@ -1013,6 +1013,63 @@ async fn a_gap_before_an_empty_newest_segment_fails_verify_as_it_fails_start() {
     );
 }
 
+/// A quiet gateway's ledger, every record purged, then run with its clock years behind (the
+/// reviewer used faketime): the records it wrote, stamped years ago, were purged within seconds
+/// once the clock was right. Their headers now carry the latest time the ledger had seen (the
+/// purge's checkpoint), so they are kept for the retention period from then; their own time is
+/// left as stamped, and the clock's lag is reported meanwhile.
+#[tokio::test]
+async fn records_stamped_by_a_clock_set_back_are_not_purged_early() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    purge_everything(tmp.path(), &k).await;
+    let ledger = Ledger::open(small_with_retention(tmp.path()), k.clone()).expect("reopen");
+    let back = TimeDelta::days(2200);
+    ledger.shared().clock_skew_us.store(
+        -back.num_microseconds().expect("µs"),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let behind = Utc::now() - back;
+    write_at(&ledger, [behind; 20]).await;
+    let lag = ledger
+        .shared()
+        .clock_behind_us
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        lag > (back - TimeDelta::hours(1)).num_microseconds().unwrap(),
+        "{lag}"
+    );
+    // The clock is set right; new records close segments, and each closing purges.
+    ledger
+        .shared()
+        .clock_skew_us
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    write_n(&ledger, 12).await;
+    assert_eq!(
+        ledger
+            .shared()
+            .clock_behind_us
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    ledger.shutdown().await;
+    assert!(
+        segment_path(tmp.path(), 6).exists(),
+        "{:?}",
+        list_segments(tmp.path())
+    );
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("reopen");
+    let kept = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read")
+        .into_iter()
+        .filter(|(_, e)| e.time() == behind)
+        .count();
+    assert_eq!(kept, 20, "records written minutes ago were purged");
+    ledger.shutdown().await;
+    verify_dir(tmp.path(), &k).expect("verify");
+}
+
 #[tokio::test]
 async fn retention_reads_segments_from_an_earlier_run_off_the_writer() {
     let tmp = tempfile::tempdir().expect("tempdir");

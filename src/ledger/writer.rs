@@ -10,7 +10,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,11 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// for months past the retention period. A record is then deleted at most
 /// this long after its retention ends.
 pub(crate) const SEGMENT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// How far a record's time may fall behind the latest time the ledger has written (callers
+/// stamp records before they queue, so a little disorder is normal) before the wall clock is
+/// taken to have gone back: then the record's header carries that latest time instead.
+pub(crate) const CLOCK_TOLERANCE: Duration = Duration::from_secs(5 * 60);
 
 pub(crate) type Ack = oneshot::Sender<Result<u64, LedgerError>>;
 
@@ -129,12 +134,28 @@ pub(crate) struct Shared {
     pub cv: Condvar,
     pub healthy: AtomicBool,
     pub durable_seq: AtomicU64,
+    /// How far (µs) the wall clock was behind [`Writer`]'s time high-water mark when last
+    /// looked at; 0 when it was not.
+    pub clock_behind_us: AtomicI64,
     pub blocked: Aggregator,
     pub keys: Keyring,
     pub cfg: LedgerConfig,
     /// Test hook: swap the segment handle for /dev/full to get a real ENOSPC from the kernel.
     #[cfg(test)]
     pub fault_dev_full: AtomicBool,
+    /// Test hook: added to the wall clock the writer reads (µs).
+    #[cfg(test)]
+    pub clock_skew_us: AtomicI64,
+}
+
+impl Shared {
+    /// The wall clock, as the writer reads it (µs since the epoch).
+    pub fn now_us(&self) -> i64 {
+        let now = Utc::now().timestamp_micros();
+        #[cfg(test)]
+        let now = now + self.clock_skew_us.load(Ordering::Relaxed);
+        now
+    }
 }
 
 impl Shared {
@@ -211,10 +232,10 @@ pub(crate) struct Writer {
     spare: Batch,
     last_blocked_flush: Instant,
     last_purge: Option<Instant>,
-}
-
-fn now_us() -> i64 {
-    Utc::now().timestamp_micros()
+    /// The latest record time (µs) the ledger has written, persisted in `state.json` and raised
+    /// at open to the newest record in the newest segment and the latest checkpoint's time.
+    /// Record headers never carry a time more than [`CLOCK_TOLERANCE`] below it.
+    time_hwm: i64,
 }
 
 fn open_append(path: &std::path::Path, create_new: bool) -> Result<File, LedgerError> {
@@ -250,6 +271,15 @@ impl Writer {
         }
         state.boot = boot;
         state.key_uses.insert(active_key, key_used + RESERVE_CHUNK);
+        // A crash loses what was not stored yet, but not the newest segment's records; and each
+        // checkpoint holds the writer's clock when it was signed (at each stop, each purge), so
+        // a ledger whose records were all purged still knows how late it has been.
+        let cp_newest = cps.lines.iter().flatten().map(|c| c.time_us).max();
+        state.time_hwm_us = state
+            .time_hwm_us
+            .max(rec.newest_us)
+            .max(cp_newest.unwrap_or(i64::MIN));
+        let time_hwm = state.time_hwm_us;
         state.store(&dir)?;
 
         let cp = CheckpointLog::open(&dir, cps.torn_at)?;
@@ -308,6 +338,7 @@ impl Writer {
             spare: Batch::default(),
             last_blocked_flush: Instant::now(),
             last_purge: None,
+            time_hwm,
             shared,
         };
         // The head of a closed ledger is always signed: a new ledger gets a checkpoint at seq 0,
@@ -367,6 +398,7 @@ impl Writer {
                     self.checkpoint()?;
                 }
                 self.state.key_uses.insert(self.active_key, self.key_used);
+                self.state.time_hwm_us = self.time_hwm;
                 self.state.store(&self.dir)?;
                 tracing::info!(head_seq = self.next_seq - 1, "ledger closed");
                 return Ok(());
@@ -437,6 +469,7 @@ impl Writer {
             self.state
                 .key_uses
                 .insert(self.active_key, self.key_used + RESERVE_CHUNK);
+            self.state.time_hwm_us = self.time_hwm;
             self.state.store(&self.dir)?;
         }
         let mut n = [0u8; 12];
@@ -450,6 +483,7 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &mut Batch) -> Result<(), LedgerError> {
+        self.watch_clock(self.shared.now_us());
         self.buf.clear();
         self.acks.clear();
         let n = batch.items.len();
@@ -460,19 +494,20 @@ impl Writer {
                 if let Some(ack) = p.ack {
                     self.acks.push((self.next_seq, ack));
                 }
+                let time_us = self.ledger_time(p.entry_type, p.time_us);
                 let pending_bytes = self.seg_size + self.buf.len() as u64;
                 if (pending_bytes >= self.shared.cfg.segment_bytes && pending_bytes > 0)
-                    || self.segment_too_old(p.time_us)
+                    || self.segment_too_old(time_us)
                 {
                     self.flush_buf()?;
                     self.rotate()?;
                 }
-                self.seg_newest = self.seg_newest.max(p.time_us);
-                self.seg_oldest = self.seg_oldest.min(p.time_us);
+                self.seg_newest = self.seg_newest.max(time_us);
+                self.seg_oldest = self.seg_oldest.min(time_us);
                 let header = Header {
                     entry_type: p.entry_type,
                     seq: self.next_seq,
-                    time_us: p.time_us,
+                    time_us,
                     key_id: self.active_key,
                     nonce: self.next_nonce()?,
                     blind: p.blind,
@@ -555,9 +590,55 @@ impl Writer {
         Ok(())
     }
 
+    /// The time a record's header carries, the one retention and time ranges go by: the time
+    /// its caller stamped, unless that is more than [`CLOCK_TOLERANCE`] before the latest time
+    /// the ledger has written. Then the wall clock went back (or stood behind when the record
+    /// was stamped), and a record written minutes ago would look as old as the clock was wrong
+    /// and be purged that much early once the clock is right again: it gets that latest time.
+    /// Counts of refused deliveries are stamped with the start of their hour and keep it. The
+    /// record's own (encrypted) time, which history shows, is left as its caller stamped it.
+    fn ledger_time(&mut self, entry_type: u8, time_us: i64) -> i64 {
+        let behind = self.time_hwm.saturating_sub(time_us);
+        let time_us = if entry_type != Entry::BLOCKED && behind > CLOCK_TOLERANCE.as_micros() as i64
+        {
+            self.time_hwm
+        } else {
+            time_us
+        };
+        self.time_hwm = self.time_hwm.max(time_us);
+        time_us
+    }
+
+    /// Says when the wall clock is behind the latest time the ledger has written by more than
+    /// [`CLOCK_TOLERANCE`] (once when it falls behind, once when it has caught up), and
+    /// exports by how much.
+    fn watch_clock(&mut self, now_us: i64) {
+        let behind = self.time_hwm.saturating_sub(now_us);
+        let behind = if behind > CLOCK_TOLERANCE.as_micros() as i64 {
+            behind
+        } else {
+            0
+        };
+        let was = self.shared.clock_behind_us.swap(behind, Ordering::Relaxed);
+        if behind > 0 && was == 0 {
+            tracing::error!(
+                behind_secs = behind / 1_000_000,
+                ledger_time = %chrono::DateTime::from_timestamp_micros(self.time_hwm)
+                    .unwrap_or_default(),
+                "the wall clock is behind the latest time the share ledger has written: it was \
+                 set back, or was ahead before. New records are stamped with that latest time \
+                 until the clock passes it, so they are kept past retention by as much. Check \
+                 the clock (NTP)"
+            );
+        } else if behind == 0 && was > 0 {
+            tracing::info!("the wall clock has caught up with the share ledger's time");
+        }
+        metrics::gauge!(crate::metrics::LEDGER_CLOCK_BEHIND).set(behind as f64 / 1e6);
+    }
+
     fn checkpoint(&mut self) -> Result<(), LedgerError> {
         let seq = self.next_seq - 1;
-        let cp = Checkpoint::sign(&self.shared.keys, seq, self.head, now_us());
+        let cp = Checkpoint::sign(&self.shared.keys, seq, self.head, self.shared.now_us());
         self.cp.append(&cp)?;
         self.last_cp_seq = seq;
         Ok(())
@@ -579,7 +660,9 @@ impl Writer {
         let Some(retention) = self.shared.cfg.retention else {
             return Ok(());
         };
-        if self.segment_too_old(now_us()) {
+        let now = self.shared.now_us();
+        self.watch_clock(now);
+        if self.segment_too_old(now) {
             self.rotate()?;
         }
         let Ok(retention) = chrono::TimeDelta::from_std(retention) else {
@@ -604,7 +687,10 @@ impl Writer {
                 std::io::Error::other("test fault"),
             ));
         }
-        let cutoff = (Utc::now() - retention).timestamp_micros();
+        let cutoff = self
+            .shared
+            .now_us()
+            .saturating_sub(retention.num_microseconds().unwrap_or(i64::MAX));
         for (first, path) in list_segments(&self.dir)? {
             if first >= self.seg_first {
                 break;
@@ -618,7 +704,7 @@ impl Writer {
                 break;
             }
             if let Some((seq, hash)) = summary.last {
-                let cp = Checkpoint::sign(&self.shared.keys, seq, hash, now_us());
+                let cp = Checkpoint::sign(&self.shared.keys, seq, hash, self.shared.now_us());
                 self.cp.append(&cp)?;
             }
             std::fs::remove_file(&path)
