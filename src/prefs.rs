@@ -29,6 +29,9 @@ pub enum PrefError {
     Exists(String),
     #[error("no such device {0:?}")]
     UnknownDevice(String),
+    /// A grant to remove that the preferences do not hold.
+    #[error("{0}")]
+    NoSuchGrant(String),
     #[error("credentials: {0}")]
     Credentials(#[from] AuthError),
     #[error("login of {0:?}: totp_secret is not base32")]

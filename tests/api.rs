@@ -2296,3 +2296,74 @@ async fn a_purpose_users_consented_to_keeps_its_terms() {
         .await;
     assert_eq!(s, StatusCode::CREATED, "{p}");
 }
+
+/// Found by an outside review: a withdrawal of one grant read the
+/// preferences' version before its change and asked for it, so a change
+/// made meanwhile (another grant, another device) turned the withdrawal
+/// into a 409 the client never asked for, and sharing went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_is_never_refused_for_a_change_made_meanwhile() {
+    let api = Arc::new(Api::new());
+    let t = api.user("wendy").await;
+    let grant = |api: Arc<Api>, t: String| async move {
+        let (s, b) = api
+            .json(
+                "PUT",
+                "/v1/me/preferences/share/fitcoach/heart_rate",
+                Some(&t),
+                json!({"purpose": "coaching"}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    };
+    let (s, b) = api
+        .json(
+            "PUT",
+            "/v1/me/preferences/collect/heart_rate",
+            Some(&t),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let toggler = {
+        let (api, t, stop) = (api.clone(), t.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for method in ["PUT", "DELETE"] {
+                    api.json(
+                        method,
+                        "/v1/me/preferences/collect/steps",
+                        Some(&t),
+                        json!({}),
+                    )
+                    .await;
+                }
+            }
+        })
+    };
+    for _ in 0..60 {
+        grant(api.clone(), t.clone()).await;
+        let (s, b) = api
+            .json(
+                "DELETE",
+                "/v1/me/preferences/share/fitcoach/heart_rate",
+                Some(&t),
+                json!({}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "withdrawal refused: {b}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    toggler.await.unwrap();
+    // Withdrawing what is not held is still a 404.
+    let (s, _) = api
+        .json(
+            "DELETE",
+            "/v1/me/preferences/share/fitcoach/heart_rate",
+            Some(&t),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

@@ -265,6 +265,7 @@ impl From<PrefError> for Problem {
             PrefError::UnknownUser(u) => Problem::not_found(format!("no such user {u:?}")),
             PrefError::Exists(what) => Problem::conflict(what),
             PrefError::UnknownDevice(d) => Problem::not_found(format!("no such device {d:?}")),
+            PrefError::NoSuchGrant(what) => Problem::not_found(what),
             PrefError::Invalid(c) => compile_problem(c),
             PrefError::Credentials(e) => Problem::unprocessable(e.to_string()),
             PrefError::BadLogin(user) => {

@@ -209,19 +209,17 @@ pub async fn delete_share_grant(
     AuthUser(user): AuthUser,
     Path((provider, kind)): Path<(String, String)>,
 ) -> Result<Json<Changed>, Problem> {
-    let current = state.prefs.preferences(&user)?;
-    if !current
-        .share
-        .iter()
-        .any(|g| g.provider == provider && g.kind == kind)
-    {
-        return Err(Problem::not_found(format!(
-            "no grant shares {kind:?} with {provider:?}"
-        )));
-    }
-    change(&state, user, Some(current.version), move |p| {
+    // Checked on the preferences the change applies to, not read before
+    // it: a concurrent change must not turn a withdrawal into a 409.
+    change(&state, user, None, move |p| {
+        let held = p.share.len();
         p.share
             .retain(|g| !(g.provider == provider && g.kind == kind));
+        if p.share.len() == held {
+            return Err(PrefError::NoSuchGrant(format!(
+                "no grant shares {kind:?} with {provider:?}"
+            )));
+        }
         Ok(())
     })
     .await
@@ -265,12 +263,14 @@ pub async fn delete_collect_grant(
     AuthUser(user): AuthUser,
     Path(kind): Path<String>,
 ) -> Result<Json<Changed>, Problem> {
-    let current = state.prefs.preferences(&user)?;
-    if !current.collect.iter().any(|g| g.kind == kind) {
-        return Err(Problem::not_found(format!("no grant collects {kind:?}")));
-    }
-    change(&state, user, Some(current.version), move |p| {
+    change(&state, user, None, move |p| {
+        let held = p.collect.len();
         p.collect.retain(|g| g.kind != kind);
+        if p.collect.len() == held {
+            return Err(PrefError::NoSuchGrant(format!(
+                "no grant collects {kind:?}"
+            )));
+        }
         Ok(())
     })
     .await
