@@ -464,7 +464,8 @@ impl FromRequestParts<Arc<ApiState>> for CurrentSession {
             })?;
         let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
         let prefs = state.prefs.clone();
-        let user = tokio::task::spawn_blocking(move || prefs.store().session_user(&hash))
+        let ttl = state.config.session_ttl_secs;
+        let user = tokio::task::spawn_blocking(move || prefs.store().session_user(&hash, ttl))
             .await
             .map_err(|_| Problem::internal())?
             .map_err(|e| Problem::internal_logged(&e))?;

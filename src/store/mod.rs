@@ -554,15 +554,59 @@ impl Store {
         })
     }
 
-    pub fn session_user(&self, token_hash: &[u8; 32]) -> Result<Option<String>, StoreError> {
+    /// The user a session token is for, while it lasts. A session that
+    /// ends more than `ttl_secs` (and a few minutes' slack) from now was
+    /// opened by a clock ahead of this one, or this one was set back since:
+    /// it is refused, so a wrong clock never makes a session outlive its
+    /// time to live.
+    pub fn session_user(
+        &self,
+        token_hash: &[u8; 32],
+        ttl_secs: u64,
+    ) -> Result<Option<String>, StoreError> {
+        const SLACK_SECS: i64 = 300;
+        let now = Utc::now().timestamp();
+        let latest = now
+            .saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX))
+            .saturating_add(SLACK_SECS);
         self.with(|c, _| {
             Ok(c.query_row(
-                "SELECT user_id FROM sessions WHERE token_hash = ?1 AND expires_at >= ?2",
-                params![&token_hash[..], Utc::now().timestamp()],
+                "SELECT user_id FROM sessions
+                 WHERE token_hash = ?1 AND expires_at >= ?2 AND expires_at <= ?3",
+                params![&token_hash[..], now, latest],
                 |r| r.get(0),
             )
             .optional()?)
         })
+    }
+}
+
+#[cfg(test)]
+mod session_clock_tests {
+    use super::*;
+
+    /// Found by an outside review: a login while the clock was a month
+    /// ahead gave a token that lived for that month once the clock was right.
+    #[test]
+    fn a_session_never_outlives_its_time_to_live_by_a_wrong_clock() {
+        let s = Store::in_memory(&[3; 32]).unwrap();
+        let t = |secs| Utc::now() + chrono::Duration::seconds(secs);
+        s.create_session(&[1; 32], "alice", t(3600)).unwrap();
+        s.create_session(&[2; 32], "alice", t(30 * 24 * 3600))
+            .unwrap();
+        s.create_session(&[3; 32], "alice", t(-1)).unwrap();
+        assert_eq!(
+            s.session_user(&[1; 32], 3600).unwrap().as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            s.session_user(&[2; 32], 3600).unwrap(),
+            None,
+            "opened by a clock ahead"
+        );
+        assert_eq!(s.session_user(&[3; 32], 3600).unwrap(), None, "ended");
+        // A time to live lowered since: sessions end by the new one.
+        assert_eq!(s.session_user(&[1; 32], 600).unwrap(), None);
     }
 }
 
@@ -1182,10 +1226,13 @@ mod tests {
         s.create_session(&[9; 32], "alice", soon).unwrap();
         import("h1");
         assert_eq!(s.recovery_codes_left("alice").unwrap(), 1);
-        assert_eq!(s.session_user(&[9; 32]).unwrap().as_deref(), Some("alice"));
+        assert_eq!(
+            s.session_user(&[9; 32], 3600).unwrap().as_deref(),
+            Some("alice")
+        );
         import("h2");
         assert_eq!(s.recovery_codes_left("alice").unwrap(), 0);
-        assert_eq!(s.session_user(&[9; 32]).unwrap(), None);
+        assert_eq!(s.session_user(&[9; 32], 3600).unwrap(), None);
         let events = s.account_event_names("alice");
         assert_eq!(
             events,
