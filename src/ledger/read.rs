@@ -10,6 +10,8 @@ use super::record::{next_frame, Next};
 use super::segment::{list_segments, read_opt};
 use super::ReadFilter;
 
+const HOUR_US: i64 = 3_600_000_000;
+
 pub(crate) fn read_user(
     dir: &Path,
     keys: &Keyring,
@@ -47,10 +49,17 @@ pub(crate) fn read_user(
             if h.seq > durable_seq {
                 return Ok(out);
             }
+            // A header's time is never before the record's own (the writer may raise it past a
+            // clock that went back), so it can rule a record out of `from` but not of `to`. A
+            // count of refused deliveries covers its whole hour.
+            let span = if h.entry_type == Entry::BLOCKED {
+                HOUR_US
+            } else {
+                1
+            };
             if h.blind != blind
                 || h.seq <= after
-                || from_us.is_some_and(|t| h.time_us < t)
-                || to_us.is_some_and(|t| h.time_us >= t)
+                || from_us.is_some_and(|t| h.time_us.saturating_add(span) <= t)
             {
                 continue;
             }
@@ -63,7 +72,11 @@ pub(crate) fn read_user(
             let entry = Entry::decode(h.entry_type, &pt).ok_or_else(|| {
                 LedgerError::tampered(h.seq, TamperKind::Modified, "plaintext does not decode")
             })?;
+            // Ranges go by the time the history shows, the record's own.
+            let at = entry.time().timestamp_micros();
             if entry.user() != user
+                || from_us.is_some_and(|t| at.saturating_add(span) <= t)
+                || to_us.is_some_and(|t| at >= t)
                 || filter
                     .recipient
                     .as_deref()

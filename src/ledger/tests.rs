@@ -1706,3 +1706,59 @@ fn a_directory_that_cannot_be_written_is_locked_shared_for_reading() {
         Err(LedgerError::Locked(_))
     ));
 }
+
+/// Found by an outside review: once the clock had been ahead, records written at the right time
+/// carried the ledger's later time in their headers, and a range by the time the history shows
+/// (today) found none of them. A count of refused deliveries is found by any range its hour
+/// overlaps.
+#[tokio::test]
+async fn ranges_go_by_the_time_the_history_shows() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    let now = Utc::now();
+    write_at(&ledger, [now + TimeDelta::days(30)]).await;
+    write_at(&ledger, [now; 3]).await;
+    let today = ReadFilter {
+        from: Some(now - TimeDelta::hours(1)),
+        to: Some(now + TimeDelta::hours(1)),
+        ..Default::default()
+    };
+    let found = ledger.read_user(ALICE, &today).expect("read");
+    assert_eq!(found.len(), 3, "{found:?}");
+    let ahead = ReadFilter {
+        from: Some(now + TimeDelta::days(29)),
+        ..Default::default()
+    };
+    assert_eq!(ledger.read_user(ALICE, &ahead).expect("read").len(), 1);
+
+    ledger.record_blocked(ALICE, "fitcoach", "heart_rate", "no-consent");
+    ledger.shutdown().await;
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("reopen");
+    let blocked = |from: chrono::DateTime<Utc>| {
+        let f = ReadFilter {
+            from: Some(from),
+            to: Some(from + TimeDelta::minutes(5)),
+            ..Default::default()
+        };
+        ledger
+            .read_user(ALICE, &f)
+            .expect("read")
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::Blocked(_)))
+            .count()
+    };
+    let hour = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read")
+        .iter()
+        .find_map(|(_, e)| match e {
+            Entry::Blocked(b) => Some(b.hour_start),
+            _ => None,
+        })
+        .expect("the count was flushed at shutdown");
+    assert_eq!(blocked(hour + TimeDelta::minutes(50)), 1, "inside its hour");
+    assert_eq!(blocked(hour + TimeDelta::minutes(60)), 0, "after its hour");
+    assert_eq!(blocked(hour - TimeDelta::minutes(5)), 0, "before its hour");
+    ledger.shutdown().await;
+}
