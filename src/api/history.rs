@@ -19,7 +19,9 @@ use crate::store::Dispute;
 pub struct HistoryQuery {
     /// Inclusive. An RFC 3339 time (a `+` in its offset may arrive as a
     /// space, as an unencoded `+` does), a local time without an offset, or
-    /// a date (its first moment), the last two in the user's time zone.
+    /// a date (its first moment), the last two in the user's time zone. A
+    /// local time the clocks skip means the moment they skip to; one they
+    /// pass twice, the earlier for `from` and the later for `to`.
     from: Option<String>,
     /// Exclusive; written as `from` is.
     to: Option<String>,
@@ -64,7 +66,7 @@ enum Edge {
 /// A history bound as users write it: the times the history shows them
 /// (RFC 3339 with their offset), or a local time or date in their zone.
 fn time_arg(field: &str, s: &str, tz: Tz, edge: Edge) -> Result<DateTime<Utc>, Problem> {
-    use chrono::{LocalResult, NaiveDate, NaiveDateTime, TimeZone};
+    use chrono::{LocalResult, NaiveDate, NaiveDateTime, TimeZone, Timelike};
     let s = s.trim();
     let bad = |why: String| Problem::bad_request(format!("{field}: {why}")).field(field);
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -78,28 +80,42 @@ fn time_arg(field: &str, s: &str, tz: Tz, edge: Edge) -> Result<DateTime<Utc>, P
     {
         return Ok(t.with_timezone(&Utc));
     }
-    let local = NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
-        .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M"))
-        .or_else(|_| {
-            NaiveDate::parse_from_str(s, "%Y-%m-%d").map(|d| d.and_time(chrono::NaiveTime::MIN))
-        })
-        .map_err(|_| {
-            bad(format!(
-                "{s:?} is not an RFC 3339 time, a local time (2026-11-24T14:50) or a date \
-                 (2026-11-24)"
-            ))
-        })?;
-    match tz.from_local_datetime(&local) {
-        LocalResult::Single(t) => Ok(t.with_timezone(&Utc)),
-        LocalResult::Ambiguous(a, b) => Ok(match edge {
-            Edge::Earliest => a.min(b),
-            Edge::Latest => a.max(b),
+    // A date means its first moment, whichever bound it is.
+    let (local, edge) = match NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        Ok(d) => (d.and_time(chrono::NaiveTime::MIN), Edge::Earliest),
+        Err(_) => (
+            NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M"))
+                .map_err(|_| {
+                    bad(format!(
+                        "{s:?} is not an RFC 3339 time, a local time (2026-11-24T14:50) or a \
+                         date (2026-11-24)"
+                    ))
+                })?,
+            edge,
+        ),
+    };
+    // A local time the clocks skip (some zones skip midnight) means the
+    // moment they skip to. Offsets change by whole quarter hours.
+    let mut at = local;
+    for _ in 0..=16 {
+        match tz.from_local_datetime(&at) {
+            LocalResult::Single(t) => return Ok(t.with_timezone(&Utc)),
+            LocalResult::Ambiguous(a, b) => {
+                return Ok(match edge {
+                    Edge::Earliest => a.min(b),
+                    Edge::Latest => a.max(b),
+                }
+                .with_timezone(&Utc))
+            }
+            LocalResult::None => {
+                // On to the next quarter hour.
+                let into = i64::from(at.minute() % 15) * 60 + i64::from(at.second());
+                at = at.with_nanosecond(0).unwrap_or(at) + chrono::Duration::seconds(900 - into);
+            }
         }
-        .with_timezone(&Utc)),
-        LocalResult::None => Err(bad(format!(
-            "{local} does not exist in {tz}: the clocks went forward past it"
-        ))),
     }
+    Err(bad(format!("{local} does not exist in {tz}")))
 }
 
 /// One entry for the user it is about, times in their zone. The user and
@@ -461,9 +477,23 @@ mod tests {
             at("to", "2026-10-25T02:30", Edge::Latest).as_deref(),
             Ok("2026-10-25T01:30:00+00:00")
         );
-        // 02:30 on 29 March 2026 never happens there.
-        let gap = at("from", "2026-03-29T02:30", Edge::Earliest).unwrap_err();
-        assert!(gap.contains("does not exist in Europe/Paris"), "{gap}");
+        // 02:30 on 29 March 2026 never happens there: the clocks skip to
+        // 03:00 CEST, 01:00 UTC.
+        assert_eq!(
+            at("from", "2026-03-29T02:30", Edge::Earliest).as_deref(),
+            Ok("2026-03-29T01:00:00+00:00")
+        );
+        // In Santiago the clocks skip midnight on 6 September 2026: the
+        // date's first moment is 01:00 local (04:00 UTC), for either bound.
+        let santiago = |field, s, edge| {
+            time_arg(field, s, chrono_tz::America::Santiago, edge).map(|t| t.to_rfc3339())
+        };
+        for (field, edge) in [("from", Edge::Earliest), ("to", Edge::Latest)] {
+            assert_eq!(
+                santiago(field, "2026-09-06", edge).ok().as_deref(),
+                Some("2026-09-06T04:00:00+00:00")
+            );
+        }
         let bad = at("to", "yesterday", Edge::Latest).unwrap_err();
         assert!(bad.contains("to: \\\"yesterday\\\""), "{bad}");
     }
