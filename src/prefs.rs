@@ -195,6 +195,17 @@ impl PreferenceManager {
             let Some(old) = stored_kinds.iter().find(|o| o.name == k.name) else {
                 continue;
             };
+            if let Some(field) = dropped_field(old, k) {
+                if store.kind_consented(&k.name)? {
+                    return Err(PrefError::Exists(format!(
+                        "[[kinds]] {:?} no longer declares {field:?}, which the stored definition \
+                         does; users have consented to this kind, and messages collected under it \
+                         (retained, queued) may still carry that field. Restore the field, or \
+                         declare the new definition under another name",
+                        k.name
+                    )));
+                }
+            }
             let users = stored
                 .preferences
                 .iter()
@@ -581,6 +592,16 @@ impl PreferenceManager {
                     kind.name
                 )));
             }
+            if let Some(field) = dropped_field(old, &kind) {
+                if self.store.kind_consented(&kind.name)? {
+                    return Err(PrefError::Exists(format!(
+                        "kind {:?} would no longer declare {field:?}; users have consented to \
+                         it before, and messages collected then (retained, queued) may still \
+                         carry that field; declare the new definition under another name",
+                        kind.name
+                    )));
+                }
+            }
         }
         let mut kinds = state.kinds.clone();
         kinds.retain(|k| k.name != kind.name);
@@ -832,6 +853,15 @@ fn same_definition(a: &Kind, b: &Kind) -> bool {
         ..k.clone()
     };
     fields(a) == fields(b) && rest(a) == rest(b)
+}
+
+/// A field `old` declares and `new` does not: data collected under `old`
+/// may carry it, and a delivery does not minimize again.
+fn dropped_field<'a>(old: &'a Kind, new: &Kind) -> Option<&'a str> {
+    old.fields
+        .iter()
+        .find(|f| !new.fields.contains(f))
+        .map(String::as_str)
 }
 
 /// Whether the preferences collect or share the kind: the user consented to it.
@@ -1360,6 +1390,62 @@ mod tests {
             .map(|e| e.source)
             .collect();
         assert_eq!(sources, [IMPORT_SOURCE, "api"]);
+    }
+
+    /// The bug this guards (outside review, seventeenth session): a kind
+    /// redefined without a field once no one named it any more; a retained
+    /// message collected under the old definition then carried that field to
+    /// providers who consented to the narrower kind, since deliveries do not
+    /// minimize again.
+    #[test]
+    fn a_kind_users_ever_consented_to_never_loses_a_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (seed, kinds) = demo();
+        let (pm, _, _) = open_file(&path, 9, &seed, &kinds);
+        let mut vitals = kinds
+            .iter()
+            .find(|k| k.name == "heart_rate")
+            .unwrap()
+            .clone();
+        vitals.name = "vitals".into();
+        vitals.fields = vec!["bpm".into(), "diagnosis".into()];
+        vitals.types.clear();
+        pm.put_kind(vitals.clone()).unwrap();
+        let mut narrow = vitals.clone();
+        narrow.fields = vec!["bpm".into()];
+        // Nobody consented yet: it may change freely.
+        pm.put_kind(narrow.clone()).unwrap();
+        pm.put_kind(vitals.clone()).unwrap();
+
+        pm.change("alice", None, "api", |p| {
+            p.collect.push(crate::model::CollectGrant {
+                kind: "vitals".into(),
+                windows: vec![],
+            });
+            Ok(())
+        })
+        .unwrap();
+        pm.change("alice", None, "api", |p| {
+            p.collect.retain(|g| g.kind != "vitals");
+            Ok(())
+        })
+        .unwrap();
+        let refused = pm.put_kind(narrow.clone()).unwrap_err();
+        assert!(refused.to_string().contains("\"diagnosis\""), "{refused}");
+        // A field more is not a field less.
+        let mut wider = vitals.clone();
+        wider.fields.push("spo2".into());
+        pm.put_kind(wider).unwrap();
+
+        // Known from the consent history in a store from before the record of it.
+        drop(pm);
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute_batch("DELETE FROM consented_kinds; DELETE FROM consented_kinds_filled;")
+            .unwrap();
+        drop(raw);
+        let (pm, _, _) = open_file(&path, 9, &seed, &kinds);
+        assert!(pm.put_kind(narrow).is_err(), "forgotten after the backfill");
     }
 
     /// The bug this guards (outside review, seventeenth session): a reload

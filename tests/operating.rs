@@ -106,6 +106,16 @@ async fn deliveries_to_a_device_carry_its_role_and_no_provider_id() {
         .unwrap();
     assert_eq!(dev.next_publish().await.topic, "public/x");
     assert_eq!(fit.next_publish().await.topic, "public/x");
+    // A delivery is counted once written, which a client can see first.
+    for role in ["device", "provider"] {
+        server
+            .wait_for_metric(
+                "consentry_deliveries_total",
+                &[("role", role), ("result", "delivered")],
+                1.0,
+            )
+            .await;
+    }
     let text = server.metrics_text();
     let deliveries: Vec<&str> = text
         .lines()

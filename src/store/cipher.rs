@@ -7,21 +7,39 @@
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, Mac};
 use rand::RngCore;
+use sha2::Sha256;
 
 use super::StoreError;
 
 pub struct Cipher {
     key_id: u32,
     aead: Aes256Gcm,
+    /// Keyed for [`Cipher::blind`], apart from the AEAD key.
+    blind: Hmac<Sha256>,
 }
 
 impl Cipher {
     pub fn new(key_id: u32, key: &[u8; 32]) -> Cipher {
+        let mut derive = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+        derive.update(b"consentry store blind index");
+        let blind_key = derive.finalize().into_bytes();
         Cipher {
             key_id,
             aead: Aes256Gcm::new(key.into()),
+            blind: <Hmac<Sha256> as Mac>::new_from_slice(&blind_key).expect("any key length"),
         }
+    }
+
+    /// A value's keyed digest, for looking it up without storing it in
+    /// clear: equal values at one place have equal digests.
+    pub fn blind(&self, place: &str, value: &[u8]) -> [u8; 32] {
+        let mut m = self.blind.clone();
+        m.update(place.as_bytes());
+        m.update(&[0]);
+        m.update(value);
+        m.finalize().into_bytes().into()
     }
 
     pub fn seal(&self, place: &str, plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {

@@ -13,6 +13,7 @@
 
 mod account_events;
 mod cipher;
+mod consented_kinds;
 mod recovery_codes;
 mod totp_enrol;
 mod totp_steps;
@@ -199,11 +200,13 @@ impl Store {
         conn.execute_batch(totp_enrol::SCHEMA)?;
         conn.execute_batch(recovery_codes::SCHEMA)?;
         conn.execute_batch(account_events::SCHEMA)?;
+        conn.execute_batch(consented_kinds::SCHEMA)?;
         let store = Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
         };
         store.seal_dispute_parties()?;
+        store.backfill_consented_kinds()?;
         Ok(store)
     }
 
@@ -249,10 +252,13 @@ impl Store {
         conn.execute_batch(totp_enrol::SCHEMA)?;
         conn.execute_batch(recovery_codes::SCHEMA)?;
         conn.execute_batch(account_events::SCHEMA)?;
-        Ok(Store {
+        conn.execute_batch(consented_kinds::SCHEMA)?;
+        let store = Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
-        })
+        };
+        store.backfill_consented_kinds()?;
+        Ok(store)
     }
 
     fn with<T>(
@@ -1055,6 +1061,7 @@ impl Tx<'_> {
             }
         }
         prefs.version = current + 1;
+        self.note_consented_kinds(&prefs)?;
         let user = prefs.user.clone();
         let doc = serde_json::to_vec(&prefs)?;
         self.tx.execute(
