@@ -35,8 +35,12 @@ impl Tx<'_> {
         let mut stmt = self
             .tx
             .prepare_cached("INSERT OR IGNORE INTO consented_kinds (blind) VALUES (?1)")?;
+        let mut noted = self.consented_kinds.borrow_mut();
         for k in kinds(p) {
-            stmt.execute([&self.cipher.blind(PLACE, k.as_bytes())[..]])?;
+            if !noted.contains(k) {
+                stmt.execute([&self.cipher.blind(PLACE, k.as_bytes())[..]])?;
+                noted.insert(k.to_owned());
+            }
         }
         Ok(())
     }

@@ -280,6 +280,7 @@ impl Store {
         let out = f(&Tx {
             tx: &tx,
             cipher: &self.cipher,
+            consented_kinds: Default::default(),
         })?;
         tx.commit().map_err(StoreError::from)?;
         Ok(out)
@@ -802,6 +803,9 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, StoreError> {
 pub struct Tx<'a> {
     tx: &'a Transaction<'a>,
     cipher: &'a Cipher,
+    /// Kinds this transaction noted as consented to already: an import of
+    /// many users notes each kind once.
+    consented_kinds: std::cell::RefCell<HashSet<String>>,
 }
 
 impl Tx<'_> {
