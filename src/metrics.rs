@@ -30,6 +30,7 @@ pub const LEDGER_PURGE_FAILURES: &str = "consentry_ledger_purge_failures_total";
 pub const LEDGER_FSYNC_SECONDS: &str = "consentry_ledger_fsync_seconds";
 pub const LEDGER_BATCH_SIZE: &str = "consentry_ledger_batch_size";
 pub const LEDGER_CLOCK_BEHIND: &str = "consentry_ledger_clock_behind_seconds";
+pub const LEDGER_CLOCK_JUMPED: &str = "consentry_ledger_clock_jumped_seconds";
 pub const PASSWORD_CHECKS: &str = "consentry_password_checks_total";
 pub const NOTICES_DROPPED: &str = "consentry_notices_dropped_total";
 
@@ -55,6 +56,7 @@ pub const ALL: &[&str] = &[
     LEDGER_FSYNC_SECONDS,
     LEDGER_BATCH_SIZE,
     LEDGER_CLOCK_BEHIND,
+    LEDGER_CLOCK_JUMPED,
     PASSWORD_CHECKS,
     NOTICES_DROPPED,
 ];
@@ -170,6 +172,7 @@ fn register() {
     let _ = histogram!(LEDGER_FSYNC_SECONDS);
     let _ = histogram!(LEDGER_BATCH_SIZE);
     gauge!(LEDGER_CLOCK_BEHIND).increment(0.0);
+    gauge!(LEDGER_CLOCK_JUMPED).increment(0.0);
     for result in ["run", "busy"] {
         counter!(PASSWORD_CHECKS, "result" => result).increment(0);
     }
@@ -246,6 +249,13 @@ fn describe() {
     describe_counter!(
         LEDGER_APPEND_FAILURES,
         "Times the share ledger failed to append (deliveries stop until it recovers)"
+    );
+    describe_gauge!(
+        LEDGER_CLOCK_JUMPED,
+        Unit::Seconds,
+        "How far the wall clock has run ahead of the time that passed since the share ledger \
+         opened (0 when it has not): retention goes by the time that passed meanwhile, so a \
+         clock stepped forward deletes nothing early; a restart takes the clock as it is"
     );
     describe_histogram!(
         LEDGER_FSYNC_SECONDS,

@@ -329,6 +329,7 @@ impl Ledger {
             healthy: AtomicBool::new(true),
             durable_seq: AtomicU64::new(0),
             clock_behind_us: AtomicI64::new(0),
+            clock_jumped_us: AtomicI64::new(0),
             blocked: aggregate::Aggregator::default(),
             keys,
             cfg,

@@ -1762,3 +1762,45 @@ async fn ranges_go_by_the_time_the_history_shows() {
     assert_eq!(blocked(hour - TimeDelta::minutes(5)), 0, "before its hour");
     ledger.shutdown().await;
 }
+
+/// Found by an outside review: with the clock stepped 2 200 days forward while running, the next
+/// purge (within a minute) deleted records minutes old, for good. Retention now goes no faster
+/// than the time that has passed since the ledger opened.
+#[tokio::test]
+async fn a_clock_stepped_forward_while_running_deletes_nothing_early() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(small_with_retention(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 12).await;
+    let before = list_segments(tmp.path()).expect("list").len();
+    assert!(before >= 2, "closed segments to purge");
+    let ahead = TimeDelta::days(2200);
+    ledger.shared().clock_skew_us.store(
+        ahead.num_microseconds().expect("µs"),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    // New records close segments, and each closing purges (after the records are durable).
+    write_n(&ledger, 12).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let jumped = ledger
+            .shared()
+            .clock_jumped_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if jumped > (ahead - TimeDelta::hours(1)).num_microseconds().unwrap() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no purge saw the clock: {jumped}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ledger.shutdown().await;
+    assert!(
+        segment_path(tmp.path(), 1).exists(),
+        "records minutes old were purged: {:?}",
+        list_segments(tmp.path())
+    );
+    verify_dir(tmp.path(), &k).expect("verify");
+}

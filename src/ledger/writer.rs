@@ -44,6 +44,11 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// this long after its retention ends.
 pub(crate) const SEGMENT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
+/// Stores `now` in `cell`; whether it held 0 before.
+fn gauge_was_zero(cell: &AtomicI64, now: i64) -> bool {
+    cell.swap(now, Ordering::Relaxed) == 0
+}
+
 /// How far a record's time may fall behind the latest time the ledger has written (callers
 /// stamp records before they queue, so a little disorder is normal) before the wall clock is
 /// taken to have gone back: then the record's header carries that latest time instead.
@@ -137,6 +142,9 @@ pub(crate) struct Shared {
     /// How far (µs) the wall clock was behind [`Writer`]'s time high-water mark when last
     /// looked at; 0 when it was not.
     pub clock_behind_us: AtomicI64,
+    /// How far (µs) the wall clock ran ahead of the time passed since the writer opened, when
+    /// retention last looked; 0 when it had not.
+    pub clock_jumped_us: AtomicI64,
     pub blocked: Aggregator,
     pub keys: Keyring,
     pub cfg: LedgerConfig,
@@ -236,6 +244,9 @@ pub(crate) struct Writer {
     /// at open to the newest record in the newest segment and the latest checkpoint's time.
     /// Record headers never carry a time more than [`CLOCK_TOLERANCE`] below it.
     time_hwm: i64,
+    /// The wall clock (µs) and the monotonic one when the writer opened: retention's clock runs
+    /// no faster than the time that has passed since (see [`Writer::purge_now`]).
+    opened: (i64, Instant),
 }
 
 fn open_append(path: &std::path::Path, create_new: bool) -> Result<File, LedgerError> {
@@ -339,6 +350,7 @@ impl Writer {
             last_blocked_flush: Instant::now(),
             last_purge: None,
             time_hwm,
+            opened: (shared.now_us(), Instant::now()),
             shared,
         };
         // The head of a closed ledger is always signed: a new ledger gets a checkpoint at seq 0,
@@ -636,6 +648,42 @@ impl Writer {
         metrics::gauge!(crate::metrics::LEDGER_CLOCK_BEHIND).set(behind as f64 / 1e6);
     }
 
+    /// The time retention goes by: the wall clock, but no later than it was when the writer
+    /// opened plus the time that has passed since (and [`CLOCK_TOLERANCE`]). A clock stepped
+    /// forward while running (a wrong NTP step) would otherwise delete records as old as the
+    /// step, within a minute and for good. What it cannot tell: a step while consentry was
+    /// stopped, which looks like a long stop; and a clock set right after it was behind, whose
+    /// purges wait for the next start.
+    fn purge_now(&mut self) -> i64 {
+        let wall = self.shared.now_us();
+        let (opened_wall, opened_at) = self.opened;
+        let passed = i64::try_from(opened_at.elapsed().as_micros()).unwrap_or(i64::MAX);
+        let steady = opened_wall
+            .saturating_add(passed)
+            .saturating_add(CLOCK_TOLERANCE.as_micros() as i64);
+        let jumped = wall.saturating_sub(steady).max(0);
+        let gauge = metrics::gauge!(crate::metrics::LEDGER_CLOCK_JUMPED);
+        if jumped > 0 {
+            if gauge_was_zero(&self.shared.clock_jumped_us, jumped) {
+                tracing::error!(
+                    ahead_secs = jumped / 1_000_000,
+                    "the wall clock ran ahead of the time that has passed since the share ledger \
+                     opened (stepped forward?): retention goes by the time that has passed, so \
+                     nothing is deleted early; check the clock (NTP). A restart takes the clock \
+                     as it is then"
+                );
+            }
+            gauge.set(jumped as f64 / 1e6);
+            steady
+        } else {
+            if !gauge_was_zero(&self.shared.clock_jumped_us, 0) {
+                tracing::info!("the wall clock is back in step with the share ledger's");
+            }
+            gauge.set(0.0);
+            wall
+        }
+    }
+
     fn checkpoint(&mut self) -> Result<(), LedgerError> {
         let seq = self.next_seq - 1;
         let cp = Checkpoint::sign(&self.shared.keys, seq, self.head, self.shared.now_us());
@@ -688,8 +736,7 @@ impl Writer {
             ));
         }
         let cutoff = self
-            .shared
-            .now_us()
+            .purge_now()
             .saturating_sub(retention.num_microseconds().unwrap_or(i64::MAX));
         for (first, path) in list_segments(&self.dir)? {
             if first >= self.seg_first {
