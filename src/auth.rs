@@ -164,6 +164,29 @@ impl Credentials {
         }
     }
 
+    /// What identifies `who`'s current registration, for a device: its
+    /// password hash (salted, so new for each registration) or its
+    /// certificate. A device removed and registered again under the same id
+    /// has another; one removed, none.
+    pub fn registration(&self, who: &Principal) -> Option<String> {
+        let Principal::Device { id, .. } = who else {
+            return None;
+        };
+        if let Some(Entry {
+            principal,
+            hash: Some(h),
+        }) = self.by_name.get(id)
+        {
+            if principal == who {
+                return Some(h.clone());
+            }
+        }
+        self.by_cert
+            .iter()
+            .find(|(_, p)| *p == who)
+            .map(|(cert, _)| format!("cert:{cert}"))
+    }
+
     pub fn by_certificate(&self, sha256_hex: &str) -> Result<Principal, AuthError> {
         self.by_cert
             .get(&sha256_hex.to_ascii_lowercase())

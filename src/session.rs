@@ -716,13 +716,19 @@ impl Session {
             };
             match checked {
                 Ok(payload) => {
-                    self.will = Some(Will::new(w, &topic, payload, session_expiry));
+                    let registration = self.shared.creds.load().registration(&self.who);
+                    self.will = Some(
+                        Will::new(w, &topic, payload, session_expiry).registered_as(registration),
+                    );
                 }
                 Err(deny) if will::decided_when_due(deny) => {
                     // Not collectable now, perhaps by the time it is due.
                     tracing::debug!(session = self.id, reason = deny, "will kept undecided");
                     let payload = w.message.clone();
-                    self.will = Some(Will::new(w, &topic, payload, session_expiry));
+                    let registration = self.shared.creds.load().registration(&self.who);
+                    self.will = Some(
+                        Will::new(w, &topic, payload, session_expiry).registered_as(registration),
+                    );
                 }
                 Err(deny) => {
                     tracing::info!(session = self.id, reason = deny, "will message refused");

@@ -62,6 +62,10 @@ pub struct Will {
     /// Seconds (MQTT 5): the will waits no longer than either.
     delay: u32,
     session_expiry: u32,
+    /// The device's registration when the will was set
+    /// ([`crate::auth::Credentials::registration`]): a will outlives its
+    /// session, and must not be published for a registration made after it.
+    registration: Option<String>,
 }
 
 impl Will {
@@ -90,7 +94,14 @@ impl Will {
             properties,
             delay,
             session_expiry,
+            registration: None,
         }
+    }
+
+    /// Ties the will to the device registration of the session that set it.
+    pub fn registered_as(mut self, registration: Option<String>) -> Will {
+        self.registration = registration;
+        self
     }
 
     /// A DISCONNECT that asks for the will (MQTT 5 reason 0x04) may also
@@ -223,6 +234,17 @@ async fn publish(
     let client_id = ticket.client_id();
     let mut pause = FIRST_RETRY;
     loop {
+        if let Some(set_by) = &will.registration {
+            if shared.creds.load().registration(&who).as_ref() != Some(set_by) {
+                tracing::info!(
+                    client_id,
+                    "will dropped: the device that set it was removed, or its credentials replaced, since"
+                );
+                metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => "device_removed")
+                    .increment(1);
+                return;
+            }
+        }
         let decided = match TopicName::new(&will.topic) {
             Some(name) => decide_ingress(&shared, &who, name, &will.payload),
             None => Err(Deny::Invalid.as_str()),

@@ -674,6 +674,67 @@ async fn a_user_moves_to_another_time_zone_and_a_receipt_states_it() {
     assert_eq!(json_of(&got)["time_zone"], "Europe/Paris");
 }
 
+/// Found by an outside review: a device removed and registered again under
+/// the same id within its will delay had the removed session's will
+/// published, as the new registration's data.
+#[tokio::test]
+async fn a_removed_devices_will_is_not_published_for_its_new_registration() {
+    let server = server();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let mut o = v5::options(
+        server.mqtt,
+        "watch",
+        Some(("alice-watch", "alice-watch-secret")),
+    );
+    o.set_last_will(v5::LastWill::new(
+        "pii/alice/alice-watch/heart_rate",
+        r#"{"bpm":999}"#,
+        v5::QoS::AtLeastOnce,
+        false,
+        Some(v5::will_delay(2)),
+    ));
+    o.set_session_expiry_interval(Some(60));
+    let mut watch = v5::connect_with(o).await.unwrap();
+    watch
+        .publish_acked("pii/alice/alice-watch/heart_rate", br#"{"bpm":70}"#)
+        .await;
+    assert_eq!(&fit.next_publish().await.payload[..], br#"{"bpm":70}"#);
+
+    let a = login(
+        &server,
+        "alice",
+        "alice-api-secret",
+        "CNFOSFDCDDJIUQAT6P2EOM7JSUQFFACA",
+    );
+    let (s, b) = http(
+        &server,
+        "DELETE",
+        "/v1/me/devices/alice-watch",
+        Some(&a),
+        None,
+    );
+    assert_eq!(s, 204, "{b}");
+    let (s, b) = http(
+        &server,
+        "POST",
+        "/v1/me/devices",
+        Some(&a),
+        Some(json!({"id": "alice-watch"})),
+    );
+    assert_eq!(s, 201, "{b}");
+    watch.kill();
+    let removed = [("result", "dropped"), ("reason", "device_removed")];
+    server
+        .wait_for_metric("consentry_publishes_total", &removed, 1.0)
+        .await;
+    let late = tokio::time::timeout(Duration::from_millis(500), fit.next_publish()).await;
+    assert!(
+        late.is_err(),
+        "the removed session's will was delivered: {late:?}"
+    );
+}
+
 #[tokio::test]
 async fn receipt_keys_rotate_and_old_receipts_still_verify() {
     let mut server = server();
