@@ -1552,6 +1552,13 @@ impl ActHandle {
         self.changed.send_replace(v);
     }
 
+    /// Puts `act` in force without telling sessions: for a user's grants
+    /// while their change commits (and back if it fails), which changes
+    /// nothing sessions re-check (subscriptions, device bindings).
+    pub fn store_quietly(&self, act: Arc<Act>) {
+        self.current.store(act);
+    }
+
     /// Sessions watch this to re-check what they hold.
     pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()

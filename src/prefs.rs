@@ -352,12 +352,21 @@ impl PreferenceManager {
             }
         }
         let expected = prefs.version;
+        let before = prefs.clone();
         change(&mut prefs)?;
         prefs.user = user.into();
         prefs.version = expected + 1;
         prefs.receipt = self.new_receipt_id();
         let act_version = state.act_version + 1;
         let act = self.act.load().with_user(act_version, &u, Some(&prefs))?;
+        // What the change takes away stops before the receipt's time is
+        // taken, so no delivery decided after that time goes by the earlier
+        // version where it differs; what it adds starts once committed.
+        let previous = Arc::clone(&*self.act.load());
+        if let Some(interim) = in_both(&before, &prefs) {
+            let interim = previous.with_user(act_version, &u, Some(&interim))?;
+            self.act.store_quietly(Arc::new(interim));
+        }
         let receipt = match &self.issuer {
             Some(issuer) => Some(
                 issuer
@@ -369,13 +378,24 @@ impl PreferenceManager {
                         &state.kinds,
                         Utc::now(),
                     )
-                    .map_err(PrefError::Receipt)?,
+                    .map_err(PrefError::Receipt),
             ),
             None => None,
+        }
+        .transpose();
+        let committed = receipt.and_then(|receipt| {
+            self.store.transaction(|tx| {
+                tx.replace_preferences(prefs.clone(), Some(expected), source, receipt.as_ref())
+            })?;
+            Ok(receipt)
+        });
+        let receipt = match committed {
+            Ok(r) => r,
+            Err(e) => {
+                self.act.store_quietly(previous);
+                return Err(e);
+            }
         };
-        self.store.transaction(|tx| {
-            tx.replace_preferences(prefs.clone(), Some(expected), source, receipt.as_ref())
-        })?;
         self.act.store(act);
         state.prefs.insert(user.into(), prefs.clone());
         state.self_set.insert(user.into());
@@ -831,6 +851,36 @@ impl PreferenceManager {
     }
 }
 
+/// The preferences `new` keeps of `old` unchanged, in force while a change
+/// commits: `new` itself when it only takes grants away (it is then in
+/// force under its own receipt); `None` when it takes nothing away. A grant
+/// `new` changes is in neither until the change is committed.
+fn in_both(old: &Preferences, new: &Preferences) -> Option<Preferences> {
+    let kept_collect: Vec<_> = old
+        .collect
+        .iter()
+        .filter(|g| new.collect.contains(g))
+        .cloned()
+        .collect();
+    let kept_share: Vec<_> = old
+        .share
+        .iter()
+        .filter(|g| new.share.contains(g))
+        .cloned()
+        .collect();
+    if kept_collect.len() == old.collect.len() && kept_share.len() == old.share.len() {
+        return None;
+    }
+    if kept_collect.len() == new.collect.len() && kept_share.len() == new.share.len() {
+        return Some(new.clone());
+    }
+    Some(Preferences {
+        collect: kept_collect,
+        share: kept_share,
+        ..old.clone()
+    })
+}
+
 /// Whether any collection grant is limited to windows, which are read in
 /// the user's time zone.
 fn has_windows(p: &Preferences) -> bool {
@@ -1151,6 +1201,108 @@ mod tests {
             ),
             Ok(Delivery::Personal { .. })
         )
+    }
+
+    /// Looks at what the ACT in force allows when a receipt is issued: the
+    /// moment the receipt's time is taken.
+    struct Witness {
+        act: std::sync::OnceLock<Arc<ActHandle>>,
+        seen: Mutex<Vec<(bool, bool)>>,
+    }
+
+    impl ReceiptIssuer for Witness {
+        fn issue(
+            &self,
+            _user: &User,
+            prefs: &Preferences,
+            _channel: Channel,
+            _dir: &Directory,
+            _kinds: &[Kind],
+            now: DateTime<Utc>,
+        ) -> Result<StoredReceipt, String> {
+            if let Some(act) = self.act.get() {
+                let kind_shared = |kind: &str| {
+                    matches!(
+                        act.load().deliver(
+                            &Principal::Provider {
+                                id: "fitcoach".into()
+                            },
+                            &format!("pii/alice/alice-watch/{kind}"),
+                            Utc::now()
+                        ),
+                        Ok(Delivery::Personal { .. })
+                    )
+                };
+                let seen = (kind_shared("heart_rate"), kind_shared("steps"));
+                self.seen.lock().unwrap().push(seen);
+            }
+            Ok(StoredReceipt {
+                jti: prefs.receipt.clone().unwrap_or_default(),
+                version: prefs.version,
+                at: now,
+                json: serde_json::Value::Null,
+                jws: String::new(),
+            })
+        }
+    }
+
+    /// Found by an outside review: a receipt's time was taken before the
+    /// change was in force, so records of deliveries the change withdrew
+    /// carried a later time than the withdrawal's receipt. What a change
+    /// takes away now stops before the receipt's time is taken; what it
+    /// adds starts once committed.
+    #[test]
+    fn what_a_change_withdraws_stops_before_its_receipt_is_issued() {
+        let (dir, kinds) = demo();
+        let witness = Arc::new(Witness {
+            act: Default::default(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let (pm, act, _) = PreferenceManager::open(
+            Store::in_memory(&[6; 32]).unwrap(),
+            vec!["pii/{user}/{device}/{kind}".into()],
+            &kinds,
+            vec![],
+            dir,
+            Some(witness.clone()),
+        )
+        .unwrap();
+        witness.act.set(act.clone()).ok().unwrap();
+        let share = |kind: &str| ShareGrant {
+            provider: "fitcoach".into(),
+            purpose: "coaching".into(),
+            kind: kind.into(),
+            mask: Default::default(),
+            expires: None,
+        };
+        // A withdrawal: heart_rate stops before the receipt.
+        pm.change("alice", None, "api", |p| {
+            p.share.retain(|g| g.kind != "heart_rate");
+            Ok(())
+        })
+        .unwrap();
+        // An addition: heart_rate starts after it.
+        pm.change("alice", None, "api", |p| {
+            p.share.push(share("heart_rate"));
+            Ok(())
+        })
+        .unwrap();
+        // Both at once: what is taken stops, what is kept goes on.
+        pm.change("alice", None, "api", |p| {
+            p.share.retain(|g| g.kind != "heart_rate");
+            p.share
+                .iter_mut()
+                .filter(|g| g.kind == "location")
+                .for_each(|g| g.mask.clear());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            *witness.seen.lock().unwrap(),
+            [(false, true), (false, true), (false, true)]
+        );
+        // And in force after each, as it returns.
+        assert!(!fitcoach_gets_heart_rate(&act));
     }
 
     #[test]
