@@ -367,8 +367,10 @@ impl PreferenceManager {
             let interim = previous.with_user(act_version, &u, Some(&interim))?;
             self.act.store_quietly(Arc::new(interim));
         }
-        let receipt = match &self.issuer {
-            Some(issuer) => Some(
+        let receipt = self
+            .issuer
+            .as_ref()
+            .map(|issuer| {
                 issuer
                     .issue(
                         &u,
@@ -378,11 +380,9 @@ impl PreferenceManager {
                         &state.kinds,
                         Utc::now(),
                     )
-                    .map_err(PrefError::Receipt),
-            ),
-            None => None,
-        }
-        .transpose();
+                    .map_err(PrefError::Receipt)
+            })
+            .transpose();
         let committed = receipt.and_then(|receipt| {
             self.store.transaction(|tx| {
                 tx.replace_preferences(prefs.clone(), Some(expected), source, receipt.as_ref())
