@@ -434,29 +434,55 @@ impl PreferenceManager {
         });
         let in_force = reissued.as_ref().or(current.as_ref());
         let act = self.act.load().with_user(act_version, &u, in_force)?;
-        let receipt = match (&self.issuer, &reissued) {
-            (Some(issuer), Some(p)) => Some(
-                issuer
-                    .issue(
-                        &u,
-                        p,
-                        Channel::User,
-                        &state.providers_only(),
-                        &state.kinds,
-                        Utc::now(),
-                    )
-                    .map_err(PrefError::Receipt)?,
-            ),
-            _ => None,
-        };
-        self.store.transaction(|tx| {
-            tx.put_user(&u, None, false)?;
-            tx.set_own_profile(user)?;
-            if let Some(p) = &reissued {
-                tx.replace_preferences(p.clone(), Some(p.version - 1), "api", receipt.as_ref())?;
+        // Windows move with the zone: collection under them stops while the
+        // change commits (see `change`), in neither zone's reading.
+        let previous = Arc::clone(&*self.act.load());
+        if let Some(p) = &current {
+            let mut interim = p.clone();
+            interim.collect.retain(|g| g.windows.is_empty());
+            if interim.collect.len() < p.collect.len() {
+                let interim = previous.with_user(act_version, &u, Some(&interim))?;
+                self.act.store_quietly(Arc::new(interim));
             }
-            Ok::<_, PrefError>(())
-        })?;
+        }
+        let committed = (|| {
+            let receipt = match (&self.issuer, &reissued) {
+                (Some(issuer), Some(p)) => Some(
+                    issuer
+                        .issue(
+                            &u,
+                            p,
+                            Channel::User,
+                            &state.providers_only(),
+                            &state.kinds,
+                            Utc::now(),
+                        )
+                        .map_err(PrefError::Receipt)?,
+                ),
+                _ => None,
+            };
+            self.store.transaction(|tx| {
+                tx.put_user(&u, None, false)?;
+                tx.set_own_profile(user)?;
+                if let Some(p) = &reissued {
+                    tx.replace_preferences(
+                        p.clone(),
+                        Some(p.version - 1),
+                        "api",
+                        receipt.as_ref(),
+                    )?;
+                }
+                Ok::<_, PrefError>(())
+            })?;
+            Ok::<_, PrefError>(receipt)
+        })();
+        let receipt = match committed {
+            Ok(r) => r,
+            Err(e) => {
+                self.act.store_quietly(previous);
+                return Err(e);
+            }
+        };
         self.act.store(act);
         state.users.insert(user.into(), u);
         state.act_version = act_version;
@@ -1207,7 +1233,7 @@ mod tests {
     /// moment the receipt's time is taken.
     struct Witness {
         act: std::sync::OnceLock<Arc<ActHandle>>,
-        seen: Mutex<Vec<(bool, bool)>>,
+        seen: Mutex<Vec<(bool, bool, bool)>>,
     }
 
     impl ReceiptIssuer for Witness {
@@ -1233,7 +1259,14 @@ mod tests {
                         Ok(Delivery::Personal { .. })
                     )
                 };
-                let seen = (kind_shared("heart_rate"), kind_shared("steps"));
+                let watch = Principal::Device {
+                    id: "alice-watch".into(),
+                    user: "alice".into(),
+                };
+                let topic =
+                    crate::topic::TopicName::new("pii/alice/alice-watch/heart_rate").unwrap();
+                let collected = act.load().ingress(&watch, topic, Utc::now()).is_ok();
+                let seen = (kind_shared("heart_rate"), kind_shared("steps"), collected);
                 self.seen.lock().unwrap().push(seen);
             }
             Ok(StoredReceipt {
@@ -1297,12 +1330,35 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(
-            *witness.seen.lock().unwrap(),
-            [(false, true), (false, true), (false, true)]
-        );
-        // And in force after each, as it returns.
+        // In force after each, as it returns.
         assert!(!fitcoach_gets_heart_rate(&act));
+        // A window on collection, then a move to another zone: collection
+        // under the window stops while each commits.
+        pm.change("alice", None, "api", |p| {
+            for g in p.collect.iter_mut().filter(|g| g.kind == "heart_rate") {
+                g.windows = vec![crate::model::Window {
+                    days: vec![
+                        chrono::Weekday::Mon,
+                        chrono::Weekday::Tue,
+                        chrono::Weekday::Wed,
+                        chrono::Weekday::Thu,
+                        chrono::Weekday::Fri,
+                        chrono::Weekday::Sat,
+                        chrono::Weekday::Sun,
+                    ],
+                    from: chrono::NaiveTime::from_hms_opt(0, 0, 0).unwrap(),
+                    to: chrono::NaiveTime::from_hms_opt(23, 59, 0).unwrap(),
+                }];
+            }
+            Ok(())
+        })
+        .unwrap();
+        pm.set_time_zone("alice", "Asia/Tokyo").unwrap();
+        let seen = witness.seen.lock().unwrap().clone();
+        let shared: Vec<(bool, bool)> = seen.iter().map(|s| (s.0, s.1)).collect();
+        assert_eq!(shared[..3], [(false, true), (false, true), (false, true)]);
+        let collected: Vec<bool> = seen.iter().map(|s| s.2).collect();
+        assert_eq!(collected, [true, true, true, false, false]);
     }
 
     #[test]
