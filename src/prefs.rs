@@ -804,7 +804,14 @@ impl PreferenceManager {
         let first_changed = dir.preferences.len();
         dir.preferences.extend(changed);
         let kinds = state.kinds.clone();
-        let version = self.swap_in_all(&mut state, dir, kinds.clone(), |dir| {
+        // What the file takes away stops before the receipts' times are
+        // taken, as in `change`; what it adds starts once committed.
+        let interim = self.import_interim(&state, &dir, first_changed, &kinds)?;
+        let previous = Arc::clone(&*self.act.load());
+        let swapped = self.swap_in_all(&mut state, dir, kinds.clone(), |dir| {
+            if let Some(interim) = interim {
+                self.act.store_quietly(Arc::new(interim));
+            }
             let by_id: HashMap<&str, &User> =
                 dir.users.iter().map(|u| (u.id.as_str(), u)).collect();
             let changed = &dir.preferences[first_changed..];
@@ -863,7 +870,15 @@ impl PreferenceManager {
                 Ok::<_, PrefError>(())
             })?;
             Ok(())
-        })?;
+        });
+        let version = match swapped {
+            Ok(v) => v,
+            Err(e) => {
+                // Nothing was committed: the interim goes, if it came in.
+                self.act.store_quietly(previous);
+                return Err(e);
+            }
+        };
         if left_to_users > 0 {
             // Not a warning: this is the rule, but an operator who edited
             // those users' entries should see why nothing changed.
@@ -874,6 +889,63 @@ impl PreferenceManager {
         }
         tracing::info!(act_version = version, source, "directory imported");
         Ok(version)
+    }
+}
+
+impl PreferenceManager {
+    /// The ACT in force while an import commits, if the file takes
+    /// anything away: each user it issues preferences for again keeps only
+    /// the grants both versions hold unchanged, and none under a collection
+    /// window if their zone moves (windows are read in it). `None` when it
+    /// only adds, so a seed of many new users is compiled once.
+    fn import_interim(
+        &self,
+        state: &State,
+        dir: &Directory,
+        first_changed: usize,
+        kinds: &[Kind],
+    ) -> Result<Option<Act>, PrefError> {
+        let zones: HashMap<&str, &str> = dir
+            .users
+            .iter()
+            .map(|u| (u.id.as_str(), u.time_zone.as_str()))
+            .collect();
+        let mut interims = HashMap::new();
+        for new in &dir.preferences[first_changed..] {
+            let Some(current) = state.prefs.get(&new.user) else {
+                continue;
+            };
+            let mut interim = in_both(current, new).unwrap_or_else(|| current.clone());
+            let moves = state.users.get(&new.user).is_some_and(|u| {
+                zones
+                    .get(new.user.as_str())
+                    .is_some_and(|z| *z != u.time_zone)
+            });
+            if moves {
+                interim.collect.retain(|g| g.windows.is_empty());
+            }
+            if interim != *current {
+                interims.insert(new.user.clone(), interim);
+            }
+        }
+        if interims.is_empty() {
+            return Ok(None);
+        }
+        let mut in_force = state.directory();
+        for p in &mut in_force.preferences {
+            if let Some(interim) = interims.remove(&p.user) {
+                *p = interim;
+            }
+        }
+        let version = state.act_version + 1;
+        let acl = Acl::new(self.acl.to_vec());
+        Ok(Some(Act::compile(
+            version,
+            &self.templates,
+            kinds,
+            &in_force,
+            acl,
+        )?))
     }
 }
 
@@ -1359,6 +1431,68 @@ mod tests {
         assert_eq!(shared[..3], [(false, true), (false, true), (false, true)]);
         let collected: Vec<bool> = seen.iter().map(|s| s.2).collect();
         assert_eq!(collected, [true, true, true, false, false]);
+    }
+
+    /// The same for a directory import: what the file takes away from a
+    /// user whose preferences are the file's stops before the receipt the
+    /// import issues them; so does collection under windows when the file
+    /// moves the user's zone.
+    #[test]
+    fn what_an_import_withdraws_stops_before_its_receipts_are_issued() {
+        let (mut file, kinds) = demo();
+        let witness = Arc::new(Witness {
+            act: Default::default(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let (pm, act, _) = PreferenceManager::open(
+            Store::in_memory(&[7; 32]).unwrap(),
+            vec!["pii/{user}/{device}/{kind}".into()],
+            &kinds,
+            vec![],
+            file.clone(),
+            Some(witness.clone()),
+        )
+        .unwrap();
+        witness.act.set(act.clone()).ok().unwrap();
+        fn alice(file: &mut Directory) -> &mut Preferences {
+            let found = file.preferences.iter_mut().find(|p| p.user == "alice");
+            found.unwrap()
+        }
+        alice(&mut file).share.retain(|g| g.kind != "heart_rate");
+        pm.import(file.clone()).unwrap();
+        assert!(!fitcoach_gets_heart_rate(&act));
+        let all_day = crate::model::Window {
+            days: vec![
+                chrono::Weekday::Mon,
+                chrono::Weekday::Tue,
+                chrono::Weekday::Wed,
+                chrono::Weekday::Thu,
+                chrono::Weekday::Fri,
+                chrono::Weekday::Sat,
+                chrono::Weekday::Sun,
+            ],
+            from: chrono::NaiveTime::from_hms_opt(0, 0, 0).unwrap(),
+            to: chrono::NaiveTime::from_hms_opt(23, 59, 0).unwrap(),
+        };
+        for g in alice(&mut file)
+            .collect
+            .iter_mut()
+            .filter(|g| g.kind == "heart_rate")
+        {
+            g.windows = vec![all_day.clone()];
+        }
+        pm.import(file.clone()).unwrap();
+        let zone = &mut file.users.iter_mut().find(|u| u.id == "alice").unwrap();
+        zone.time_zone = "Asia/Tokyo".into();
+        pm.import(file).unwrap();
+        assert_eq!(pm.user("alice").unwrap().time_zone, "Asia/Tokyo");
+        let seen = witness.seen.lock().unwrap().clone();
+        // Sharing heart_rate stopped before the first receipt; steps went on.
+        assert_eq!(seen[0], (false, true, true));
+        // Collection under the new window, and under it in the new zone,
+        // started only once committed.
+        let collected: Vec<bool> = seen.iter().map(|s| s.2).collect();
+        assert_eq!(collected, [true, false, false]);
     }
 
     #[test]
