@@ -352,7 +352,7 @@ fn collection_statement(grants: &[CollectGrant], time_zone: &str) -> String {
                 format!("{} (at any time)", g.kind)
             } else {
                 let w: Vec<String> = g.windows.iter().map(window).collect();
-                format!("{} ({}, {} time)", g.kind, w.join("; "), time_zone)
+                format!("{} ({}, {})", g.kind, w.join("; "), zone_time(time_zone))
             }
         })
         .collect();
@@ -360,6 +360,23 @@ fn collection_statement(grants: &[CollectGrant], time_zone: &str) -> String {
         "Collecting your data from your devices, to relay it only as your preferences allow: {}",
         what.join(", ")
     )
+}
+
+/// The zone windows are read in, as a receipt states it. `Etc/GMT+5` is
+/// five hours behind UTC (POSIX signs), which its name says the wrong way
+/// round to most readers, so those zones also state their offset.
+fn zone_time(time_zone: &str) -> String {
+    use chrono::{Offset, TimeZone};
+    let signed = time_zone
+        .strip_prefix("Etc/GMT")
+        .is_some_and(|n| n.starts_with(['+', '-']));
+    match time_zone.parse::<chrono_tz::Tz>() {
+        Ok(tz) if signed => {
+            let offset = tz.offset_from_utc_datetime(&DateTime::UNIX_EPOCH.naive_utc());
+            format!("{time_zone} time, UTC{}", offset.fix())
+        }
+        _ => format!("{time_zone} time"),
+    }
 }
 
 fn window(w: &Window) -> String {
@@ -391,6 +408,29 @@ fn end_time(e: DateTime<Utc>) -> String {
 mod tests {
     use super::super::tests::{demo, operator, t0};
     use super::*;
+
+    #[test]
+    fn windows_state_the_offset_of_zones_named_with_posix_signs() {
+        let window = Window {
+            days: vec![chrono::Weekday::Mon],
+            from: chrono::NaiveTime::from_hms_opt(8, 0, 0).unwrap(),
+            to: chrono::NaiveTime::from_hms_opt(20, 0, 0).unwrap(),
+        };
+        let grant = CollectGrant {
+            kind: "heart_rate".into(),
+            windows: vec![window],
+        };
+        let stated = |zone| collection_statement(std::slice::from_ref(&grant), zone);
+        assert!(
+            stated("Etc/GMT+5")
+                .ends_with("heart_rate (Mon 08:00-20:00, Etc/GMT+5 time, UTC-05:00)"),
+            "{}",
+            stated("Etc/GMT+5")
+        );
+        assert!(stated("Etc/GMT-14").contains("Etc/GMT-14 time, UTC+14:00)"));
+        assert!(stated("Europe/Paris").contains("(Mon 08:00-20:00, Europe/Paris time)"));
+        assert!(stated("UTC").contains("UTC time)"));
+    }
 
     #[test]
     fn the_operators_retention_is_stated() {
