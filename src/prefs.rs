@@ -552,11 +552,38 @@ impl PreferenceManager {
         if state.devices.get(device).is_none_or(|d| d.user != user) {
             return Err(PrefError::UnknownDevice(device.to_string()));
         }
+        self.remove_device_of(&mut state, user, device, None)
+    }
+
+    /// Removes a device as [`PreferenceManager::remove_device`] does, at the
+    /// operator's hand (a device reported stolen, say), whoever's it is. Its
+    /// user sees that it happened in their account events.
+    pub fn remove_device_as_operator(&self, device: &str) -> Result<Vec<String>, PrefError> {
+        let mut state = self.lock();
+        let Some(user) = state.devices.get(device).map(|d| d.user.clone()) else {
+            return Err(PrefError::UnknownDevice(device.to_string()));
+        };
+        let event = Some(crate::store::AccountEvent::DeviceRemovedByOperator);
+        self.remove_device_of(&mut state, &user, device, event)
+    }
+
+    fn remove_device_of(
+        &self,
+        state: &mut State,
+        user: &str,
+        device: &str,
+        event: Option<crate::store::AccountEvent>,
+    ) -> Result<Vec<String>, PrefError> {
         let act_version = state.act_version + 1;
         let act = self.act.load().without_device(act_version, device);
         let creds = self.creds.load().without_device(device);
-        self.store
-            .transaction(|tx| tx.remove_device(device, user))?;
+        self.store.transaction(|tx| {
+            tx.remove_device(device, user)?;
+            if let Some(event) = event {
+                tx.account_event(user, event)?;
+            }
+            Ok::<_, PrefError>(())
+        })?;
         self.creds.store(Arc::new(creds));
         self.act.store(act);
         state.devices.remove(device);

@@ -1772,6 +1772,103 @@ async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
     );
 }
 
+/// The operator can take any device out of service (reported stolen, say),
+/// with the same effects as its user's own removal; the user sees that it
+/// happened, and the log says what happened without naming whose.
+#[tokio::test]
+async fn the_operator_removes_a_device_and_its_user_is_told() {
+    use common::v5;
+    let key = format!("op-{}", uuid::Uuid::new_v4());
+    let server = common::Server::start(common::Setup {
+        env: vec![("CONSENTRY_OPERATOR_KEY".into(), key.clone())],
+        ..Default::default()
+    });
+    let op = [("x-operator-key", key.as_str())];
+    let remove = |id: &str, headers: &[(&str, &str)]| {
+        let path = format!("/v1/operator/devices/{id}");
+        common::http(&server, "DELETE", &path, None, headers, None)
+    };
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    let mut watch = v5::connect(server.mqtt, "watch", "alice-watch", "alice-watch-secret").await;
+    let topic = "pii/alice/alice-watch/heart_rate";
+    publish_retained(&mut watch, topic, br#"{"bpm":70}"#).await;
+    assert_eq!(fit.next_publish().await.topic, topic.as_bytes());
+
+    // Only the operator may, and only a device that exists.
+    assert_eq!(remove("alice-watch", &[]).0, 401);
+    assert_eq!(remove("alice-watch", &[("x-operator-key", "wrong")]).0, 403);
+    let (s, p) = remove("no-such-device", &op);
+    assert_eq!(s, 404, "{p}");
+    assert!(p.contains("no such device"), "{p}");
+    let (s, p) = remove("alice-watch", &op);
+    assert_eq!(s, 204, "{p}");
+
+    // The open connection is closed as an administrative action, and the
+    // password no longer lets it in, also after a reload of the file.
+    match watch.next().await {
+        v5::Packet::Disconnect(d) => assert_eq!(
+            d.reason_code,
+            rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction
+        ),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    let again = || {
+        v5::connect_with(v5::options(
+            server.mqtt,
+            "watch-again",
+            Some(("alice-watch", "alice-watch-secret")),
+        ))
+    };
+    assert!(again().await.is_err(), "a removed device connected");
+    server.reload(common::DEMO_DIRECTORY);
+    assert!(again().await.is_err(), "the directory brought it back");
+    assert_eq!(remove("alice-watch", &op).0, 404);
+
+    // Alice sees the removal among her account events, and her devices.
+    let t = common::demo_alice_token(&server);
+    let (s, events) = http(&server, "GET", "/v1/me/account-events", Some(&t), None);
+    assert_eq!(s, 200, "{events}");
+    let names: Vec<&str> = events
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    assert_eq!(
+        names.last(),
+        Some(&"device_removed_by_operator"),
+        "{events}"
+    );
+    let (s, list) = http(&server, "GET", "/v1/me/devices", Some(&t), None);
+    assert_eq!((s, list), (200, json!({"devices": []})));
+
+    // A provider subscribing now gets no retained reading of the device.
+    let mut fit2 = v5::connect(server.mqtt, "fit2", "fitcoach", "fitcoach-secret").await;
+    fit2.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    let password = register_device(&server, &t, "alice-band");
+    let mut band = v5::connect(server.mqtt, "band", "alice-band", &password).await;
+    let marker = "pii/alice/alice-band/heart_rate";
+    assert_eq!(
+        band.publish_acked(marker, br#"{"bpm":60}"#).await,
+        v5::PubAckReason::Success
+    );
+    let first = fit2.next_publish().await;
+    assert_eq!(
+        first.topic,
+        marker.as_bytes(),
+        "a reading the removed device had retained was delivered"
+    );
+    let log = server.log();
+    assert!(log.contains("device removed by the operator"), "{log}");
+    assert!(
+        !log.contains("alice-watch"),
+        "the log names the device:\n{log}"
+    );
+}
+
 /// Waits, if need be, until the current TOTP step has at least 10 s left, so
 /// that codes of the steps around "now" stay within the allowed skew for
 /// the rest of a short test; returns the time.

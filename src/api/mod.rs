@@ -180,6 +180,7 @@ pub type State = axum::extract::State<Arc<ApiState>>;
         operator::put_provider,
         operator::put_kind,
         operator::reset_login,
+        operator::remove_device,
     ),
     components(schemas(Problem)),
     modifiers(&SecuritySchemes, &ProblemResponses)
@@ -326,6 +327,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/providers/{id}", get(providers::get_one))
         .route("/v1/operator/providers", post(operator::put_provider))
         .route("/v1/operator/kinds", post(operator::put_kind))
+        .route("/v1/operator/devices/{id}", delete(operator::remove_device))
         .route(
             "/v1/operator/users/{id}/login-reset",
             post(operator::reset_login),

@@ -167,3 +167,30 @@ pub async fn reset_login(
         }),
     ))
 }
+
+/// Remove a device, whoever's it is (reported stolen, or taken out of
+/// service), as its user can: its MQTT credentials stop working, its open
+/// connection is closed (MQTT 5: DISCONNECT 0x98), nothing it publishes is
+/// collected any more, its retained messages are cleared, and a directory
+/// file that still lists it does not bring it back (its user can register
+/// the id again). The user sees the removal in their account events.
+#[utoipa::path(delete, path = "/v1/operator/devices/{id}", security(("operator" = [])),
+    params(("id" = String, Path, description = "the device's id")),
+    responses((status = 204, description = "removed"), (status = 403, body = Problem),
+        (status = 404, body = Problem, description = "no such device")))]
+pub async fn remove_device(
+    state: State,
+    _: Operator,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    let prefs = state.prefs.clone();
+    let topics = tokio::task::spawn_blocking(move || prefs.remove_device_as_operator(&id))
+        .await
+        .map_err(|_| Problem::internal())??;
+    if let Some(n) = &state.notifier {
+        n.clear_retained(topics);
+    }
+    // No id: device ids often name their owner (README, logs carry no ids).
+    tracing::info!("device removed by the operator");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -36,15 +36,19 @@ pub enum AccountEvent {
     RecoveryCodesReplaced,
     /// A recovery code stood in for the authenticator.
     RecoveryCodeUsed,
+    /// The operator removed one of the user's devices: its credentials
+    /// stopped working (a device's login is the user's too).
+    DeviceRemovedByOperator,
 }
 
-const ALL: [AccountEvent; 6] = [
+const ALL: [AccountEvent; 7] = [
     AccountEvent::LoginResetByOperator,
     AccountEvent::LoginReplacedFromDirectory,
     AccountEvent::PasswordChanged,
     AccountEvent::AuthenticatorChanged,
     AccountEvent::RecoveryCodesReplaced,
     AccountEvent::RecoveryCodeUsed,
+    AccountEvent::DeviceRemovedByOperator,
 ];
 
 impl AccountEvent {
@@ -56,6 +60,7 @@ impl AccountEvent {
             AccountEvent::AuthenticatorChanged => "authenticator_changed",
             AccountEvent::RecoveryCodesReplaced => "recovery_codes_replaced",
             AccountEvent::RecoveryCodeUsed => "recovery_code_used",
+            AccountEvent::DeviceRemovedByOperator => "device_removed_by_operator",
         }
     }
 
