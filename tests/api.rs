@@ -1869,6 +1869,71 @@ async fn the_operator_removes_a_device_and_its_user_is_told() {
     );
 }
 
+/// Every response about a user states its times in the user's zone, with
+/// the offset in force then, as the share history does: the same moment
+/// does not read two ways on one account.
+#[tokio::test]
+async fn times_about_a_user_are_in_their_zone() {
+    use chrono::{DateTime, Offset, TimeZone};
+    let key = format!("op-{}", uuid::Uuid::new_v4());
+    let server = common::Server::start(common::Setup {
+        env: vec![("CONSENTRY_OPERATOR_KEY".into(), key.clone())],
+        ..Default::default()
+    });
+    let paris: chrono_tz::Tz = "Europe/Paris".parse().unwrap();
+    let in_paris = |t: &Value| {
+        let text = t.as_str().unwrap_or_else(|| panic!("not a time: {t}"));
+        let at = DateTime::parse_from_rfc3339(text).expect("RFC 3339");
+        let expected = paris.offset_from_utc_datetime(&at.naive_utc()).fix();
+        assert_eq!(*at.offset(), expected, "{text} is not Paris time");
+    };
+    let t = common::demo_alice_token(&server);
+    let (s, changed) = http(
+        &server,
+        "DELETE",
+        "/v1/me/preferences/share/fitcoach/heart_rate",
+        Some(&t),
+        None,
+    );
+    assert_eq!(s, 200, "{changed}");
+    in_paris(&changed["receipt"]["at"]);
+    let (s, receipts) = http(&server, "GET", "/v1/me/receipts", Some(&t), None);
+    assert_eq!(s, 200, "{receipts}");
+    let receipts = receipts.as_array().expect("a list");
+    assert!(receipts.len() >= 2, "{receipts:?}");
+    receipts.iter().for_each(|r| in_paris(&r["at"]));
+    let (s, versions) = http(&server, "GET", "/v1/me/preferences/history", Some(&t), None);
+    assert_eq!(s, 200, "{versions}");
+    versions
+        .as_array()
+        .expect("a list")
+        .iter()
+        .for_each(|v| in_paris(&v["at"]));
+    let (s, p) = common::http(
+        &server,
+        "POST",
+        "/v1/me/devices",
+        Some(&t),
+        &[],
+        Some(json!({"id": "alice-ring"})),
+    );
+    assert_eq!(s, 201, "{p}");
+    let (s, p) = common::http(
+        &server,
+        "DELETE",
+        "/v1/operator/devices/alice-ring",
+        None,
+        &[("x-operator-key", key.as_str())],
+        None,
+    );
+    assert_eq!(s, 204, "{p}");
+    let (s, events) = http(&server, "GET", "/v1/me/account-events", Some(&t), None);
+    assert_eq!(s, 200, "{events}");
+    let events = events.as_array().expect("a list");
+    assert!(!events.is_empty());
+    events.iter().for_each(|e| in_paris(&e["at"]));
+}
+
 /// Waits, if need be, until the current TOTP step has at least 10 s left, so
 /// that codes of the steps around "now" stay within the allowed skew for
 /// the rest of a short test; returns the time.

@@ -47,13 +47,7 @@ fn ledger(state: &State) -> Result<Ledger, Problem> {
         .ok_or_else(|| Problem::not_found("the share ledger is not available here"))
 }
 
-fn zone(state: &State, user: &str) -> Tz {
-    state
-        .prefs
-        .user(user)
-        .and_then(|u| u.time_zone.parse().ok())
-        .unwrap_or(chrono_tz::UTC)
-}
+use super::local_time::zone;
 
 /// Which moment a local time that happens twice (clocks going back) means:
 /// the bounds of a range take the wider reading.
@@ -121,7 +115,7 @@ fn time_arg(field: &str, s: &str, tz: Tz, edge: Edge) -> Result<DateTime<Utc>, P
 /// One entry for the user it is about, times in their zone. The user and
 /// device ids are theirs already; nothing about other users is in it.
 fn entry_view(seq: u64, e: &Entry, tz: Tz) -> Value {
-    let local = |t: DateTime<Utc>| t.with_timezone(&tz).to_rfc3339();
+    let local = |t: DateTime<Utc>| super::local_time::local(t, tz).to_rfc3339();
     match e {
         Entry::Share(r) => json!({
             "seq": seq, "type": "share", "time": local(r.time),
@@ -321,7 +315,10 @@ pub async fn open_dispute(
             tracing::warn!(error = %e, "dispute notice not sent");
         }
     }
-    Ok((StatusCode::CREATED, Json(dispute)))
+    Ok((
+        StatusCode::CREATED,
+        Json(dispute.in_zone(&zone(&state, &user))),
+    ))
 }
 
 /// The user's disputes and their state.
@@ -331,12 +328,13 @@ pub async fn my_disputes(
     state: State,
     AuthUser(user): AuthUser,
 ) -> Result<Json<Vec<Dispute>>, Problem> {
+    let tz = zone(&state, &user);
     let prefs = state.prefs.clone();
-    tokio::task::spawn_blocking(move || prefs.store().disputes(Some(&user)))
+    let mine = tokio::task::spawn_blocking(move || prefs.store().disputes(Some(&user)))
         .await
         .map_err(|_| Problem::internal())?
-        .map(Json)
-        .map_err(|e| Problem::internal_logged(&e))
+        .map_err(|e| Problem::internal_logged(&e))?;
+    Ok(Json(mine.into_iter().map(|d| d.in_zone(&tz)).collect()))
 }
 
 /// All disputes, for the operator. Reading them is an extract of users' data

@@ -8,6 +8,7 @@
 
 mod error;
 mod history;
+mod local_time;
 mod login_limiter;
 mod operator;
 mod preferences;

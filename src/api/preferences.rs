@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
+use chrono_tz::Tz;
+
+use super::local_time::{local, zone};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -35,15 +38,16 @@ pub struct Changed {
 #[derive(Serialize, ToSchema)]
 pub struct ReceiptRef {
     jti: String,
-    at: DateTime<Utc>,
+    /// In the user's zone.
+    at: DateTime<FixedOffset>,
 }
 
-impl From<Applied> for Changed {
-    fn from(a: Applied) -> Changed {
+impl Changed {
+    fn new(a: Applied, tz: Tz) -> Changed {
         Changed {
             receipt: a.receipt.map(|r| ReceiptRef {
                 jti: r.jti,
-                at: r.at,
+                at: local(r.at, tz),
             }),
             preferences: a.preferences,
         }
@@ -58,6 +62,7 @@ async fn change(
     expected: Option<u64>,
     f: impl FnOnce(&mut Preferences) -> Result<(), PrefError> + Send + 'static,
 ) -> Result<Json<Changed>, Problem> {
+    let tz = zone(state, &user);
     let prefs = state.prefs.clone();
     let applied = tokio::task::spawn_blocking(move || {
         prefs.change(&user, expected, "api", |p| {
@@ -68,7 +73,7 @@ async fn change(
     })
     .await
     .map_err(|_| Problem::internal())??;
-    Ok(Json(applied.into()))
+    Ok(Json(Changed::new(applied, tz)))
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -109,9 +114,9 @@ pub async fn put_time_zone(
     AuthUser(user): AuthUser,
     Body(z): Body<Zone>,
 ) -> Result<Json<ZoneChanged>, Problem> {
-    if z.time_zone.parse::<chrono_tz::Tz>().is_err() {
+    let Ok(tz) = z.time_zone.parse::<Tz>() else {
         return Err(Problem::unprocessable("not an IANA time zone").field("time_zone"));
-    }
+    };
     let prefs = state.prefs.clone();
     let zone = z.time_zone.clone();
     let applied = tokio::task::spawn_blocking(move || prefs.set_time_zone(&user, &zone))
@@ -119,7 +124,7 @@ pub async fn put_time_zone(
         .map_err(|_| Problem::internal())??;
     Ok(Json(ZoneChanged {
         time_zone: z.time_zone,
-        preferences: applied.map(Changed::from),
+        preferences: applied.map(|a| Changed::new(a, tz)),
     }))
 }
 
@@ -279,17 +284,18 @@ pub async fn delete_collect_grant(
 #[derive(Serialize, ToSchema)]
 pub struct HistoryItem {
     version: u64,
-    at: DateTime<Utc>,
+    /// In the user's zone.
+    at: DateTime<FixedOffset>,
     source: String,
     preferences: Preferences,
     receipt_jti: Option<String>,
 }
 
-impl From<HistoryEntry> for HistoryItem {
-    fn from(e: HistoryEntry) -> Self {
+impl HistoryItem {
+    fn new(e: HistoryEntry, tz: Tz) -> Self {
         HistoryItem {
             version: e.version,
-            at: e.at,
+            at: local(e.at, tz),
             source: e.source,
             preferences: e.preferences,
             receipt_jti: e.receipt_jti,
@@ -304,10 +310,13 @@ pub async fn history(
     state: State,
     AuthUser(user): AuthUser,
 ) -> Result<Json<Vec<HistoryItem>>, Problem> {
+    let tz = zone(&state, &user);
     let prefs = state.prefs.clone();
     let h = tokio::task::spawn_blocking(move || prefs.store().history(&user))
         .await
         .map_err(|_| Problem::internal())?
         .map_err(|e| Problem::internal_logged(&e))?;
-    Ok(Json(h.into_iter().map(Into::into).collect()))
+    Ok(Json(
+        h.into_iter().map(|e| HistoryItem::new(e, tz)).collect(),
+    ))
 }

@@ -5,7 +5,7 @@
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -16,7 +16,8 @@ use crate::receipt::{mode1, ConsentReceipt, ConsentReceiptV11};
 pub struct ReceiptSummary {
     jti: String,
     version: u64,
-    at: DateTime<Utc>,
+    /// When it was issued, in the user's zone.
+    at: DateTime<FixedOffset>,
 }
 
 /// The logged-in user's receipts, oldest first.
@@ -26,6 +27,7 @@ pub async fn list(
     state: State,
     AuthUser(user): AuthUser,
 ) -> Result<Json<Vec<ReceiptSummary>>, Problem> {
+    let tz = super::local_time::zone(&state, &user);
     let prefs = state.prefs.clone();
     let all = tokio::task::spawn_blocking(move || prefs.store().receipts(&user))
         .await
@@ -36,7 +38,7 @@ pub async fn list(
             .map(|r| ReceiptSummary {
                 jti: r.jti,
                 version: r.version,
-                at: r.at,
+                at: super::local_time::local(r.at, tz),
             })
             .collect(),
     ))

@@ -498,19 +498,22 @@ pub struct DeviceList {
 
 #[derive(Serialize, ToSchema)]
 pub struct AccountEventItem {
-    at: DateTime<Utc>,
+    /// In the user's zone.
+    at: chrono::DateTime<chrono::FixedOffset>,
     event: crate::store::AccountEvent,
 }
 
 /// Changes to how the logged-in user logs in, oldest first: their password
-/// and authenticator changes, and every login reset by the operator, whose
-/// new secrets let whoever holds them act as the user.
+/// and authenticator changes, every login reset by the operator, whose
+/// new secrets let whoever holds them act as the user, and each of their
+/// devices the operator removed.
 #[utoipa::path(get, path = "/v1/me/account-events", security(("session" = [])),
     responses((status = 200, body = Vec<AccountEventItem>)))]
 pub async fn account_events(
     state: State,
     AuthUser(user): AuthUser,
 ) -> Result<Json<Vec<AccountEventItem>>, Problem> {
+    let tz = super::local_time::zone(&state, &user);
     let prefs = state.prefs.clone();
     let events = tokio::task::spawn_blocking(move || prefs.store().account_events(&user))
         .await
@@ -519,7 +522,10 @@ pub async fn account_events(
     Ok(Json(
         events
             .into_iter()
-            .map(|(at, event)| AccountEventItem { at, event })
+            .map(|(at, event)| AccountEventItem {
+                at: super::local_time::local(at, tz),
+                event,
+            })
             .collect(),
     ))
 }

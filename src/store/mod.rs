@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -627,10 +627,23 @@ pub struct Dispute {
     pub kind: String,
     /// open, upheld or rejected.
     pub state: String,
-    pub created_at: DateTime<Utc>,
-    pub resolved_at: Option<DateTime<Utc>>,
+    /// UTC as stored; in the user's zone in answers to the user.
+    pub created_at: DateTime<FixedOffset>,
+    pub resolved_at: Option<DateTime<FixedOffset>>,
     pub reason: String,
     pub resolution: Option<String>,
+}
+
+impl Dispute {
+    /// The same dispute with its times in `tz`.
+    pub fn in_zone<Z: chrono::TimeZone>(self, tz: &Z) -> Dispute {
+        let local = |t: DateTime<FixedOffset>| t.with_timezone(tz).fixed_offset();
+        Dispute {
+            created_at: local(self.created_at),
+            resolved_at: self.resolved_at.map(local),
+            ..self
+        }
+    }
 }
 
 /// A dispute's sealed part. Which provider got which kind of a user's data
@@ -691,7 +704,7 @@ impl Store {
                 provider: provider.into(),
                 kind: kind.into(),
                 state: "open".into(),
-                created_at: now,
+                created_at: now.fixed_offset(),
                 resolved_at: None,
                 reason: reason.into(),
                 resolution: None,
@@ -732,8 +745,12 @@ impl Store {
                     provider: d.provider.unwrap_or(provider),
                     kind: d.kind.unwrap_or(kind),
                     state,
-                    created_at: parse_time(&created)?,
-                    resolved_at: resolved.as_deref().map(parse_time).transpose()?,
+                    created_at: parse_time(&created)?.fixed_offset(),
+                    resolved_at: resolved
+                        .as_deref()
+                        .map(parse_time)
+                        .transpose()?
+                        .map(|t| t.fixed_offset()),
                     reason: d.reason,
                     resolution: d.resolution,
                 });
@@ -785,7 +802,7 @@ impl Store {
             }
             Ok(Dispute {
                 state: state.into(),
-                resolved_at: Some(now),
+                resolved_at: Some(now.fixed_offset()),
                 resolution: Some(resolution.into()),
                 ..current
             })
