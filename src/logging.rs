@@ -83,7 +83,7 @@ pub struct BrokerNoise;
 
 impl<S> Filter<S> for BrokerNoise {
     fn enabled(&self, meta: &Metadata<'_>, _cx: &Context<'_, S>) -> bool {
-        !is_broker_span(meta)
+        !is_broker_span(meta) && !names_a_filter(meta)
     }
 
     /// Decided once per call site, so that a broker span is never even
@@ -91,7 +91,7 @@ impl<S> Filter<S> for BrokerNoise {
     /// (the `EnvFilter` inside this filter had enabled it) and its router
     /// paid for that on every publish.
     fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
-        if is_broker_span(meta) {
+        if is_broker_span(meta) || names_a_filter(meta) {
             Interest::never()
         } else {
             Interest::sometimes()
@@ -118,6 +118,20 @@ impl<S> Filter<S> for BrokerNoise {
 
 fn is_broker_span(meta: &Metadata<'_>) -> bool {
     meta.is_span() && meta.target().starts_with("rumqttd")
+}
+
+/// rumqttd's router warns, at WARN, when a subscriber's read cursor jumps
+/// past messages evicted from its ring (an offline persistent session the
+/// broker queued more for than its ring holds, say), and words it "Read
+/// cursor start jumped from … on {filter}": the subscription's filter, which
+/// names the user and device (`pii/alice/+/location`). consentry's logs carry
+/// no topics or user ids, so the event is dropped. The same jump is still
+/// logged without the filter by `rumqttd::segments` ("given index … less
+/// than head …, jumping to head").
+fn names_a_filter(meta: &Metadata<'_>) -> bool {
+    meta.is_event()
+        && meta.target() == "rumqttd::router::routing"
+        && meta.fields().field("start_cursor").is_some()
 }
 
 struct Message(Option<String>);
@@ -208,6 +222,34 @@ mod tests {
         assert!(log.contains("Failed to append to commitlog"), "{log}");
         assert!(log.contains("id 8 is already gone"), "{log}");
         assert!(log.contains("id 9 is already gone"), "{log}");
+    }
+
+    #[test]
+    fn the_broker_never_logs_a_subscription_filter() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::registry().with(log_layer(
+            tracing_subscriber::EnvFilter::new(filter_spec(None)),
+            move || writer.clone(),
+            false,
+        ));
+        tracing::subscriber::with_default(subscriber, || {
+            // As rumqttd 0.20's router and commitlog word a cursor jump
+            // (router/routing.rs, segments/mod.rs).
+            tracing::warn!(target: "rumqttd::segments", "given index {} less than head {}, jumping to head", 0, 101072);
+            let error =
+                "Read cursor start jumped from (0, 0) to (8, 101072) on pii/alice/+/location";
+            tracing::warn!(
+                target: "rumqttd::router::routing",
+                request_cursor = ?(0, 0),
+                start_cursor = ?(8, 101072),
+                error
+            );
+        });
+        let log = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(!log.contains("alice"), "{log}");
+        assert!(!log.contains("pii/"), "{log}");
+        assert!(log.contains("jumping to head"), "{log}");
     }
 
     #[test]
