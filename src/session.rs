@@ -437,7 +437,7 @@ pub async fn serve<S>(
     // Still here: the session ended without a DISCONNECT that drops it.
     if let (Some(w), Some(claim)) = (session.will.take(), session.claim.take()) {
         let who = session.who.clone();
-        will::session_ended(&shared, who, session.version, claim, w);
+        will::session_ended(&shared, who, session.version, claim, w, session.id);
     }
     metrics::gauge!(m::CONNECTED, "role" => role).decrement(1.0);
     if let Err(e) = result {

@@ -170,12 +170,17 @@ impl Default for Outbox {
 /// drops it. `claim` is the session's claim on its client id, kept while
 /// the will waits out its delay so that a connection taking the id over
 /// is seen.
+///
+/// `session` is the ended session's number, which the will's log lines
+/// carry: never its client id, which names the device (`d:{device}:…`)
+/// and is whatever the client chose after it.
 pub fn session_ended(
     shared: &Arc<Shared>,
     who: Principal,
     version: Version,
     claim: Claim,
     will: Will,
+    session: u64,
 ) {
     let due_now = if will.wait().is_zero() {
         Some(true)
@@ -190,9 +195,9 @@ pub fn session_ended(
     match due_now {
         Some(true) => {
             let ticket = shared.client_ids.will_due(claim);
-            tokio::spawn(publish(shared, who, version, ticket, will));
+            tokio::spawn(publish(shared, who, version, ticket, will, session));
         }
-        Some(false) => resumed(&shared, claim),
+        Some(false) => resumed(&shared, claim, session),
         None => {
             tokio::spawn(async move {
                 let due = tokio::select! {
@@ -201,20 +206,17 @@ pub fn session_ended(
                 };
                 if due {
                     let ticket = shared.client_ids.will_due(claim);
-                    publish(shared, who, version, ticket, will).await;
+                    publish(shared, who, version, ticket, will, session).await;
                 } else {
-                    resumed(&shared, claim);
+                    resumed(&shared, claim, session);
                 }
             });
         }
     }
 }
 
-fn resumed(shared: &Shared, claim: Claim) {
-    tracing::debug!(
-        client_id = claim.id,
-        "will dropped: the session was resumed"
-    );
+fn resumed(shared: &Shared, claim: Claim, session: u64) {
+    tracing::debug!(session, "will dropped: the session was resumed");
     shared.client_ids.release(&claim);
 }
 
@@ -228,6 +230,7 @@ async fn publish(
     version: Version,
     ticket: Ticket,
     will: Will,
+    session: u64,
 ) {
     let due = Instant::now();
     ticket.turn().await;
@@ -237,7 +240,7 @@ async fn publish(
         if let Some(set_by) = &will.registration {
             if shared.creds.load().registration(&who).as_ref() != Some(set_by) {
                 tracing::info!(
-                    client_id,
+                    session,
                     "will dropped: the device that set it was removed, or its credentials replaced, since"
                 );
                 metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => "device_removed")
@@ -252,7 +255,7 @@ async fn publish(
         let payload = match decided {
             Ok(p) => p,
             Err(deny) => {
-                tracing::info!(client_id, reason = deny, "will message refused when due");
+                tracing::info!(session, reason = deny, "will message refused when due");
                 metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => deny)
                     .increment(1);
                 return;
@@ -260,7 +263,7 @@ async fn publish(
         };
         let Some(publish) = will.publish(payload, due.elapsed()) else {
             not_sent(
-                client_id,
+                session,
                 "its message expiry passed while the broker was unavailable",
             );
             return;
@@ -275,7 +278,7 @@ async fn publish(
                 return;
             }
             Ok(Ok(Sent::Refused(reason))) => {
-                tracing::warn!(client_id, reason, "will refused by the broker");
+                tracing::warn!(session, reason, "will refused by the broker");
                 metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => "broker_refused")
                     .increment(1);
                 return;
@@ -284,20 +287,20 @@ async fn publish(
             Err(_) => "timed out".to_string(),
         };
         if due.elapsed() + pause > RETRY_FOR {
-            not_sent(client_id, &error);
+            not_sent(session, &error);
             return;
         }
         if pause == FIRST_RETRY {
-            tracing::warn!(client_id, error, "will not published yet; trying again");
+            tracing::warn!(session, error, "will not published yet; trying again");
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(MAX_RETRY_PAUSE);
     }
 }
 
-fn not_sent(client_id: &str, error: &str) {
+fn not_sent(session: u64, error: &str) {
     tracing::warn!(
-        client_id,
+        session,
         error,
         "will not published: the broker did not take it"
     );

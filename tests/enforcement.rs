@@ -464,6 +464,31 @@ async fn a_will_not_collectable_at_connect_is_decided_when_due() {
     );
 }
 
+/// A will's log lines name its session, never its client id: that id is
+/// `d:{device}:` and what the client chose, and consentry's logs carry no
+/// ids of users or their devices.
+#[tokio::test]
+async fn a_will_refused_when_due_logs_no_device_or_client_id() {
+    let server = Server::start(Setup {
+        directory: Some(demo_without_heart_rate_collection()),
+        ..Default::default()
+    });
+    let will = v5::alice_watch_with_will(server.mqtt, "client-id-of-alice", false);
+    let device = v5::connect_with(will).await.expect("CONNECT accepted");
+    device.kill();
+    let dropped = [("result", "dropped"), ("reason", "no_collect_consent")];
+    server
+        .wait_for_metric("consentry_publishes_total", &dropped, 1.0)
+        .await;
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("will message refused when due"))
+        .unwrap_or_else(|| panic!("no will line in {log}"));
+    assert!(!line.contains("alice"), "{line}");
+    assert!(line.contains("session="), "{line}");
+}
+
 /// The directory file seeds preferences; once a user has set theirs
 /// through the API, a reload (SIGHUP) of the same file must not give back
 /// what they withdrew.
