@@ -545,14 +545,32 @@ async fn write_packet<S: AsyncWrite + Unpin>(s: &mut S, v: Version, p: &Packet) 
 /// broker what was accepted would be lost at the restart the ledger needs.
 pub(crate) const LEDGER_UNAVAILABLE: &str = "ledger_unavailable";
 
+/// The MQTT 5 properties of a PUBLISH of personal data that carry
+/// whatever its publisher put in them (user properties, content type,
+/// response topic, correlation data) are removed: they would take data past
+/// minimization and past every mask (a raw position in a user property
+/// beside a generalized one in the payload). What the broker and the
+/// protocol set (message expiry, payload format, subscription identifiers)
+/// stays.
+pub(crate) fn strip_free_properties(properties: &mut Option<v5::PublishProperties>) {
+    if let Some(p) = properties.as_mut() {
+        p.user_properties = Vec::new();
+        p.content_type = None;
+        p.response_topic = None;
+        p.correlation_data = None;
+    }
+}
+
 /// What ingress makes of `who` publishing `payload` on `topic` now: the
-/// payload to forward (minimized), or why not.
+/// payload to forward (minimized) and whether it is personal data (whose
+/// free-form properties the caller removes, [`strip_free_properties`]), or
+/// why not.
 pub(crate) fn decide_ingress(
     shared: &Shared,
     who: &Principal,
     topic: TopicName,
     payload: &Bytes,
-) -> Result<Bytes, &'static str> {
+) -> Result<(Bytes, bool), &'static str> {
     let started = Instant::now();
     let act = shared.act.load();
     let decision = act.ingress(who, topic, shared.now());
@@ -562,7 +580,7 @@ pub(crate) fn decide_ingress(
         .record(started.elapsed().as_secs_f64());
     match decision {
         Err(deny) => Err(deny.as_str()),
-        Ok(Ingress::Plain) => Ok(payload.clone()),
+        Ok(Ingress::Plain) => Ok((payload.clone(), false)),
         Ok(Ingress::Personal { .. }) if !shared.ledger.is_healthy() => Err(LEDGER_UNAVAILABLE),
         Ok(Ingress::Personal { kind, .. }) => {
             let strict = kind.undeclared == Undeclared::Reject;
@@ -571,7 +589,7 @@ pub(crate) fn decide_ingress(
                     if !min.removed.is_empty() {
                         tracing::debug!(removed = min.removed.len(), "undeclared fields removed");
                     }
-                    Ok(min.payload)
+                    Ok((min.payload, true))
                 }
                 Err(mask::MaskError::Undeclared(_)) => Err("undeclared_field"),
                 Err(mask::MaskError::Type { .. }) => Err("field_type"),
@@ -715,7 +733,9 @@ impl Session {
                 None => Err(Deny::Invalid.as_str()),
             };
             match checked {
-                Ok(payload) => {
+                // Its free-form properties go when it is due and decided
+                // again (`will::publish`).
+                Ok((payload, _)) => {
                     let registration = self.shared.creds.load().registration(&self.who);
                     self.will = Some(
                         Will::new(w, &topic, payload, session_expiry).registered_as(registration),
@@ -1340,8 +1360,13 @@ impl Session {
         Ok(self.version.write(p, &mut self.to_broker)?)
     }
 
-    /// Collection check plus data minimization. Returns the payload to forward.
-    fn check_ingress(&self, topic: TopicName, payload: &Bytes) -> Result<Bytes, &'static str> {
+    /// Collection check plus data minimization. Returns the payload to
+    /// forward, and whether it is personal data.
+    fn check_ingress(
+        &self,
+        topic: TopicName,
+        payload: &Bytes,
+    ) -> Result<(Bytes, bool), &'static str> {
         decide_ingress(&self.shared, &self.who, topic, payload)
     }
 
@@ -1486,7 +1511,10 @@ impl Session {
         let topic = std::str::from_utf8(&publish.topic).map_err(|_| fault())?;
         let name = TopicName::new(topic).ok_or_else(fault)?;
         match self.check_ingress(name, &publish.payload) {
-            Ok(payload) => {
+            Ok((payload, personal)) => {
+                if personal {
+                    strip_free_properties(&mut publish.properties);
+                }
                 if self.lazy.is_some() && !self.up_open {
                     self.awaiting_broker += 1;
                 } else {
@@ -1852,7 +1880,12 @@ impl Session {
                 resolved,
                 rule,
                 receipt,
-            }) => (kind, resolved, rule, receipt),
+            }) => {
+                // Also for what reached the broker some other way (a will
+                // set before this check, an external broker's own clients).
+                strip_free_properties(&mut publish.properties);
+                (kind, resolved, rule, receipt)
+            }
             Err(deny) => {
                 if let (Principal::Provider { id }, Some(r)) = (&self.who, act.resolve(topic)) {
                     self.shared

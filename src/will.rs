@@ -31,7 +31,9 @@ use crate::broker::Conn;
 use crate::client_ids::{Claim, Ticket};
 use crate::codec::{Packet, Version};
 use crate::metrics as m;
-use crate::session::{decide_ingress, puback_failed, pubrec_failed, say_goodbye, Shared};
+use crate::session::{
+    decide_ingress, puback_failed, pubrec_failed, say_goodbye, strip_free_properties, Shared,
+};
 use crate::topic::TopicName;
 
 /// How long one try at publishing a due will may take, from dialling the
@@ -252,7 +254,7 @@ async fn publish(
             Some(name) => decide_ingress(&shared, &who, name, &will.payload),
             None => Err(Deny::Invalid.as_str()),
         };
-        let payload = match decided {
+        let (payload, personal) = match decided {
             Ok(p) => p,
             Err(deny) => {
                 tracing::info!(session, reason = deny, "will message refused when due");
@@ -261,13 +263,16 @@ async fn publish(
                 return;
             }
         };
-        let Some(publish) = will.publish(payload, due.elapsed()) else {
+        let Some(mut publish) = will.publish(payload, due.elapsed()) else {
             not_sent(
                 session,
                 "its message expiry passed while the broker was unavailable",
             );
             return;
         };
+        if personal {
+            strip_free_properties(&mut publish.properties);
+        }
         let sent = {
             let _permit = shared.wills.sending.acquire().await;
             tokio::time::timeout(SEND_TIMEOUT, send(&shared, version, client_id, publish)).await

@@ -464,6 +464,99 @@ async fn a_will_not_collectable_at_connect_is_decided_when_due() {
     );
 }
 
+/// MQTT 5 properties a device sets are not a way past minimization or a
+/// mask: alice shares her location with fitcoach generalized to 2
+/// decimals, and the raw position in a user property, the content type,
+/// the response topic or the correlation data must not reach fitcoach,
+/// nor an undeclared `name`. Wills likewise. Data outside the templates
+/// keeps its properties.
+#[tokio::test]
+async fn publish_properties_do_not_carry_personal_data_past_minimization_or_masks() {
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        ..Default::default()
+    });
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let exact = "48.85661,2.35222";
+    let props = || v5::PublishProperties {
+        user_properties: vec![
+            ("name".into(), "Alice".into()),
+            ("exact".into(), exact.into()),
+        ],
+        content_type: Some(format!("application/json; at={exact}")),
+        response_topic: Some(format!("reply/{exact}")),
+        correlation_data: Some(exact.as_bytes().to_vec().into()),
+        ..Default::default()
+    };
+    let mut o = v5::options(
+        server.mqtt,
+        "w",
+        Some(("alice-watch", "alice-watch-secret")),
+    );
+    let will_props = rumqttc::v5::mqttbytes::v5::LastWillProperties {
+        content_type: Some(format!("application/json; at={exact}")),
+        response_topic: Some(format!("reply/{exact}")),
+        correlation_data: Some(exact.as_bytes().to_vec().into()),
+        user_properties: vec![("exact".into(), exact.into())],
+        ..v5::will_delay(0)
+    };
+    o.set_last_will(v5::LastWill::new(
+        "pii/alice/alice-watch/location",
+        r#"{"lat":48.85661,"lon":2.35222}"#,
+        v5::QoS::AtLeastOnce,
+        false,
+        Some(will_props),
+    ));
+    let alice = v5::connect_with(o).await.expect("CONNECT accepted");
+    alice
+        .client
+        .publish_with_properties(
+            "pii/alice/alice-watch/location",
+            v5::QoS::AtLeastOnce,
+            false,
+            &br#"{"lat":48.85661,"lon":2.35222}"#[..],
+            props(),
+        )
+        .await
+        .unwrap();
+    alice
+        .client
+        .publish_with_properties(
+            "public/marker",
+            v5::QoS::AtLeastOnce,
+            false,
+            &b"m"[..],
+            props(),
+        )
+        .await
+        .unwrap();
+    let clean = |p: &v5::Publish, what: &str| {
+        assert_eq!(
+            serde_json::from_slice::<Value>(&p.payload).unwrap(),
+            json!({"lat": 48.86, "lon": 2.35}),
+            "{what}"
+        );
+        let debug = format!("{:?}", p.properties);
+        assert!(!debug.contains("48.85661"), "{what}: {debug}");
+        assert!(!debug.contains("Alice"), "{what}: {debug}");
+    };
+    let p = fit.next_publish().await;
+    assert_eq!(p.topic, &b"pii/alice/alice-watch/location"[..]);
+    clean(&p, "publish");
+    let marker = fit.next_publish().await;
+    assert_eq!(marker.topic, &b"public/marker"[..]);
+    let kept = marker
+        .properties
+        .expect("control: properties outside the templates");
+    assert_eq!(kept.user_properties.len(), 2, "control: {kept:?}");
+    alice.kill();
+    let will = fit.next_publish().await;
+    assert_eq!(will.topic, &b"pii/alice/alice-watch/location"[..]);
+    clean(&will, "will");
+}
+
 /// A will's log lines name its session, never its client id: that id is
 /// `d:{device}:` and what the client chose, and consentry's logs carry no
 /// ids of users or their devices.
