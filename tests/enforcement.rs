@@ -1010,14 +1010,15 @@ async fn subscribers_with_the_same_view_share_one_masking() {
             json!({"lat": 48.86, "lon": 2.35})
         );
     }
-    // Two masked deliveries, one masking.
-    assert_eq!(
-        server.metric(
+    // Two masked deliveries, one masking. A delivery is counted once
+    // written, which can be after the client has read it.
+    server
+        .wait_for_metric(
             "consentry_deliveries_total",
-            &[("provider", "fitcoach"), ("result", "masked")]
-        ),
-        2.0
-    );
+            &[("provider", "fitcoach"), ("result", "masked")],
+            2.0,
+        )
+        .await;
     assert_eq!(
         server.metric("consentry_masked_views_shared_total", &[]),
         1.0
