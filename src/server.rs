@@ -244,6 +244,28 @@ pub fn open_keyring(cfg: &Config) -> anyhow::Result<Keyring> {
 
 /// Loads every certificate, key and CA the configuration names, as `serve`
 /// would; an error names the section.
+/// A warning when a listener without TLS takes connections from beyond
+/// this host: passwords, TOTP codes, session tokens, the operator key and
+/// personal data then cross the network in clear (X.1363 asks for PII
+/// encrypted in transit). Behind a TLS-terminating proxy on the same host,
+/// listen on loopback and the warning goes.
+fn in_clear(mqtt: Option<SocketAddr>, api: Option<SocketAddr>) -> Option<String> {
+    let exposed: Vec<String> = [("MQTT", mqtt), ("HTTP API", api)]
+        .into_iter()
+        .filter_map(|(what, addr)| addr.map(|a| (what, a)))
+        .filter(|(_, a)| !a.ip().is_loopback())
+        .map(|(what, a)| format!("{what} on {a}"))
+        .collect();
+    (!exposed.is_empty()).then(|| {
+        format!(
+            "listening without TLS beyond this host ({}): logins and personal data cross \
+             the network in clear; configure [server.tls] / [api.tls], or listen on loopback \
+             behind a TLS proxy",
+            exposed.join(", ")
+        )
+    })
+}
+
 fn tls_material(cfg: &Config) -> anyhow::Result<()> {
     if let Some(t) = &cfg.server.tls {
         tls_acceptor(&t.cert, &t.key, t.client_ca.as_deref()).context("[server.tls]")?;
@@ -457,6 +479,9 @@ impl Server {
                 }
             }
         }
+        if let Some(warning) = in_clear(mqtt_addr, api_addr.filter(|_| config.api.tls.is_none())) {
+            tracing::warn!("{warning}");
+        }
         tracing::info!(?mqtt_addr, ?tls_addr, ?api_addr, upstream = ?shared.upstream, "consentry listening");
         Ok(Server {
             mqtt_addr,
@@ -591,4 +616,21 @@ async fn serve_tls(
         .and_then(|c| c.first())
         .map(|c| hex::encode(Sha256::digest(c.as_ref())));
     session::serve(shared, tls, fingerprint, id, rx).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_clear;
+
+    #[test]
+    fn plain_listeners_beyond_loopback_are_warned_of() {
+        let at = |s: &str| Some(s.parse().unwrap());
+        assert_eq!(in_clear(at("127.0.0.1:1883"), at("[::1]:8080")), None);
+        assert_eq!(in_clear(None, None), None);
+        let w = in_clear(at("0.0.0.0:1883"), at("127.0.0.1:8080")).unwrap();
+        assert!(w.contains("(MQTT on 0.0.0.0:1883)"), "{w}");
+        let w = in_clear(at("127.0.0.1:1883"), at("192.0.2.7:8080")).unwrap();
+        assert!(w.contains("(HTTP API on 192.0.2.7:8080)"), "{w}");
+        assert!(w.contains("[api.tls]"), "{w}");
+    }
 }
