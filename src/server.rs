@@ -127,17 +127,37 @@ pub fn check(cfg: &Config, config: &Path) -> anyhow::Result<CheckReport> {
 /// The operator's API key: `CONSENTRY_OPERATOR_KEY`, or generated on first
 /// run into `operator.key` (owner-only) in the data directory.
 pub fn operator_key(cfg: &Config) -> anyhow::Result<String> {
-    if let Ok(k) = std::env::var("CONSENTRY_OPERATOR_KEY") {
+    let env = std::env::var("CONSENTRY_OPERATOR_KEY").ok();
+    operator_key_from(env, &cfg.storage.data_dir.join("operator.key"))
+}
+
+/// [`operator_key`] with the environment's value given. An empty key (a
+/// variable set to "", an emptied file) is refused rather than used: the
+/// operator API would then open to anyone sending an empty `X-Operator-Key`.
+fn operator_key_from(env: Option<String>, path: &Path) -> anyhow::Result<String> {
+    if let Some(k) = env {
+        anyhow::ensure!(
+            !k.trim().is_empty(),
+            "CONSENTRY_OPERATOR_KEY is set but empty: unset it (a key is then generated in \
+             {}) or give it a key",
+            path.display()
+        );
         return Ok(k);
     }
-    let path = cfg.storage.data_dir.join("operator.key");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        return Ok(text.trim().to_string());
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let key = text.trim();
+        anyhow::ensure!(
+            !key.is_empty(),
+            "the operator key file {} is empty: remove it (a new key is then generated) or \
+             write a key in it",
+            path.display()
+        );
+        return Ok(key.to_string());
     }
     let mut raw = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
     let key = hex::encode(raw);
-    secrets::write_private(&path, key.as_bytes())?;
+    secrets::write_private(path, key.as_bytes())?;
     tracing::info!(path = %path.display(), "operator API key generated");
     Ok(key)
 }
@@ -620,7 +640,7 @@ async fn serve_tls(
 
 #[cfg(test)]
 mod tests {
-    use super::in_clear;
+    use super::{in_clear, operator_key_from};
 
     #[test]
     fn plain_listeners_beyond_loopback_are_warned_of() {
@@ -632,5 +652,32 @@ mod tests {
         let w = in_clear(at("127.0.0.1:1883"), at("192.0.2.7:8080")).unwrap();
         assert!(w.contains("(HTTP API on 192.0.2.7:8080)"), "{w}");
         assert!(w.contains("[api.tls]"), "{w}");
+    }
+
+    #[test]
+    fn an_empty_operator_key_is_refused_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("operator.key");
+        // Set but empty (or blank) in the environment: refused, nothing written.
+        for empty in ["", "  ", "\n"] {
+            let err = operator_key_from(Some(empty.into()), &path).unwrap_err();
+            assert!(err
+                .to_string()
+                .contains("CONSENTRY_OPERATOR_KEY is set but empty"));
+        }
+        assert!(!path.exists());
+        // A key in the environment is used as given.
+        assert_eq!(operator_key_from(Some("k1".into()), &path).unwrap(), "k1");
+        // An emptied key file: refused, not an open operator API.
+        std::fs::write(&path, "\n").unwrap();
+        let err = operator_key_from(None, &path).unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+        // Otherwise the file's key, trimmed, or a generated one.
+        std::fs::write(&path, "abc\n").unwrap();
+        assert_eq!(operator_key_from(None, &path).unwrap(), "abc");
+        std::fs::remove_file(&path).unwrap();
+        let generated = operator_key_from(None, &path).unwrap();
+        assert_eq!(generated.len(), 64);
+        assert_eq!(operator_key_from(None, &path).unwrap(), generated);
     }
 }
