@@ -275,10 +275,37 @@ pub fn at_broker(namespace: &str, client_id: &str) -> String {
     out
 }
 
+/// A session's SUBSCRIBE or UNSUBSCRIBE filter as the broker gets it: a
+/// shared subscription's group (`$share/{group}/…`) is put in the
+/// session's `namespace`, as its client id is, so that only sessions of
+/// one identity share a group. Members of a group with different rights
+/// (two providers, one without the user's consent) would lose to each
+/// other every message the broker gave the one that may not have it.
+/// Other filters are unchanged.
+pub fn filter_at_broker(namespace: &str, filter: &str) -> String {
+    match filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+    {
+        Some((group, rest)) => format!("$share/{namespace}{group}/{rest}"),
+        None => filter.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn shared_groups_at_the_broker_are_the_sessions_own() {
+        assert_eq!(
+            filter_at_broker("p:fit:", "$share/g/pii/#"),
+            "$share/p:fit:g/pii/#"
+        );
+        assert_eq!(filter_at_broker("p:fit:", "pii/#"), "pii/#");
+        assert_eq!(filter_at_broker("d:w:", "$SYS/#"), "$SYS/#");
+    }
 
     #[test]
     fn ids_at_the_broker_are_plain_bounded_and_distinct() {

@@ -785,12 +785,7 @@ impl Session {
         }
         // Client ids are namespaced by identity so that a device cannot take
         // over a provider's broker session by choosing its client id.
-        let namespace = match &self.who {
-            Principal::Device { id, .. } => format!("d:{id}:"),
-            Principal::Provider { id } => format!("p:{id}:"),
-            Principal::Anonymous => "a:".to_string(),
-        };
-        connect.client_id = client_ids::at_broker(&namespace, &connect.client_id);
+        connect.client_id = client_ids::at_broker(&self.namespace(), &connect.client_id);
         connect.keep_alive = UPSTREAM_KEEP_ALIVE;
         if let Some(props) = connect.properties.as_mut() {
             // Aliases stop at the gateway in both directions.
@@ -867,6 +862,25 @@ impl Session {
         // `buf` may already hold what the broker sent right after CONNACK:
         // a persistent session's queued messages.
         Ok(Opened::Session((Some(up), buf, keep_alive)))
+    }
+
+    /// This session's identity in the names it uses at the broker: client
+    /// ids and shared subscription groups.
+    fn namespace(&self) -> String {
+        match &self.who {
+            Principal::Device { id, .. } => format!("d:{id}:"),
+            Principal::Provider { id } => format!("p:{id}:"),
+            Principal::Anonymous => "a:".to_string(),
+        }
+    }
+
+    /// `filters` as the broker gets them (`client_ids::filter_at_broker`).
+    fn filters_at_broker(&self, filters: Vec<String>) -> Vec<String> {
+        let namespace = self.namespace();
+        filters
+            .iter()
+            .map(|f| client_ids::filter_at_broker(&namespace, f))
+            .collect()
     }
 
     /// What consentry, not the broker, decides in an MQTT 5 CONNACK.
@@ -1450,6 +1464,8 @@ impl Session {
                 self.subs.retain(|(f, _)| !unsub.filters.contains(f));
                 self.lag_filters.retain(|f| !unsub.filters.contains(f));
                 self.sync_lag();
+                let mut unsub = unsub;
+                unsub.filters = self.filters_at_broker(std::mem::take(&mut unsub.filters));
                 self.send_broker(&Packet::Unsubscribe(unsub))?;
                 if let Some(ack) = own_answer {
                     self.send_client(&Packet::UnsubAck(ack))?;
@@ -1647,9 +1663,10 @@ impl Session {
         if !self.shared.upstream.embedded {
             self.own_unsubscribes.insert(pkid);
         }
+        let filters = self.filters_at_broker(gone.into_iter().map(|(f, _)| f).collect());
         self.send_broker(&Packet::Unsubscribe(v5::Unsubscribe {
             pkid,
-            filters: gone.into_iter().map(|(f, _)| f).collect(),
+            filters,
             properties: None,
         }))
     }
@@ -1696,6 +1713,10 @@ impl Session {
         if self.shared.backpressure.enabled() {
             self.pending_lag
                 .insert(sub.pkid, forward.iter().map(|f| f.path.clone()).collect());
+        }
+        let namespace = self.namespace();
+        for f in &mut forward {
+            f.path = client_ids::filter_at_broker(&namespace, &f.path);
         }
         sub.filters = forward;
         self.send_broker(&Packet::Subscribe(sub))

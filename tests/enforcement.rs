@@ -1075,3 +1075,103 @@ async fn a_field_of_the_wrong_type_is_refused_at_ingress() {
         2.0
     );
 }
+
+/// MQTT 5 properties that carry the publisher's own text or bytes (user
+/// properties, content type, response topic, correlation data) are not
+/// part of the payload that minimization and masking act on: on a
+/// personal-data topic they would carry an exact location past a
+/// generalized one, or a field the kind does not declare, to the provider.
+/// They do not reach it; an open topic keeps them.
+#[tokio::test]
+async fn free_properties_do_not_carry_personal_data_past_masking() {
+    let server = Server::demo();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    let props = || v5::PublishProperties {
+        user_properties: vec![("exact".into(), "48.85661,2.35222".into())],
+        content_type: Some("application/json; name=Alice Martin".into()),
+        response_topic: Some("public/alice-martin".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"lat=48.85661")),
+        message_expiry_interval: Some(600),
+        ..Default::default()
+    };
+    for topic in ["pii/alice/alice-watch/location", "public/marker"] {
+        alice
+            .client
+            .publish_with_properties(
+                topic,
+                v5::QoS::AtLeastOnce,
+                false,
+                &br#"{"lat":48.85661,"lon":2.35222}"#[..],
+                props(),
+            )
+            .await
+            .unwrap();
+    }
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&got[0].payload).unwrap(),
+        json!({"lat": 48.86, "lon": 2.35})
+    );
+    let personal = got[0].properties.clone().unwrap_or_default();
+    assert!(
+        personal.user_properties.is_empty()
+            && personal.content_type.is_none()
+            && personal.response_topic.is_none()
+            && personal.correlation_data.is_none(),
+        "free properties delivered with personal data: {personal:?}"
+    );
+    assert!(personal.message_expiry_interval.is_some_and(|e| e <= 600));
+    let open = got[1]
+        .properties
+        .clone()
+        .expect("an open topic keeps its properties");
+    assert_eq!(open.user_properties.len(), 1);
+    assert_eq!(open.response_topic.as_deref(), Some("public/alice-martin"));
+}
+
+/// A shared subscription's group is its provider's own: at the broker two
+/// providers naming the same group would share one stream, and each
+/// message the broker gave the provider without consent would be dropped
+/// there, lost to the provider with it.
+#[tokio::test]
+async fn providers_naming_the_same_shared_group_do_not_share_it() {
+    let server = Server::demo();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("$share/g/pii/#", v5::QoS::AtLeastOnce).await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut ins = v5::connect(server.mqtt, "ins", "insureco", "insureco-secret").await;
+    ins.subscribe("$share/g/pii/#", v5::QoS::AtLeastOnce).await;
+    wait_for_providers(&server, 2.0).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    for bpm in 60..70 {
+        let payload = format!("{{\"bpm\":{bpm}}}");
+        assert_eq!(
+            alice.publish_acked(HR, payload.as_bytes()).await,
+            v5::PubAckReason::Success
+        );
+    }
+    alice.publish_acked("public/marker", b"m").await;
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(
+        got.len(),
+        11,
+        "fitcoach lost messages to insureco's members of its group: {got:?}"
+    );
+
+    // Members of one provider still share: each message goes to one of them.
+    let mut fit2 = v5::connect(server.mqtt, "fit2", "fitcoach", "fitcoach-secret").await;
+    fit2.subscribe("$share/g/pii/#", v5::QoS::AtLeastOnce).await;
+    fit2.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    for bpm in 70..80 {
+        let payload = format!("{{\"bpm\":{bpm}}}");
+        alice.publish_acked(HR, payload.as_bytes()).await;
+    }
+    alice.publish_acked("public/marker", b"m").await;
+    let a = fit.publishes_until("public/marker").await.len() - 1;
+    let b = fit2.publishes_until("public/marker").await.len() - 1;
+    assert_eq!(a + b, 10, "each message once within the group ({a} + {b})");
+}
