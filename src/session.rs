@@ -715,6 +715,18 @@ impl Session {
             write_packet(client, self.version, &unavailable).await?;
             return Ok(Opened::Unavailable);
         }
+        if self.version == Version::V4 && connect.client_id.is_empty() && !connect.clean_start {
+            // MQTT 3.1.1 cannot tell a client an id made up for it, so such a
+            // persistent session could never be resumed, and the broker
+            // would keep it, queueing for it, for good (MQTT-3.1.3-8).
+            tracing::info!(
+                session = self.id,
+                "CONNECT refused: persistent session without a client id"
+            );
+            let rejected = connack(ConnectReturnCode::ClientIdentifierNotValid, None);
+            write_packet(client, self.version, &rejected).await?;
+            return Ok(Opened::Refused);
+        }
         let props = connect.properties.as_ref();
         let session_expiry = match self.version {
             Version::V4 => 0,

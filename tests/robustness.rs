@@ -1033,3 +1033,43 @@ async fn during_a_drain_new_connections_are_refused_and_a_second_sigterm_ends_it
     assert!(!status.success(), "{status}");
     drop(stuck);
 }
+
+/// MQTT 3.1.1 has no assigned client identifier: a persistent session
+/// under an id the server made up could never be resumed, and the broker
+/// would keep it, and queue for it, for good. A zero-byte client id with
+/// CleanSession 0 is refused with CONNACK 0x02 (MQTT-3.1.3-8); with
+/// CleanSession 1 it is accepted.
+#[tokio::test]
+async fn an_mqtt_3_1_1_persistent_session_without_a_client_id_is_refused() {
+    let server = Server::demo();
+    use rumqttc::mqttbytes::v4;
+    for (clean, want) in [
+        (false, [0x20, 0x02, 0x00, 0x02]),
+        (true, [0x20, 0x02, 0x00, 0x00]),
+    ] {
+        let mut connect = v4::Connect::new("");
+        connect.keep_alive = 30;
+        connect.clean_session = clean;
+        connect.set_login("fitcoach", "fitcoach-secret");
+        let mut out = BytesMut::new();
+        v4::Packet::Connect(connect)
+            .write(&mut out, 1 << 20)
+            .unwrap();
+        let mut s = TcpStream::connect(server.mqtt).await.unwrap();
+        s.write_all(&out).await.unwrap();
+        let mut answer = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut answer))
+            .await
+            .expect("server did not answer")
+            .unwrap();
+        assert_eq!(answer, want, "clean session {clean}");
+        if !clean {
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+                .await
+                .expect("connection left open")
+                .unwrap();
+        }
+    }
+    still_serving(&server).await;
+}
