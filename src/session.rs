@@ -916,12 +916,25 @@ impl Session {
 
     /// Opens a broker connection and returns it with its CONNACK and
     /// whatever the broker sent after it.
+    ///
+    /// An external broker that has not answered within `server.connect_timeout_secs`
+    /// (stopped, wedged, unreachable behind a firewall that drops packets)
+    /// counts as one that cannot be reached: the session would otherwise
+    /// wait for it for good, reading nothing from its client meanwhile.
     async fn dial(&self, connect: v5::Connect) -> Result<(Conn, BytesMut, ConnAck), End> {
-        self.shared
-            .upstream
-            .dial(self.version, connect)
-            .await
-            .map_err(|e| End::Upstream(e.to_string()))
+        let dial = self.shared.upstream.dial(self.version, connect);
+        if self.shared.upstream.embedded {
+            // In the same process: it answers unless it is gone.
+            return dial.await.map_err(|e| End::Upstream(e.to_string()));
+        }
+        let limit = Duration::from_secs(self.shared.server.connect_timeout_secs);
+        match tokio::time::timeout(limit, dial).await {
+            Ok(dialed) => dialed.map_err(|e| End::Upstream(e.to_string())),
+            Err(_) => Err(End::Upstream(format!(
+                "the broker did not answer CONNECT within {}s",
+                limit.as_secs()
+            ))),
+        }
     }
 
     /// Opens the deferred broker connection of a lazy session. The client

@@ -1073,3 +1073,67 @@ async fn an_mqtt_3_1_1_persistent_session_without_a_client_id_is_refused() {
     }
     still_serving(&server).await;
 }
+
+/// A broker that takes the connection but never answers CONNECT (stopped,
+/// wedged, a proxy in front of a dead one) is a broker that cannot be
+/// reached: a persistent session gets CONNACK 0x88 and a clean session's
+/// first publish ends its session, unacknowledged, after
+/// `server.connect_timeout_secs`, rather than waiting for good.
+#[tokio::test]
+async fn a_broker_that_never_answers_connect_is_unavailable() {
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = mute.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for s in mute.incoming().take(2) {
+            open.push(s);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let server = Server::start(Setup {
+        upstream: Some(format!("mqtt://127.0.0.1:{port}")),
+        replace: vec![(
+            "connect_timeout_secs = 10".into(),
+            "connect_timeout_secs = 2".into(),
+        )],
+        ..Default::default()
+    });
+
+    let mut r = Raw::open(server.mqtt).await;
+    r.send(Packet::Connect(
+        Connect {
+            keep_alive: 30,
+            client_id: "persistent-v5".into(),
+            clean_start: false,
+            properties: Some(rumqttc::v5::mqttbytes::v5::ConnectProperties {
+                session_expiry_interval: Some(600),
+                ..Default::default()
+            }),
+        },
+        None,
+        Some(Login::new("fitcoach", "fitcoach-secret")),
+    ))
+    .await;
+    match r.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(
+            a.code,
+            rumqttc::v5::mqttbytes::v5::ConnectReturnCode::ServerUnavailable
+        ),
+        other => panic!("expected CONNACK 0x88, got {other:?}"),
+    }
+
+    let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    let mut publish = Publish::new(
+        "pii/alice/alice-watch/heart_rate",
+        QoS::AtLeastOnce,
+        r#"{"bpm":72}"#,
+        None,
+    );
+    publish.pkid = 1;
+    r.send(Packet::Publish(publish)).await;
+    r.expect_disconnect(DisconnectReasonCode::UnspecifiedError)
+        .await;
+    let dropped = [("result", "dropped"), ("reason", "broker_unavailable")];
+    assert_eq!(server.metric("consentry_publishes_total", &dropped), 1.0);
+    drop(held);
+}
