@@ -1422,6 +1422,24 @@ impl Act {
         }
     }
 
+    /// Whether `who` may clear the retained message on `topic` (an empty
+    /// retained PUBLISH): a personal-data topic naming `who`, a device bound
+    /// to the user the topic names. Clearing collects nothing, so neither
+    /// collection consent nor a window is asked: a user who withdrew
+    /// collection can still have the device erase its last reading.
+    pub fn may_clear_retained(&self, who: &Principal, topic: TopicName) -> bool {
+        let Class::Personal(r, _) = self.classify(topic.as_str()) else {
+            return false;
+        };
+        match who {
+            Principal::Device { id, .. } => {
+                same(id.as_bytes(), r.device.as_bytes())
+                    && self.user(r.user).is_some_and(|u| u.has_device(r.device))
+            }
+            _ => false,
+        }
+    }
+
     /// Subscriptions are a coarse gate (purpose limitation); each delivery is
     /// still decided on its own by [`Act::deliver`].
     pub fn subscribe(&self, who: &Principal, filter: &str) -> Result<(), Deny> {

@@ -1551,7 +1551,17 @@ impl Session {
         let fault = || End::TopicName(topic_name_fault(&publish.topic));
         let topic = std::str::from_utf8(&publish.topic).map_err(|_| fault())?;
         let name = TopicName::new(topic).ok_or_else(fault)?;
-        match self.check_ingress(name, &publish.payload) {
+        // An empty retained PUBLISH clears the retained message: no data
+        // to minimize, only whether this device may erase there. Its
+        // properties go as personal data's do.
+        let clears = publish.retain
+            && publish.payload.is_empty()
+            && self.shared.act.load().may_clear_retained(&self.who, name);
+        let checked = match clears {
+            true => Ok((publish.payload.clone(), true)),
+            false => self.check_ingress(name, &publish.payload),
+        };
+        match checked {
             Ok((payload, personal)) => {
                 if personal {
                     strip_free_properties(&mut publish.properties);
@@ -1944,6 +1954,10 @@ impl Session {
         let Principal::Provider { id: provider } = &self.who else {
             return self.drop_delivery(&publish, "not_a_provider");
         };
+        if publish.payload.is_empty() {
+            // A cleared retained message: nothing to share.
+            return self.drop_delivery(&publish, "cleared");
+        }
         let masked = match rule.view.as_ref() {
             View::Deliver => None,
             View::Mask(rules) => {

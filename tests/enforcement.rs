@@ -1175,3 +1175,55 @@ async fn providers_naming_the_same_shared_group_do_not_share_it() {
     let b = fit2.publishes_until("public/marker").await.len() - 1;
     assert_eq!(a + b, 10, "each message once within the group ({a} + {b})");
 }
+
+/// A device clears its retained reading the MQTT way, with an empty
+/// retained PUBLISH: it carries no data, so it is not refused as an
+/// undecodable payload (which left the reading served to every new
+/// subscriber), and it is shared with no provider.
+#[tokio::test]
+async fn a_device_clears_its_retained_reading() {
+    let server = Server::demo();
+    let mut fit = v5::connect(server.mqtt, "fit-a", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    fit.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    let retained = |payload: &'static [u8]| {
+        let c = alice.client.clone();
+        async move {
+            c.publish(HR, v5::QoS::AtLeastOnce, true, payload)
+                .await
+                .unwrap();
+        }
+    };
+    retained(b"{\"bpm\":77}").await;
+    retained(b"").await;
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        if let v5::Packet::PubAck(a) = alice.next().await {
+            acks.push(a.reason);
+        }
+    }
+    assert_eq!(
+        acks[1],
+        v5::PubAckReason::Success,
+        "the clearing publish was refused"
+    );
+    alice.publish_acked("public/marker", b"m").await;
+    // The connected provider got the reading, not the empty message.
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(&got[0].payload[..], b"{\"bpm\":77}");
+
+    let mut late = v5::connect(server.mqtt, "fit-b", "fitcoach", "fitcoach-secret").await;
+    late.subscribe("pii/+/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    late.subscribe("public/#", v5::QoS::AtLeastOnce).await;
+    alice.publish_acked("public/marker", b"m").await;
+    let got = late.publishes_until("public/marker").await;
+    assert_eq!(
+        got.len(),
+        1,
+        "the cleared reading is still retained: {got:?}"
+    );
+}
