@@ -802,6 +802,10 @@ impl Session {
         if let Some(props) = connect.properties.as_mut() {
             // Aliases stop at the gateway in both directions.
             props.topic_alias_max = None;
+            // consentry authenticated the client itself; the broker's only
+            // login is consentry's, which has no authentication method.
+            props.authentication_method = None;
+            props.authentication_data = None;
         }
         self.claim = Some(self.shared.client_ids.claim(
             &connect.client_id,

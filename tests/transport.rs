@@ -860,3 +860,39 @@ async fn a_broker_refusing_consentrys_login_is_server_unavailable_to_the_client(
     );
     assert!(server.log().contains("upstream refused consentry's login"));
 }
+
+/// consentry authenticates clients itself, by password or certificate, and
+/// speaks no enhanced authentication: an Authentication Method in a
+/// CONNECT is not the broker's to judge. Passed on, Mosquitto refused it
+/// (0x8C), so a persistent session got CONNACK 0x88 with a log blaming
+/// consentry's own broker login, and a clean one lost its session at its
+/// first publish, where the embedded broker lets both in.
+#[tokio::test]
+async fn in_front_of_mosquitto_an_authentication_method_is_not_passed_on() {
+    let m = mosquitto();
+    let server = in_front_of(&m);
+    for persistent in [true, false] {
+        let mut o = v5::options(
+            server.mqtt,
+            "am",
+            Some(("alice-watch", "alice-watch-secret")),
+        );
+        o.set_authentication_method(Some("SCRAM-SHA-1".into()));
+        if persistent {
+            o.set_clean_start(false);
+            o.set_session_expiry_interval(Some(60));
+        }
+        let mut c = v5::connect_with(o)
+            .await
+            .unwrap_or_else(|e| panic!("persistent {persistent}: {e}"));
+        let reason = c.publish_acked("public/x", b"x").await;
+        assert!(
+            matches!(
+                reason,
+                v5::PubAckReason::Success | v5::PubAckReason::NoMatchingSubscribers
+            ),
+            "persistent {persistent}: {reason:?}"
+        );
+        c.disconnect().await;
+    }
+}
