@@ -18,6 +18,14 @@ const QUEUE: usize = 256;
 /// short enough that an unreachable broker does not pile up waiting tasks.
 const ROOM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The notice client's id at the broker: its own to each process, so that
+/// several consentry instances in front of one broker do not take each
+/// other's connection over every time one reconnects. A clean session:
+/// nothing waits at the broker under the id.
+fn client_id() -> String {
+    format!("consentry-notifier-{:016x}", rand::random::<u64>())
+}
+
 #[derive(Clone)]
 pub struct Notifier {
     client: AsyncClient,
@@ -29,7 +37,7 @@ impl Notifier {
         let addr = upstream.addr(Version::V4);
         let (host, port) = crate::config::split_host_port(addr)
             .ok_or_else(|| anyhow::anyhow!("upstream address {addr:?} has no port"))?;
-        let mut opts = MqttOptions::new("consentry-notifier", host, port.parse()?);
+        let mut opts = MqttOptions::new(client_id(), host, port.parse()?);
         opts.set_keep_alive(std::time::Duration::from_secs(30));
         if let Some(u) = &upstream.username {
             opts.set_credentials(u.clone(), upstream.password.clone().unwrap_or_default());
@@ -88,5 +96,15 @@ impl Notifier {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_notice_client_has_an_id_of_its_own() {
+        let (a, b) = (super::client_id(), super::client_id());
+        assert!(a.starts_with("consentry-notifier-"), "{a}");
+        assert_ne!(a, b);
     }
 }
