@@ -264,6 +264,29 @@ pub fn open_keyring(cfg: &Config) -> anyhow::Result<Keyring> {
 
 /// Loads every certificate, key and CA the configuration names, as `serve`
 /// would; an error names the section.
+/// A warning when the directory file gives logins the demo's published
+/// passwords (`config/demo.toml`, whose secrets its comments and the README
+/// print): fine for trying consentry, never for a deployment. Compared by
+/// hash, so a copy of the demo under another name is caught too.
+fn demo_secrets(dir: &crate::model::Directory) -> Option<String> {
+    let demo: crate::model::Directory = toml::from_str(include_str!("../config/demo.toml")).ok()?;
+    let hashes = |d: &crate::model::Directory| -> Vec<String> {
+        let devices = d.devices.iter().filter_map(|x| x.password_hash.clone());
+        let providers = d.providers.iter().filter_map(|x| x.password_hash.clone());
+        let logins = d.logins.iter().map(|x| x.password_hash.clone());
+        devices.chain(providers).chain(logins).collect()
+    };
+    let published = hashes(&demo);
+    let n = hashes(dir).iter().filter(|h| published.contains(h)).count();
+    (n > 0).then(|| {
+        format!(
+            "{n} login(s) in the directory file use the demo's published passwords \
+             (config/demo.toml): anyone can log in with them. Fine for trying consentry; \
+             for a deployment, give every device, provider and user its own"
+        )
+    })
+}
+
 /// A warning when a listener without TLS takes connections from beyond
 /// this host: passwords, TOTP codes, session tokens, the operator key and
 /// personal data then cross the network in clear (X.1363 asks for PII
@@ -383,12 +406,16 @@ impl Server {
                 ledger.durable_seq(),
             );
         }
+        let directory = config.load_directory()?;
+        if let Some(warning) = demo_secrets(&directory) {
+            tracing::warn!("{warning}");
+        }
         let (pm, act, creds) = PreferenceManager::open(
             store,
             config.templates.clone(),
             &config.kinds,
             config.acl.rules.clone(),
-            config.load_directory()?,
+            directory,
             issuer.clone().map(|i| i as Arc<dyn ReceiptIssuer>),
         )?;
         let upstream = match config.upstream_addr() {
@@ -641,6 +668,22 @@ async fn serve_tls(
 #[cfg(test)]
 mod tests {
     use super::{in_clear, operator_key_from};
+
+    #[test]
+    fn the_demos_published_passwords_are_warned_of() {
+        let demo: crate::model::Directory =
+            toml::from_str(include_str!("../config/demo.toml")).unwrap();
+        let w = super::demo_secrets(&demo).unwrap();
+        assert!(w.starts_with("6 login(s)"), "{w}");
+        let mut own = demo.clone();
+        own.devices.iter_mut().for_each(|d| d.password_hash = None);
+        own.providers
+            .iter_mut()
+            .for_each(|p| p.password_hash = None);
+        own.logins.clear();
+        assert_eq!(super::demo_secrets(&own), None);
+        assert_eq!(super::demo_secrets(&Default::default()), None);
+    }
 
     #[test]
     fn plain_listeners_beyond_loopback_are_warned_of() {
