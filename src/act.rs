@@ -73,6 +73,8 @@ pub enum Deny {
     Invalid,
     #[error("the topic is reserved for consentry's own notices")]
     Reserved,
+    #[error("a derived kind is published by the data service provider, not a device")]
+    Derived,
 }
 
 impl Deny {
@@ -91,6 +93,7 @@ impl Deny {
             Deny::Acl => "acl",
             Deny::Invalid => "invalid",
             Deny::Reserved => "reserved",
+            Deny::Derived => "derived_kind",
         }
     }
 }
@@ -1396,11 +1399,19 @@ impl Act {
                 let user = match who {
                     // The binding in force, not the one seen at CONNECT: the
                     // device must be in the user's record now.
-                    Principal::Device { id, .. } => same(id.as_bytes(), r.device.as_bytes())
-                        .then(|| self.user(r.user))
-                        .flatten()
-                        .filter(|u| u.has_device(r.device))
-                        .ok_or(Deny::Misattributed)?,
+                    Principal::Device { id, .. } => {
+                        let user = same(id.as_bytes(), r.device.as_bytes())
+                            .then(|| self.user(r.user))
+                            .flatten()
+                            .filter(|u| u.has_device(r.device))
+                            .ok_or(Deny::Misattributed)?;
+                        // A derived kind is the data service provider's
+                        // processing (X.1363 10.1), never a device's reading.
+                        if kind.derived {
+                            return Err(Deny::Derived);
+                        }
+                        user
+                    }
                     // The data service provider's own processing publishes
                     // derived kinds (X.1363 10.1); nobody else may publish
                     // into the personal-data space.
@@ -1428,12 +1439,15 @@ impl Act {
     /// collection consent nor a window is asked: a user who withdrew
     /// collection can still have the device erase its last reading.
     pub fn may_clear_retained(&self, who: &Principal, topic: TopicName) -> bool {
-        let Class::Personal(r, _) = self.classify(topic.as_str()) else {
+        let Class::Personal(r, kind_id) = self.classify(topic.as_str()) else {
             return false;
         };
         match who {
+            // Not a derived kind: that reading is the data service
+            // provider's, which a device may not publish, nor erase.
             Principal::Device { id, .. } => {
-                same(id.as_bytes(), r.device.as_bytes())
+                !self.kinds[kind_id as usize].derived
+                    && same(id.as_bytes(), r.device.as_bytes())
                     && self.user(r.user).is_some_and(|u| u.has_device(r.device))
             }
             _ => false,
@@ -1758,6 +1772,46 @@ mod tests {
         assert!(!ids.insert("sleep", 9), "a second `sleep`");
         assert!(!ids.insert(&long_b, 9), "a second long name");
         assert_eq!(ids.get("sleep"), Some(1));
+    }
+
+    /// A derived kind is published by the data service provider only: a
+    /// device may neither publish it nor clear its retained message, which
+    /// would replace or erase the provider's.
+    #[test]
+    fn a_device_neither_publishes_nor_clears_a_derived_kind() {
+        let mut all = kinds();
+        all.push(Kind {
+            name: "stress".into(),
+            category: PiiCategory::Health,
+            sensitive: true,
+            format: PayloadFormat::Json,
+            fields: vec!["level".into()],
+            types: Default::default(),
+            undeclared: Undeclared::Strip,
+            derived: true,
+        });
+        let mut prefs = alice_prefs();
+        prefs.collect.push(CollectGrant {
+            kind: "stress".into(),
+            windows: vec![],
+        });
+        let mut d = dir(vec![prefs]);
+        let mut ops = provider("ops", "derive", &["heart_rate"]);
+        ops.role = ProviderRole::Data;
+        d.providers.push(ops);
+        let templates = ["pii/{user}/{device}/{kind}".to_string()];
+        let a = Act::compile(1, &templates, &all, &d, Acl::deny_all()).unwrap();
+        let alice = dev("alice-watch", "alice");
+        let stress = name("pii/alice/alice-watch/stress");
+        let got = a.ingress(&alice, stress, now()).map(|_| ());
+        assert_eq!(got, Err(Deny::Derived));
+        assert!(a.ingress(&prov("ops"), stress, now()).is_ok());
+        assert!(!a.may_clear_retained(&alice, stress));
+        // Its own readings of collected kinds it still clears; nobody else's.
+        let heart = name("pii/alice/alice-watch/heart_rate");
+        assert!(a.may_clear_retained(&alice, heart));
+        assert!(!a.may_clear_retained(&dev("bob-phone", "bob"), heart));
+        assert!(!a.may_clear_retained(&prov("ops"), heart));
     }
 
     #[test]
