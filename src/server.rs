@@ -262,8 +262,6 @@ pub fn open_keyring(cfg: &Config) -> anyhow::Result<Keyring> {
     })
 }
 
-/// Loads every certificate, key and CA the configuration names, as `serve`
-/// would; an error names the section.
 /// A warning when the directory file gives logins the demo's published
 /// passwords (`config/demo.toml`, whose secrets its comments and the README
 /// print): fine for trying consentry, never for a deployment. Compared by
@@ -309,6 +307,8 @@ fn in_clear(mqtt: Option<SocketAddr>, api: Option<SocketAddr>) -> Option<String>
     })
 }
 
+/// Loads every certificate, key and CA the configuration names, as `serve`
+/// would; an error names the section.
 fn tls_material(cfg: &Config) -> anyhow::Result<()> {
     if let Some(t) = &cfg.server.tls {
         tls_acceptor(&t.cert, &t.key, t.client_ca.as_deref()).context("[server.tls]")?;
