@@ -354,7 +354,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
     if let Some(addr) = cfg.metrics.listen {
-        consentry::metrics::install(addr).context("start the metrics endpoint")?;
+        consentry::metrics::install(addr)
+            .with_context(|| format!("start the metrics endpoint on {addr}"))?;
         tracing::info!(%addr, "metrics on /metrics");
     }
     let server = Server::start(cfg).await?;

@@ -389,3 +389,28 @@ async fn a_verbose_log_still_names_no_topic_or_user() {
     assert!(log.contains("DEBUG"), "the filter did not apply:\n{log}");
     assert!(!log.contains("pii/"), "a topic in the log:\n{log}");
 }
+
+/// A listener that cannot bind stops the start with an error naming the
+/// address (the metrics endpoint's named none).
+#[test]
+fn a_taken_metrics_port_is_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (dir, config) = write_config(&[], common::DEMO_DIRECTORY);
+    let data = dir.path().join("data");
+    let args = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        &addr,
+    ];
+    let (ok, _, err) = run(&config, &args, &data);
+    assert!(!ok, "started on a taken metrics port");
+    assert!(
+        err.contains(&format!("start the metrics endpoint on {addr}")),
+        "{err}"
+    );
+}
