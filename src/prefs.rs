@@ -1378,6 +1378,46 @@ mod tests {
         }
     }
 
+    /// A manager over `dir` whose receipts record what the ACT allowed
+    /// when each was issued.
+    fn witnessed(
+        dir: Directory,
+        kinds: &[Kind],
+    ) -> (PreferenceManager, Arc<ActHandle>, Arc<Witness>) {
+        let witness = Arc::new(Witness {
+            act: Default::default(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let (pm, act, _) = PreferenceManager::open(
+            Store::in_memory(&[6; 32]).unwrap(),
+            vec!["pii/{user}/{device}/{kind}".into()],
+            kinds,
+            vec![],
+            dir,
+            Some(witness.clone()),
+        )
+        .unwrap();
+        witness.act.set(act.clone()).ok().unwrap();
+        (pm, act, witness)
+    }
+
+    /// A collection window open all week but the day's last minute.
+    fn all_day() -> crate::model::Window {
+        crate::model::Window {
+            days: vec![
+                chrono::Weekday::Mon,
+                chrono::Weekday::Tue,
+                chrono::Weekday::Wed,
+                chrono::Weekday::Thu,
+                chrono::Weekday::Fri,
+                chrono::Weekday::Sat,
+                chrono::Weekday::Sun,
+            ],
+            from: chrono::NaiveTime::from_hms_opt(0, 0, 0).unwrap(),
+            to: chrono::NaiveTime::from_hms_opt(23, 59, 0).unwrap(),
+        }
+    }
+
     /// Found by an outside review: a receipt's time was taken before the
     /// change was in force, so records of deliveries the change withdrew
     /// carried a later time than the withdrawal's receipt. What a change
@@ -1386,20 +1426,7 @@ mod tests {
     #[test]
     fn what_a_change_withdraws_stops_before_its_receipt_is_issued() {
         let (dir, kinds) = demo();
-        let witness = Arc::new(Witness {
-            act: Default::default(),
-            seen: Mutex::new(Vec::new()),
-        });
-        let (pm, act, _) = PreferenceManager::open(
-            Store::in_memory(&[6; 32]).unwrap(),
-            vec!["pii/{user}/{device}/{kind}".into()],
-            &kinds,
-            vec![],
-            dir,
-            Some(witness.clone()),
-        )
-        .unwrap();
-        witness.act.set(act.clone()).ok().unwrap();
+        let (pm, act, witness) = witnessed(dir, &kinds);
         let share = |kind: &str| ShareGrant {
             provider: "fitcoach".into(),
             purpose: "coaching".into(),
@@ -1435,19 +1462,7 @@ mod tests {
         // under the window stops while each commits.
         pm.change("alice", None, "api", |p| {
             for g in p.collect.iter_mut().filter(|g| g.kind == "heart_rate") {
-                g.windows = vec![crate::model::Window {
-                    days: vec![
-                        chrono::Weekday::Mon,
-                        chrono::Weekday::Tue,
-                        chrono::Weekday::Wed,
-                        chrono::Weekday::Thu,
-                        chrono::Weekday::Fri,
-                        chrono::Weekday::Sat,
-                        chrono::Weekday::Sun,
-                    ],
-                    from: chrono::NaiveTime::from_hms_opt(0, 0, 0).unwrap(),
-                    to: chrono::NaiveTime::from_hms_opt(23, 59, 0).unwrap(),
-                }];
+                g.windows = vec![all_day()];
             }
             Ok(())
         })
@@ -1467,20 +1482,7 @@ mod tests {
     #[test]
     fn what_an_import_withdraws_stops_before_its_receipts_are_issued() {
         let (mut file, kinds) = demo();
-        let witness = Arc::new(Witness {
-            act: Default::default(),
-            seen: Mutex::new(Vec::new()),
-        });
-        let (pm, act, _) = PreferenceManager::open(
-            Store::in_memory(&[7; 32]).unwrap(),
-            vec!["pii/{user}/{device}/{kind}".into()],
-            &kinds,
-            vec![],
-            file.clone(),
-            Some(witness.clone()),
-        )
-        .unwrap();
-        witness.act.set(act.clone()).ok().unwrap();
+        let (pm, act, witness) = witnessed(file.clone(), &kinds);
         fn alice(file: &mut Directory) -> &mut Preferences {
             let found = file.preferences.iter_mut().find(|p| p.user == "alice");
             found.unwrap()
@@ -1488,25 +1490,12 @@ mod tests {
         alice(&mut file).share.retain(|g| g.kind != "heart_rate");
         pm.import(file.clone()).unwrap();
         assert!(!fitcoach_gets_heart_rate(&act));
-        let all_day = crate::model::Window {
-            days: vec![
-                chrono::Weekday::Mon,
-                chrono::Weekday::Tue,
-                chrono::Weekday::Wed,
-                chrono::Weekday::Thu,
-                chrono::Weekday::Fri,
-                chrono::Weekday::Sat,
-                chrono::Weekday::Sun,
-            ],
-            from: chrono::NaiveTime::from_hms_opt(0, 0, 0).unwrap(),
-            to: chrono::NaiveTime::from_hms_opt(23, 59, 0).unwrap(),
-        };
         for g in alice(&mut file)
             .collect
             .iter_mut()
             .filter(|g| g.kind == "heart_rate")
         {
-            g.windows = vec![all_day.clone()];
+            g.windows = vec![all_day()];
         }
         pm.import(file.clone()).unwrap();
         let zone = &mut file.users.iter_mut().find(|u| u.id == "alice").unwrap();

@@ -744,23 +744,14 @@ impl Session {
                 Some(name) => self.check_ingress(name, &w.message),
                 None => Err(Deny::Invalid.as_str()),
             };
-            match checked {
+            let payload = match checked {
                 // Its free-form properties go when it is due and decided
                 // again (`will::publish`).
-                Ok((payload, _)) => {
-                    let registration = self.shared.creds.load().registration(&self.who);
-                    self.will = Some(
-                        Will::new(w, &topic, payload, session_expiry).registered_as(registration),
-                    );
-                }
+                Ok((payload, _)) => payload,
                 Err(deny) if will::decided_when_due(deny) => {
                     // Not collectable now, perhaps by the time it is due.
                     tracing::debug!(session = self.id, reason = deny, "will kept undecided");
-                    let payload = w.message.clone();
-                    let registration = self.shared.creds.load().registration(&self.who);
-                    self.will = Some(
-                        Will::new(w, &topic, payload, session_expiry).registered_as(registration),
-                    );
+                    w.message.clone()
                 }
                 Err(deny) => {
                     tracing::info!(session = self.id, reason = deny, "will message refused");
@@ -774,7 +765,10 @@ impl Session {
                     .await?;
                     return Ok(Opened::Refused);
                 }
-            }
+            };
+            let registration = self.shared.creds.load().registration(&self.who);
+            self.will =
+                Some(Will::new(w, &topic, payload, session_expiry).registered_as(registration));
         }
 
         let mut assigned = None;
@@ -894,8 +888,8 @@ impl Session {
     fn filters_at_broker(&self, filters: Vec<String>) -> Vec<String> {
         let namespace = self.namespace();
         filters
-            .iter()
-            .map(|f| client_ids::filter_at_broker(&namespace, f))
+            .into_iter()
+            .map(|f| client_ids::filter_at_broker(&namespace, &f))
             .collect()
     }
 

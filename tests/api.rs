@@ -1714,21 +1714,9 @@ async fn a_removed_device_is_disconnected_locked_out_and_stays_removed() {
     assert_eq!(s, 204, "{p}");
 
     // The open connection is closed as an administrative action ...
-    match watch.next().await {
-        v5::Packet::Disconnect(d) => assert_eq!(
-            d.reason_code,
-            rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction
-        ),
-        other => panic!("expected DISCONNECT, got {other:?}"),
-    }
+    closed_by_administrative_action(&mut watch).await;
     // ... its password no longer lets it in ...
-    let again = || {
-        v5::connect_with(v5::options(
-            server.mqtt,
-            "watch-again",
-            Some(("alice-watch", "alice-watch-secret")),
-        ))
-    };
+    let again = || alice_watch_connects_again(&server);
     assert!(again().await.is_err(), "a removed device connected");
     let (s, list) = http(&server, "GET", "/v1/me/devices", Some(&t), None);
     assert_eq!((s, list), (200, json!({"devices": []})));
@@ -1807,20 +1795,8 @@ async fn the_operator_removes_a_device_and_its_user_is_told() {
 
     // The open connection is closed as an administrative action, and the
     // password no longer lets it in, also after a reload of the file.
-    match watch.next().await {
-        v5::Packet::Disconnect(d) => assert_eq!(
-            d.reason_code,
-            rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction
-        ),
-        other => panic!("expected DISCONNECT, got {other:?}"),
-    }
-    let again = || {
-        v5::connect_with(v5::options(
-            server.mqtt,
-            "watch-again",
-            Some(("alice-watch", "alice-watch-secret")),
-        ))
-    };
+    closed_by_administrative_action(&mut watch).await;
+    let again = || alice_watch_connects_again(&server);
     assert!(again().await.is_err(), "a removed device connected");
     server.reload(common::DEMO_DIRECTORY);
     assert!(again().await.is_err(), "the directory brought it back");
@@ -1874,19 +1850,12 @@ async fn the_operator_removes_a_device_and_its_user_is_told() {
 /// does not read two ways on one account.
 #[tokio::test]
 async fn times_about_a_user_are_in_their_zone() {
-    use chrono::{DateTime, Offset, TimeZone};
     let key = format!("op-{}", uuid::Uuid::new_v4());
     let server = common::Server::start(common::Setup {
         env: vec![("CONSENTRY_OPERATOR_KEY".into(), key.clone())],
         ..Default::default()
     });
-    let paris: chrono_tz::Tz = "Europe/Paris".parse().unwrap();
-    let in_paris = |t: &Value| {
-        let text = t.as_str().unwrap_or_else(|| panic!("not a time: {t}"));
-        let at = DateTime::parse_from_rfc3339(text).expect("RFC 3339");
-        let expected = paris.offset_from_utc_datetime(&at.naive_utc()).fix();
-        assert_eq!(*at.offset(), expected, "{text} is not Paris time");
-    };
+    let in_paris = common::assert_paris_time;
     let t = common::demo_alice_token(&server);
     let (s, changed) = http(
         &server,
@@ -1932,6 +1901,27 @@ async fn times_about_a_user_are_in_their_zone() {
     let events = events.as_array().expect("a list");
     assert!(!events.is_empty());
     events.iter().for_each(|e| in_paris(&e["at"]));
+}
+
+/// The removed device's open connection ends with DISCONNECT 0x98.
+async fn closed_by_administrative_action(client: &mut common::v5::Client) {
+    match client.next().await {
+        common::v5::Packet::Disconnect(d) => assert_eq!(
+            d.reason_code,
+            rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction
+        ),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+}
+
+/// Whether the demo's `alice-watch` password still lets it in.
+async fn alice_watch_connects_again(server: &common::Server) -> Result<common::v5::Client, String> {
+    common::v5::connect_with(common::v5::options(
+        server.mqtt,
+        "watch-again",
+        Some(("alice-watch", "alice-watch-secret")),
+    ))
+    .await
 }
 
 /// Waits, if need be, until the current TOTP step has at least 10 s left, so

@@ -219,7 +219,7 @@ async fn history_export_and_disputes() {
     assert_eq!(s, 201, "{d}");
     let d = json_of(&d);
     assert_eq!(d["state"], "open");
-    in_paris(&d["created_at"]);
+    common::assert_paris_time(&d["created_at"]);
     let notice = fit.next_publish().await;
     assert_eq!(notice.topic, &b"consentry/notices/fitcoach"[..]);
     let notice: Value = serde_json::from_slice(&notice.payload).unwrap();
@@ -255,8 +255,8 @@ async fn history_export_and_disputes() {
     let (_, mine) = http(&server, "GET", "/v1/me/disputes", Some(&t), None);
     assert_eq!(json_of(&mine)[0]["state"], "upheld");
     // In the user's zone, as the history that shows the record.
-    in_paris(&json_of(&mine)[0]["created_at"]);
-    in_paris(&json_of(&mine)[0]["resolved_at"]);
+    common::assert_paris_time(&json_of(&mine)[0]["created_at"]);
+    common::assert_paris_time(&json_of(&mine)[0]["resolved_at"]);
     assert_eq!(
         json_of(&mine)[0]["resolution"],
         "fitcoach deleted the record"
@@ -807,14 +807,4 @@ async fn receipt_keys_rotate_and_old_receipts_still_verify() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-/// Asserts that `t` is an RFC 3339 time with the offset Paris had then.
-fn in_paris(t: &Value) {
-    use chrono::{Offset, TimeZone};
-    let text = t.as_str().unwrap_or_else(|| panic!("not a time: {t}"));
-    let at = chrono::DateTime::parse_from_rfc3339(text).expect("RFC 3339");
-    let paris: chrono_tz::Tz = "Europe/Paris".parse().unwrap();
-    let expected = paris.offset_from_utc_datetime(&at.naive_utc()).fix();
-    assert_eq!(*at.offset(), expected, "{text} is not Paris time");
 }

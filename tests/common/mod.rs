@@ -834,3 +834,14 @@ pub mod v5 {
         }
     }
 }
+
+/// Asserts that `t` is an RFC 3339 time with the offset Paris had at that
+/// moment (the demo's alice and the test users live there).
+pub fn assert_paris_time(t: &serde_json::Value) {
+    use chrono::{Offset, TimeZone};
+    let text = t.as_str().unwrap_or_else(|| panic!("not a time: {t}"));
+    let at = chrono::DateTime::parse_from_rfc3339(text).expect("RFC 3339");
+    let paris: chrono_tz::Tz = "Europe/Paris".parse().unwrap();
+    let expected = paris.offset_from_utc_datetime(&at.naive_utc()).fix();
+    assert_eq!(*at.offset(), expected, "{text} is not Paris time");
+}
