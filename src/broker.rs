@@ -18,17 +18,17 @@ use anyhow::Context;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio_rustls::{rustls, TlsConnector};
 
-use bytes::BytesMut;
 use rand::distributions::{Alphanumeric, DistString};
 use rumqttc::v5::mqttbytes::v5::{ConnAck, Connect, Login};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
 use tokio::net::TcpStream;
 
-use crate::broker_link::{Linker, Pipe};
+use crate::broker_link::Linker;
 use crate::codec::{Packet, Version};
 use crate::config::{Config as ConsentryConfig, EmbeddedTransport};
+use crate::upstream_conn::{Conn, Inbox, DISCONNECT_LINGER};
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
@@ -117,11 +117,8 @@ impl Upstream {
         }
     }
 
-    /// Opens a connection to the broker for a session speaking `v`.
-    pub async fn open(&self, v: Version) -> std::io::Result<Conn> {
-        if let Some(link) = &self.link {
-            return Ok(Conn::Link(link.connect(v)));
-        }
+    /// Opens a socket to the broker for a session speaking `v`.
+    async fn open(&self, v: Version) -> std::io::Result<Conn> {
         let addr = self.addr(v);
         let up = TcpStream::connect(addr)
             .await
@@ -154,24 +151,28 @@ impl Upstream {
         &self,
         v: Version,
         connect: Connect,
-    ) -> std::io::Result<(Conn, BytesMut, ConnAck)> {
-        let codec = |e: crate::codec::CodecError| std::io::Error::other(e.to_string());
+    ) -> std::io::Result<(Conn, Inbox, ConnAck)> {
+        if let Some(link) = &self.link {
+            let (local, ack) = link.dial(v, &connect).await?;
+            return Ok((Conn::Local(local), Inbox::default(), ack));
+        }
         let mut up = self.open(v).await?;
-        let mut out = BytesMut::new();
-        v.write(&Packet::Connect(connect, None, self.login()), &mut out)
-            .map_err(codec)?;
-        up.write_all(&out).await?;
-        let mut buf = BytesMut::with_capacity(256);
+        up.send_one(v, &Packet::Connect(connect, None, self.login()))
+            .await?;
+        let mut inbox = Inbox::default();
         let answer = loop {
-            if let Some(p) = v.read(&mut buf, usize::MAX >> 4).map_err(codec)? {
+            if let Some(p) = inbox
+                .next(v)
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+            {
                 break p;
             }
-            if up.read_buf(&mut buf).await? == 0 {
+            if up.receive(&mut inbox).await? == 0 {
                 return Err(std::io::Error::other("closed during CONNECT"));
             }
         };
         match answer {
-            Packet::ConnAck(ack) => Ok((up, buf, ack)),
+            Packet::ConnAck(ack) => Ok((up, inbox, ack)),
             _ => Err(std::io::Error::other("expected CONNACK")),
         }
     }
@@ -197,68 +198,6 @@ impl Upstream {
         })
     }
 }
-
-/// A session's connection to the broker.
-#[derive(Debug)]
-pub enum Conn {
-    Tcp(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    Link(Pipe),
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Conn::Link(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Conn::Link(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Conn::Link(s) => std::pin::Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Conn::Link(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-/// How long a client of the broker waits, after its DISCONNECT, for the
-/// broker to close the connection before closing it itself.
-pub const DISCONNECT_LINGER: Duration = Duration::from_secs(2);
 
 /// A full MQTT login, so the broker's log shows no half-open probe.
 fn answers_connect(addr: SocketAddr, version: Version, user: &str, password: &str) -> bool {

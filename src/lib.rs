@@ -18,6 +18,8 @@
 //! | [`ledger`] | encrypted, hash-chained share history | history log (9.2.3), logging (9.1.3) |
 //! | [`broker`] | the embedded rumqttd, or an external upstream | data service provider's broker |
 //! | [`broker_link`] | sessions' in-memory connections to the embedded rumqttd | — |
+//! | [`link_packets`] | packets between sessions' model and rumqttd's router | — |
+//! | [`upstream_conn`] | a session's broker connection, bytes or packets | — |
 //! | [`server`] | listeners, wiring, reload, shutdown | — |
 //! | [`config`] | `config/consentry.toml` | — |
 //! | [`admin`] | operator commands: ledger verify/show, key rotation | history log access (9.2.3) |
@@ -39,6 +41,7 @@ pub mod codec;
 pub mod config;
 pub mod grant_rules;
 pub mod ledger;
+pub mod link_packets;
 pub mod logging;
 pub mod mask;
 pub mod metrics;
@@ -54,4 +57,5 @@ pub mod session;
 pub mod short_eq;
 pub mod store;
 pub mod topic;
+pub mod upstream_conn;
 pub mod will;

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use crate::act::{ActHandle, Delivery, Deny, Ingress, Principal, View};
 use crate::auth::SharedCredentials;
 use crate::backpressure::{Backpressure, Held, Lag};
-use crate::broker::{Conn, Upstream};
+use crate::broker::Upstream;
 use crate::client_ids::{self, Claim, ClientIds};
 use crate::codec::{CodecError, Packet, Version};
 use crate::config::ServerConfig;
@@ -46,6 +46,7 @@ use crate::model::Undeclared;
 use crate::own_flow::{Answer, OwnFlow};
 use crate::password_work::{PasswordWork, WorkError};
 use crate::topic::{self, TopicName};
+use crate::upstream_conn::{Conn, Inbox, Outbox, READ_CHUNK};
 use crate::will::{self, Will};
 
 /// Topic aliases a client may set up with us (MQTT 5). They never reach the
@@ -58,17 +59,10 @@ const UPSTREAM_KEEP_ALIVE: u16 = 60;
 /// Deliveries waiting for their ledger records before a session stops
 /// reading from the broker (backpressure: the broker holds the rest).
 const MAX_PENDING_CHUNKS: usize = 64;
-/// Bytes read from the broker at a time.
-const READ_CHUNK: usize = 64 * 1024;
 /// How often a held publisher looks whether its subscribers caught up.
 const HOLD_POLL: Duration = Duration::from_millis(2);
 /// A client's read buffer; grown for large packets and given back after.
 const CLIENT_BUF: usize = 1024;
-/// Reads from the broker shorter than this are acknowledged at once (see
-/// [`ack_at_once`]). A flood arrives in full segments, which Nagle does not
-/// hold, and there the extra ACKs and system calls cost throughput
-/// (bench/README.md, fourth session).
-const QUICKACK_BELOW: usize = 16 * 1024;
 /// In a graceful stop, a session ends once the broker has sent it nothing
 /// for this long: what devices published before the stop has reached it.
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
@@ -99,72 +93,6 @@ impl Delivered {
     fn total(&self) -> u64 {
         self.plain + self.consented + self.masked
     }
-}
-
-/// Asks the kernel to acknowledge what was just read without delay.
-///
-/// rumqttd does not set TCP_NODELAY on its connections (nor does Mosquitto
-/// by default), so a delivery it writes while an earlier one is still
-/// unacknowledged waits in its Nagle buffer for our ACK, which Linux delays
-/// by up to 40 ms when we have nothing to send back, as with QoS 0. That
-/// wait was most of consentry's QoS 0 latency at moderate rates (measured
-/// in bench/README.md, fourth session). Linux drops out of quick-ACK mode
-/// by itself, so it is asked again after every read.
-#[cfg(target_os = "linux")]
-fn ack_at_once(up: &Conn) {
-    let up = match up {
-        Conn::Tcp(s) => s,
-        Conn::Tls(s) => s.get_ref().0,
-        Conn::Link(_) => return,
-    };
-    if let Err(e) = socket2::SockRef::from(up).set_tcp_quickack(true) {
-        tracing::debug!(error = %e, "TCP_QUICKACK not set");
-    }
-}
-
-/// Other systems have no TCP_QUICKACK; their delayed ACKs stay.
-#[cfg(not(target_os = "linux"))]
-fn ack_at_once(_up: &Conn) {}
-
-/// Keeps a broker connection we sent DISCONNECT on open until the broker
-/// closes it, for at most [`crate::broker::DISCONNECT_LINGER`].
-///
-/// rumqttd 0.20 takes a DISCONNECT followed by the client's close as two
-/// disconnections. By the time the second one reaches its router, the
-/// connection id may belong to a new connection, which it then ends; a
-/// session whose broker connection ends that way ends too. When the broker
-/// closes first there is no second one. Other brokers close on DISCONNECT
-/// as well (MQTT 3.1.1 3.14.4, MQTT 5 3.14.4), so they lose nothing by it.
-async fn linger(mut up: Conn) {
-    let mut sink = [0u8; 512];
-    let _ = tokio::time::timeout(crate::broker::DISCONNECT_LINGER, async {
-        while matches!(up.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
-    .await;
-}
-
-/// Ends a broker connection with a normal DISCONNECT, then lets the broker
-/// close first.
-pub(crate) async fn say_goodbye(mut up: Conn, version: Version) -> std::io::Result<()> {
-    let mut bye = BytesMut::new();
-    let disconnect = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
-    version
-        .write(&Packet::Disconnect(disconnect), &mut bye)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    up.write_all(&bye).await?;
-    linger(up).await;
-    Ok(())
-}
-
-/// Closes the broker connection of a session that ended without the
-/// client's DISCONNECT: the broker sees the connection end, as if the
-/// socket had been dropped. Half-closing and
-/// reading until the broker closes, rather than dropping it, spares a reset
-/// when the broker had sent more than the session read (a cut-off slow
-/// consumer's backlog, say), which rumqttd would log as an error.
-async fn hang_up(mut up: Conn) {
-    let _ = up.shutdown().await;
-    linger(up).await;
 }
 
 /// Waits until the chunk's records are durable. Cancel-safe: a record is
@@ -389,7 +317,7 @@ pub async fn serve<S>(
         subs: Vec::new(),
         // Grown on first use: an idle device should cost little.
         to_client: BytesMut::new(),
-        to_broker: BytesMut::new(),
+        to_broker: Outbox::new(version, shared.upstream.link.is_some()),
         durables: Vec::new(),
         delivered: Delivered::default(),
         pseudonym_key: None,
@@ -408,7 +336,7 @@ pub async fn serve<S>(
         will: None,
     };
     let upstream = match session.open_upstream(&mut client, connect, will).await {
-        Ok(Opened::Session(up)) => up,
+        Ok(Opened::Session(up)) => *up,
         Ok(Opened::Refused) => {
             metrics::counter!(m::CONNECTIONS, "role" => role, "result" => "refused").increment(1);
             return;
@@ -432,7 +360,7 @@ pub async fn serve<S>(
         .run(&mut client, &mut up, buf, up_buf, keep_alive, &mut shutdown)
         .await;
     if let Some(u) = up.take() {
-        tokio::spawn(hang_up(u));
+        tokio::spawn(u.hang_up());
     }
     // Still here: the session ended without a DISCONNECT that drops it.
     if let (Some(w), Some(claim)) = (session.will.take(), session.claim.take()) {
@@ -456,7 +384,7 @@ pub async fn serve<S>(
 
 /// How a CONNECT ended: a session, or a failing CONNACK already sent.
 enum Opened {
-    Session((Option<Conn>, BytesMut, Option<Duration>)),
+    Session(Box<(Option<Conn>, Inbox, Option<Duration>)>),
     /// consentry or the broker refused the client.
     Refused,
     /// The broker could not be reached or refused consentry itself.
@@ -627,7 +555,7 @@ struct Session {
     /// a delivery to the subscription's QoS, so the session does.
     subs: Vec<(String, QoS)>,
     to_client: BytesMut,
-    to_broker: BytesMut,
+    to_broker: Outbox,
     durables: Vec<crate::ledger::Durable>,
     /// Publishes written to the client in the current batch.
     delivered: Delivered,
@@ -834,7 +762,11 @@ impl Session {
                 version = self.version.as_str(),
                 "session open, broker connection deferred"
             );
-            return Ok(Opened::Session((None, BytesMut::new(), keep_alive)));
+            return Ok(Opened::Session(Box::new((
+                None,
+                Inbox::default(),
+                keep_alive,
+            ))));
         }
 
         // The client passed consentry's checks; a broker that cannot be
@@ -871,7 +803,7 @@ impl Session {
         );
         // `buf` may already hold what the broker sent right after CONNACK:
         // a persistent session's queued messages.
-        Ok(Opened::Session((Some(up), buf, keep_alive)))
+        Ok(Opened::Session(Box::new((Some(up), buf, keep_alive))))
     }
 
     /// This session's identity in the names it uses at the broker: client
@@ -919,7 +851,7 @@ impl Session {
     /// (stopped, wedged, unreachable behind a firewall that drops packets)
     /// counts as one that cannot be reached: the session would otherwise
     /// wait for it for good, reading nothing from its client meanwhile.
-    async fn dial(&self, connect: v5::Connect) -> Result<(Conn, BytesMut, ConnAck), End> {
+    async fn dial(&self, connect: v5::Connect) -> Result<(Conn, Inbox, ConnAck), End> {
         let dial = self.shared.upstream.dial(self.version, connect);
         if self.shared.upstream.embedded {
             // In the same process: it answers unless it is gone.
@@ -938,7 +870,7 @@ impl Session {
     /// Opens the deferred broker connection of a lazy session. The client
     /// was told CONNACK already; a broker that refuses now ends the session,
     /// and what the client sent is not acknowledged, so nothing is lost.
-    async fn go_up(&mut self, up_buf: &mut BytesMut) -> Result<Conn, End> {
+    async fn go_up(&mut self, up_buf: &mut Inbox) -> Result<Conn, End> {
         let Some(connect) = self.lazy.clone() else {
             return Err(End::Upstream("no broker connection".into()));
         };
@@ -949,7 +881,7 @@ impl Session {
                 ack.code
             )));
         }
-        up_buf.extend_from_slice(&buf);
+        *up_buf = buf;
         self.set_up_open(true);
         tracing::debug!(session = self.id, "broker connection opened");
         Ok(up)
@@ -969,7 +901,7 @@ impl Session {
 
     /// Whether a lazy session's broker connection carries nothing that
     /// would be lost by closing it.
-    fn up_idle(&self, pending: &VecDeque<Chunk>, up_buf: &BytesMut) -> bool {
+    fn up_idle(&self, pending: &VecDeque<Chunk>, up_buf: &Inbox) -> bool {
         self.lazy.is_some()
             && self.up_open
             && self.subs.is_empty()
@@ -991,7 +923,7 @@ impl Session {
         client: &mut S,
         up: &mut Option<Conn>,
         client_buf: BytesMut,
-        up_buf: BytesMut,
+        up_buf: Inbox,
         keep_alive: Option<Duration>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), End> {
@@ -1026,7 +958,7 @@ impl Session {
         client: &mut S,
         up: &mut Option<Conn>,
         mut client_buf: BytesMut,
-        mut up_buf: BytesMut,
+        mut up_buf: Inbox,
         keep_alive: Option<Duration>,
         shutdown: &mut watch::Receiver<bool>,
         pending: &mut VecDeque<Chunk>,
@@ -1073,7 +1005,7 @@ impl Session {
                     self.flush_broker(up, &mut up_buf).await?;
                     // The client's DISCONNECT went up with the rest.
                     if let Some(u) = up.take() {
-                        tokio::spawn(linger(u));
+                        tokio::spawn(u.linger());
                     }
                     return self.drain(client, pending).await;
                 }
@@ -1120,9 +1052,6 @@ impl Session {
             .into_iter()
             .flatten()
             .min();
-            if room && up_buf.capacity() - up_buf.len() < READ_CHUNK {
-                up_buf.reserve(READ_CHUNK);
-            }
             // The read size follows the client: it doubles while reads fill
             // it, and an idle client's buffer goes back to the small size.
             if client_buf.is_empty() && client_read > CLIENT_BUF && client_quiet {
@@ -1150,7 +1079,7 @@ impl Session {
                     client_quiet = n < CLIENT_BUF;
                     last_client = Instant::now();
                 }
-                n = async { match up.as_mut() { Some(u) => u.read_buf(&mut up_buf).await, None => std::future::pending().await } }, if room => {
+                n = async { match up.as_mut() { Some(u) => u.receive(&mut up_buf).await, None => std::future::pending().await } }, if room => {
                     let n = n?;
                     if n == 0 {
                         // A newer connection with this client id makes the
@@ -1161,11 +1090,6 @@ impl Session {
                             return Err(End::TakenOver);
                         }
                         return Err(End::Upstream("broker closed the connection".into()));
-                    }
-                    if n < QUICKACK_BELOW {
-                        if let Some(u) = up.as_ref() {
-                            ack_at_once(u);
-                        }
                     }
                     let read_at = Instant::now();
                     last_from_broker = read_at;
@@ -1190,7 +1114,7 @@ impl Session {
                     if idle && last_busy.elapsed() >= up_idle {
                         self.go_down(up, &mut up_buf).await;
                     } else if up.is_some() && last_up_write.elapsed() >= ping_every {
-                        self.version.write(&Packet::PingReq(v5::PingReq), &mut self.to_broker)?;
+                        self.to_broker.push(&Packet::PingReq(v5::PingReq))?;
                         last_up_write = Instant::now();
                     }
                 }
@@ -1245,14 +1169,14 @@ impl Session {
 
     /// Closes a lazy session's idle broker connection; the next thing to
     /// send opens a new one.
-    async fn go_down(&mut self, up: &mut Option<Conn>, up_buf: &mut BytesMut) {
+    async fn go_down(&mut self, up: &mut Option<Conn>, up_buf: &mut Inbox) {
         if let Some(s) = up.take() {
             let version = self.version;
             tokio::spawn(async move {
-                let _ = say_goodbye(s, version).await;
+                let _ = s.say_goodbye(version).await;
             });
         }
-        *up_buf = BytesMut::new();
+        *up_buf = Inbox::default();
         self.set_up_open(false);
         tracing::debug!(session = self.id, "idle broker connection closed");
     }
@@ -1262,9 +1186,9 @@ impl Session {
     ///
     /// Stops early, leaving bytes in `buf`, while the client's window for
     /// our own QoS flow is full.
-    fn on_broker_bytes(&mut self, buf: &mut BytesMut) -> Result<bool, End> {
+    fn on_broker_bytes(&mut self, buf: &mut Inbox) -> Result<bool, End> {
         while self.own_room() {
-            let Some(p) = self.version.read(buf, usize::MAX >> 4)? else {
+            let Some(p) = buf.next(self.version)? else {
                 break;
             };
             if !self.on_broker_packet(p)? {
@@ -1335,11 +1259,7 @@ impl Session {
         Ok(())
     }
 
-    async fn flush_broker(
-        &mut self,
-        up: &mut Option<Conn>,
-        up_buf: &mut BytesMut,
-    ) -> Result<(), End> {
+    async fn flush_broker(&mut self, up: &mut Option<Conn>, up_buf: &mut Inbox) -> Result<(), End> {
         if self.to_broker.is_empty() {
             return Ok(());
         }
@@ -1361,13 +1281,7 @@ impl Session {
                 }
             }
         };
-        stream.write_all(&self.to_broker).await?;
-        self.to_broker.clear();
-        // A burst (a large packet, a long run of acks) should not stay
-        // allocated for the rest of the session.
-        if self.to_broker.capacity() > 4 * READ_CHUNK {
-            self.to_broker = BytesMut::new();
-        }
+        stream.send(&mut self.to_broker).await?;
         Ok(())
     }
 
@@ -1394,7 +1308,7 @@ impl Session {
     }
 
     fn send_broker(&mut self, p: &Packet) -> Result<(), End> {
-        Ok(self.version.write(p, &mut self.to_broker)?)
+        Ok(self.to_broker.push(p)?)
     }
 
     /// Collection check plus data minimization. Returns the payload to
@@ -1900,7 +1814,7 @@ impl Session {
         }
         while queue.front().is_some_and(|(_, a)| a.is_some()) {
             if let Some((_, Some(ack))) = queue.pop_front() {
-                self.version.write(&ack, &mut self.to_broker)?;
+                self.to_broker.push(&ack)?;
             }
         }
         Ok(())

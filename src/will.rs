@@ -20,21 +20,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, LastWill, PubRel, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tokio::sync::Semaphore;
 
 use crate::act::{Deny, Principal};
-use crate::broker::Conn;
 use crate::client_ids::{Claim, Ticket};
 use crate::codec::{Packet, Version};
 use crate::metrics as m;
-use crate::session::{
-    decide_ingress, puback_failed, pubrec_failed, say_goodbye, strip_free_properties, Shared,
-};
+use crate::session::{decide_ingress, puback_failed, pubrec_failed, strip_free_properties, Shared};
 use crate::topic::TopicName;
+use crate::upstream_conn::{Conn, Inbox};
 
 /// How long one try at publishing a due will may take, from dialling the
 /// broker to its last acknowledgement.
@@ -365,7 +363,7 @@ async fn send(
     };
     // Awaited in the turn until the broker closes: the next will of this
     // client id must not take over a connection still in use.
-    say_goodbye(up, version).await?;
+    up.say_goodbye(version).await?;
     Ok(match refused {
         None => Sent::Taken,
         Some(reason) => Sent::Refused(reason),
@@ -381,30 +379,26 @@ enum Sent {
 }
 
 async fn write(up: &mut Conn, version: Version, p: &Packet) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    version
-        .write(p, &mut out)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    up.write_all(&out).await
+    up.send_one(version, p).await
 }
 
 /// Reads until the broker sends the packet `wanted` looks for.
 async fn answer(
     up: &mut Conn,
-    buf: &mut BytesMut,
+    inbox: &mut Inbox,
     version: Version,
     wanted: impl Fn(&Packet) -> bool,
 ) -> std::io::Result<Packet> {
     loop {
-        while let Some(p) = version
-            .read(buf, usize::MAX >> 4)
+        while let Some(p) = inbox
+            .next(version)
             .map_err(|e| std::io::Error::other(e.to_string()))?
         {
             if wanted(&p) {
                 return Ok(p);
             }
         }
-        if up.read_buf(buf).await? == 0 {
+        if up.receive(inbox).await? == 0 {
             return Err(std::io::Error::other("broker closed before acknowledging"));
         }
     }
