@@ -27,7 +27,7 @@ use crate::prefs::{self, PrefError, PreferenceManager, ReceiptIssuer};
 use crate::receipt::{Issuer, ReceiptKeys};
 use crate::secrets;
 use crate::session::{self, Shared};
-use crate::store::Store;
+use crate::store::{ConsentMark, Store};
 use axum::serve::ListenerExt;
 
 use crate::api::bounded::{Bounded, Idle};
@@ -185,6 +185,31 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
             path.display()
         )
     })
+}
+
+/// Refuses a store with fewer consent changes than consentry committed
+/// (see [`ConsentMark`]), and has the store raise the mark from now on.
+fn check_consent_mark(store: &Store, data: &Path) -> anyhow::Result<()> {
+    let (mark, marked) = ConsentMark::open(data)?;
+    let held = store.last_consent_seq()?;
+    if let Some(marked) = marked.filter(|m| held < *m) {
+        anyhow::bail!(
+            "the store {} holds consent changes up to #{held}, but consentry committed up to \
+             #{marked} ({}): the store was copied back from an older backup without the rest \
+             of the data directory. Started on, it would put back in force what users changed \
+             since, grants they withdrew among them. Restore the whole data directory from one \
+             backup (README, \"Backups\"); to start on the older store anyway, delete {} and tell \
+             the users whose consents went back",
+            data.join("consentry.db").display(),
+            mark.path().display(),
+            mark.path().display(),
+        );
+    }
+    // A first start, or the first of a version that keeps the mark.
+    mark.raise(held)
+        .with_context(|| format!("write {}", mark.path().display()))?;
+    store.keep_consent_mark(mark);
+    Ok(())
 }
 
 /// The store holds user ids and device password hashes. SQLite creates a
@@ -406,6 +431,7 @@ impl Server {
                 ledger.durable_seq(),
             );
         }
+        check_consent_mark(&store, data)?;
         let directory = config.load_directory()?;
         if let Some(warning) = demo_secrets(&directory) {
             tracing::warn!("{warning}");

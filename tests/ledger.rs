@@ -382,6 +382,57 @@ async fn a_lost_store_beside_a_ledger_with_records_stops_the_start() {
     }
 }
 
+/// The bug this guards: a store copied back alone from an older backup
+/// started as if current, and a grant alice withdrew after the backup was
+/// in force again, with no warning. Such a store now stops the start, until
+/// the operator deletes the consent mark on purpose.
+#[tokio::test]
+async fn a_store_copied_back_from_an_older_backup_stops_the_start() {
+    let mut server = Server::demo();
+    server.stop();
+    let db_files = ["consentry.db", "consentry.db-wal", "consentry.db-shm"];
+    let backup = server.data_dir().join("store-backup");
+    std::fs::create_dir(&backup).unwrap();
+    for f in db_files {
+        let _ = std::fs::copy(server.data_dir().join(f), backup.join(f));
+    }
+    server.restart();
+    let t = common::demo_alice_token(&server);
+    let (s, body) = common::http(
+        &server,
+        "DELETE",
+        "/v1/me/preferences/share/fitcoach/heart_rate",
+        Some(&t),
+        &[],
+        None,
+    );
+    assert_eq!(s, 200, "{body}");
+    server.stop();
+    for f in db_files {
+        let _ = std::fs::remove_file(server.data_dir().join(f));
+        let _ = std::fs::copy(backup.join(f), server.data_dir().join(f));
+    }
+    for _ in 0..2 {
+        let log = server.restart_refused();
+        assert!(
+            log.contains("copied back from an older backup") && log.contains("consent-mark"),
+            "{log}"
+        );
+    }
+    // The operator accepts the older store on purpose: alice's withdrawn
+    // grant is back, as the error said it would be.
+    std::fs::remove_file(server.data_dir().join("consent-mark")).unwrap();
+    server.restart();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice.publish_acked(HR, br#"{"bpm":72}"#).await;
+    assert_eq!(fit.next_publish().await.topic, HR.as_bytes());
+    // And the mark follows the restored store from there.
+    server.stop();
+    server.restart();
+}
+
 /// Fails the ledger's next write for real: the kernel refuses to grow any
 /// file of the process (RLIMIT_FSIZE, which consentry meets with EFBIG, as
 /// it would a full disk, since it ignores SIGXFSZ).

@@ -13,6 +13,7 @@
 
 mod account_events;
 mod cipher;
+mod consent_mark;
 mod consented_kinds;
 mod recovery_codes;
 mod totp_enrol;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use cipher::Cipher;
+pub use consent_mark::ConsentMark;
 
 use crate::model::{Device, Directory, Kind, Preferences, Provider, User};
 
@@ -182,6 +184,8 @@ pub struct StoredReceipt {
 pub struct Store {
     conn: Mutex<Connection>,
     cipher: Cipher,
+    /// Raised after each commit that changed a user's preferences.
+    consent_mark: std::sync::OnceLock<ConsentMark>,
 }
 
 impl Store {
@@ -204,6 +208,7 @@ impl Store {
         let store = Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
+            consent_mark: Default::default(),
         };
         store.seal_dispute_parties()?;
         store.backfill_consented_kinds()?;
@@ -256,6 +261,7 @@ impl Store {
         let store = Store {
             conn: Mutex::new(conn),
             cipher: Cipher::new(1, key),
+            consent_mark: Default::default(),
         };
         store.backfill_consented_kinds()?;
         Ok(store)
@@ -277,13 +283,44 @@ impl Store {
     ) -> Result<T, E> {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let tx = conn.transaction().map_err(StoreError::from)?;
-        let out = f(&Tx {
+        let t = Tx {
             tx: &tx,
             cipher: &self.cipher,
             consented_kinds: Default::default(),
-        })?;
+            consent_changed: Default::default(),
+        };
+        let out = f(&t)?;
+        let consent_changed = t.consent_changed.get();
         tx.commit().map_err(StoreError::from)?;
+        if consent_changed {
+            // Still under the connection's lock: marks follow commits in order.
+            if let Some(mark) = self.consent_mark.get() {
+                let raised = last_consent_seq(&conn)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|seq| mark.raise(seq));
+                if let Err(e) = raised {
+                    // The change is committed and in force; what is lost is
+                    // only the means to notice a restore of an older store.
+                    tracing::error!(
+                        mark = %mark.path().display(),
+                        error = %e,
+                        "consent mark not raised"
+                    );
+                }
+            }
+        }
         Ok(out)
+    }
+
+    /// From now on, every commit that changes a user's preferences raises
+    /// `mark` (see [`ConsentMark`]).
+    pub fn keep_consent_mark(&self, mark: ConsentMark) {
+        let _ = self.consent_mark.set(mark);
+    }
+
+    /// The sequence number of the last consent change committed; 0 if none.
+    pub fn last_consent_seq(&self) -> Result<u64, StoreError> {
+        self.with(|c, _| last_consent_seq(c))
     }
 
     /// Everything the ACT and the credentials are compiled from.
@@ -823,6 +860,8 @@ pub struct Tx<'a> {
     /// Kinds this transaction noted as consented to already: an import of
     /// many users notes each kind once.
     consented_kinds: std::cell::RefCell<HashSet<String>>,
+    /// Whether it changed a user's preferences.
+    consent_changed: std::cell::Cell<bool>,
 }
 
 impl Tx<'_> {
@@ -1099,6 +1138,7 @@ impl Tx<'_> {
             [],
             |r| r.get(0),
         )?;
+        self.consent_changed.set(true);
         self.tx.execute(
             "INSERT INTO consent_history (seq, user_id, version, at, source, doc, receipt_jti) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -1134,6 +1174,15 @@ impl Tx<'_> {
             .optional()?
             .is_some())
     }
+}
+
+fn last_consent_seq(c: &Connection) -> Result<u64, StoreError> {
+    let seq: i64 = c.query_row(
+        "SELECT COALESCE(MAX(seq), 0) FROM consent_history",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(seq as u64)
 }
 
 #[cfg(test)]
@@ -1189,6 +1238,43 @@ mod tests {
             s.transaction(|tx| tx.put_user(&user("alice"), None, true)),
             Err(StoreError::Exists { .. })
         ));
+    }
+
+    /// Only a commit that changed preferences raises the mark, to the
+    /// store's last consent change; a rolled-back one does not.
+    #[test]
+    fn consent_changes_raise_the_mark_after_their_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::in_memory(&[1; 32]).unwrap();
+        let (mark, _) = ConsentMark::open(dir.path()).unwrap();
+        s.keep_consent_mark(mark);
+        let marked = || ConsentMark::open(dir.path()).unwrap().1;
+        s.transaction(|tx| tx.put_user(&user("alice"), None, true))
+            .unwrap();
+        assert_eq!(marked(), None);
+        let p = |version| Preferences {
+            user: "alice".into(),
+            version,
+            collect: vec![],
+            share: vec![],
+            receipt: None,
+        };
+        s.transaction(|tx| tx.replace_preferences(p(0), Some(0), "api", None))
+            .unwrap();
+        assert_eq!(marked(), Some(1));
+        let failed: Result<(), StoreError> = s.transaction(|tx| {
+            tx.replace_preferences(p(1), Some(1), "api", None)?;
+            Err(StoreError::Conflict {
+                current: 0,
+                expected: 0,
+            })
+        });
+        assert!(failed.is_err());
+        assert_eq!(marked(), Some(1));
+        assert_eq!(s.last_consent_seq().unwrap(), 1);
+        s.transaction(|tx| tx.replace_preferences(p(1), Some(1), "api", None))
+            .unwrap();
+        assert_eq!((marked(), s.last_consent_seq().unwrap()), (Some(2), 2));
     }
 
     #[test]
