@@ -1830,6 +1830,9 @@ impl Session {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return self.drop_delivery(&publish, "invalid_topic");
         };
+        if !self.holds_filter_for(topic) {
+            return self.drop_delivery(&publish, "unsubscribed");
+        }
         let decision = act.deliver(&self.who, topic, now);
         self.shared
             .hot
@@ -1954,6 +1957,19 @@ impl Session {
             "delivery dropped"
         );
         self.ack_broker(publish.qos, publish.pkid)
+    }
+
+    /// Whether the client holds a filter `topic` matches. A session that is
+    /// not persistent knows every filter it holds, and what matches none is
+    /// not the client's to get, though rumqttd 0.20 sends it after some
+    /// UNSUBSCRIBEs (a `$share/…` filter's: it looks the subscription up
+    /// without the prefix). A persistent session may hold filters from
+    /// earlier connections that this one never saw.
+    fn holds_filter_for(&self, topic: &str) -> bool {
+        self.own.is_none()
+            || self.subs.iter().any(|(f, _)| {
+                topic::strip_shared(f).is_some_and(|f| topic::filter_matches(f, topic))
+            })
     }
 
     /// Writes a delivery at no more than the QoS its subscription granted.

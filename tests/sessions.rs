@@ -171,3 +171,37 @@ async fn clients_coming_and_going_are_not_dropped() {
         (4 * ROUNDS) as f64
     );
 }
+
+/// The bug this guards: rumqttd 0.20 does not remove a `$share/…`
+/// subscription on UNSUBSCRIBE, so a provider kept getting what it had
+/// unsubscribed from. A session that is not persistent knows its filters,
+/// and consentry drops what matches none of them.
+#[tokio::test]
+async fn an_unsubscribed_shared_filter_delivers_no_more() {
+    let server = Server::demo();
+    let hr = "pii/alice/alice-watch/heart_rate";
+    let shared = "$share/g/pii/+/+/heart_rate";
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe(shared, v5::QoS::AtLeastOnce).await;
+    fit.subscribe("public/marker", v5::QoS::AtMostOnce).await;
+    let mut watch = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    watch.publish_acked(hr, br#"{"bpm":70}"#).await;
+    assert_eq!(fit.next_publish().await.topic, hr.as_bytes());
+
+    fit.client.unsubscribe(shared).await.unwrap();
+    loop {
+        if let v5::Packet::UnsubAck(_) = fit.next().await {
+            break;
+        }
+    }
+    watch.publish_acked(hr, br#"{"bpm":71}"#).await;
+    watch.publish_acked("public/marker", b"m").await;
+    let got = fit.publishes_until("public/marker").await;
+    assert_eq!(got.len(), 1, "delivered after UNSUBSCRIBE: {got:?}");
+    let unsubscribed = [("result", "dropped"), ("reason", "unsubscribed")];
+    assert_eq!(
+        server.metric("consentry_deliveries_total", &unsubscribed),
+        1.0,
+        "rumqttd no longer sends it: the check may be unneeded"
+    );
+}
