@@ -408,4 +408,45 @@ mod tests {
     fn closing_right_after_disconnect_ends_later_connections() {
         assert!(fresh_connections_closed(50, false) > 0);
     }
+
+    /// A dial given up while the router opens its link (a will's send
+    /// timing out does that) must not leave the link's connection in the
+    /// router: nothing else would ever end it, and the router refuses
+    /// connections past `broker.max_connections`.
+    #[tokio::test]
+    async fn a_dial_given_up_leaves_no_connection_in_the_router() {
+        let toml = include_str!("../config/consentry.toml")
+            .replace("max_connections = 100000", "max_connections = 1");
+        let cfg: ConsentryConfig = toml::from_str(&toml).unwrap();
+        let up = start_embedded(&cfg).unwrap();
+        // Until the router has ended the connections that checked its
+        // listeners.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let connect = |id: &str| Connect {
+            keep_alive: 30,
+            client_id: id.into(),
+            clean_start: true,
+            properties: None,
+        };
+        // Polled once, so that the link is asked for, then dropped.
+        {
+            let mut given_up = std::pin::pin!(up.dial(Version::V5, connect("gone")));
+            let waits = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(
+                    std::future::Future::poll(given_up.as_mut(), cx).is_pending(),
+                )
+            })
+            .await;
+            assert!(waits, "the dial did not wait");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (_conn, _inbox, ack) = up
+            .dial(Version::V5, connect("next"))
+            .await
+            .expect("the router had no room for a new connection");
+        assert_eq!(
+            ack.code,
+            rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success
+        );
+    }
 }

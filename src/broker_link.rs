@@ -114,7 +114,15 @@ impl Linker {
                         // topic nobody subscribed to yet is kept.
                         .dynamic_filters(true)
                         .build();
-                    let _ = answer.send(built);
+                    // The dial was given up meanwhile (a will's send timed
+                    // out, say): nobody will hold this link, and only its
+                    // DISCONNECT ends the router's connection. `LinkTx::send`
+                    // does not await; it may block this thread on a full
+                    // router channel, which is harmless here.
+                    if let Err(Ok((mut tx, rx, _))) = answer.send(built) {
+                        let _ = ready_now(tx.send(disconnect()));
+                        drop(rx);
+                    }
                 }
             })?;
         Ok(Linker {
