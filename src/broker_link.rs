@@ -31,7 +31,25 @@ use rumqttd::Notification;
 use crate::codec::{self, Version};
 use crate::link_packets::from_router;
 
-type Built = Result<(LinkTx, LinkRx, Notification), LinkError>;
+type Built = Result<(Opened, Notification), LinkError>;
+
+/// A link the router opened, on its way to the session that asked for it.
+/// Dropped before the session took it (the dial was given up: a will's send
+/// timed out, say), it ends the router's connection, which nothing else
+/// would: only a DISCONNECT ends a local link's connection.
+struct Opened(Option<(LinkTx, LinkRx)>);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        if let Some((mut tx, rx)) = self.0.take() {
+            // `LinkTx::send` does not await; on a full router channel it
+            // blocks until the router reads, which it does without waiting
+            // on anyone.
+            let _ = ready_now(tx.send(disconnect()));
+            drop(rx);
+        }
+    }
+}
 
 /// A link to open: client id, clean session, and where the answer goes.
 type Open = (String, bool, tokio::sync::oneshot::Sender<Built>);
@@ -113,16 +131,10 @@ impl Linker {
                         // As the listeners are configured: a publish to a
                         // topic nobody subscribed to yet is kept.
                         .dynamic_filters(true)
-                        .build();
-                    // The dial was given up meanwhile (a will's send timed
-                    // out, say): nobody will hold this link, and only its
-                    // DISCONNECT ends the router's connection. `LinkTx::send`
-                    // does not await; it may block this thread on a full
-                    // router channel, which is harmless here.
-                    if let Err(Ok((mut tx, rx, _))) = answer.send(built) {
-                        let _ = ready_now(tx.send(disconnect()));
-                        drop(rx);
-                    }
+                        .build()
+                        .map(|(tx, rx, ack)| (Opened(Some((tx, rx))), ack));
+                    // Not taken, it ends its connection (`Opened`).
+                    let _ = answer.send(built);
                 }
             })?;
         Ok(Linker {
@@ -144,7 +156,7 @@ impl Linker {
 struct Opening(Option<tokio::sync::oneshot::Receiver<Built>>);
 
 impl Opening {
-    async fn open(self) -> Result<(LinkTx, LinkRx, Notification), LocalError> {
+    async fn open(self) -> Result<(Opened, Notification), LocalError> {
         let built = self.0.ok_or(LocalError::OpenerGone)?;
         Ok(built.await.map_err(|_| LocalError::OpenerGone)??)
     }
@@ -225,7 +237,7 @@ impl Linker {
             return Ok((none, refused));
         }
         let asked = std::time::Instant::now();
-        let (tx, rx, ack) = self
+        let (mut opened, ack) = self
             .opening(&connect.client_id, connect.clean_start)
             .open()
             .await?;
@@ -236,7 +248,7 @@ impl Linker {
         // From here on, dropping `local` ends the router's connection.
         let local = Local {
             linker: self.clone(),
-            link: Some((tx, rx)),
+            link: opened.0.take(),
             v4,
             ended: false,
             wake_owed: false,
