@@ -1990,6 +1990,8 @@ impl Session {
                     self.ack_broker(publish.qos, publish.pkid)?;
                     publish.qos = QoS::AtMostOnce;
                     publish.pkid = 0;
+                    // MQTT-3.3.1-2: never set on QoS 0.
+                    publish.dup = false;
                 }
                 // The client acks with PUBACK; consentry turns that into the
                 // broker's PUBREC and completes PUBREL/PUBCOMP itself.
@@ -2003,6 +2005,10 @@ impl Session {
             }
         }
         if publish.qos != QoS::AtMostOnce && self.own.is_some() {
+            // consentry is the sender now, and this its first attempt
+            // (MQTT-3.3.1-1), whatever the publisher's was: rumqttd passes
+            // a publisher's DUP flag on.
+            publish.dup = false;
             self.ack_broker(from_broker, broker_pkid)?;
             publish.pkid = self
                 .own

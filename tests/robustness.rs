@@ -1137,3 +1137,40 @@ async fn a_broker_that_never_answers_connect_is_unavailable() {
     assert_eq!(server.metric("consentry_publishes_total", &dropped), 1.0);
     drop(held);
 }
+
+/// The bug this guards: a publisher's DUP flag reached subscribers on the
+/// first delivery, at QoS 1 and on a QoS 1 publish downgraded to a QoS 0
+/// subscription (rumqttd passes it on). A delivery whose QoS flow consentry
+/// runs itself is its first attempt, and QoS 0 never carries DUP
+/// (MQTT-3.3.1-1, MQTT-3.3.1-2).
+#[tokio::test]
+async fn a_publishers_dup_flag_is_not_passed_on() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, Subscribe};
+    let server = Server::demo();
+    let hr = "pii/alice/alice-watch/heart_rate";
+    let mut subs = Vec::new();
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let mut fit = Raw::login_v5(server.mqtt, "fitcoach", "fitcoach-secret").await;
+        fit.send(Packet::Subscribe(Subscribe::new(
+            Filter::new(hr, qos),
+            None,
+        )))
+        .await;
+        assert!(matches!(fit.recv().await, Some(Packet::SubAck(_))));
+        subs.push((qos, fit));
+    }
+    let mut watch = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    let mut p = Publish::new(hr, QoS::AtLeastOnce, &br#"{"bpm":70}"#[..], None);
+    p.pkid = 7;
+    p.dup = true;
+    watch.send(Packet::Publish(p)).await;
+    assert!(matches!(watch.recv().await, Some(Packet::PubAck(_))));
+    for (qos, fit) in &mut subs {
+        match fit.recv().await {
+            Some(Packet::Publish(got)) => {
+                assert_eq!((got.qos, got.dup), (*qos, false), "{got:?}");
+            }
+            other => panic!("expected the reading at {qos:?}, got {other:?}"),
+        }
+    }
+}
