@@ -322,6 +322,7 @@ pub async fn serve<S>(
         delivered: Delivered::default(),
         pseudonym_key: None,
         own: None,
+        knows_all_filters: false,
         lag: None,
         lag_filters: Vec::new(),
         pending_lag: HashMap::new(),
@@ -567,6 +568,12 @@ struct Session {
     /// Set when the session is not persistent: consentry then completes the
     /// broker's QoS flow at once and runs its own towards the client.
     own: Option<OwnFlow>,
+    /// Set when the session began empty and ends with its connection (clean
+    /// start, not persistent): every filter it holds came in a SUBSCRIBE on
+    /// this connection, so `subs` is all of them. A session resumed with
+    /// clean start 0 and expiry 0 is not persistent, but holds the filters
+    /// of the session it resumed.
+    knows_all_filters: bool,
     /// This session's place in the backpressure count, while it holds
     /// filters the broker acknowledged (`lag_filters`).
     lag: Option<Arc<Lag>>,
@@ -714,6 +721,7 @@ impl Session {
         if !persistent {
             self.own = Some(OwnFlow::new(props.and_then(|p| p.receive_maximum)));
         }
+        self.knows_all_filters = connect.clean_start && !persistent;
         if self.version == Version::V5 {
             self.client_max_packet = props.and_then(|p| p.max_packet_size).map(|n| n as usize);
         }
@@ -1963,10 +1971,11 @@ impl Session {
     /// not persistent knows every filter it holds, and what matches none is
     /// not the client's to get, though rumqttd 0.20 sends it after some
     /// UNSUBSCRIBEs (a `$share/…` filter's: it looks the subscription up
-    /// without the prefix). A persistent session may hold filters from
-    /// earlier connections that this one never saw.
+    /// without the prefix). A persistent session, or one resumed with clean
+    /// start 0, may hold filters from earlier connections that this one
+    /// never saw.
     fn holds_filter_for(&self, topic: &str) -> bool {
-        self.own.is_none()
+        !self.knows_all_filters
             || self.subs.iter().any(|(f, _)| {
                 topic::strip_shared(f).is_some_and(|f| topic::filter_matches(f, topic))
             })

@@ -205,3 +205,45 @@ async fn an_unsubscribed_shared_filter_delivers_no_more() {
         "rumqttd no longer sends it: the check may be unneeded"
     );
 }
+
+/// The bug this guards: a session resumed with clean start 0 and session
+/// expiry 0 is not persistent, but holds the filters of the session it
+/// resumed; consentry took it for one that knows all its filters, and
+/// dropped (and acknowledged to the broker) every message on them, those
+/// queued while the client was away among them, as `unsubscribed`.
+#[tokio::test]
+async fn a_session_resumed_with_expiry_0_gets_what_it_subscribed_to_before() {
+    let server = Server::demo();
+    let hr = "pii/alice/alice-watch/heart_rate";
+    let mut o = v5::options(
+        server.mqtt,
+        "fit-resume",
+        Some(("fitcoach", "fitcoach-secret")),
+    );
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(300));
+    let mut fit = v5::connect_with(o).await.unwrap();
+    fit.subscribe("pii/alice/+/heart_rate", v5::QoS::AtLeastOnce)
+        .await;
+    fit.disconnect().await;
+
+    let mut watch = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    watch.publish_acked(hr, br#"{"bpm":61}"#).await;
+
+    let mut o = v5::options(
+        server.mqtt,
+        "fit-resume",
+        Some(("fitcoach", "fitcoach-secret")),
+    );
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(None);
+    let mut fit = v5::connect_with(o).await.unwrap();
+    assert_eq!(fit.next_publish().await.payload, &br#"{"bpm":61}"#[..]);
+    watch.publish_acked(hr, br#"{"bpm":62}"#).await;
+    assert_eq!(fit.next_publish().await.payload, &br#"{"bpm":62}"#[..]);
+    let unsubscribed = [("result", "dropped"), ("reason", "unsubscribed")];
+    assert_eq!(
+        server.metric("consentry_deliveries_total", &unsubscribed),
+        0.0
+    );
+}
