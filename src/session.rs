@@ -1395,9 +1395,10 @@ impl Session {
                         .filters
                         .iter()
                         .map(|f| {
-                            // A persistent session may hold filters from
-                            // earlier connections that this one never saw.
-                            if self.own.is_none() || self.subs.iter().any(|(g, _)| g == f) {
+                            // A persistent or resumed session may hold
+                            // filters from earlier connections that this
+                            // one never saw.
+                            if !self.knows_all_filters || self.subs.iter().any(|(g, _)| g == f) {
                                 UnsubAckReason::Success
                             } else {
                                 UnsubAckReason::NoSubscriptionExisted

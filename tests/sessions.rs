@@ -247,3 +247,41 @@ async fn a_session_resumed_with_expiry_0_gets_what_it_subscribed_to_before() {
         0.0
     );
 }
+
+/// The bug this guards: a session resumed with clean start 0 and session
+/// expiry 0 was answered "no subscription existed" (0x11) on UNSUBSCRIBE of
+/// a filter it held from the session it resumed.
+#[tokio::test]
+async fn a_session_resumed_with_expiry_0_is_told_its_unsubscribe_succeeded() {
+    let server = Server::demo();
+    let filter = "pii/alice/+/heart_rate";
+    let mut o = v5::options(
+        server.mqtt,
+        "fit-unsub",
+        Some(("fitcoach", "fitcoach-secret")),
+    );
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(300));
+    let mut fit = v5::connect_with(o).await.unwrap();
+    fit.subscribe(filter, v5::QoS::AtLeastOnce).await;
+    fit.disconnect().await;
+
+    let mut o = v5::options(
+        server.mqtt,
+        "fit-unsub",
+        Some(("fitcoach", "fitcoach-secret")),
+    );
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(None);
+    let mut fit = v5::connect_with(o).await.unwrap();
+    fit.client.unsubscribe(filter).await.unwrap();
+    loop {
+        if let v5::Packet::UnsubAck(a) = fit.next().await {
+            assert_eq!(
+                a.reasons,
+                vec![rumqttc::v5::mqttbytes::v5::UnsubAckReason::Success]
+            );
+            break;
+        }
+    }
+}
