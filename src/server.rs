@@ -193,12 +193,23 @@ fn check_consent_mark(store: &Store, data: &Path) -> anyhow::Result<()> {
     let (mark, marked) = ConsentMark::open(data)?;
     let held = store.last_consent_seq()?;
     if let Some(marked) = marked.filter(|m| held < *m) {
+        if held == 0 {
+            anyhow::bail!(
+                "the store {} holds no consent changes, but consentry committed {marked} ({}): \
+                 the store was lost or replaced. Started on, it would forget what users \
+                 consented to and withdrew. Restore the whole data directory from one backup \
+                 (README, on backing up the data directory); to start afresh on purpose, move \
+                 the data directory away",
+                data.join("consentry.db").display(),
+                mark.path().display(),
+            );
+        }
         anyhow::bail!(
             "the store {} holds consent changes up to #{held}, but consentry committed up to \
              #{marked} ({}): the store was copied back from an older backup without the rest \
              of the data directory. Started on, it would put back in force what users changed \
              since, grants they withdrew among them. Restore the whole data directory from one \
-             backup (README, \"Backups\"); to start on the older store anyway, delete {} and tell \
+             backup (README, on backing up the data directory); to start on the older store anyway, delete {} and tell \
              the users whose consents went back",
             data.join("consentry.db").display(),
             mark.path().display(),

@@ -1968,9 +1968,10 @@ impl Session {
         self.ack_broker(publish.qos, publish.pkid)
     }
 
-    /// Whether the client holds a filter `topic` matches. A session that is
-    /// not persistent knows every filter it holds, and what matches none is
-    /// not the client's to get, though rumqttd 0.20 sends it after some
+    /// Whether the client holds a filter `topic` matches. A session that
+    /// began clean and is not persistent knows every filter it holds, and
+    /// what matches none is not the client's to get, though rumqttd 0.20
+    /// sends it after some
     /// UNSUBSCRIBEs (a `$share/…` filter's: it looks the subscription up
     /// without the prefix). A persistent session, or one resumed with clean
     /// start 0, may hold filters from earlier connections that this one

@@ -433,6 +433,23 @@ async fn a_store_copied_back_from_an_older_backup_stops_the_start() {
     server.restart();
 }
 
+/// A store deleted beside a ledger that holds no records yet (nothing was
+/// shared) is not taken for a first start either: the consent mark knows
+/// consents were given, and the error says the store was lost.
+#[tokio::test]
+async fn a_lost_store_beside_an_empty_ledger_stops_the_start() {
+    let mut server = Server::demo();
+    server.stop();
+    for f in ["consentry.db", "consentry.db-wal", "consentry.db-shm"] {
+        let _ = std::fs::remove_file(server.data_dir().join(f));
+    }
+    let log = server.restart_refused();
+    assert!(
+        log.contains("holds no consent changes") && log.contains("lost or replaced"),
+        "{log}"
+    );
+}
+
 /// Fails the ledger's next write for real: the kernel refuses to grow any
 /// file of the process (RLIMIT_FSIZE, which consentry meets with EFBIG, as
 /// it would a full disk, since it ignores SIGXFSZ).
@@ -521,10 +538,9 @@ async fn after_a_failed_ledger_write_personal_data_is_refused_at_ingress() {
     .await;
     assert!(refused.is_err(), "a provider got a session");
     let unavailable = [("role", "provider"), ("result", "unavailable")];
-    assert_eq!(
-        server.metric("consentry_connections_total", &unavailable),
-        1.0
-    );
+    server
+        .wait_for_metric("consentry_connections_total", &unavailable, 1.0)
+        .await;
 }
 
 /// A quiet gateway with retention: once every record was purged, `ledger verify` failed
