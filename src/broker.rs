@@ -266,9 +266,15 @@ fn send_disconnect(s: &mut std::net::TcpStream, version: Version) -> bool {
     version.write(&bye, &mut out).is_ok() && s.write_all(&out).is_ok()
 }
 
-fn free_port() -> Result<SocketAddr, BrokerError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(BrokerError::Port)?;
-    l.local_addr().map_err(BrokerError::Port)
+/// Two free loopback ports, distinct: both are held while the second is
+/// chosen, or the kernel may hand out the first one again.
+fn free_ports() -> Result<(SocketAddr, SocketAddr), BrokerError> {
+    let a = TcpListener::bind("127.0.0.1:0").map_err(BrokerError::Port)?;
+    let b = TcpListener::bind("127.0.0.1:0").map_err(BrokerError::Port)?;
+    Ok((
+        a.local_addr().map_err(BrokerError::Port)?,
+        b.local_addr().map_err(BrokerError::Port)?,
+    ))
 }
 
 /// The embedded rumqttd's configuration: one 3.1.1 and one 5 listener on
@@ -320,7 +326,7 @@ pub fn rumqttd_config(
 pub fn start_embedded(cfg: &ConsentryConfig) -> Result<Upstream, BrokerError> {
     let user = "consentry-gateway".to_string();
     let password = Alphanumeric.sample_string(&mut rand::rngs::OsRng, 32);
-    let (v4, v5) = (free_port()?, free_port()?);
+    let (v4, v5) = free_ports()?;
     let config = rumqttd_config(
         cfg,
         v4,
