@@ -180,13 +180,13 @@ async fn mqtt_3_1_gets_connack_unacceptable_protocol_version() {
         let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
         assert!(err.contains("unacceptable protocol version"), "{err}");
     }
-    assert_eq!(
-        server.metric(
+    server
+        .wait_for_metric(
             "consentry_connections_total",
-            &[("role", "unknown"), ("result", "unsupported_protocol")]
-        ),
-        tried
-    );
+            &[("role", "unknown"), ("result", "unsupported_protocol")],
+            tried,
+        )
+        .await;
     assert!(server.log().contains("unsupported protocol level"));
     still_serving(&server).await;
 }
@@ -840,11 +840,13 @@ async fn an_unreachable_broker_gets_persistent_sessions_connack_server_unavailab
         [0x20, 0x02, 0x00, 0x03],
         "CONNACK server unavailable, then close"
     );
-    let unavailable = server.metric(
-        "consentry_connections_total",
-        &[("role", "provider"), ("result", "unavailable")],
-    );
-    assert_eq!(unavailable, 2.0);
+    server
+        .wait_for_metric(
+            "consentry_connections_total",
+            &[("role", "provider"), ("result", "unavailable")],
+            2.0,
+        )
+        .await;
 }
 
 /// A clean session opens its broker connection with its first publish.
