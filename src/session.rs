@@ -1839,7 +1839,14 @@ impl Session {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return self.drop_delivery(&publish, "invalid_topic");
         };
-        if !self.holds_filter_for(topic) {
+        // A session that began clean and is not persistent knows every
+        // filter it holds, and what matches none is not the client's to
+        // get, though rumqttd 0.20 sends it after some UNSUBSCRIBEs (a
+        // `$share/…` filter's: it looks the subscription up without the
+        // prefix). A persistent session, or one resumed with clean start 0,
+        // may hold filters from earlier connections that this one never saw.
+        let granted = self.granted_qos(topic);
+        if self.knows_all_filters && granted.is_none() {
             return self.drop_delivery(&publish, "unsubscribed");
         }
         let decision = act.deliver(&self.who, topic, now);
@@ -1853,7 +1860,7 @@ impl Session {
                     return self.drop_delivery(&publish, "too_large_for_client");
                 }
                 self.delivered.plain += 1;
-                return self.write_delivery(publish);
+                return self.write_delivery(publish, granted);
             }
             Ok(Delivery::Personal {
                 kind,
@@ -1938,7 +1945,7 @@ impl Session {
             Some(_) => self.delivered.masked += 1,
             None => self.delivered.consented += 1,
         }
-        self.write_delivery(publish)
+        self.write_delivery(publish, granted)
     }
 
     /// Whether `publish` exceeds the Maximum Packet Size the client set: it
@@ -1968,34 +1975,23 @@ impl Session {
         self.ack_broker(publish.qos, publish.pkid)
     }
 
-    /// Whether the client holds a filter `topic` matches. A session that
-    /// began clean and is not persistent knows every filter it holds, and
-    /// what matches none is not the client's to get, though rumqttd 0.20
-    /// sends it after some
-    /// UNSUBSCRIBEs (a `$share/…` filter's: it looks the subscription up
-    /// without the prefix). A persistent session, or one resumed with clean
-    /// start 0, may hold filters from earlier connections that this one
-    /// never saw.
-    fn holds_filter_for(&self, topic: &str) -> bool {
-        !self.knows_all_filters
-            || self.subs.iter().any(|(f, _)| {
+    /// The highest QoS of the filters this connection subscribed with that
+    /// `topic` matches; `None` if it matches none of them.
+    fn granted_qos(&self, topic: &str) -> Option<QoS> {
+        self.subs
+            .iter()
+            .filter(|(f, _)| {
                 topic::strip_shared(f).is_some_and(|f| topic::filter_matches(f, topic))
             })
+            .map(|(_, q)| *q)
+            .max_by_key(|q| *q as u8)
     }
 
-    /// Writes a delivery at no more than the QoS its subscription granted.
-    fn write_delivery(&mut self, mut publish: Publish) -> Result<(), End> {
+    /// Writes a delivery at no more than `granted`, the QoS its
+    /// subscription granted ([`Session::granted_qos`]).
+    fn write_delivery(&mut self, mut publish: Publish, granted: Option<QoS>) -> Result<(), End> {
         let (from_broker, broker_pkid) = (publish.qos, publish.pkid);
         if publish.qos != QoS::AtMostOnce {
-            let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
-            let granted = self
-                .subs
-                .iter()
-                .filter(|(f, _)| {
-                    topic::strip_shared(f).is_some_and(|f| topic::filter_matches(f, topic))
-                })
-                .map(|(_, q)| *q)
-                .max_by_key(|q| *q as u8);
             match (granted, publish.qos) {
                 (Some(QoS::AtMostOnce), _) => {
                     self.ack_broker(publish.qos, publish.pkid)?;

@@ -206,6 +206,14 @@ async fn an_unsubscribed_shared_filter_delivers_no_more() {
     );
 }
 
+/// fitcoach connecting with clean start 0 and `expiry` (`None`: 0).
+async fn fitcoach_resuming(server: &Server, id: &str, expiry: Option<u32>) -> v5::Client {
+    let mut o = v5::options(server.mqtt, id, Some(("fitcoach", "fitcoach-secret")));
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(expiry);
+    v5::connect_with(o).await.unwrap()
+}
+
 /// The bug this guards: a session resumed with clean start 0 and session
 /// expiry 0 is not persistent, but holds the filters of the session it
 /// resumed; consentry took it for one that knows all its filters, and
@@ -215,14 +223,7 @@ async fn an_unsubscribed_shared_filter_delivers_no_more() {
 async fn a_session_resumed_with_expiry_0_gets_what_it_subscribed_to_before() {
     let server = Server::demo();
     let hr = "pii/alice/alice-watch/heart_rate";
-    let mut o = v5::options(
-        server.mqtt,
-        "fit-resume",
-        Some(("fitcoach", "fitcoach-secret")),
-    );
-    o.set_clean_start(false);
-    o.set_session_expiry_interval(Some(300));
-    let mut fit = v5::connect_with(o).await.unwrap();
+    let mut fit = fitcoach_resuming(&server, "fit-resume", Some(300)).await;
     fit.subscribe("pii/alice/+/heart_rate", v5::QoS::AtLeastOnce)
         .await;
     fit.disconnect().await;
@@ -230,14 +231,7 @@ async fn a_session_resumed_with_expiry_0_gets_what_it_subscribed_to_before() {
     let mut watch = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
     watch.publish_acked(hr, br#"{"bpm":61}"#).await;
 
-    let mut o = v5::options(
-        server.mqtt,
-        "fit-resume",
-        Some(("fitcoach", "fitcoach-secret")),
-    );
-    o.set_clean_start(false);
-    o.set_session_expiry_interval(None);
-    let mut fit = v5::connect_with(o).await.unwrap();
+    let mut fit = fitcoach_resuming(&server, "fit-resume", None).await;
     assert_eq!(fit.next_publish().await.payload, &br#"{"bpm":61}"#[..]);
     watch.publish_acked(hr, br#"{"bpm":62}"#).await;
     assert_eq!(fit.next_publish().await.payload, &br#"{"bpm":62}"#[..]);
@@ -255,25 +249,11 @@ async fn a_session_resumed_with_expiry_0_gets_what_it_subscribed_to_before() {
 async fn a_session_resumed_with_expiry_0_is_told_its_unsubscribe_succeeded() {
     let server = Server::demo();
     let filter = "pii/alice/+/heart_rate";
-    let mut o = v5::options(
-        server.mqtt,
-        "fit-unsub",
-        Some(("fitcoach", "fitcoach-secret")),
-    );
-    o.set_clean_start(false);
-    o.set_session_expiry_interval(Some(300));
-    let mut fit = v5::connect_with(o).await.unwrap();
+    let mut fit = fitcoach_resuming(&server, "fit-unsub", Some(300)).await;
     fit.subscribe(filter, v5::QoS::AtLeastOnce).await;
     fit.disconnect().await;
 
-    let mut o = v5::options(
-        server.mqtt,
-        "fit-unsub",
-        Some(("fitcoach", "fitcoach-secret")),
-    );
-    o.set_clean_start(false);
-    o.set_session_expiry_interval(None);
-    let mut fit = v5::connect_with(o).await.unwrap();
+    let mut fit = fitcoach_resuming(&server, "fit-unsub", None).await;
     fit.client.unsubscribe(filter).await.unwrap();
     loop {
         if let v5::Packet::UnsubAck(a) = fit.next().await {
