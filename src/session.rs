@@ -39,7 +39,7 @@ use crate::broker::Upstream;
 use crate::client_ids::{self, Claim, ClientIds};
 use crate::codec::{CodecError, Packet, Version};
 use crate::config::ServerConfig;
-use crate::ledger::{Ledger, MaskedFields, ShareRef};
+use crate::ledger::{Ledger, MaskedFields, ShareRef, Ticket};
 use crate::mask;
 use crate::metrics as m;
 use crate::model::Undeclared;
@@ -74,7 +74,8 @@ const DRAIN_WILLS: Duration = Duration::from_millis(750);
 /// Client-bound bytes and the ledger records they wait for.
 struct Chunk {
     bytes: BytesMut,
-    durables: Vec<crate::ledger::Durable>,
+    /// The newest of its ledger records; `None` when it holds none.
+    ticket: Option<Ticket>,
     delivered: Delivered,
     read_at: Instant,
 }
@@ -95,17 +96,16 @@ impl Delivered {
     }
 }
 
-/// Waits until the chunk's records are durable. Cancel-safe: a record is
-/// removed only once its future has completed, with no await in between.
-async fn durable(chunk: Option<&mut Chunk>) -> Result<(), End> {
+/// Waits until the chunk's records are durable. Cancel-safe: the ticket is
+/// cleared only once it is durable, with no await in between.
+async fn durable(ledger: &Ledger, chunk: Option<&mut Chunk>) -> Result<(), End> {
     let Some(chunk) = chunk else { return Ok(()) };
-    while let Some(d) = chunk.durables.last_mut() {
-        let r = d.await;
-        chunk.durables.pop();
-        if let Err(e) = r {
+    if let Some(ticket) = chunk.ticket {
+        if let Err(e) = ledger.durable(ticket).await {
             tracing::error!(error = %e, "ledger append failed; delivery withheld");
             return Err(End::Ledger);
         }
+        chunk.ticket = None;
     }
     Ok(())
 }
@@ -318,7 +318,7 @@ pub async fn serve<S>(
         // Grown on first use: an idle device should cost little.
         to_client: BytesMut::new(),
         to_broker: Outbox::new(version, shared.upstream.link.is_some()),
-        durables: Vec::new(),
+        ticket: None,
         delivered: Delivered::default(),
         pseudonym_key: None,
         own: None,
@@ -557,7 +557,8 @@ struct Session {
     subs: Vec<(String, QoS)>,
     to_client: BytesMut,
     to_broker: Outbox,
-    durables: Vec<crate::ledger::Durable>,
+    /// The newest ledger record of what `to_client` holds.
+    ticket: Option<Ticket>,
     /// Publishes written to the client in the current batch.
     delivered: Delivered,
     /// This provider's pseudonymization key, derived on first use.
@@ -972,6 +973,8 @@ impl Session {
         pending: &mut VecDeque<Chunk>,
     ) -> Result<(), End> {
         let max = self.shared.server.max_packet_size;
+        // Its own handle: the select below borrows `self` mutably in its arms.
+        let ledger = self.shared.ledger.clone();
         let mut last_client = Instant::now();
         let mut act_changes = self.shared.act.subscribe_changes();
         let taken_over = self.claim.as_ref().map(|c| c.taken_over.clone());
@@ -1108,7 +1111,7 @@ impl Session {
                         return self.drain(client, pending).await;
                     }
                 }
-                r = durable(pending.front_mut()), if !pending.is_empty() => {
+                r = durable(&ledger, pending.front_mut()), if !pending.is_empty() => {
                     r?;
                     self.write_ready(client, pending).await?;
                 }
@@ -1225,7 +1228,7 @@ impl Session {
         }
         pending.push_back(Chunk {
             bytes: self.to_client.split(),
-            durables: std::mem::take(&mut self.durables),
+            ticket: self.ticket.take(),
             delivered: std::mem::take(&mut self.delivered),
             read_at,
         });
@@ -1237,7 +1240,11 @@ impl Session {
         client: &mut S,
         pending: &mut VecDeque<Chunk>,
     ) -> Result<(), End> {
-        while pending.front().is_some_and(|c| c.durables.is_empty()) {
+        let ledger = &self.shared.ledger;
+        while pending
+            .front()
+            .is_some_and(|c| c.ticket.is_none_or(|t| ledger.is_durable(t)))
+        {
             if let Some(c) = pending.pop_front() {
                 client.write_all(&c.bytes).await?;
                 self.counters.plain.increment(c.delivered.plain);
@@ -1261,7 +1268,7 @@ impl Session {
         pending: &mut VecDeque<Chunk>,
     ) -> Result<(), End> {
         while !pending.is_empty() {
-            durable(pending.front_mut()).await?;
+            durable(&self.shared.ledger, pending.front_mut()).await?;
             self.write_ready(client, pending).await?;
         }
         Ok(())
@@ -1933,8 +1940,8 @@ impl Session {
             qos: publish.qos as u8,
             receipt_id: receipt.map(|id| &*id.hyphenated().encode_lower(&mut receipt_buf)),
         };
-        match self.shared.ledger.submit_ref(&record) {
-            Ok(durable) => self.durables.push(durable),
+        match self.shared.ledger.queue_share(&record) {
+            Ok(ticket) => self.ticket = Some(ticket),
             Err(e) => {
                 tracing::error!(session = self.id, error = %e, "ledger refused a record; delivery withheld");
                 m::delivery_counter(&self.who, "dropped", "ledger_unavailable").increment(1);

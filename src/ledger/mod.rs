@@ -148,6 +148,22 @@ impl Durable {
     }
 }
 
+/// A share record's place in the ledger's queue, from [`Ledger::queue_share`]. The writer
+/// commits in queue order, so once a ticket is durable so is every record queued before it: a
+/// session waits for its newest ticket only. Unlike [`Durable`] it costs no channel per record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+/// Ends the writer's part: whatever it was waiting for will not come.
+struct WriterGone(Arc<Shared>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        self.0.writer_gone.store(true, Ordering::Release);
+        self.0.durable_notify.notify_waiters();
+    }
+}
+
 struct Handle {
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -328,6 +344,9 @@ impl Ledger {
             cv: std::sync::Condvar::new(),
             healthy: AtomicBool::new(true),
             durable_seq: AtomicU64::new(0),
+            durable_pos: AtomicU64::new(0),
+            durable_notify: tokio::sync::Notify::new(),
+            writer_gone: AtomicBool::new(false),
             clock_behind_us: AtomicI64::new(0),
             clock_jumped_us: AtomicI64::new(0),
             blocked: aggregate::Aggregator::default(),
@@ -340,9 +359,12 @@ impl Ledger {
         });
         let writer = Writer::open(Arc::clone(&shared))?;
         let (done_tx, done_rx) = oneshot::channel();
+        let gone = WriterGone(Arc::clone(&shared));
         let thread = std::thread::Builder::new()
             .name("consentry-ledger".into())
             .spawn(move || {
+                // Dropped however the writer ends, a panic included.
+                let _gone = gone;
                 writer.run();
                 let _ = done_tx.send(());
             })
@@ -359,26 +381,45 @@ impl Ledger {
 
     fn enqueue(&self, entry: Entry) -> Result<Durable, LedgerError> {
         let plaintext = entry.encode()?;
-        self.enqueue_with(entry.type_byte(), entry.time(), entry.user(), |out| {
-            out.extend_from_slice(&plaintext)
-        })
+        let (tx, rx) = oneshot::channel();
+        self.enqueue_with(
+            entry.type_byte(),
+            entry.time(),
+            entry.user(),
+            Some(tx),
+            |out| out.extend_from_slice(&plaintext),
+        )?;
+        Ok(Durable(rx))
     }
 
-    /// Queues a record whose plaintext `encode` appends to the queue.
+    /// Queues a record whose plaintext `encode` appends to the queue; returns its place.
     fn enqueue_with(
         &self,
         entry_type: u8,
         time: DateTime<Utc>,
         user: &str,
+        ack: Option<writer::Ack>,
         encode: impl FnOnce(&mut Vec<u8>),
-    ) -> Result<Durable, LedgerError> {
+    ) -> Result<u64, LedgerError> {
         let shared = &self.inner.shared;
         // Encoding and the blind index run on the caller's thread so the single writer thread
         // only encrypts, hashes and writes.
         let blind = shared.keys.blind_index(user);
-        let (tx, rx) = oneshot::channel();
-        shared.push(entry_type, time.timestamp_micros(), blind, tx, encode)?;
-        Ok(Durable(rx))
+        shared.push(entry_type, time.timestamp_micros(), blind, ack, encode)
+    }
+
+    fn enqueue_share(
+        &self,
+        rec: &ShareRef<'_>,
+        ack: Option<writer::Ack>,
+    ) -> Result<u64, LedgerError> {
+        let mut rec = *rec;
+        if rec.creator.is_empty() {
+            rec.creator = &self.inner.shared.cfg.creator;
+        }
+        self.enqueue_with(Entry::SHARE, rec.time, rec.user, ack, |out| {
+            codec::encode_share(&rec, out)
+        })
     }
 
     /// Queues one delivery record. Never waits for the disk; fails at once if the ledger has
@@ -389,13 +430,39 @@ impl Ledger {
 
     /// [`Ledger::submit`] for a record whose strings the caller holds.
     pub fn submit_ref(&self, rec: &ShareRef<'_>) -> Result<Durable, LedgerError> {
-        let mut rec = *rec;
-        if rec.creator.is_empty() {
-            rec.creator = &self.inner.shared.cfg.creator;
+        let (tx, rx) = oneshot::channel();
+        self.enqueue_share(rec, Some(tx))?;
+        Ok(Durable(rx))
+    }
+
+    /// [`Ledger::submit_ref`] for a hot path: the record is durable once [`Ledger::durable`]
+    /// resolves `Ok` for its ticket or for any later one.
+    pub fn queue_share(&self, rec: &ShareRef<'_>) -> Result<Ticket, LedgerError> {
+        self.enqueue_share(rec, None).map(Ticket)
+    }
+
+    /// Whether every record queued up to `ticket` is fsynced.
+    pub fn is_durable(&self, ticket: Ticket) -> bool {
+        self.inner.shared.durable_pos.load(Ordering::Acquire) >= ticket.0
+    }
+
+    /// Resolves once every record queued up to `ticket` is fsynced, or to the error that means
+    /// it never will be. Cancel-safe.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), LedgerError> {
+        let shared = &self.inner.shared;
+        loop {
+            let notified = shared.durable_notify.notified();
+            tokio::pin!(notified);
+            // Registered before the look, so a rise in between still wakes it.
+            notified.as_mut().enable();
+            if self.is_durable(ticket) {
+                return Ok(());
+            }
+            if let Some(e) = shared.stopped() {
+                return Err(e);
+            }
+            notified.await;
         }
-        self.enqueue_with(Entry::SHARE, rec.time, rec.user, |out| {
-            codec::encode_share(&rec, out)
-        })
     }
 
     /// Counts a refused delivery. Counts are aggregated per (user, recipient, kind, reason,

@@ -1189,6 +1189,92 @@ async fn fails_closed_on_enospc() {
 }
 
 #[tokio::test]
+async fn a_ticket_is_durable_once_its_record_and_all_before_it_are() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    let records: Vec<ShareRecord> = (0..50)
+        .map(|i| share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", i))
+        .collect();
+    let tickets: Vec<Ticket> = records
+        .iter()
+        .map(|r| ledger.queue_share(&r.as_ref()).expect("queue"))
+        .collect();
+    assert!(tickets.windows(2).all(|w| w[0] < w[1]), "{tickets:?}");
+    let last = *tickets.last().expect("tickets");
+    ledger.durable(last).await.expect("durable");
+    // Every earlier ticket is durable with the last one, without a wait.
+    assert!(tickets.iter().all(|&t| ledger.is_durable(t)));
+    let read = ledger
+        .read_user(ALICE, &ReadFilter::default())
+        .expect("read");
+    assert_eq!(read.len(), 50);
+    for ((_, entry), want) in read.iter().zip(&records) {
+        match entry {
+            Entry::Share(got) => {
+                assert_eq!(got.payload_digest, want.payload_digest);
+                // An empty creator is filled from the configuration, as `submit` does.
+                assert_eq!(got.creator, "consentry");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    ledger.shutdown().await;
+    verify_dir(tmp.path(), &k).expect("verify");
+}
+
+#[tokio::test]
+async fn a_ticket_fails_when_the_ledger_fails_and_queuing_stops() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(cfg(tmp.path()), keys()).expect("open");
+    let before = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", 0);
+    let kept = ledger.queue_share(&before.as_ref()).expect("queue");
+    ledger.durable(kept).await.expect("durable");
+    ledger
+        .shared()
+        .fault_dev_full
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", 1);
+    let lost = ledger
+        .queue_share(&r.as_ref())
+        .expect("queued before the failure is known");
+    assert!(matches!(
+        ledger.durable(lost).await,
+        Err(LedgerError::Unhealthy(_))
+    ));
+    assert!(!ledger.is_durable(lost));
+    // What was durable before the failure stays so.
+    ledger.durable(kept).await.expect("still durable");
+    assert!(matches!(
+        ledger.queue_share(&r.as_ref()),
+        Err(LedgerError::Unhealthy(_))
+    ));
+    ledger.shutdown().await;
+}
+
+#[tokio::test]
+async fn tickets_queued_before_shutdown_are_written_and_later_ones_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(cfg(tmp.path()), keys()).expect("open");
+    let other = ledger.clone();
+    let r = share(ALICE, ALICE_DEVICE, "fitcoach", "heart_rate", 0);
+    let tickets: Vec<Ticket> = (0..20)
+        .map(|_| ledger.queue_share(&r.as_ref()).expect("queue"))
+        .collect();
+    let waiter = {
+        let other = other.clone();
+        let last = *tickets.last().expect("tickets");
+        tokio::spawn(async move { other.durable(last).await })
+    };
+    ledger.shutdown().await;
+    waiter.await.expect("join").expect("written at shutdown");
+    assert!(matches!(
+        other.queue_share(&r.as_ref()),
+        Err(LedgerError::Closed)
+    ));
+}
+
+#[tokio::test]
 async fn fails_closed_when_the_directory_is_replaced() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("ledger");

@@ -63,6 +63,8 @@ pub(crate) struct Pending {
     pub blind: [u8; 32],
     pub len: usize,
     pub ack: Option<Ack>,
+    /// Its place in the queue (see [`super::Ticket`]); 0 for what the writer adds itself.
+    pub pos: u64,
 }
 
 /// Records in queue order, their plaintexts back to back in one buffer: a
@@ -83,6 +85,7 @@ impl Batch {
         time_us: i64,
         blind: [u8; 32],
         ack: Option<Ack>,
+        pos: u64,
         encode: impl FnOnce(&mut Vec<u8>),
     ) -> Result<(), LedgerError> {
         let start = self.bytes.len();
@@ -100,6 +103,7 @@ impl Batch {
             blind,
             len,
             ack,
+            pos,
         });
         Ok(())
     }
@@ -127,6 +131,8 @@ impl Batch {
 #[derive(Default)]
 pub(crate) struct Queue {
     pub records: Batch,
+    /// The place of the last record callers queued: places count from 1.
+    pub pushed: u64,
     pub shutdown: bool,
     pub failed: Option<String>,
     pub flush_blocked: bool,
@@ -139,6 +145,12 @@ pub(crate) struct Shared {
     pub cv: Condvar,
     pub healthy: AtomicBool,
     pub durable_seq: AtomicU64,
+    /// The place in the queue (see [`super::Ticket`]) up to which every record is fsynced.
+    pub durable_pos: AtomicU64,
+    /// Woken when `durable_pos` rises, the ledger fails or the writer is gone.
+    pub durable_notify: tokio::sync::Notify,
+    /// Set when the writer thread has ended, however it ended.
+    pub writer_gone: AtomicBool,
     /// How far (µs) the wall clock was behind [`Writer`]'s time high-water mark when last
     /// looked at; 0 when it was not.
     pub clock_behind_us: AtomicI64,
@@ -174,15 +186,15 @@ impl Shared {
     }
 
     /// Queues one record (see [`Batch::push`]); the plaintext is encoded
-    /// under the queue's lock, straight into the queue.
+    /// under the queue's lock, straight into the queue. Returns its place.
     pub fn push(
         &self,
         entry_type: u8,
         time_us: i64,
         blind: [u8; 32],
-        ack: Ack,
+        ack: Option<Ack>,
         encode: impl FnOnce(&mut Vec<u8>),
-    ) -> Result<(), LedgerError> {
+    ) -> Result<u64, LedgerError> {
         let mut q = self.lock();
         if let Some(reason) = &q.failed {
             return Err(LedgerError::Unhealthy(reason.clone()));
@@ -194,14 +206,27 @@ impl Shared {
             return Err(LedgerError::Overloaded);
         }
         let was_empty = q.records.is_empty();
+        let pos = q.pushed + 1;
         q.records
-            .push(entry_type, time_us, blind, Some(ack), encode)?;
+            .push(entry_type, time_us, blind, ack, pos, encode)?;
+        q.pushed = pos;
         drop(q);
         // The writer only sleeps on an empty queue, so only the first push needs to wake it.
         if was_empty {
             self.cv.notify_one();
         }
-        Ok(())
+        Ok(pos)
+    }
+
+    /// Why records that are not durable yet never will be, if that is so.
+    pub fn stopped(&self) -> Option<LedgerError> {
+        if !self.healthy.load(Ordering::Acquire) {
+            let reason = self.lock().failed.clone().unwrap_or_default();
+            return Some(LedgerError::Unhealthy(reason));
+        }
+        self.writer_gone
+            .load(Ordering::Acquire)
+            .then_some(LedgerError::Closed)
     }
 
     pub fn request_shutdown(&self) {
@@ -384,6 +409,7 @@ impl Writer {
                         e.time().timestamp_micros(),
                         self.shared.keys.blind_index(e.user()),
                         None,
+                        0,
                         |out| out.extend_from_slice(&plaintext),
                     )?;
                 }
@@ -499,6 +525,11 @@ impl Writer {
         self.buf.clear();
         self.acks.clear();
         let n = batch.items.len();
+        let last_pos = batch
+            .items
+            .iter()
+            .rev()
+            .find_map(|p| (p.pos > 0).then_some(p.pos));
         let mut items = batch.items.drain(..);
         let mut plaintexts = &mut batch.bytes[..];
         let res = (|| {
@@ -545,6 +576,10 @@ impl Writer {
         self.shared
             .durable_seq
             .store(self.next_seq - 1, Ordering::Release);
+        if let Some(pos) = last_pos {
+            self.shared.durable_pos.store(pos, Ordering::Release);
+            self.shared.durable_notify.notify_waiters();
+        }
         metrics::counter!(crate::metrics::LEDGER_APPENDS).increment(n as u64);
         metrics::histogram!(crate::metrics::LEDGER_BATCH_SIZE).record(n as f64);
         for (seq, ack) in self.acks.drain(..) {
@@ -782,5 +817,6 @@ impl Writer {
                 let _ = ack.send(Err(LedgerError::Unhealthy(msg.clone())));
             }
         }
+        self.shared.durable_notify.notify_waiters();
     }
 }
