@@ -500,13 +500,13 @@ pub(crate) fn decide_ingress(
     topic: TopicName,
     payload: &Bytes,
 ) -> Result<(Bytes, bool), &'static str> {
-    let started = Instant::now();
+    let started = m::time_this_decision().then(Instant::now);
     let act = shared.act.load();
     let decision = act.ingress(who, topic, shared.now());
-    shared
-        .hot
-        .ingress_decision
-        .record(started.elapsed().as_secs_f64());
+    if let Some(started) = started {
+        let took = started.elapsed().as_secs_f64();
+        shared.hot.ingress_decision.record(took);
+    }
     match decision {
         Err(deny) => Err(deny.as_str()),
         Ok(Ingress::Plain) => Ok((payload.clone(), false)),
@@ -1837,7 +1837,7 @@ impl Session {
     }
 
     fn deliver(&mut self, mut publish: Publish) -> Result<(), End> {
-        let started = Instant::now();
+        let started = m::time_this_decision().then(Instant::now);
         let act = self.shared.act.load();
         // The record is stamped by the real clock; only decisions take the
         // test offset.
@@ -1857,10 +1857,10 @@ impl Session {
             return self.drop_delivery(&publish, "unsubscribed");
         }
         let decision = act.deliver(&self.who, topic, now);
-        self.shared
-            .hot
-            .deliver_decision
-            .record(started.elapsed().as_secs_f64());
+        if let Some(started) = started {
+            let took = started.elapsed().as_secs_f64();
+            self.shared.hot.deliver_decision.record(took);
+        }
         let (kind, resolved, rule, receipt) = match decision {
             Ok(Delivery::Plain) => {
                 if self.too_large_for_client(&publish) {
