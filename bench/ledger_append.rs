@@ -1,9 +1,11 @@
 //! Durable append throughput of the share ledger.
 //!
 //! `group_commit`: one tokio task submits N records, then awaits all their `Durable`s, so the
-//! writer folds many records into each fsync. `await_each`: the task awaits every record before
-//! submitting the next, so each record pays a full fsync — the gap between the two is what group
-//! commit buys. Throughput is reported in elements (records) per second.
+//! writer folds many records into each fsync. `group_commit_tickets`: the same with the path a
+//! provider session takes, `queue_share` and one wait for the last record's ticket.
+//! `await_each`: the task awaits every record before submitting the next, so each record pays a
+//! full fsync — the gap between the two is what group commit buys. Throughput is reported in
+//! elements (records) per second.
 
 use std::time::{Duration, Instant};
 
@@ -72,6 +74,27 @@ fn bench(c: &mut Criterion) {
                     }
                     for d in pending {
                         d.await.expect("durable");
+                    }
+                    start.elapsed()
+                });
+            }
+            total
+        })
+    });
+    g.bench_function("group_commit_tickets_100k", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let ledger = ledger.clone();
+                total += rt.block_on(async move {
+                    let start = Instant::now();
+                    let mut last = None;
+                    for i in 0..N {
+                        let r = record(i);
+                        last = Some(ledger.queue_share(&r.as_ref()).expect("queue"));
+                    }
+                    if let Some(t) = last {
+                        ledger.durable(t).await.expect("durable");
                     }
                     start.elapsed()
                 });
