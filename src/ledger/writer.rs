@@ -221,7 +221,9 @@ impl Shared {
     /// Why records that are not durable yet never will be, if that is so.
     pub fn stopped(&self) -> Option<LedgerError> {
         if !self.healthy.load(Ordering::Acquire) {
-            let reason = self.lock().failed.clone().unwrap_or_default();
+            // `failed` is set just after `healthy` is cleared.
+            let reason = self.lock().failed.clone();
+            let reason = reason.unwrap_or_else(|| "the ledger failed".into());
             return Some(LedgerError::Unhealthy(reason));
         }
         self.writer_gone
