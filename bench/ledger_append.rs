@@ -7,11 +7,13 @@
 //! full fsync — the gap between the two is what group commit buys. Throughput is reported in
 //! elements (records) per second.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use consentry::ledger::{Keyring, Ledger, LedgerConfig, MaskedField, ShareAction, ShareRecord};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tokio::runtime::Runtime;
 
 fn record(i: u64) -> ShareRecord {
     ShareRecord {
@@ -48,6 +50,25 @@ fn open(dir: &std::path::Path) -> Ledger {
     Ledger::open(cfg, keys).expect("open ledger")
 }
 
+/// Criterion's total for `iters` runs of `run`, each on its own clone of the ledger, timed from
+/// the first record queued to the last one durable.
+fn timed<F, Fut>(rt: &Runtime, ledger: &Ledger, iters: u64, run: F) -> Duration
+where
+    F: Fn(Ledger) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    (0..iters)
+        .map(|_| {
+            let ledger = ledger.clone();
+            rt.block_on(async {
+                let start = Instant::now();
+                run(ledger).await;
+                start.elapsed()
+            })
+        })
+        .sum()
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -63,43 +84,29 @@ fn bench(c: &mut Criterion) {
         .throughput(Throughput::Elements(N));
     g.bench_function("group_commit_100k", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let ledger = ledger.clone();
-                total += rt.block_on(async move {
-                    let start = Instant::now();
-                    let mut pending = Vec::with_capacity(N as usize);
-                    for i in 0..N {
-                        pending.push(ledger.submit(record(i)).expect("submit"));
-                    }
-                    for d in pending {
-                        d.await.expect("durable");
-                    }
-                    start.elapsed()
-                });
-            }
-            total
+            timed(&rt, &ledger, iters, |ledger| async move {
+                let mut pending = Vec::with_capacity(N as usize);
+                for i in 0..N {
+                    pending.push(ledger.submit(record(i)).expect("submit"));
+                }
+                for d in pending {
+                    d.await.expect("durable");
+                }
+            })
         })
     });
     g.bench_function("group_commit_tickets_100k", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let ledger = ledger.clone();
-                total += rt.block_on(async move {
-                    let start = Instant::now();
-                    let mut last = None;
-                    for i in 0..N {
-                        let r = record(i);
-                        last = Some(ledger.queue_share(&r.as_ref()).expect("queue"));
-                    }
-                    if let Some(t) = last {
-                        ledger.durable(t).await.expect("durable");
-                    }
-                    start.elapsed()
-                });
-            }
-            total
+            timed(&rt, &ledger, iters, |ledger| async move {
+                let mut last = None;
+                for i in 0..N {
+                    let r = record(i);
+                    last = Some(ledger.queue_share(&r.as_ref()).expect("queue"));
+                }
+                if let Some(t) = last {
+                    ledger.durable(t).await.expect("durable");
+                }
+            })
         })
     });
     g.finish();
@@ -111,22 +118,12 @@ fn bench(c: &mut Criterion) {
         .throughput(Throughput::Elements(M));
     g.bench_function("await_each_200", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let ledger = ledger.clone();
-                total += rt.block_on(async move {
-                    let start = Instant::now();
-                    for i in 0..M {
-                        ledger
-                            .submit(record(i))
-                            .expect("submit")
-                            .await
-                            .expect("durable");
-                    }
-                    start.elapsed()
-                });
-            }
-            total
+            timed(&rt, &ledger, iters, |ledger| async move {
+                for i in 0..M {
+                    let d = ledger.submit(record(i)).expect("submit");
+                    d.await.expect("durable");
+                }
+            })
         })
     });
     g.finish();
