@@ -53,6 +53,22 @@ consentry_ledger_appends_total 400
 }
 
 #[test]
+fn tcp_segments_are_read_from_proc_net_snmp() {
+    use harness::tcp::in_segs;
+    let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+        Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets CurrEstab InSegs OutSegs\n\
+        Tcp: 1 200 120000 -1 10 5 0 0 3 123456 120000\n\
+        Udp: InDatagrams\nUdp: 7\n";
+    assert_eq!(in_segs(snmp), Some(123_456));
+    assert_eq!(in_segs("Tcp: RtoAlgorithm\nTcp: 1\n"), None);
+    assert_eq!(in_segs("Udp: InSegs\nUdp: 7\n"), None);
+    // Linux always has the file; elsewhere the report's column reads "–".
+    if cfg!(target_os = "linux") {
+        assert!(harness::tcp::segments_received().is_some());
+    }
+}
+
+#[test]
 fn payload_is_256_bytes_of_json_with_a_timestamp() {
     let p = harness::load::payload(123_456_789, 7);
     assert_eq!(p.len(), harness::load::PAYLOAD_BYTES);
@@ -146,6 +162,13 @@ fn quick_run_completes_and_writes_results() {
             assert!(f["over_5ms"].as_u64() <= Some(count));
         } else {
             assert!(f.is_null(), "{} has no ledger", r["system"]);
+        }
+        // Over loopback every message delivered crossed at least one segment.
+        if cfg!(target_os = "linux") {
+            let segs = r["tcp_segments"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no tcp_segments: {r}"));
+            assert!(segs > 0 || r["delivered"] == 0, "{r}");
         }
         // CPU by thread: every system's throughput run names its threads,
         // and no group can exceed the process's own CPU time.

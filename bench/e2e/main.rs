@@ -12,7 +12,8 @@ use harness::{Options, Scenario};
 
 const USAGE: &str = "\
 cargo bench --bench e2e -- [--quick] [--scenario NAME,…] [--qos 0,1] [--systems rumqttd,consentry,mosquitto]
-    [--duration SECS] [--drain-limit SECS] [--repeats N] [--rates 1000,10000] [--no-half-max] [--no-nodelay-variant]
+    [--duration SECS] [--drain-limit SECS] [--repeats N] [--rates 1000,10000] [--no-half-max]
+    [--client-nodelay off|on|both] [--no-nodelay-variant]
     [--devices N] [--idle-devices N] [--trickle-rate R] [--out DIR]
     [--overload-duration SECS] [--consume-rate R] [--overload-max-messages N]
     [--consentry-bin PATH]
@@ -23,7 +24,10 @@ lowered to what the open-file limit allows. --consentry-bin runs another
 consentry build in place of this tree's (to compare two builds); a wrapper
 script must exec it, since only the direct child is stopped. --drain-limit
 (default 10 s) bounds how long the providers may go on receiving after the
-devices stop; what arrives later counts as not delivered.";
+devices stop; what arrives later counts as not delivered. --client-nodelay
+sets TCP_NODELAY on the load's clients in fixed-rate runs: off, on, or both
+(the default: off, and allow_all again with it on); --no-nodelay-variant is
+--client-nodelay off.";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -120,7 +124,11 @@ fn main() -> anyhow::Result<()> {
                     .collect::<Result<_, _>>()?
             }
             "--no-half-max" => opts.half_max = false,
-            "--no-nodelay-variant" => opts.nodelay_variant = false,
+            "--no-nodelay-variant" => opts.client_nodelay = harness::ClientNodelay::Off,
+            "--client-nodelay" => {
+                opts.client_nodelay = harness::ClientNodelay::parse(&list(it.next())?[0])
+                    .map_err(anyhow::Error::msg)?
+            }
             "--devices" => opts.devices = list(it.next())?[0].parse()?,
             "--idle-devices" => opts.idle_devices = list(it.next())?[0].parse()?,
             "--trickle-rate" => opts.trickle_rate = list(it.next())?[0].parse()?,

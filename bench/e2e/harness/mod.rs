@@ -9,6 +9,7 @@ pub mod load;
 pub mod report;
 pub mod rumqttd;
 pub mod systems;
+pub mod tcp;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,48 @@ use systems::{
     cpu_by_thread, cpu_seconds, memory_kib, open_fds, reset_peak, Credentials, Fsyncs,
     RumqttdCommand, System, SystemKind, KINDS,
 };
+
+/// Whether the load's clients set TCP_NODELAY in fixed-rate runs. With it
+/// off (rumqttc's default) a device's small publishes wait in its kernel for
+/// the broker's ACK (Nagle), so how soon the broker's kernel ACKs, which
+/// follows how promptly it reads, decides how many messages a segment holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientNodelay {
+    Off,
+    On,
+    /// Off everywhere, and allow_all a second time with it on.
+    Both,
+}
+
+impl ClientNodelay {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "on" => Ok(Self::On),
+            "both" => Ok(Self::Both),
+            other => Err(format!(
+                "--client-nodelay takes off, on or both, not {other:?}"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::On => "on",
+            Self::Both => "both",
+        }
+    }
+
+    fn variants(self, scenario: Scenario) -> &'static [bool] {
+        match self {
+            Self::Off => &[false],
+            Self::On => &[true],
+            Self::Both if scenario == Scenario::AllowAll => &[false, true],
+            Self::Both => &[false],
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -116,8 +159,8 @@ pub struct Options {
     pub rates: Vec<f64>,
     /// Also a fixed-rate run at half of consentry's measured maximum.
     pub half_max: bool,
-    /// Fixed-rate runs of allow_all also with TCP_NODELAY on the clients.
-    pub nodelay_variant: bool,
+    /// TCP_NODELAY on the load's clients in fixed-rate runs.
+    pub client_nodelay: ClientNodelay,
     pub devices: usize,
     /// Idle devices wanted; fewer when the open-file limit does not allow
     /// them (see `limits`).
@@ -161,7 +204,7 @@ impl Options {
             repeats: 3,
             rates: vec![1_000.0, 10_000.0],
             half_max: true,
-            nodelay_variant: true,
+            client_nodelay: ClientNodelay::Both,
             devices: 100,
             idle_devices: 20_000,
             trickle_rate: 200.0,
@@ -196,7 +239,7 @@ impl Options {
             Scenario::Overload,
             Scenario::Idle,
         ];
-        self.nodelay_variant = false;
+        self.client_nodelay = ClientNodelay::Off;
         self.max_messages = 400;
         self.drain_limit = Duration::from_secs(2);
         self.duration = Duration::from_millis(400);
@@ -301,6 +344,10 @@ pub struct RunResult {
     /// consentry only: its ledger fsyncs during the run, slow ones counted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ledger_fsyncs: Option<Fsyncs>,
+    /// Throughput runs: TCP segments over loopback during the run, both
+    /// ways, every socket (see [`tcp`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_segments: Option<u64>,
     pub errors: Vec<String>,
 }
 
@@ -529,11 +576,7 @@ pub fn run_all(opts: &Options) -> anyhow::Result<Results> {
                         }
                     }
                 }
-                let variants: &[bool] = if opts.nodelay_variant && scenario == Scenario::AllowAll {
-                    &[false, true]
-                } else {
-                    &[false]
-                };
+                let variants = opts.client_nodelay.variants(scenario);
                 for (label, rate) in paces {
                     for &nodelay in variants {
                         for sys in &mut running {
@@ -576,6 +619,7 @@ pub fn run_all(opts: &Options) -> anyhow::Result<Results> {
             "repeats": opts.repeats,
             "rates": opts.rates,
             "half_max": opts.half_max,
+            "client_nodelay": opts.client_nodelay.name(),
             "devices": opts.devices,
             "idle_devices": idle_devices,
             "idle_devices_wanted": opts.idle_devices,
@@ -646,6 +690,7 @@ fn blank(spec: &RunSpec, sys: &System, devices: usize, providers: usize) -> RunR
         fds_connected: None,
         overload: None,
         ledger_fsyncs: None,
+        tcp_segments: None,
         errors: Vec::new(),
     }
 }
@@ -716,6 +761,7 @@ async fn run_throughput(opts: &Options, sys: &mut System, spec: &RunSpec) -> Run
     let threads0 = cpu_by_thread(pid);
     r.rss_before_kib = memory_kib(pid).1;
     let fsyncs0 = sys.fsyncs();
+    let segs0 = tcp::segments_received();
     // Bounded in count as well as time.
     let cap = opts.max_messages / opts.devices.max(1) as u64 + 1;
     let (sent, start) = load::drive(
@@ -744,6 +790,9 @@ async fn run_throughput(opts: &Options, sys: &mut System, spec: &RunSpec) -> Run
         .collect();
     r.peak_rss_kib = memory_kib(pid).0;
     r.ledger_fsyncs = sys.fsyncs().zip(fsyncs0).map(|(a, b)| a.since(b));
+    r.tcp_segments = tcp::segments_received()
+        .zip(segs0)
+        .map(|(a, b)| a.saturating_sub(b));
     let delivered = receivers
         .delivered
         .load(std::sync::atomic::Ordering::Relaxed);

@@ -113,6 +113,10 @@ pub struct Summary {
     pub added_p99_us_vs_rumqttd: Option<f64>,
     /// consentry: its ledger fsyncs over all the runs, slow ones counted.
     pub ledger_fsyncs: Option<super::systems::Fsyncs>,
+    /// Loopback TCP segments, both ways, per delivered message (median of
+    /// the runs): with client NODELAY off, near 2 when each publish went
+    /// alone and its ACK at once, well under 1 when segments carried several.
+    pub tcp_segments_per_delivery: Option<f64>,
     pub errors: usize,
 }
 
@@ -168,6 +172,14 @@ pub fn summarize(runs: &[RunResult]) -> Vec<Summary> {
                     .iter()
                     .filter_map(|r| r.ledger_fsyncs)
                     .reduce(|a, b| a.plus(b)),
+                tcp_segments_per_delivery: {
+                    let mut v: Vec<f64> = rs
+                        .iter()
+                        .filter(|r| r.delivered > 0)
+                        .filter_map(|r| Some(r.tcp_segments? as f64 / r.delivered as f64))
+                        .collect();
+                    (!v.is_empty()).then(|| median(&mut v))
+                },
                 errors: rs.iter().map(|r| r.errors.len()).sum(),
             }
         })
@@ -328,15 +340,15 @@ pub fn markdown(results: &Results) -> String {
         s,
         "\n### Fixed offered rate (one run each): latency from publish() to receipt\n"
     );
-    let _ = writeln!(s, "| scenario | QoS | offered msg/s | client NODELAY | system | delivered msg/s | not delivered | p50 ms | p99 ms | p999 ms | added p99 vs rumqttd ms | ledger fsyncs > 5 ms (> 10 ms) of all | CPU (load generator) | peak RSS MiB |");
+    let _ = writeln!(s, "| scenario | QoS | offered msg/s | client NODELAY | system | delivered msg/s | not delivered | p50 ms | p99 ms | p999 ms | added p99 vs rumqttd ms | ledger fsyncs > 5 ms (> 10 ms) of all | CPU (load generator) | peak RSS MiB | TCP segments per message |");
     let _ = writeln!(
         s,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for x in sum.iter().filter(|x| is_fixed_rate(x)) {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.0}% ({:.0}%) | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.0}% ({:.0}%) | {} | {} |",
             load_cells(
                 x.scenario_name(),
                 x.qos,
@@ -358,6 +370,8 @@ pub fn markdown(results: &Results) -> String {
             x.cpu_share * 100.0,
             x.harness_cpu_share * 100.0,
             mib(x.peak_rss_kib),
+            x.tcp_segments_per_delivery
+                .map_or("–".into(), |v| format!("{v:.2}")),
         );
     }
 
