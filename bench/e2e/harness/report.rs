@@ -608,14 +608,17 @@ impl RunResult {
 /// Each target of the benchmark issue, judged from the medians of this run.
 pub fn targets(results: &Results) -> Vec<String> {
     let sum = &results.summary;
-    let find = |sc: Scenario, q: u8, label: &str, nodelay: bool| {
+    let find_of = |sys: SystemKind, sc: Scenario, q: u8, label: &str, nodelay: bool| {
         sum.iter().find(|x| {
-            x.system == SystemKind::Consentry
+            x.system == sys
                 && x.scenario == sc
                 && x.qos == q
                 && x.label == label
                 && x.client_nodelay == nodelay
         })
+    };
+    let find = |sc: Scenario, q: u8, label: &str, nodelay: bool| {
+        find_of(SystemKind::Consentry, sc, q, label, nodelay)
     };
     let verdict = |ok: bool| if ok { "**met**" } else { "**missed**" };
     let mut out = Vec::new();
@@ -647,8 +650,20 @@ pub fn targets(results: &Results) -> Vec<String> {
         for nodelay in [false, true] {
             if let Some(x) = find(Scenario::AllowAll, q, "half_max", nodelay) {
                 if let Some(d) = x.added_p99_us_vs_rumqttd {
+                    // Which way the clients' TCP fell (see `tcp`), for both brokers.
+                    let segs = |x: Option<&Summary>| {
+                        x.and_then(|x| x.tcp_segments_per_delivery)
+                            .map_or("–".into(), |v| format!("{v:.2}"))
+                    };
+                    let bare = find_of(
+                        SystemKind::Rumqttd,
+                        Scenario::AllowAll,
+                        q,
+                        "half_max",
+                        nodelay,
+                    );
                     out.push(format!(
-                        "allow_all QoS {q} at half of consentry's max ({:.0} msg/s), client NODELAY {}: added p99 = {} ms (target ≤ 1 ms): {} (CPU: consentry {:.0}% + load generator {:.0}% of {}%)",
+                        "allow_all QoS {q} at half of consentry's max ({:.0} msg/s), client NODELAY {}: added p99 = {} ms (target ≤ 1 ms): {} (CPU: consentry {:.0}% + load generator {:.0}% of {}%; TCP segments per message: consentry {}, rumqttd {})",
                         x.offered_per_s.unwrap_or(0.0),
                         if nodelay { "on" } else { "off" },
                         ms(d),
@@ -656,6 +671,8 @@ pub fn targets(results: &Results) -> Vec<String> {
                         x.cpu_share * 100.0,
                         x.harness_cpu_share * 100.0,
                         100 * results.machine.nproc,
+                        segs(Some(x)),
+                        segs(bare),
                     ));
                 }
             }
