@@ -200,6 +200,21 @@ fn quick_run_completes_and_writes_results() {
             None => assert!(rounds.is_empty(), "{x}"),
         }
     }
+    // Two rounds of every fixed-rate load in a quick run: medians over both,
+    // and consentry's added p99 against bare rumqttd's run of each round.
+    let rate_rows: Vec<_> = summary
+        .iter()
+        .filter(|x| x["label"] != "max" && x["scenario"] != "idle" && x["scenario"] != "overload")
+        .collect();
+    assert!(!rate_rows.is_empty());
+    for x in rate_rows {
+        assert_eq!(x["runs"], 2, "{x}");
+        if x["system"] == "consentry" && x["added_p99_us_vs_rumqttd"].is_number() {
+            let rounds = x["added_p99_us_by_round"].as_array().expect("by round");
+            assert_eq!(rounds.len(), 2, "{x}");
+            assert!(rounds.iter().all(|d| d.as_f64().is_some()), "{x}");
+        }
+    }
     // The load generator's share of the machine is given for every load
     // (in clock ticks: a tiny run may round to zero, not all of them).
     let shares: Vec<f64> = summary
@@ -215,5 +230,7 @@ fn quick_run_completes_and_writes_results() {
     let md = std::fs::read_to_string(out.path().join("latest.md")).unwrap();
     assert!(md.contains("### Maximum rate"));
     assert!(md.contains("### Overload"));
+    assert!(md.contains("### Fixed offered rate (median of 2 rounds)"));
+    assert!(md.contains("≤ 1 ms in"), "added p99 round by round");
     assert!(md.contains("### consentry's CPU by thread at fixed rates"));
 }

@@ -12,7 +12,7 @@ use harness::{Options, Scenario};
 
 const USAGE: &str = "\
 cargo bench --bench e2e -- [--quick] [--scenario NAME,…] [--qos 0,1] [--systems rumqttd,consentry,mosquitto]
-    [--duration SECS] [--drain-limit SECS] [--repeats N] [--rates 1000,10000] [--no-half-max]
+    [--duration SECS] [--drain-limit SECS] [--repeats N] [--rate-repeats N] [--rates 1000,10000] [--no-half-max]
     [--client-nodelay off|on|both] [--no-nodelay-variant]
     [--devices N] [--idle-devices N] [--trickle-rate R] [--out DIR]
     [--overload-duration SECS] [--consume-rate R] [--overload-max-messages N]
@@ -27,7 +27,9 @@ script must exec it, since only the direct child is stopped. --drain-limit
 devices stop; what arrives later counts as not delivered. --client-nodelay
 sets TCP_NODELAY on the load's clients in fixed-rate runs: off, on, or both
 (the default: off, and allow_all again with it on); --no-nodelay-variant is
---client-nodelay off.";
+--client-nodelay off. --rate-repeats (default 1) runs every fixed-rate load
+that many rounds, each system back to back in each round: the fixed-rate
+table then shows medians, and added p99 round by round.";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -117,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                 opts.overload_max_messages = list(it.next())?[0].parse()?
             }
             "--repeats" => opts.repeats = list(it.next())?[0].parse()?,
+            "--rate-repeats" => opts.rate_repeats = list(it.next())?[0].parse()?,
             "--rates" => {
                 opts.rates = list(it.next())?
                     .iter()

@@ -155,6 +155,9 @@ pub struct Options {
     pub duration: Duration,
     /// Maximum-rate runs per system, scenario and QoS.
     pub repeats: usize,
+    /// Rounds of every fixed-rate run (each round runs every system back to
+    /// back); the table then shows medians, and added p99 round by round.
+    pub rate_repeats: usize,
     /// Fixed offered rates (messages/s published, over all devices).
     pub rates: Vec<f64>,
     /// Also a fixed-rate run at half of consentry's measured maximum.
@@ -202,6 +205,7 @@ impl Options {
             ],
             duration: Duration::from_secs(3),
             repeats: 3,
+            rate_repeats: 1,
             rates: vec![1_000.0, 10_000.0],
             half_max: true,
             client_nodelay: ClientNodelay::Both,
@@ -244,6 +248,8 @@ impl Options {
         self.drain_limit = Duration::from_secs(2);
         self.duration = Duration::from_millis(400);
         self.repeats = 1;
+        // Two rounds, so the round-by-round bookkeeping runs too.
+        self.rate_repeats = 2;
         self.rates = vec![500.0];
         self.half_max = false;
         self.devices = 4;
@@ -579,16 +585,18 @@ pub fn run_all(opts: &Options) -> anyhow::Result<Results> {
                 let variants = opts.client_nodelay.variants(scenario);
                 for (label, rate) in paces {
                     for &nodelay in variants {
-                        for sys in &mut running {
-                            let spec = RunSpec {
-                                scenario,
-                                qos,
-                                pace: Pace::Rate(rate),
-                                label: label.clone(),
-                                repeat: 0,
-                                nodelay,
-                            };
-                            these.push(rt.block_on(run_throughput(opts, sys, &spec)));
+                        for repeat in 0..opts.rate_repeats.max(1) {
+                            for sys in &mut running {
+                                let spec = RunSpec {
+                                    scenario,
+                                    qos,
+                                    pace: Pace::Rate(rate),
+                                    label: label.clone(),
+                                    repeat,
+                                    nodelay,
+                                };
+                                these.push(rt.block_on(run_throughput(opts, sys, &spec)));
+                            }
                         }
                     }
                 }
@@ -617,6 +625,7 @@ pub fn run_all(opts: &Options) -> anyhow::Result<Results> {
         settings: serde_json::json!({
             "duration_s": opts.duration.as_secs_f64(),
             "repeats": opts.repeats,
+            "rate_repeats": opts.rate_repeats.max(1),
             "rates": opts.rates,
             "half_max": opts.half_max,
             "client_nodelay": opts.client_nodelay.name(),
