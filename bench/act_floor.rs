@@ -1,7 +1,7 @@
 //! How fast can a share decision be on this machine at all? Not consentry's
 //! ACT: the least a share decision must do, in the layout that touches the
 //! least memory, so that `micro`'s "share" row has a floor to be read
-//! against (bench/README.md, fourteenth session).
+//! against (bench/HISTORY.md, fourteenth session).
 //!
 //! The decision is the one `Act::deliver` makes for `micro`'s load: split
 //! `pii/{user}/{device}/{kind}`, find the kind, find the user, check the

@@ -2,7 +2,7 @@
 //! cores are busy? Not consentry's code: the append and `fdatasync` the
 //! ledger's writer makes once per group commit, timed alone, so that the e2e
 //! harness's added p99 at half of max has a floor to be read against
-//! (bench/README.md, twentieth session). Every personal delivery waits for
+//! (bench/HISTORY.md, twentieth session). Every personal delivery waits for
 //! its record's fsync (invariant 2), so a delivery's latency holds at least
 //! the fsync of its group commit.
 //!

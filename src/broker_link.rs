@@ -5,7 +5,7 @@
 //! pipes to a bridge task that decoded what the session encoded and handed
 //! it to the router: per message two encodings, two decodings, two pipe
 //! copies and a task hop, about a tenth of consentry's CPU at 100k msg/s
-//! (bench/README.md, nineteenth session). Now a session holds a local link
+//! (bench/HISTORY.md, nineteenth session). Now a session holds a local link
 //! to the router itself ([`Local`]) and hands it packets: rumqttd's own
 //! types, converted from the session's model (`crate::link_packets`).
 //!

@@ -22,7 +22,7 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// Reads from the broker shorter than this are acknowledged at once (see
 /// [`ack_at_once`]). A flood arrives in full segments, which Nagle does not
 /// hold, and there the extra ACKs and system calls cost throughput
-/// (bench/README.md, fourth session).
+/// (bench/HISTORY.md, fourth session).
 const QUICKACK_BELOW: usize = 16 * 1024;
 /// How long a client of the broker waits, after its DISCONNECT, for the
 /// broker to close the connection before closing it itself.
@@ -164,7 +164,7 @@ impl Conn {
     /// is still unacknowledged waits in its Nagle buffer for our ACK, which
     /// Linux delays by up to 40 ms when we have nothing to send back, as
     /// with QoS 0. That wait was most of consentry's QoS 0 latency at
-    /// moderate rates (measured in bench/README.md, fourth session). Linux
+    /// moderate rates (measured in bench/HISTORY.md, fourth session). Linux
     /// drops out of quick-ACK mode by itself, so it is asked again after
     /// every read. Other systems have no TCP_QUICKACK; their delayed ACKs
     /// stay.

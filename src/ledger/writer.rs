@@ -70,7 +70,7 @@ pub(crate) struct Pending {
 /// Records in queue order, their plaintexts back to back in one buffer: a
 /// record costs no allocation of its own, and no buffer is allocated on a
 /// session's thread to be freed on the writer's (glibc's slow path; the
-/// sixteenth session's profile of a flood, bench/README.md).
+/// sixteenth session's profile of a flood, bench/HISTORY.md).
 #[derive(Default)]
 pub(crate) struct Batch {
     pub items: Vec<Pending>,
