@@ -73,6 +73,15 @@ pub struct ShowArgs {
 pub async fn show(cfg: &Config, args: ShowArgs) -> anyhow::Result<Vec<Value>> {
     let (_, keys) = existing_ledger(cfg)?;
     let ledger = Ledger::open(ledger_config(cfg), keys)?;
+    // A mistyped name would otherwise read as an empty history, and leave
+    // an extract record of a user who does not exist.
+    if !user_in_store(cfg, &args.user)? {
+        ledger.shutdown().await;
+        anyhow::bail!(
+            "no user {:?} in the store; nothing was read or recorded",
+            args.user
+        );
+    }
     let filter = ReadFilter {
         from: args.from,
         to: args.to,
@@ -106,6 +115,20 @@ pub async fn show(cfg: &Config, args: ShowArgs) -> anyhow::Result<Vec<Value>> {
         .into_iter()
         .map(|(seq, e)| entry_json(seq, &e))
         .collect())
+}
+
+/// Whether the store knows `user`. The store must exist: opening a missing
+/// one would create it empty.
+fn user_in_store(cfg: &Config, user: &str) -> anyhow::Result<bool> {
+    let path = data_dir(cfg)?.join(crate::server::STORE_FILE);
+    if !path.is_file() {
+        anyhow::bail!(
+            "no store at {} (is the data directory right?)",
+            path.display()
+        );
+    }
+    let store = crate::server::open_store(cfg)?;
+    Ok(store.transaction(|tx| tx.user_exists(user))?)
 }
 
 /// One entry as `ledger show` prints it: the field names of the HTTP API's

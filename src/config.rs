@@ -12,21 +12,23 @@ use crate::acl::AclRule;
 use crate::model::{Directory, Kind};
 
 #[derive(Debug, Error)]
+// The messages hold the underlying error's text, so it is not also given
+// as the error's source: `Error: …` and then `Caused by: …` would repeat it.
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     ParseJson {
         path: PathBuf,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("{0}")]
     Invalid(String),
@@ -389,20 +391,24 @@ fn seconds(key: &str, value: u64, min: u64, why: &str) -> Result<(), ConfigError
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.into(),
-            source,
+            error,
         })?;
-        let mut cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut cfg: Config = toml::from_str(&text).map_err(|error| ConfigError::Parse {
             path: path.into(),
-            source,
+            error,
         })?;
         if let (Some(dir), Some(base)) = (&cfg.directory, path.parent()) {
             if dir.is_relative() {
                 cfg.directory = Some(base.join(dir));
             }
         }
-        cfg.validate()?;
+        // Every rule names its key; the file is named here.
+        cfg.validate().map_err(|e| match e {
+            ConfigError::Invalid(why) => ConfigError::Invalid(format!("{}: {why}", path.display())),
+            other => other,
+        })?;
         Ok(cfg)
     }
 
@@ -572,9 +578,9 @@ impl Config {
         let Some(path) = &self.directory else {
             return Ok(Directory::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.clone(),
-            source,
+            error,
         })?;
         // TOML for directories people write; JSON for the ones programs
         // write. A TOML document is parsed into a tree first, which for a
@@ -585,9 +591,9 @@ impl Config {
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("json"))
         {
-            return serde_json::from_str(&text).map_err(|source| ConfigError::ParseJson {
+            return serde_json::from_str(&text).map_err(|error| ConfigError::ParseJson {
                 path: path.clone(),
-                source,
+                error,
             });
         }
         // The TOML tree is built and dropped on a thread of its own, and
@@ -612,10 +618,10 @@ impl Config {
         });
         let json = match parsed {
             Ok(Ok(json)) => json.map_err(relay)?,
-            Ok(Err(source)) => {
+            Ok(Err(error)) => {
                 return Err(ConfigError::Parse {
                     path: path.clone(),
-                    source,
+                    error,
                 })
             }
             Err(why) => return Err(ConfigError::Invalid(format!("{}: {why}", path.display()))),

@@ -274,10 +274,8 @@ fn main() -> anyhow::Result<()> {
                         purpose,
                     };
                     let rt = tokio::runtime::Runtime::new()?;
-                    for entry in rt.block_on(consentry::admin::show(&cfg, args))? {
-                        println!("{entry}");
-                    }
-                    Ok(())
+                    let entries = rt.block_on(consentry::admin::show(&cfg, args))?;
+                    print_lines(entries)
                 }
             }
         }
@@ -441,5 +439,20 @@ impl Signals {
 
     async fn again(&mut self) {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Prints one line per item. A reader that stops early (`| head`) closes
+/// the pipe: that ends the output, and is not an error.
+fn print_lines<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = items
+        .into_iter()
+        .try_for_each(|item| writeln!(out, "{item}"))
+        .and_then(|()| out.flush());
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.context("write to standard output")?),
     }
 }

@@ -617,10 +617,13 @@ impl PreferenceManager {
 
     /// Registers a provider or updates one: refused while users' grants
     /// name a purpose whose terms would change (see `consent_changes`).
-    pub fn put_provider(&self, mut provider: Provider) -> Result<(), PrefError> {
+    /// Returns whether the provider is new.
+    pub fn put_provider(&self, mut provider: Provider) -> Result<bool, PrefError> {
         check_terms(&provider)?;
         let mut state = self.lock();
-        if let Some(old) = state.providers.iter().find(|p| p.id == provider.id) {
+        let old = state.providers.iter().find(|p| p.id == provider.id);
+        let created = old.is_none();
+        if let Some(old) = old {
             if let Some(refusal) = consent_changes(old, &provider, state.prefs.values()) {
                 return Err(PrefError::Exists(refusal));
             }
@@ -641,17 +644,20 @@ impl PreferenceManager {
             self.store.transaction(|tx| tx.put_provider(&provider))?;
             Ok(())
         })?;
-        Ok(())
+        Ok(created)
     }
 
     /// Declares a kind, or changes one no user's preferences name. A kind
     /// that grants name is what those users consented to: another field, or
     /// no longer sensitive, would change their consent without them.
-    pub fn put_kind(&self, kind: Kind) -> Result<(), PrefError> {
+    /// Returns whether the kind is new.
+    pub fn put_kind(&self, kind: Kind) -> Result<bool, PrefError> {
         let mut state = self.lock();
-        if let Some(old) = state.kinds.iter().find(|k| k.name == kind.name) {
+        let old = state.kinds.iter().find(|k| k.name == kind.name);
+        let created = old.is_none();
+        if let Some(old) = old {
             if same_definition(old, &kind) {
-                return Ok(());
+                return Ok(false);
             }
             let users = state
                 .prefs
@@ -684,7 +690,7 @@ impl PreferenceManager {
             self.store.transaction(|tx| tx.put_kind(&kind))?;
             Ok(())
         })?;
-        Ok(())
+        Ok(created)
     }
 
     /// Applies a directory file: users, devices and providers are created or

@@ -171,11 +171,14 @@ pub fn data_dir(cfg: &Config) -> anyhow::Result<&Path> {
     Ok(data)
 }
 
+/// The store's file name in the data directory.
+pub const STORE_FILE: &str = "consentry.db";
+
 /// The store's file and its key, derived from the master key.
 pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     let data = data_dir(cfg)?;
     let key = secrets::derive(&secrets::master_key(data)?, "store v1");
-    let path = data.join("consentry.db");
+    let path = data.join(STORE_FILE);
     owner_only_database(&path)?;
     // SQLite words a full or read-only disk as an I/O error of its own
     // (e.g. in xShmMap); the operator needs the likely cause.
@@ -200,7 +203,7 @@ fn check_consent_mark(store: &Store, data: &Path) -> anyhow::Result<()> {
                  consented to and withdrew. Restore the whole data directory from one backup \
                  (README, on backing up the data directory); to start afresh on purpose, move \
                  the data directory away",
-                data.join("consentry.db").display(),
+                data.join(STORE_FILE).display(),
                 mark.path().display(),
             );
         }
@@ -211,7 +214,7 @@ fn check_consent_mark(store: &Store, data: &Path) -> anyhow::Result<()> {
              since, grants they withdrew among them. Restore the whole data directory from one \
              backup (README, on backing up the data directory); to start on the older store anyway, delete {} and tell \
              the users whose consents went back",
-            data.join("consentry.db").display(),
+            data.join(STORE_FILE).display(),
             mark.path().display(),
             mark.path().display(),
         );
@@ -437,7 +440,7 @@ impl Server {
                  in {} holds {} records: the store that held users' preferences was lost. \
                  Restore it from a backup; to start afresh on purpose, move the ledger \
                  directory away too",
-                data.join("consentry.db").display(),
+                data.join(STORE_FILE).display(),
                 ledger_paths(&config).0.display(),
                 ledger.durable_seq(),
             );

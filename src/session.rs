@@ -473,6 +473,9 @@ async fn write_packet<S: AsyncWrite + Unpin>(s: &mut S, v: Version, p: &Packet) 
 /// closed (a failed write): it could not be shared, and with the embedded
 /// broker what was accepted would be lost at the restart the ledger needs.
 pub(crate) const LEDGER_UNAVAILABLE: &str = "ledger_unavailable";
+/// Why an empty publish on a personal topic that is not a retained clear
+/// is refused (0x99).
+pub(crate) const EMPTY_PAYLOAD: &str = "empty_payload";
 
 /// The MQTT 5 properties of a PUBLISH of personal data that carry
 /// whatever its publisher put in them (user properties, content type,
@@ -511,6 +514,11 @@ pub(crate) fn decide_ingress(
         Err(deny) => Err(deny.as_str()),
         Ok(Ingress::Plain) => Ok((payload.clone(), false)),
         Ok(Ingress::Personal { .. }) if !shared.ledger.is_healthy() => Err(LEDGER_UNAVAILABLE),
+        // Only a retained clear may be empty, and it does not come here.
+        // Any other empty publish would be acknowledged and then reach no
+        // provider: at delivery an empty payload cannot be told from a
+        // clear, which shares nothing.
+        Ok(Ingress::Personal { .. }) if payload.is_empty() => Err(EMPTY_PAYLOAD),
         Ok(Ingress::Personal { kind, .. }) => {
             let strict = kind.undeclared == Undeclared::Reject;
             match mask::minimize(kind.format, payload, &kind.fields, &kind.types, strict) {
@@ -1536,7 +1544,11 @@ impl Session {
                 }
                 let (ack, rec) = if matches!(
                     reason,
-                    "undecodable" | "undeclared_field" | "field_type" | "repeated_key"
+                    "undecodable"
+                        | "undeclared_field"
+                        | "field_type"
+                        | "repeated_key"
+                        | EMPTY_PAYLOAD
                 ) {
                     (
                         PubAckReason::PayloadFormatInvalid,

@@ -269,13 +269,15 @@ pub fn filter_covers(a: &str, b: &str) -> bool {
     bl.next().is_none()
 }
 
-/// `$share/{group}/{filter}` is judged by the filter it shares.
+/// `$share/{group}/{filter}` is judged by the filter it shares. `None` for
+/// a malformed one: MQTT 5 4.8.2 wants a group of at least one character
+/// without `+` or `#`, and a filter after it.
 pub fn strip_shared(filter: &str) -> Option<&str> {
     match filter.strip_prefix("$share/") {
         Some(rest) => rest
             .split_once('/')
-            .map(|(_, f)| f)
-            .filter(|f| !f.is_empty()),
+            .filter(|(group, f)| !group.is_empty() && !group.contains(['+', '#']) && !f.is_empty())
+            .map(|(_, f)| f),
         None => Some(filter),
     }
 }
@@ -485,6 +487,9 @@ mod tests {
         assert_eq!(strip_shared("pii/#"), Some("pii/#"));
         assert_eq!(strip_shared("$share/g"), None);
         assert_eq!(strip_shared("$share/g/"), None);
+        assert_eq!(strip_shared("$share//pii/#"), None);
+        assert_eq!(strip_shared("$share/g+/pii/#"), None);
+        assert_eq!(strip_shared("$share/#/pii/#"), None);
     }
 
     #[test]

@@ -850,6 +850,76 @@ async fn messagepack_payloads_are_masked() {
     );
 }
 
+/// An opaque kind's message may be any bytes but not none: an empty publish
+/// that is not a retained clear is refused with 0x99, not acknowledged and
+/// then lost (at delivery it could not be told from a clear, which reaches
+/// no provider).
+#[tokio::test]
+async fn an_empty_publish_on_an_opaque_kind_is_refused_unless_it_clears() {
+    let purpose = r#"kinds = ["heart_rate", "steps", "location"]"#;
+    let mut directory = DEMO_DIRECTORY.replacen(
+        purpose,
+        r#"kinds = ["heart_rate", "steps", "location", "blob"]"#,
+        1,
+    );
+    directory = directory.replacen(
+        r#"{ kind = "steps" }]"#,
+        r#"{ kind = "steps" }, { kind = "blob" }]"#,
+        1,
+    );
+    let grant = "[[preferences.share]]\nprovider = \"fitcoach\"\npurpose = \"coaching\"\nkind = \"blob\"\n\n";
+    directory = directory.replacen("# bob:", &format!("{grant}# bob:"), 1);
+    let server = Server::start(Setup {
+        directory: Some(directory),
+        extra: format!(
+            "{MARKER_ACL}\n[[kinds]]\nname = \"blob\"\ncategory = \"Behavioral\"\nformat = \"opaque\"\n"
+        ),
+        ..Default::default()
+    });
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/+/+/blob", v5::QoS::AtMostOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    let topic = "pii/alice/alice-watch/blob";
+
+    assert_eq!(
+        alice.publish_acked(topic, b"").await,
+        v5::PubAckReason::PayloadFormatInvalid
+    );
+    assert_eq!(
+        server.metric(
+            "consentry_publishes_total",
+            &[("result", "dropped"), ("reason", "empty_payload")]
+        ),
+        1.0
+    );
+    // A retained clear still passes, and any bytes at all are delivered.
+    alice
+        .client
+        .publish(topic, v5::QoS::AtLeastOnce, true, Vec::new())
+        .await
+        .unwrap();
+    let cleared = loop {
+        if let v5::Packet::PubAck(a) = alice.next().await {
+            break a.reason;
+        }
+    };
+    assert_eq!(cleared, v5::PubAckReason::Success);
+    assert_eq!(
+        alice.publish_acked(topic, b"\x00").await,
+        v5::PubAckReason::Success
+    );
+    let got = fit.next_publish().await;
+    assert_eq!(&got.payload[..], b"\x00");
+    assert_eq!(
+        server.metric(
+            "consentry_publishes_total",
+            &[("result", "dropped"), ("reason", "empty_payload")]
+        ),
+        1.0,
+        "the retained clear was not refused"
+    );
+}
+
 /// alice publishes steps, then a marker; returns once `ins` has the marker.
 async fn steps_then_marker(alice: &v5::Client, ins: &mut v5::Client) {
     let a = &alice.client;
@@ -905,7 +975,7 @@ async fn held_subscriptions_are_dropped_when_the_act_no_longer_allows_them() {
                           "kinds": ["heart_rate"], "retention_days": 1825}]
         })),
     );
-    assert_eq!(s, 201, "{body}");
+    assert_eq!(s, 200, "an update of the demo's provider: {body}");
     server
         .wait_for_metric(
             "consentry_subscriptions_total",
@@ -947,7 +1017,7 @@ async fn a_provider_update_keeps_its_login_and_checks_its_purposes() {
     let pricing = json!({"id": "pricing", "statement": "Pricing", "category": "Contracted Service",
                          "kinds": ["heart_rate"], "retention_days": 1825});
     let (s, body) = post(json!([pricing.clone()]));
-    assert_eq!(s, 201, "{body}");
+    assert_eq!(s, 200, "an update of the demo's provider: {body}");
     let login = v5::options(
         server.mqtt,
         "ins-again",

@@ -320,6 +320,9 @@ async fn receipts_validate_and_verify_independently() {
         None,
     );
     let stored = json_of(&stored);
+    // In the user's zone, as the list gives it.
+    common::assert_paris_time(&stored["at"]);
+    assert_eq!(stored["at"], json_of(&list)[0]["at"]);
     let receipt = &stored["json"];
     let v08 = schema("kantara-cr-v0.8/kantara-cr-v0.8-schema.json");
     let errors: Vec<String> = v08.iter_errors(receipt).map(|e| e.to_string()).collect();

@@ -226,6 +226,37 @@ async fn ledger_commands_need_an_existing_ledger() {
     assert!(err.contains("no signed checkpoint"), "{err}");
 }
 
+/// `ledger show` for a user the store does not know is an error, and writes
+/// no extract record: a mistyped name must not read as an empty history.
+/// And a reader that stops early (`| head`) ends the output quietly.
+#[tokio::test]
+async fn ledger_show_refuses_unknown_users_and_stops_at_a_closed_pipe() {
+    let mut server = Server::demo();
+    server.stop();
+    let before = verify(&server);
+    let out = server.cli(&["ledger", "show", "--user", "alcie"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no user \"alcie\" in the store"), "{err}");
+    assert_eq!(verify(&server), before, "an extract was recorded");
+
+    // No reader at all: the first write fails with a broken pipe.
+    let mut child = std::process::Command::new(common::bin())
+        .arg("--config")
+        .arg(&server.config)
+        .args(["ledger", "show", "--user", "alice"])
+        .env("CONSENTRY_DATA_DIR", server.data_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[tokio::test]
 async fn every_message_received_before_a_sigkill_has_its_record() {
     let mut server = Server::demo();

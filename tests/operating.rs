@@ -228,6 +228,8 @@ fn check_refuses_what_serve_refuses_and_serve_refuses_before_touching_the_store(
         let data = dir.path().join("data");
         let (ok, _, err) = run(&config, &["check"], &data);
         assert!(!ok && err.contains(key), "check with {to}: {err}");
+        let named = format!("{}: {key}", config.display());
+        assert!(err.contains(&named), "check with {to} names no file: {err}");
         let (ok, _, err) = run(
             &config,
             &[
@@ -346,6 +348,19 @@ fn check_names_the_file_a_semantic_error_is_in() {
     );
     let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
     assert!(!ok && err.contains("consentry.toml: template"), "{err}");
+
+    // A file that does not parse is named, and the parser's words are
+    // said once, not again as the error's cause.
+    let (dir, config) = write_config(
+        &[("retention_days = 1825", "retention_days = [")],
+        common::DEMO_DIRECTORY,
+    );
+    let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
+    assert!(
+        !ok && err.contains("consentry.toml: TOML parse error"),
+        "{err}"
+    );
+    assert_eq!(err.matches("TOML parse error").count(), 1, "{err}");
 
     // Grants an import would refuse (as the API would): check says so, as
     // for a first start, which imports the whole file.

@@ -780,6 +780,37 @@ async fn every_unsubscribe_gets_one_unsuback() {
     }
 }
 
+/// A shared subscription's group must be one character or more and hold no
+/// `+` or `#` (MQTT 5 4.8.2): a malformed one is refused with 0x8F, not
+/// subscribed (rumqttc checks these itself, so they go out raw).
+#[tokio::test]
+async fn malformed_share_groups_are_refused() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, Subscribe, SubscribeReasonCode};
+    let server = Server::demo();
+    let mut r = Raw::login_v5(server.mqtt, "fitcoach", "fitcoach-secret").await;
+    let filters = [
+        "$share//pii/#",
+        "$share/g+/pii/#",
+        "$share/#/pii/#",
+        "$share/g/pii/#",
+    ];
+    let mut sub = Subscribe::new_many(
+        filters.iter().map(|f| Filter::new(*f, QoS::AtMostOnce)),
+        None,
+    );
+    sub.pkid = 7;
+    r.send(Packet::Subscribe(sub)).await;
+    let bad = SubscribeReasonCode::TopicFilterInvalid;
+    match r.recv().await {
+        Some(Packet::SubAck(a)) => assert_eq!(
+            a.return_codes,
+            vec![bad, bad, bad, SubscribeReasonCode::Success(QoS::AtMostOnce)],
+            "{filters:?}"
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
 /// With the broker unreachable, a client that needs a broker session at
 /// once (a persistent one) gets CONNACK "Server unavailable" (MQTT 5 0x88,
 /// 3.1.1 return code 3) and the connection closed: the first packet a

@@ -15,7 +15,10 @@ use super::{AuthUser, Body, Operator, Path, Problem, Query, State};
 use crate::ledger::{Entry, ExtractRecord, Ledger, ReadFilter};
 use crate::store::Dispute;
 
+// A parameter the endpoint does not know is refused (400 naming it), not
+// ignored: a filter spelt wrong would otherwise answer with everything.
 #[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct HistoryQuery {
     /// Inclusive. An RFC 3339 time (a `+` in its offset may arrive as a
     /// space, as an unencoded `+` does), a local time without an offset, or
@@ -190,6 +193,7 @@ pub async fn history(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct ExportQuery {
     /// json (default) or csv.
     format: Option<String>,

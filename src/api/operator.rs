@@ -36,7 +36,7 @@ pub struct Created {
 
 /// Register or update a provider and its T&C.
 #[utoipa::path(post, path = "/v1/operator/providers", request_body = NewProvider, security(("operator" = [])),
-    responses((status = 201, body = Created), (status = 403, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, description = "registered", body = Created), (status = 200, description = "updated", body = Created), (status = 403, body = Problem), (status = 422, body = Problem)))]
 pub async fn put_provider(
     state: State,
     _: Operator,
@@ -75,16 +75,16 @@ pub async fn put_provider(
         provider.password_hash = Some(state.hash_password(pw).await?);
     }
     let prefs = state.prefs.clone();
-    tokio::task::spawn_blocking(move || prefs.put_provider(provider))
+    let created = tokio::task::spawn_blocking(move || prefs.put_provider(provider))
         .await
         .map_err(|_| Problem::internal())??;
-    Ok((StatusCode::CREATED, Json(Created { id: p.id })))
+    Ok((created_or_ok(created), Json(Created { id: p.id })))
 }
 
 /// Declare a kind of data, or change one that no user's preferences name
 /// (409 otherwise: users consented to it as it is).
 #[utoipa::path(post, path = "/v1/operator/kinds", request_body = Kind, security(("operator" = [])),
-    responses((status = 201, body = Created), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, description = "declared", body = Created), (status = 200, description = "updated, or unchanged", body = Created), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn put_kind(
     state: State,
     _: Operator,
@@ -95,10 +95,19 @@ pub async fn put_kind(
     }
     let name = k.name.clone();
     let prefs = state.prefs.clone();
-    tokio::task::spawn_blocking(move || prefs.put_kind(k))
+    let created = tokio::task::spawn_blocking(move || prefs.put_kind(k))
         .await
         .map_err(|_| Problem::internal())??;
-    Ok((StatusCode::CREATED, Json(Created { id: name })))
+    Ok((created_or_ok(created), Json(Created { id: name })))
+}
+
+/// 201 for what a request created, 200 for what it updated.
+fn created_or_ok(created: bool) -> StatusCode {
+    if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
 }
 
 #[derive(Serialize, ToSchema)]

@@ -45,10 +45,22 @@ pub async fn list(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct Format {
     /// json (default: Kantara v0.8 with its JWS), v1.1 (the Kantara v1.1
     /// rendering), jws, text or html; otherwise the Accept header decides.
     format: Option<String>,
+}
+
+/// A receipt as `?format=json` answers: as issued, with its time in the
+/// user's zone like every other time the API gives about a user.
+#[derive(Serialize)]
+struct StoredReceiptView<'a> {
+    jti: &'a str,
+    version: u64,
+    at: DateTime<FixedOffset>,
+    json: &'a serde_json::Value,
+    jws: &'a str,
 }
 
 /// One receipt as JSON (Mode 2, with its JWS), compact JWS, or Mode 1 text/HTML.
@@ -62,6 +74,7 @@ pub async fn get_one(
     Query(q): Query<Format>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    let tz = super::local_time::zone(&state, &user);
     let prefs = state.prefs.clone();
     let stored = tokio::task::spawn_blocking(move || prefs.store().receipt(&user, &jti))
         .await
@@ -87,7 +100,14 @@ pub async fn get_one(
         serde_json::from_value(stored.json.clone()).map_err(|e| Problem::internal_logged(&e))
     };
     Ok(match format.as_str() {
-        "json" => Json(&stored).into_response(),
+        "json" => Json(StoredReceiptView {
+            jti: &stored.jti,
+            version: stored.version,
+            at: super::local_time::local(stored.at, tz),
+            json: &stored.json,
+            jws: &stored.jws,
+        })
+        .into_response(),
         "v1.1" => Json(ConsentReceiptV11::from(&receipt()?)).into_response(),
         "jws" => (
             [(header::CONTENT_TYPE, "application/jose")],
