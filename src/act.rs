@@ -131,9 +131,18 @@ pub enum CompileError {
     #[error("preferences for unknown user {0:?}")]
     PrefUser(String),
     #[error("preferences of {user:?} name unknown kind {kind:?}")]
-    PrefKind { user: String, kind: String },
+    PrefKind {
+        user: String,
+        kind: String,
+        /// Which grant, as a path into the preferences (`share[2]`).
+        at: String,
+    },
     #[error("preferences of {user:?} name unknown provider {provider:?}")]
-    PrefProvider { user: String, provider: String },
+    PrefProvider {
+        user: String,
+        provider: String,
+        at: String,
+    },
     #[error(
         "preferences of {user:?}: provider {provider:?} has no purpose {purpose:?} asking for {kind:?}"
     )]
@@ -142,21 +151,28 @@ pub enum CompileError {
         provider: String,
         purpose: String,
         kind: String,
+        at: String,
     },
     #[error("preferences of {user:?}: kind {kind:?} is shared twice with {provider:?}")]
     DuplicateShare {
         user: String,
         provider: String,
         kind: String,
+        at: String,
     },
     #[error("preferences of {user:?}: kind {kind:?} has no field {field:?} to mask")]
     MaskField {
         user: String,
         kind: String,
         field: String,
+        at: String,
     },
     #[error("preferences of {user:?}: kind {kind:?} is opaque and can only be shared whole")]
-    MaskOpaque { user: String, kind: String },
+    MaskOpaque {
+        user: String,
+        kind: String,
+        at: String,
+    },
     #[error("preferences of {user:?}: receipt {id:?} is not a UUID")]
     Receipt { user: String, id: String },
 }
@@ -1230,24 +1246,29 @@ impl Act {
         let mut always = vec![0u8; always_len(self.kinds.len())];
         let mut windows = Vec::new();
         let mut share: Vec<(u16, u16, ShareRule)> = Vec::new();
-        let kind_id = |kind: &str| {
+        let kind_id = |kind: &str, at: &dyn Fn() -> String| {
             self.kind_ids
                 .get(kind)
                 .ok_or_else(|| CompileError::PrefKind {
                     user: user.into(),
                     kind: kind.into(),
+                    at: at(),
                 })
         };
-        for grant in prefs.map(|p| p.collect.as_slice()).unwrap_or_default() {
-            let id = kind_id(&grant.kind)?;
+        let collect = prefs.map(|p| p.collect.as_slice()).unwrap_or_default();
+        for (i, grant) in collect.iter().enumerate() {
+            let id = kind_id(&grant.kind, &|| format!("collect[{i}]"))?;
             if grant.windows.is_empty() {
                 always[usize::from(id / 8)] |= 1 << (id % 8);
             } else {
                 windows.push((id, grant.windows.as_slice()));
             }
         }
-        for grant in prefs.map(|p| p.share.as_slice()).unwrap_or_default() {
-            let id = kind_id(&grant.kind)?;
+        let shared = prefs.map(|p| p.share.as_slice()).unwrap_or_default();
+        for (i, grant) in shared.iter().enumerate() {
+            // Errors name the grant, for the API's `field` (`share[2].purpose`).
+            let at = || format!("share[{i}]");
+            let id = kind_id(&grant.kind, &at)?;
             let kind = &self.kinds[id as usize];
             let provider =
                 self.providers
@@ -1255,6 +1276,7 @@ impl Act {
                     .ok_or_else(|| CompileError::PrefProvider {
                         user: user.into(),
                         provider: grant.provider.clone(),
+                        at: at(),
                     })?;
             let asked = provider
                 .purposes
@@ -1266,6 +1288,7 @@ impl Act {
                     provider: grant.provider.clone(),
                     purpose: grant.purpose.clone(),
                     kind: grant.kind.clone(),
+                    at: at(),
                 });
             }
             let view = if grant.mask.is_empty() {
@@ -1275,6 +1298,7 @@ impl Act {
                     return Err(CompileError::MaskOpaque {
                         user: user.into(),
                         kind: kind.name.clone(),
+                        at: at(),
                     });
                 }
                 for field in grant.mask.keys() {
@@ -1283,6 +1307,7 @@ impl Act {
                             user: user.into(),
                             kind: kind.name.clone(),
                             field: field.clone(),
+                            at: at(),
                         });
                     }
                 }
@@ -1302,6 +1327,7 @@ impl Act {
                     user: user.into(),
                     provider: grant.provider.clone(),
                     kind: grant.kind.clone(),
+                    at: at(),
                 });
             }
             let rule = ShareRule {

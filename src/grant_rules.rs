@@ -21,20 +21,20 @@ pub fn check_grants(
     after: &Preferences,
     now: Option<DateTime<Utc>>,
 ) -> Result<(), PrefError> {
-    let pointless = |field, message: String| Err(PrefError::Pointless { field, message });
+    let pointless = |field: String, message: String| Err(PrefError::Pointless { field, message });
     for (i, g) in after.collect.iter().enumerate() {
         if after.collect[..i].iter().any(|o| o.kind == g.kind) {
             return pointless(
-                "collect",
+                format!("collect[{i}]"),
                 format!(
                     "kind {:?} is collected twice: give one grant with all its windows",
                     g.kind
                 ),
             );
         }
-        if g.windows.iter().any(|w| w.days.is_empty()) {
+        if let Some(j) = g.windows.iter().position(|w| w.days.is_empty()) {
             return pointless(
-                "collect.windows.days",
+                format!("collect[{i}].windows[{j}].days"),
                 format!("a window of kind {:?} names no day", g.kind),
             );
         }
@@ -45,9 +45,9 @@ pub fn check_grants(
         }
         // The ACT reads from == to as a whole day (a window that wraps past
         // midnight back to where it began); nobody writes that meaning so.
-        if g.windows.iter().any(|w| w.from == w.to) {
+        if let Some(j) = g.windows.iter().position(|w| w.from == w.to) {
             return pointless(
-                "collect.windows",
+                format!("collect[{i}].windows[{j}]"),
                 format!(
                     "a window of kind {:?} closes when it opens; to collect at any time, give \
                      no windows",
@@ -59,9 +59,13 @@ pub fn check_grants(
         // window of 01:00:00-01:00:59 would read 01:00-01:00 there. This
         // also refuses chrono's leap second, "23:59:60".
         let whole = |t: chrono::NaiveTime| t.second() == 0 && t.nanosecond() == 0;
-        if g.windows.iter().any(|w| !whole(w.from) || !whole(w.to)) {
+        if let Some(j) = g
+            .windows
+            .iter()
+            .position(|w| !whole(w.from) || !whole(w.to))
+        {
             return pointless(
-                "collect.windows",
+                format!("collect[{i}].windows[{j}]"),
                 format!(
                     "a window of kind {:?} is not in whole minutes (give hh:mm or hh:mm:00)",
                     g.kind
@@ -70,10 +74,13 @@ pub fn check_grants(
         }
     }
     // Only grants the change adds or alters, as for collection above.
-    for g in after.share.iter().filter(|g| !before.share.contains(g)) {
+    for (i, g) in after.share.iter().enumerate() {
+        if before.share.contains(g) {
+            continue;
+        }
         if let Some((field, _)) = past_max_decimals(&g.mask) {
             return pointless(
-                "share.mask",
+                format!("share[{i}].mask.{field}"),
                 format!(
                     "{field:?} of {:?} generalized past {MAX_DECIMALS} decimals either way: a \
                      number has no more digits to keep or drop",
@@ -83,7 +90,7 @@ pub fn check_grants(
         }
         if g.expires.zip(now).is_some_and(|(e, now)| e <= now) {
             return pointless(
-                "share.expires",
+                format!("share[{i}].expires"),
                 format!(
                     "the grant of {:?} to {:?} would expire before it is given",
                     g.kind, g.provider
@@ -128,7 +135,7 @@ mod tests {
         }
     }
 
-    fn field(r: Result<(), PrefError>) -> Option<&'static str> {
+    fn field(r: Result<(), PrefError>) -> Option<String> {
         match r {
             Ok(()) => None,
             Err(PrefError::Pointless { field, .. }) => Some(field),
@@ -162,13 +169,13 @@ mod tests {
         );
         assert_eq!(
             field(check_grants(&empty, &twice, Some(now))),
-            Some("collect")
+            Some("collect[1]".into())
         );
 
         let no_day = with(vec![collect("steps", vec![window(vec![])])], vec![]);
         assert_eq!(
             field(check_grants(&empty, &no_day, Some(now))),
-            Some("collect.windows.days")
+            Some("collect[0].windows[0].days".into())
         );
 
         let mut closed = window(vec![Weekday::Tue]);
@@ -176,7 +183,7 @@ mod tests {
         let closed = with(vec![collect("steps", vec![closed])], vec![]);
         assert_eq!(
             field(check_grants(&empty, &closed, Some(now))),
-            Some("collect.windows")
+            Some("collect[0].windows[0]".into())
         );
         // Already stored (say, imported): sent back unchanged, it stands.
         assert_eq!(field(check_grants(&closed, &closed, Some(now))), None);
@@ -191,7 +198,7 @@ mod tests {
             let w = with(vec![collect("steps", vec![w])], vec![]);
             assert_eq!(
                 field(check_grants(&empty, &w, Some(now))),
-                Some("collect.windows"),
+                Some("collect[0].windows[0]".into()),
                 "{to}"
             );
         }
@@ -203,7 +210,7 @@ mod tests {
             let far = with(vec![], vec![g]);
             assert_eq!(
                 field(check_grants(&empty, &far, Some(now))),
-                Some("share.mask"),
+                Some("share[0].mask.lat".into()),
                 "{decimals}"
             );
         }
@@ -218,7 +225,7 @@ mod tests {
         let expired = with(vec![], vec![share("steps", Some(past))]);
         assert_eq!(
             field(check_grants(&empty, &expired, Some(now))),
-            Some("share.expires")
+            Some("share[0].expires".into())
         );
         // A file checked on its own takes effect at no moment.
         assert_eq!(field(check_grants(&empty, &expired, None)), None);

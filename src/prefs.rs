@@ -44,7 +44,9 @@ pub enum PrefError {
     /// meant (a window on no day, a grant that expired before it was given).
     #[error("{message}")]
     Pointless {
-        field: &'static str,
+        /// The grant's field, as a path into the preferences
+        /// (`collect[1].windows[0].days`).
+        field: String,
         message: String,
     },
     /// A provider's terms no user could read and consent to.
@@ -2006,8 +2008,8 @@ mod tests {
         }];
         let err = pm.import(file).unwrap_err();
         assert!(
-            matches!(err, PrefError::Pointless { field: "collect.windows", ref message }
-                if message.contains("bob")),
+            matches!(err, PrefError::Pointless { ref field, ref message }
+                if field == "collect[0].windows[0]" && message.contains("bob")),
             "{err:?}"
         );
     }
@@ -2043,10 +2045,7 @@ mod tests {
             assert!(
                 matches!(
                     err,
-                    PrefError::Pointless {
-                        field: "share.mask",
-                        ..
-                    }
+                    PrefError::Pointless { ref field, .. } if field == "share[0].mask.bpm"
                 ),
                 "{decimals}: {err:?}"
             );

@@ -356,23 +356,35 @@ async fn preferences_versioning_and_validation() {
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(p["current_version"], 1);
-    // Unknown kind, unknown provider, purpose limitation: 422 naming the field.
+    // Unknown kind, unknown provider, purpose limitation: 422 naming the
+    // field by its path in the document.
     let cases = [
         (
             json!([{"provider": "fitcoach", "purpose": "coaching", "kind": "mood"}]),
-            "kind",
+            "share[0].kind",
         ),
         (
             json!([{"provider": "nobody", "purpose": "coaching", "kind": "steps"}]),
-            "provider",
+            "share[0].provider",
         ),
         (
             json!([{"provider": "insureco", "purpose": "pricing", "kind": "location"}]),
-            "purpose",
+            "share[0].purpose",
         ),
         (
             json!([{"provider": "fitcoach", "purpose": "coaching", "kind": "location", "mask": {"alt": {"method": "remove"}}}]),
-            "mask.alt",
+            "share[0].mask.alt",
+        ),
+        (
+            json!([{"provider": "fitcoach", "purpose": "coaching", "kind": "steps"},
+                   {"provider": "insureco", "purpose": "pricing", "kind": "location"}]),
+            "share[1].purpose",
+        ),
+        (
+            json!([{"provider": "fitcoach", "purpose": "coaching", "kind": "steps"},
+                   {"provider": "fitcoach", "purpose": "coaching", "kind": "heart_rate",
+                    "expires": "2001-01-01T00:00:00Z"}]),
+            "share[1].expires",
         ),
     ];
     for (share, field) in cases {
@@ -396,6 +408,37 @@ async fn preferences_versioning_and_validation() {
         .await;
     assert_eq!(s, StatusCode::OK, "{c}");
     assert_eq!(c["preferences"]["share"].as_array().unwrap().len(), 2);
+    // A single grant's errors name the field of its own body, or the
+    // path's parameter, not a place in the whole document.
+    for (uri, body, field) in [
+        (
+            "/v1/me/preferences/share/insureco/location",
+            json!({"purpose": "pricing"}),
+            "purpose",
+        ),
+        (
+            "/v1/me/preferences/share/fitcoach/mood",
+            json!({"purpose": "coaching"}),
+            "kind",
+        ),
+        (
+            "/v1/me/preferences/share/fitcoach/location",
+            json!({"purpose": "coaching", "mask": {"alt": {"method": "remove"}}}),
+            "mask.alt",
+        ),
+        (
+            "/v1/me/preferences/collect/steps",
+            json!({"windows": [{"days": [], "from": "09:00:00", "to": "17:00:00"}]}),
+            "windows[0].days",
+        ),
+    ] {
+        let (s, p) = api.json("PUT", uri, Some(&t), body).await;
+        assert_eq!(
+            (s, p["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
+            "{uri}: {p}"
+        );
+    }
     let (s, _) = api
         .json(
             "DELETE",

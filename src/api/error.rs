@@ -77,6 +77,21 @@ impl Problem {
         self
     }
 
+    /// For an endpoint whose body is one grant (`PUT …/share/{provider}/{kind}`):
+    /// a field in the whole document (`share[3].purpose`) named as it is in
+    /// that body (`purpose`), or as the path's parameter (`kind`).
+    pub fn within_grant(mut self, list: &str) -> Problem {
+        let inner = self
+            .field
+            .as_deref()
+            .and_then(|f| f.strip_prefix(list)?.strip_prefix('[')?.split_once("]."))
+            .map(|(_, rest)| rest.to_string());
+        if inner.is_some() {
+            self.field = inner;
+        }
+        self
+    }
+
     pub fn bad_request(detail: impl Into<String>) -> Problem {
         Problem::new(StatusCode::BAD_REQUEST, detail)
     }
@@ -283,27 +298,24 @@ impl From<PrefError> for Problem {
 }
 
 fn compile_problem(c: CompileError) -> Problem {
-    let field = match &c {
-        CompileError::PrefKind { .. } => "kind",
-        CompileError::PrefProvider { .. } => "provider",
-        CompileError::PurposeLimitation { .. } => "purpose",
-        CompileError::DuplicateShare { .. } => "share",
-        CompileError::MaskField { field, .. } => {
-            return Problem::unprocessable(c.to_string()).field(format!("mask.{field}"))
-        }
-        CompileError::MaskOpaque { .. } => "mask",
-        CompileError::TimeZone { .. } => "time_zone",
-        CompileError::PurposeKind { .. } => "purposes.kinds",
-        CompileError::DeviceUser { .. } => "user",
-        CompileError::Duplicate { .. } | CompileError::DuplicateKind(_) => "id",
+    // A grant's errors name it by its place in the document.
+    let field: String = match &c {
+        CompileError::PrefKind { at, .. } => format!("{at}.kind"),
+        CompileError::PrefProvider { at, .. } => format!("{at}.provider"),
+        CompileError::PurposeLimitation { at, .. } => format!("{at}.purpose"),
+        CompileError::DuplicateShare { at, .. } => at.clone(),
+        CompileError::MaskField { at, field, .. } => format!("{at}.mask.{field}"),
+        CompileError::MaskOpaque { at, .. } => format!("{at}.mask"),
+        CompileError::TimeZone { .. } => "time_zone".into(),
+        CompileError::PurposeKind { .. } => "purposes.kinds".into(),
+        CompileError::DeviceUser { .. } => "user".into(),
+        CompileError::Duplicate { .. } | CompileError::DuplicateKind(_) => "id".into(),
         CompileError::TypedField { field, .. }
         | CompileError::TypedOpaque { field, .. }
-        | CompileError::TypedParent { field, .. } => {
-            return Problem::unprocessable(c.to_string()).field(format!("types.{field}"))
-        }
-        CompileError::PrefUser(_) => "user",
-        CompileError::Template(_) => "templates",
-        CompileError::Receipt { .. } => "receipt",
+        | CompileError::TypedParent { field, .. } => format!("types.{field}"),
+        CompileError::PrefUser(_) => "user".into(),
+        CompileError::Template(_) => "templates".into(),
+        CompileError::Receipt { .. } => "receipt".into(),
     };
     Problem::unprocessable(c.to_string()).field(field)
 }

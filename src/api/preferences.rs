@@ -203,6 +203,7 @@ pub async fn put_share_grant(
         Ok(())
     })
     .await
+    .map_err(|e| e.within_grant("share"))
 }
 
 /// Stop sharing one kind with one provider.
@@ -257,6 +258,7 @@ pub async fn put_collect_grant(
         Ok(())
     })
     .await
+    .map_err(|e| e.within_grant("collect"))
 }
 
 /// Stop collection of one kind.
