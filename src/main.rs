@@ -227,6 +227,10 @@ fn main() -> anyhow::Result<()> {
                     line.trim_end_matches(['\r', '\n']).to_string()
                 }
             };
+            if password.is_empty() {
+                // Its hash would let in anyone who knows the name.
+                anyhow::bail!("refusing to hash an empty password");
+            }
             println!("{}", consentry::auth::hash_password(&password));
             Ok(())
         }

@@ -429,3 +429,18 @@ fn a_taken_metrics_port_is_named() {
         "{err}"
     );
 }
+
+/// `consentry hash-password` makes a PHC string for a directory file, and
+/// refuses an empty password, whose hash would let in anyone who knows
+/// the name.
+#[test]
+fn hash_password_refuses_an_empty_password() {
+    let (dir, config) = write_config(&[], common::DEMO_DIRECTORY);
+    let data = dir.path().join("data");
+    let (ok, out, err) = run(&config, &["hash-password", "a long enough secret"], &data);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("$argon2id$"), "{out}");
+    let (ok, out, err) = run(&config, &["hash-password", ""], &data);
+    assert!(!ok, "hashed an empty password: {out}");
+    assert!(err.contains("empty password"), "{err}");
+}
