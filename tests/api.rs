@@ -819,6 +819,38 @@ async fn json_bodies_missing_a_field_name_it() {
         (StatusCode::UNPROCESSABLE_ENTITY, Some("password")),
         "{p}"
     );
+    // An array is not read as an object by position: `[0, [], []]` is not
+    // a preferences document.
+    for (method, uri, token, body) in [
+        (
+            "PUT",
+            "/v1/me/preferences",
+            Some(t.as_str()),
+            json!([0, [], []]),
+        ),
+        ("POST", "/v1/sessions", None, json!([])),
+        (
+            "PUT",
+            "/v1/me/time_zone",
+            Some(t.as_str()),
+            json!("Europe/Paris"),
+        ),
+    ] {
+        let (s, p) = api.json(method, uri, token, body).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{uri}: {p}");
+        assert!(
+            p["detail"]
+                .as_str()
+                .unwrap()
+                .contains("must be a JSON object"),
+            "{uri}: {p}"
+        );
+    }
+    let (_, now) = api.get("/v1/me/preferences", Some(&t)).await;
+    assert_eq!(
+        now["version"], 0,
+        "the array changed the preferences: {now}"
+    );
 }
 
 #[tokio::test]

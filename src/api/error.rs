@@ -145,17 +145,20 @@ impl Problem {
         Problem::internal()
     }
 
+    /// A well-formed body of the wrong shape: 422 naming the field
+    /// ("share[0].kind: unknown variant …", "missing field `version` …").
+    pub fn from_json_data_error(de: &serde_path_to_error::Error<serde_json::Error>) -> Problem {
+        let field = serde_field(de.path(), &de.inner().to_string());
+        let mut p = Problem::unprocessable(de.to_string());
+        p.field = field;
+        p
+    }
+
     pub fn from_json_rejection(r: JsonRejection) -> Problem {
         match r {
             JsonRejection::JsonDataError(e) => {
                 match find_source::<serde_path_to_error::Error<serde_json::Error>>(&e) {
-                    // "share[0].kind: unknown variant …", "missing field `version` …"
-                    Some(de) => {
-                        let field = serde_field(de.path(), &de.inner().to_string());
-                        let mut p = Problem::unprocessable(de.to_string());
-                        p.field = field;
-                        p
-                    }
+                    Some(de) => Problem::from_json_data_error(de),
                     None => Problem::unprocessable(e.body_text()),
                 }
             }

@@ -374,10 +374,19 @@ where
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(rejection) => Err(Problem::from_json_rejection(rejection)),
+        // axum checks the content type and the syntax. Every body here is an
+        // object: serde would also read a struct from an array, by position,
+        // and `[0, [], []]` would pass for a preferences document.
+        let Json(raw) = Json::<Box<serde_json::value::RawValue>>::from_request(req, state)
+            .await
+            .map_err(Problem::from_json_rejection)?;
+        if !raw.get().starts_with('{') {
+            return Err(Problem::unprocessable("the body must be a JSON object"));
         }
+        let mut json = serde_json::Deserializer::from_str(raw.get());
+        serde_path_to_error::deserialize(&mut json)
+            .map(Body)
+            .map_err(|e| Problem::from_json_data_error(&e))
     }
 }
 
