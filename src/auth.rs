@@ -34,6 +34,38 @@ pub enum AuthError {
     Ambiguous(String),
     #[error("stored password hash of {0:?} is not a valid PHC string")]
     BadHash(String),
+    /// One certificate for two identities: whichever was loaded last would
+    /// log in with it, a device as a provider, say.
+    #[error("certificate {fingerprint} is registered for both {first} and {second}")]
+    SharedCertificate {
+        fingerprint: String,
+        first: String,
+        second: String,
+    },
+}
+
+/// Registers `fp` for `principal`, refusing one already registered for
+/// another.
+fn add_cert(
+    by_cert: &mut HashMap<String, Principal>,
+    fp: &str,
+    principal: &Principal,
+) -> Result<(), AuthError> {
+    let fp = fp.to_ascii_lowercase();
+    if let Some(first) = by_cert.get(&fp).filter(|p| *p != principal) {
+        let name = |p: &Principal| match p {
+            Principal::Device { id, .. } => format!("device {id}"),
+            Principal::Provider { id } => format!("provider {id}"),
+            Principal::Anonymous => "anonymous".into(),
+        };
+        return Err(AuthError::SharedCertificate {
+            fingerprint: fp,
+            first: name(first),
+            second: name(principal),
+        });
+    }
+    by_cert.insert(fp, principal.clone());
+    Ok(())
 }
 
 #[derive(Clone)]
@@ -72,7 +104,7 @@ impl Credentials {
                 user: d.user.clone(),
             };
             if let Some(fp) = &d.cert_sha256 {
-                by_cert.insert(fp.to_ascii_lowercase(), principal.clone());
+                add_cert(&mut by_cert, fp, &principal)?;
             }
             by_name.insert(
                 d.id.clone(),
@@ -86,7 +118,7 @@ impl Credentials {
             check_hash(&p.id, &p.password_hash)?;
             let principal = Principal::Provider { id: p.id.clone() };
             if let Some(fp) = &p.cert_sha256 {
-                by_cert.insert(fp.to_ascii_lowercase(), principal.clone());
+                add_cert(&mut by_cert, fp, &principal)?;
             }
             let prev = by_name.insert(
                 p.id.clone(),
@@ -126,7 +158,7 @@ impl Credentials {
         let mut by_name = self.by_name.clone();
         let mut by_cert = self.by_cert.clone();
         if let Some(fp) = &d.cert_sha256 {
-            by_cert.insert(fp.to_ascii_lowercase(), principal.clone());
+            add_cert(&mut by_cert, fp, &principal)?;
         }
         by_name.insert(
             d.id.clone(),
@@ -345,6 +377,33 @@ mod tests {
         // Only devices go: a provider's name is not a device's.
         let c = c.without_device("fitcoach");
         assert!(c.verify_password("fitcoach", b"p").is_ok());
+    }
+
+    /// Found by an outside review: a provider given a device's fingerprint
+    /// took its certificate over (providers load last), so the device's
+    /// certificate logged in as the provider and received others' data.
+    #[test]
+    fn one_certificate_for_two_identities_is_refused() {
+        let mut d = dir();
+        d.providers[0].cert_sha256 = Some("ab12".into());
+        match Credentials::from_directory(&d) {
+            Err(AuthError::SharedCertificate { first, second, .. }) => {
+                assert_eq!((first.as_str(), second.as_str()), ("device alice-watch", "provider fitcoach"))
+            }
+            other => panic!("accepted: {other:?}"),
+        }
+        // A device registered later with a certificate already in use.
+        let c = Credentials::from_directory(&dir()).unwrap();
+        let twin = Device {
+            id: "alice-ring".into(),
+            user: "alice".into(),
+            password_hash: None,
+            cert_sha256: Some("aB12".into()),
+        };
+        assert!(matches!(
+            c.with_device(&twin),
+            Err(AuthError::SharedCertificate { .. })
+        ));
     }
 
     #[test]

@@ -349,6 +349,28 @@ fn check_names_the_file_a_semantic_error_is_in() {
     let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
     assert!(!ok && err.contains("consentry.toml: template"), "{err}");
 
+    // One certificate for two identities (found by an outside review: the
+    // device's certificate logged in as the provider).
+    let fp = "6db0b6060000000000000000000000000000000000000000000000000000003d80";
+    let shared = common::DEMO_DIRECTORY
+        .replacen(
+            "id = \"alice-watch\"",
+            &format!("id = \"alice-watch\"\ncert_sha256 = \"{fp}\""),
+            1,
+        )
+        .replacen(
+            "id = \"fitcoach\"",
+            &format!("id = \"fitcoach\"\ncert_sha256 = \"{}\"", fp.to_uppercase()),
+            1,
+        );
+    assert_eq!(shared.matches(fp).count(), 1, "both fingerprints were written");
+    let (dir, config) = write_config(&[], &shared);
+    let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
+    assert!(
+        !ok && err.contains("registered for both device alice-watch and provider fitcoach"),
+        "{err}"
+    );
+
     // A file that does not parse is named, and the parser's words are
     // said once, not again as the error's cause.
     let (dir, config) = write_config(
