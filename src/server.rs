@@ -4,7 +4,7 @@
 //! [`Server::start`] is what `consentry serve`, the tests and the benchmark
 //! harness all run, so they exercise the same code.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -346,6 +346,27 @@ fn in_clear(mqtt: Option<SocketAddr>, api: Option<SocketAddr>) -> Option<String>
     })
 }
 
+/// A warning when the external upstream is reached without TLS other than
+/// over loopback. The upstream sees all that consentry collects, before
+/// masking and before any share grant: every device's minimized data, in
+/// clear on that network. A name other than `localhost` counts as not
+/// loopback.
+fn upstream_in_clear(upstream: &str) -> Option<String> {
+    let addr = upstream.strip_prefix("mqtt://")?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let local = host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    (!local).then(|| {
+        format!(
+            "broker.upstream {upstream} is reached without TLS and not over loopback: \
+             everything devices publish crosses that network in clear, before masking and \
+             share grants; use mqtts:// with broker.ca, or keep the network private to \
+             consentry and the broker"
+        )
+    })
+}
+
 /// Loads every certificate, key and CA the configuration names, as `serve`
 /// would; an error names the section.
 fn tls_material(cfg: &Config) -> anyhow::Result<()> {
@@ -372,16 +393,36 @@ fn tls_acceptor(
         .with_context(|| format!("read {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parse {}", cert.display()))?;
+    // rustls words these as a peer's failures ("peer sent no certificates",
+    // "no root trust anchors"); here they are files that hold the wrong thing.
+    if certs.is_empty() {
+        anyhow::bail!("cert {} holds no PEM certificate", cert.display());
+    }
+    let key_path = key;
     let key =
         PrivateKeyDer::from_pem_file(key).with_context(|| format!("read {}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
+    let mismatch = || {
+        format!(
+            "cert {} and key {} are not a pair",
+            cert.display(),
+            key_path.display()
+        )
+    };
     let config = match client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca)? {
-                roots.add(c?)?;
+            for c in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("read client_ca {}", ca.display()))?
+            {
+                roots
+                    .add(c.with_context(|| format!("parse client_ca {}", ca.display()))?)
+                    .with_context(|| format!("client_ca {}", ca.display()))?;
+            }
+            if roots.is_empty() {
+                anyhow::bail!("client_ca {} holds no PEM certificate", ca.display());
             }
             // Certificates are optional: providers and password devices log
             // in without one on the same listener.
@@ -391,9 +432,13 @@ fn tls_acceptor(
                     .build()?;
             builder
                 .with_client_cert_verifier(verifier)
-                .with_single_cert(certs, key)?
+                .with_single_cert(certs, key)
+                .with_context(mismatch)?
         }
-        None => builder.with_no_client_auth().with_single_cert(certs, key)?,
+        None => builder
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .with_context(mismatch)?,
     };
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -569,6 +614,9 @@ impl Server {
         if let Some(warning) = in_clear(mqtt_addr, api_addr.filter(|_| config.api.tls.is_none())) {
             tracing::warn!("{warning}");
         }
+        if let Some(warning) = upstream_in_clear(&config.broker.upstream) {
+            tracing::warn!("{warning}");
+        }
         tracing::info!(?mqtt_addr, ?tls_addr, ?api_addr, upstream = ?shared.upstream, "consentry listening");
         Ok(Server {
             mqtt_addr,
@@ -707,7 +755,7 @@ async fn serve_tls(
 
 #[cfg(test)]
 mod tests {
-    use super::{in_clear, operator_key_from};
+    use super::{in_clear, operator_key_from, upstream_in_clear};
 
     #[test]
     fn the_demos_published_passwords_are_warned_of() {
@@ -735,6 +783,27 @@ mod tests {
         let w = in_clear(at("127.0.0.1:1883"), at("192.0.2.7:8080")).unwrap();
         assert!(w.contains("(HTTP API on 192.0.2.7:8080)"), "{w}");
         assert!(w.contains("[api.tls]"), "{w}");
+    }
+
+    #[test]
+    fn a_plain_upstream_beyond_loopback_is_warned_of() {
+        for quiet in [
+            "embedded",
+            "mqtt://127.0.0.1:1883",
+            "mqtt://[::1]:1883",
+            "mqtt://localhost:1883",
+            "mqtts://broker.example:8883",
+        ] {
+            assert_eq!(upstream_in_clear(quiet), None, "{quiet}");
+        }
+        for loud in [
+            "mqtt://192.0.2.2:1883",
+            "mqtt://mosquitto:1883",
+            "mqtt://[2001:db8::1]:1883",
+        ] {
+            let w = upstream_in_clear(loud).unwrap_or_else(|| panic!("{loud}"));
+            assert!(w.contains(loud) && w.contains("mqtts://"), "{w}");
+        }
     }
 
     #[test]

@@ -293,8 +293,19 @@ fn check_loads_the_tls_material_serve_would() {
     assert!(ok, "{err}");
     let (ok, err) = check(&[api_tls(&key_b)]);
     assert!(
-        !ok && err.contains("[api.tls]"),
+        !ok && err.contains("[api.tls]") && err.contains("are not a pair"),
         "a key of another certificate: {err}"
+    );
+    // A key where the certificate should be: said as such, not as rustls's
+    // "peer sent no certificates".
+    let key_as_cert = (
+        "totp_issuer = \"consentry\"".to_string(),
+        format!("totp_issuer = \"consentry\"\n[api.tls]\ncert = {key_a:?}\nkey = {key_a:?}"),
+    );
+    let (ok, err) = check(&[key_as_cert]);
+    assert!(
+        !ok && err.contains("holds no PEM certificate"),
+        "a key file as the certificate: {err}"
     );
     let (ok, err) = check(&[
         (
@@ -363,7 +374,11 @@ fn check_names_the_file_a_semantic_error_is_in() {
             &format!("id = \"fitcoach\"\ncert_sha256 = \"{}\"", fp.to_uppercase()),
             1,
         );
-    assert_eq!(shared.matches(fp).count(), 1, "both fingerprints were written");
+    assert_eq!(
+        shared.matches(fp).count(),
+        1,
+        "both fingerprints were written"
+    );
     let (dir, config) = write_config(&[], &shared);
     let (ok, _, err) = run(&config, &["check"], &dir.path().join("data"));
     assert!(
