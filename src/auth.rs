@@ -388,7 +388,10 @@ mod tests {
         d.providers[0].cert_sha256 = Some("ab12".into());
         match Credentials::from_directory(&d) {
             Err(AuthError::SharedCertificate { first, second, .. }) => {
-                assert_eq!((first.as_str(), second.as_str()), ("device alice-watch", "provider fitcoach"))
+                assert_eq!(
+                    (first.as_str(), second.as_str()),
+                    ("device alice-watch", "provider fitcoach")
+                )
             }
             other => panic!("accepted: {other:?}"),
         }
