@@ -443,21 +443,61 @@ fn tls_acceptor(
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves the HTTP API on `listener` until shutdown.
-async fn serve_api<L>(listener: L, app: axum::Router, mut shutdown: watch::Receiver<bool>)
+/// Serves the HTTP API on `listener` until shutdown: stops accepting, lets
+/// each connection finish the request it is on, and returns once all are
+/// closed.
+///
+/// hyper's connections are driven here rather than by `axum::serve` for
+/// one setting it does not expose: a deadline for a request's headers.
+/// The idle bound (`api::bounded`) closes a connection that sends nothing,
+/// not one that sends a byte every few seconds; without the deadline such
+/// clients could hold the API's connection slots.
+async fn serve_api<L>(mut listener: L, app: axum::Router, mut shutdown: watch::Receiver<bool>)
 where
     L: axum::serve::Listener<Addr = std::net::SocketAddr>,
-    std::net::SocketAddr:
-        for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
-    // The peer address counts failed logins per source.
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = shutdown.changed().await;
-    });
-    if let Err(e) = serve.await {
-        tracing::error!(error = %e, "HTTP API stopped");
+    use axum::extract::ConnectInfo;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(crate::api::bounded::HEADERS);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        // The peer address counts failed logins per source.
+        let app = app
+            .clone()
+            .map_request(move |r: axum::http::Request<hyper::body::Incoming>| {
+                let mut r = r.map(axum::body::Body::new);
+                r.extensions_mut().insert(ConnectInfo(peer));
+                r
+            });
+        let builder = builder.clone();
+        let mut stop = shutdown.clone();
+        connections.spawn(async move {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.changed() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+        // Finished connections' results are not kept.
+        while connections.try_join_next().is_some() {}
     }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
 impl Server {

@@ -602,6 +602,48 @@ async fn the_api_closes_idle_connections_and_bounds_how_many_are_open() {
     assert_eq!(ok(&server), 200);
 }
 
+/// A request whose headers trickle in a byte a second never goes idle, so
+/// the idle bound does not close it; the headers' own deadline (20 s, found
+/// by an outside review: such a request stayed open past 45 s) does.
+#[tokio::test]
+async fn a_request_whose_headers_trickle_is_closed_at_its_deadline() {
+    let server = Server::demo();
+    let api = server.api.expect("API listening");
+    let started = std::time::Instant::now();
+    let slow = TcpStream::connect(api).await.unwrap();
+    let (mut rx, mut tx) = slow.into_split();
+    let trickle = tokio::spawn(async move {
+        tx.write_all(b"GET /v1/providers HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        while started.elapsed() < Duration::from_secs(45) {
+            if tx.write_all(b"a").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let closed = tokio::time::timeout(Duration::from_secs(40), async {
+        let mut buf = [0u8; 512];
+        loop {
+            match rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return started.elapsed(),
+                // A 408 may come before the close.
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("a trickling request was still open after 40 s");
+    trickle.abort();
+    assert!(
+        closed >= Duration::from_secs(15) && closed < Duration::from_secs(35),
+        "closed after {closed:?}"
+    );
+    let ok = common::http(&server, "GET", "/v1/providers", None, &[], None).0;
+    assert_eq!(ok, 200);
+}
+
 /// A client that did not see the PUBCOMP sends PUBREL again (MQTT 4.3.3,
 /// and on reconnection 4.4): it gets PUBCOMP, 0x92 in MQTT 5 for an id no
 /// flow holds, and keeps its connection. rumqttd ends a connection that

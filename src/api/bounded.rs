@@ -23,6 +23,10 @@ pub const MAX_CONNECTIONS: usize = 512;
 /// request that does not arrive, or a response its client does not take.
 pub const IDLE: Duration = Duration::from_secs(20);
 
+/// How long a request's headers may take to arrive, however they trickle
+/// (`server::serve_api` gives it to hyper).
+pub const HEADERS: Duration = Duration::from_secs(20);
+
 /// A listener whose connections are counted and time out when idle.
 pub struct Bounded<L> {
     inner: L,
