@@ -3,6 +3,8 @@
 //! delivery to them. It connects to the broker directly, not through the
 //! gateway: the notice namespace is closed to every client's PUBLISH.
 
+use std::time::{Duration, Instant};
+
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::Value;
 
@@ -22,6 +24,11 @@ const ROOM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// several consentry instances in front of one broker do not take each
 /// other's connection over every time one reconnects. A clean session:
 /// nothing waits at the broker under the id.
+/// How often the notice client tries the broker again while it is down.
+const RETRY: Duration = Duration::from_secs(1);
+/// How often a broker that stays down is logged again.
+const WARN_AGAIN: Duration = Duration::from_secs(60);
+
 fn client_id() -> String {
     format!("consentry-notifier-{:016x}", rand::random::<u64>())
 }
@@ -49,10 +56,31 @@ impl Notifier {
         }
         let (client, mut events) = AsyncClient::new(opts, QUEUE);
         tokio::spawn(async move {
+            // It retries every second while the broker is down; the log says
+            // so once, then once a minute, and again when it is back.
+            let mut down_since: Option<Instant> = None;
+            let mut warned = Instant::now();
             loop {
-                if let Err(e) = events.poll().await {
-                    tracing::warn!(error = %e, "notice client disconnected; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                match events.poll().await {
+                    Ok(_) => {
+                        if let Some(since) = down_since.take() {
+                            tracing::info!(
+                                down_secs = since.elapsed().as_secs(),
+                                "notice client reconnected"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        let now = Instant::now();
+                        if down_since.is_none() || now - warned >= WARN_AGAIN {
+                            tracing::warn!(error = %e, "notice client disconnected; retrying every second");
+                            warned = now;
+                        } else {
+                            tracing::debug!(error = %e, "notice client still disconnected");
+                        }
+                        down_since.get_or_insert(now);
+                        tokio::time::sleep(RETRY).await;
+                    }
                 }
             }
         });

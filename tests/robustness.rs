@@ -920,6 +920,16 @@ async fn an_unreachable_broker_gets_persistent_sessions_connack_server_unavailab
             2.0,
         )
         .await;
+
+    // consentry's own notice client retries every second while the broker
+    // is down, and says so once (then once a minute), not every second.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = server.log();
+    assert_eq!(
+        log.matches("notice client disconnected").count(),
+        1,
+        "{log}"
+    );
 }
 
 /// A clean session opens its broker connection with its first publish.
