@@ -63,25 +63,29 @@ pub struct UpstreamTls {
     server_name: ServerName<'static>,
 }
 
+/// The CA bundle at `ca` (the configuration's key `what`) as trust
+/// anchors; one without a certificate is refused, saying `why` it matters.
+pub(crate) fn ca_roots(ca: &Path, what: &str, why: &str) -> anyhow::Result<rustls::RootCertStore> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("read {what} {}", ca.display()))?
+    {
+        roots
+            .add(c.with_context(|| format!("parse {what} {}", ca.display()))?)
+            .with_context(|| format!("{what} {}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("{what} {} holds no certificate: {why}", ca.display());
+    }
+    Ok(roots)
+}
+
 impl UpstreamTls {
     /// Trusts the CA bundle at `ca` for the broker named `host` (bare, as
     /// [`crate::config::split_host_port`] gives it).
     fn new(ca: &Path, host: &str) -> anyhow::Result<UpstreamTls> {
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(ca)
-            .with_context(|| format!("read broker.ca {}", ca.display()))?
-        {
-            roots
-                .add(c.with_context(|| format!("parse broker.ca {}", ca.display()))?)
-                .with_context(|| format!("broker.ca {}", ca.display()))?;
-        }
-        if roots.is_empty() {
-            anyhow::bail!(
-                "broker.ca {} holds no certificate: no broker could be verified",
-                ca.display()
-            );
-        }
+        let roots = ca_roots(ca, "broker.ca", "no broker could be verified")?;
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

@@ -413,17 +413,11 @@ fn tls_acceptor(
     };
     let config = match client_ca {
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca)
-                .with_context(|| format!("read client_ca {}", ca.display()))?
-            {
-                roots
-                    .add(c.with_context(|| format!("parse client_ca {}", ca.display()))?)
-                    .with_context(|| format!("client_ca {}", ca.display()))?;
-            }
-            if roots.is_empty() {
-                anyhow::bail!("client_ca {} holds no PEM certificate", ca.display());
-            }
+            let roots = crate::broker::ca_roots(
+                ca,
+                "client_ca",
+                "no client certificate could be verified",
+            )?;
             // Certificates are optional: providers and password devices log
             // in without one on the same listener.
             let verifier =

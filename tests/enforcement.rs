@@ -755,36 +755,41 @@ async fn collection_windows_in_the_users_time_zone() {
     );
 }
 
-fn gps_setup() -> Setup {
+/// The demo with one more kind: declared by `declaration` (the rest of its
+/// `[[kinds]]` entry), asked for by fitcoach's purpose, collected from
+/// alice and shared with fitcoach under `grant_extra` (e.g. a mask line).
+fn demo_with_kind(kind: &str, declaration: &str, grant_extra: &str) -> Setup {
     let purpose = r#"kinds = ["heart_rate", "steps", "location"]"#;
     assert!(DEMO_DIRECTORY.contains(purpose));
     let mut directory = DEMO_DIRECTORY.replacen(
         purpose,
-        r#"kinds = ["heart_rate", "steps", "location", "gps"]"#,
+        &format!(r#"kinds = ["heart_rate", "steps", "location", "{kind}"]"#),
         1,
     );
     directory = directory.replacen(
         r#"{ kind = "steps" }]"#,
-        r#"{ kind = "steps" }, { kind = "gps" }]"#,
+        &format!(r#"{{ kind = "steps" }}, {{ kind = "{kind}" }}]"#),
         1,
     );
     // alice's grant goes inside her [[preferences]] block, before bob's.
-    let grant = r#"[[preferences.share]]
-provider = "fitcoach"
-purpose = "coaching"
-kind = "gps"
-mask = { lat = { method = "generalize", decimals = 2 }, lon = { method = "remove" }, trip = { method = "pseudonymize" }, note = { method = "redact" } }
-
-"#;
+    let grant = format!(
+        "[[preferences.share]]\nprovider = \"fitcoach\"\npurpose = \"coaching\"\nkind = \"{kind}\"\n{grant_extra}\n"
+    );
     assert!(directory.contains("# bob:"));
     directory = directory.replacen("# bob:", &format!("{grant}# bob:"), 1);
     Setup {
         directory: Some(directory),
-        extra: format!(
-            "{MARKER_ACL}\n[[kinds]]\nname = \"gps\"\ncategory = \"Behavioral\"\nformat = \"msgpack\"\nfields = [\"lat\", \"lon\", \"trip\", \"note\"]\n"
-        ),
+        extra: format!("{MARKER_ACL}\n[[kinds]]\nname = \"{kind}\"\n{declaration}"),
         ..Default::default()
     }
+}
+
+fn gps_setup() -> Setup {
+    demo_with_kind(
+        "gps",
+        "category = \"Behavioral\"\nformat = \"msgpack\"\nfields = [\"lat\", \"lon\", \"trip\", \"note\"]\n",
+        "mask = { lat = { method = \"generalize\", decimals = 2 }, lon = { method = \"remove\" }, trip = { method = \"pseudonymize\" }, note = { method = \"redact\" } }\n",
+    )
 }
 
 #[tokio::test]
@@ -856,26 +861,11 @@ async fn messagepack_payloads_are_masked() {
 /// no provider).
 #[tokio::test]
 async fn an_empty_publish_on_an_opaque_kind_is_refused_unless_it_clears() {
-    let purpose = r#"kinds = ["heart_rate", "steps", "location"]"#;
-    let mut directory = DEMO_DIRECTORY.replacen(
-        purpose,
-        r#"kinds = ["heart_rate", "steps", "location", "blob"]"#,
-        1,
-    );
-    directory = directory.replacen(
-        r#"{ kind = "steps" }]"#,
-        r#"{ kind = "steps" }, { kind = "blob" }]"#,
-        1,
-    );
-    let grant = "[[preferences.share]]\nprovider = \"fitcoach\"\npurpose = \"coaching\"\nkind = \"blob\"\n\n";
-    directory = directory.replacen("# bob:", &format!("{grant}# bob:"), 1);
-    let server = Server::start(Setup {
-        directory: Some(directory),
-        extra: format!(
-            "{MARKER_ACL}\n[[kinds]]\nname = \"blob\"\ncategory = \"Behavioral\"\nformat = \"opaque\"\n"
-        ),
-        ..Default::default()
-    });
+    let server = Server::start(demo_with_kind(
+        "blob",
+        "category = \"Behavioral\"\nformat = \"opaque\"\n",
+        "",
+    ));
     let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
     fit.subscribe("pii/+/+/blob", v5::QoS::AtMostOnce).await;
     let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
