@@ -30,8 +30,11 @@ enum Stage {
 /// What the session does with an acknowledgement from the client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer {
-    /// Not one of ours: the packet belongs to the broker's flow.
-    NotOurs,
+    /// No delivery in flight has this id at this stage: the client
+    /// acknowledged something never sent, or acknowledged it twice. The
+    /// broker has no flow with this client either (a session that is not
+    /// persistent runs all of its QoS 1/2 deliveries here).
+    Unknown,
     /// The flow for this id is complete.
     Done,
     /// Send PUBREL for this id to the client.
@@ -92,7 +95,7 @@ impl OwnFlow {
                 self.inflight.remove(&pkid);
                 Answer::Done
             }
-            _ => Answer::NotOurs,
+            _ => Answer::Unknown,
         }
     }
 
@@ -111,7 +114,7 @@ impl OwnFlow {
             }
             // A repeated PUBREC after our PUBREL: answer it again.
             Some(Stage::Released) => Answer::Release(pkid),
-            _ => Answer::NotOurs,
+            _ => Answer::Unknown,
         }
     }
 
@@ -121,7 +124,7 @@ impl OwnFlow {
                 self.inflight.remove(&pkid);
                 Answer::Done
             }
-            _ => Answer::NotOurs,
+            _ => Answer::Unknown,
         }
     }
 }
@@ -135,13 +138,13 @@ mod tests {
         let mut f = OwnFlow::new(None);
         let id = f.start(QoS::AtLeastOnce).unwrap();
         assert_eq!(f.in_flight(), 1);
-        assert_eq!(f.on_pubcomp(id), Answer::NotOurs);
+        assert_eq!(f.on_pubcomp(id), Answer::Unknown);
         assert_eq!(f.on_puback(id), Answer::Done);
         assert_eq!(f.in_flight(), 0);
         assert_eq!(
             f.on_puback(id),
-            Answer::NotOurs,
-            "a second PUBACK is not ours"
+            Answer::Unknown,
+            "a second PUBACK is unknown"
         );
     }
 
@@ -151,10 +154,10 @@ mod tests {
         let id = f.start(QoS::ExactlyOnce).unwrap();
         assert_eq!(
             f.on_puback(id),
-            Answer::NotOurs,
+            Answer::Unknown,
             "PUBACK does not end QoS 2"
         );
-        assert_eq!(f.on_pubcomp(id), Answer::NotOurs, "PUBCOMP before PUBREL");
+        assert_eq!(f.on_pubcomp(id), Answer::Unknown, "PUBCOMP before PUBREL");
         assert_eq!(f.on_pubrec(id, false), Answer::Release(id));
         assert_eq!(
             f.on_pubrec(id, false),

@@ -1348,16 +1348,20 @@ impl Session {
     fn on_client_packet(&mut self, p: Packet) -> Result<bool, End> {
         if let Some(own) = self.own.as_mut() {
             let answer = match &p {
-                Packet::PubAck(a) => own.on_puback(a.pkid),
-                Packet::PubRec(a) => own.on_pubrec(a.pkid, pubrec_failed(a)),
-                Packet::PubComp(a) => own.on_pubcomp(a.pkid),
-                _ => Answer::NotOurs,
+                Packet::PubAck(a) => Some(own.on_puback(a.pkid)),
+                Packet::PubRec(a) => Some(own.on_pubrec(a.pkid, pubrec_failed(a))),
+                Packet::PubComp(a) => Some(own.on_pubcomp(a.pkid)),
+                _ => None,
             };
             match answer {
-                Answer::NotOurs => {}
-                Answer::Done => return Ok(true),
-                Answer::Release(pkid) => {
+                None => {}
+                Some(Answer::Done) => return Ok(true),
+                Some(Answer::Release(pkid)) => {
                     self.send_client(&Packet::PubRel(v5::PubRel::new(pkid, None)))?;
+                    return Ok(true);
+                }
+                Some(Answer::Unknown) => {
+                    self.unknown_ack(&p)?;
                     return Ok(true);
                 }
             }
@@ -1465,7 +1469,33 @@ impl Session {
         Ok(true)
     }
 
+    /// An acknowledgement for no delivery in flight. Passed on, rumqttd
+    /// would end the connection (and log an error) for it; MQTT leaves it
+    /// to the receiver, and Mosquitto ignores it too. A PUBREC gets the
+    /// PUBREL MQTT 5 has for it (0x92), so a client that lost track of a
+    /// flow can close it.
+    fn unknown_ack(&mut self, p: &Packet) -> Result<(), End> {
+        tracing::debug!(session = self.id, packet = ?p, "acknowledgement for no delivery in flight ignored");
+        if let (Packet::PubRec(rec), Version::V5) = (p, self.version) {
+            let mut rel = v5::PubRel::new(rec.pkid, None);
+            rel.reason = v5::PubRelReason::PacketIdentifierNotFound;
+            self.send_client(&Packet::PubRel(rel))?;
+        }
+        Ok(())
+    }
+
     fn client_publish(&mut self, mut publish: Publish) -> Result<(), End> {
+        // MQTT-3.3.4-6. rumqttd would end the connection as if the packet
+        // were malformed, after logging two errors.
+        if publish
+            .properties
+            .as_ref()
+            .is_some_and(|p| !p.subscription_identifiers.is_empty())
+        {
+            return Err(End::Protocol(
+                "a PUBLISH from a client carries a Subscription Identifier",
+            ));
+        }
         if let Some(alias) = publish
             .properties
             .as_mut()

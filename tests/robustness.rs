@@ -853,6 +853,84 @@ async fn malformed_share_groups_are_refused() {
     }
 }
 
+/// An acknowledgement for nothing in flight (a PUBACK sent twice, a PUBREC
+/// for a flow the client lost track of) does not cost the client its
+/// connection: rumqttd would end it, so consentry keeps it from the broker.
+/// The PUBREC gets MQTT 5's PUBREL "Packet Identifier not found" (0x92).
+#[tokio::test]
+async fn a_stray_acknowledgement_is_ignored_not_punished() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, PubAck, PubComp, PubRec, PubRelReason, Subscribe};
+    let server = Server::demo();
+    let mut r = Raw::login_v5(server.mqtt, "bob-phone", "bob-phone-secret").await;
+    r.send(Packet::PubAck(PubAck::new(9, None))).await;
+    r.send(Packet::PubComp(PubComp::new(9, None))).await;
+    r.send(Packet::PubRec(PubRec::new(9, None))).await;
+    match r.recv().await {
+        Some(Packet::PubRel(rel)) => {
+            assert_eq!(
+                (rel.pkid, rel.reason),
+                (9, PubRelReason::PacketIdentifierNotFound)
+            )
+        }
+        other => panic!("expected PUBREL 0x92, got {other:?}"),
+    }
+    // The broker connection is still there: a message goes round through it.
+    let mut sub = Subscribe::new(Filter::new("public/#", QoS::AtLeastOnce), None);
+    sub.pkid = 3;
+    r.send(Packet::Subscribe(sub)).await;
+    assert!(matches!(r.recv().await, Some(Packet::SubAck(a)) if a.pkid == 3));
+    let mut p = Publish::new("public/stray", QoS::AtLeastOnce, "x", None);
+    p.pkid = 4;
+    r.send(Packet::Publish(p)).await;
+    let mut got = (false, None);
+    while !got.0 || got.1.is_none() {
+        match r.recv().await {
+            Some(Packet::PubAck(a)) if a.pkid == 4 => got.0 = true,
+            Some(Packet::Publish(d)) => got.1 = Some(d),
+            other => panic!("expected PUBACK 4 and the delivery, got {other:?}"),
+        }
+    }
+    let delivery = got.1.unwrap();
+    assert_eq!(delivery.topic, "public/stray");
+    // And it is acknowledged once, then twice: the second is stray again.
+    for _ in 0..2 {
+        r.send(Packet::PubAck(PubAck::new(delivery.pkid, None)))
+            .await;
+    }
+    r.send(Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq))
+        .await;
+    assert!(matches!(r.recv().await, Some(Packet::PingResp(_))));
+    let log = server.log();
+    assert!(!log.contains("Unsolicited"), "{log}");
+    still_serving(&server).await;
+}
+
+/// A client's PUBLISH must not carry a Subscription Identifier
+/// (MQTT-3.3.4-6): a Protocol Error (0x82) that says so, not the broker's
+/// "malformed packet".
+#[tokio::test]
+async fn a_publish_with_a_subscription_identifier_is_a_protocol_error() {
+    let server = Server::demo();
+    let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+    let props = PublishProperties {
+        subscription_identifiers: vec![3],
+        ..Default::default()
+    };
+    let mut p = Publish::new(
+        "pii/alice/alice-watch/heart_rate",
+        QoS::AtLeastOnce,
+        r#"{"bpm":70}"#,
+        Some(props),
+    );
+    p.pkid = 5;
+    r.send(Packet::Publish(p)).await;
+    let reason = r
+        .expect_disconnect(DisconnectReasonCode::ProtocolError)
+        .await;
+    assert!(reason.contains("Subscription Identifier"), "{reason}");
+    still_serving(&server).await;
+}
+
 /// With the broker unreachable, a client that needs a broker session at
 /// once (a persistent one) gets CONNACK "Server unavailable" (MQTT 5 0x88,
 /// 3.1.1 return code 3) and the connection closed: the first packet a
