@@ -28,6 +28,7 @@
 //! | [`secrets`] | keys generated on first run, owner-only | encryption (9.1.1) |
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod acl;
 pub mod act;
 pub mod admin;

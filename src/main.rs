@@ -355,11 +355,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Ok(n) => tracing::info!(open_files = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    if let Some(addr) = cfg.metrics.listen {
-        consentry::metrics::install(addr)
-            .with_context(|| format!("start the metrics endpoint on {addr}"))?;
-        tracing::info!(%addr, "metrics on /metrics");
-    }
+    let _metrics = match cfg.metrics.listen {
+        Some(addr) => {
+            let endpoint = consentry::metrics::install(addr)
+                .await
+                .with_context(|| format!("start the metrics endpoint on {addr}"))?;
+            tracing::info!(addr = %endpoint.addr, "metrics on /metrics");
+            Some(endpoint)
+        }
+        None => None,
+    };
     let server = Server::start(cfg).await?;
     // Tests and scripts read these lines to find the bound ports.
     if let Some(mqtt) = server.mqtt_addr {

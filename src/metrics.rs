@@ -33,6 +33,7 @@ pub const LEDGER_CLOCK_BEHIND: &str = "consentry_ledger_clock_behind_seconds";
 pub const LEDGER_CLOCK_JUMPED: &str = "consentry_ledger_clock_jumped_seconds";
 pub const PASSWORD_CHECKS: &str = "consentry_password_checks_total";
 pub const NOTICES_DROPPED: &str = "consentry_notices_dropped_total";
+pub const ACCEPT_FAILURES: &str = "consentry_accept_failures_total";
 
 /// Every metric consentry exports.
 pub const ALL: &[&str] = &[
@@ -59,7 +60,11 @@ pub const ALL: &[&str] = &[
     LEDGER_CLOCK_JUMPED,
     PASSWORD_CHECKS,
     NOTICES_DROPPED,
+    ACCEPT_FAILURES,
 ];
+
+/// The listeners, the `listener` label of [`ACCEPT_FAILURES`].
+pub const LISTENERS: [&str; 4] = ["mqtt", "mqtts", "api", "metrics"];
 
 /// Roles of connected clients, the `role` label.
 const ROLES: [&str; 3] = ["device", "provider", "anonymous"];
@@ -130,10 +135,24 @@ impl Hot {
     }
 }
 
-/// Serves `/metrics` on `addr`. Must be called inside a tokio runtime.
-pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// The `/metrics` endpoint; it stops serving when dropped.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// How often histograms are folded into what `/metrics` renders.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the recorder and serves `/metrics` on `addr`. Must be called
+/// inside a tokio runtime.
+///
+/// The exporter's own HTTP listener is not used: out of file descriptors it
+/// retried `accept` in a loop, logging each failure, and it has no bound on
+/// connections or on how long a request may take. `/metrics` is served the
+/// way the API is (`server::serve_http`), with its bounds.
+pub async fn install(addr: SocketAddr) -> anyhow::Result<Endpoint> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(DECISION_SECONDS.into()),
             &[
@@ -154,10 +173,39 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
             Matcher::Full(LEDGER_BATCH_SIZE.into()),
             &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0],
         )?
-        .install()?;
+        .install_recorder()?;
     describe();
     register();
-    Ok(())
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = handle.render();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    let listener =
+        crate::api::bounded::Bounded::new(crate::accept::Tcp::new(listener, "metrics"), "metrics");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(crate::server::serve_http(listener, app, stopped));
+    Ok(Endpoint { addr, _stop: stop })
 }
 
 /// Registers a series of every metric, so that each is exported from the
@@ -193,6 +241,9 @@ fn register() {
         counter!(PASSWORD_CHECKS, "result" => result).increment(0);
     }
     counter!(NOTICES_DROPPED).increment(0);
+    for listener in LISTENERS {
+        counter!(ACCEPT_FAILURES, "listener" => listener).increment(0);
+    }
 }
 
 /// Registers the delivery series of each provider known at start (a
@@ -295,6 +346,11 @@ fn describe() {
         "consentry's own messages to the broker (dispute notices, clearing a removed \
          device's retained messages) dropped, each counted: none found room in the notice \
          client's queue for 30 s, as when the broker is unreachable"
+    );
+    describe_counter!(
+        ACCEPT_FAILURES,
+        "Connections a listener failed to accept, by listener (mqtt, mqtts, api, metrics): \
+         most often the process is out of file descriptors"
     );
     describe_counter!(
         PASSWORD_CHECKS,

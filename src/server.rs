@@ -437,7 +437,7 @@ fn tls_acceptor(
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves the HTTP API on `listener` until shutdown: stops accepting, lets
+/// Serves HTTP (the API, `/metrics`) on `listener` until shutdown: stops accepting, lets
 /// each connection finish the request it is on, and returns once all are
 /// closed.
 ///
@@ -446,8 +446,11 @@ fn tls_acceptor(
 /// The idle bound (`api::bounded`) closes a connection that sends nothing,
 /// not one that sends a byte every few seconds; without the deadline such
 /// clients could hold the API's connection slots.
-async fn serve_api<L>(mut listener: L, app: axum::Router, mut shutdown: watch::Receiver<bool>)
-where
+pub(crate) async fn serve_http<L>(
+    mut listener: L,
+    app: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) where
     L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
     use axum::extract::ConnectInfo;
@@ -630,18 +633,20 @@ impl Server {
                 Some(tls) => {
                     let acceptor = tls_acceptor(&tls.cert, &tls.key, None).context("[api.tls]")?;
                     let l = crate::api::tls::TlsListener::new(l, acceptor)?;
-                    let l = Bounded::new(l).tap_io(
+                    let l = Bounded::new(l, "api").tap_io(
                         |s: &mut Idle<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>| {
                             let _ = s.get_ref().get_ref().0.set_nodelay(true);
                         },
                     );
-                    tasks.spawn(serve_api(l, app, rx));
+                    tasks.spawn(serve_http(l, app, rx));
                 }
                 None => {
-                    let l = Bounded::new(l).tap_io(|s: &mut Idle<tokio::net::TcpStream>| {
-                        let _ = s.get_ref().set_nodelay(true);
-                    });
-                    tasks.spawn(serve_api(l, app, rx));
+                    let l = Bounded::new(crate::accept::Tcp::new(l, "api"), "api").tap_io(
+                        |s: &mut Idle<tokio::net::TcpStream>| {
+                            let _ = s.get_ref().set_nodelay(true);
+                        },
+                    );
+                    tasks.spawn(serve_http(l, app, rx));
                 }
             }
         }
@@ -715,6 +720,10 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sessions = JoinSet::new();
+    let mut failures = crate::accept::Failures::new(match tls {
+        None => "mqtt",
+        Some(_) => "mqtts",
+    });
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -724,9 +733,7 @@ async fn accept_loop(
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                failures.after(&e).await;
                 continue;
             }
         };

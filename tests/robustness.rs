@@ -1337,3 +1337,51 @@ async fn a_publishers_dup_flag_is_not_passed_on() {
         }
     }
 }
+
+/// Out of file descriptors, every listener fails to accept for as long as
+/// they stay taken. Each waits before trying again, counts each failure and
+/// logs once a minute: the metrics endpoint's former listener (the
+/// exporter's own) spun a core and wrote 60 MB of log a second instead
+/// (found by an outside review). Once descriptors are free, all serve again.
+#[tokio::test]
+async fn out_of_file_descriptors_the_listeners_wait_count_and_log_once() {
+    let server = Server::demo();
+    let pid = server.pid() as i32;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let limit = open + 8;
+    rlimit::prlimit(pid, rlimit::Resource::NOFILE, Some((limit, limit)), None).unwrap();
+    // Sockets the server accepts until it can't; the rest wait in the backlog.
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(std::net::TcpStream::connect(server.mqtt).unwrap());
+    }
+    // A scrape now waits in the metrics listener's backlog.
+    let metrics = server.metrics;
+    let scrape = std::thread::spawn(move || {
+        ureq::get(&format!("http://{metrics}/metrics"))
+            .timeout(Duration::from_secs(30))
+            .call()
+            .map(|r| r.status())
+            .map_err(|e| e.to_string())
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = server.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("accept failed") || l.contains("Error accepting"))
+        .count();
+    assert!(
+        (1..=4).contains(&lines),
+        "{lines} accept failures logged in 3 s, want one per listener:\n{}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+    drop(held);
+    assert_eq!(scrape.join().unwrap().expect("the waiting scrape"), 200);
+    for listener in ["mqtt", "metrics"] {
+        let failed = server.metric("consentry_accept_failures_total", &[("listener", listener)]);
+        assert!(failed >= 1.0, "{listener}: {failed}");
+    }
+    still_serving(&server).await;
+}

@@ -24,20 +24,23 @@ pub const MAX_CONNECTIONS: usize = 512;
 pub const IDLE: Duration = Duration::from_secs(20);
 
 /// How long a request's headers may take to arrive, however they trickle
-/// (`server::serve_api` gives it to hyper).
+/// (`server::serve_http` gives it to hyper).
 pub const HEADERS: Duration = Duration::from_secs(20);
 
 /// A listener whose connections are counted and time out when idle.
 pub struct Bounded<L> {
     inner: L,
+    /// Which listener, for the log.
+    name: &'static str,
     slots: Arc<Semaphore>,
     last_warning: Option<Instant>,
 }
 
 impl<L> Bounded<L> {
-    pub fn new(inner: L) -> Self {
+    pub fn new(inner: L, name: &'static str) -> Self {
         Bounded {
             inner,
+            name,
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             last_warning: None,
         }
@@ -51,8 +54,9 @@ impl<L> Bounded<L> {
         {
             self.last_warning = Some(Instant::now());
             tracing::warn!(
+                listener = self.name,
                 max = MAX_CONNECTIONS,
-                "HTTP API connection closed: too many open"
+                "HTTP connection closed: too many open"
             );
         }
     }

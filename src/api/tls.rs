@@ -34,6 +34,7 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(READY);
         let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
+            let mut failures = crate::accept::Failures::new("api");
             loop {
                 let accepted = tokio::select! {
                     // The server is gone: stop accepting.
@@ -43,9 +44,7 @@ impl TlsListener {
                 let (socket, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // Out of file descriptors, say: wait rather than spin.
-                        tracing::warn!(error = %e, "HTTPS accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        failures.after(&e).await;
                         continue;
                     }
                 };
