@@ -1287,3 +1287,148 @@ async fn a_device_clears_its_retained_reading() {
         "the cleared reading is still retained: {got:?}"
     );
 }
+
+/// Bytes queued in the kernel for the TCP connection between ports `a`
+/// (sending) and `b` (receiving) on loopback: `a`'s send queue and `b`'s
+/// receive queue, from /proc/net/tcp.
+fn kernel_queued(a: u16, b: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+    let mut queued = 0;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote) = (port(f[1]), port(f[2]));
+        let (tx, rx) = f[4].split_once(':').unwrap();
+        if (local, remote) == (a, b) {
+            queued += u64::from_str_radix(tx, 16).unwrap();
+        }
+        if (local, remote) == (b, a) {
+            queued += u64::from_str_radix(rx, 16).unwrap();
+        }
+    }
+    queued
+}
+
+/// A provider that stops reading gets no more than about 1 MiB decided
+/// ahead of it beyond what the kernel's socket buffers hold: the rest waits
+/// undecided in the broker, so a withdrawal stops it. An outside review saw
+/// 3.4 MB held in consentry, delivered seconds after the withdrawal's 200.
+/// Every message the provider gets has its share record, and nothing
+/// decided after the withdrawal reaches it.
+#[tokio::test]
+async fn a_provider_that_stops_reading_has_little_decided_ahead_of_a_withdrawal() {
+    use rumqttc::v5::mqttbytes::v5::{Connect, Filter, Login, Packet, Subscribe};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MESSAGES: usize = 48;
+    const SIZE: usize = 200_000;
+    let server = Server::start(demo_with_kind(
+        "blob",
+        "category = \"Behavioral\"\nformat = \"opaque\"\n",
+        "",
+    ));
+    // fitcoach over a raw socket, so that the test decides when it reads.
+    let mut fit = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
+    let fit_port = fit.local_addr().unwrap().port();
+    let mut out = bytes::BytesMut::new();
+    Packet::Connect(
+        Connect {
+            keep_alive: 0,
+            client_id: "slow-fit".into(),
+            clean_start: true,
+            properties: None,
+        },
+        None,
+        Some(Login::new("fitcoach", "fitcoach-secret")),
+    )
+    .write(&mut out, None)
+    .unwrap();
+    let mut sub = Subscribe::new(Filter::new("pii/+/+/blob", v5::QoS::AtMostOnce), None);
+    sub.pkid = 1;
+    Packet::Subscribe(sub).write(&mut out, None).unwrap();
+    fit.write_all(&out).await.unwrap();
+    let mut inbox = bytes::BytesMut::new();
+    let mut next = async |fit: &mut tokio::net::TcpStream| loop {
+        if let Ok(p) = Packet::read(&mut inbox, Some(1 << 20)) {
+            return p;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), fit.read_buf(&mut inbox))
+            .await
+            .expect("a packet within 10 s")
+            .unwrap();
+        assert!(n > 0, "fitcoach's connection closed");
+    };
+    assert!(matches!(next(&mut fit).await, Packet::ConnAck(_)));
+    assert!(matches!(next(&mut fit).await, Packet::SubAck(_)));
+
+    let records = || server.metric("consentry_ledger_appends_total", &[]);
+    let before = records();
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    let topic = "pii/alice/alice-watch/blob";
+    // All at once, so that the broker hands the session many per read.
+    for i in 0..MESSAGES {
+        let payload = vec![b'a' + (i % 26) as u8; SIZE];
+        alice
+            .client
+            .publish(topic, v5::QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < MESSAGES {
+        if let v5::Packet::PubAck(a) = alice.next().await {
+            assert_eq!(a.reason, v5::PubAckReason::Success);
+            acked += 1;
+        }
+    }
+    // Let the session decide what it will while fitcoach reads nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let decided = (records() - before) as u64;
+    let in_kernel = kernel_queued(server.mqtt.port(), fit_port);
+    let held = (decided * SIZE as u64).saturating_sub(in_kernel);
+    assert!(
+        decided < MESSAGES as u64,
+        "all {decided} decided: the test did not fill the socket"
+    );
+    assert!(
+        held <= (1 << 20) + 2 * SIZE as u64,
+        "{held} bytes decided and held in consentry ({decided} records, {in_kernel} in the kernel)"
+    );
+
+    let token = common::demo_alice_token(&server);
+    let (status, body) = common::http(
+        &server,
+        "DELETE",
+        "/v1/me/preferences/share/fitcoach/blob",
+        Some(&token),
+        &[],
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    // Now fitcoach reads: what was decided before arrives, nothing after.
+    let mut received = 0u64;
+    loop {
+        let more = tokio::time::timeout(Duration::from_secs(2), next(&mut fit)).await;
+        match more {
+            Ok(Packet::Publish(p)) => {
+                assert_eq!(p.payload.len(), SIZE);
+                received += 1;
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(
+        received, decided,
+        "each delivery has its record, each record its delivery"
+    );
+    let dropped = server.metric(
+        "consentry_deliveries_total",
+        &[("provider", "fitcoach"), ("result", "dropped")],
+    );
+    assert_eq!(
+        dropped as u64,
+        MESSAGES as u64 - decided,
+        "the rest, decided after the withdrawal"
+    );
+}
