@@ -332,6 +332,7 @@ pub async fn serve<S>(
         pseudonym_key: None,
         own: None,
         knows_all_filters: false,
+        expiry_at_connect: 0,
         pending_bytes: 0,
         lag: None,
         lag_filters: Vec::new(),
@@ -593,6 +594,8 @@ struct Session {
     /// clean start 0 and expiry 0 is not persistent, but holds the filters
     /// of the session it resumed.
     knows_all_filters: bool,
+    /// The Session Expiry Interval the CONNECT asked for (0 in MQTT 3.1.1).
+    expiry_at_connect: u32,
     /// Bytes in the chunks waiting to be written to the client
     /// ([`MAX_DECIDED_AHEAD`]).
     pending_bytes: usize,
@@ -689,6 +692,7 @@ impl Session {
             Version::V4 => 0,
             Version::V5 => props.and_then(|p| p.session_expiry_interval).unwrap_or(0),
         };
+        self.expiry_at_connect = session_expiry;
         // The will is a publish that happens later: it passes ingress now,
         // under the same rules, or the CONNECT is refused.
         if let Some(w) = will {
@@ -1460,13 +1464,21 @@ impl Session {
             Packet::PingReq(_) => self.send_client(&Packet::PingResp(v5::PingResp))?,
             Packet::Disconnect(mut d) => {
                 tracing::debug!(session = self.id, "client sent DISCONNECT");
+                let expiry = d
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.session_expiry_interval);
+                if self.expiry_at_connect == 0 && expiry.is_some_and(|s| s > 0) {
+                    // Not a valid DISCONNECT, so the connection ends
+                    // abnormally: the will stays due.
+                    return Err(End::Protocol(
+                        "DISCONNECT sets a Session Expiry Interval where CONNECT had 0 \
+                         (MQTT-3.14.2-2)",
+                    ));
+                }
                 if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
                     // The will stays due (`will::session_ended`); the broker holds none.
                     d.reason_code = DisconnectReasonCode::NormalDisconnection;
-                    let expiry = d
-                        .properties
-                        .as_ref()
-                        .and_then(|p| p.session_expiry_interval);
                     if let (Some(w), Some(secs)) = (self.will.as_mut(), expiry) {
                         w.set_session_expiry(secs);
                     }

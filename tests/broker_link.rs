@@ -411,3 +411,66 @@ async fn any_client_id_reaches_the_embedded_broker() {
         );
     }
 }
+
+/// A DISCONNECT may not set a Session Expiry Interval when the CONNECT had
+/// none (MQTT-3.14.2-2): the server answers DISCONNECT 0x82, and since the
+/// connection did not end with a valid DISCONNECT, the will is published
+/// (an outside review found the will dropped as after a normal one).
+#[tokio::test]
+async fn a_disconnect_that_sets_an_expiry_the_connect_did_not_is_a_protocol_error() {
+    use bytes::BytesMut;
+    use rumqttc::v5::mqttbytes::v5::{
+        Connect, Disconnect, DisconnectProperties, DisconnectReasonCode, Login, Packet,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = server_with(&[]);
+    let mut watcher = watch_public(&server).await;
+    let mut s = tokio::net::TcpStream::connect(server.mqtt).await.unwrap();
+    let mut out = BytesMut::new();
+    Packet::Connect(
+        Connect {
+            keep_alive: 30,
+            client_id: "expiry-later".into(),
+            clean_start: true,
+            properties: None,
+        },
+        Some(will_after(None)),
+        Some(Login::new(BOB.0, BOB.1)),
+    )
+    .write(&mut out, None)
+    .unwrap();
+    Packet::Disconnect(Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+        properties: Some(DisconnectProperties {
+            session_expiry_interval: Some(100),
+            reason_string: None,
+            user_properties: vec![],
+            server_reference: None,
+        }),
+    })
+    .write(&mut out, None)
+    .unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    loop {
+        if let Ok(p) = Packet::read(&mut buf, None) {
+            got.push(p);
+            continue;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf))
+            .await
+            .expect("answered and closed within 10 s");
+        if !n.is_ok_and(|n| n > 0) {
+            break;
+        }
+    }
+    assert!(matches!(got.first(), Some(Packet::ConnAck(_))), "{got:?}");
+    match got.get(1) {
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, DisconnectReasonCode::ProtocolError)
+        }
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
+    assert_eq!(watcher.next_publish().await.topic, &b"public/will"[..]);
+}
