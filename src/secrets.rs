@@ -31,6 +31,40 @@ pub fn load_or_create(path: &Path, env: &str) -> anyhow::Result<[u8; 32]> {
     Ok(key)
 }
 
+pub const PSEUDONYM_KEY_ENV: &str = "CONSENTRY_PSEUDONYM_KEY";
+pub const PSEUDONYM_KEY_FILE: &str = "pseudonym.key";
+
+/// The key every provider's pseudonyms are derived from (see [`load_or_create`]).
+///
+/// Pseudonyms reach providers only in deliveries, and each delivery is recorded in the share
+/// ledger first: `ledger_head`, the ledger's last sequence number (`ledger_dir` its directory),
+/// above 0 means some may be in providers' hands (and stays above 0 once retention purged
+/// them). A missing key file is then not a first start but a lost key, and a new one would
+/// give every user a new pseudonym at every provider without a word: refused, as a missing
+/// master key is beside the data it decrypts.
+pub fn pseudonym_key(
+    data_dir: &Path,
+    ledger_head: u64,
+    ledger_dir: &Path,
+) -> anyhow::Result<[u8; 32]> {
+    let path = data_dir.join(PSEUDONYM_KEY_FILE);
+    if ledger_head > 0 && std::env::var_os(PSEUDONYM_KEY_ENV).is_none() && !path.exists() {
+        anyhow::bail!(
+            "{} is missing, but the share ledger in {} has records up to seq {ledger_head}: \
+             deliveries may have carried pseudonyms derived from that key to providers. A new \
+             key would give every user a new pseudonym at every provider, who could no longer \
+             link them to what they received before. Restore {} (or set {PSEUDONYM_KEY_ENV}) \
+             from a backup; if it is lost for good, create a new one on purpose (`head -c 32 \
+             /dev/urandom > {}`, mode 0600) and tell the providers their pseudonyms changed",
+            path.display(),
+            ledger_dir.display(),
+            path.display(),
+            path.display(),
+        );
+    }
+    load_or_create(&path, PSEUDONYM_KEY_ENV)
+}
+
 /// The operator's master key; purpose keys are derived from it.
 pub fn master_key(data_dir: &Path) -> anyhow::Result<[u8; 32]> {
     load_or_create(&data_dir.join(MASTER_KEY_FILE), MASTER_KEY_ENV)
@@ -221,6 +255,31 @@ mod tests {
             assert_eq!(mode & 0o077, 0);
         }
         assert_ne!(derive(&a, "store"), derive(&a, "pseudonym"));
+    }
+
+    /// The bug this guards: a lost `pseudonym.key` beside a ledger with records was replaced by
+    /// a new key at start, and every provider's pseudonyms changed without a word.
+    #[test]
+    fn a_lost_pseudonym_key_is_refused_once_pseudonyms_were_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = dir.path().join("ledger");
+        // First start: nothing shared yet, the key is created.
+        let a = pseudonym_key(dir.path(), 0, &ledger).unwrap();
+        assert_eq!(pseudonym_key(dir.path(), 5, &ledger).unwrap(), a);
+        std::fs::remove_file(dir.path().join(PSEUDONYM_KEY_FILE)).unwrap();
+        let err = format!("{:#}", pseudonym_key(dir.path(), 5, &ledger).unwrap_err());
+        for part in [
+            &dir.path().join(PSEUDONYM_KEY_FILE).display().to_string(),
+            &ledger.display().to_string(),
+            "records up to seq 5",
+            "new pseudonym at every provider",
+            PSEUDONYM_KEY_ENV,
+        ] {
+            assert!(err.contains(part), "{part:?} not in {err}");
+        }
+        assert!(!dir.path().join(PSEUDONYM_KEY_FILE).exists(), "{err}");
+        // Nothing shared yet (a first start that failed before the key was written): created.
+        assert_ne!(pseudonym_key(dir.path(), 0, &ledger).unwrap(), a);
     }
 
     #[cfg(unix)]

@@ -545,7 +545,7 @@ impl Server {
             None => broker::start_embedded(&config)?,
         };
         let pseudonym_master =
-            crate::secrets::load_or_create(&data.join("pseudonym.key"), "CONSENTRY_PSEUDONYM_KEY")?;
+            crate::secrets::pseudonym_key(data, ledger.durable_seq(), &ledger_paths(&config).0)?;
         metrics::gauge!(crate::metrics::ACT_VERSION).set(act.load().version as f64);
         crate::metrics::register_providers(pm.providers().iter().map(|p| p.id.as_str()));
         let shared = Arc::new(Shared {

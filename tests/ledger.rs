@@ -638,3 +638,137 @@ async fn a_ledger_purged_of_every_record_verifies() {
     let out = verify(&server);
     assert!(out.starts_with("ledger OK: 0 records"), "{out}");
 }
+
+/// The newest segment file of the server's ledger.
+fn newest_segment(server: &Server) -> std::path::PathBuf {
+    let dir = server.data_dir().join("ledger");
+    let mut segs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("seg-"))
+        })
+        .collect();
+    segs.sort();
+    segs.pop().expect("a segment")
+}
+
+fn torn_files(server: &Server) -> Vec<(String, u64)> {
+    std::fs::read_dir(server.data_dir().join("ledger"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("torn-"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect()
+}
+
+/// `ledger verify` on a ledger a crash left with a record cut short at its end said "ledger
+/// verification FAILED … segment ends inside a record" and exited 1, as for tampering, while
+/// the server cuts such a tail off at its next start as a crash's ordinary leftover. It now
+/// verifies the records before it, says what the tail is, and succeeds. And a start that
+/// could not keep the tail (the disk full) said "write quarantine file: File too large",
+/// naming no file, and left a partial `torn-*.bin` behind.
+#[tokio::test]
+async fn a_torn_tail_verifies_and_a_failed_quarantine_leaves_nothing() {
+    use std::os::unix::process::CommandExt;
+    let mut server = Server::demo();
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    for bpm in 70..73 {
+        alice
+            .publish_acked(HR, format!("{{\"bpm\":{bpm}}}").as_bytes())
+            .await;
+        fit.next_publish().await;
+    }
+    server.stop();
+    let intact = verify(&server);
+    // `head -c 120 SEG >> SEG`: a record's first 120 bytes, as a crash mid-append leaves them.
+    let seg = newest_segment(&server);
+    let whole = std::fs::read(&seg).unwrap();
+    let mut torn = whole.clone();
+    torn.extend_from_slice(&whole[..120]);
+    std::fs::write(&seg, &torn).unwrap();
+
+    let out = server.cli(&["ledger", "verify"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout, intact, "the records before it verify as before");
+    for part in [
+        "incomplete record",
+        &seg.display().to_string(),
+        "120 bytes",
+        "next start",
+        "torn-",
+    ] {
+        assert!(stderr.contains(part), "{part:?} not in {stderr}");
+    }
+    assert!(!stderr.contains("FAILED"), "{stderr}");
+
+    // A start that cannot write the quarantine file (here: no file may grow past one byte,
+    // which the kernel refuses as it would a full disk) names it, and leaves none behind.
+    let mut show = std::process::Command::new(common::bin());
+    show.arg("--config")
+        .arg(&server.config)
+        .args(["ledger", "show", "--user", "alice"])
+        .env("CONSENTRY_DATA_DIR", server.data_dir());
+    // SAFETY: runs in the child between fork and exec, and only calls setrlimit, which is
+    // async-signal-safe.
+    unsafe {
+        show.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1,
+                rlim_max: 1,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = show.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("quarantine file") && stderr.contains("/torn-"),
+        "{stderr}"
+    );
+    assert_eq!(torn_files(&server), vec![], "{stderr}");
+    assert_eq!(std::fs::read(&seg).unwrap(), torn, "nothing was cut");
+
+    // The server's next start cuts it and keeps it; verify says nothing more about it.
+    server.restart();
+    server.stop();
+    let kept = torn_files(&server);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0].1, 120);
+    let out = server.cli(&["ledger", "verify"]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("incomplete record"));
+
+    // Records missing in the middle still fail.
+    let whole = std::fs::read(&seg).unwrap();
+    let frame_end =
+        |off: usize| off + 4 + u32::from_le_bytes(whole[off..off + 4].try_into().unwrap()) as usize;
+    let second = frame_end(0);
+    let mut cut = whole[..second].to_vec();
+    cut.extend_from_slice(&whole[frame_end(second)..]);
+    std::fs::write(&seg, cut).unwrap();
+    let out = server.cli(&["ledger", "verify"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FAILED") && stderr.contains("removed"),
+        "{stderr}"
+    );
+}

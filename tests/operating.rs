@@ -481,3 +481,60 @@ fn hash_password_refuses_an_empty_password() {
     assert!(!ok, "hashed an empty password: {out}");
     assert!(err.contains("empty password"), "{err}");
 }
+
+/// The bug this guards: a lost `pseudonym.key` beside a ledger with records was replaced by a
+/// new key at start, silently, and every user's pseudonym changed at every provider. It now
+/// stops the start, naming the file; a data directory that shared nothing yet (a first start
+/// that failed before writing the key) still gets one.
+#[tokio::test]
+async fn a_lost_pseudonym_key_stops_the_start_once_anything_was_shared() {
+    use common::v5;
+    let mut server = Server::demo();
+    server.stop();
+    let key = server.data_dir().join("pseudonym.key");
+    std::fs::remove_file(&key).unwrap();
+    server.restart();
+    assert!(key.exists(), "no key made before anything was shared");
+
+    let mut fit = v5::connect(server.mqtt, "fit", "fitcoach", "fitcoach-secret").await;
+    fit.subscribe("pii/#", v5::QoS::AtLeastOnce).await;
+    let mut alice = v5::connect(server.mqtt, "w", "alice-watch", "alice-watch-secret").await;
+    alice
+        .publish_acked("pii/alice/alice-watch/heart_rate", br#"{"bpm":72}"#)
+        .await;
+    fit.next_publish().await;
+    server.stop();
+    std::fs::remove_file(&key).unwrap();
+    for _ in 0..2 {
+        let log = server.restart_refused();
+        assert!(
+            log.contains(&format!("{} is missing", key.display()))
+                && log.contains("new pseudonym at every provider")
+                && log.contains("CONSENTRY_PSEUDONYM_KEY"),
+            "{log}"
+        );
+        assert!(!key.exists(), "a new key was left behind");
+    }
+}
+
+/// A store file damaged at its start stopped the start with "open the store … (is its disk
+/// full or read-only?): database: file is not a database": nothing said the file itself was
+/// the problem.
+#[tokio::test]
+async fn a_store_that_is_not_a_database_is_called_corrupt() {
+    let mut server = Server::demo();
+    server.stop();
+    let db = server.data_dir().join("consentry.db");
+    for f in ["consentry.db-wal", "consentry.db-shm"] {
+        let _ = std::fs::remove_file(server.data_dir().join(f));
+    }
+    let mut bytes = std::fs::read(&db).unwrap();
+    bytes[..100].fill(0x5a);
+    std::fs::write(&db, bytes).unwrap();
+    let log = server.restart_refused();
+    assert!(
+        log.contains(&db.display().to_string())
+            && log.contains("corrupt or is not a consentry store"),
+        "{log}"
+    );
+}

@@ -150,10 +150,30 @@ impl KeyDoc {
         })
     }
 
-    fn parse(text: &str) -> Result<KeyDoc, LedgerError> {
-        serde_json::from_str(text)
-            .map_err(|e| LedgerError::KeyFile(format!("key document is not valid JSON: {e}")))
+    /// Parses the document `source` (a key file, or [`KEYS_ENV`]) holds. Errors name it: an
+    /// operator may hold several copies, and "not valid JSON" alone says not which to look at.
+    fn parse(text: &str, source: &str) -> Result<KeyDoc, LedgerError> {
+        serde_json::from_str(text).map_err(|e| {
+            LedgerError::KeyFile(format!(
+                "{source} is not a valid key document, not valid JSON ({e}): was it cut short \
+                 or edited? Restore it from a backup"
+            ))
+        })
     }
+
+    /// [`KeyDoc::keyring`], its errors naming `source`.
+    fn keyring_from(&self, origin: Origin, source: &str) -> Result<Keyring, LedgerError> {
+        self.keyring(origin).map_err(|e| match e {
+            LedgerError::KeyFile(why) => LedgerError::KeyFile(format!("{source}: {why}")),
+            other => other,
+        })
+    }
+}
+
+/// Parses a key file's text into a keyring.
+fn keyring_in_file(text: &str, path: &Path, created: bool) -> Result<Keyring, LedgerError> {
+    let source = path.display().to_string();
+    KeyDoc::parse(text, &source)?.keyring_from(file_origin(path, created), &source)
 }
 
 fn read_key_file(path: &Path) -> Result<Option<String>, LedgerError> {
@@ -167,7 +187,7 @@ fn read_key_file(path: &Path) -> Result<Option<String>, LedgerError> {
         use std::os::unix::fs::PermissionsExt;
         let mode = f
             .metadata()
-            .map_err(|e| LedgerError::io("stat key file", e))?
+            .map_err(|e| LedgerError::io(format!("stat {}", path.display()), e))?
             .permissions()
             .mode();
         // Refuse keys others could have read: they may already be compromised.
@@ -180,7 +200,7 @@ fn read_key_file(path: &Path) -> Result<Option<String>, LedgerError> {
     }
     let mut s = String::new();
     f.read_to_string(&mut s)
-        .map_err(|e| LedgerError::io("read key file", e))?;
+        .map_err(|e| LedgerError::io(format!("read {}", path.display()), e))?;
     Ok(Some(s))
 }
 
@@ -201,7 +221,7 @@ impl Keyring {
     /// ledger, where new keys could only mean the wrong directory).
     pub fn load(path: &Path) -> Result<Keyring, LedgerError> {
         match read_key_file(path)? {
-            Some(text) => KeyDoc::parse(&text)?.keyring(file_origin(path, false)),
+            Some(text) => keyring_in_file(&text, path, false),
             None => Err(LedgerError::KeyFile(format!(
                 "{} does not exist (and {KEYS_ENV} is not set)",
                 path.display()
@@ -212,7 +232,7 @@ impl Keyring {
     /// Loads the key file, or creates it (mode 0600) with fresh keys if it does not exist.
     pub fn load_or_create(path: &Path) -> Result<Keyring, LedgerError> {
         if let Some(text) = read_key_file(path)? {
-            return KeyDoc::parse(&text)?.keyring(file_origin(path, false));
+            return keyring_in_file(&text, path, false);
         }
         let doc = KeyDoc::generate();
         let bytes = serde_json::to_vec_pretty(&doc)?;
@@ -223,9 +243,9 @@ impl Keyring {
             // Someone else created it first: use theirs, never overwrite keys.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let text = read_key_file(path)?.ok_or_else(|| {
-                    LedgerError::KeyFile("key file vanished while being created".into())
+                    LedgerError::KeyFile(format!("{} vanished while being created", path.display()))
                 })?;
-                KeyDoc::parse(&text)?.keyring(file_origin(path, false))
+                keyring_in_file(&text, path, false)
             }
             Err(e) => Err(LedgerError::io(format!("create {}", path.display()), e)),
         }
@@ -234,7 +254,9 @@ impl Keyring {
     /// Reads the key document from `CONSENTRY_LEDGER_KEYS`, if set.
     pub fn from_env() -> Result<Option<Keyring>, LedgerError> {
         match std::env::var(KEYS_ENV) {
-            Ok(s) => Ok(Some(KeyDoc::parse(&s)?.keyring(Origin::Env)?)),
+            Ok(s) => Ok(Some(
+                KeyDoc::parse(&s, KEYS_ENV)?.keyring_from(Origin::Env, KEYS_ENV)?,
+            )),
             Err(std::env::VarError::NotPresent) => Ok(None),
             Err(std::env::VarError::NotUnicode(_)) => Err(LedgerError::KeyFile(format!(
                 "{KEYS_ENV} is not valid UTF-8"
@@ -247,7 +269,9 @@ impl Keyring {
     pub fn rotate(path: &Path) -> Result<KeyId, LedgerError> {
         let text = read_key_file(path)?
             .ok_or_else(|| LedgerError::KeyFile(format!("{} does not exist", path.display())))?;
-        let mut doc = KeyDoc::parse(&text)?;
+        let source = path.display().to_string();
+        let mut doc = KeyDoc::parse(&text, &source)?;
+        doc.keyring_from(Origin::Generated, &source)?;
         let id = doc
             .data_keys
             .iter()
@@ -274,8 +298,9 @@ impl Keyring {
     pub fn export_env_document(path: &Path) -> Result<String, LedgerError> {
         let text = read_key_file(path)?
             .ok_or_else(|| LedgerError::KeyFile(format!("{} does not exist", path.display())))?;
-        let doc = KeyDoc::parse(&text)?;
-        doc.keyring(Origin::Generated)?;
+        let source = path.display().to_string();
+        let doc = KeyDoc::parse(&text, &source)?;
+        doc.keyring_from(Origin::Generated, &source)?;
         Ok(serde_json::to_string(&doc)?)
     }
 

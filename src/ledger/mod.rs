@@ -46,7 +46,7 @@ pub use entry::{
 };
 pub use error::{LedgerError, TamperKind};
 pub use keys::{KeyId, Keyring, KEYS_ENV};
-pub use verify::{verify_dir, VerifyReport};
+pub use verify::{verify_dir, TornTail, VerifyReport};
 
 use writer::{Shared, Writer};
 

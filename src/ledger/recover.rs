@@ -8,7 +8,7 @@ use super::checkpoint::Loaded;
 use super::error::{LedgerError, TamperKind};
 use super::keys::{Keyring, Origin, KEYS_ENV};
 use super::record::{next_frame, Next};
-use super::segment::{fsync_dir, list_segments, read_opt, CHECKPOINT_FILE};
+use super::segment::{fsync_dir, list_segments, read_opt, CHECKPOINT_FILE, STATE_FILE};
 
 pub(crate) struct Recovered {
     pub next_seq: u64,
@@ -27,6 +27,7 @@ pub(crate) struct Recovered {
 pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recovered, LedgerError> {
     let segs = list_segments(dir)?;
     refuse_new_keys(dir, keys, &segs, cps)?;
+    refuse_lost_state(dir, &segs)?;
     check_checkpoints(dir, keys, cps)?;
     let covered = cps.max_seq();
     if cps.lines.is_empty() {
@@ -106,7 +107,7 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
     // backup of it restored): opening would append new records under those sequence numbers
     // and the ledger would never verify again.
     let head_seq = expected - 1;
-    if head_seq < covered {
+    if !may_cut_after(head_seq, covered) {
         return Err(match bad_at {
             Some((_, torn)) => LedgerError::tampered(
                 expected,
@@ -141,6 +142,14 @@ pub(crate) fn recover(dir: &Path, keys: &Keyring, cps: &Loaded) -> Result<Recove
         newest_us,
         oldest_us,
     })
+}
+
+/// Whether recovery may cut the newest segment's tail after record `head_seq`, given that a
+/// signed checkpoint vouches for every record up to `covered`. A crash only ever tears what came
+/// after the last checkpoint: a cut below one would drop records the ledger had signed as
+/// written. `verify` asks the same question before it reports a torn tail as a crash's doing.
+pub(crate) fn may_cut_after(head_seq: u64, covered: u64) -> bool {
+    head_seq >= covered
 }
 
 fn truncated(dir: &Path, head_seq: u64, covered: u64) -> LedgerError {
@@ -194,6 +203,39 @@ fn refuse_new_keys(
         path.display(),
         dir.display(),
         path.display()
+    )))
+}
+
+/// The writer stores `state.json` before it creates the first segment, so segments without it
+/// mean it was lost. Its boot counter is the first half of every record's nonce, and what is
+/// left on disk cannot stand in for it: the newest segment shows the boots of the records still
+/// in it, not of a record cut off a torn tail (kept in a `torn-*.bin` file) when it was the
+/// first its boot wrote, nor of records retention purged (still in backups). Starting again
+/// from the boots that do show could encrypt new records under those records' nonces, and two
+/// AES-GCM messages under one key and nonce give away the XOR of their plaintexts and let
+/// anyone forge records under that key.
+fn refuse_lost_state(dir: &Path, segs: &[(u64, PathBuf)]) -> Result<(), LedgerError> {
+    let state = dir.join(STATE_FILE);
+    let Some((_, seg)) = segs.first() else {
+        return Ok(());
+    };
+    match std::fs::symlink_metadata(&state) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(LedgerError::io(format!("stat {}", state.display()), e)),
+    }
+    Err(LedgerError::Config(format!(
+        "{} is missing, but {} holds the ledger's records (such as {}): it held the boot \
+         counter that keeps every record's nonce unique under its data key, and without it new \
+         records could reuse the nonces of records written before, exposing them. Refusing to \
+         open the ledger. Restore {} from the same backup as the ledger directory; if it is lost \
+         for good, add a data key no record was encrypted with (`consentry keys rotate`, or in \
+         the {KEYS_ENV} document), then write {{\"boot\":0,\"key_uses\":{{}}}} to {}",
+        state.display(),
+        dir.display(),
+        seg.display(),
+        state.display(),
+        state.display(),
     )))
 }
 
@@ -317,18 +359,32 @@ fn quarantine_and_truncate(
     seq: u64,
 ) -> Result<(), LedgerError> {
     let dropped = &data[at..];
-    let qpath = dir.join(format!(
-        "torn-{seq:020}-{}.bin",
-        chrono::Utc::now().timestamp_micros()
-    ));
+    let qpath = quarantine_path(dir, seq);
+    let failed = |what: &str, e| {
+        LedgerError::io(
+            format!(
+                "{what} the quarantine file {} for the {} bytes to cut from the end of {}; \
+                 nothing was cut",
+                qpath.display(),
+                dropped.len(),
+                path.display()
+            ),
+            e,
+        )
+    };
     let mut q = super::owner_only(&mut OpenOptions::new())
         .write(true)
         .create_new(true)
         .open(&qpath)
-        .map_err(|e| LedgerError::io("create quarantine file", e))?;
-    q.write_all(dropped)
-        .and_then(|_| q.sync_all())
-        .map_err(|e| LedgerError::io("write quarantine file", e))?;
+        .map_err(|e| failed("create", e))?;
+    let written = write_quarantine(&mut q, dropped);
+    drop(q);
+    if let Err(e) = written {
+        // A partial copy is not the evidence, and left behind it would read as a tail cut at
+        // an earlier start: the segment still holds the bytes, and the next start tries again.
+        let _ = std::fs::remove_file(&qpath);
+        return Err(failed("write", e));
+    }
     fsync_dir(dir)?;
     tracing::warn!(
         segment = %path.display(),
@@ -341,10 +397,28 @@ fn quarantine_and_truncate(
     let f = OpenOptions::new()
         .write(true)
         .open(path)
-        .map_err(|e| LedgerError::io("open segment for truncation", e))?;
+        .map_err(|e| LedgerError::io(format!("open {} to cut its tail", path.display()), e))?;
     f.set_len(at as u64)
         .and_then(|_| f.sync_all())
-        .map_err(|e| LedgerError::io("truncate torn segment", e))
+        .map_err(|e| LedgerError::io(format!("cut the tail of {}", path.display()), e))
+}
+
+/// Where recovery keeps the tail it cuts, the first record of which would have been `seq`.
+fn quarantine_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(quarantine_name(
+        seq,
+        &chrono::Utc::now().timestamp_micros().to_string(),
+    ))
+}
+
+/// The name of a quarantine file: `stamp` is when it was cut (µs since the epoch).
+pub(crate) fn quarantine_name(seq: u64, stamp: &str) -> String {
+    format!("torn-{seq:020}-{stamp}.bin")
+}
+
+fn write_quarantine(q: &mut std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
+    q.write_all(bytes)?;
+    q.sync_all()
 }
 
 /// Head hash just before `first` when the newest segment holds no records.

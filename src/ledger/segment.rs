@@ -79,6 +79,8 @@ pub(crate) struct State {
 impl State {
     pub fn load(dir: &Path) -> Result<State, LedgerError> {
         match read_opt(&dir.join(STATE_FILE))? {
+            // A new ledger's. Beside segments, recovery has already refused a lost one: the
+            // records left cannot tell which boots were used (see `recover`).
             None => Ok(State::default()),
             Some(b) => serde_json::from_slice(&b).map_err(|e| {
                 LedgerError::Config(format!(

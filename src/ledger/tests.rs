@@ -357,8 +357,15 @@ async fn nonces_unique_across_reopens_crashes_and_lost_state() {
                 f.set_len((last.0 + 50) as u64).expect("truncate");
                 drop_last_checkpoint(tmp.path());
             }
-            // The state file (boot counter) is lost: the boot number still moves forward.
-            3 => std::fs::remove_file(tmp.path().join(STATE_FILE)).expect("rm state"),
+            // The state file (boot counter) is lost: refused until it is restored.
+            3 => {
+                let state = tmp.path().join(STATE_FILE);
+                let saved = std::fs::read(&state).expect("read state");
+                std::fs::remove_file(&state).expect("rm state");
+                let err = Ledger::open(cfg(tmp.path()), k.clone()).expect_err("lost state");
+                assert!(err.to_string().contains("state.json is missing"), "{err}");
+                std::fs::write(&state, saved).expect("restore state");
+            }
             _ => {}
         }
     }
@@ -395,6 +402,74 @@ async fn nonces_unique_across_reopens_crashes_and_lost_state() {
     }
     assert_eq!(total, 5 * 40, "every encryption accounted for");
     verify_dir(tmp.path(), &k).expect("verify");
+}
+
+/// The bug this guards: with `state.json` lost, a start took its boot counter from the records
+/// left in the newest segment. When the record cut off a torn tail (and kept in `torn-*.bin`)
+/// was the first its boot wrote, no record left showed that boot, and the next start encrypted
+/// a new record under the torn one's nonce. A lost state file now stops the start, changing
+/// nothing, until it is restored or replaced under a data key that has encrypted nothing.
+#[tokio::test]
+async fn a_lost_state_file_refuses_to_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ledger");
+    let key_path = tmp.path().join("ledger-keys.json");
+    Keyring::load_or_create(&key_path).expect("keys");
+    let k = Keyring::load(&key_path).expect("keys");
+    for n in [5, 1] {
+        let ledger = Ledger::open(cfg(&dir), k.clone()).expect("open");
+        write_n(&ledger, n).await;
+        ledger.shutdown().await;
+    }
+    // A crash tore the second boot's only record.
+    drop_last_checkpoint(&dir);
+    let seg = only_segment(&dir);
+    let (s, e, seq) = *frames(&seg).last().expect("frame");
+    assert_eq!(seq, 6);
+    cut_at(&seg, s + (e - s) / 2);
+    let state = dir.join(STATE_FILE);
+    let saved = std::fs::read(&state).expect("read state");
+    std::fs::remove_file(&state).expect("lose state");
+
+    let before = snapshot(&dir);
+    let err = Ledger::open(cfg(&dir), k.clone()).expect_err("must refuse");
+    let msg = err.to_string();
+    for part in [
+        &state.display().to_string(),
+        "is missing",
+        "nonce",
+        "consentry keys rotate",
+    ] {
+        assert!(msg.contains(part), "{part:?} not in {msg}");
+    }
+    assert_eq!(snapshot(&dir), before, "a refused open changes nothing");
+
+    // Restored, it opens, cuts the torn record and writes under a boot it has not used.
+    std::fs::write(&state, &saved).expect("restore");
+    let ledger = Ledger::open(cfg(&dir), k.clone()).expect("open");
+    write_n(&ledger, 1).await;
+    ledger.shutdown().await;
+    let boots: Vec<u32> = {
+        let data = std::fs::read(&seg).expect("read");
+        let mut off = 0;
+        let mut boots = Vec::new();
+        while let Next::Frame(f) = next_frame(&data, off) {
+            boots.push(f.header.boot());
+            off = f.end;
+        }
+        boots
+    };
+    assert_eq!(boots, vec![1, 1, 1, 1, 1, 3]);
+
+    // Lost for good: as the error says, a new data key, then a state written anew.
+    std::fs::remove_file(&state).expect("lose state");
+    Keyring::rotate(&key_path).expect("rotate");
+    std::fs::write(&state, br#"{"boot":0,"key_uses":{}}"#).expect("write state");
+    let k = Keyring::load(&key_path).expect("keys");
+    let ledger = Ledger::open(cfg(&dir), k.clone()).expect("opens under the new key");
+    write_n(&ledger, 1).await;
+    ledger.shutdown().await;
+    assert_eq!(verify_dir(&dir, &k).expect("verify").head_seq, 7);
 }
 
 fn drop_last_checkpoint(dir: &Path) {
@@ -446,11 +521,21 @@ async fn torn_tail_is_truncated_and_chain_verifies() {
         .write(true)
         .open(&seg)
         .expect("open");
-    f.set_len((last.0 + (last.1 - last.0) / 2) as u64)
-        .expect("truncate");
+    let cut = last.0 + (last.1 - last.0) / 2;
+    f.set_len(cut as u64).expect("truncate");
     drop(f);
-    let (seq, kind) = tamper(verify_dir(tmp.path(), &k).expect_err("torn tail detected"));
-    assert_eq!((seq, kind), (20, TamperKind::Truncated));
+    // A crash's doing, not tampering: verify says what it is and that the 19 before it hold.
+    let report = verify_dir(tmp.path(), &k).expect("a torn tail is not a failed verification");
+    assert_eq!((report.records, report.head_seq), (19, 19));
+    assert_eq!(
+        report.torn_tail,
+        Some(TornTail {
+            segment: seg.clone(),
+            offset: last.0 as u64,
+            bytes: (cut - last.0) as u64,
+            seq: 20,
+        })
+    );
 
     let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("reopen recovers");
     assert_eq!(ledger.durable_seq(), 19);
@@ -459,11 +544,92 @@ async fn torn_tail_is_truncated_and_chain_verifies() {
     ledger.shutdown().await;
     let report = verify_dir(tmp.path(), &k).expect("verify after recovery");
     assert_eq!((report.records, report.head_seq), (24, 24));
+    assert_eq!(report.torn_tail, None);
     let quarantined = all_file_bytes(tmp.path())
         .into_iter()
         .filter(|(p, _)| p.to_string_lossy().contains("torn-"))
         .count();
     assert_eq!(quarantined, 1, "cut bytes are kept as evidence");
+}
+
+/// What verify lets pass as a torn tail is only what start cuts as one: a record cut short at
+/// the end of the newest segment, past every signed checkpoint. A record cut short that a
+/// checkpoint covers, one cut short in an older segment, bytes that are no record, and a
+/// complete record altered all still fail.
+#[tokio::test]
+async fn only_a_record_cut_short_past_the_last_checkpoint_passes_as_torn() {
+    let torn_at_end = |seg: &Path| {
+        let mut data = std::fs::read(seg).expect("read");
+        let (s, e, _) = frames(seg)[0];
+        data.extend_from_within(s..s + (e - s) / 2);
+        std::fs::write(seg, data).expect("write");
+    };
+
+    // Covered by the checkpoint the stop signed: cut, not torn.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let k = keys();
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 10).await;
+    ledger.shutdown().await;
+    let seg = only_segment(tmp.path());
+    let last = *frames(&seg).last().expect("frame");
+    cut_at(&seg, last.0 + (last.1 - last.0) / 2);
+    let err = verify_dir(tmp.path(), &k).expect_err("below a checkpoint");
+    assert!(err.to_string().contains("covers seq 10"), "{err}");
+    assert_eq!(tamper(err), (10, TamperKind::Truncated));
+    assert!(
+        Ledger::open(cfg(tmp.path()), k.clone()).is_err(),
+        "start refuses it too"
+    );
+
+    // Bytes that are no record, past the last checkpoint.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 3).await;
+    ledger.shutdown().await;
+    let seg = only_segment(tmp.path());
+    let mut data = std::fs::read(&seg).expect("read");
+    data.extend_from_slice(&[0xff; 40]);
+    std::fs::write(&seg, data).expect("write");
+    assert_eq!(
+        tamper(verify_dir(tmp.path(), &k).expect_err("garbage")),
+        (4, TamperKind::Modified)
+    );
+
+    // A complete last record altered, and a torn tail after it.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
+    write_n(&ledger, 3).await;
+    ledger.shutdown().await;
+    drop_last_checkpoint(tmp.path());
+    let seg = only_segment(tmp.path());
+    let mut data = std::fs::read(&seg).expect("read");
+    let (_, e, _) = frames(&seg)[2];
+    data[e - 1] ^= 1;
+    std::fs::write(&seg, data).expect("write");
+    torn_at_end(&seg);
+    assert_eq!(
+        tamper(verify_dir(tmp.path(), &k).expect_err("altered")),
+        (3, TamperKind::Modified)
+    );
+
+    // Cut short in a segment that is not the newest.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let small = LedgerConfig {
+        segment_bytes: 2048,
+        ..cfg(tmp.path())
+    };
+    let ledger = Ledger::open(small, k.clone()).expect("open");
+    write_n(&ledger, 30).await;
+    ledger.shutdown().await;
+    drop_last_checkpoint(tmp.path());
+    let segs = list_segments(tmp.path()).expect("list");
+    assert!(segs.len() >= 3, "{segs:?}");
+    torn_at_end(&segs[0].1);
+    assert_eq!(
+        tamper(verify_dir(tmp.path(), &k).expect_err("older segment")).1,
+        TamperKind::Truncated
+    );
 }
 
 #[tokio::test]
@@ -1616,6 +1782,32 @@ async fn records_without_a_checkpoint_file_refuse_to_open() {
     write_n(&ledger, 2).await;
     ledger.shutdown().await;
     assert_eq!(verify_dir(fresh.path(), &k).expect("verify").head_seq, 2);
+}
+
+/// A key file cut short (a copy that stopped halfway, a full disk outside consentry) said
+/// "invalid key material: key document is not valid JSON", naming no file.
+#[test]
+fn a_key_file_cut_short_is_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("ledger-keys.json");
+    Keyring::load_or_create(&path).expect("create keys");
+    let text = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &text[..text.len() / 2]).expect("cut");
+    let errors = [
+        Keyring::load(&path).expect_err("load"),
+        Keyring::load_or_create(&path).expect_err("load_or_create"),
+        Keyring::rotate(&path).expect_err("rotate"),
+    ];
+    for err in errors {
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("cut short"), "{msg}");
+    }
+    assert_eq!(
+        std::fs::read(&path).expect("read").len(),
+        text.len() / 2,
+        "left as it was"
+    );
 }
 
 /// With its key file gone, a start made new keys, could decrypt nothing and cut the whole

@@ -2,12 +2,13 @@
 //! record's AEAD tag and every signed checkpoint, and names the first bad sequence number.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::checkpoint::{self, Checkpoint};
 use super::error::{LedgerError, TamperKind};
 use super::keys::Keyring;
 use super::record::{next_frame, Next, RawFrame};
+use super::recover::{may_cut_after, quarantine_name};
 use super::segment::{list_segments, read_opt};
 
 /// What a successful verification saw.
@@ -28,6 +29,20 @@ pub struct VerifyReport {
     /// would not show. consentry signs its head when it closes the ledger and when it opens it
     /// again after a crash, so a stopped ledger has none unless it crashed since its last start.
     pub unsigned_tail: u64,
+    /// An incomplete record ending the newest segment, past the last signed checkpoint: what a
+    /// crash in the middle of an append leaves, and what the server cuts off at its next start.
+    pub torn_tail: Option<TornTail>,
+}
+
+/// The bytes of a record a crash cut short, at the end of the newest segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    pub segment: PathBuf,
+    /// Where the incomplete record starts in the segment.
+    pub offset: u64,
+    pub bytes: u64,
+    /// The sequence number the record would have had.
+    pub seq: u64,
 }
 
 /// Verifies a ledger directory. Meant for a closed ledger: on a live one the writer may be in
@@ -85,8 +100,10 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
     let mut first_seq = None;
     let mut anchor_seq = None;
     let newest_segment = segments.last().map(|(first, _)| *first);
+    let newest_index = segments.len().saturating_sub(1);
+    let mut torn_tail = None;
 
-    for (first, path) in segments {
+    for (i, (first, path)) in segments.into_iter().enumerate() {
         let Some(data) = read_opt(&path)? else {
             continue;
         };
@@ -99,6 +116,17 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
                     frames.push(f);
                 }
                 Next::End => break None,
+                // Only the newest segment is ever appended to, so only there can a crash leave
+                // a record cut short; whether it did is settled once the chain's end is known.
+                Next::Torn if i == newest_index => {
+                    torn_tail = Some(TornTail {
+                        segment: path.clone(),
+                        offset: off as u64,
+                        bytes: (data.len() - off) as u64,
+                        seq: 0,
+                    });
+                    break None;
+                }
                 Next::Torn => break Some((TamperKind::Truncated, "segment ends inside a record")),
                 Next::Bad => break Some((TamperKind::Modified, "unparseable record frame")),
             }
@@ -224,6 +252,36 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
     }
     let head_seq = expected.map_or(0, |e| e - 1);
     let last_cp = cps.keys().next_back().copied().unwrap_or(0);
+    if let Some(torn) = &mut torn_tail {
+        torn.seq = head_seq.saturating_add(1);
+        // The rule start-up recovery cuts by: below a signed checkpoint a record cut short is not
+        // a crash's doing, and the server refuses to open such a ledger.
+        if !may_cut_after(head_seq, last_cp) {
+            return Err(LedgerError::tampered(
+                torn.seq,
+                TamperKind::Truncated,
+                format!(
+                    "segment ends inside a record in {} (at byte {}), but a signed checkpoint \
+                     covers seq {last_cp}: records were cut, not torn by a crash",
+                    torn.segment.display(),
+                    torn.offset
+                ),
+            ));
+        }
+        // Said on its own line, apart from the report: the verification passed, but the file
+        // will change at the next start, and an operator comparing copies should know why.
+        tracing::warn!(
+            "{} ends in an incomplete record (seq {}: {} bytes from byte {}), as a crash in the \
+             middle of an append leaves it; such a record was never acknowledged. Every record \
+             before it verifies. consentry cuts it off at its next start and keeps its bytes in \
+             {}",
+            torn.segment.display(),
+            torn.seq,
+            torn.bytes,
+            torn.offset,
+            dir.join(quarantine_name(torn.seq, "<time>")).display()
+        );
+    }
     if last_cp > head_seq {
         return Err(LedgerError::tampered(
             head_seq.saturating_add(1),
@@ -239,6 +297,7 @@ pub fn verify_dir(dir: &Path, keys: &Keyring) -> Result<VerifyReport, LedgerErro
         head: prev_hash,
         anchor_seq,
         unsigned_tail: head_seq - last_cp,
+        torn_tail,
     })
 }
 

@@ -15,6 +15,8 @@ use super::StoreError;
 
 pub struct Cipher {
     key_id: u32,
+    /// The store's file, for an error about a value that does not decrypt.
+    file: String,
     aead: Aes256Gcm,
     /// Keyed for [`Cipher::blind`], apart from the AEAD key.
     blind: Hmac<Sha256>,
@@ -27,9 +29,16 @@ impl Cipher {
         let blind_key = derive.finalize().into_bytes();
         Cipher {
             key_id,
+            file: "(in memory)".to_owned(),
             aead: Aes256Gcm::new(key.into()),
             blind: <Hmac<Sha256> as Mac>::new_from_slice(&blind_key).expect("any key length"),
         }
+    }
+
+    /// The cipher of the store in `path`, which its errors name.
+    pub fn in_file(mut self, path: &std::path::Path) -> Cipher {
+        self.file = path.display().to_string();
+        self
     }
 
     /// A value's keyed digest, for looking it up without storing it in
@@ -63,8 +72,12 @@ impl Cipher {
     }
 
     pub fn open(&self, place: &str, sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let undecryptable = || StoreError::Undecryptable {
+            file: self.file.clone(),
+            place: place.to_owned(),
+        };
         if sealed.len() < 16 + 16 {
-            return Err(StoreError::Crypto);
+            return Err(undecryptable());
         }
         let key_id = u32::from_be_bytes([sealed[0], sealed[1], sealed[2], sealed[3]]);
         if key_id != self.key_id {
@@ -78,8 +91,35 @@ impl Cipher {
                     aad: place.as_bytes(),
                 },
             )
-            .map_err(|_| StoreError::Crypto)
+            .map_err(|_| undecryptable())
     }
+}
+
+/// Where an encrypted value is, from its place (`table.column.key`), in the words of the schema:
+/// the column, its table, and the key column and value that find its row.
+pub(super) fn describe_place(place: &str) -> String {
+    // (place prefix, column, table, key column); a user id may hold dots, so prefixes are
+    // matched whole rather than split.
+    const PLACES: [(&str, &str, &str, &str); 7] = [
+        ("users.profile.", "profile", "users", "id"),
+        ("users.totp.", "totp", "users", "id"),
+        ("preferences.doc.", "doc", "preferences", "user_id"),
+        ("consent_history.doc.", "doc", "consent_history", "seq"),
+        ("receipts.doc.", "doc", "receipts", "jti"),
+        ("disputes.detail.", "detail", "disputes", "id"),
+        ("totp_pending.", "secret", "totp_pending", "user_id"),
+    ];
+    for (prefix, column, table, key) in PLACES {
+        if let Some(row) = place.strip_prefix(prefix) {
+            // Logs carry no user ids (README): a user's row is left for the
+            // operator to find by trying the users' rows.
+            if matches!(key, "id" | "user_id") && table != "disputes" {
+                return format!("column {column} of table {table}, in one user's row,");
+            }
+            return format!("column {column} of table {table}, in the row where {key} = {row:?},");
+        }
+    }
+    "a value of unknown place".to_owned()
 }
 
 #[cfg(test)]

@@ -43,6 +43,24 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
     #[error("decryption failed (wrong key or altered data)")]
     Crypto,
+    /// A stored value that does not decrypt, and where it is: `place` is the value's associated
+    /// data, `table.column.row-key`, which is how the operator finds the row.
+    #[error(
+        "the store {file}: {} does not decrypt: it was altered or damaged, or the store was \
+         written under another master key (master.key or CONSENTRY_MASTER_KEY). Restore the \
+         store, or the master key, from a backup",
+        cipher::describe_place(place)
+    )]
+    Undecryptable { file: String, place: String },
+    /// SQLite does not recognise the file, or finds its pages damaged.
+    #[error(
+        "the store {file} is corrupt or is not a consentry store ({detail}). Is the path the \
+         store's? Restore it from a backup of the data directory"
+    )]
+    NotAStore {
+        file: String,
+        detail: rusqlite::Error,
+    },
     #[error("value encrypted under unknown key {0}")]
     UnknownKey(u32),
     #[error("{what} {id:?} already exists")]
@@ -190,6 +208,25 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path, key: &[u8; 32]) -> Result<Store, StoreError> {
+        Store::open_file(path, key).map_err(|e| match e {
+            // SQLite words both as its own ("file is not a database"), which names no file and
+            // reads, behind the caller's guess at a full disk, like a problem of space.
+            StoreError::Db(detail @ rusqlite::Error::SqliteFailure(..))
+                if matches!(
+                    detail.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+                ) =>
+            {
+                StoreError::NotAStore {
+                    file: path.display().to_string(),
+                    detail,
+                }
+            }
+            other => other,
+        })
+    }
+
+    fn open_file(path: &Path, key: &[u8; 32]) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -207,7 +244,7 @@ impl Store {
         conn.execute_batch(consented_kinds::SCHEMA)?;
         let store = Store {
             conn: Mutex::new(conn),
-            cipher: Cipher::new(1, key),
+            cipher: Cipher::new(1, key).in_file(path),
             consent_mark: Default::default(),
         };
         store.seal_dispute_parties()?;
@@ -1436,5 +1473,58 @@ mod tests {
             ("insureco", "location")
         );
         assert_eq!(parties(&s), want, "a resolution keeps the parties");
+    }
+
+    /// A store file whose header was damaged failed to open with only "open the store …
+    /// (is its disk full or read-only?): database: file is not a database".
+    #[test]
+    fn a_file_that_is_not_a_store_is_named_and_called_corrupt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("consentry.db");
+        std::fs::write(&path, [0x5a; 8192]).unwrap();
+        let Err(err) = Store::open(&path, &[1; 32]) else {
+            panic!("opened a file that is not a database");
+        };
+        let msg = err.to_string();
+        for part in [
+            &path.display().to_string(),
+            "corrupt",
+            "not a consentry store",
+        ] {
+            assert!(msg.contains(part), "{part:?} not in {msg}");
+        }
+    }
+
+    /// A value altered on disk said only "decryption failed (wrong key or altered data)",
+    /// naming no file, table or row.
+    #[test]
+    fn a_value_that_does_not_decrypt_names_its_file_and_table_not_its_user() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("consentry.db");
+        let s = Store::open(&path, &[1; 32]).unwrap();
+        s.transaction(|tx| tx.put_user(&user("alice"), None, true))
+            .unwrap();
+        s.directory().expect("intact");
+        let raw = Connection::open(&path).unwrap();
+        let mut sealed: Vec<u8> = raw
+            .query_row("SELECT profile FROM users WHERE id = 'alice'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        *sealed.last_mut().unwrap() ^= 1;
+        raw.execute(
+            "UPDATE users SET profile = ?1 WHERE id = 'alice'",
+            params![sealed],
+        )
+        .unwrap();
+        let msg = s.directory().expect_err("altered").to_string();
+        for part in [
+            &path.display().to_string(),
+            "column profile of table users, in one user's row",
+            "master.key",
+        ] {
+            assert!(msg.contains(part), "{part:?} not in {msg}");
+        }
+        assert!(!msg.contains("alice"), "logs carry no user ids: {msg}");
     }
 }
