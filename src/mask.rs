@@ -61,21 +61,24 @@ pub fn minimize(
     };
     match format {
         PayloadFormat::Opaque => Ok(untouched()),
-        PayloadFormat::Json => match json_flat_check(payload, declared, types) {
-            Flat::Clean => Ok(untouched()),
-            Flat::Mismatch(field, want) => Err(MaskError::Type { field, want }),
-            Flat::General => {
-                let mut doc = decode_json(payload)?;
-                let removed = keep_declared(&mut doc, declared, strict)?;
-                check_types(&mut doc, types)?;
-                let payload = if removed.is_empty() {
-                    payload.clone()
-                } else {
-                    encode_json(&doc)?
-                };
-                Ok(Minimized { payload, removed })
+        PayloadFormat::Json => {
+            let padded = longer_than_plain(payload.len(), declared, types);
+            match json_flat_check(payload, declared, types) {
+                Flat::Clean if !padded => Ok(untouched()),
+                Flat::Mismatch(field, want) => Err(MaskError::Type { field, want }),
+                Flat::Clean | Flat::General => {
+                    let mut doc = decode_json(payload)?;
+                    let removed = keep_declared(&mut doc, declared, strict)?;
+                    check_types(&mut doc, types)?;
+                    let payload = if removed.is_empty() && !padded {
+                        payload.clone()
+                    } else {
+                        encode_json(&doc)?
+                    };
+                    Ok(Minimized { payload, removed })
+                }
             }
-        },
+        }
         PayloadFormat::Msgpack => {
             let mut doc = decode_msgpack(payload)?;
             let removed = keep_declared(&mut doc, declared, strict)?;
@@ -414,6 +417,39 @@ fn decode_json(payload: &[u8]) -> Result<serde_json::Value, MaskError> {
         (Ok(doc), None) => Ok(doc),
         (Err(_), None) => Err(MaskError::Decode("JSON")),
     }
+}
+
+/// Room a field takes beyond its path when it is a number, integer or
+/// boolean written plainly: the longest shortest form of an f64 is 24 bytes
+/// (`-2.2250738585072014e-308`), plus quotes, colon, comma and a little
+/// whitespace.
+const PLAIN_FIELD: usize = 40;
+
+/// Whether a JSON payload is longer than `declared` can be written when
+/// each field is a number, integer or boolean; never when one may be a
+/// string or is untyped, whose length says nothing.
+///
+/// A payload that passes the checks goes on byte for byte, so without this
+/// the digits of a number past an f64's precision (`1.000…0417…`, which
+/// parses as 1.0) or whitespace between tokens could carry anything, 256 KB
+/// of it per message, past minimization (found by an outside review). Such
+/// a payload is written again, plainly.
+fn longer_than_plain(len: usize, declared: &[String], types: &BTreeMap<String, FieldType>) -> bool {
+    // Every field's room is at least PLAIN_FIELD: the common case needs no look-ups.
+    if len <= PLAIN_FIELD * declared.len() {
+        return false;
+    }
+    let mut room = 2;
+    for path in declared {
+        match types.get(path) {
+            Some(FieldType::Number | FieldType::Integer | FieldType::Boolean) => {
+                // Each level of nesting: its quotes, colon and braces.
+                room += path.len() + PLAIN_FIELD + 6 * path.split('.').count();
+            }
+            Some(FieldType::String) | None => return false,
+        }
+    }
+    len > room
 }
 
 fn encode_json(doc: &serde_json::Value) -> Result<Bytes, MaskError> {
@@ -1273,6 +1309,45 @@ mod tests {
             assert_eq!(back(f, &m.payload), json!({"bpm": 72, "pos": {"lat": 1.5}}));
             assert_eq!(m.removed, vec!["name".to_string(), "pos.alt".to_string()]);
         }
+    }
+
+    #[test]
+    fn numbers_and_whitespace_cannot_smuggle_data_past_minimization() {
+        let declared: Vec<String> = vec!["bpm".into(), "pos.lat".into()];
+        let types: BTreeMap<String, FieldType> = [
+            ("bpm".to_string(), FieldType::Number),
+            ("pos.lat".to_string(), FieldType::Number),
+        ]
+        .into();
+        let run = |p: String| {
+            minimize(
+                PayloadFormat::Json,
+                &Bytes::from(p),
+                &declared,
+                &types,
+                false,
+            )
+            .unwrap()
+            .payload
+        };
+        // Digits past an f64's precision: the value is 1.0, and so is what goes on.
+        let long = format!(r#"{{"bpm":1.{}417}}"#, "0".repeat(2000));
+        assert_eq!(&run(long)[..], br#"{"bpm":1.0}"#);
+        let padded = format!(
+            "{{\"bpm\":{}72, \"pos\": {{\"lat\": 1.5}}}}",
+            " \t\n".repeat(100)
+        );
+        assert_eq!(&run(padded)[..], br#"{"bpm":72,"pos":{"lat":1.5}}"#);
+        // The plainly written longest values still pass byte for byte.
+        let plain =
+            r#"{ "bpm" : -2.2250738585072014e-308, "pos" : { "lat" : -1.7976931348623157e308 } }"#;
+        assert_eq!(&run(plain.to_string())[..], plain.as_bytes());
+        // A string or untyped field may be long: its payload is left as it is.
+        let mut with_note = declared.clone();
+        with_note.push("note".into());
+        let p = Bytes::from(format!(r#"{{"bpm":72,   "note":"{}"}}"#, "x".repeat(5000)));
+        let m = minimize(PayloadFormat::Json, &p, &with_note, &types, false).unwrap();
+        assert_eq!(m.payload, p);
     }
 
     #[test]
