@@ -80,7 +80,25 @@ impl Version {
     }
 
     /// Takes one packet off the front of `buf`. `Ok(None)`: need more bytes.
+    /// `max` bounds the whole packet, fixed header included, as MQTT 5's
+    /// Maximum Packet Size does.
     pub fn read(self, buf: &mut BytesMut, max: usize) -> Result<Option<Packet>, CodecError> {
+        let before = buf.len();
+        let p = self.read_remaining_at_most(buf, max)?;
+        // rumqttc bounds the remaining length only: a packet up to 5 bytes
+        // over passes it (found by an outside review).
+        let size = before - buf.len();
+        if p.is_some() && size > max {
+            return Err(CodecError::TooLarge { size, max });
+        }
+        Ok(p)
+    }
+
+    fn read_remaining_at_most(
+        self,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> Result<Option<Packet>, CodecError> {
         match self {
             // MQTT 5 §3.14.2.1: a DISCONNECT may stop after its reason code,
             // or omit even that (meaning 0x00). rumqttc 0.25 refuses both

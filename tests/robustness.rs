@@ -228,6 +228,29 @@ async fn oversized_packets_are_refused_with_0x95() {
         .await;
     assert!(why.contains("exceeds the limit of 1024"), "{why}");
     still_serving(&server).await;
+
+    // The limit is on the whole packet, header included (MQTT 5 3.1.2.11.4):
+    // exactly 1024 bytes pass, 1025 do not, though their remaining length
+    // (1021) is under the limit.
+    let topic = "public/max";
+    for (size, passes) in [(1024, true), (1025, false)] {
+        let mut r = Raw::login_v5(server.mqtt, "alice-watch", "alice-watch-secret").await;
+        // Fixed header 3 bytes, topic 2 + 10, properties length 1.
+        let payload = vec![b'x'; size - 3 - 2 - topic.len() - 1];
+        let p = Publish::new(topic, QoS::AtMostOnce, payload, None);
+        let mut out = BytesMut::new();
+        Packet::Publish(p).write(&mut out, None).unwrap();
+        assert_eq!(out.len(), size);
+        r.send_bytes(&out).await;
+        if passes {
+            r.send(Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq))
+                .await;
+            assert!(matches!(r.recv().await, Some(Packet::PingResp(_))));
+        } else {
+            r.expect_disconnect(DisconnectReasonCode::PacketTooLarge)
+                .await;
+        }
+    }
 }
 
 #[tokio::test]
