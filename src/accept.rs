@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::logging::Throttle;
+
 /// The wait after a failure that is the server's, not the connection's.
 const BACK_OFF: Duration = Duration::from_millis(50);
 
@@ -23,8 +25,7 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 pub struct Failures {
     listener: &'static str,
     counter: metrics::Counter,
-    last_logged: Option<Instant>,
-    unlogged: u64,
+    log: Throttle,
 }
 
 impl Failures {
@@ -33,8 +34,7 @@ impl Failures {
         Failures {
             listener,
             counter: metrics::counter!(crate::metrics::ACCEPT_FAILURES, "listener" => listener),
-            last_logged: None,
-            unlogged: 0,
+            log: Throttle::new(LOG_EVERY),
         }
     }
 
@@ -49,21 +49,14 @@ impl Failures {
     /// Counts and maybe logs `e`; whether to wait before the next `accept`.
     fn note(&mut self, e: &io::Error, now: Instant) -> bool {
         self.counter.increment(1);
-        if self
-            .last_logged
-            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
-        {
+        if let Some(left_out) = self.log.allow(now) {
             tracing::warn!(
                 listener = self.listener,
                 error = %e,
-                failures_since_last_logged = self.unlogged,
+                failures_since_last_logged = left_out,
                 "accept failed (logged once a minute while it goes on; \
                  consentry_accept_failures_total counts each)"
             );
-            self.last_logged = Some(now);
-            self.unlogged = 0;
-        } else {
-            self.unlogged += 1;
         }
         !connection_only(e)
     }
@@ -124,25 +117,9 @@ mod tests {
         let emfile = io::Error::from_raw_os_error(24);
         let start = Instant::now();
         assert!(f.note(&emfile, start), "out of descriptors: wait");
-        assert_eq!(f.last_logged, Some(start));
-        for s in 1..60 {
-            f.note(&emfile, start + Duration::from_secs(s));
-        }
-        assert_eq!(
-            (f.last_logged, f.unlogged),
-            (Some(start), 59),
-            "counted, not logged"
-        );
-        let later = start + LOG_EVERY;
-        f.note(&emfile, later);
-        assert_eq!(
-            (f.last_logged, f.unlogged),
-            (Some(later), 0),
-            "logged again a minute on"
-        );
         let aborted = io::Error::from(io::ErrorKind::ConnectionAborted);
         assert!(
-            !f.note(&aborted, later),
+            !f.note(&aborted, start),
             "one connection's failure: no wait"
         );
     }

@@ -270,3 +270,56 @@ mod tests {
         });
     }
 }
+
+/// Lets one line of a kind through per period, counting the rest, for
+/// events that come in floods (accept failures out of file descriptors, a
+/// flood of wrong passwords): each is still counted in a metric, and the log
+/// says how many lines it left out.
+#[derive(Debug)]
+pub struct Throttle {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    left_out: u64,
+}
+
+impl Throttle {
+    pub const fn new(every: std::time::Duration) -> Self {
+        Throttle {
+            every,
+            last: None,
+            left_out: 0,
+        }
+    }
+
+    /// `Some(lines left out since the last one)` when a line may be logged
+    /// at `now`.
+    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            self.left_out += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.left_out))
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::Throttle;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn one_line_a_period_and_the_count_of_the_rest() {
+        let mut t = Throttle::new(Duration::from_secs(60));
+        let start = Instant::now();
+        assert_eq!(t.allow(start), Some(0));
+        for s in 1..60 {
+            assert_eq!(t.allow(start + Duration::from_secs(s)), None);
+        }
+        assert_eq!(t.allow(start + Duration::from_secs(60)), Some(59));
+        assert_eq!(t.allow(start + Duration::from_secs(61)), None);
+    }
+}

@@ -750,8 +750,8 @@ async fn accept_loop(
         sessions.spawn(async move {
             let _permit = permit;
             match tls {
-                None => session::serve(shared, stream, None, id, rx).await,
-                Some(acceptor) => serve_tls(acceptor, stream, shared, id, rx).await,
+                None => session::serve(shared, stream, peer, None, id, rx).await,
+                Some(acceptor) => serve_tls(acceptor, stream, peer, shared, id, rx).await,
             }
         });
     }
@@ -767,6 +767,7 @@ async fn accept_loop(
 async fn serve_tls(
     acceptor: TlsAcceptor,
     stream: TcpStream,
+    peer: SocketAddr,
     shared: Arc<Shared>,
     id: u64,
     rx: watch::Receiver<bool>,
@@ -791,7 +792,7 @@ async fn serve_tls(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| hex::encode(Sha256::digest(c.as_ref())));
-    session::serve(shared, tls, fingerprint, id, rx).await
+    session::serve(shared, tls, peer, fingerprint, id, rx).await
 }
 
 #[cfg(test)]

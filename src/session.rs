@@ -40,6 +40,7 @@ use crate::client_ids::{self, Claim, ClientIds};
 use crate::codec::{CodecError, Packet, Version};
 use crate::config::ServerConfig;
 use crate::ledger::{Ledger, MaskedFields, ShareRef, Ticket};
+use crate::logging::Throttle;
 use crate::mask;
 use crate::metrics as m;
 use crate::model::Undeclared;
@@ -250,6 +251,7 @@ fn topic_name_fault(topic: &[u8]) -> &'static str {
 pub async fn serve<S>(
     shared: Arc<Shared>,
     mut client: S,
+    peer: std::net::SocketAddr,
     peer_cert_sha256: Option<String>,
     id: u64,
     mut shutdown: watch::Receiver<bool>,
@@ -303,7 +305,23 @@ pub async fn serve<S>(
                 _ => "refused",
             };
             metrics::counter!(m::CONNECTIONS, "role" => "unknown", "result" => result).increment(1);
-            tracing::info!(session = id, ?code, "CONNECT refused");
+            // A flood of wrong passwords is thousands a second: one line a
+            // second says it, with the address to look for.
+            static REFUSALS: std::sync::Mutex<Throttle> =
+                std::sync::Mutex::new(Throttle::new(Duration::from_secs(1)));
+            let logged = REFUSALS
+                .lock()
+                .map_or(Some(0), |mut t| t.allow(Instant::now()));
+            if let Some(left_out) = logged {
+                tracing::info!(
+                    session = id,
+                    %peer,
+                    ?code,
+                    refusals_left_out = left_out,
+                    "CONNECT refused (logged at most once a second; \
+                     consentry_connections_total counts each)"
+                );
+            }
             let _ = write_packet(&mut client, version, &connack(code, None)).await;
             return;
         }
