@@ -506,6 +506,15 @@ pub(crate) const LEDGER_UNAVAILABLE: &str = "ledger_unavailable";
 /// is refused (0x99).
 pub(crate) const EMPTY_PAYLOAD: &str = "empty_payload";
 
+/// Whether an ingress refusal is the payload's fault, which MQTT 5 answers
+/// with 0x99 Payload format invalid rather than 0x87 Not authorized.
+fn payload_at_fault(reason: &str) -> bool {
+    matches!(
+        reason,
+        "undecodable" | "undeclared_field" | "field_type" | "repeated_key" | EMPTY_PAYLOAD
+    )
+}
+
 /// The MQTT 5 properties of a PUBLISH of personal data that carry
 /// whatever its publisher put in them (user properties, content type,
 /// response topic, correlation data) are removed: they would take data past
@@ -736,12 +745,14 @@ impl Session {
                     tracing::info!(session = self.id, reason = deny, "will message refused");
                     metrics::counter!(m::PUBLISHES, "result" => "dropped", "reason" => deny)
                         .increment(1);
-                    write_packet(
-                        client,
-                        self.version,
-                        &connack(ConnectReturnCode::NotAuthorized, None),
-                    )
-                    .await?;
+                    // MQTT 3.1.1 has no code for the payload: "not authorized".
+                    let code = match self.version {
+                        Version::V5 if payload_at_fault(deny) => {
+                            ConnectReturnCode::PayloadFormatInvalid
+                        }
+                        _ => ConnectReturnCode::NotAuthorized,
+                    };
+                    write_packet(client, self.version, &connack(code, None)).await?;
                     return Ok(Opened::Refused);
                 }
             };
@@ -1623,14 +1634,7 @@ impl Session {
                     // again on its next connection.
                     return Err(End::Ledger);
                 }
-                let (ack, rec) = if matches!(
-                    reason,
-                    "undecodable"
-                        | "undeclared_field"
-                        | "field_type"
-                        | "repeated_key"
-                        | EMPTY_PAYLOAD
-                ) {
+                let (ack, rec) = if payload_at_fault(reason) {
                     (
                         PubAckReason::PayloadFormatInvalid,
                         PubRecReason::PayloadFormatInvalid,

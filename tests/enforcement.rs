@@ -243,6 +243,47 @@ async fn queued_messages_stop_when_consent_is_revoked_offline() {
     );
 }
 
+/// A will refused for its payload gets MQTT 5's 0x99 Payload format
+/// invalid, as a PUBLISH would; one refused for its topic 0x87. An empty
+/// will is refused even when retained: it is not a retained clear (found by
+/// an outside review, which got 0x87 for it).
+#[tokio::test]
+async fn a_will_refused_for_its_payload_gets_0x99() {
+    let server = Server::demo();
+    for (id, topic, payload, retain, code) in [
+        ("w-empty", HR, "", true, "PayloadFormatInvalid"),
+        (
+            "w-type",
+            HR,
+            r#"{"bpm":"high"}"#,
+            false,
+            "PayloadFormatInvalid",
+        ),
+        (
+            "w-bob",
+            "pii/bob/bob-phone/heart_rate",
+            r#"{"bpm":1}"#,
+            false,
+            "NotAuthorized",
+        ),
+    ] {
+        let mut o = v5::options(server.mqtt, id, Some(("alice-watch", "alice-watch-secret")));
+        o.set_last_will(v5::LastWill::new(
+            topic,
+            payload,
+            v5::QoS::AtLeastOnce,
+            retain,
+            None,
+        ));
+        let refused = v5::connect_with(o).await;
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains(code)),
+            "{id}: {refused:?}",
+            refused = refused.map(|_| ())
+        );
+    }
+}
+
 #[tokio::test]
 async fn will_messages_pass_ingress_and_egress() {
     let server = Server::demo();
