@@ -144,6 +144,9 @@ pub struct ServerConfig {
     /// Password checks (argon2, 19 MiB each) that may wait for a core, MQTT
     /// and API together; past that a CONNECT or login is answered busy.
     pub max_waiting_password_checks: usize,
+    /// Password checks one address (IPv6: one /64) may have waiting or
+    /// running at once, MQTT and API logins together; 0: no bound.
+    pub max_password_checks_per_address: usize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout_secs: u64,
     /// Clients without credentials may connect (they only reach ACL topics).
@@ -171,6 +174,7 @@ impl Default for ServerConfig {
             max_packet_size: 256 * 1024,
             max_connections: 50_000,
             max_waiting_password_checks: 128,
+            max_password_checks_per_address: 32,
             connect_timeout_secs: 10,
             allow_anonymous: false,
             min_keep_alive_secs: 0,

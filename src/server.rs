@@ -564,9 +564,12 @@ impl Server {
             // which this count would not see.
             client_ids: Default::default(),
             wills: Default::default(),
-            password_work: Arc::new(crate::password_work::PasswordWork::per_core(
-                config.server.max_waiting_password_checks,
-            )),
+            password_work: Arc::new(
+                crate::password_work::PasswordWork::per_core(
+                    config.server.max_waiting_password_checks,
+                )
+                .per_source(config.server.max_password_checks_per_address),
+            ),
             backpressure: crate::backpressure::Backpressure::new(
                 match config.upstream_addr() {
                     None => config.broker.max_subscriber_lag_mib as u64 * 1024 * 1024,

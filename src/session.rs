@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::act::{ActHandle, Delivery, Deny, Ingress, Principal, View};
+use crate::api::login_limiter::Source;
 use crate::auth::SharedCredentials;
 use crate::backpressure::{Backpressure, Held, Lag};
 use crate::broker::Upstream;
@@ -297,7 +298,7 @@ pub async fn serve<S>(
     let Packet::Connect(connect, will, login) = packet else {
         return;
     };
-    let who = match authenticate(&shared, login.as_ref(), peer_cert_sha256.as_deref()).await {
+    let who = match authenticate(&shared, login.as_ref(), peer_cert_sha256.as_deref(), peer).await {
         Ok(p) => p,
         Err(code) => {
             let result = match code {
@@ -455,6 +456,7 @@ async fn authenticate(
     shared: &Shared,
     login: Option<&v5::Login>,
     cert: Option<&str>,
+    peer: std::net::SocketAddr,
 ) -> Result<Principal, ConnectReturnCode> {
     let creds = shared.creds.load_full();
     if let Some(fp) = cert {
@@ -470,7 +472,9 @@ async fn authenticate(
             let (user, pass) = (l.username.clone(), l.password.clone());
             match shared
                 .password_work
-                .run(move || creds.verify_password(&user, pass.as_bytes()))
+                .run(Source::of(Some(peer.ip())), move || {
+                    creds.verify_password(&user, pass.as_bytes())
+                })
                 .await
             {
                 Ok(verified) => verified.map_err(|_| ConnectReturnCode::BadUserNamePassword),

@@ -1458,3 +1458,74 @@ async fn refused_connects_are_logged_once_a_second_with_the_peer() {
         "{lines:?}"
     );
 }
+
+/// A flood of wrong passwords from one address holds at most
+/// `max_password_checks_per_address` places in the password-check queue,
+/// so a client from another address still gets its password checked (an
+/// outside review had every unverified client refused "busy" during one).
+#[tokio::test]
+async fn a_password_flood_from_one_address_leaves_room_for_others() {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+    let server = Server::start(Setup {
+        extra: MARKER_ACL.into(),
+        replace: vec![
+            (
+                "max_waiting_password_checks = 128".into(),
+                "max_waiting_password_checks = 4".into(),
+            ),
+            (
+                "max_password_checks_per_address = 32".into(),
+                "max_password_checks_per_address = 2".into(),
+            ),
+        ],
+        ..Default::default()
+    });
+    let from = |ip: &str| {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket
+    };
+    let connect = |id: String, pass: &str| {
+        Packet::Connect(
+            Connect {
+                keep_alive: 30,
+                client_id: id,
+                clean_start: true,
+                properties: None,
+            },
+            None,
+            Some(Login::new("fitcoach", pass)),
+        )
+    };
+    // 24 wrong passwords from 127.0.0.2, all at once.
+    let mut flood = Vec::new();
+    for i in 0..24 {
+        let s = from("127.0.0.2").connect(server.mqtt).await.unwrap();
+        let mut r = Raw {
+            s,
+            buf: BytesMut::new(),
+        };
+        r.send(connect(format!("flood-{i}"), "wrong")).await;
+        flood.push(r);
+    }
+    // fitcoach from 127.0.0.3, its password not checked before.
+    let s = from("127.0.0.3").connect(server.mqtt).await.unwrap();
+    let mut fit = Raw {
+        s,
+        buf: BytesMut::new(),
+    };
+    fit.send(connect("fit".into(), "fitcoach-secret")).await;
+    match fit.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::Success),
+        other => panic!("{other:?}"),
+    }
+    let mut busy = 0;
+    for mut r in flood {
+        match r.recv().await {
+            Some(Packet::ConnAck(a)) if a.code == ConnectReturnCode::ServerBusy => busy += 1,
+            Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::BadUserNamePassword),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(busy >= 20, "{busy} of 24 refused at once");
+}

@@ -9,7 +9,7 @@
 mod error;
 mod history;
 mod local_time;
-mod login_limiter;
+pub(crate) mod login_limiter;
 mod operator;
 mod preferences;
 mod providers;
@@ -37,7 +37,7 @@ use utoipa::OpenApi;
 
 use crate::password_work::{PasswordWork, WorkError};
 pub use error::{Challenge, Problem};
-use login_limiter::LoginLimiter;
+use login_limiter::{LoginLimiter, Source};
 
 use crate::config::ApiConfig;
 use crate::ledger::Ledger;
@@ -74,9 +74,12 @@ impl ApiState {
             receipts: None,
             ledger: None,
             notifier: None,
-            password_work: Arc::new(PasswordWork::per_core(
-                crate::config::ServerConfig::default().max_waiting_password_checks,
-            )),
+            password_work: Arc::new(
+                PasswordWork::per_core(
+                    crate::config::ServerConfig::default().max_waiting_password_checks,
+                )
+                .per_source(crate::config::ServerConfig::default().max_password_checks_per_address),
+            ),
         }
     }
 
@@ -86,13 +89,14 @@ impl ApiState {
         self
     }
 
-    /// Runs `f` (argon2) within the bound; busy is 503 with Retry-After.
-    pub(crate) async fn password_work<T, F>(&self, f: F) -> Result<T, Problem>
+    /// Runs `f` (argon2) for a caller at `from` within the bounds; busy is
+    /// 503 with Retry-After.
+    pub(crate) async fn password_work<T, F>(&self, from: Source, f: F) -> Result<T, Problem>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        self.password_work.run(f).await.map_err(|e| match e {
+        self.password_work.run(from, f).await.map_err(|e| match e {
             WorkError::Busy => Problem::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 "too many password checks are waiting; try again shortly",
@@ -117,8 +121,12 @@ impl ApiState {
 
     /// An argon2id hash of `password`, within the bound.
     pub(crate) async fn hash_password(&self, password: String) -> Result<String, Problem> {
-        self.password_work(move || crate::auth::hash_password(&password))
-            .await
+        // Hashing a new password follows an authenticated call or a
+        // registration, not a guess: bounded by the queue alone.
+        self.password_work(Source::Unknown, move || {
+            crate::auth::hash_password(&password)
+        })
+        .await
     }
 
     pub fn with_receipts(mut self, issuer: Option<Arc<Issuer>>) -> ApiState {

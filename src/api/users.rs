@@ -191,7 +191,7 @@ pub(super) async fn check_factors(
     let name = user.to_string();
     // The TOTP secret if the password is right (None: the user has none).
     let secret = state
-        .password_work(move || -> Result<Option<Option<Vec<u8>>>, Problem> {
+        .password_work(from, move || -> Result<Option<Option<Vec<u8>>>, Problem> {
             let auth = prefs
                 .store()
                 .user_auth(&name)

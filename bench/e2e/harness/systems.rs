@@ -184,12 +184,15 @@ fn consentry_directory(users: usize) -> String {
 }
 
 /// Shipped defaults (config/consentry.toml) except the directory, the
-/// ledger's creator and a shorter drain; metrics stay on as in production.
+/// ledger's creator, a shorter drain, and no bound on password checks per
+/// address (the load generator is one address standing for a whole fleet);
+/// metrics stay on as in production.
 fn consentry_config(directory: &Path) -> String {
     let mut s = format!(
         "directory = {dir:?}\ntemplates = [\"pii/{{user}}/{{device}}/{{kind}}\"]\n\n\
          [server]\nlisten = \"127.0.0.1:1883\"\nmax_packet_size = 262144\nmax_connections = 50000\n\
-         connect_timeout_secs = 10\nallow_anonymous = false\ndrain_secs = 2\nclock_offset_secs = 0\n\n\
+         connect_timeout_secs = 10\nallow_anonymous = false\ndrain_secs = 2\nclock_offset_secs = 0\n\
+         max_password_checks_per_address = 0\n\n\
          [metrics]\nlisten = \"127.0.0.1:9464\"\n\n\
          [broker]\nupstream = \"embedded\"\nmax_connections = 100000\nmax_inflight = 100\n\n\
          [ledger]\ncheckpoint_every = 10000\nretention_days = 1825\nsegment_mib = 64\ncreator = \"bench\"\n\n",
