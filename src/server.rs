@@ -27,7 +27,7 @@ use crate::prefs::{self, PrefError, PreferenceManager, ReceiptIssuer};
 use crate::receipt::{Issuer, ReceiptKeys};
 use crate::secrets;
 use crate::session::{self, Shared};
-use crate::store::{ConsentMark, Store};
+use crate::store::{ConsentMark, Store, StoreError};
 use axum::serve::ListenerExt;
 
 use crate::api::bounded::{Bounded, Idle};
@@ -181,12 +181,14 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     let path = data.join(STORE_FILE);
     owner_only_database(&path)?;
     // SQLite words a full or read-only disk as an I/O error of its own
-    // (e.g. in xShmMap); the operator needs the likely cause.
-    Store::open(&path, &key).with_context(|| {
-        format!(
+    // (e.g. in xShmMap); the operator needs the likely cause. A file that is
+    // not a store says so itself, and no disk is to blame.
+    Store::open(&path, &key).map_err(|e| match e {
+        e @ StoreError::NotAStore { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context(format!(
             "open the store {} (is its disk full or read-only?)",
             path.display()
-        )
+        )),
     })
 }
 
@@ -708,6 +710,13 @@ impl Server {
         })
         .await;
         self.tasks.abort_all();
+        if !self.shared.ledger.is_healthy() {
+            tracing::warn!(
+                "the share ledger has been closed since a write failed: no closing checkpoint \
+                 can be signed; the next start checks its tail, cuts off a record a failed \
+                 write left incomplete, and signs one"
+            );
+        }
         // Any clone closes the ledger for all: sessions still draining get
         // `Closed` and withhold their deliveries.
         self.shared.ledger.clone().shutdown().await;
