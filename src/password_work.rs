@@ -39,23 +39,25 @@ pub struct PasswordWork {
     max_per_source: usize,
 }
 
-/// A source's place among the checks under way, given back when dropped.
+/// A source's place among the checks under way, given back when dropped;
+/// `from` is `None` where no bound applies.
 struct SourceSlot<'a> {
     work: &'a PasswordWork,
-    from: Source,
+    from: Option<Source>,
 }
 
 impl Drop for SourceSlot<'_> {
     fn drop(&mut self) {
+        let Some(from) = self.from else { return };
         let mut by = self
             .work
             .by_source
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = by.get_mut(&self.from) {
+        if let Some(n) = by.get_mut(&from) {
             *n -= 1;
             if *n == 0 {
-                by.remove(&self.from);
+                by.remove(&from);
             }
         }
     }
@@ -81,9 +83,13 @@ impl PasswordWork {
         self
     }
 
-    fn take_slot(&self, from: Source) -> Option<Option<SourceSlot<'_>>> {
+    /// `None` when `from` already holds all its places.
+    fn take_slot(&self, from: Source) -> Option<SourceSlot<'_>> {
         if self.max_per_source == 0 || from == Source::Unknown {
-            return Some(None);
+            return Some(SourceSlot {
+                work: self,
+                from: None,
+            });
         }
         let mut by = self.by_source.lock().unwrap_or_else(|e| e.into_inner());
         let n = by.entry(from).or_insert(0);
@@ -91,7 +97,10 @@ impl PasswordWork {
             return None;
         }
         *n += 1;
-        Some(Some(SourceSlot { work: self, from }))
+        Some(SourceSlot {
+            work: self,
+            from: Some(from),
+        })
     }
 
     /// One check per core.

@@ -57,17 +57,8 @@ impl Raw {
 
     async fn login_v5(addr: SocketAddr, user: &str, pass: &str) -> Raw {
         let mut r = Raw::open(addr).await;
-        r.send(Packet::Connect(
-            Connect {
-                keep_alive: 30,
-                client_id: format!("raw-{}", rand_id()),
-                clean_start: true,
-                properties: None,
-            },
-            None,
-            Some(Login::new(user, pass)),
-        ))
-        .await;
+        r.send(connect_v5(format!("raw-{}", rand_id()), user, pass))
+            .await;
         match r.recv().await {
             Some(Packet::ConnAck(a)) => assert_eq!(
                 a.code,
@@ -93,6 +84,20 @@ impl Raw {
         assert!(self.recv().await.is_none(), "connection left open");
         reason
     }
+}
+
+/// A clean-start MQTT 5 CONNECT with a login and nothing else.
+fn connect_v5(client_id: String, user: &str, pass: &str) -> Packet {
+    Packet::Connect(
+        Connect {
+            keep_alive: 30,
+            client_id,
+            clean_start: true,
+            properties: None,
+        },
+        None,
+        Some(Login::new(user, pass)),
+    )
 }
 
 fn rand_id() -> u64 {
@@ -1420,15 +1425,10 @@ async fn refused_connects_are_logged_once_a_second_with_the_peer() {
     let started = std::time::Instant::now();
     for i in 0..TRIES {
         let mut r = Raw::open(server.mqtt).await;
-        r.send(Packet::Connect(
-            Connect {
-                keep_alive: 30,
-                client_id: format!("guess-{i}"),
-                clean_start: true,
-                properties: None,
-            },
-            None,
-            Some(Login::new("fitcoach", "not-the-secret")),
+        r.send(connect_v5(
+            format!("guess-{i}"),
+            "fitcoach",
+            "not-the-secret",
         ))
         .await;
         match r.recv().await {
@@ -1485,18 +1485,6 @@ async fn a_password_flood_from_one_address_leaves_room_for_others() {
         socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
         socket
     };
-    let connect = |id: String, pass: &str| {
-        Packet::Connect(
-            Connect {
-                keep_alive: 30,
-                client_id: id,
-                clean_start: true,
-                properties: None,
-            },
-            None,
-            Some(Login::new("fitcoach", pass)),
-        )
-    };
     // 24 wrong passwords from 127.0.0.2, all at once.
     let mut flood = Vec::new();
     for i in 0..24 {
@@ -1505,7 +1493,8 @@ async fn a_password_flood_from_one_address_leaves_room_for_others() {
             s,
             buf: BytesMut::new(),
         };
-        r.send(connect(format!("flood-{i}"), "wrong")).await;
+        r.send(connect_v5(format!("flood-{i}"), "fitcoach", "wrong"))
+            .await;
         flood.push(r);
     }
     // fitcoach from 127.0.0.3, its password not checked before.
@@ -1514,7 +1503,8 @@ async fn a_password_flood_from_one_address_leaves_room_for_others() {
         s,
         buf: BytesMut::new(),
     };
-    fit.send(connect("fit".into(), "fitcoach-secret")).await;
+    fit.send(connect_v5("fit".into(), "fitcoach", "fitcoach-secret"))
+        .await;
     match fit.recv().await {
         Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::Success),
         other => panic!("{other:?}"),

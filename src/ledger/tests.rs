@@ -90,6 +90,13 @@ async fn write_n(ledger: &Ledger, n: u64) -> Vec<u64> {
 }
 
 /// (start, end, seq) of every frame in a segment file.
+/// A ledger opened with `config`, `n` records written, and closed.
+async fn write_and_close(config: LedgerConfig, k: &Keyring, n: u64) {
+    let ledger = Ledger::open(config, k.clone()).expect("open");
+    write_n(&ledger, n).await;
+    ledger.shutdown().await;
+}
+
 fn frames(path: &Path) -> Vec<(usize, usize, u64)> {
     let data = std::fs::read(path).expect("read segment");
     let mut out = Vec::new();
@@ -342,9 +349,7 @@ async fn nonces_unique_across_reopens_crashes_and_lost_state() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
     for cycle in 0..5 {
-        let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-        write_n(&ledger, 40).await;
-        ledger.shutdown().await;
+        write_and_close(cfg(tmp.path()), &k, 40).await;
         match cycle {
             // A crash that tore the tail: the cut record's nonce must not come back.
             1 => {
@@ -417,9 +422,7 @@ async fn a_lost_state_file_refuses_to_open() {
     Keyring::load_or_create(&key_path).expect("keys");
     let k = Keyring::load(&key_path).expect("keys");
     for n in [5, 1] {
-        let ledger = Ledger::open(cfg(&dir), k.clone()).expect("open");
-        write_n(&ledger, n).await;
-        ledger.shutdown().await;
+        write_and_close(cfg(&dir), &k, n).await;
     }
     // A crash tore the second boot's only record.
     drop_last_checkpoint(&dir);
@@ -446,9 +449,7 @@ async fn a_lost_state_file_refuses_to_open() {
 
     // Restored, it opens, cuts the torn record and writes under a boot it has not used.
     std::fs::write(&state, &saved).expect("restore");
-    let ledger = Ledger::open(cfg(&dir), k.clone()).expect("open");
-    write_n(&ledger, 1).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(&dir), &k, 1).await;
     let boots: Vec<u32> = {
         let data = std::fs::read(&seg).expect("read");
         let mut off = 0;
@@ -490,9 +491,7 @@ fn drop_last_checkpoint(dir: &Path) {
 async fn reopening_after_a_crash_signs_the_head() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 5).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 5).await;
     drop_last_checkpoint(tmp.path());
     let report = verify_dir(tmp.path(), &k).expect("verifies");
     assert_eq!((report.head_seq, report.unsigned_tail), (5, 5));
@@ -509,9 +508,7 @@ async fn reopening_after_a_crash_signs_the_head() {
 async fn torn_tail_is_truncated_and_chain_verifies() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 20).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 20).await;
 
     // Simulate a crash in the middle of the last record's write, before its checkpoint.
     drop_last_checkpoint(tmp.path());
@@ -568,9 +565,7 @@ async fn only_a_record_cut_short_past_the_last_checkpoint_passes_as_torn() {
     // Covered by the checkpoint the stop signed: cut, not torn.
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 10).await;
     let seg = only_segment(tmp.path());
     let last = *frames(&seg).last().expect("frame");
     cut_at(&seg, last.0 + (last.1 - last.0) / 2);
@@ -584,9 +579,7 @@ async fn only_a_record_cut_short_past_the_last_checkpoint_passes_as_torn() {
 
     // Bytes that are no record, past the last checkpoint.
     let tmp = tempfile::tempdir().expect("tempdir");
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 3).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 3).await;
     let seg = only_segment(tmp.path());
     let mut data = std::fs::read(&seg).expect("read");
     data.extend_from_slice(&[0xff; 40]);
@@ -598,9 +591,7 @@ async fn only_a_record_cut_short_past_the_last_checkpoint_passes_as_torn() {
 
     // A complete last record altered, and a torn tail after it.
     let tmp = tempfile::tempdir().expect("tempdir");
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 3).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 3).await;
     drop_last_checkpoint(tmp.path());
     let seg = only_segment(tmp.path());
     let mut data = std::fs::read(&seg).expect("read");
@@ -619,9 +610,7 @@ async fn only_a_record_cut_short_past_the_last_checkpoint_passes_as_torn() {
         segment_bytes: 2048,
         ..cfg(tmp.path())
     };
-    let ledger = Ledger::open(small, k.clone()).expect("open");
-    write_n(&ledger, 30).await;
-    ledger.shutdown().await;
+    write_and_close(small, &k, 30).await;
     drop_last_checkpoint(tmp.path());
     let segs = list_segments(tmp.path()).expect("list");
     assert!(segs.len() >= 3, "{segs:?}");
@@ -636,9 +625,7 @@ async fn only_a_record_cut_short_past_the_last_checkpoint_passes_as_torn() {
 async fn torn_garbage_after_tail_is_cut() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 10).await;
     // A partially written frame appended after the last durable one.
     let seg = only_segment(tmp.path());
     let mut data = std::fs::read(&seg).expect("read");
@@ -656,9 +643,7 @@ async fn torn_garbage_after_tail_is_cut() {
 async fn damage_covered_by_a_checkpoint_refuses_to_open() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 10).await;
     let seg = only_segment(tmp.path());
     let (s, _, _) = frames(&seg)[9];
     let f = std::fs::OpenOptions::new()
@@ -748,9 +733,7 @@ async fn blind_index_lookup_and_no_clear_ids() {
 async fn verify_detects_flipped_byte() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 10).await;
     let seg = only_segment(tmp.path());
     let (s, _, seq) = frames(&seg)[4];
     let mut data = std::fs::read(&seg).expect("read");
@@ -765,9 +748,7 @@ async fn verify_detects_flipped_byte() {
 async fn verify_detects_deleted_record() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 10).await;
     let seg = only_segment(tmp.path());
     let (s, e, _) = frames(&seg)[4];
     let mut data = std::fs::read(&seg).expect("read");
@@ -781,9 +762,7 @@ async fn verify_detects_deleted_record() {
 async fn verify_detects_swapped_pair() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 10).await;
     let seg = only_segment(tmp.path());
     let fr = frames(&seg);
     let data = std::fs::read(&seg).expect("read");
@@ -801,9 +780,7 @@ async fn verify_detects_swapped_pair() {
 async fn verify_detects_checkpoint_tampering_and_cut_tail() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 10).await;
     let report = verify_dir(tmp.path(), &k).expect("clean ledger verifies");
     // The checkpoint signed when the ledger was created (seq 0) and the one at shutdown.
     assert_eq!(
@@ -1164,9 +1141,7 @@ async fn a_gap_before_an_empty_newest_segment_fails_verify_as_it_fails_start() {
         segment_bytes: 2048,
         ..cfg(tmp.path())
     };
-    let ledger = Ledger::open(small.clone(), k.clone()).expect("open");
-    write_n(&ledger, 20).await;
-    ledger.shutdown().await;
+    write_and_close(small.clone(), &k, 20).await;
     verify_dir(tmp.path(), &k).expect("verifies");
     std::fs::write(segment_path(tmp.path(), 22), b"").expect("empty segment past a gap");
     assert_eq!(
@@ -1669,9 +1644,7 @@ fn cut_at(seg: &Path, len: usize) {
 async fn a_chain_cut_below_a_signed_checkpoint_refuses_to_open_and_writes_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 10).await;
     let seg = only_segment(tmp.path());
     cut_at(&seg, frames(&seg)[7].0);
     let before = snapshot(tmp.path());
@@ -1701,9 +1674,7 @@ async fn missing_segments_below_a_signed_checkpoint_refuse_to_open() {
         segment_bytes: 2048,
         ..cfg(tmp.path())
     };
-    let ledger = Ledger::open(small.clone(), k.clone()).expect("open");
-    write_n(&ledger, 40).await;
-    ledger.shutdown().await;
+    write_and_close(small.clone(), &k, 40).await;
     let segs = list_segments(tmp.path()).expect("list");
     assert!(segs.len() >= 3, "{segs:?}");
 
@@ -1750,9 +1721,7 @@ async fn missing_segments_below_a_signed_checkpoint_refuse_to_open() {
 async fn records_without_a_checkpoint_file_refuse_to_open() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 10).await;
     let cp = tmp.path().join(CHECKPOINT_FILE);
     let seg = only_segment(tmp.path());
     let (s, e, _) = frames(&seg)[4];
@@ -1818,9 +1787,7 @@ async fn a_missing_key_file_refuses_to_open_and_cuts_nothing() {
     let dir = tmp.path().join("ledger");
     let key_path = tmp.path().join("ledger-keys.json");
     let k = Keyring::load_or_create(&key_path).expect("create keys");
-    let ledger = Ledger::open(cfg(&dir), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(&dir), &k, 10).await;
     std::fs::remove_file(&key_path).expect("remove keys");
     for also_checkpoints in [false, true] {
         if also_checkpoints {
@@ -1847,9 +1814,7 @@ async fn a_missing_key_file_refuses_to_open_and_cuts_nothing() {
 async fn a_record_that_does_not_authenticate_is_not_taken_for_a_torn_tail() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 10).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 10).await;
     // Records 1..10 after the last checkpoint left (seq 0), as a crash leaves them.
     drop_last_checkpoint(tmp.path());
     let seg = only_segment(tmp.path());
@@ -1879,9 +1844,7 @@ async fn a_record_that_does_not_authenticate_is_not_taken_for_a_torn_tail() {
 async fn a_malformed_checkpoint_line_refuses_to_open_and_a_torn_one_is_cut() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k = keys();
-    let ledger = Ledger::open(cfg(tmp.path()), k.clone()).expect("open");
-    write_n(&ledger, 5).await;
-    ledger.shutdown().await;
+    write_and_close(cfg(tmp.path()), &k, 5).await;
     let cp = tmp.path().join(CHECKPOINT_FILE);
     let good = std::fs::read_to_string(&cp).expect("read");
 
